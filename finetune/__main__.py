@@ -1,0 +1,3 @@
+from finetune.cli.app import main
+
+main()

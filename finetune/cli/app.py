@@ -1,0 +1,97 @@
+"""The ``finetune`` command. Parses, calls the library, prints. Imports neither torch nor timm at module
+level: ``finetune --help`` and ``finetune recipes`` must answer in well under a second."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 vendors click as typer._click; older typer uses click itself
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover
+    from click import exceptions as _cx
+
+from finetune.errors import FinetuneError
+
+
+class FinetuneGroup(TyperGroup):
+    """Turns user errors into one ``Error: ...`` line on stderr: exit 1 for FinetuneError, 2 for usage errors."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _setup_logging()
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "finetune", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except _cx.NoArgsIsHelpError as e:
+            typer.echo(e.ctx.get_help())
+            sys.exit(0)
+        except _cx.UsageError as e:
+            cmd = e.ctx.command_path if e.ctx else "finetune"
+            typer.echo(f"Error: {e.format_message()} (see '{cmd} --help')", err=True)
+            sys.exit(2)
+        except _cx.ClickException as e:
+            typer.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except FinetuneError as e:
+            typer.echo(f"Error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except (_cx.Abort, KeyboardInterrupt):
+            typer.echo("Aborted.", err=True)
+            sys.exit(130)
+        except _cx.Exit as e:
+            sys.exit(e.exit_code)
+        if isinstance(rv, int) and not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _setup_logging() -> None:
+    log = logging.getLogger("finetune")
+    if not any(getattr(h, "_finetune", False) for h in log.handlers):
+        handler = logging.StreamHandler()  # stderr, resolved at emit time so CliRunner captures it
+        handler.stream = None  # type: ignore[assignment]
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        handler._finetune = True  # type: ignore[attr-defined]
+        handler.emit = _emit_to_current_stderr(handler)  # type: ignore[method-assign]
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def _emit_to_current_stderr(handler: logging.StreamHandler):
+    def emit(record: logging.LogRecord) -> None:
+        msg = handler.format(record)
+        if record.levelno == logging.INFO:
+            msg = record.getMessage()
+        typer.echo(msg.replace("WARNING:", "warning:"), err=True)
+
+    return emit
+
+
+app = typer.Typer(
+    cls=FinetuneGroup,
+    name="finetune",
+    help="Fine-tune pretrained image classifiers: pick a backbone, freeze what stays fixed, train the rest.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+from finetune.cli import inspect_cmd, models_cmd, recipes_cmd, train_cmd  # noqa: E402
+
+app.command("train", help=train_cmd.HELP)(train_cmd.train)
+app.command("inspect", help=inspect_cmd.HELP)(inspect_cmd.inspect)
+app.command("models", help=models_cmd.HELP)(models_cmd.models)
+app.command("recipes", help=recipes_cmd.HELP)(recipes_cmd.recipes)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

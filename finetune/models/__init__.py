@@ -1,0 +1,160 @@
+"""Backbones by name, each with a new head for the user's classes.
+
+Names: ``smallcnn`` (the tutorial's CIFAR-10 net), any torchvision classification model by its torchvision
+name (``resnet18``, ``vgg16``; ``torchvision:resnet18`` also works), any timm model as ``timm:<name>``
+(``timm:resnet18``, ``timm:resnet18.a1_in1k`` with a pretrained tag).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from finetune.errors import ModelError, suggest
+
+log = logging.getLogger("finetune")
+
+SOURCES = ("smallcnn", "torchvision", "timm")
+
+
+@dataclass
+class Backbone:
+    """A built model plus what the rest of the toolkit needs to know about it."""
+
+    model: nn.Module
+    name: str  # canonical name: "smallcnn", "resnet18", "timm:resnet18"
+    source: str  # "smallcnn" | "torchvision" | "timm"
+    arch: str  # the name inside its source
+    num_classes: int
+    head: list[str]  # dotted module paths that form the classifier ("fc", "classifier.6", "head.fc")
+    weights: str = "none"  # the resolved weights that were loaded
+    data_cfg: dict[str, Any] = field(default_factory=dict)  # input_size, resize, crop_pct, interpolation, mean, std
+    notes: list[str] = field(default_factory=list)  # things the user should hear (e.g. "head not loaded")
+
+    def head_parameter_names(self) -> list[str]:
+        """Names (as in ``named_parameters()``) of the classifier's parameters."""
+        return [n for n, _ in self.model.named_parameters() if is_under(n, self.head)]
+
+
+def is_under(name: str, prefixes: list[str]) -> bool:
+    """True when dotted ``name`` is one of ``prefixes`` or lies inside one of them."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def parse_name(name: str) -> tuple[str, str]:
+    """Split a model name into (source, arch) and check that it exists."""
+    name = name.strip()
+    if name == "smallcnn":
+        return "smallcnn", "smallcnn"
+    if name.startswith("timm:"):
+        arch = name[5:]
+        import timm
+
+        base = arch.split(".", 1)[0]
+        if not timm.is_model(base):
+            raise ModelError(
+                f"unknown timm model '{arch}'{suggest(base, timm.list_models(), n=3)}; "
+                "see 'finetune models timm:PATTERN'"
+            )
+        return "timm", arch
+    arch = name[len("torchvision:"):] if name.startswith("torchvision:") else name
+    tv = torchvision_names()
+    if arch in tv:
+        return "torchvision", arch
+    import timm
+
+    hint = ""
+    if timm.is_model(arch.split(".", 1)[0]):
+        hint = f" ('{arch}' is a timm model: use 'timm:{arch}')"
+    else:
+        hint = suggest(arch, ["smallcnn", *tv, *(f"timm:{m}" for m in timm.list_models())], n=3)
+    raise ModelError(f"unknown model '{name}'{hint}; 'finetune models' lists the available names")
+
+
+def torchvision_names() -> list[str]:
+    """Torchvision's image-classification models (not detection/segmentation/video)."""
+    import torchvision.models as tvm
+
+    return tvm.list_models(module=tvm)
+
+
+def canonical(source: str, arch: str) -> str:
+    return {"smallcnn": "smallcnn", "torchvision": arch, "timm": f"timm:{arch}"}[source]
+
+
+def build_model(name: str, num_classes: int | None = None, weights: str | None = "none") -> Backbone:
+    """Build ``name`` with ``weights`` and a head of ``num_classes`` outputs.
+
+    ``weights``: ``"none"`` (random init), ``"default"`` (the backbone's own pretrained weights: torchvision
+    ``DEFAULT``, timm pretrained, none for smallcnn), a torchvision weights name, ``pretrained`` or a timm tag,
+    or a path to a ``.pth``/``.pt``/``.safetensors`` file or a finetune checkpoint. ``num_classes=None`` keeps
+    the source's own class count (1000 for ImageNet models, 10 for smallcnn).
+    """
+    from finetune import weights as W
+
+    if num_classes is not None and num_classes < 1:
+        raise ModelError(f"num_classes must be at least 1, got {num_classes}")
+    source, arch = parse_name(name)
+    spec = W.parse_spec(weights, source, arch)
+    if source == "smallcnn":
+        from finetune.models import smallcnn
+
+        model = smallcnn.SmallCNN(num_classes or 10)
+        bb = Backbone(model, "smallcnn", source, arch, num_classes or 10, list(smallcnn.HEAD),
+                      data_cfg=dict(smallcnn.DEFAULT_CFG))
+    elif source == "torchvision":
+        from finetune.models import tv
+
+        bb = tv.build(arch, num_classes, spec)
+    else:
+        from finetune.models import timm_models
+
+        bb = timm_models.build(arch, num_classes, spec)
+    if spec.kind == "file":
+        W.load_file_into(bb, spec.path)
+    if spec.kind != "file":
+        bb.weights = spec.label
+    for note in bb.notes:
+        log.warning(note)
+    return bb
+
+
+def list_models(pattern: str | None = None, pretrained_only: bool = False) -> list[dict[str, Any]]:
+    """Rows ``{"source", "name", "weights": [...]}`` for every model whose name matches ``pattern``.
+
+    ``pattern`` is a glob (``resnet*``, ``timm:vit_*``) or, without glob characters, a substring.
+    """
+    import timm
+    import torchvision.models as tvm
+
+    def match(name: str) -> bool:
+        if not pattern:
+            return True
+        if any(c in pattern for c in "*?["):
+            return fnmatch.fnmatch(name, pattern)
+        return pattern in name
+
+    rows: list[dict[str, Any]] = []
+    if match("smallcnn"):
+        rows.append({"source": "smallcnn", "name": "smallcnn", "weights": []})
+    for arch in torchvision_names():
+        if match(arch) or match(f"torchvision:{arch}"):
+            try:
+                w = [f"{e.__class__.__name__}.{e.name}" for e in tvm.get_model_weights(arch)]
+            except (ValueError, KeyError):
+                w = []
+            rows.append({"source": "torchvision", "name": arch, "weights": w})
+    tags: dict[str, list[str]] = {}
+    for full in timm.list_pretrained():
+        base, _, tag = full.partition(".")
+        tags.setdefault(base, []).append(tag)
+    for arch in timm.list_models():
+        if match(f"timm:{arch}"):
+            rows.append({"source": "timm", "name": f"timm:{arch}", "weights": tags.get(arch, [])})
+    if pretrained_only:
+        rows = [r for r in rows if r["weights"]]
+    return rows

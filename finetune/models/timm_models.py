@@ -1,0 +1,58 @@
+"""timm models as ``timm:<name>``: create_model with the new class count, so timm swaps the classifier itself
+(``reset_classifier`` semantics) and skips the pretrained head when the class count differs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from finetune.errors import ModelError
+
+if TYPE_CHECKING:
+    from finetune.models import Backbone
+    from finetune.weights import WeightsSpec
+
+
+def data_cfg(model) -> dict:
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    size = cfg["input_size"][-1]
+    crop_pct = cfg.get("crop_pct", 0.875) or 1.0
+    return {
+        "input_size": tuple(cfg["input_size"]),
+        "resize": int(size / crop_pct),
+        "crop_pct": crop_pct,
+        "interpolation": cfg.get("interpolation", "bilinear"),
+        "mean": tuple(cfg["mean"]),
+        "std": tuple(cfg["std"]),
+    }
+
+
+def head_paths(model) -> list[str]:
+    cls = getattr(model, "pretrained_cfg", {}).get("classifier") or "fc"
+    paths = [cls] if isinstance(cls, str) else list(cls)
+    names = dict(model.named_modules())
+    found = [p for p in paths if p in names]
+    if not found:
+        raise ModelError(f"cannot find the classifier of timm model {type(model).__name__} (looked for {paths})")
+    return found
+
+
+def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
+    import timm
+
+    from finetune.models import Backbone
+    from finetune.weights import fetch_timm
+
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    name = arch
+    if spec.kind == "timm":
+        name = spec.tag_name
+        model = fetch_timm(lambda: timm.create_model(name, pretrained=True, **kwargs), name)
+    else:
+        try:
+            model = timm.create_model(arch, pretrained=False, **kwargs)
+        except RuntimeError as e:  # e.g. an unknown pretrained tag
+            raise ModelError(f"cannot build timm model '{arch}': {e}") from None
+    return Backbone(model, f"timm:{arch}", "timm", arch, model.num_classes, head_paths(model),
+                    data_cfg=data_cfg(model))

@@ -1,0 +1,24 @@
+import os
+
+import pytest
+
+# Tests never download: make any accidental hub access fail at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def runner():
+    from typer.testing import CliRunner
+
+    return CliRunner()
+
+
+@pytest.fixture
+def cli(runner):
+    """Invoke the CLI; returns click's Result with .exit_code, .stdout, .stderr."""
+    from finetune.cli.app import app
+
+    def invoke(*args):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke

@@ -1,0 +1,121 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def test_inspect_json_resnet18(cli):
+    r = cli("inspect", "resnet18", "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["model"] == "resnet18"
+    assert len(doc["parameters"]) == 62
+    assert doc["total"] == 11_689_512 and doc["trainable"] == 11_689_512 and doc["frozen"] == 0
+    assert doc["parameters"][0] == {"index": 0, "name": "conv1.weight", "shape": [64, 3, 7, 7], "numel": 9408,
+                                    "trainable": True}
+    assert doc["parameters"][-1]["name"] == "fc.bias"
+
+
+def test_inspect_json_vgg16(cli):
+    doc = json.loads(cli("inspect", "vgg16", "--json").stdout)
+    assert len(doc["parameters"]) == 32 and doc["total"] == 138_357_544
+    two = json.loads(cli("inspect", "vgg16", "--num-classes", "2", "--json").stdout)
+    assert two["total"] == 138_357_544 - 4096 * 998 - 998
+    assert two["parameters"][-2] == {"index": 30, "name": "classifier.6.weight", "shape": [2, 4096],
+                                     "numel": 8192, "trainable": True}
+
+
+def test_inspect_table_and_modules(cli):
+    r = cli("inspect", "vgg16", "--num-classes", "2", "--modules")
+    assert r.exit_code == 0
+    out = r.stdout
+    assert "classifier.6.weight" in out and "(2, 4096)" in out
+    assert "tensors: 32   parameters: 134,268,738   trainable: 134,268,738   frozen: 0" in out
+    assert "features.0  Conv2d  1,792" in out and "classifier.6  Linear  8,194" in out
+
+
+def test_inspect_smallcnn_table(cli):
+    out = cli("inspect", "smallcnn", "-n", "4").stdout
+    assert "seq.8.weight  (head)" in out and "tensors: 10   parameters: 145,188" in out
+
+
+def test_inspect_loads_weights_file(cli, tmp_path):
+    from finetune.models import build_model
+
+    bb = build_model("smallcnn", num_classes=4)
+    torch.save(bb.model.state_dict(), tmp_path / "w.pth")
+    r = cli("inspect", "smallcnn", "--weights", tmp_path / "w.pth", "--num-classes", "3", "--json")
+    assert r.exit_code == 0
+    assert json.loads(r.stdout)["parameters"][8]["shape"] == [3, 64]
+    assert r.stderr.strip() == (f"warning: loaded '{tmp_path / 'w.pth'}' without the head (seq.8.weight [4, 64], "
+                                "seq.8.bias [4] does not fit 3 classes); the new head starts from random init")
+
+
+def test_unknown_model_error(cli):
+    r = cli("inspect", "resnet19")
+    assert r.exit_code == 1
+    assert r.stdout == ""
+    assert r.stderr.startswith("Error: unknown model 'resnet19' (did you mean 'resnet18'")
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_usage_error_is_one_line_exit_2(cli):
+    r = cli("inspect", "resnet18", "--num-classes", "two")
+    assert r.exit_code == 2
+    # the middle is typer's wording, which changes between versions; the frame is ours
+    assert r.stderr.startswith("Error: Invalid value for '--num-classes' / '-n': ")
+    assert r.stderr.endswith(" (see 'finetune inspect --help')\n") and r.stderr.count("\n") == 1
+    r = cli("nosuchcommand")
+    assert r.exit_code == 2 and r.stderr == "Error: No such command 'nosuchcommand'. (see 'finetune --help')\n"
+
+
+def test_bad_weights_error(cli, tmp_path):
+    r = cli("inspect", "smallcnn", "--weights", tmp_path / "missing.pth")
+    assert r.exit_code == 1
+    assert r.stderr == (f"Error: weights file '{tmp_path / 'missing.pth'}' not found; pass an existing "
+                        ".pth/.pt/.safetensors file, a weights name, or --weights none\n")
+
+
+def test_models_listing(cli):
+    r = cli("models", "resnet1*", "--json")
+    rows = json.loads(r.stdout)
+    assert {"source": "torchvision", "name": "resnet18", "weights": ["ResNet18_Weights.IMAGENET1K_V1"]} in rows
+    table = cli("models", "timm:test_res*").stdout
+    assert "timm:test_resnet" in table and "r160_in1k" in table
+
+
+def test_recipes_listing(cli):
+    r = cli("recipes")
+    assert r.exit_code == 0
+    assert r.stdout.startswith("default")
+    r = cli("recipes", "defualt")
+    assert r.exit_code == 1 and r.stderr.startswith("Error: unknown recipe 'defualt' (did you mean 'default'?)")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["inspect", "--help"], ["train", "--help"], ["models", "--help"],
+                                  ["recipes"], ["recipes", "--help"]])
+def test_fast_paths_import_neither_torch_nor_timm(args):
+    code = ("import sys\nfrom finetune.cli.app import app\n"
+            "try:\n    app(%r)\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "bad = [m for m in ('torch', 'timm', 'torchvision') if m in sys.modules]\n"
+            "assert not bad, bad\n") % (args,)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_every_command_has_help(cli):
+    from finetune.cli.app import app
+
+    for cmd in app.registered_commands:
+        r = cli(cmd.name, "--help")
+        assert r.exit_code == 0 and "Usage: finetune " + cmd.name in r.stdout
+        assert cmd.help and len(cmd.help) > 20
+
+
+def test_train_says_clearly_it_is_not_there_yet(cli):
+    r = cli("train")
+    assert r.exit_code == 1
+    assert r.stderr == ("Error: training is not implemented yet in this version; 'finetune inspect MODEL' works "
+                        "(see README, 'Status')\n")
