@@ -16,6 +16,10 @@ _LAZY = {
     "Recipe": "finetune.config",
     "FinetuneError": "finetune.errors",
     "parameter_rows": "finetune.params",
+    "train": "finetune.runner",
+    "evaluate_checkpoint": "finetune.api",
+    "predict": "finetune.api",
+    "load_model": "finetune.api",
 }
 
 

@@ -16,6 +16,9 @@ except ImportError:  # pragma: no cover
 
 from finetune.errors import FinetuneError
 
+_ABORT = tuple(c for c in (getattr(_cx, "Abort", None), getattr(typer, "Abort", None))
+               if isinstance(c, type) and issubclass(c, BaseException))
+
 
 class FinetuneGroup(TyperGroup):
     """Turns user errors into one ``Error: ...`` line on stderr: exit 1 for FinetuneError, 2 for usage errors."""
@@ -38,11 +41,12 @@ class FinetuneGroup(TyperGroup):
         except FinetuneError as e:
             typer.echo(f"Error: {e}", err=True)
             sys.exit(e.exit_code)
-        except (_cx.Abort, KeyboardInterrupt):
+        except _ABORT + (KeyboardInterrupt,):
             typer.echo("Aborted.", err=True)
             sys.exit(130)
-        except _cx.Exit as e:
-            sys.exit(e.exit_code)
+        except BrokenPipeError:  # `finetune models | head`: the reader left; not an error
+            sys.stderr.close()
+            sys.exit(0)
         if isinstance(rv, int) and not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -81,9 +85,11 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-from finetune.cli import inspect_cmd, models_cmd, recipes_cmd, train_cmd  # noqa: E402
+from finetune.cli import eval_cmd, inspect_cmd, models_cmd, predict_cmd, recipes_cmd, train_cmd  # noqa: E402
 
 app.command("train", help=train_cmd.HELP)(train_cmd.train)
+app.command("eval", help=eval_cmd.HELP)(eval_cmd.eval_)
+app.command("predict", help=predict_cmd.HELP)(predict_cmd.predict)
 app.command("inspect", help=inspect_cmd.HELP)(inspect_cmd.inspect)
 app.command("models", help=models_cmd.HELP)(models_cmd.models)
 app.command("recipes", help=recipes_cmd.HELP)(recipes_cmd.recipes)

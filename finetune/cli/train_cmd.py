@@ -1,18 +1,113 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
 
-HELP = "Train a model from a recipe (default: smallcnn on the bundled sample data)."
+HELP = ("Train a model from a recipe (default: smallcnn on the bundled sample data); flags override the recipe. "
+        "Writes a run directory with config.yaml, metrics.json, last.pt, best.pt and TensorBoard logs.")
+
+_R = "Recipe"
+_M = "Model"
+_D = "Data"
+_F = "Freezing"
+_O = "Optimization"
+_T = "Run"
 
 
 def train(
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe name (see 'finetune recipes') or path."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe name (see 'finetune recipes') or "
+                                         "YAML path.", rich_help_panel=_R),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="smallcnn, a torchvision name, or timm:<name>.",
+                                        rich_help_panel=_M),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="default (the backbone's pretrained), none, "
+                                          "a weights name, or a file.", rich_help_panel=_M),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Image folder, 'sample', or cifar10:ROOT.",
+                                       rich_help_panel=_D),
+    labels: Optional[str] = typer.Option(None, "--labels", help="prefix:A=x,=y | regex:PATTERN | csv:FILE.",
+                                         rich_help_panel=_D),
+    val_split: Optional[float] = typer.Option(None, "--val-split", help="Fraction held out when there is no val/.",
+                                              rich_help_panel=_D),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size (default: the backbone's).",
+                                             rich_help_panel=_D),
+    augment: Optional[str] = typer.Option(None, "--augment", help="none | light | strong.", rich_help_panel=_D),
+    freeze_names: Optional[str] = typer.Option(None, "--freeze-names", help="Freeze parameters whose names contain "
+                                               "these (comma-separated substrings or globs).", rich_help_panel=_F),
+    freeze_first: Optional[int] = typer.Option(None, "--freeze-first", help="Freeze the first N parameter tensors.",
+                                               rich_help_panel=_F),
+    freeze_layers: Optional[str] = typer.Option(None, "--freeze-layers", help="Freeze modules by dotted path "
+                                                "(comma-separated: conv1,layer1).", rich_help_panel=_F),
+    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--no-freeze-backbone",
+                                                   help="Freeze everything except the head.", rich_help_panel=_F),
+    unfreeze: Optional[str] = typer.Option(None, "--unfreeze", help="Make these names/layers trainable again "
+                                           "(applied last).", rich_help_panel=_F),
+    bn: Optional[str] = typer.Option(None, "--bn", help="frozen (frozen BN keeps its statistics) | train.",
+                                     rich_help_panel=_F),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd | adam | adamw | rmsprop.",
+                                            rich_help_panel=_O),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Base learning rate.", rich_help_panel=_O),
+    momentum: Optional[float] = typer.Option(None, "--momentum", rich_help_panel=_O),
+    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", rich_help_panel=_O),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Not applied to biases and norm "
+                                                 "weights.", rich_help_panel=_O),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="constant | step | cosine | onecycle.",
+                                            rich_help_panel=_O),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", rich_help_panel=_O),
+    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", rich_help_panel=_O),
+    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", rich_help_panel=_T),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", rich_help_panel=_T),
+    accumulate: Optional[int] = typer.Option(None, "--accumulate", help="Gradient accumulation steps.",
+                                             rich_help_panel=_O),
+    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help="Clip the gradient norm to this value.",
+                                              rich_help_panel=_O),
+    seed: Optional[int] = typer.Option(None, "--seed", rich_help_panel=_T),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (cuda > mps > cpu) | cpu | cuda | mps.",
+                                         rich_help_panel=_T),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16.",
+                                            rich_help_panel=_T),
+    early_stop: Optional[int] = typer.Option(None, "--early-stop", help="Stop after N epochs without a better val "
+                                             "accuracy.", rich_help_panel=_T),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", rich_help_panel=_T),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<time>-<model>).",
+                                       rich_help_panel=_T),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory.",
+                                   rich_help_panel=_T),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its "
+                                          "last.pt (--epochs may extend it).", rich_help_panel=_T),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.", rich_help_panel=_T),
 ) -> None:
     from finetune import config
-    from finetune.errors import FinetuneError
+    from finetune.errors import ConfigError
 
-    config.load_recipe(recipe or "default")
-    raise FinetuneError("training is not implemented yet in this version; 'finetune inspect MODEL' works "
-                        "(see README, 'Status')")
+    overrides = {
+        "model.name": model, "model.weights": weights,
+        "data.path": data, "data.labels": labels, "data.val_split": val_split, "data.image_size": image_size,
+        "data.augment": augment,
+        "freeze.names": freeze_names, "freeze.first": freeze_first, "freeze.layers": freeze_layers,
+        "freeze.backbone": freeze_backbone, "freeze.unfreeze": unfreeze, "freeze.bn": bn,
+        "optimizer.name": optimizer, "optimizer.lr": lr, "optimizer.momentum": momentum,
+        "optimizer.nesterov": nesterov, "optimizer.weight_decay": weight_decay,
+        "scheduler.name": scheduler, "scheduler.warmup_epochs": warmup_epochs,
+        "train.label_smoothing": label_smoothing, "train.epochs": epochs, "train.batch_size": batch_size,
+        "train.accumulate": accumulate, "train.clip_grad": clip_grad, "train.seed": seed, "train.device": device,
+        "train.precision": precision, "train.early_stop": early_stop, "train.tensorboard": tensorboard,
+    }
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if model is not None and weights is None and recipe is None:
+        given["model.weights"] = "default"  # a new model from the command line: its own pretrained weights
+    from finetune.cli.progress import RichReporter
+    from finetune.runner import train as run_train
+
+    reporter = RichReporter(quiet=quiet)
+    if resume is not None:
+        extra = sorted(set(given) - {"train.epochs"})
+        if recipe or extra or out:
+            flags = ", ".join(["--recipe"] * bool(recipe) + ["--out"] * bool(out) + ["--" + k.split(".")[1].replace(
+                "_", "-") for k in extra])
+            raise ConfigError(f"--resume continues a run exactly as it was configured; drop {flags} (only --epochs "
+                              "may change)")
+        run_train(None, resume=resume, epochs=epochs, reporter=reporter)
+        return
+    r = config.apply_overrides(config.load_recipe(recipe or "default"), given)
+    run_train(r, out=out, overwrite=overwrite, reporter=reporter)

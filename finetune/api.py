@@ -1,0 +1,88 @@
+"""The library's front door: the same operations as the CLI, for notebooks and scripts.
+
+    import finetune
+    recipe = finetune.load_recipe("linear-probe")
+    result = finetune.train(recipe, out="runs/probe")
+    finetune.evaluate_checkpoint("runs/probe/best.pt")
+    finetune.predict("runs/probe/best.pt", ["photo.jpg"])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.checkpoint import load_checkpoint
+from finetune.engine import evaluate, resolve_device
+from finetune.errors import DataError
+
+
+def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model from a finetune checkpoint alone (no recipe needed); returns (model in eval mode, ckpt)."""
+    from finetune.models import build_model
+
+    ckpt = load_checkpoint(checkpoint)
+    bb = build_model(ckpt["model_name"], num_classes=int(ckpt["num_classes"]), weights="none")
+    bb.model.load_state_dict(ckpt["model"])
+    model = bb.model.to(resolve_device(device)).eval()
+    if ckpt.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    return model, ckpt
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: str = "val", *,
+                        device: str = "auto", batch_size: int = 64, precision: str | None = None) -> dict[str, Any]:
+    """Accuracy, top-5, loss, per-class accuracy and confusion of a checkpoint on ``data`` (default: the data it
+    was trained on), with the checkpoint's own eval transform and precision — so it reproduces the val accuracy
+    that training recorded for that epoch."""
+    from finetune import data as D
+
+    dev = resolve_device(device)
+    model, ckpt = load_model(checkpoint, device=str(dev))
+    info = ckpt.get("data") or {}
+    path = data if data is not None else info.get("path", "sample")
+    ds = D.build_eval_dataset(path, split, list(ckpt["class_names"]), ckpt["transform"],
+                              labels=info.get("labels") if data is None or data == info.get("path") else None,
+                              val_split=info.get("val_split", 0.2), seed=info.get("seed", 0))
+    loader = D.make_loader(ds, batch_size, shuffle=False, seed=0, device=dev.type)
+    prec = precision or ckpt.get("precision", "fp32")
+    if prec != "fp32" and dev.type == "cpu" and prec == "fp16":
+        prec = "fp32"
+    res = evaluate(model, loader, int(ckpt["num_classes"]), device=dev, precision=prec,
+                   channels_last=bool(ckpt.get("channels_last")))
+    names = list(ckpt["class_names"])
+    return {"accuracy": res["accuracy"], "top5": res["top5"], "loss": res["loss"], "n": res["n"],
+            "per_class": dict(zip(names, res["per_class"])), "confusion": res["confusion"],
+            "class_names": names, "checkpoint": ckpt["_path"], "epoch": ckpt.get("epoch"), "split": split,
+            "data": str(path)}
+
+
+def predict(checkpoint: str | Path, paths: list[str], top_k: int = 5, *, device: str = "auto",
+            batch_size: int = 32) -> list[dict[str, Any]]:
+    """Top-k labels and probabilities for each image (files or folders) with the checkpoint's eval transform."""
+    from finetune import data as D
+    from finetune.engine import autocast
+
+    dev = resolve_device(device)
+    model, ckpt = load_model(checkpoint, device=str(dev))
+    names = list(ckpt["class_names"])
+    files = D.list_images(paths)
+    if not files:
+        raise DataError(f"no images found in {', '.join(paths)}; pass image files or folders of images")
+    tf = D.eval_transform(ckpt["transform"])
+    k = max(1, min(top_k, len(names)))
+    prec = ckpt.get("precision", "fp32")
+    out: list[dict[str, Any]] = []
+    for i in range(0, len(files), batch_size):
+        chunk = files[i:i + batch_size]
+        x = torch.stack([tf(D.load_image(f)) for f in chunk]).to(dev)
+        if ckpt.get("channels_last"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(dev, prec if not (prec == "fp16" and dev.type == "cpu") else "fp32"):
+            probs = model(x).float().softmax(dim=1)
+        p, idx = probs.topk(k, dim=1)
+        for f, pr, ix in zip(chunk, p.tolist(), idx.tolist()):
+            out.append({"path": str(f), "top": [{"label": names[j], "prob": q} for j, q in zip(ix, pr)]})
+    return out

@@ -1,0 +1,128 @@
+"""Checkpoints: atomic save, safe load, and the run directory.
+
+A checkpoint is a plain dict that ``torch.load(weights_only=True)`` can read: ``"model"`` is a state_dict and the
+rest (class names, model name, eval transform, freeze plan, recipe, optimizer state, RNG) is tensors, numbers,
+strings, lists and dicts only — so the model can be rebuilt and used without the recipe, and loading runs no code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import CheckpointError
+
+RUN_FILES = ("config.yaml", "metrics.json", "last.pt", "best.pt")
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write via ``write(fileobj)`` to a temp file in the same folder, fsync, then ``os.replace``.
+
+    A crash at any moment leaves either the old complete file or the new complete file, never a torn one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress():
+            os.unlink(tmp)
+        raise
+    with _suppress():  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], OSError)
+
+
+def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
+    import torch
+
+    try:
+        atomic_write_bytes(Path(path), lambda f: torch.save(obj, f))
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint '{path}': {e.strerror or e}; the previous checkpoint "
+                              "is unchanged") from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    try:
+        atomic_write_bytes(Path(path), lambda f: f.write(text.encode("utf-8")))
+    except OSError as e:
+        raise CheckpointError(f"cannot write '{path}': {e.strerror or e}") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a finetune checkpoint safely (weights_only); errors name the file and what to do."""
+    import pickle
+
+    import torch
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "best.pt" if (p / "best.pt").is_file() else p / "last.pt"
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint '{path}' not found; pass a .pt file from a run directory "
+                              "(runs/<run>/best.pt or last.pt)")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise CheckpointError(f"'{p}' holds pickled Python objects (e.g. a whole model), which could run code "
+                                  "when loaded; only finetune checkpoints and state_dicts are read") from None
+        raise CheckpointError(f"cannot read checkpoint '{p}': not a PyTorch file or truncated") from None
+    except (RuntimeError, EOFError, OSError, ValueError):
+        raise CheckpointError(f"cannot read checkpoint '{p}': not a PyTorch file or truncated") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_name" not in ckpt:
+        raise CheckpointError(f"'{p}' is not a finetune checkpoint (no 'model'/'model_name'); for plain weights "
+                              "use --weights PATH with --model")
+    ckpt["_path"] = str(p)
+    return ckpt
+
+
+def default_run_dir(model_name: str, root: str | Path = "runs") -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-")
+    return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
+
+
+def prepare_run_dir(out: Path, *, overwrite: bool) -> Path:
+    """Create ``out``; an existing non-empty directory is an error unless ``overwrite`` (which only ever deletes
+    what a finetune run wrote)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output path '{out}' exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"output directory '{out}' already exists and is not empty; pass --overwrite to "
+                                  "replace it, --resume to continue it, or choose another --out")
+        if not (out / "config.yaml").is_file():
+            raise CheckpointError(f"output directory '{out}' is not empty and is not a finetune run (no "
+                                  "config.yaml); refusing to delete it with --overwrite; choose another --out")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"cannot write to output directory '{out}': {e.strerror or e}; choose another "
+                              "--out") from None
+    return out

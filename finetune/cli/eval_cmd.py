@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+HELP = ("Evaluate a checkpoint: accuracy (argmax under eval() + inference_mode), top-5, loss, per-class accuracy "
+        "and the confusion matrix. Rebuilds the model from the checkpoint alone.")
+
+
+def eval_(
+    checkpoint: str = typer.Argument(..., help="A checkpoint (runs/<run>/best.pt) or a run directory."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data to evaluate on (default: the run's data)."),
+    split: str = typer.Option("val", "--split", help="val | train."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
+) -> None:
+    from finetune.errors import ConfigError
+
+    if split not in ("val", "train"):
+        raise ConfigError(f"--split must be val or train, got '{split}'")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    from finetune.api import evaluate_checkpoint
+
+    res = evaluate_checkpoint(checkpoint, data, split, device=device, batch_size=batch_size)
+    if as_json:
+        typer.echo(json.dumps({k: res[k] for k in ("accuracy", "top5", "loss", "n", "per_class", "confusion")}))
+        return
+    from rich.table import Table
+
+    from finetune.cli.render import console
+
+    top5 = "" if res["top5"] is None else f"   top-5 {100 * res['top5']:.2f}%"
+    console.print(f"{res['checkpoint']} (epoch {res['epoch']}) on {res['data']} [{split}]: {res['n']} images\n"
+                  f"accuracy {100 * res['accuracy']:.2f}%{top5}   loss {res['loss']:.4f}", highlight=False)
+    names = res["class_names"]
+    t = Table(title="confusion matrix (rows: true class, columns: predicted)", title_justify="left")
+    t.add_column("class")
+    for n in names:
+        t.add_column(n[:10], justify="right")
+    t.add_column("accuracy", justify="right")
+    for n, row in zip(names, res["confusion"]):
+        t.add_row(n, *[str(v) for v in row], f"{100 * res['per_class'][n]:.1f}%")
+    console.print(t)

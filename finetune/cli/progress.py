@@ -1,0 +1,98 @@
+"""The CLI's Reporter: rich progress bars on a terminal, plain lines otherwise, nothing with --quiet.
+Everything goes to stderr; the final table of epochs goes to stdout (it is the command's result)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from finetune.engine import Reporter
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+class RichReporter(Reporter):
+    def __init__(self, quiet: bool = False, console: Console | None = None) -> None:
+        self.quiet = quiet
+        self.err = console or Console(stderr=True)
+        self.live = self.err.is_terminal and not quiet
+        self.progress = None
+        self.task = None
+        self._last_line = 0.0
+
+    # -- lifecycle
+    def start(self, info: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        skipped = f", {info['skipped']} unreadable files skipped" if info.get("skipped") else ""
+        self.err.print(
+            f"run: {info['run_dir']}\nmodel: {info['model']} (weights: {info['weights']}), "
+            f"{info['trainable']:,} of {info['total']:,} parameters trainable\n"
+            f"data: {info['source']}: {info['train_images']} train / {info['val_images']} val images, "
+            f"{len(info['classes'])} classes{skipped}\n"
+            f"device: {info['device']}, precision: {info['precision']}, channels_last: {info['channels_last']}"
+            + (f"\nresuming at epoch {info['start_epoch'] + 1} of {info['epochs']}" if info["start_epoch"] else ""),
+            highlight=False)
+
+    def epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
+        self.epoch, self.epochs = epoch, epochs
+        if self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                     TextColumn("eta"), TimeRemainingColumn(), console=self.err, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=batches, epoch=f"{epoch + 1}/{epochs}", info="")
+
+    def batch(self, i: int, batches: int, loss: float, acc: float, images_per_sec: float) -> None:
+        info = f"loss {loss:.4f} acc {_pct(acc)} {images_per_sec:.0f} img/s"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=i + 1, info=info)
+        elif not self.quiet and time.monotonic() - self._last_line > 30:
+            self._last_line = time.monotonic()
+            print(f"epoch {self.epoch + 1}/{self.epochs} batch {i + 1}/{batches} {info}", file=sys.stderr)
+
+    def eval_start(self, batches: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, info="validating...")
+
+    def epoch_end(self, row: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if self.quiet:
+            return
+        star = " *" if row.get("best") else ""
+        print(f"epoch {row['epoch']}/{self.epochs}  train loss {row['train_loss']:.4f} acc {_pct(row['train_acc'])}"
+              f"  val loss {row['val_loss'] if row['val_loss'] is None else round(row['val_loss'], 4)} "
+              f"acc {_pct(row['val_acc'])}  lr {row['lr']:.3g}  {row['seconds']:.1f}s "
+              f"{row['images_per_sec']:.0f} img/s{star}", file=sys.stderr, flush=True)
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def end(self, summary: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        t = Table(title="epochs", title_justify="left")
+        for col in ("epoch", "train loss", "train acc", "val loss", "val acc", "lr", "s", "img/s"):
+            t.add_column(col, justify="right")
+        for r in summary["epochs"]:
+            mark = " *" if r["epoch"] == summary["best"]["epoch"] else ""
+            t.add_row(f"{r['epoch']}{mark}", f"{r['train_loss']:.4f}", _pct(r["train_acc"]),
+                      "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}", _pct(r["val_acc"]),
+                      f"{r['lr']:.3g}", f"{r['seconds']:.1f}", f"{r['images_per_sec']:.0f}")
+        out = Console()
+        out.print(t)
+        best = summary["best"]
+        out.print(f"best: epoch {best['epoch']}, val acc {_pct(best['val_acc'])}; checkpoints and TensorBoard logs "
+                  f"in {summary['run_dir']}", highlight=False)

@@ -1,0 +1,251 @@
+"""Training and evaluation: the tutorial's loop done properly.
+
+``model.train()`` then the BN policy, forward, CrossEntropyLoss, ``zero_grad``, backward, step — over the
+trainable parameters only; evaluation under ``model.eval()`` and ``torch.inference_mode()``, accuracy by argmax.
+Nothing here prints: progress goes to a ``Reporter`` (the CLI's draws rich bars; the default is silent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from finetune.config import SchedulerCfg
+from finetune.errors import ConfigError
+
+# ----------------------------------------------------------------------------------------------- device, precision
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto = cuda > mps > cpu; asking for a device that isn't there is a user error."""
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps and mps.is_available())
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but CUDA is not available (no NVIDIA GPU or a CPU-only torch "
+                          "build); use --device auto or cpu")
+    if name == "mps" and not has_mps:
+        raise ConfigError("--device mps was requested but MPS is not available (Apple silicon only); use --device "
+                          "auto or cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX, where bf16 matmuls/convs are faster than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto = bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return "bf16"
+        return "fp32"
+    if name == "fp16" and device.type == "cpu":
+        raise ConfigError("--precision fp16 needs a GPU; on the CPU use bf16 or fp32")
+    return name
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def wants_channels_last(model: nn.Module, setting: bool | None) -> bool:
+    """Conv nets run faster in channels_last on modern CPUs and GPUs; transformers don't care."""
+    if setting is not None:
+        return setting
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------------------- LR schedule
+
+
+def lr_factor(cfg: SchedulerCfg, t: float, total: float, base_lr: float = 1.0) -> float:
+    """Multiplier on each group's ``base_lr`` after ``t`` of ``total`` epochs (fractions allowed).
+
+    Linear warmup over ``warmup_epochs`` (onecycle: 30% of the run when none is given), then constant, step
+    (``gamma`` every ``step_size`` epochs), or cosine to ``min_lr``. Computed from the epoch position alone, so
+    parameter groups added by an unfreeze and resumed runs follow the same curve.
+    """
+    warm = cfg.warmup_epochs or (0.3 * total if cfg.name == "onecycle" else 0.0)
+    if warm and t < warm:
+        return max(t / warm, 1e-3)
+    if cfg.name == "constant":
+        return 1.0
+    if cfg.name == "step":
+        return cfg.gamma ** math.floor(t / max(cfg.step_size, 1))
+    floor = cfg.min_lr / base_lr if base_lr else 0.0
+    if cfg.name == "onecycle":
+        floor = min(floor, 1e-4)
+    span = max(total - warm, 1e-8)
+    progress = min(max((t - warm) / span, 0.0), 1.0)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, cfg: SchedulerCfg, t: float, total: float) -> float:
+    """Apply the schedule to every group (``lr = base_lr x factor``); returns the largest LR."""
+    top = 0.0
+    for g in optimizer.param_groups:
+        base = g.get("base_lr", g["lr"])
+        g.setdefault("base_lr", base)
+        g["lr"] = base * lr_factor(cfg, t, total, base_lr=base)
+        top = max(top, g["lr"])
+    return top
+
+
+# ----------------------------------------------------------------------------------------------- loops
+
+
+class Reporter:
+    """Progress sink; the CLI's implementation draws rich bars. All methods are optional no-ops."""
+
+    def start(self, info: dict[str, Any]) -> None: ...
+    def epoch_start(self, epoch: int, epochs: int, batches: int) -> None: ...
+    def batch(self, i: int, batches: int, loss: float, acc: float, images_per_sec: float) -> None: ...
+    def eval_start(self, batches: int) -> None: ...
+    def eval_batch(self, i: int, batches: int) -> None: ...
+    def epoch_end(self, row: dict[str, Any]) -> None: ...
+    def note(self, message: str) -> None: ...
+    def end(self, summary: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Step:
+    """What the train loop needs besides the model and data."""
+
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    device: torch.device
+    precision: str = "fp32"
+    channels_last: bool = False
+    accumulate: int = 1
+    clip_grad: float | None = None
+    scaler: Any = None  # torch.amp.GradScaler for fp16
+    after_train_mode: Callable[[nn.Module], None] = lambda m: None  # the BN policy, applied after .train()
+    schedule: Callable[[float], float] | None = None  # epoch position -> sets LRs, returns the top LR
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
+    nb = device.type == "cuda"
+    x = x.to(device, non_blocking=nb)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=nb)
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
+                    reporter: Reporter | None = None) -> dict[str, float]:
+    """One pass over ``loader``; returns mean loss, argmax accuracy, images, seconds, images/s and the last LR."""
+    reporter = reporter or Reporter()
+    model.train()
+    step.after_train_mode(model)
+    opt = step.optimizer
+    n_batches = len(loader)  # type: ignore[arg-type]
+    loss_sum, correct, seen = 0.0, 0, 0
+    lr = opt.param_groups[0]["lr"] if opt.param_groups else 0.0
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(loader):
+        x, y = to_device(x, y, step.device, step.channels_last)
+        with autocast(step.device, step.precision):
+            logits = model(x)
+            loss = step.loss_fn(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(epoch, i, float(loss))
+        scaled = loss / step.accumulate
+        (step.scaler.scale(scaled) if step.scaler else scaled).backward()
+        last = i + 1 == n_batches
+        if (i + 1) % step.accumulate == 0 or last:
+            if step.schedule:
+                lr = step.schedule(epoch + (i + 1) / n_batches)
+            if step.scaler:
+                step.scaler.unscale_(opt)
+            if step.clip_grad:
+                params = [p for g in opt.param_groups for p in g["params"]]
+                nn.utils.clip_grad_norm_(params, step.clip_grad)
+            if step.scaler:
+                step.scaler.step(opt)
+                step.scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            b = y.numel()
+            loss_sum += loss.item() * b
+            correct += (logits.argmax(dim=1) == y).sum().item()
+            seen += b
+        reporter.batch(i, n_batches, loss_sum / seen, correct / seen, seen / (time.perf_counter() - t0))
+    secs = time.perf_counter() - t0
+    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "n": seen, "seconds": secs,
+            "images_per_sec": seen / secs if secs > 0 else 0.0, "lr": lr}
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, epoch: int, step: int, value: float):
+        super().__init__(f"loss became {value} at epoch {epoch + 1}, step {step + 1}")
+        self.epoch, self.step, self.value = epoch, step, value
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: torch.device | str = "cpu",
+             precision: str = "fp32", channels_last: bool = False, label_smoothing: float = 0.0,
+             reporter: Reporter | None = None) -> dict[str, Any]:
+    """Loss, top-1 (argmax) and top-5 accuracy, per-class accuracy and the confusion matrix (rows = true class).
+
+    Runs under ``model.eval()`` and ``torch.inference_mode()``; the model's previous mode is restored.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    loss_sum, top5, n = 0.0, 0, 0
+    n_batches = len(loader) if hasattr(loader, "__len__") else 0  # type: ignore[arg-type]
+    if reporter:
+        reporter.eval_start(n_batches)
+    for i, (x, y) in enumerate(loader):
+        x, y = to_device(x, y, device, channels_last)
+        with autocast(device, precision):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += loss_fn(logits, y).item()
+        pred = logits.argmax(dim=1)
+        confusion += torch.bincount((y * num_classes + pred).cpu(), minlength=num_classes ** 2).view(
+            num_classes, num_classes)
+        if num_classes >= 5:
+            top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum().item()
+        n += y.numel()
+        if reporter:
+            reporter.eval_batch(i, n_batches)
+    model.train(was_training)
+    correct = int(confusion.diag().sum())
+    per_class = confusion.diag().float() / confusion.sum(dim=1).clamp(min=1).float()
+    return {
+        "loss": loss_sum / max(n, 1),
+        "accuracy": correct / max(n, 1),
+        "top5": (top5 / max(n, 1)) if num_classes >= 5 else None,
+        "n": n,
+        "correct": correct,
+        "per_class": per_class.tolist(),
+        "confusion": confusion.tolist(),
+    }

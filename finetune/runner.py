@@ -1,0 +1,314 @@
+"""A training run: recipe -> model, data, freeze plan, optimizer -> epochs -> run directory.
+
+The run directory holds the resolved ``config.yaml`` (a valid recipe that reruns the same thing), ``metrics.json``,
+``last.pt`` and ``best.pt`` (plain-dict checkpoints readable with ``weights_only=True``) and TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune import __version__, checkpoint as ck
+from finetune.config import Recipe, from_dict
+from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, resolve_device, resolve_precision, set_lr,
+                             train_one_epoch, wants_channels_last)
+from finetune.errors import CheckpointError, ConfigError, FinetuneError
+
+log = logging.getLogger("finetune")
+
+
+class TrainingDiverged(FinetuneError):
+    """Loss became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_epoch: int
+    best_val_acc: float | None
+    epochs: list[dict[str, Any]]
+    class_names: list[str]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Each epoch reseeds from (seed, epoch): augmentation and dropout after a resume match an uninterrupted run."""
+    return (seed * 1_000_003 + epoch * 7919) % 2**63
+
+
+def probe_data_cfg(name: str, weights: str) -> dict[str, Any]:
+    """The backbone's input config (size, mean/std, ...) without building it for real or downloading weights."""
+    from finetune import weights as W
+    from finetune.models import build_model, canonical, parse_name
+
+    source, arch = parse_name(name)
+    spec = W.parse_spec(weights if weights != "file" else "none", source, arch)
+    if spec.kind == "torchvision":
+        from finetune.models.tv import data_cfg_from_weights
+
+        return data_cfg_from_weights(spec.enum)
+    probe = canonical(source, spec.tag_name if spec.kind == "timm" else arch)
+    try:
+        with torch.device("meta"):
+            return build_model(probe, weights="none").data_cfg
+    except FinetuneError:
+        raise
+    except Exception:  # noqa: BLE001 - constructors that need real tensors (regnet)
+        return build_model(probe, weights="none").data_cfg
+
+
+def _weights_for_probe(weights: str) -> str:
+    from finetune.weights import looks_like_path
+
+    return "none" if looks_like_path(weights) else weights
+
+
+def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bool = False,
+          resume: str | Path | None = None, epochs: int | None = None,
+          reporter: Reporter | None = None) -> RunResult:
+    """Run ``recipe`` and write the run directory.
+
+    ``resume`` continues the run in that directory from its ``last.pt`` with the recipe stored there (``recipe``
+    is ignored); ``epochs`` may extend it.
+    """
+    from finetune import data as D
+    from finetune import freeze as F
+    from finetune import optim as O
+    from finetune.models import build_model
+
+    reporter = reporter or Reporter()
+    state = None
+    if resume is not None:
+        run_dir = Path(resume)
+        last = run_dir / "last.pt"
+        if not last.is_file():
+            raise CheckpointError(f"cannot resume: '{last}' not found; --resume takes a run directory that holds "
+                                  "last.pt")
+        state = ck.load_checkpoint(last)
+        recipe = from_dict(state["recipe"])
+        if epochs is not None:
+            recipe.train.epochs = epochs
+    if recipe is None:
+        raise ConfigError("no recipe given; pass a Recipe (finetune.load_recipe('default')) or resume=RUN_DIR")
+    cfg = recipe
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+
+    data_cfg = probe_data_cfg(cfg.model.name, _weights_for_probe(cfg.model.weights))
+    bundle = D.build_data(cfg.data, data_cfg, seed=cfg.train.seed)
+    classes = list(bundle.class_names)
+    if state is not None and classes != list(state["class_names"]):
+        raise ConfigError(f"cannot resume: the data's classes {classes} differ from the run's "
+                          f"{list(state['class_names'])}")
+    if cfg.model.num_classes is not None and cfg.model.num_classes != len(classes):
+        raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but the data has {len(classes)} classes "
+                          f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}); drop num_classes to "
+                          "take it from the data")
+
+    bb = build_model(cfg.model.name, num_classes=len(classes),
+                     weights="none" if state is not None else cfg.model.weights)
+    plan = F.apply_freeze(bb, cfg.freeze)
+    channels_last = wants_channels_last(bb.model, cfg.train.channels_last)
+    model = bb.model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = O.build_optimizer(bb, cfg.optimizer)
+    start_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        start_epoch = int(state["epoch"])
+        for stp in sorted(cfg.freeze.schedule, key=lambda s: s.epoch):
+            if stp.epoch < start_epoch:
+                O.unfreeze_step(bb, optimizer, stp, cfg.optimizer)
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        out_dir = Path(out) if out else ck.default_run_dir(bb.name)
+        run_dir = ck.prepare_run_dir(out_dir, overwrite=overwrite)
+
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    if scaler is not None and state is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+
+    resolved = _resolved_recipe(cfg, bb, device, precision, channels_last)
+    ck.atomic_write_text(run_dir / "config.yaml", _yaml(resolved))
+    epochs_total = cfg.train.epochs
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    step = Step(optimizer=optimizer, loss_fn=loss_fn, device=device, precision=precision,
+                channels_last=channels_last, accumulate=cfg.train.accumulate, clip_grad=cfg.train.clip_grad,
+                scaler=scaler, after_train_mode=lambda m: F.apply_bn_policy(m, cfg.freeze.bn),
+                schedule=lambda t: set_lr(optimizer, cfg.scheduler, t, epochs_total))
+
+    val_loader = (D.make_loader(bundle.val, cfg.train.batch_size, shuffle=False, seed=cfg.train.seed,
+                                device=device.type, workers=cfg.data.workers) if bundle.val is not None else None)
+    train_loader = D.make_loader(bundle.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                                 device=device.type, workers=cfg.data.workers)
+    writer = _writer(run_dir, cfg)
+    history: list[dict[str, Any]] = list(state["metrics"]) if state is not None else []
+    best = dict(state["best"]) if state is not None else {"epoch": 0, "val_acc": -1.0}
+    since_best = 0
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    reporter.start({"run_dir": str(run_dir), "model": bb.name, "weights": bb.weights, "device": str(device),
+                    "precision": precision, "channels_last": channels_last, "classes": classes,
+                    "train_images": len(bundle.train), "val_images": len(bundle.val) if bundle.val else 0,
+                    "skipped": len(bundle.skipped), "trainable": n_trainable,
+                    "total": sum(p.numel() for p in model.parameters()), "start_epoch": start_epoch,
+                    "epochs": epochs_total, "source": bundle.source})
+    extra_ckpt = {"class_names": classes, "model_name": bb.name, "num_classes": len(classes),
+                  "transform": bundle.transform, "precision": precision, "channels_last": channels_last,
+                  "data": {"path": cfg.data.path, "labels": cfg.data.labels, "val_split": cfg.data.val_split,
+                           "seed": cfg.train.seed}}
+    first_batch_logged = start_epoch > 0
+    try:
+        for epoch in range(start_epoch, epochs_total):
+            for stp in cfg.freeze.schedule:
+                if stp.epoch == epoch:  # steps before a resumed run's start were re-applied above
+                    names = O.unfreeze_step(bb, optimizer, stp, cfg.optimizer)
+                    reporter.note(f"epoch {epoch + 1}: unfroze {', '.join(stp.layers)} ({len(names)} tensors, "
+                                  f"lr x {stp.lr_mult})")
+            torch.manual_seed(epoch_seed(cfg.train.seed, epoch))
+            if hasattr(train_loader.sampler, "set_epoch"):
+                train_loader.sampler.set_epoch(epoch)
+            if writer is not None and not first_batch_logged:
+                _log_first_batch(writer, train_loader, bundle.transform, model, cfg, device, channels_last)
+                first_batch_logged = True
+                torch.manual_seed(epoch_seed(cfg.train.seed, epoch))
+            reporter.epoch_start(epoch, epochs_total, len(train_loader))
+            tr = train_one_epoch(model, train_loader, step, epoch, reporter)
+            ev = (evaluate(model, val_loader, len(classes), device=device, precision=precision,
+                           channels_last=channels_last, label_smoothing=0.0, reporter=reporter)
+                  if val_loader is not None else None)
+            row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
+                   "val_loss": ev["loss"] if ev else None, "val_acc": ev["accuracy"] if ev else None,
+                   "lr": tr["lr"], "seconds": tr["seconds"], "images_per_sec": tr["images_per_sec"]}
+            if ev and ev["top5"] is not None:
+                row["val_top5"] = ev["top5"]
+            history.append(row)
+            score = ev["accuracy"] if ev else tr["acc"]
+            improved = score > best["val_acc"]
+            if improved:
+                best = {"epoch": epoch + 1, "val_acc": score}
+                since_best = 0
+            else:
+                since_best += 1
+            row["best"] = improved
+            ckpt = {"model": model.state_dict(), **extra_ckpt, "epoch": epoch + 1, "plan": plan.to_dict(),
+                    "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+                    "recipe": resolved.to_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else None, "metrics": history, "best": best,
+                    "val": ev, "finetune_version": __version__}
+            ck.save_checkpoint(ckpt, run_dir / "last.pt")
+            if improved:
+                ck.save_checkpoint(ckpt, run_dir / "best.pt")
+            _write_metrics(run_dir, best, history)
+            if writer is not None:
+                _log_scalars(writer, row, epoch + 1)
+            reporter.epoch_end(row)
+            if cfg.train.early_stop and since_best >= cfg.train.early_stop:
+                reporter.note(f"early stop: no better val accuracy for {since_best} epochs")
+                break
+    except NonFiniteLoss as e:
+        raise TrainingDiverged(f"training diverged: {e}; the last good checkpoint is in '{run_dir}'; lower --lr "
+                               "or use --clip-grad") from None
+    finally:
+        if writer is not None:
+            writer.flush()
+    if writer is not None:
+        _log_hparams(writer, resolved, best, history)
+        writer.close()
+    result = RunResult(run_dir, best["epoch"], best["val_acc"] if best["val_acc"] >= 0 else None, history, classes)
+    reporter.end({"run_dir": str(run_dir), "best": best, "epochs": history})
+    return result
+
+
+def _resolved_recipe(cfg: Recipe, bb, device, precision: str, channels_last: bool) -> Recipe:
+    r = from_dict(cfg.to_dict())
+    r.model.weights = cfg.model.weights if cfg.model.weights == "default" else bb.weights
+    r.model.num_classes = bb.num_classes
+    r.train.device = device.type
+    r.train.precision = precision
+    r.train.channels_last = channels_last
+    return r
+
+
+def _yaml(recipe: Recipe) -> str:
+    import yaml
+
+    return "# the resolved configuration of this run: finetune train --recipe THIS_FILE reruns it\n" + \
+        yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def _write_metrics(run_dir: Path, best: dict, history: list[dict]) -> None:
+    rows = [{k: v for k, v in r.items() if k != "best"} for r in history]
+    ck.atomic_write_text(run_dir / "metrics.json", json.dumps({"best": best, "epochs": rows}, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------- TensorBoard
+
+
+def _writer(run_dir: Path, cfg: Recipe):
+    if not cfg.train.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(run_dir))
+
+
+def _log_scalars(writer, row: dict, step: int) -> None:
+    for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("train_acc", "accuracy/train"),
+                     ("val_acc", "accuracy/val"), ("lr", "lr"), ("images_per_sec", "images_per_sec")):
+        if row.get(key) is not None:
+            writer.add_scalar(tag, row[key], step)
+
+
+def _log_first_batch(writer, loader, tf: dict, model, cfg: Recipe, device, channels_last: bool) -> None:
+    """The tutorial's add_images: the first training batch, un-normalized; and the model graph."""
+    try:
+        x, _ = next(iter(loader))
+    except StopIteration:
+        return
+    mean = torch.tensor(tf.get("mean", (0.0, 0.0, 0.0))).view(1, -1, 1, 1)
+    std = torch.tensor(tf.get("std", (1.0, 1.0, 1.0))).view(1, -1, 1, 1)
+    writer.add_images("train/first_batch", (x[:32].float() * std + mean).clamp(0, 1), 0)
+    if cfg.train.graph:
+        was = model.training
+        try:
+            model.eval()
+            sample = x[:1].to(device)
+            if channels_last:
+                sample = sample.contiguous(memory_format=torch.channels_last)
+            writer.add_graph(model, sample)
+        except Exception as e:  # noqa: BLE001 - some models don't trace; the graph is optional
+            log.warning(f"TensorBoard graph skipped: the model does not trace ({type(e).__name__}); "
+                        "set train.graph: false to silence this")
+        finally:
+            model.train(was)
+
+
+def _log_hparams(writer, cfg: Recipe, best: dict, history: list[dict]) -> None:
+    hp = {"model": cfg.model.name, "weights": cfg.model.weights, "optimizer": cfg.optimizer.name,
+          "lr": cfg.optimizer.lr, "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
+          "scheduler": cfg.scheduler.name, "precision": cfg.train.precision, "bn": cfg.freeze.bn}
+    last = history[-1] if history else {}
+    metrics = {"hparam/best_val_acc": best["val_acc"] if best["val_acc"] >= 0 else 0.0,
+               "hparam/final_train_loss": last.get("train_loss") or 0.0}
+    writer.add_hparams(hp, metrics, run_name="hparams")
+

@@ -1,0 +1,117 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from finetune.config import SchedulerCfg
+from finetune.engine import Step, evaluate, lr_factor, resolve_device, resolve_precision, set_lr, train_one_epoch
+from finetune.errors import ConfigError
+
+
+class Fixed(nn.Module):
+    """Returns preset logits per sample index (carried in x)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+        self.p = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.logits[x[:, 0].long()] + self.p * 0
+
+
+def test_evaluate_hand_checked():
+    # 5 samples, 3 classes; predictions (argmax): 0, 1, 2, 2, 0 ; targets: 0, 1, 1, 2, 2
+    logits = torch.tensor([[3., 1, 0], [0, 2, 1], [0, 1, 5], [1, 0, 2], [2, 1, 1.5]])
+    y = torch.tensor([0, 1, 1, 2, 2])
+    ds = TensorDataset(torch.arange(5).float()[:, None], y)
+    model = Fixed(logits)
+    model.train()
+    res = evaluate(model, DataLoader(ds, batch_size=2), 3)
+    assert res["correct"] == 3 and res["n"] == 5 and res["accuracy"] == 3 / 5
+    assert res["confusion"] == [[1, 0, 0], [0, 1, 1], [1, 0, 1]]
+    assert res["per_class"] == [1.0, 0.5, 0.5]
+    assert res["top5"] is None
+    assert math.isclose(res["loss"], nn.functional.cross_entropy(logits, y).item(), rel_tol=1e-6)
+    assert model.training  # mode restored
+
+
+def test_evaluate_runs_in_eval_mode_and_inference_mode():
+    seen = {}
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 5)
+
+        def forward(self, x):
+            seen["training"] = self.training
+            seen["inference"] = torch.is_inference_mode_enabled()
+            return self.lin(x)
+
+    ds = TensorDataset(torch.randn(6, 2), torch.tensor([0, 1, 2, 3, 4, 0]))
+    res = evaluate(Probe(), DataLoader(ds, batch_size=3), 5)
+    assert seen == {"training": False, "inference": True}
+    assert 0 <= res["top5"] <= 1 and res["top5"] >= res["accuracy"]
+
+
+def test_train_one_epoch_updates_only_trainable_and_counts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.clone()
+    head = model[2].weight.clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ds = TensorDataset(torch.randn(10, 4), torch.randint(0, 3, (10,)))
+    out = train_one_epoch(model, DataLoader(ds, batch_size=4), Step(opt, nn.CrossEntropyLoss(), torch.device("cpu")), 0)
+    assert out["n"] == 10 and 0 <= out["acc"] <= 1
+    assert torch.equal(model[0].weight, frozen)
+    assert not torch.equal(model[2].weight, head)
+
+
+def test_gradient_accumulation_equals_big_batch():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    a = nn.Linear(4, 3)
+    b = nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    for model, bs, acc in ((a, 8, 1), (b, 4, 2)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        train_one_epoch(model, DataLoader(TensorDataset(x, y), batch_size=bs),
+                        Step(opt, nn.CrossEntropyLoss(), torch.device("cpu"), accumulate=acc), 0)
+    assert torch.allclose(a.weight, b.weight, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["constant", "step", "cosine", "onecycle"])
+def test_schedules(name):
+    cfg = SchedulerCfg(name=name, step_size=2, gamma=0.5)
+    f = [lr_factor(cfg, t, 10) for t in range(11)]
+    if name == "constant":
+        assert f == [1.0] * 11
+    elif name == "step":
+        assert f[:5] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    elif name == "cosine":
+        assert f[0] == 1.0 and math.isclose(f[5], 0.5) and math.isclose(f[10], 0.0, abs_tol=1e-12)
+    else:
+        assert f[0] == 1e-3 and math.isclose(f[3], 1.0) and f[10] < 1e-3  # 30% warmup, then down
+
+
+def test_warmup_and_groups_follow_base_lr():
+    opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": 0.1, "base_lr": 0.1},
+                           {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.01, "base_lr": 0.01}])
+    cfg = SchedulerCfg(name="cosine", warmup_epochs=2)
+    assert math.isclose(set_lr(opt, cfg, 1.0, 10), 0.05)
+    assert math.isclose(opt.param_groups[1]["lr"], 0.005)
+
+
+def test_device_and_precision_errors(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^--device cuda was requested but CUDA is not available"):
+        resolve_device("cuda")
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match=r"^--precision fp16 needs a GPU; on the CPU use bf16 or fp32$"):
+        resolve_precision("fp16", torch.device("cpu"))
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
