@@ -151,7 +151,7 @@ def test_errors(cfg, message):
 
 def test_unfreeze_layers_returns_newly_trainable():
     bb = meta("resnet18")
-    apply_freeze(bb, FreezeCfg(backbone=True, unfreeze=["layer4"]))
+    apply_freeze(bb, FreezeCfg(backbone=True, unfreeze=["layer4.1"]))
     new = unfreeze_layers(bb, ["layer4"])
     assert new == [n for n in names(bb) if n.startswith("layer4.0.")]
     assert unfreeze_layers(bb, ["layer4"]) == []
