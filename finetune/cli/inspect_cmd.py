@@ -5,24 +5,53 @@ from typing import Optional
 
 import typer
 
+from finetune.cli import options as O
+
 HELP = ("List a model's parameters (index, name, shape, numel, trainable) with totals; --modules shows the "
-        "dotted module names that layer freezing takes. Builds the architecture without downloading weights "
-        "unless --weights is given.")
+        "dotted module names that layer freezing takes. With freeze flags or --recipe, previews the freeze plan "
+        "(trainable marks, frozen/trainable totals, a summary per top-level module) without training. Builds the "
+        "architecture without downloading weights unless --weights is given.")
 
 
 def inspect(
-    model: str = typer.Argument(..., help="smallcnn, a torchvision name (resnet18, vgg16, ...) or timm:<name>."),
+    model: Optional[str] = typer.Argument(
+        None, help="smallcnn, a torchvision name (resnet18, vgg16, ...) or timm:<name>; default: the recipe's."),
     weights: str = typer.Option("none", "--weights", "-w",
-                                help="none, DEFAULT, a torchvision/timm weights name, or a .pth/.safetensors file."),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", "-n", help="Replace the head for N classes."),
+                                help="none, DEFAULT, a torchvision/timm weights name, or a .pth/.safetensors file "
+                                     "(a recipe's weights are not read: the plan needs names, not values)."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", "-n",
+                                              help="Replace the head for N classes (default: the recipe's)."),
     modules: bool = typer.Option(False, "--modules", "-m", help="Show the module tree with dotted names."),
     depth: int = typer.Option(2, "--depth", help="How deep --modules goes (dots in the name + 1)."),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
+    recipe: Optional[str] = O.RECIPE,
+    freeze_names: Optional[str] = O.FREEZE_NAMES,
+    freeze_first: Optional[int] = O.FREEZE_FIRST,
+    freeze_layers: Optional[str] = O.FREEZE_LAYERS,
+    freeze_backbone: Optional[bool] = O.FREEZE_BACKBONE,
+    unfreeze: Optional[list[str]] = O.UNFREEZE,
+    bn: Optional[str] = O.BN,
 ) -> None:
     from finetune.params import inspect_json, module_rows
 
+    overrides = O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn)
+    rec = _recipe(recipe, overrides)
+    if rec is not None and recipe:
+        model = model or rec.model.name
+        num_classes = num_classes if num_classes is not None else rec.model.num_classes
+    if not model:
+        from finetune.errors import ConfigError
+
+        raise ConfigError("give a MODEL (e.g. 'finetune inspect resnet18') or --recipe NAME")
     bb = _build(model, num_classes, weights)
+    plan = None
+    if rec is not None:
+        from finetune.freeze import apply_freeze
+
+        plan = apply_freeze(bb, rec.freeze)
     doc = inspect_json(bb.name, bb.model)
+    if plan is not None:
+        doc["plan"] = _plan_doc(plan, rec.freeze.schedule)
     if as_json:
         if modules:
             doc["modules"] = module_rows(bb.model, depth)
@@ -31,8 +60,26 @@ def inspect(
     from finetune.cli import render
 
     render.parameter_table(bb, doc)
+    if plan is not None:
+        render.plan_summary(plan, doc["plan"])
     if modules:
         render.module_tree(bb, module_rows(bb.model, depth))
+
+
+def _recipe(recipe: Optional[str], overrides: dict):
+    """The recipe with the flags applied, or None when neither a recipe nor a freeze flag was given."""
+    if recipe is None and all(v is None for v in overrides.values()):
+        return None
+    from finetune import config
+
+    base = config.load_recipe(recipe) if recipe else config.Recipe()
+    return config.apply_overrides(base, overrides)
+
+
+def _plan_doc(plan, schedule) -> dict:
+    """The ``plan`` entry of ``--json``: BN policy, applied steps, per-top-level-module summary, unfreeze schedule."""
+    return {"bn": plan.bn, "steps": plan.steps, "summary": plan.summary(),
+            "schedule": [{"epoch": s.epoch, "layers": list(s.layers), "lr_mult": s.lr_mult} for s in schedule]}
 
 
 def _build(model: str, num_classes, weights: str):

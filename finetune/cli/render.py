@@ -42,3 +42,20 @@ def module_tree(bb, rows: list[dict[str, Any]]) -> None:
                 label += f" [red]({_n(r['numel'] - r['trainable'])} frozen)[/red]"
         nodes[r["name"]] = nodes.get(parent, tree).add(label)
     console.print(tree)
+
+
+def plan_summary(plan, doc: dict[str, Any]) -> None:
+    """The freeze plan per top-level module, the frozen/trainable totals, and the unfreeze schedule."""
+    t = Table(title=f"freeze plan  (BatchNorm: {doc['bn']})", title_justify="left")
+    for col, just in (("module", "left"), ("tensors", "right"), ("params", "right"), ("trainable", "right"),
+                      ("frozen", "right")):
+        t.add_column(col, justify=just)
+    for r in doc["summary"]:
+        t.add_row(r["module"], str(r["tensors"]), _n(r["params"]), _n(r["trainable"]),
+                  f"[red]{_n(r['frozen'])}[/red]" if r["frozen"] else "0")
+    console.print(t)
+    console.print(f"steps: {'; '.join(doc['steps']) or 'none (everything trainable)'}")
+    console.print(f"frozen: {len(plan.frozen)} tensors / {_n(sum(r['frozen'] for r in doc['summary']))}   "
+                  f"trainable: {len(plan.trainable)} tensors / {_n(sum(r['trainable'] for r in doc['summary']))}")
+    for s in doc["schedule"]:
+        console.print(f"epoch {s['epoch']}: unfreeze {','.join(s['layers'])} (LR x {s['lr_mult']:g})")

@@ -1,0 +1,70 @@
+"""Command-line flags shared by ``train`` and ``inspect``, and their mapping onto recipe keys. No torch import.
+
+Each flag replaces the one recipe key it names; the recipe's other freeze keys stay (``--freeze-first 0``,
+``--freeze-names ''``, ``--freeze-layers ''`` and ``--no-freeze-backbone`` clear one).
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import typer
+
+from finetune.errors import ConfigError
+
+FREEZE_NAMES = typer.Option(None, "--freeze-names",
+                            help="Freeze parameters whose name contains A or B (globs match whole names): A,B.")
+FREEZE_FIRST = typer.Option(None, "--freeze-first", help="Freeze the first N parameter tensors (YOLOv5's --freeze N).")
+FREEZE_LAYERS = typer.Option(None, "--freeze-layers",
+                             help="Freeze modules by dotted path: conv1,bn1,layer1 (see 'finetune inspect MODEL -m').")
+FREEZE_BACKBONE = typer.Option(None, "--freeze-backbone/--no-freeze-backbone",
+                               help="Freeze everything except the head (linear probing).")
+UNFREEZE = typer.Option(None, "--unfreeze",
+                        help="Repeatable. L1,L2 makes them trainable again now; L1,L2@EPOCH[:LR_MULT] unfreezes at "
+                             "that 0-based epoch with LR x LR_MULT (e.g. layer4@2:0.1, all@4:0.01).")
+BN = typer.Option(None, "--bn", help="BatchNorm of frozen layers: frozen (running stats fixed; default) or train.")
+RECIPE = typer.Option(None, "--recipe", "-r", help="Recipe name (see 'finetune recipes') or path to a YAML file.")
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def parse_unfreeze(items: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Split ``--unfreeze`` values into immediate targets and schedule steps ``{epoch, layers, lr_mult}``."""
+    now: list[str] = []
+    steps: list[dict[str, Any]] = []
+    for item in items:
+        if "@" not in item:
+            now += _split(item)
+            continue
+        layers, _, when = item.partition("@")
+        epoch, _, mult = when.partition(":")
+        try:
+            step = {"epoch": int(epoch), "layers": _split(layers), "lr_mult": float(mult) if mult else 1.0}
+        except ValueError:
+            step = {}
+        if not step or not step["layers"]:
+            raise ConfigError(f"--unfreeze '{item}' must be LAYERS or LAYERS@EPOCH[:LR_MULT], e.g. layer4@2:0.1")
+        steps.append(step)
+    return now, steps
+
+
+def freeze_overrides(freeze_names: Optional[str] = None, freeze_first: Optional[int] = None,
+                     freeze_layers: Optional[str] = None, freeze_backbone: Optional[bool] = None,
+                     unfreeze: Optional[List[str]] = None, bn: Optional[str] = None) -> dict[str, Any]:
+    """Dotted recipe keys for :func:`finetune.config.apply_overrides`; ``None`` = flag not given."""
+    out: dict[str, Any] = {
+        "freeze.names": None if freeze_names is None else _split(freeze_names),
+        "freeze.first": freeze_first,
+        "freeze.layers": None if freeze_layers is None else _split(freeze_layers),
+        "freeze.backbone": freeze_backbone,
+        "freeze.bn": bn,
+    }
+    if unfreeze:
+        now, steps = parse_unfreeze(list(unfreeze))
+        if now:
+            out["freeze.unfreeze"] = now
+        if steps:
+            out["freeze.schedule"] = steps
+    return out
