@@ -26,6 +26,15 @@ BN = typer.Option(None, "--bn", help="BatchNorm of frozen layers: frozen (runnin
 RECIPE = typer.Option(None, "--recipe", "-r", help="Recipe name (see 'finetune recipes') or path to a YAML file.")
 
 
+def panel(option, name: str):
+    """A copy of a shared option shown under help panel ``name``."""
+    import copy
+
+    opt = copy.copy(option)
+    opt.rich_help_panel = name
+    return opt
+
+
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
+
+from finetune.cli import options as O
 
 HELP = ("Train a model from a recipe (default: smallcnn on the bundled sample data); flags override the recipe. "
         "Writes a run directory with config.yaml, metrics.json, last.pt, best.pt and TensorBoard logs.")
@@ -32,18 +34,12 @@ def train(
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size (default: the backbone's).",
                                              rich_help_panel=_D),
     augment: Optional[str] = typer.Option(None, "--augment", help="none | light | strong.", rich_help_panel=_D),
-    freeze_names: Optional[str] = typer.Option(None, "--freeze-names", help="Freeze parameters whose names contain "
-                                               "these (comma-separated substrings or globs).", rich_help_panel=_F),
-    freeze_first: Optional[int] = typer.Option(None, "--freeze-first", help="Freeze the first N parameter tensors.",
-                                               rich_help_panel=_F),
-    freeze_layers: Optional[str] = typer.Option(None, "--freeze-layers", help="Freeze modules by dotted path "
-                                                "(comma-separated: conv1,layer1).", rich_help_panel=_F),
-    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--no-freeze-backbone",
-                                                   help="Freeze everything except the head.", rich_help_panel=_F),
-    unfreeze: Optional[str] = typer.Option(None, "--unfreeze", help="Make these names/layers trainable again "
-                                           "(applied last).", rich_help_panel=_F),
-    bn: Optional[str] = typer.Option(None, "--bn", help="frozen (frozen BN keeps its statistics) | train.",
-                                     rich_help_panel=_F),
+    freeze_names: Optional[str] = O.panel(O.FREEZE_NAMES, _F),
+    freeze_first: Optional[int] = O.panel(O.FREEZE_FIRST, _F),
+    freeze_layers: Optional[str] = O.panel(O.FREEZE_LAYERS, _F),
+    freeze_backbone: Optional[bool] = O.panel(O.FREEZE_BACKBONE, _F),
+    unfreeze: Optional[List[str]] = O.panel(O.UNFREEZE, _F),
+    bn: Optional[str] = O.panel(O.BN, _F),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd | adam | adamw | rmsprop.",
                                             rich_help_panel=_O),
     lr: Optional[float] = typer.Option(None, "--lr", help="Base learning rate.", rich_help_panel=_O),
@@ -84,8 +80,7 @@ def train(
         "model.name": model, "model.weights": weights,
         "data.path": data, "data.labels": labels, "data.val_split": val_split, "data.image_size": image_size,
         "data.augment": augment,
-        "freeze.names": freeze_names, "freeze.first": freeze_first, "freeze.layers": freeze_layers,
-        "freeze.backbone": freeze_backbone, "freeze.unfreeze": unfreeze, "freeze.bn": bn,
+        **O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn),
         "optimizer.name": optimizer, "optimizer.lr": lr, "optimizer.momentum": momentum,
         "optimizer.nesterov": nesterov, "optimizer.weight_decay": weight_decay,
         "scheduler.name": scheduler, "scheduler.warmup_epochs": warmup_epochs,
