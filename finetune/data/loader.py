@@ -48,6 +48,7 @@ class EpochSampler(Sampler):
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration epoch ``epoch`` (for resuming)."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.n
