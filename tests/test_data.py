@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from finetune.config import REPO_ROOT, DataCfg
@@ -233,6 +235,17 @@ def test_cifar10_from_torchvision_layout(tmp_path):
     assert torch.allclose(x, expected, atol=1e-6)
     ev = build_eval_dataset(f"cifar10:{tmp_path}", "val", b.class_names, b.transform)
     assert ev.targets == [5, 6, 7]
+
+
+def test_cifar100_fine_labels(tmp_path):
+    base = tmp_path / "cifar-100-python"
+    base.mkdir()
+    for split, labels in (("train", [3, 1]), ("test", [2])):
+        data = {"data": np.zeros((len(labels), 3072), np.uint8), "fine_labels": labels, "coarse_labels": labels}
+        (base / split).write_bytes(pickle.dumps(data))
+    (base / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"k{i}" for i in range(100)]}))
+    b = build_data(DataCfg(path=f"cifar100:{base}"), SMALL)  # ROOT may be the extracted folder itself
+    assert len(b.class_names) == 100 and b.train.targets == [3, 1] and b.val.targets == [2]
 
 
 def test_cifar_missing_offline_is_one_clear_line(tmp_path):
@@ -545,6 +558,18 @@ def test_loader_with_a_worker_matches_the_main_process(tmp_path):
     assert make_loader(ds, 4, shuffle=False, seed=0, device="cuda", workers=0).pin_memory
 
 
+class _Threads(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return torch.get_num_threads()
+
+
+def test_workers_run_torch_with_one_thread():
+    assert [b.tolist() for b in make_loader(_Threads(), 2, shuffle=False, seed=0, workers=1)] == [[1, 1]]
+
+
 def test_default_workers(monkeypatch):
     monkeypatch.setattr(loader_mod, "usable_cpus", lambda: 2)
     assert default_workers(10_000, 32) == 0
@@ -552,3 +577,19 @@ def test_default_workers(monkeypatch):
     assert default_workers(10_000, 32) == 8 and default_workers(100, 32) == 0
     monkeypatch.setattr(loader_mod, "usable_cpus", lambda: 4)
     assert default_workers(10_000, 32) == 3
+
+
+# ------------------------------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 30), min_size=1, max_size=6), val_split=st.floats(0.01, 0.9),
+       seed=st.integers(0, 2**31))
+def test_split_invariants(sizes, val_split, seed):
+    items = [(Path(f"c{c}/{i}.png"), f"c{c}") for c, n in enumerate(sizes) for i in range(n)]
+    train, val = stratified_split(items, val_split, seed)
+    assert sorted(train + val) == sorted(items)  # a partition
+    assert (train, val) == stratified_split(list(reversed(items)), val_split, seed)  # input order is irrelevant
+    for c, n in enumerate(sizes):
+        n_val = sum(1 for _, k in val if k == f"c{c}")
+        assert n_val == (0 if n == 1 else min(n - 1, max(1, round(n * val_split))))
