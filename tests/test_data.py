@@ -356,6 +356,28 @@ def test_with_transform_shares_the_cache(tmp_path):
     assert torch.equal(ev[0][0], eval_transform(b.transform)(load_image(b.train.paths[0])))
 
 
+def test_large_jpeg_decodes_at_reduced_scale_and_predict_matches_eval(tmp_path):
+    from finetune.data import decode
+
+    yy, xx = np.mgrid[0:300, 0:400] / 300.0  # a smooth 400x300 photo stand-in
+    arr = (127.5 + 120 * np.stack([np.sin(3 * xx), np.cos(2 * yy), np.sin(2 * (xx + yy))], -1)).astype(np.uint8)
+    for c in "ab":
+        Image.fromarray(arr).save(tmp_path / f"{c}.jpg", quality=95)
+        (tmp_path / c).mkdir()
+        Image.fromarray(arr).save(tmp_path / c / "x.jpg", quality=95)
+    tf = transform_config(DataCfg(), SMALL)  # resize 32: the JPEG decodes at 1/8 scale (50x38), then resizes
+    assert load_image(tmp_path / "a.jpg", min_side=32).size == (50, 38)
+    assert load_image(tmp_path / "a.jpg").size == (400, 300)
+    fast = decode(tmp_path / "a.jpg", tf)
+    full = torch.from_numpy(np.array(load_image(tmp_path / "a.jpg"))).permute(2, 0, 1)
+    from torchvision.transforms.v2 import functional as F
+    full = F.resize(full, [32], antialias=True)
+    assert fast.shape == full.shape == (3, 32, 42)
+    assert (fast.float() - full.float()).abs().mean() < 2
+    b = build_data(cfg(tmp_path, val_split=0, cache="off", augment="none"), SMALL)
+    assert torch.equal(b.train[0][0], eval_transform(tf)(decode(tmp_path / "a" / "x.jpg", tf)))
+
+
 # ------------------------------------------------------------------------------------------------- bad input
 
 def bad_files(root: Path) -> dict[str, str]:

@@ -27,12 +27,16 @@ log = logging.getLogger("finetune")
 
 
 def decode(path: str | Path, tf: dict) -> torch.Tensor:
-    """Read ``path`` as a uint8 CHW RGB tensor whose shorter side is at most ``tf["resize"]``."""
+    """Read ``path`` as a uint8 CHW RGB tensor whose shorter side is at most ``tf["resize"]``.
+
+    This is what datasets (and the cache) hold; ``eval_transform(tf)(decode(path, tf))`` is therefore exactly the
+    tensor evaluation sees, which is what ``finetune predict`` should use too.
+    """
     from torchvision.transforms.v2 import functional as F
 
     from finetune.data.transforms import _mode
 
-    img = F.pil_to_tensor(load_image(path))
+    img = F.pil_to_tensor(load_image(path, min_side=int(tf["resize"])))
     if min(img.shape[-2:]) > int(tf["resize"]):
         img = F.resize(img, [int(tf["resize"])], interpolation=_mode(tf), antialias=True)
     return img.contiguous()

