@@ -117,6 +117,25 @@ def test_sample_data_resolves_to_the_bundled_folder():
     assert (len(b.train), len(b.val)) == (480, 160)
 
 
+def test_same_classes_and_samples_as_torchvision_imagefolder():
+    from torchvision.datasets import ImageFolder
+
+    ours = build_data(DataCfg(path="sample", cache="off"), SMALL)
+    theirs = ImageFolder(str(REPO_ROOT / "data" / "sample" / "train"))
+    assert ours.class_names == theirs.classes
+    assert [(str(p), t) for p, t in ours.train.samples] == theirs.samples
+
+
+def test_prefix_labels_inside_train_and_val_folders(tmp_path):
+    for split, names in (("train", ["Not_1.png", "Not_2.png", "s_1.png"]), ("val", ["Not_3.png", "s_2.png"])):
+        for n in names:
+            write_image(tmp_path / split / n)
+    b = build_data(cfg(tmp_path, labels="prefix:Not=NotSing,=Sing"), SMALL)
+    assert b.class_names == ["NotSing", "Sing"] and b.train.targets == [0, 0, 1] and b.val.targets == [0, 1]
+    ev = build_eval_dataset(str(tmp_path), "val", b.class_names, b.transform, labels="prefix:Not=NotSing,=Sing")
+    assert ev.targets == [0, 1]
+
+
 def test_single_folder_split_is_stratified_and_stable(tmp_path):
     tree(tmp_path, {"a": 10, "b": 5, "c": 2})
     b1 = build_data(cfg(tmp_path, val_split=0.2), SMALL, seed=3)
