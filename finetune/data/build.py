@@ -1,0 +1,265 @@
+"""``build_data``: from a DataCfg and the backbone's data config to datasets, classes and the eval transform.
+
+Steps: resolve the path -> discover files and labels (:mod:`.sources`) -> read every file once (the cache fill,
+or a header check without the cache) and skip unreadable ones with one warning each -> split -> check classes ->
+datasets. Nothing is written anywhere, least of all into the data folder.
+
+Decoded-image cache (``data.cache``): ``auto`` caches when the estimated decoded size (image headers of up to 64
+evenly spaced files, at the pre-crop size) fits ``data.cache_gb`` (default 2 GB = 2e9 bytes, for train and val
+together); ``on`` caches regardless; ``off`` never. The cache fill decodes with ``min(8, cores)`` threads (PIL
+and torch's resize release the GIL).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from finetune.config import REPO_ROOT, DataCfg
+from finetune.data import cifar, sources
+from finetune.data.datasets import ImageDataset, TensorImageDataset, decode
+from finetune.data.images import IMG_EXTENSIONS, image_size
+from finetune.data.loader import usable_cpus
+from finetune.data.transforms import check_augment, eval_transform, train_transform, transform_config
+from finetune.errors import DataError
+
+log = logging.getLogger("finetune")
+
+_CIFAR = re.compile(r"^(cifar10|cifar100):(.+)$")
+STRICT_HINT = "(--strict; remove the file, or drop --strict to skip it)"
+
+
+@dataclass
+class DataBundle:
+    """Everything training needs from the data. ``transform`` is the eval transform config (store it)."""
+
+    train: Dataset
+    val: Dataset | None
+    class_names: list[str]
+    transform: dict
+    skipped: list[str] = field(default_factory=list)  # files skipped as unreadable (or listed but missing)
+    source: str = ""
+    cached: bool = False  # the decoded-image cache holds the images
+    unlabeled: list[str] = field(default_factory=list)  # images no --labels rule named (left out)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready facts for the run summary."""
+        return {"source": self.source, "classes": list(self.class_names), "train": len(self.train),
+                "val": len(self.val) if self.val is not None else 0, "skipped": len(self.skipped),
+                "unlabeled": len(self.unlabeled), "cached": self.cached, "transform": self.transform}
+
+
+def resolve_data_path(path: str) -> str | Path:
+    """``sample`` -> the bundled ``data/sample``; ``cifar10:ROOT`` / ``cifar100:ROOT`` stay specs; else a Path."""
+    path = str(path).strip()
+    if path == "sample":
+        return REPO_ROOT / "data" / "sample"
+    if _CIFAR.match(path):
+        return path
+    if path in ("cifar10", "cifar100"):
+        raise DataError(f"--data {path} needs a folder: --data {path}:ROOT (ROOT holds or will hold "
+                        f"{cifar.LAYOUT[path]['folder']}/)")
+    return Path(path).expanduser()
+
+
+def check_root(root: Path, given: str) -> Path:
+    if not root.exists():
+        raise DataError(f"data path '{given}' does not exist; pass a folder of images, 'sample', or cifar10:ROOT")
+    if not root.is_dir():
+        raise DataError(f"data path '{given}' is a file, not a folder; pass the folder that holds the images")
+    return root
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+def estimate_bytes(paths: Sequence[Path], tf: dict, probe: int = 64) -> int:
+    """Decoded size of ``paths`` at the pre-crop size, extrapolated from up to ``probe`` image headers."""
+    if not paths:
+        return 0
+    step = max(1, len(paths) // probe)
+    sizes = []
+    for p in list(paths)[::step][:probe]:
+        try:
+            w, h = image_size(p)
+        except DataError:
+            continue
+        r = int(tf["resize"])
+        if min(w, h) > r:
+            w, h = (r, int(r * h / w)) if w < h else (int(r * w / h), r)
+        sizes.append(3 * w * h)
+    return int(sum(sizes) / len(sizes) * len(paths)) if sizes else 0
+
+
+def want_cache(cfg: DataCfg, paths: Sequence[Path], tf: dict) -> bool:
+    if cfg.cache == "off":
+        return False
+    if cfg.cache == "on":
+        return True
+    need = estimate_bytes(paths, tf)
+    fits = need <= cfg.cache_gb * 1e9
+    if not fits:
+        log.info("decoded images would take about %.1f GB > data.cache_gb %.1f: reading files every epoch",
+                 need / 1e9, cfg.cache_gb)
+    return fits
+
+
+def read_all(paths: Sequence[Path], fn: Callable[[Path], Any]) -> tuple[dict[Path, Any], dict[Path, str]]:
+    """Apply ``fn`` to every path with a thread pool; ``(results, {path: reason})`` for the unreadable ones."""
+
+    def one(p: Path):
+        try:
+            return p, fn(p), None
+        except DataError as e:
+            return p, None, str(e).split("': ", 1)[-1]
+
+    ok: dict[Path, Any] = {}
+    bad: dict[Path, str] = {}
+    with ThreadPoolExecutor(max_workers=min(8, usable_cpus())) as pool:
+        for p, value, reason in pool.map(one, paths):
+            if reason is None:
+                ok[p] = value
+            else:
+                bad[p] = reason
+    return ok, bad
+
+
+def report_bad(bad: dict[Path, str], strict: bool) -> list[str]:
+    """One warning line per unreadable file (sorted), or the first one as an error with ``strict``."""
+    for p in sorted(bad):
+        if strict:
+            raise DataError(f"cannot read image '{p}': {bad[p]} {STRICT_HINT}")
+        log.warning("skipping unreadable image '%s': %s", p, bad[p])
+    return [str(p) for p in sorted(bad)]
+
+
+# ------------------------------------------------------------------------------------------------- checks
+
+def check_classes(train: list[sources.Item], val: list[sources.Item] | None, found: sources.Found,
+                  where: str) -> list[str]:
+    """Sorted class names; errors for no images, fewer than 2 classes, or val classes that train lacks."""
+    if not train:
+        exts = ", ".join(IMG_EXTENSIONS)
+        raise DataError(f"no images found in '{where}' (looked for {exts}); pass a folder of class "
+                        f"subfolders, or --labels ({sources.LABEL_SPECS}) for one folder of files")
+    classes = sorted({c for _, c in train})
+    if len(classes) < 2:
+        raise DataError(f"found 1 class in '{found.train_dir}' ('{classes[0]}'); a classifier needs at least 2: "
+                        "add a subfolder per class, or name classes with --labels")
+    extra = sorted({c for _, c in val or []} - set(classes))
+    if extra:
+        names = ", ".join(f"'{c}'" for c in extra)
+        raise DataError(f"val data '{found.val_dir or where}' has classes that train lacks: {names}; add them to "
+                        f"'{found.train_dir}' or remove them from val")
+    return classes
+
+
+# ------------------------------------------------------------------------------------------------- builders
+
+def build_data(cfg: DataCfg, model_data_cfg: dict, *, seed: int = 0, download: bool = False) -> DataBundle:
+    """Datasets, class names and the eval transform config for ``cfg`` and a backbone's ``data_cfg``.
+
+    ``seed`` fixes the train/val split of a folder without a val folder (and nothing else: loader order and
+    augmentation take their own seed in :func:`make_loader`). ``download`` lets CIFAR download when missing.
+    """
+    check_augment(cfg.augment)
+    tf = transform_config(cfg, model_data_cfg)
+    train_tf, eval_tf = train_transform(tf, cfg.augment), eval_transform(tf)
+    spec = resolve_data_path(cfg.path)
+    if isinstance(spec, str):
+        return cifar_bundle(spec, tf, train_tf, eval_tf, download=download)
+    root = check_root(spec, cfg.path)
+    found = sources.find(root, cfg.labels)
+    skipped = report_bad({Path(m): "listed in the label file, not found" for m in found.missing}, cfg.strict)
+    items = found.train + (found.val or [])
+    if not items:
+        check_classes([], None, found, str(root))
+    paths = [p for p, _ in items]
+    cache_on = want_cache(cfg, paths, tf)
+    decoded, bad = read_all(paths, (lambda p: decode(p, tf)) if cache_on else image_size)
+    skipped += report_bad(bad, cfg.strict)
+    train = [it for it in found.train if it[0] not in bad]
+    val = [it for it in found.val if it[0] not in bad] if found.val is not None else None
+    split = ""
+    if val is None and cfg.val_split > 0:
+        train, val = sources.stratified_split(train, cfg.val_split, seed)
+        split = f", val = {cfg.val_split:g} of each class (seed {seed})"
+    classes = check_classes(train, val, found, str(root))
+    if val is not None and not val:
+        log.warning("no validation images in '%s'; training without validation", found.val_dir or root)
+        val = None
+    index = {c: i for i, c in enumerate(classes)}
+
+    def dataset(its: list[sources.Item], transform) -> ImageDataset:
+        cache = [decoded[p] for p, _ in its] if cache_on else None
+        return ImageDataset([(p, index[c]) for p, c in its], classes, tf, transform, cache=cache,
+                            strict=cfg.strict)
+
+    return DataBundle(dataset(train, train_tf), dataset(val, eval_tf) if val is not None else None, classes, tf,
+                      skipped=skipped, source=found.description + split, cached=cache_on,
+                      unlabeled=found.unlabeled)
+
+
+def cifar_bundle(spec: str, tf: dict, train_tf, eval_tf, *, download: bool = False) -> DataBundle:
+    name, root = _CIFAR.match(spec).groups()  # type: ignore[union-attr]
+    data = cifar.load(name, Path(root).expanduser(), do_download=download)
+    classes = data["classes"]
+    train = TensorImageDataset(*data["train"], classes, train_tf)
+    val = TensorImageDataset(*data["test"], classes, eval_tf)
+    return DataBundle(train, val, classes, tf, source=f"{cifar.LAYOUT[name]['title']} in {root} (val = test set)",
+                      cached=True)
+
+
+def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, strict: bool = False,
+                       labels: str | None = None) -> Dataset:
+    """The ``split`` (``val`` or ``train``) of ``path`` with the eval transform ``tf``, labelled by ``class_names``.
+
+    ``val`` is ROOT's val folder (val, valid, validation or test) or CIFAR's test set; ``train`` is ROOT/train.
+    A folder without train/ is evaluated whole. Classes the checkpoint doesn't know are an error; classes of the
+    checkpoint that the data lacks are fine (they just get no samples).
+    """
+    if split not in ("val", "train"):
+        raise DataError(f"unknown split '{split}'; use val or train")
+    transform = eval_transform(tf)
+    spec = resolve_data_path(path)
+    if isinstance(spec, str):
+        name, root = _CIFAR.match(spec).groups()  # type: ignore[union-attr]
+        data = cifar.load(name, Path(root).expanduser())
+        images, targets = data["test" if split == "val" else "train"]
+        _check_known(data["classes"], class_names, spec)
+        remap = [class_names.index(c) for c in data["classes"]]
+        return TensorImageDataset(images, [remap[t] for t in targets], class_names, transform)
+    root = check_root(spec, path)
+    train_dir, val_dir = sources.split_dirs(root)
+    folder = root
+    if train_dir is not None:
+        folder = train_dir if split == "train" else val_dir  # type: ignore[assignment]
+        if folder is None:
+            raise DataError(f"'{root}' has no val folder ({', '.join(sources.VAL_NAMES)}); pass --split train, "
+                            "or a folder of class subfolders to evaluate it whole")
+    if labels:
+        kind, rule = sources.parse_labels(labels, folder)
+        items = sources.read_csv(rule, root)[0] if kind == "csv" else sources.labelled_files(folder, rule)[0]
+    else:
+        items = sources.class_folders(folder)
+    if not items:
+        raise DataError(f"no images found in '{folder}'")
+    _check_known(sorted({c for _, c in items}), class_names, str(folder))
+    _, bad = read_all([p for p, _ in items], image_size)
+    report_bad(bad, strict)
+    index = {c: i for i, c in enumerate(class_names)}
+    return ImageDataset([(p, index[c]) for p, c in items if p not in bad], class_names, tf, transform,
+                        strict=strict)
+
+
+def _check_known(found: list[str], class_names: list[str], where: str) -> None:
+    unknown = [c for c in found if c not in class_names]
+    if unknown:
+        raise DataError(f"'{where}' has classes the checkpoint was not trained on: "
+                        f"{', '.join(repr(c) for c in unknown)}; its classes are {', '.join(class_names)}")

@@ -1,0 +1,140 @@
+"""Transforms matched to the backbone: the eval transform is the pretrained one, the train one adds augmentation.
+
+:func:`transform_config` turns the backbone's ``data_cfg`` (torchvision ``weights.transforms()``, timm
+``resolve_data_config``, smallcnn's 32x32) plus the recipe's overrides into a JSON-serialisable dict that checkpoints
+store, so evaluation and prediction later rebuild exactly the same transform.
+
+Every pipeline starts the same way: to a uint8 CHW tensor, then ``Resize(resize)`` of the shorter side (the
+"pre-crop size"). The decoded-image cache stores images after that step (or smaller: images already below
+``resize`` are stored as they are and upsampled by this same step), so a cached and an uncached dataset give the
+same tensors bit for bit, and the train crops come from the pre-crop-size image in both cases.
+
+- eval: ``Resize(resize)`` -> ``CenterCrop(size)`` -> float in [0, 1] -> ``Normalize(mean, std)``
+- ``none``: the eval transform (deterministic; the frozen-feature cache relies on that)
+- ``light``: ``RandomResizedCrop(size, scale=(0.35, 1))`` + ``RandomHorizontalFlip`` (fastai's gentler
+  fine-tuning scale: small data sets suffer from ImageNet's 8 % crops)
+- ``strong``: ``RandomResizedCrop(size, scale=(0.08, 1))`` (the ImageNet recipe) + flip + ``TrivialAugmentWide``
+
+``--image-size S`` sets the crop to S and the resize to ``floor(S / crop_pct)``, timm's rule (224 -> 256 for
+crop_pct 0.875). Interpolations that tensors don't support map to the nearest one that they do (lanczos ->
+bicubic; box, hamming, random -> bilinear).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from finetune.errors import DataError
+
+AUGMENTS = ("none", "light", "strong")
+LIGHT_SCALE = (0.35, 1.0)
+STRONG_SCALE = (0.08, 1.0)
+_INTERP = {"nearest": "nearest", "nearest-exact": "nearest-exact", "bilinear": "bilinear", "bicubic": "bicubic",
+           "lanczos": "bicubic", "box": "bilinear", "hamming": "bilinear", "random": "bilinear"}
+_DEFAULTS = {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bilinear",
+             "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+def _triple(value: Any, key: str) -> list[float]:
+    vals = [float(v) for v in value]
+    if len(vals) != 3:
+        raise DataError(f"data.{key} must have 3 values (R, G, B), got {len(vals)}")
+    if key == "std" and any(v <= 0 for v in vals):
+        raise DataError(f"data.std values must be greater than 0, got {vals}")
+    return vals
+
+
+def transform_config(cfg, model_data_cfg: dict) -> dict:
+    """The eval transform as a plain dict: ``input_size`` [3, H, W], ``size`` (H, or [H, W] when not square),
+    ``resize`` (shorter side before the crop), ``crop_pct``, ``interpolation``, ``mean``, ``std``.
+
+    ``cfg`` is a :class:`~finetune.config.DataCfg` (``image_size``, ``mean``, ``std`` override the backbone's).
+    """
+    d = {**_DEFAULTS, **(model_data_cfg or {})}
+    _, h, w = (int(v) for v in d["input_size"])
+    resize = d.get("resize")
+    crop_pct = float(d.get("crop_pct") or (h / resize if resize else _DEFAULTS["crop_pct"]))
+    if not resize:
+        resize = math.floor(h / crop_pct + 1e-6)
+    if cfg.image_size:
+        if cfg.image_size < 8:
+            raise DataError(f"--image-size must be at least 8, got {cfg.image_size}")
+        h = w = int(cfg.image_size)
+        resize = math.floor(h / crop_pct + 1e-6)
+    interp = str(getattr(d["interpolation"], "value", d["interpolation"])).lower()
+    if interp not in _INTERP:
+        raise DataError(f"unknown interpolation '{interp}'; use one of {', '.join(sorted(_INTERP))}")
+    return {
+        "input_size": [3, h, w],
+        "size": h if h == w else [h, w],
+        "resize": int(resize),
+        "crop_pct": crop_pct,
+        "interpolation": _INTERP[interp],
+        "mean": _triple(cfg.mean if cfg.mean is not None else d["mean"], "mean"),
+        "std": _triple(cfg.std if cfg.std is not None else d["std"], "std"),
+    }
+
+
+def is_deterministic(augment: str) -> bool:
+    """True when ``train_transform(tf, augment)`` is the eval transform (no randomness)."""
+    check_augment(augment)
+    return augment == "none"
+
+
+def check_augment(augment: str) -> None:
+    if augment not in AUGMENTS:
+        raise DataError(f"unknown augment '{augment}'; use one of {', '.join(AUGMENTS)}")
+
+
+def _mode(tf: dict):
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode(tf["interpolation"])
+
+
+def _crop_size(tf: dict) -> list[int]:
+    return [int(tf["input_size"][1]), int(tf["input_size"][2])]
+
+
+def pre_resize(tf: dict):
+    """The first geometric step of every pipeline: the shorter side to ``tf["resize"]``."""
+    from torchvision.transforms import v2
+
+    return v2.Resize(int(tf["resize"]), interpolation=_mode(tf), antialias=True)
+
+
+def _head(tf: dict) -> list:
+    from torchvision.transforms import v2
+
+    return [v2.ToImage(), pre_resize(tf)]
+
+
+def _tail(tf: dict) -> list:
+    import torch
+    from torchvision.transforms import v2
+
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(tf["mean"], tf["std"]), v2.ToPureTensor()]
+
+
+def eval_transform(tf: dict) -> Callable:
+    """PIL image or uint8 CHW tensor -> normalized float32 CHW tensor of ``tf["input_size"]``."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([*_head(tf), v2.CenterCrop(_crop_size(tf)), *_tail(tf)])
+
+
+def train_transform(tf: dict, augment: str = "light") -> Callable:
+    """Like :func:`eval_transform` plus ``augment`` (none | light | strong); randomness from torch's global RNG."""
+    from torchvision.transforms import v2
+
+    check_augment(augment)
+    if augment == "none":
+        return eval_transform(tf)
+    scale = LIGHT_SCALE if augment == "light" else STRONG_SCALE
+    steps = [v2.RandomResizedCrop(_crop_size(tf), scale=scale, interpolation=_mode(tf), antialias=True),
+             v2.RandomHorizontalFlip()]
+    if augment == "strong":
+        steps.append(v2.TrivialAugmentWide(interpolation=_mode(tf)))
+    return v2.Compose([*_head(tf), *steps, *_tail(tf)])
