@@ -36,16 +36,16 @@ def draw(label: str, rng: np.random.Generator) -> Image.Image:
     bg = (c0 * (1 - t) + c1 * t) * np.ones((s, s, 1))
     img = Image.fromarray(bg.astype(np.uint8))
     d = ImageDraw.Draw(img)
-    for _ in range(rng.integers(1, 4)):  # distractor lines
+    for _ in range(rng.integers(0, 3)):  # distractor lines
         pts = [tuple(rng.integers(0, s, 2).tolist()) for _ in range(2)]
-        d.line(pts, fill=tuple(rng.integers(0, 256, 3).tolist()), width=int(rng.integers(2, 7)))
+        d.line(pts, fill=tuple(rng.integers(0, 256, 3).tolist()), width=int(rng.integers(2, 5)))
     # the shape, in a colour far enough from the local background to be visible
     while True:
         colour = rng.integers(0, 256, 3)
         if np.abs(colour - (c0 + c1) / 2).sum() > 150:
             break
     fill = tuple(colour.tolist())
-    r = rng.uniform(0.22, 0.42) * s
+    r = rng.uniform(0.26, 0.44) * s
     cx, cy = rng.uniform(r, s - r, 2)
     angle = rng.uniform(0, 2 * math.pi)
     if label == "circle":
@@ -62,14 +62,14 @@ def draw(label: str, rng: np.random.Generator) -> Image.Image:
             d.polygon([(cx - dx * r + px, cy - dy * r + py), (cx + dx * r + px, cy + dy * r + py),
                        (cx + dx * r - px, cy + dy * r - py), (cx - dx * r - px, cy - dy * r - py)], fill=fill)
     img = img.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
-    arr = np.asarray(img).astype(np.int16) + rng.normal(0, 12, (SIZE, SIZE, 3)).astype(np.int16)
+    arr = np.asarray(img).astype(np.int16) + rng.normal(0, 8, (SIZE, SIZE, 3)).astype(np.int16)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "sample"))
-    ap.add_argument("--train", type=int, default=120, help="train images per class")
+    ap.add_argument("--train", type=int, default=160, help="train images per class")
     ap.add_argument("--val", type=int, default=40, help="val images per class")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

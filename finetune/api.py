@@ -71,13 +71,14 @@ def predict(checkpoint: str | Path, paths: list[str], top_k: int = 5, *, device:
     files = D.list_images(paths)
     if not files:
         raise DataError(f"no images found in {', '.join(paths)}; pass image files or folders of images")
-    tf = D.eval_transform(ckpt["transform"])
+    tf_cfg = ckpt["transform"]
+    tf = D.eval_transform(tf_cfg)
     k = max(1, min(top_k, len(names)))
     prec = ckpt.get("precision", "fp32")
     out: list[dict[str, Any]] = []
     for i in range(0, len(files), batch_size):
         chunk = files[i:i + batch_size]
-        x = torch.stack([tf(D.load_image(f)) for f in chunk]).to(dev)
+        x = torch.stack([tf(D.decode(f, tf_cfg)) for f in chunk]).to(dev)  # exactly what eval sees
         if ckpt.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(dev, prec if not (prec == "fp16" and dev.type == "cpu") else "fp32"):

@@ -184,13 +184,13 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                     names = O.unfreeze_step(bb, optimizer, stp, cfg.optimizer)
                     reporter.note(f"epoch {epoch + 1}: unfroze {', '.join(stp.layers)} ({len(names)} tensors, "
                                   f"lr x {stp.lr_mult})")
-            torch.manual_seed(epoch_seed(cfg.train.seed, epoch))
-            if hasattr(train_loader.sampler, "set_epoch"):
-                train_loader.sampler.set_epoch(epoch)
             if writer is not None and not first_batch_logged:
+                D.set_epoch(train_loader, epoch)
                 _log_first_batch(writer, train_loader, bundle.transform, model, cfg, device, channels_last)
                 first_batch_logged = True
-                torch.manual_seed(epoch_seed(cfg.train.seed, epoch))
+            # order, augmentation and dropout are functions of (seed, epoch): a resumed run repeats them exactly
+            torch.manual_seed(epoch_seed(cfg.train.seed, epoch))
+            D.set_epoch(train_loader, epoch)
             reporter.epoch_start(epoch, epochs_total, len(train_loader))
             tr = train_one_epoch(model, train_loader, step, epoch, reporter)
             ev = (evaluate(model, val_loader, len(classes), device=device, precision=precision,

@@ -113,9 +113,3 @@ def test_every_command_has_help(cli):
         assert r.exit_code == 0 and "Usage: finetune " + cmd.name in r.stdout
         assert cmd.help and len(cmd.help) > 20
 
-
-def test_train_says_clearly_it_is_not_there_yet(cli):
-    r = cli("train")
-    assert r.exit_code == 1
-    assert r.stderr == ("Error: training is not implemented yet in this version; 'finetune inspect MODEL' works "
-                        "(see README, 'Status')\n")

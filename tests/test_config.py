@@ -21,7 +21,7 @@ def test_every_shipped_recipe_loads():
 def test_default_recipe_values():
     r = config.load_recipe("default")
     assert (r.model.name, r.model.weights, r.data.path, r.optimizer.name, r.optimizer.lr) == \
-        ("smallcnn", "none", "sample", "sgd", 0.01)
+        ("smallcnn", "none", "sample", "sgd", 0.02)
 
 
 def test_unknown_key_names_path_and_line(tmp_path):
@@ -54,7 +54,7 @@ def test_bad_yaml_names_the_line(tmp_path):
 
 def test_overrides_validate():
     r = config.apply_overrides(config.load_recipe("default"), {"train.epochs": 2, "optimizer.lr": None})
-    assert r.train.epochs == 2 and r.optimizer.lr == 0.01
+    assert r.train.epochs == 2 and r.optimizer.lr == 0.02
     with pytest.raises(ConfigError, match="^train.batch_size must be greater than 0, got 0$"):
         config.apply_overrides(r, {"train.batch_size": 0})
 

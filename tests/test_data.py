@@ -114,7 +114,7 @@ def test_sample_data_resolves_to_the_bundled_folder():
     assert resolve_data_path("cifar10:/x") == "cifar10:/x"
     b = build_data(DataCfg(path="sample", cache="off"), SMALL)
     assert b.class_names == ["circle", "cross", "square", "triangle"]
-    assert (len(b.train), len(b.val)) == (480, 160)
+    assert (len(b.train), len(b.val)) == (640, 160)
 
 
 def test_same_classes_and_samples_as_torchvision_imagefolder():

@@ -34,7 +34,7 @@ def eval_(
     from finetune.cli.render import console
 
     top5 = "" if res["top5"] is None else f"   top-5 {100 * res['top5']:.2f}%"
-    console.print(f"{res['checkpoint']} (epoch {res['epoch']}) on {res['data']} [{split}]: {res['n']} images\n"
+    console.print(f"{res['checkpoint']} (epoch {res['epoch']}) on {res['data']} ({split} split): {res['n']} images\n"
                   f"accuracy {100 * res['accuracy']:.2f}%{top5}   loss {res['loss']:.4f}", highlight=False)
     names = res["class_names"]
     t = Table(title="confusion matrix (rows: true class, columns: predicted)", title_justify="left")

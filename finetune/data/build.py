@@ -217,11 +217,13 @@ def cifar_bundle(spec: str, tf: dict, train_tf, eval_tf, *, download: bool = Fal
 
 
 def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, strict: bool = False,
-                       labels: str | None = None) -> Dataset:
+                       labels: str | None = None, val_split: float = 0.0, seed: int = 0) -> Dataset:
     """The ``split`` (``val`` or ``train``) of ``path`` with the eval transform ``tf``, labelled by ``class_names``.
 
     ``val`` is ROOT's val folder (val, valid, validation or test) or CIFAR's test set; ``train`` is ROOT/train.
-    A folder without train/ is evaluated whole. Classes the checkpoint doesn't know are an error; classes of the
+    A folder without train/ is evaluated whole, unless ``val_split`` > 0: then ``split`` is that part of the same
+    stratified split training made with ``val_split`` and ``seed`` (so eval reproduces the recorded val accuracy).
+    Classes the checkpoint doesn't know are an error; classes of the
     checkpoint that the data lacks are fine (they just get no samples).
     """
     if split not in ("val", "train"):
@@ -250,6 +252,9 @@ def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, 
         items = sources.class_folders(folder)
     if not items:
         raise DataError(f"no images found in '{folder}'")
+    if train_dir is None and val_split > 0:
+        tr_items, va_items = sources.stratified_split(items, val_split, seed)
+        items = va_items if split == "val" else tr_items
     _check_known(sorted({c for _, c in items}), class_names, str(folder))
     _, bad = read_all([p for p, _ in items], image_size)
     report_bad(bad, strict)
