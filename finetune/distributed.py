@@ -45,7 +45,22 @@ def init(d: Dist, device: torch.device) -> torch.device:
         device = torch.device("cuda", d.local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":  # N processes on one machine share its cores: don't oversubscribe them
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return device
+
+
+def wrap(model: torch.nn.Module, d: Dist, device: torch.device) -> torch.nn.Module:
+    """The module to train: DDP over ``model`` in a distributed run (call again after an unfreeze, since DDP
+    registers the parameters that require grad when it is built), else ``model`` itself. Frozen parameters are
+    never synchronised; unused-parameter search stays off (every trainable parameter gets a gradient)."""
+    if not d.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids)  # buffers (BN statistics) follow rank 0 at every forward
 
 
 def shutdown(d: Dist) -> None:
@@ -70,3 +85,29 @@ def broadcast_object(obj, d: Dist, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def launch(nproc: int, args: list[str]) -> int:
+    """Run ``python -m finetune ARGS`` as ``nproc`` torchrun processes on this machine; returns the exit code."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "finetune", *args]
+    return subprocess.call(cmd)
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N`` (the child processes must not launch again)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    return out

@@ -142,6 +142,7 @@ class Step:
     scaler: Any = None  # torch.amp.GradScaler for fp16
     after_train_mode: Callable[[nn.Module], None] = lambda m: None  # the BN policy, applied after .train()
     schedule: Callable[[float], float] | None = None  # epoch position -> sets LRs, returns the top LR
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # sums a tensor over DDP ranks (all_reduce)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -196,6 +197,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
             seen += b
         reporter.batch(i, n_batches, loss_sum / seen, correct / seen, seen / (time.perf_counter() - t0))
     secs = time.perf_counter() - t0
+    if step.reduce is not None:  # metrics over all ranks' shards
+        tot = step.reduce(torch.tensor([loss_sum, float(correct), float(seen)], dtype=torch.float64,
+                                       device=step.device)).tolist()
+        loss_sum, correct, seen = tot[0], int(tot[1]), int(tot[2])
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "n": seen, "seconds": secs,
             "images_per_sec": seen / secs if secs > 0 else 0.0, "lr": lr}
 
@@ -209,10 +214,12 @@ class NonFiniteLoss(Exception):
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: torch.device | str = "cpu",
              precision: str = "fp32", channels_last: bool = False, label_smoothing: float = 0.0,
-             reporter: Reporter | None = None) -> dict[str, Any]:
+             reporter: Reporter | None = None,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
     """Loss, top-1 (argmax) and top-5 accuracy, per-class accuracy and the confusion matrix (rows = true class).
 
-    Runs under ``model.eval()`` and ``torch.inference_mode()``; the model's previous mode is restored.
+    Runs under ``model.eval()`` and ``torch.inference_mode()``; the model's previous mode is restored. Under DDP
+    each rank evaluates its shard and ``reduce`` sums the counts, so the result covers the whole set once.
     """
     device = torch.device(device)
     was_training = model.training
@@ -238,6 +245,10 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         if reporter:
             reporter.eval_batch(i, n_batches)
     model.train(was_training)
+    if reduce is not None:
+        confusion = reduce(confusion.to(device)).cpu()
+        tot = reduce(torch.tensor([loss_sum, float(top5), float(n)], dtype=torch.float64, device=device)).tolist()
+        loss_sum, top5, n = tot[0], int(tot[1]), int(tot[2])
     correct = int(confusion.diag().sum())
     per_class = confusion.diag().float() / confusion.sum(dim=1).clamp(min=1).float()
     return {

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from finetune import __version__, checkpoint as ck
+from finetune import distributed as dist_
 from finetune.config import Recipe, from_dict
 from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, resolve_device, resolve_precision, set_lr,
                              train_one_epoch, wants_channels_last)
@@ -110,7 +111,10 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
         raise ConfigError("no recipe given; pass a Recipe (finetune.load_recipe('default')) or resume=RUN_DIR")
     cfg = recipe
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
+    dd = dist_.from_env()  # torchrun sets RANK/WORLD_SIZE; a plain run is rank 0 of 1
+    device = dist_.init(dd, resolve_device(cfg.train.device))
+    if not dd.is_main:
+        reporter = Reporter()  # only rank 0 prints, writes TensorBoard and saves checkpoints
     precision = resolve_precision(cfg.train.precision, device)
 
     data_cfg = probe_data_cfg(cfg.model.name, _weights_for_probe(cfg.model.weights))
@@ -141,27 +145,31 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                 O.unfreeze_step(bb, optimizer, stp, cfg.optimizer)
         optimizer.load_state_dict(state["optimizer"])
     else:
-        out_dir = Path(out) if out else ck.default_run_dir(bb.name)
-        run_dir = ck.prepare_run_dir(out_dir, overwrite=overwrite)
+        run_dir = _prepare_shared_run_dir(dd, Path(out) if out else ck.default_run_dir(bb.name), overwrite)
 
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     if scaler is not None and state is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
 
     resolved = _resolved_recipe(cfg, bb, device, precision, channels_last)
-    ck.atomic_write_text(run_dir / "config.yaml", _yaml(resolved))
+    if dd.is_main:
+        ck.atomic_write_text(run_dir / "config.yaml", _yaml(resolved))
+    reduce = (lambda t: dist_.all_reduce_sum(t, dd)) if dd.enabled else None
+    train_model = dist_.wrap(model, dd, device)
     epochs_total = cfg.train.epochs
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     step = Step(optimizer=optimizer, loss_fn=loss_fn, device=device, precision=precision,
                 channels_last=channels_last, accumulate=cfg.train.accumulate, clip_grad=cfg.train.clip_grad,
                 scaler=scaler, after_train_mode=lambda m: F.apply_bn_policy(m, cfg.freeze.bn),
-                schedule=lambda t: set_lr(optimizer, cfg.scheduler, t, epochs_total))
+                schedule=lambda t: set_lr(optimizer, cfg.scheduler, t, epochs_total), reduce=reduce)
 
+    shard = {"num_replicas": dd.world_size, "rank": dd.rank}  # batch_size is per process
     val_loader = (D.make_loader(bundle.val, cfg.train.batch_size, shuffle=False, seed=cfg.train.seed,
-                                device=device.type, workers=cfg.data.workers) if bundle.val is not None else None)
+                                device=device.type, workers=cfg.data.workers, **shard)
+                  if bundle.val is not None else None)
     train_loader = D.make_loader(bundle.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                                 device=device.type, workers=cfg.data.workers)
-    writer = _writer(run_dir, cfg)
+                                 device=device.type, workers=cfg.data.workers, **shard)
+    writer = _writer(run_dir, cfg) if dd.is_main else None
     history: list[dict[str, Any]] = list(state["metrics"]) if state is not None else []
     best = dict(state["best"]) if state is not None else {"epoch": 0, "val_acc": -1.0}
     since_best = 0
@@ -171,7 +179,8 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                     "train_images": len(bundle.train), "val_images": len(bundle.val) if bundle.val else 0,
                     "skipped": len(bundle.skipped), "trainable": n_trainable,
                     "total": sum(p.numel() for p in model.parameters()), "start_epoch": start_epoch,
-                    "epochs": epochs_total, "source": bundle.source})
+                    "epochs": epochs_total, "source": bundle.source, "world_size": dd.world_size,
+                    "global_batch": cfg.train.batch_size * dd.world_size})
     extra_ckpt = {"class_names": classes, "model_name": bb.name, "num_classes": len(classes),
                   "transform": bundle.transform, "precision": precision, "channels_last": channels_last,
                   "data": {"path": cfg.data.path, "labels": cfg.data.labels, "val_split": cfg.data.val_split,
@@ -182,6 +191,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
             for stp in cfg.freeze.schedule:
                 if stp.epoch == epoch:  # steps before a resumed run's start were re-applied above
                     names = O.unfreeze_step(bb, optimizer, stp, cfg.optimizer)
+                    train_model = dist_.wrap(model, dd, device)  # DDP must see the newly trainable parameters
                     reporter.note(f"epoch {epoch + 1}: unfroze {', '.join(stp.layers)} ({len(names)} tensors, "
                                   f"lr x {stp.lr_mult})")
             if writer is not None and not first_batch_logged:
@@ -192,9 +202,9 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
             torch.manual_seed(epoch_seed(cfg.train.seed, epoch))
             D.set_epoch(train_loader, epoch)
             reporter.epoch_start(epoch, epochs_total, len(train_loader))
-            tr = train_one_epoch(model, train_loader, step, epoch, reporter)
+            tr = train_one_epoch(train_model, train_loader, step, epoch, reporter)
             ev = (evaluate(model, val_loader, len(classes), device=device, precision=precision,
-                           channels_last=channels_last, label_smoothing=0.0, reporter=reporter)
+                           channels_last=channels_last, label_smoothing=0.0, reporter=reporter, reduce=reduce)
                   if val_loader is not None else None)
             row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
                    "val_loss": ev["loss"] if ev else None, "val_acc": ev["accuracy"] if ev else None,
@@ -210,15 +220,16 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
             else:
                 since_best += 1
             row["best"] = improved
-            ckpt = {"model": model.state_dict(), **extra_ckpt, "epoch": epoch + 1, "plan": plan.to_dict(),
-                    "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
-                    "recipe": resolved.to_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None, "metrics": history, "best": best,
-                    "val": ev, "finetune_version": __version__}
-            ck.save_checkpoint(ckpt, run_dir / "last.pt")
-            if improved:
-                ck.save_checkpoint(ckpt, run_dir / "best.pt")
-            _write_metrics(run_dir, best, history)
+            if dd.is_main:
+                ckpt = {"model": model.state_dict(), **extra_ckpt, "epoch": epoch + 1, "plan": plan.to_dict(),
+                        "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+                        "recipe": resolved.to_dict(), "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict() if scaler else None, "metrics": history, "best": best,
+                        "val": ev, "finetune_version": __version__, "world_size": dd.world_size}
+                ck.save_checkpoint(ckpt, run_dir / "last.pt")
+                if improved:
+                    ck.save_checkpoint(ckpt, run_dir / "best.pt")
+                _write_metrics(run_dir, best, history)
             if writer is not None:
                 _log_scalars(writer, row, epoch + 1)
             reporter.epoch_end(row)
@@ -231,12 +242,29 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     finally:
         if writer is not None:
             writer.flush()
+        dist_.barrier(dd)  # no rank leaves (or reads a checkpoint) before rank 0 has written it
     if writer is not None:
         _log_hparams(writer, resolved, best, history)
         writer.close()
     result = RunResult(run_dir, best["epoch"], best["val_acc"] if best["val_acc"] >= 0 else None, history, classes)
     reporter.end({"run_dir": str(run_dir), "best": best, "epochs": history})
     return result
+
+
+def _prepare_shared_run_dir(dd: dist_.Dist, out_dir: Path, overwrite: bool) -> Path:
+    """Rank 0 picks and prepares the run directory; every rank gets the same path, or the same error."""
+    if not dd.enabled:
+        return ck.prepare_run_dir(out_dir, overwrite=overwrite)
+    result: tuple[str, str | None] = (str(out_dir), None)
+    if dd.is_main:
+        try:
+            ck.prepare_run_dir(out_dir, overwrite=overwrite)
+        except FinetuneError as e:
+            result = (str(out_dir), str(e))
+    path, error = dist_.broadcast_object(result, dd)
+    if error:
+        raise CheckpointError(error)
+    return Path(path)
 
 
 def _resolved_recipe(cfg: Recipe, bb, device, precision: str, channels_last: bool) -> Recipe:

@@ -72,9 +72,22 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its "
                                           "last.pt (--epochs may extend it).", rich_help_panel=_T),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.", rich_help_panel=_T),
+    nproc: int = typer.Option(1, "--nproc", help="Launch N processes with torchrun (DDP: N GPUs, or N CPU "
+                              "processes with gloo). --batch-size is per process.", rich_help_panel=_T),
 ) -> None:
+    import os
+    import sys
+
     from finetune import config
     from finetune.errors import ConfigError
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from finetune.distributed import launch, strip_nproc
+
+        argv = sys.argv[sys.argv.index("train"):] if "train" in sys.argv else ["train"]
+        raise typer.Exit(launch(nproc, strip_nproc(argv)))
 
     overrides = {
         "model.name": model, "model.weights": weights,
@@ -102,7 +115,17 @@ def train(
                 "_", "-") for k in extra])
             raise ConfigError(f"--resume continues a run exactly as it was configured; drop {flags} (only --epochs "
                               "may change)")
-        run_train(None, resume=resume, epochs=epochs, reporter=reporter)
+        _run(lambda: run_train(None, resume=resume, epochs=epochs, reporter=reporter))
         return
     r = config.apply_overrides(config.load_recipe(recipe or "default"), given)
-    run_train(r, out=out, overwrite=overwrite, reporter=reporter)
+    _run(lambda: run_train(r, out=out, overwrite=overwrite, reporter=reporter))
+
+
+def _run(fn) -> None:
+    """Run training; under torchrun, leave the process group cleanly whatever happens."""
+    from finetune import distributed
+
+    try:
+        fn()
+    finally:
+        distributed.shutdown(distributed.from_env())

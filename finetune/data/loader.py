@@ -40,18 +40,34 @@ def default_workers(n_items: int, batch_size: int) -> int:
 
 
 class EpochSampler(Sampler):
-    """Indices (or ``(index, seed)`` keys for datasets that take them) in an order fixed by ``(seed, epoch)``."""
+    """Indices (or ``(index, seed)`` keys for datasets that take them) in an order fixed by ``(seed, epoch)``.
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, keyed: bool = False):
+    Distributed (``num_replicas`` > 1): every rank draws the same global order and takes ``order[rank::replicas]``,
+    so rank r's k-th batch of size B and the other ranks' k-th batches together are exactly the k-th batch of size
+    ``replicas x B`` of a single process. ``pad=True`` (training) repeats the first indices so that every rank gets
+    the same number of samples, as DistributedSampler does (DDP needs equal step counts); ``pad=False``
+    (evaluation) covers every sample exactly once across ranks.
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, keyed: bool = False, num_replicas: int = 1,
+                 rank: int = 0, pad: bool = True):
         self.n, self.shuffle, self.seed, self.keyed = n, shuffle, int(seed), keyed
+        self.num_replicas, self.rank, self.pad = int(num_replicas), int(rank), pad
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration epoch ``epoch`` (for resuming)."""
         self.epoch = int(epoch)
 
+    def _total(self) -> int:
+        r = self.num_replicas
+        return -(-self.n // r) * r if self.pad else self.n
+
     def __len__(self) -> int:
-        return self.n
+        r = self.num_replicas
+        if r == 1:
+            return self.n
+        return self._total() // r if self.pad else len(range(self.rank, self.n, r))
 
     def generator(self, epoch: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -61,6 +77,8 @@ class EpochSampler(Sampler):
         self.epoch += 1  # the next iteration is the next epoch unless set_epoch says otherwise
         g = self.generator(epoch)
         order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+        if self.num_replicas > 1:
+            order = (order + order[: self._total() - self.n])[self.rank::self.num_replicas]
         if not self.keyed:
             yield from order
             return
@@ -74,11 +92,17 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, seed: int, device: str = "cpu",
-                workers: int | None = None, drop_last: bool = False) -> DataLoader:
-    """A DataLoader over ``ds`` with an :class:`EpochSampler` (``loader.sampler.set_epoch(e)`` to resume)."""
+                workers: int | None = None, drop_last: bool = False, num_replicas: int = 1,
+                rank: int = 0) -> DataLoader:
+    """A DataLoader over ``ds`` with an :class:`EpochSampler` (``loader.sampler.set_epoch(e)`` to resume).
+
+    With ``num_replicas`` > 1 the loader yields this ``rank``'s shard: padded to equal length when shuffling
+    (training), every sample exactly once across ranks otherwise (evaluation).
+    """
     n = len(ds)  # type: ignore[arg-type]
     workers = default_workers(n, batch_size) if workers is None else int(workers)
-    sampler = EpochSampler(n, shuffle=shuffle, seed=seed, keyed=isinstance(ds, _Seeded) and shuffle)
+    sampler = EpochSampler(n, shuffle=shuffle, seed=seed, keyed=isinstance(ds, _Seeded) and shuffle,
+                           num_replicas=num_replicas, rank=rank, pad=shuffle)
     return DataLoader(
         ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
         persistent_workers=workers > 0, pin_memory=str(device).startswith("cuda"),
