@@ -94,6 +94,7 @@ class TrainCfg:
     early_stop: int | None = None  # stop after this many epochs without a better val accuracy
     cache_features: str = "auto"  # auto | on | off
     tensorboard: bool = True
+    save_every_steps: int | None = None  # also save last.pt every N optimizer steps inside an epoch (resumable)
     graph: bool = True  # add the model graph to TensorBoard
 
 
@@ -122,7 +123,8 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.cache_features": ("auto", "on", "off"),
 }
-POSITIVE = {"optimizer.lr", "train.epochs", "train.batch_size", "train.accumulate", "data.cache_gb"}
+POSITIVE = {"optimizer.lr", "train.epochs", "train.batch_size", "train.accumulate", "data.cache_gb",
+            "train.save_every_steps"}
 NON_NEGATIVE = {"optimizer.momentum", "optimizer.weight_decay", "scheduler.warmup_epochs", "scheduler.min_lr",
                 "train.label_smoothing", "train.clip_grad", "train.early_stop", "freeze.first",
                 "data.workers", "scheduler.step_size", "scheduler.gamma"}

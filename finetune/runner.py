@@ -133,11 +133,12 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
         model = model.to(memory_format=torch.channels_last)
     optimizer = O.build_optimizer(bb, cfg.optimizer)
     start_epoch = 0
+    partial = state.get("partial") if state is not None else None  # an epoch saved mid-way (save_every_steps)
     if state is not None:
         model.load_state_dict(state["model"])
         start_epoch = int(state["epoch"])
         for stp in sorted(cfg.freeze.schedule, key=lambda s: s.epoch):
-            if stp.epoch < start_epoch:
+            if stp.epoch < start_epoch or (partial and stp.epoch == start_epoch):
                 O.unfreeze_step(bb, optimizer, stp, cfg.optimizer)
         optimizer.load_state_dict(state["optimizer"])
     else:
@@ -164,7 +165,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     writer = _writer(run_dir, cfg)
     history: list[dict[str, Any]] = list(state["metrics"]) if state is not None else []
     best = dict(state["best"]) if state is not None else {"epoch": 0, "val_acc": -1.0}
-    since_best = 0
+    since_best = history[-1]["epoch"] - best["epoch"] if history else 0  # early stop counts across a resume
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     reporter.start({"run_dir": str(run_dir), "model": bb.name, "weights": bb.weights, "device": str(device),
                     "precision": precision, "channels_last": channels_last, "classes": classes,
@@ -179,8 +180,9 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     first_batch_logged = start_epoch > 0
     try:
         for epoch in range(start_epoch, epochs_total):
+            resuming = partial if epoch == start_epoch else None
             for stp in cfg.freeze.schedule:
-                if stp.epoch == epoch:  # steps before a resumed run's start were re-applied above
+                if stp.epoch == epoch and not resuming:  # steps before a resumed run's start were re-applied above
                     names = O.unfreeze_step(bb, optimizer, stp, cfg.optimizer)
                     reporter.note(f"epoch {epoch + 1}: unfroze {', '.join(stp.layers)} ({len(names)} tensors, "
                                   f"lr x {stp.lr_mult})")
@@ -190,9 +192,17 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                 first_batch_logged = True
             # order, augmentation and dropout are functions of (seed, epoch): a resumed run repeats them exactly
             torch.manual_seed(epoch_seed(cfg.train.seed, epoch))
-            D.set_epoch(train_loader, epoch)
+            if resuming:  # mid-epoch: skip the batches already trained, continue the RNG where it was
+                torch.set_rng_state(resuming["rng"])
+            D.set_epoch(train_loader, epoch, int(resuming["batches"]) if resuming else 0)
             reporter.epoch_start(epoch, epochs_total, len(train_loader))
-            tr = train_one_epoch(model, train_loader, step, epoch, reporter)
+            tr = train_one_epoch(model, train_loader, step, epoch, reporter, resume=resuming,
+                                 on_step=_mid_epoch_saver(cfg, run_dir, epoch, lambda: {
+                                     "model": model.state_dict(), **extra_ckpt, "epoch": epoch, "plan": plan.to_dict(),
+                                     "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+                                     "recipe": resolved.to_dict(), "optimizer": optimizer.state_dict(),
+                                     "scaler": scaler.state_dict() if scaler else None, "metrics": history,
+                                     "best": best, "val": None, "finetune_version": __version__}))
             ev = (evaluate(model, val_loader, len(classes), device=device, precision=precision,
                            channels_last=channels_last, label_smoothing=0.0, reporter=reporter)
                   if val_loader is not None else None)
@@ -237,6 +247,23 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     result = RunResult(run_dir, best["epoch"], best["val_acc"] if best["val_acc"] >= 0 else None, history, classes)
     reporter.end({"run_dir": str(run_dir), "best": best, "epochs": history})
     return result
+
+
+def _mid_epoch_saver(cfg: Recipe, run_dir: Path, epoch: int, make_ckpt):
+    """``on_step`` for :func:`train_one_epoch`: every ``train.save_every_steps`` optimizer steps, write last.pt
+    with ``"epoch"`` = completed epochs and ``"partial"`` = where this epoch is (batches done, running sums, the
+    torch RNG state), so a resume continues exactly there. None when mid-epoch saving is off."""
+    every = cfg.train.save_every_steps
+    if not every:
+        return None
+    acc = cfg.train.accumulate
+
+    def on_step(progress: dict[str, Any]) -> None:
+        if (progress["batches"] // acc) % every == 0:
+            ck.save_checkpoint({**make_ckpt(), "partial": {**progress, "rng": torch.get_rng_state()}},
+                               run_dir / "last.pt")
+
+    return on_step
 
 
 def _resolved_recipe(cfg: Recipe, bb, device, precision: str, channels_last: bool) -> Recipe:

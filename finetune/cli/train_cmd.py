@@ -65,6 +65,9 @@ def train(
     early_stop: Optional[int] = typer.Option(None, "--early-stop", help="Stop after N epochs without a better val "
                                              "accuracy.", rich_help_panel=_T),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", rich_help_panel=_T),
+    save_every_steps: Optional[int] = typer.Option(None, "--save-every-steps", help="Also save last.pt every N "
+                                                   "optimizer steps inside an epoch; --resume continues from there.",
+                                                   rich_help_panel=_T),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<time>-<model>).",
                                        rich_help_panel=_T),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory.",
@@ -87,6 +90,7 @@ def train(
         "train.label_smoothing": label_smoothing, "train.epochs": epochs, "train.batch_size": batch_size,
         "train.accumulate": accumulate, "train.clip_grad": clip_grad, "train.seed": seed, "train.device": device,
         "train.precision": precision, "train.early_stop": early_stop, "train.tensorboard": tensorboard,
+        "train.save_every_steps": save_every_steps,
     }
     given = {k: v for k, v in overrides.items() if v is not None}
     if model is not None and weights is None and recipe is None:
