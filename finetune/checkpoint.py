@@ -98,6 +98,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def remove_temp_files(run_dir: Path) -> list[str]:
+    """Delete the temp files a killed atomic write left in ``run_dir`` (``.NAME.XXXX.tmp``); returns their names.
+
+    Only names of the run's own files are touched, so nothing of the user's is ever removed.
+    """
+    removed = []
+    for name in RUN_FILES:
+        for p in Path(run_dir).glob(f".{name}.*.tmp"):
+            with _suppress():
+                p.unlink()
+                removed.append(p.name)
+    return removed
+
+
 def default_run_dir(model_name: str, root: str | Path = "runs") -> Path:
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-")
     return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"

@@ -103,6 +103,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
             raise CheckpointError(f"cannot resume: '{last}' not found; --resume takes a run directory that holds "
                                   "last.pt")
         state = ck.load_checkpoint(last)
+        ck.remove_temp_files(run_dir)  # left by a write that a kill interrupted; last.pt itself is whole
         recipe = from_dict(state["recipe"])
         if epochs is not None:
             recipe.train.epochs = epochs
