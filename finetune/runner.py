@@ -104,9 +104,14 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                                   "last.pt")
         state = ck.load_checkpoint(last)
         ck.remove_temp_files(run_dir)  # left by a write that a kill interrupted; last.pt itself is whole
-        recipe = from_dict(state["recipe"])
-        if epochs is not None:
-            recipe.train.epochs = epochs
+        data = state["recipe"]
+        if epochs is not None:  # validated with the rest: --epochs 0 is an error, not an empty run
+            data = {**data, "train": {**data["train"], "epochs": epochs}}
+        recipe = from_dict(data)
+        if int(state["epoch"]) >= recipe.train.epochs and not state.get("partial"):
+            raise CheckpointError(f"nothing to resume: '{run_dir}' already finished {state['epoch']} of "
+                                  f"{recipe.train.epochs} epochs; pass --epochs N with N > {state['epoch']} to "
+                                  "train longer")
     if recipe is None:
         raise ConfigError("no recipe given; pass a Recipe (finetune.load_recipe('default')) or resume=RUN_DIR")
     cfg = recipe

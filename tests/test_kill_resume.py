@@ -59,8 +59,10 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path, cli):
         if proc.returncode == 0:
             pytest.fail(f"the run finished after only {kills} kills; make it longer")
         cmd = finetune_cmd("train", "--resume", run, "--quiet")
-    done = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    ck = load_checkpoint(last)
+    if ck["epoch"] < 6 or "partial" in ck:  # (the last kill may land after the final save: nothing left to do)
+        done = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
     assert seen_partial >= 1  # at least one kill landed mid-epoch, so the skip-ahead path was exercised
 
     a = load_checkpoint(tmp_path / "ref" / "last.pt")

@@ -75,6 +75,7 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its "
                                           "last.pt (--epochs may extend it).", rich_help_panel=_T),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.", rich_help_panel=_T),
+    trust_checkpoint: bool = O.panel(O.TRUST, _M),
 ) -> None:
     from finetune import config
     from finetune.errors import ConfigError
@@ -108,5 +109,8 @@ def train(
                               "may change)")
         run_train(None, resume=resume, epochs=epochs, reporter=reporter)
         return
+    from finetune.weights import trusted
+
     r = config.apply_overrides(config.load_recipe(recipe or "default"), given)
-    run_train(r, out=out, overwrite=overwrite, reporter=reporter)
+    with trusted(trust_checkpoint):
+        run_train(r, out=out, overwrite=overwrite, reporter=reporter)
