@@ -96,8 +96,8 @@ class TrainCfg:
     early_stop: int | None = None  # stop after this many epochs without a better val accuracy
     cache_features: str = "auto"  # auto | on | off
     tensorboard: bool = True
-    save_every_steps: int | None = None  # also save last.pt every N optimizer steps inside an epoch (resumable)
     graph: bool = True  # add the model graph to TensorBoard
+    save_every_steps: int | None = None  # also save last.pt every N optimizer steps inside an epoch (resumable)
 
 
 @dataclass
