@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -95,10 +94,10 @@ case("weights-other-arch", "train --model smallcnn --weights {B}/resnet.pth --da
      "weights file '{B}/resnet.pth' does not fit smallcnn: seq.0.weight: missing from file")
 case("typo-freeze-layer", "train --freeze-layers seq.0,sq.2 --data {B}/data --out {B}/o8",
      "freeze layer 'sq.2' matches no module of smallcnn")
-case("freeze-first-out-of-range", "train --freeze-first 99 --data {B}/data --out {B}/o9", "freeze first N must be between 0 and 10 (the number of "
-     "parameter tensors in smallcnn), got 99")
-case("freeze-everything", "train --freeze-names seq --data {B}/data --out {B}/o10", "the freeze plan leaves nothing to train: all 10 "
-     "parameter tensors of smallcnn are frozen")
+case("freeze-first-out-of-range", "train --freeze-first 99 --data {B}/data --out {B}/o9",
+     "freeze first N must be between 0 and 10 (the number of parameter tensors in smallcnn), got 99")
+case("freeze-everything", "train --freeze-names seq --data {B}/data --out {B}/o10",
+     "the freeze plan leaves nothing to train: all 10 parameter tensors of smallcnn are frozen")
 case("unknown-optimizer", "train --optimizer adamx --out {B}/o11",
      "optimizer.name must be one of sgd, adam, adamw, rmsprop, got 'adamx'")
 case("negative-lr", "train --lr -0.1 --out {B}/o12", "optimizer.lr must be greater than 0, got -0.1")
@@ -211,12 +210,10 @@ def test_write_error_while_saving_keeps_previous_checkpoint(base, tmp_path, cli,
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("args,fragment", [
-    ("train --model resnet1800", "Error: unknown model 'resnet1800'"),
-    ("eval {B}/truncated.pt", "Error: cannot read checkpoint '{B}/truncated.pt': not a PyTorch file or truncated"),
-], ids=["unknown-model", "truncated-checkpoint"])
-def test_real_process_errors_have_no_traceback(base, args, fragment):
-    p = run_cli(*[_fill(a, base, base) for a in args.split()])
+def test_real_process_errors_have_no_traceback(base):
+    """One row in a real process: the exit code and stderr a shell sees (CliRunner could hide a traceback)."""
+    p = run_cli("eval", base / "truncated.pt")
+    fragment = f"Error: cannot read checkpoint '{base / 'truncated.pt'}': not a PyTorch file or truncated"
     assert p.returncode == 1
-    assert p.stderr.splitlines() == [p.stderr.strip()] and p.stderr.startswith(_fill(fragment, base, base))
+    assert p.stderr.splitlines() == [p.stderr.strip()] and p.stderr.startswith(fragment)
     assert "Traceback" not in p.stderr

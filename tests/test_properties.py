@@ -3,7 +3,9 @@ library's user error (FinetuneError), never another exception."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import string
 
 import pytest
@@ -16,11 +18,13 @@ from finetune.cli.options import freeze_overrides
 from finetune.config import Recipe
 from finetune.errors import ConfigError, FinetuneError
 
-SETTINGS = settings(max_examples=int(__import__("os").environ.get("HYP_N", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# HYP_N=2000 pytest tests/test_properties.py searches harder; the suite's default keeps it to a few seconds
+SETTINGS = settings(max_examples=int(os.environ.get("HYP_N", "60")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 SECTIONS = ["name", "description", "model", "data", "freeze", "optimizer", "scheduler", "train"]
 KEYS = sorted({f.name for sec in (config.ModelCfg, config.DataCfg, config.FreezeCfg, config.OptimizerCfg,
-                                 config.SchedulerCfg, config.TrainCfg) for f in __import__("dataclasses").fields(sec)})
+                                 config.SchedulerCfg, config.TrainCfg) for f in dataclasses.fields(sec)})
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
@@ -35,7 +39,7 @@ sections = st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=8))
 FIELDS = [(sec, f.name) for sec, cls in (("model", config.ModelCfg), ("data", config.DataCfg),
                                          ("freeze", config.FreezeCfg), ("optimizer", config.OptimizerCfg),
                                          ("scheduler", config.SchedulerCfg), ("train", config.TrainCfg))
-          for f in __import__("dataclasses").fields(cls)]
+          for f in dataclasses.fields(cls)]
 
 
 def _nest(pairs: list) -> dict:
