@@ -203,7 +203,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
             D.set_epoch(train_loader, epoch, int(resuming["batches"]) if resuming else 0)
             reporter.epoch_start(epoch, epochs_total, len(train_loader))
             tr = train_one_epoch(model, train_loader, step, epoch, reporter, resume=resuming,
-                                 on_step=_mid_epoch_saver(cfg, run_dir, epoch, lambda: {
+                                 on_step=_mid_epoch_saver(cfg, run_dir, lambda: {
                                      "model": model.state_dict(), **extra_ckpt, "epoch": epoch, "plan": plan.to_dict(),
                                      "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
                                      "recipe": resolved.to_dict(), "optimizer": optimizer.state_dict(),
@@ -255,7 +255,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     return result
 
 
-def _mid_epoch_saver(cfg: Recipe, run_dir: Path, epoch: int, make_ckpt):
+def _mid_epoch_saver(cfg: Recipe, run_dir: Path, make_ckpt):
     """``on_step`` for :func:`train_one_epoch`: every ``train.save_every_steps`` optimizer steps, write last.pt
     with ``"epoch"`` = completed epochs and ``"partial"`` = where this epoch is (batches done, running sums, the
     torch RNG state), so a resume continues exactly there. None when mid-epoch saving is off."""
