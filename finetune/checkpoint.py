@@ -71,10 +71,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a finetune checkpoint safely (weights_only); errors name the file and what to do."""
-    import pickle
-
-    import torch
+    """Read a finetune checkpoint safely (``weights_only=True``; pickled objects only inside
+    :func:`finetune.weights.trusted`); errors name the file and what to do."""
+    from finetune.weights import torch_load
 
     p = Path(path)
     if p.is_dir():
@@ -82,20 +81,68 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise CheckpointError(f"checkpoint '{path}' not found; pass a .pt file from a run directory "
                               "(runs/<run>/best.pt or last.pt)")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            raise CheckpointError(f"'{p}' holds pickled Python objects (e.g. a whole model), which could run code "
-                                  "when loaded; only finetune checkpoints and state_dicts are read") from None
-        raise CheckpointError(f"cannot read checkpoint '{p}': not a PyTorch file or truncated") from None
-    except (RuntimeError, EOFError, OSError, ValueError):
-        raise CheckpointError(f"cannot read checkpoint '{p}': not a PyTorch file or truncated") from None
+    ckpt = torch_load(p, CheckpointError, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_name" not in ckpt:
         raise CheckpointError(f"'{p}' is not a finetune checkpoint (no 'model'/'model_name'); for plain weights "
                               "use --weights PATH with --model")
     ckpt["_path"] = str(p)
     return ckpt
+
+
+EXPORT_SUFFIX = {"safetensors": ".safetensors", "state-dict": ".pth"}
+
+
+def export_weights(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | None = None, *,
+                   overwrite: bool = False) -> Path:
+    """Write the checkpoint's ``"model"`` state_dict alone as ``.safetensors`` or a ``torch.save``'d dict.
+
+    ``out`` defaults to the checkpoint's name with the format's suffix, next to it. The write is atomic and never
+    replaces an existing file unless ``overwrite``. The result loads with ``--weights PATH`` (and plain
+    ``load_state_dict``); safetensors metadata records the model name and class count.
+    """
+    import torch
+
+    if fmt not in EXPORT_SUFFIX:
+        raise CheckpointError(f"unknown export format '{fmt}'; use safetensors or state-dict")
+    ckpt = load_checkpoint(checkpoint)
+    src = Path(ckpt["_path"])
+    dest = Path(out) if out is not None else src.with_suffix(EXPORT_SUFFIX[fmt])
+    if dest.resolve() == src.resolve():
+        raise CheckpointError(f"refusing to export '{src}' onto itself; choose another --out")
+    if dest.exists() and (not overwrite or dest.is_dir()):
+        raise CheckpointError(f"'{dest}' already exists; pass --overwrite to replace it or choose another --out"
+                              if not dest.is_dir() else f"'{dest}' is a directory; --out takes a file path")
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in ckpt["model"].items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        data = save(sd, metadata={"format": "pt", "model_name": str(ckpt["model_name"]),
+                                  "num_classes": str(ckpt["num_classes"])})
+
+        def write(f) -> None:
+            f.write(data)
+    else:
+        def write(f) -> None:
+            torch.save(sd, f)
+    try:
+        atomic_write_bytes(dest, write)
+    except OSError as e:
+        raise CheckpointError(f"cannot write '{dest}': {e.strerror or e}") from None
+    return dest
+
+
+def remove_temp_files(run_dir: Path) -> list[str]:
+    """Delete the temp files a killed atomic write left in ``run_dir`` (``.NAME.XXXX.tmp``); returns their names.
+
+    Only names of the run's own files are touched, so nothing of the user's is ever removed.
+    """
+    removed = []
+    for name in RUN_FILES:
+        for p in Path(run_dir).glob(f".{name}.*.tmp"):
+            with _suppress():
+                p.unlink()
+                removed.append(p.name)
+    return removed
 
 
 def default_run_dir(model_name: str, root: str | Path = "runs") -> Path:

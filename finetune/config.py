@@ -7,14 +7,16 @@ and, when the value came from a file, the line: ``recipe 'x.yaml', line 12: trai
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from finetune.errors import ConfigError, suggest
+from finetune.errors import ConfigError, shown, suggest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,6 +97,7 @@ class TrainCfg:
     cache_features: str = "auto"  # auto | on | off
     tensorboard: bool = True
     graph: bool = True  # add the model graph to TensorBoard
+    save_every_steps: int | None = None  # also save last.pt every N optimizer steps inside an epoch (resumable)
 
 
 @dataclass
@@ -122,7 +125,8 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.cache_features": ("auto", "on", "off"),
 }
-POSITIVE = {"optimizer.lr", "train.epochs", "train.batch_size", "train.accumulate", "data.cache_gb"}
+POSITIVE = {"optimizer.lr", "train.epochs", "train.batch_size", "train.accumulate", "data.cache_gb",
+            "train.save_every_steps"}
 NON_NEGATIVE = {"optimizer.momentum", "optimizer.weight_decay", "scheduler.warmup_epochs", "scheduler.min_lr",
                 "train.label_smoothing", "train.clip_grad", "train.early_stop", "freeze.first",
                 "data.workers", "scheduler.step_size", "scheduler.gamma"}
@@ -215,6 +219,9 @@ def _convert(value: Any, tp, path: str, where: _Where) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if abs(value) > sys.float_info.max or not math.isfinite(value):  # YAML .nan/.inf, 10**400
+                text = repr(value) if len(repr(value)) <= 32 else f"{repr(value)[:12]}... ({len(repr(value))} digits)"
+                raise ConfigError(f"{where(path)}{path} must be a finite number, got {text}")
             return float(value)
         raise bad
     if tp is str:
@@ -231,7 +238,7 @@ def _build(cls, data: dict, prefix: str, where: _Where):
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            raise ConfigError(f"{where(path)}unknown key '{path}'{suggest(str(key), fields)}; "
+            raise ConfigError(f"{where(path)}unknown key '{shown(path)}'{suggest(str(key), fields)}; "
                               f"valid keys{' in ' + prefix if prefix else ''}: {', '.join(fields)}")
         kwargs[key] = _convert(value, hints[key], path, where)
     missing = [f.name for f in dataclasses.fields(cls)
@@ -249,7 +256,7 @@ def validate(recipe: Recipe, where: _Where | None = None) -> Recipe:
     for path, choices in CHOICES.items():
         value = _get(recipe, path)
         if value not in choices:
-            raise ConfigError(f"{where(path)}{path} must be one of {', '.join(choices)}, got '{value}'"
+            raise ConfigError(f"{where(path)}{path} must be one of {', '.join(choices)}, got '{shown(value)}'"
                               f"{suggest(str(value), choices)}")
     for path in POSITIVE:
         value = _get(recipe, path)

@@ -155,18 +155,28 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_l
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
-                    reporter: Reporter | None = None) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss, argmax accuracy, images, seconds, images/s and the last LR."""
+                    reporter: Reporter | None = None, *, resume: dict[str, Any] | None = None,
+                    on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, float]:
+    """One pass over ``loader``; returns mean loss, argmax accuracy, images, seconds, images/s and the last LR.
+
+    ``resume`` continues an epoch saved mid-way: ``{"batches", "loss_sum", "correct", "seen"}`` from an
+    ``on_step`` call; the loader must then yield only the remaining batches (``data.set_epoch(loader, e, skip)``),
+    while ``len(loader)`` stays the full epoch's count. ``on_step(progress)`` is called after each optimizer step
+    except the epoch's last, with those same keys, at a point where saving and resuming is exact.
+    """
     reporter = reporter or Reporter()
     model.train()
     step.after_train_mode(model)
     opt = step.optimizer
     n_batches = len(loader)  # type: ignore[arg-type]
-    loss_sum, correct, seen = 0.0, 0, 0
+    resume = resume or {}
+    skip = int(resume.get("batches", 0))
+    loss_sum, correct, seen = float(resume.get("loss_sum", 0.0)), int(resume.get("correct", 0)), \
+        int(resume.get("seen", 0))
     lr = opt.param_groups[0]["lr"] if opt.param_groups else 0.0
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    for i, (x, y) in enumerate(loader):
+    for i, (x, y) in enumerate(loader, start=skip):
         x, y = to_device(x, y, step.device, step.channels_last)
         with autocast(step.device, step.precision):
             logits = model(x)
@@ -196,6 +206,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
             correct += (logits.argmax(dim=1) == y).sum().item()
             seen += b
         reporter.batch(i, n_batches, loss_sum / seen, correct / seen, seen / (time.perf_counter() - t0))
+        if on_step is not None and not last and (i + 1) % step.accumulate == 0:
+            on_step({"batches": i + 1, "loss_sum": loss_sum, "correct": correct, "seen": seen})
     secs = time.perf_counter() - t0
     if step.reduce is not None:  # metrics over all ranks' shards
         tot = step.reduce(torch.tensor([loss_sum, float(correct), float(seen)], dtype=torch.float64,

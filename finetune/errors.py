@@ -39,6 +39,12 @@ class CheckpointError(FinetuneError):
     """A checkpoint or run directory that cannot be read or written."""
 
 
+def shown(value: object) -> str:
+    """``value`` as text for a one-line message: control characters (a newline in a key) are escaped."""
+    s = str(value)
+    return s if s.isprintable() else s.encode("unicode_escape").decode("ascii")
+
+
 def suggest(word: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.6) -> str:
     """Return ``" (did you mean 'a', 'b'?)"`` for the closest candidates, or ``""`` when none is close."""
     cands = list(dict.fromkeys(candidates))

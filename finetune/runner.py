@@ -104,9 +104,15 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
             raise CheckpointError(f"cannot resume: '{last}' not found; --resume takes a run directory that holds "
                                   "last.pt")
         state = ck.load_checkpoint(last)
-        recipe = from_dict(state["recipe"])
-        if epochs is not None:
-            recipe.train.epochs = epochs
+        ck.remove_temp_files(run_dir)  # left by a write that a kill interrupted; last.pt itself is whole
+        data = state["recipe"]
+        if epochs is not None:  # validated with the rest: --epochs 0 is an error, not an empty run
+            data = {**data, "train": {**data["train"], "epochs": epochs}}
+        recipe = from_dict(data)
+        if int(state["epoch"]) >= recipe.train.epochs and not state.get("partial"):
+            raise CheckpointError(f"nothing to resume: '{run_dir}' already finished {state['epoch']} of "
+                                  f"{recipe.train.epochs} epochs; pass --epochs N with N > {state['epoch']} to "
+                                  "train longer")
     if recipe is None:
         raise ConfigError("no recipe given; pass a Recipe (finetune.load_recipe('default')) or resume=RUN_DIR")
     cfg = recipe
@@ -137,11 +143,12 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
         model = model.to(memory_format=torch.channels_last)
     optimizer = O.build_optimizer(bb, cfg.optimizer)
     start_epoch = 0
+    partial = state.get("partial") if state is not None else None  # an epoch saved mid-way (save_every_steps)
     if state is not None:
         model.load_state_dict(state["model"])
         start_epoch = int(state["epoch"])
         for stp in sorted(cfg.freeze.schedule, key=lambda s: s.epoch):
-            if stp.epoch < start_epoch:
+            if stp.epoch < start_epoch or (partial and stp.epoch == start_epoch):
                 O.unfreeze_step(bb, optimizer, stp, cfg.optimizer)
         optimizer.load_state_dict(state["optimizer"])
     else:
@@ -172,7 +179,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     writer = _writer(run_dir, cfg) if dd.is_main else None
     history: list[dict[str, Any]] = list(state["metrics"]) if state is not None else []
     best = dict(state["best"]) if state is not None else {"epoch": 0, "val_acc": -1.0}
-    since_best = 0
+    since_best = history[-1]["epoch"] - best["epoch"] if history else 0  # early stop counts across a resume
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     reporter.start({"run_dir": str(run_dir), "model": bb.name, "weights": bb.weights, "device": str(device),
                     "precision": precision, "channels_last": channels_last, "classes": classes,
@@ -188,8 +195,9 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     first_batch_logged = start_epoch > 0
     try:
         for epoch in range(start_epoch, epochs_total):
+            resuming = partial if epoch == start_epoch else None
             for stp in cfg.freeze.schedule:
-                if stp.epoch == epoch:  # steps before a resumed run's start were re-applied above
+                if stp.epoch == epoch and not resuming:  # steps before a resumed run's start were re-applied above
                     names = O.unfreeze_step(bb, optimizer, stp, cfg.optimizer)
                     train_model = dist_.wrap(model, dd, device)  # DDP must see the newly trainable parameters
                     reporter.note(f"epoch {epoch + 1}: unfroze {', '.join(stp.layers)} ({len(names)} tensors, "
@@ -200,9 +208,18 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                 first_batch_logged = True
             # order, augmentation and dropout are functions of (seed, epoch): a resumed run repeats them exactly
             torch.manual_seed(epoch_seed(cfg.train.seed, epoch))
-            D.set_epoch(train_loader, epoch)
+            if resuming:  # mid-epoch: skip the batches already trained, continue the RNG where it was
+                torch.set_rng_state(resuming["rng"])
+            D.set_epoch(train_loader, epoch, int(resuming["batches"]) if resuming else 0)
             reporter.epoch_start(epoch, epochs_total, len(train_loader))
-            tr = train_one_epoch(train_model, train_loader, step, epoch, reporter)
+            saver = _mid_epoch_saver(cfg, run_dir, lambda: {
+                "model": model.state_dict(), **extra_ckpt, "epoch": epoch, "plan": plan.to_dict(),
+                "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+                "recipe": resolved.to_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None, "metrics": history,
+                "best": best, "val": None, "finetune_version": __version__, "world_size": dd.world_size})
+            tr = train_one_epoch(train_model, train_loader, step, epoch, reporter, resume=resuming,
+                                 on_step=saver if dd.is_main else None)
             ev = (evaluate(model, val_loader, len(classes), device=device, precision=precision,
                            channels_last=channels_last, label_smoothing=0.0, reporter=reporter, reduce=reduce)
                   if val_loader is not None else None)
@@ -265,6 +282,23 @@ def _prepare_shared_run_dir(dd: dist_.Dist, out_dir: Path, overwrite: bool) -> P
     if error:
         raise CheckpointError(error)
     return Path(path)
+
+
+def _mid_epoch_saver(cfg: Recipe, run_dir: Path, make_ckpt):
+    """``on_step`` for :func:`train_one_epoch`: every ``train.save_every_steps`` optimizer steps, write last.pt
+    with ``"epoch"`` = completed epochs and ``"partial"`` = where this epoch is (batches done, running sums, the
+    torch RNG state), so a resume continues exactly there. None when mid-epoch saving is off."""
+    every = cfg.train.save_every_steps
+    if not every:
+        return None
+    acc = cfg.train.accumulate
+
+    def on_step(progress: dict[str, Any]) -> None:
+        if (progress["batches"] // acc) % every == 0:
+            ck.save_checkpoint({**make_ckpt(), "partial": {**progress, "rng": torch.get_rng_state()}},
+                               run_dir / "last.pt")
+
+    return on_step
 
 
 def _resolved_recipe(cfg: Recipe, bb, device, precision: str, channels_last: bool) -> Recipe:

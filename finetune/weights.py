@@ -8,6 +8,7 @@ requested class count. Downloads fail within seconds when offline, naming the fi
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import socket
 from dataclasses import dataclass
@@ -170,10 +171,53 @@ def fetch_timm(create: Callable[[], Any], name: str):
 
 # ----------------------------------------------------------------------------------------------- local files
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state_dict from a .safetensors file, a .pth/.pt state_dict, or a finetune/Lightning/timm checkpoint."""
+_TRUST: contextvars.ContextVar[bool] = contextvars.ContextVar("finetune_trust_pickles", default=False)
+
+TRUST_HINT = ("re-save the weights with torch.save(model.state_dict(), PATH), or pass --trust-checkpoint if you "
+              "trust where the file came from")
+
+
+@contextlib.contextmanager
+def trusted(flag: bool = True):
+    """Within this block, files that hold pickled Python objects (a whole model saved with ``torch.save(model)``)
+    load with ``weights_only=False``: that unpickling can run any code the file contains, so use it only for files
+    from a source you trust (the CLI's ``--trust-checkpoint``). Outside it, such files are refused."""
+    token = _TRUST.set(bool(flag))
+    try:
+        yield
+    finally:
+        _TRUST.reset(token)
+
+
+def torch_load(path: Path, error: type[Exception] = WeightsError, what: str = "weights file") -> Any:
+    """``torch.load`` on the CPU with ``weights_only=True``; pickled objects only inside :func:`trusted`.
+
+    Errors are ``error`` (a FinetuneError) naming the file: not found/unreadable/truncated, or pickled code
+    refused with how to fix it.
+    """
     import pickle
 
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e) and "GLOBAL" not in str(e):
+            raise error(f"cannot read {what} '{path}': not a PyTorch file or truncated") from None
+        if not _TRUST.get():
+            raise error(f"'{path}' holds pickled Python objects (e.g. a whole model saved with torch.save(model)), "
+                        f"which can run code when loaded; {TRUST_HINT}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as e:
+        raise error(f"cannot read {what} '{path}': not a PyTorch file or truncated ({type(e).__name__})") from None
+    try:  # trusted: the caller asked for it explicitly
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - unpickling can fail in any way (a missing class, ...)
+        raise error(f"cannot unpickle {what} '{path}' even with --trust-checkpoint: {type(e).__name__}: "
+                    f"{str(e)[:200]}") from None
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict from a .safetensors file, a .pth/.pt state_dict, or a finetune/Lightning/timm checkpoint
+    (a whole pickled model only inside :func:`trusted`)."""
     import torch
 
     if path.suffix == ".safetensors":
@@ -183,18 +227,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001
             raise WeightsError(f"cannot read safetensors file '{path}': {str(e)[:200]}") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            raise WeightsError(
-                f"'{path}' holds a pickled object (e.g. a whole model saved with torch.save(model)), which could "
-                "run code when loaded; re-save it as a state_dict (torch.save(model.state_dict(), PATH))"
-            ) from None
-        raise WeightsError(f"cannot read weights file '{path}': not a PyTorch file or truncated") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise WeightsError(f"cannot read weights file '{path}': not a PyTorch file or truncated "
-                           f"({type(e).__name__})") from None
+    obj = torch_load(path)
+    if isinstance(obj, torch.nn.Module):  # a whole pickled model, loaded because the user trusts it
+        obj = obj.state_dict()
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(obj.get(key), dict):

@@ -66,7 +66,8 @@ def test_shape_mismatch_outside_head(tmp_path):
 
 def test_whole_pickled_model_is_refused(tmp_path):
     torch.save(build_model("smallcnn").model, tmp_path / "whole.pth")
-    with pytest.raises(WeightsError, match=r"holds a pickled object .* re-save it as a state_dict"):
+    with pytest.raises(WeightsError, match=r"holds pickled Python objects .* re-save the weights with "
+                                           r"torch.save\(model.state_dict\(\), PATH\), or pass --trust-checkpoint"):
         build_model("smallcnn", weights=str(tmp_path / "whole.pth"))
 
 

@@ -14,7 +14,7 @@ try:  # typer >= 0.20 vendors click as typer._click; older typer uses click itse
 except ImportError:  # pragma: no cover
     from click import exceptions as _cx
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, shown
 
 _ABORT = tuple(c for c in (getattr(_cx, "Abort", None), getattr(typer, "Abort", None))
                if isinstance(c, type) and issubclass(c, BaseException))
@@ -39,7 +39,7 @@ class FinetuneGroup(TyperGroup):
             typer.echo(f"Error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
         except FinetuneError as e:
-            typer.echo(f"Error: {e}", err=True)
+            typer.echo(f"Error: {shown(e)}", err=True)  # one line, whatever the message quotes
             sys.exit(e.exit_code)
         except _ABORT + (KeyboardInterrupt,):
             typer.echo("Aborted.", err=True)
@@ -85,7 +85,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-from finetune.cli import eval_cmd, inspect_cmd, models_cmd, predict_cmd, recipes_cmd, train_cmd  # noqa: E402
+from finetune.cli import (eval_cmd, export_cmd, inspect_cmd, models_cmd, predict_cmd, recipes_cmd,  # noqa: E402
+                          train_cmd)
 
 app.command("train", help=train_cmd.HELP)(train_cmd.train)
 app.command("eval", help=eval_cmd.HELP)(eval_cmd.eval_)
@@ -93,6 +94,7 @@ app.command("predict", help=predict_cmd.HELP)(predict_cmd.predict)
 app.command("inspect", help=inspect_cmd.HELP)(inspect_cmd.inspect)
 app.command("models", help=models_cmd.HELP)(models_cmd.models)
 app.command("recipes", help=recipes_cmd.HELP)(recipes_cmd.recipes)
+app.command("export", help=export_cmd.HELP)(export_cmd.export)
 
 
 def main() -> None:

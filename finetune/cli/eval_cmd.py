@@ -5,6 +5,8 @@ from typing import Optional
 
 import typer
 
+from finetune.cli import options as O
+
 HELP = ("Evaluate a checkpoint: accuracy (argmax under eval() + inference_mode), top-5, loss, per-class accuracy "
         "and the confusion matrix. Rebuilds the model from the checkpoint alone.")
 
@@ -16,6 +18,7 @@ def eval_(
     batch_size: int = typer.Option(64, "--batch-size", "-b"),
     device: str = typer.Option("auto", "--device"),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
+    trust_checkpoint: bool = O.TRUST,
 ) -> None:
     from finetune.errors import ConfigError
 
@@ -24,8 +27,10 @@ def eval_(
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     from finetune.api import evaluate_checkpoint
+    from finetune.weights import trusted
 
-    res = evaluate_checkpoint(checkpoint, data, split, device=device, batch_size=batch_size)
+    with trusted(trust_checkpoint):
+        res = evaluate_checkpoint(checkpoint, data, split, device=device, batch_size=batch_size)
     if as_json:
         typer.echo(json.dumps({k: res[k] for k in ("accuracy", "top5", "loss", "n", "per_class", "confusion")}))
         return

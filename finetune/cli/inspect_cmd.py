@@ -31,6 +31,7 @@ def inspect(
     freeze_backbone: Optional[bool] = O.FREEZE_BACKBONE,
     unfreeze: Optional[list[str]] = O.UNFREEZE,
     bn: Optional[str] = O.BN,
+    trust_checkpoint: bool = O.TRUST,
 ) -> None:
     from finetune.params import inspect_json, module_rows
 
@@ -43,7 +44,10 @@ def inspect(
         from finetune.errors import ConfigError
 
         raise ConfigError("give a MODEL (e.g. 'finetune inspect resnet18') or --recipe NAME")
-    bb = _build(model, num_classes, weights)
+    from finetune.weights import trusted
+
+    with trusted(trust_checkpoint):
+        bb = _build(model, num_classes, weights)
     plan = None
     if rec is not None:
         from finetune.freeze import apply_freeze

@@ -23,6 +23,9 @@ UNFREEZE = typer.Option(None, "--unfreeze",
                         help="Repeatable. L1,L2 makes them trainable again now; L1,L2@EPOCH[:LR_MULT] unfreezes at "
                              "that 0-based epoch with LR x LR_MULT (e.g. layer4@2:0.1, all@4:0.01).")
 BN = typer.Option(None, "--bn", help="BatchNorm of frozen layers: frozen (running stats fixed; default) or train.")
+TRUST = typer.Option(False, "--trust-checkpoint",
+                     help="Also load files that hold pickled Python objects (a whole model saved with "
+                          "torch.save(model)). Unpickling runs any code in the file: use only for files you trust.")
 RECIPE = typer.Option(None, "--recipe", "-r", help="Recipe name (see 'finetune recipes') or path to a YAML file.")
 
 

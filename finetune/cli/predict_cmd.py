@@ -5,6 +5,8 @@ from typing import List
 
 import typer
 
+from finetune.cli import options as O
+
 HELP = "Predict labels for images or folders of images with a checkpoint's eval transform: top-k labels and probabilities."
 
 
@@ -14,14 +16,17 @@ def predict(
     top_k: int = typer.Option(3, "--top-k", "-k", help="How many labels per image."),
     device: str = typer.Option("auto", "--device"),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
+    trust_checkpoint: bool = O.TRUST,
 ) -> None:
     from finetune.errors import ConfigError
 
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     from finetune.api import predict as run_predict
+    from finetune.weights import trusted
 
-    rows = run_predict(checkpoint, list(paths), top_k=top_k, device=device)
+    with trusted(trust_checkpoint):
+        rows = run_predict(checkpoint, list(paths), top_k=top_k, device=device)
     if as_json:
         typer.echo(json.dumps(rows))
         return

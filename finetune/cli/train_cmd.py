@@ -65,6 +65,9 @@ def train(
     early_stop: Optional[int] = typer.Option(None, "--early-stop", help="Stop after N epochs without a better val "
                                              "accuracy.", rich_help_panel=_T),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", rich_help_panel=_T),
+    save_every_steps: Optional[int] = typer.Option(None, "--save-every-steps", help="Also save last.pt every N "
+                                                   "optimizer steps inside an epoch; --resume continues from there.",
+                                                   rich_help_panel=_T),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<time>-<model>).",
                                        rich_help_panel=_T),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory.",
@@ -74,6 +77,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.", rich_help_panel=_T),
     nproc: int = typer.Option(1, "--nproc", help="Launch N processes with torchrun (DDP: N GPUs, or N CPU "
                               "processes with gloo). --batch-size is per process.", rich_help_panel=_T),
+    trust_checkpoint: bool = O.panel(O.TRUST, _M),
 ) -> None:
     import os
     import sys
@@ -100,6 +104,7 @@ def train(
         "train.label_smoothing": label_smoothing, "train.epochs": epochs, "train.batch_size": batch_size,
         "train.accumulate": accumulate, "train.clip_grad": clip_grad, "train.seed": seed, "train.device": device,
         "train.precision": precision, "train.early_stop": early_stop, "train.tensorboard": tensorboard,
+        "train.save_every_steps": save_every_steps,
     }
     given = {k: v for k, v in overrides.items() if v is not None}
     if model is not None and weights is None and recipe is None:
@@ -117,8 +122,11 @@ def train(
                               "may change)")
         _run(lambda: run_train(None, resume=resume, epochs=epochs, reporter=reporter))
         return
+    from finetune.weights import trusted
+
     r = config.apply_overrides(config.load_recipe(recipe or "default"), given)
-    _run(lambda: run_train(r, out=out, overwrite=overwrite, reporter=reporter))
+    with trusted(trust_checkpoint):
+        _run(lambda: run_train(r, out=out, overwrite=overwrite, reporter=reporter))
 
 
 def _run(fn) -> None:

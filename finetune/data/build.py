@@ -183,6 +183,10 @@ def build_data(cfg: DataCfg, model_data_cfg: dict, *, seed: int = 0, download: b
     paths = [p for p, _ in items]
     cache_on = want_cache(cfg, paths, tf)
     decoded, bad = read_all(paths, (lambda p: decode(p, tf)) if cache_on else image_size)
+    if bad and len(bad) == len(paths) and not cfg.strict:  # one error, not a warning per file and then an error
+        first = min(bad)
+        raise DataError(f"no readable images in '{root}': all {len(bad)} image files failed to load (e.g. "
+                        f"'{first}': {bad[first]}); check that the files are images and not truncated")
     skipped += report_bad(bad, cfg.strict)
     train = [it for it in found.train if it[0] not in bad]
     val = [it for it in found.val if it[0] not in bad] if found.val is not None else None

@@ -54,10 +54,15 @@ class EpochSampler(Sampler):
         self.n, self.shuffle, self.seed, self.keyed = n, shuffle, int(seed), keyed
         self.num_replicas, self.rank, self.pad = int(num_replicas), int(rank), pad
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration epoch ``epoch`` (for resuming)."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Make the next iteration epoch ``epoch`` (for resuming), beginning at position ``start`` of its order.
+
+        ``start`` skips the first items of that epoch's order without changing the order or the per-sample
+        seeds of the rest (a resume mid-epoch); it applies to the next iteration only. ``len()`` stays ``n``.
+        """
+        self.epoch, self.start = int(epoch), int(start)
 
     def _total(self) -> int:
         r = self.num_replicas
@@ -73,17 +78,18 @@ class EpochSampler(Sampler):
         return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
 
     def __iter__(self) -> Iterator:
-        epoch = self.epoch
+        epoch, start = self.epoch, self.start
         self.epoch += 1  # the next iteration is the next epoch unless set_epoch says otherwise
+        self.start = 0
         g = self.generator(epoch)
         order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
         if self.num_replicas > 1:
             order = (order + order[: self._total() - self.n])[self.rank::self.num_replicas]
         if not self.keyed:
-            yield from order
+            yield from order[start:]
             return
-        seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
-        for i in order:
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()  # drawn for all n: skipping keeps them
+        for i in order[start:]:
             yield (i, seeds[i])
 
 
@@ -111,8 +117,13 @@ def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, seed: int, devic
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Make the loader's next pass epoch ``epoch`` (same order and augmentation as in the original run)."""
+def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Make the loader's next pass epoch ``epoch`` (same order and augmentation as in the original run), starting
+    after its first ``skip_batches`` batches (resuming mid-epoch)."""
     sampler = loader.sampler
-    if hasattr(sampler, "set_epoch"):
+    if skip_batches:
+        if not isinstance(sampler, EpochSampler):
+            raise TypeError("skipping batches needs a loader from make_loader (an EpochSampler)")
+        sampler.set_epoch(epoch, start=skip_batches * int(loader.batch_size or 1))
+    elif hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)

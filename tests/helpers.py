@@ -1,0 +1,47 @@
+"""Small shared helpers for tests: tiny image trees and running the CLI in a subprocess of this worktree."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_tree(root: Path, classes: tuple[str, ...] = ("a", "b", "c"), per_class: int = 12, size: int = 32) -> Path:
+    """Write ``per_class`` random-noise PNGs (``size`` px) per class folder under ``root``; returns ``root``.
+
+    Each class has its own mean colour so a model can learn something; the content is fixed by the class index.
+    """
+    import numpy as np
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(c)
+        for i in range(per_class):
+            px = rng.integers(0, 128, (size, size, 3), dtype=np.uint8)
+            px[..., c % 3] += 120
+            Image.fromarray(px).save(d / f"{name}_{i:03d}.png")
+    return root
+
+
+def cli_env() -> dict[str, str]:
+    """The environment for ``python -m finetune`` so that it imports this worktree's package."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def finetune_cmd(*args: object) -> list[str]:
+    return [sys.executable, "-m", "finetune", *[str(a) for a in args]]
+
+
+def run_cli(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the CLI in a subprocess (a real process: real exit code, real stderr, real tracebacks)."""
+    return subprocess.run(finetune_cmd(*args), cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)

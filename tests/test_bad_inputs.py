@@ -1,0 +1,219 @@
+"""The catalogue of bad inputs: each user mistake or failure, through the CLI, costs one clear line and nothing else.
+
+Every row asserts: exit code != 0; stderr is exactly one line, starting ``Error: `` and containing the fragment
+that names the problem (file, key, layer or value); no traceback (in-process: no exception escaped the CLI but
+``SystemExit``); and, for rows that point at an existing run directory, no file in it changed (bytes and mtime).
+
+Rows run in-process with typer's CliRunner (fast, and monkeypatching works: offline downloads, a failing disk).
+``test_real_process_errors_have_no_traceback`` runs a few rows as real subprocesses as well.
+
+"Out dir not writable": the tests run as root, so a chmod'ed folder would still be writable; the row uses a path
+under a regular *file* (``--out afile/run``), which no user can create, and fails the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import run_cli, tiny_tree
+
+SAMPLE = "data/sample"
+FAST = ("--epochs", "1", "--batch-size", "8", "--precision", "fp32", "--device", "cpu", "--no-tensorboard", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """Shared material: a tiny image tree, a finished 1-epoch run, odd files."""
+    from finetune.cli.app import app
+    from typer.testing import CliRunner
+
+    root = tmp_path_factory.mktemp("bad")
+    data = tiny_tree(root / "data", per_class=8)
+    r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(root / "run"), "--model", "smallcnn",
+                                 "--weights", "none", *FAST])
+    assert r.exit_code == 0, r.stderr
+    (root / "empty").mkdir()
+    tiny_tree(root / "one", classes=("only",), per_class=4)
+    for c in ("x", "y"):
+        (root / "corrupt" / c).mkdir(parents=True)
+        for i in range(3):
+            (root / "corrupt" / c / f"{c}{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (root / "notes.txt").write_text("not an image\n")
+    (root / "afile").write_text("a regular file\n")
+    torch.save(_other_arch_state_dict(), root / "resnet.pth")
+    torch.save(_whole_smallcnn(), root / "whole.pth")
+    (root / "bad.yaml").write_text("train:\n  epochs: [1, 2\n")
+    (root / "unknown_key.yaml").write_text("train:\n  epochs: 1\n  epocs: 2\n")
+    (root / "wrong_type.yaml").write_text("optimizer:\n  lr: fast\n")
+    blob = (root / "run" / "last.pt").read_bytes()
+    (root / "truncated.pt").write_bytes(blob[: len(blob) // 3])
+    (root / "trunc_run").mkdir()
+    (root / "trunc_run" / "last.pt").write_bytes(blob[: len(blob) // 3])
+    return root
+
+
+def _other_arch_state_dict() -> dict:
+    from finetune.models import build_model
+
+    return build_model("timm:test_resnet", num_classes=3).model.state_dict()
+
+
+def _whole_smallcnn():
+    from finetune.models import build_model
+
+    return build_model("smallcnn", num_classes=3).model
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# (id, args with {B} = the shared folder and {R} = a copy of the finished run, expected fragment, run dir to check)
+CASES: list[tuple[str, list[str], str, bool]] = []
+
+
+def case(id_: str, args: str, fragment: str, run_dir: bool = False) -> None:
+    CASES.append((id_, args.split(), fragment, run_dir))
+
+
+case("missing-data", "train --data {B}/nope --out {B}/o1", "data path '{B}/nope' does not exist")
+case("empty-data-dir", "train --data {B}/empty --out {B}/o2", "no images found in '{B}/empty'")
+case("one-class", "train --data {B}/one --out {B}/o3", "found 1 class in '{B}/one' ('only'); a classifier needs")
+case("only-corrupt-images", "train --data {B}/corrupt --out {B}/o4", "no readable images in '{B}/corrupt': all 6 "
+     "image files failed to load (e.g. '{B}/corrupt/x/x0.png': not an image (unknown format))")
+case("unknown-model", "train --model resnet1800 --out {B}/o5", "unknown model 'resnet1800' (did you mean 'resnet18'")
+case("unknown-weights-name", "train --model resnet18 --weights IMAGENET1K_V9 --out {B}/o6",
+     "unknown weights 'IMAGENET1K_V9' for resnet18; valid: DEFAULT, IMAGENET1K_V1")
+case("weights-other-arch", "train --model smallcnn --weights {B}/resnet.pth --data {B}/data --out {B}/o7",
+     "weights file '{B}/resnet.pth' does not fit smallcnn: seq.0.weight: missing from file")
+case("typo-freeze-layer", "train --freeze-layers seq.0,sq.2 --data {B}/data --out {B}/o8",
+     "freeze layer 'sq.2' matches no module of smallcnn")
+case("freeze-first-out-of-range", "train --freeze-first 99 --data {B}/data --out {B}/o9",
+     "freeze first N must be between 0 and 10 (the number of parameter tensors in smallcnn), got 99")
+case("freeze-everything", "train --freeze-names seq --data {B}/data --out {B}/o10",
+     "the freeze plan leaves nothing to train: all 10 parameter tensors of smallcnn are frozen")
+case("unknown-optimizer", "train --optimizer adamx --out {B}/o11",
+     "optimizer.name must be one of sgd, adam, adamw, rmsprop, got 'adamx'")
+case("negative-lr", "train --lr -0.1 --out {B}/o12", "optimizer.lr must be greater than 0, got -0.1")
+case("zero-lr", "train --lr 0 --out {B}/o13", "optimizer.lr must be greater than 0, got 0.0")
+case("batch-size-0", "train --batch-size 0 --out {B}/o14", "train.batch_size must be greater than 0, got 0")
+case("bad-yaml", "train --recipe {B}/bad.yaml --out {B}/o15", "recipe '{B}/bad.yaml', line 3: invalid YAML")
+case("unknown-recipe-key", "train --recipe {B}/unknown_key.yaml --out {B}/o16",
+     "recipe '{B}/unknown_key.yaml', line 3: unknown key 'train.epocs' (did you mean 'epochs'?)")
+case("wrong-type-in-recipe", "train --recipe {B}/wrong_type.yaml --out {B}/o17",
+     "recipe '{B}/wrong_type.yaml', line 2: optimizer.lr must be a number, got 'fast'")
+case("unknown-recipe-name", "train --recipe linear-prob --out {B}/o18", "unknown recipe 'linear-prob' (did you mean")
+case("out-dir-exists", "train --data {B}/data --out {R}", "output directory '{R}' already exists", True)
+case("resume-without-checkpoint", "train --resume {B}/empty", "cannot resume: '{B}/empty/last.pt' not found")
+case("resume-with-other-flags", "train --resume {R} --lr 0.5", "drop --lr (only --epochs may change)", True)
+case("resume-zero-epochs", "train --resume {R} --epochs 0", "train.epochs must be greater than 0, got 0", True)
+case("resume-finished-run", "train --resume {R}", "nothing to resume: '{R}' already finished 1 of 1 epochs; pass "
+     "--epochs N with N > 1", True)
+case("resume-truncated-last", "train --resume {B}/trunc_run", "cannot read checkpoint '{B}/trunc_run/last.pt': not "
+     "a PyTorch file or truncated")
+case("truncated-checkpoint", "eval {B}/truncated.pt", "cannot read checkpoint '{B}/truncated.pt': not a PyTorch "
+     "file or truncated")
+case("checkpoint-not-found", "eval {R}/nope.pt", "checkpoint '{R}/nope.pt' not found", True)
+case("predict-non-image", "predict {R}/last.pt {B}/notes.txt", "cannot read image '{B}/notes.txt': not an image",
+     True)
+case("cuda-without-cuda", "train --device cuda --out {B}/o19", "--device cuda was requested but CUDA is not available")
+case("out-dir-under-a-file", "train --data {B}/data --out {B}/afile/run", "cannot write to output directory "
+     "'{B}/afile/run': Not a directory; choose another --out")
+case("whole-pickled-model", "train --model smallcnn --weights {B}/whole.pth --data {B}/data --out {B}/o20",
+     "'{B}/whole.pth' holds pickled Python objects")
+case("save-every-steps-0", "train --save-every-steps 0 --out {B}/o21",
+     "train.save_every_steps must be greater than 0, got 0")
+case("export-over-existing", "export {R}/last.pt --out {R}/best.pt --format state-dict",
+     "'{R}/best.pt' already exists; pass --overwrite", True)
+case("export-bad-format", "export {R}/last.pt --format onnx", "--format must be safetensors or state-dict, got 'onnx'",
+     True)
+case("eval-plain-state-dict", "eval {B}/resnet.pth", "'{B}/resnet.pth' is not a finetune checkpoint")
+case("unfreeze-bad-syntax", "train --unfreeze seq.8@soon --out {B}/o22", "--unfreeze 'seq.8@soon' must be LAYERS")
+case("fp16-on-cpu", "train --precision fp16 --device cpu --out {B}/o23", "--precision fp16 needs a GPU")
+case("val-split-out-of-range", "train --val-split 1.5 --out {B}/o24", "data.val_split must be in [0, 1), got 1.5")
+case("top-k-0", "predict {R}/last.pt {B}/data/a --top-k 0", "--top-k must be at least 1, got 0", True)
+
+
+def _fill(s: str, b: Path, r: Path) -> str:
+    return s.replace("{B}", str(b)).replace("{R}", str(r))
+
+
+def check_one_error(result, fragment: str) -> None:
+    """The catalogue's contract for one CliRunner result."""
+    assert result.exit_code != 0, result.stdout
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    err = result.stderr
+    assert "Traceback" not in err and "Traceback" not in result.stdout
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+@pytest.mark.parametrize("args,fragment,uses_run", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(base, tmp_path, cli, args, fragment, uses_run):
+    run = tmp_path / "run"
+    shutil.copytree(base / "run", run)
+    before = _snapshot(run)
+    r = cli(*[_fill(a, base, run) for a in args])
+    check_one_error(r, _fill(fragment, base, run))
+    assert _snapshot(run) == before  # nothing in an existing run dir written or overwritten
+    if "--out" in args and not uses_run:  # a failed start leaves no half-made run dir behind
+        assert not Path(_fill(args[args.index("--out") + 1], base, run)).exists()
+
+
+def test_catalogue_is_big_enough():
+    assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_download_needed_offline(base, tmp_path, cli, monkeypatch):
+    """Pretrained weights that are not cached, with the network down: fail at once, saying where the file goes."""
+    import finetune.weights as W
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(W, "_reachable", lambda host, timeout=3.0: False)
+    r = cli("train", "--model", "resnet18", "--weights", "DEFAULT", "--data", base / "data", "--out", tmp_path / "o",
+            *FAST)
+    check_one_error(r, f"cannot download ResNet18_Weights.IMAGENET1K_V1 (https://download.pytorch.org/models/"
+                       f"resnet18-f37072fd.pth): offline or unreachable; place resnet18-f37072fd.pth in "
+                       f"{tmp_path / 'torch_home' / 'hub' / 'checkpoints'}")
+
+
+def test_write_error_while_saving_keeps_previous_checkpoint(base, tmp_path, cli, monkeypatch):
+    """The disk fills up while epoch 2's checkpoint is written: one error line, and epoch 1's last.pt intact."""
+    import finetune.checkpoint as C
+
+    real_replace = os.replace
+    seen: dict[str, object] = {}
+
+    def replace(src, dst, *a, **k):
+        if Path(dst).name == "last.pt" and Path(dst).is_file():  # the second save of last.pt
+            seen["bytes"] = Path(dst).read_bytes()
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(C.os, "replace", replace)
+    out = tmp_path / "o"
+    r = cli("train", "--data", base / "data", "--out", out, "--model", "smallcnn", "--weights", "none",
+            *FAST[:1], "2", *FAST[2:])
+    check_one_error(r, f"cannot write checkpoint '{out / 'last.pt'}': No space left on device; the previous "
+                       "checkpoint is unchanged")
+    assert (out / "last.pt").read_bytes() == seen["bytes"]
+    from finetune.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_real_process_errors_have_no_traceback(base):
+    """One row in a real process: the exit code and stderr a shell sees (CliRunner could hide a traceback)."""
+    p = run_cli("eval", base / "truncated.pt")
+    fragment = f"Error: cannot read checkpoint '{base / 'truncated.pt'}': not a PyTorch file or truncated"
+    assert p.returncode == 1
+    assert p.stderr.splitlines() == [p.stderr.strip()] and p.stderr.startswith(fragment)
+    assert "Traceback" not in p.stderr
