@@ -32,6 +32,7 @@ def atomic_write_bytes(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with _suppress():
@@ -43,6 +44,12 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class _suppress:
@@ -157,10 +164,17 @@ def prepare_run_dir(out: Path, *, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"output path '{out}' exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
+        is_run = (out / "config.yaml").is_file()
+        if not overwrite and is_run and not (out / "last.pt").is_file():
+            raise CheckpointError(f"output directory '{out}' holds a run that saved no checkpoint; pass --overwrite "
+                                  "to replace it or choose another --out")
+        if not overwrite and is_run:
             raise CheckpointError(f"output directory '{out}' already exists and is not empty; pass --overwrite to "
                                   "replace it, --resume to continue it, or choose another --out")
-        if not (out / "config.yaml").is_file():
+        if not overwrite:
+            raise CheckpointError(f"output directory '{out}' already exists and is not empty (and is not a finetune "
+                                  "run); choose another --out")
+        if not is_run:
             raise CheckpointError(f"output directory '{out}' is not empty and is not a finetune run (no "
                                   "config.yaml); refusing to delete it with --overwrite; choose another --out")
         shutil.rmtree(out)

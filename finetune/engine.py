@@ -157,7 +157,8 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_l
 def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
                     reporter: Reporter | None = None, *, resume: dict[str, Any] | None = None,
                     on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss, argmax accuracy, images, seconds, images/s and the last LR.
+    """One pass over ``loader``; returns mean loss, argmax accuracy, images, seconds, images/s and the LR of the
+    epoch's first optimizer step (the largest across groups; what the epoch trained with, as timm logs it).
 
     ``resume`` continues an epoch saved mid-way: ``{"batches", "loss_sum", "correct", "seen"}`` from an
     ``on_step`` call; the loader must then yield only the remaining batches (``data.set_epoch(loader, e, skip)``),
@@ -173,7 +174,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
     skip = int(resume.get("batches", 0))
     loss_sum, correct, seen = float(resume.get("loss_sum", 0.0)), int(resume.get("correct", 0)), \
         int(resume.get("seen", 0))
-    lr = opt.param_groups[0]["lr"] if opt.param_groups else 0.0
+    lr = max((g["lr"] for g in opt.param_groups), default=0.0)
+    first_lr: float | None = resume.get("first_lr")
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader, start=skip):
@@ -189,6 +191,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
         if (i + 1) % step.accumulate == 0 or last:
             if step.schedule:
                 lr = step.schedule(epoch + (i + 1) / n_batches)
+                first_lr = lr if first_lr is None else first_lr
             if step.scaler:
                 step.scaler.unscale_(opt)
             if step.clip_grad:
@@ -207,14 +210,15 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
             seen += b
         reporter.batch(i, n_batches, loss_sum / seen, correct / seen, seen / (time.perf_counter() - t0))
         if on_step is not None and not last and (i + 1) % step.accumulate == 0:
-            on_step({"batches": i + 1, "loss_sum": loss_sum, "correct": correct, "seen": seen})
+            on_step({"batches": i + 1, "loss_sum": loss_sum, "correct": correct, "seen": seen,
+                     "first_lr": first_lr})
     secs = time.perf_counter() - t0
     if step.reduce is not None:  # metrics over all ranks' shards
         tot = step.reduce(torch.tensor([loss_sum, float(correct), float(seen)], dtype=torch.float64,
                                        device=step.device)).tolist()
         loss_sum, correct, seen = tot[0], int(tot[1]), int(tot[2])
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "n": seen, "seconds": secs,
-            "images_per_sec": seen / secs if secs > 0 else 0.0, "lr": lr}
+            "images_per_sec": seen / secs if secs > 0 else 0.0, "lr": lr if first_lr is None else first_lr}
 
 
 class NonFiniteLoss(Exception):
@@ -262,7 +266,7 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         tot = reduce(torch.tensor([loss_sum, float(top5), float(n)], dtype=torch.float64, device=device)).tolist()
         loss_sum, top5, n = tot[0], int(tot[1]), int(tot[2])
     correct = int(confusion.diag().sum())
-    per_class = confusion.diag().float() / confusion.sum(dim=1).clamp(min=1).float()
+    per_class = confusion.diag().double() / confusion.sum(dim=1).clamp(min=1).double()
     return {
         "loss": loss_sum / max(n, 1),
         "accuracy": correct / max(n, 1),

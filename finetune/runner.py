@@ -30,6 +30,12 @@ class TrainingDiverged(FinetuneError):
     """Loss became NaN/inf; the last good checkpoint is kept."""
 
 
+class Interrupted(FinetuneError):
+    """Ctrl-C during training: say where the last checkpoint is and how to continue."""
+
+    exit_code = 130
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -137,6 +143,10 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     bb = build_model(cfg.model.name, num_classes=len(classes),
                      weights="none" if state is not None else cfg.model.weights)
     plan = F.apply_freeze(bb, cfg.freeze)
+    for stp in cfg.freeze.schedule:
+        if stp.epoch >= cfg.train.epochs:
+            log.warning(f"the unfreeze step at epoch {stp.epoch} ({', '.join(stp.layers)}) never runs: the run has "
+                        f"{cfg.train.epochs} epochs (0-based: 0..{cfg.train.epochs - 1})")
     channels_last = wants_channels_last(bb.model, cfg.train.channels_last)
     model = bb.model.to(device)
     if channels_last:
@@ -160,7 +170,9 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
 
     resolved = _resolved_recipe(cfg, bb, device, precision, channels_last)
     if dd.is_main:
-        ck.atomic_write_text(run_dir / "config.yaml", _yaml(resolved))
+        ck.atomic_write_text(run_dir / "config.yaml", _yaml(resolved, {
+            "device": str(device), "precision": precision, "channels_last": channels_last,
+            "processes": dd.world_size, "classes": classes}))
     reduce = (lambda t: dist_.all_reduce_sum(t, dd)) if dd.enabled else None
     train_model = dist_.wrap(model, dd, device)
     epochs_total = cfg.train.epochs
@@ -178,7 +190,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                                  device=device.type, workers=cfg.data.workers, **shard)
     writer = _writer(run_dir, cfg) if dd.is_main else None
     history: list[dict[str, Any]] = list(state["metrics"]) if state is not None else []
-    best = dict(state["best"]) if state is not None else {"epoch": 0, "val_acc": -1.0}
+    best = dict(state["best"]) if state is not None else {"epoch": 0, "val_acc": None}
     since_best = history[-1]["epoch"] - best["epoch"] if history else 0  # early stop counts across a resume
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     reporter.start({"run_dir": str(run_dir), "model": bb.name, "weights": bb.weights, "device": str(device),
@@ -229,8 +241,9 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
             if ev and ev["top5"] is not None:
                 row["val_top5"] = ev["top5"]
             history.append(row)
-            score = ev["accuracy"] if ev else tr["acc"]
-            improved = score > best["val_acc"]
+            # without a val set there is no "best": best.pt follows the latest epoch and val_acc stays null
+            score = ev["accuracy"] if ev else None
+            improved = score is None or best["val_acc"] is None or score > best["val_acc"]
             if improved:
                 best = {"epoch": epoch + 1, "val_acc": score}
                 since_best = 0
@@ -256,6 +269,11 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     except NonFiniteLoss as e:
         raise TrainingDiverged(f"training diverged: {e}; the last good checkpoint is in '{run_dir}'; lower --lr "
                                "or use --clip-grad") from None
+    except KeyboardInterrupt:
+        if (run_dir / "last.pt").is_file():
+            raise Interrupted(f"interrupted; the last checkpoint is in '{run_dir}': continue with "
+                              f"finetune train --resume {run_dir}") from None
+        raise Interrupted(f"interrupted before the first checkpoint; nothing to resume in '{run_dir}'") from None
     finally:
         if writer is not None:
             writer.flush()
@@ -263,7 +281,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     if writer is not None:
         _log_hparams(writer, resolved, best, history)
         writer.close()
-    result = RunResult(run_dir, best["epoch"], best["val_acc"] if best["val_acc"] >= 0 else None, history, classes)
+    result = RunResult(run_dir, best["epoch"], best["val_acc"], history, classes)
     reporter.end({"run_dir": str(run_dir), "best": best, "epochs": history})
     return result
 
@@ -305,17 +323,16 @@ def _resolved_recipe(cfg: Recipe, bb, device, precision: str, channels_last: boo
     r = from_dict(cfg.to_dict())
     r.model.weights = cfg.model.weights if cfg.model.weights == "default" else bb.weights
     r.model.num_classes = bb.num_classes
-    r.train.device = device.type
-    r.train.precision = precision
-    r.train.channels_last = channels_last
-    return r
+    return r  # device/precision stay as asked ("auto" travels to a GPU box); config.yaml notes what was picked
 
 
-def _yaml(recipe: Recipe) -> str:
+def _yaml(recipe: Recipe, picked: dict[str, Any]) -> str:
     import yaml
 
-    return "# the resolved configuration of this run: finetune train --recipe THIS_FILE reruns it\n" + \
-        yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    notes = "".join(f"#   {k}: {v}\n" for k, v in picked.items())
+    return ("# the resolved configuration of this run: finetune train --recipe THIS_FILE reruns it\n"
+            "# picked on this machine (the 'auto' values below are resolved again where it reruns):\n" + notes
+            + yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
 
 def _write_metrics(run_dir: Path, best: dict, history: list[dict]) -> None:
@@ -357,7 +374,11 @@ def _log_first_batch(writer, loader, tf: dict, model, cfg: Recipe, device, chann
             sample = x[:1].to(device)
             if channels_last:
                 sample = sample.contiguous(memory_format=torch.channels_last)
-            writer.add_graph(model, sample)
+            import warnings
+
+            with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns it is deprecated
+                warnings.simplefilter("ignore")
+                writer.add_graph(model, sample)
         except Exception as e:  # noqa: BLE001 - some models don't trace; the graph is optional
             log.warning(f"TensorBoard graph skipped: the model does not trace ({type(e).__name__}); "
                         "set train.graph: false to silence this")
@@ -370,7 +391,7 @@ def _log_hparams(writer, cfg: Recipe, best: dict, history: list[dict]) -> None:
           "lr": cfg.optimizer.lr, "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
           "scheduler": cfg.scheduler.name, "precision": cfg.train.precision, "bn": cfg.freeze.bn}
     last = history[-1] if history else {}
-    metrics = {"hparam/best_val_acc": best["val_acc"] if best["val_acc"] >= 0 else 0.0,
+    metrics = {"hparam/best_val_acc": best["val_acc"] if best["val_acc"] is not None else 0.0,
                "hparam/final_train_loss": last.get("train_loss") or 0.0}
     writer.add_hparams(hp, metrics, run_name="hparams")
 

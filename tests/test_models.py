@@ -100,7 +100,9 @@ def test_unknown_timm_model():
 def test_list_models_pattern_and_weights():
     rows = list_models("resnet1*")
     names = [r["name"] for r in rows]
-    assert "resnet18" in names and "timm:resnet18" not in names  # globs match the whole name
+    assert "resnet18" in names and "timm:resnet18" in names  # unprefixed patterns match every source
+    assert "wide_resnet50_2" not in names  # globs match the whole name
+    assert all(r["source"] == "timm" for r in list_models("timm:resnet1*"))
     r18 = next(r for r in rows if r["name"] == "resnet18")
     assert r18["weights"] == ["ResNet18_Weights.IMAGENET1K_V1"]
     timm_rows = list_models("timm:resnet18")

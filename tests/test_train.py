@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from finetune import config
-from finetune.checkpoint import load_checkpoint
+from finetune.checkpoint import _umask, load_checkpoint
 from finetune.engine import Reporter
-from finetune.runner import train
+from finetune.runner import Interrupted, train
 
 
 def recipe(**over):
@@ -37,7 +37,9 @@ def test_run_directory_contents(run):
     best = max(m["epochs"], key=lambda e: e["val_acc"])
     assert m["best"] == {"epoch": best["epoch"], "val_acc": best["val_acc"]}
     rerun = config.load_recipe(str(out / "config.yaml"))  # the resolved config is a valid recipe
-    assert (rerun.model.num_classes, rerun.train.device, rerun.train.precision) == (4, "cpu", "fp32")
+    assert (rerun.model.num_classes, rerun.train.device, rerun.train.precision) == (4, "auto", "fp32")
+    text = (out / "config.yaml").read_text()
+    assert "#   device: cpu\n#   precision: fp32\n#   channels_last: True\n#   processes: 1\n" in text
 
 
 def test_checkpoint_is_self_contained(run):
@@ -118,7 +120,8 @@ def test_resume_equals_uninterrupted(tmp_path):
             if row["epoch"] == 1:
                 raise KeyboardInterrupt  # as if the user pressed Ctrl-C after epoch 1 was saved
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match=r"^interrupted; the last checkpoint is in .*: continue with finetune "
+                                          r"train --resume "):
         train(r, out=tmp_path / "part", reporter=Interrupt())
     assert load_checkpoint(tmp_path / "part" / "last.pt")["epoch"] == 1
     res = train(None, resume=tmp_path / "part")
@@ -136,11 +139,17 @@ def test_out_dir_rules(tmp_path, cli):
     (out / "notes.txt").write_text("mine")
     r = cli("train", "--epochs", "1", "--out", out, "--quiet")
     assert r.exit_code == 1
-    assert r.stderr == (f"Error: output directory '{out}' already exists and is not empty; pass --overwrite to "
-                        "replace it, --resume to continue it, or choose another --out\n")
+    assert r.stderr == (f"Error: output directory '{out}' already exists and is not empty (and is not a finetune "
+                        "run); choose another --out\n")
     r = cli("train", "--epochs", "1", "--out", out, "--overwrite", "--quiet")
     assert r.exit_code == 1 and "is not a finetune run (no config.yaml); refusing to delete it" in r.stderr
     assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    r = cli("train", "--epochs", "1", "--out", out, "--quiet", "--no-tensorboard")
+    assert r.exit_code == 0 and oct((out / "best.pt").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    r = cli("train", "--epochs", "1", "--out", out, "--quiet")
+    assert r.stderr == (f"Error: output directory '{out}' already exists and is not empty; pass --overwrite to "
+                        "replace it, --resume to continue it, or choose another --out\n")
 
 
 def test_train_cli_quiet_prints_nothing(tmp_path, cli):

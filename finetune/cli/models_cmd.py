@@ -17,6 +17,10 @@ def models(
     from finetune.models import list_models
 
     rows = list_models(pattern, pretrained_only=pretrained)
+    if not rows and not as_json:
+        typer.echo(f"no models match '{pattern}'; patterns are globs ('resnet*', 'timm:vit_*') or substrings "
+                   "('efficient')", err=True)
+        raise typer.Exit(1)
     if as_json:
         typer.echo(json.dumps(rows))
         return

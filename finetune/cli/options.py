@@ -16,7 +16,7 @@ FREEZE_NAMES = typer.Option(None, "--freeze-names",
                             help="Freeze parameters whose name contains A or B (globs match whole names): A,B.")
 FREEZE_FIRST = typer.Option(None, "--freeze-first", help="Freeze the first N parameter tensors (YOLOv5's --freeze N).")
 FREEZE_LAYERS = typer.Option(None, "--freeze-layers",
-                             help="Freeze modules by dotted path: conv1,bn1,layer1 (see 'finetune inspect MODEL -m').")
+                             help="Freeze modules by dotted path: conv1,bn1,layer1 (see 'finetune inspect MODEL --modules').")
 FREEZE_BACKBONE = typer.Option(None, "--freeze-backbone/--no-freeze-backbone",
                                help="Freeze everything except the head (linear probing).")
 UNFREEZE = typer.Option(None, "--unfreeze",

@@ -30,7 +30,8 @@ class RichReporter(Reporter):
     def start(self, info: dict[str, Any]) -> None:
         if self.quiet:
             return
-        skipped = f", {info['skipped']} unreadable files skipped" if info.get("skipped") else ""
+        n_bad = info.get("skipped") or 0
+        skipped = f", {n_bad} unreadable file{'s' * (n_bad != 1)} skipped" if n_bad else ""
         self.err.print(
             f"run: {info['run_dir']}\nmodel: {info['model']} (weights: {info['weights']}), "
             f"{info['trainable']:,} of {info['total']:,} parameters trainable\n"
@@ -40,7 +41,7 @@ class RichReporter(Reporter):
             + (f"\nprocesses: {info['world_size']} (DDP), global batch {info['global_batch']}"
                if info.get("world_size", 1) > 1 else "")
             + (f"\nresuming at epoch {info['start_epoch'] + 1} of {info['epochs']}" if info["start_epoch"] else ""),
-            highlight=False)
+            highlight=False, soft_wrap=True)
 
     def epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
         self.epoch, self.epochs = epoch, epochs
@@ -73,9 +74,9 @@ class RichReporter(Reporter):
         if self.quiet:
             return
         star = " *" if row.get("best") else ""
+        val = "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}"
         print(f"epoch {row['epoch']}/{self.epochs}  train loss {row['train_loss']:.4f} acc {_pct(row['train_acc'])}"
-              f"  val loss {row['val_loss'] if row['val_loss'] is None else round(row['val_loss'], 4)} "
-              f"acc {_pct(row['val_acc'])}  lr {row['lr']:.3g}  {row['seconds']:.1f}s "
+              f"  val loss {val} acc {_pct(row['val_acc'])}  lr {row['lr']:.3g}  {row['seconds']:.1f}s "
               f"{row['images_per_sec']:.0f} img/s{star}", file=sys.stderr, flush=True)
 
     def note(self, message: str) -> None:
@@ -96,5 +97,7 @@ class RichReporter(Reporter):
         out = Console()
         out.print(t)
         best = summary["best"]
-        out.print(f"best: epoch {best['epoch']}, val acc {_pct(best['val_acc'])}; checkpoints and TensorBoard logs "
-                  f"in {summary['run_dir']}", highlight=False)
+        what = (f"val acc {_pct(best['val_acc'])}" if best["val_acc"] is not None
+                else "no val set, so best.pt is the last epoch")
+        out.print(f"best: epoch {best['epoch']}, {what}; checkpoints and TensorBoard logs in {summary['run_dir']}",
+                  highlight=False, soft_wrap=True)

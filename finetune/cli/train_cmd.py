@@ -33,7 +33,10 @@ def train(
                                               rich_help_panel=_D),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size (default: the backbone's).",
                                              rich_help_panel=_D),
-    augment: Optional[str] = typer.Option(None, "--augment", help="none | light | strong.", rich_help_panel=_D),
+    augment: Optional[str] = typer.Option(None, "--augment", help="none | light | strong (default: the recipe's).",
+                                          rich_help_panel=_D),
+    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Fail on an unreadable image instead "
+                                          "of skipping it with a warning.", rich_help_panel=_D),
     freeze_names: Optional[str] = O.panel(O.FREEZE_NAMES, _F),
     freeze_first: Optional[int] = O.panel(O.FREEZE_FIRST, _F),
     freeze_layers: Optional[str] = O.panel(O.FREEZE_LAYERS, _F),
@@ -96,7 +99,7 @@ def train(
     overrides = {
         "model.name": model, "model.weights": weights,
         "data.path": data, "data.labels": labels, "data.val_split": val_split, "data.image_size": image_size,
-        "data.augment": augment,
+        "data.augment": augment, "data.strict": strict,
         **O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn),
         "optimizer.name": optimizer, "optimizer.lr": lr, "optimizer.momentum": momentum,
         "optimizer.nesterov": nesterov, "optimizer.weight_decay": weight_decay,
@@ -124,9 +127,22 @@ def train(
         return
     from finetune.weights import trusted
 
-    r = config.apply_overrides(config.load_recipe(recipe or "default"), given)
+    r = config.apply_overrides(_base_recipe(recipe, model), given)
     with trusted(trust_checkpoint):
         _run(lambda: run_train(r, out=out, overwrite=overwrite, reporter=reporter))
+
+
+def _base_recipe(recipe: Optional[str], model: Optional[str]):
+    """What the flags override: the named recipe; for ``--model`` without ``--recipe``, the generic defaults
+    (pretrained weights, light augmentation, the backbone's input size, SGD 0.01) rather than the smallcnn-tuned
+    ``default`` recipe; with neither, the ``default`` recipe (the main job)."""
+    from finetune import config
+
+    if recipe is None and model is not None:
+        r = config.Recipe()
+        r.name, r.description = f"{model}-cli", f"{model} configured from the command line"
+        return r
+    return config.load_recipe(recipe or "default")
 
 
 def _run(fn) -> None:

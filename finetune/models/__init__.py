@@ -126,7 +126,8 @@ def build_model(name: str, num_classes: int | None = None, weights: str | None =
 def list_models(pattern: str | None = None, pretrained_only: bool = False) -> list[dict[str, Any]]:
     """Rows ``{"source", "name", "weights": [...]}`` for every model whose name matches ``pattern``.
 
-    ``pattern`` is a glob (``resnet*``, ``timm:vit_*``) or, without glob characters, a substring.
+    ``pattern`` is a glob (``resnet*``, ``timm:vit_*``) or, without glob characters, a substring; a pattern
+    without a ``timm:``/``torchvision:`` prefix matches models of every source.
     """
     import timm
     import torchvision.models as tvm
@@ -153,7 +154,7 @@ def list_models(pattern: str | None = None, pretrained_only: bool = False) -> li
         base, _, tag = full.partition(".")
         tags.setdefault(base, []).append(tag)
     for arch in timm.list_models():
-        if match(f"timm:{arch}"):
+        if match(f"timm:{arch}") or (not (pattern or "").startswith(("timm:", "torchvision:")) and match(arch)):
             rows.append({"source": "timm", "name": f"timm:{arch}", "weights": tags.get(arch, [])})
     if pretrained_only:
         rows = [r for r in rows if r["weights"]]
