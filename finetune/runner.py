@@ -18,8 +18,8 @@ from torch import nn
 
 from finetune import __version__, checkpoint as ck
 from finetune.config import Recipe, from_dict
-from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, resolve_device, resolve_precision, set_lr,
-                             train_one_epoch, wants_channels_last)
+from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_compile, resolve_device,
+                             resolve_precision, set_lr, train_one_epoch, wants_channels_last)
 from finetune.errors import CheckpointError, ConfigError, FinetuneError
 
 log = logging.getLogger("finetune")
@@ -161,6 +161,12 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                                 device=device.type, workers=cfg.data.workers) if bundle.val is not None else None)
     train_loader = D.make_loader(bundle.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
                                  device=device.type, workers=cfg.data.workers)
+    # frozen-feature cache: while it serves, the epochs train the head alone on features computed once
+    from finetune.features import plan_cache
+
+    feats, feats_info = plan_cache(cfg, bb, bundle, step, device=device, precision=precision,
+                                   channels_last=channels_last, start_epoch=start_epoch)
+    run_model = maybe_compile(model, cfg.train.compile)  # checkpoints keep saving `model`'s own state_dict
     writer = _writer(run_dir, cfg)
     history: list[dict[str, Any]] = list(state["metrics"]) if state is not None else []
     best = dict(state["best"]) if state is not None else {"epoch": 0, "val_acc": -1.0}
@@ -171,7 +177,12 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                     "train_images": len(bundle.train), "val_images": len(bundle.val) if bundle.val else 0,
                     "skipped": len(bundle.skipped), "trainable": n_trainable,
                     "total": sum(p.numel() for p in model.parameters()), "start_epoch": start_epoch,
-                    "epochs": epochs_total, "source": bundle.source})
+                    "epochs": epochs_total, "source": bundle.source, "feature_cache": feats_info,
+                    "compile": cfg.train.compile})
+    if feats is not None:
+        reporter.note(feats.note)
+    elif cfg.train.cache_features != "off":
+        reporter.note(f"frozen-feature cache {feats_info}")
     extra_ckpt = {"class_names": classes, "model_name": bb.name, "num_classes": len(classes),
                   "transform": bundle.transform, "precision": precision, "channels_last": channels_last,
                   "data": {"path": cfg.data.path, "labels": cfg.data.labels, "val_split": cfg.data.val_split,
@@ -188,14 +199,18 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                 D.set_epoch(train_loader, epoch)
                 _log_first_batch(writer, train_loader, bundle.transform, model, cfg, device, channels_last)
                 first_batch_logged = True
+            if feats is not None and not feats.serves(epoch):
+                feats = None  # an unfreeze changed what trains: from here on the full model runs
+            m, tl, vl, st = ((feats.model, feats.train_loader, feats.val_loader, feats.step) if feats is not None
+                             else (run_model, train_loader, val_loader, step))
             # order, augmentation and dropout are functions of (seed, epoch): a resumed run repeats them exactly
             torch.manual_seed(epoch_seed(cfg.train.seed, epoch))
-            D.set_epoch(train_loader, epoch)
-            reporter.epoch_start(epoch, epochs_total, len(train_loader))
-            tr = train_one_epoch(model, train_loader, step, epoch, reporter)
-            ev = (evaluate(model, val_loader, len(classes), device=device, precision=precision,
-                           channels_last=channels_last, label_smoothing=0.0, reporter=reporter)
-                  if val_loader is not None else None)
+            D.set_epoch(tl, epoch)
+            reporter.epoch_start(epoch, epochs_total, len(tl))
+            tr = train_one_epoch(m, tl, st, epoch, reporter)
+            ev = (evaluate(m, vl, len(classes), device=device, precision=st.precision,
+                           channels_last=st.channels_last, label_smoothing=0.0, reporter=reporter)
+                  if vl is not None else None)
             row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
                    "val_loss": ev["loss"] if ev else None, "val_acc": ev["accuracy"] if ev else None,
                    "lr": tr["lr"], "seconds": tr["seconds"], "images_per_sec": tr["images_per_sec"]}
