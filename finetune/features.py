@@ -81,16 +81,61 @@ class Split:
 
 
 def split_frozen_prefix(bb) -> Split | None:
-    """Split ``bb.model`` at its head's input when every trainable parameter belongs to the head, else None."""
+    """Split ``bb.model`` where the trainable part starts, or None.
+
+    When every trainable parameter belongs to the head, the cut is the head's input (any architecture). Otherwise,
+    for models that ``torch.fx`` can trace, the cut is just before the first module with trainable parameters
+    (resnet18 with conv1..layer3 frozen: the features are layer3's output and layer4 + fc train on them), provided
+    one tensor alone crosses the cut.
+    """
     from finetune.models import is_under
 
-    if len(bb.head) != 1:
-        return None
     trainable = [n for n, p in bb.model.named_parameters() if p.requires_grad]
-    if not trainable or not all(is_under(n, bb.head) for n in trainable):
+    if not trainable:
         return None
-    head = dict(bb.model.named_modules())[bb.head[0]]
-    return Split(UpToHead(bb.model, head), head, bb.head[0])
+    if len(bb.head) == 1 and all(is_under(n, bb.head) for n in trainable):
+        head = dict(bb.model.named_modules())[bb.head[0]]
+        return Split(UpToHead(bb.model, head), head, bb.head[0])
+    return split_trailing(bb.model, trainable)
+
+
+def split_trailing(model: nn.Module, trainable: list[str]) -> Split | None:
+    """Cut ``model``'s fx graph before the first node that uses a trainable parameter (see split_frozen_prefix)."""
+    import torch.fx as fx
+
+    from finetune.models import is_under
+
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - data-dependent control flow etc.: no trailing split
+        return None
+    owners = {n.rpartition(".")[0] for n in trainable}
+
+    def trains(node) -> bool:
+        if node.op in ("call_module", "get_attr"):
+            return any(is_under(o, [node.target]) or is_under(node.target, [o]) for o in owners if o) or \
+                (node.op == "get_attr" and node.target in trainable)
+        return False
+
+    nodes = list(gm.graph.nodes)
+    first = next((i for i, n in enumerate(nodes) if trains(n)), None)
+    if first is None or first == 0:
+        return None
+    before, after = nodes[:first], set(nodes[first:])
+    live = [n for n in before if any(u in after for u in n.users)]
+    if len(live) != 1 or live[0].op == "placeholder" or sum(n.op == "placeholder" for n in nodes) != 1:
+        return None
+    g0, env0 = fx.Graph(), {}
+    for n in before:
+        env0[n] = g0.node_copy(n, lambda a: env0[a])
+    g0.output(env0[live[0]])
+    g1, env1 = fx.Graph(), {}
+    env1[live[0]] = g1.placeholder("features")
+    for n in nodes[first:]:
+        env1[n] = g1.node_copy(n, lambda a: env1[a])
+    where = nodes[first].target if nodes[first].op == "call_module" else str(nodes[first].target)
+    # GraphModule(root, graph) takes the root's submodules by reference: the parameters stay the model's own
+    return Split(fx.GraphModule(gm, g0), fx.GraphModule(gm, g1), where)
 
 
 def check_split(split: Split, model: nn.Module, x: torch.Tensor) -> bool:
@@ -145,7 +190,7 @@ def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None) ->
     if split is not None and sample is not None and not check_split(split, bb.model, sample):
         split = None
     if split is None:
-        why = f"more than the head ({', '.join(bb.head)}) trains, or the model's output is not the head's"
+        why = "the model cannot be cut into a frozen part and a trainable part (frozen layers run after trainable ones, or more than one tensor crosses the cut)"
         if mode == "on":
             raise ConfigError(f"--cache-features on needs a run where only the head trains: {why}; freeze the "
                               "backbone (--freeze-backbone) or use --cache-features auto/off")
@@ -255,13 +300,16 @@ def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, c
     secs = time.perf_counter() - t0
     until = first_unfreeze(cfg)
     span = "every epoch" if until >= cfg.train.epochs else f"until the unfreeze at epoch {until + 1}"
+    # a head alone trains in fp32 on float32 features; a trailing conv block keeps the run's precision and layout
+    convs = any(isinstance(m, nn.Conv2d) for m in split.trainable.modules())
+    part_step = step if convs else dataclasses.replace(step, precision="fp32", channels_last=False, scaler=None)
     note = (f"frozen-feature cache: {decision.reason} ({ftr.shape[0]} train / "
             f"{val_loader.dataset.features.shape[0] if val_loader else 0} val, {list(ftr.shape[1:])} each, "
-            f"{precision}), computed once in {secs:.1f} s; the head trains on them in fp32 {span}")
+            f"{precision}), computed once in {secs:.1f} s; the trainable part trains on them in "
+            f"{part_step.precision} {span}")
     for f in decision.forced:
         note += f"; --cache-features on: {f}"
-    head_step = dataclasses.replace(step, precision="fp32", channels_last=False, scaler=None)
-    return FeatureRun(split.trainable, train_loader, val_loader, head_step, until, secs, note), "used"
+    return FeatureRun(split.trainable, train_loader, val_loader, part_step, until, secs, note), "used"
 
 
 def _sample(ds, device: torch.device) -> torch.Tensor | None:
