@@ -221,7 +221,11 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated scenarios: probe,partial,full,eval,smallcnn,prec")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latest.json"))
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    ap.add_argument("--render", default=None, help="print the table of a saved JSON file and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return 0
     logging.getLogger("finetune").setLevel(logging.ERROR)
     shared = REPO.parent / "shared" / "data" / "flowers12"
     root = Path(args.data) if args.data else (shared if shared.is_dir() else REPO / "data" / "sample")
@@ -251,6 +255,14 @@ def main(argv=None) -> int:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     rows = []
+    prec = []
+    data_label = str(root if not args.quick else f"{root} (quick subset)")
+
+    def save():  # after every scenario, so an interrupted run keeps what it measured
+        info = {"machine": machine(), "data": data_label, "quick": args.quick, "rows": rows, "precision": prec}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(info, indent=2, default=str))
+        return info
 
     def pair(name, hand_fn, ft_fn, what):
         print(f"[{name}] hand loop ...", file=sys.stderr, flush=True)
@@ -262,6 +274,7 @@ def main(argv=None) -> int:
         row["acc_ok"] = f["val_acc"] >= h["val_acc"] - 0.01
         row["met"] = None if row["target"] is None else bool(row["ratio"] >= row["target"] and row["acc_ok"])
         rows.append(row)
+        save()
         print(f"[{name}] {h['wall_s']:.1f} s vs {f['wall_s']:.1f} s = {row['ratio']:.2f}x; val acc "
               f"{h['val_acc']:.3f} vs {f['val_acc']:.3f}; finetune picked {f.get('picked')}", file=sys.stderr,
               flush=True)
@@ -302,7 +315,6 @@ def main(argv=None) -> int:
                                                  None),
              lambda: ft_train("smallcnn", w_small, root, 32, ep_small, {}, tmp / "small", None),
              f"smallcnn 32x32, all trainable, {ep_small} epochs")
-    prec = []
     if "prec" in only:  # item 2: bf16 vs fp32 of the default and linear-probe recipes, finetune alone
         for recipe, over in (("default", {}),
                              ("linear-probe", {"model.weights": str(w_resnet), "data.path": str(root),
@@ -318,16 +330,14 @@ def main(argv=None) -> int:
             prec.append({"recipe": recipe, **accs,
                          "diff_points": 100 * abs(accs["bf16"]["val_acc"] - accs["fp32"]["val_acc"])})
             print(f"[precision] {recipe}: {accs}", file=sys.stderr, flush=True)
-
-    info = {"machine": machine(), "data": str(root if not args.quick else f"{root} (quick subset)"),
-            "quick": args.quick, "rows": rows, "precision": prec}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(info, indent=2, default=str))
+            save()
+    info = save()
     print(render(info, markdown=args.markdown))
     return 0
 
 
 def render(info: dict, markdown: bool = True) -> str:
+    """The table (markdown); ``python benchmarks/bench.py --render FILE.json`` prints it again."""
     m = info["machine"]
     head = ["scenario", "hand loop s", "finetune s", "hand img/s", "finetune img/s", "ratio", "target",
             "val acc hand", "val acc finetune", "peak RSS MB hand / finetune"]
