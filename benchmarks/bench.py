@@ -221,6 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated scenarios: probe,partial,full,eval,smallcnn,prec")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latest.json"))
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    ap.add_argument("--per-class", default=None, help="TRAIN,VAL: use only that many images per class (the "
+                    "epochs stay those of the full run)")
     ap.add_argument("--render", default=None, help="print the table of a saved JSON file and exit")
     args = ap.parse_args(argv)
     if args.render:
@@ -233,6 +235,9 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="ftbench-"))
     if args.quick:
         root = subset_root(root, 5, 3, tmp)
+    elif args.per_class:
+        k_train, k_val = (int(v) for v in args.per_class.split(","))
+        root = subset_root(root, k_train, k_val, tmp)
     ep_probe, ep_partial, ep_full, ep_small = (2, 1, 1, 2) if args.quick else (5, 2, 1, 10)
     classes = len([p for p in (root / "train").iterdir() if p.is_dir()])
 
@@ -256,7 +261,9 @@ def main(argv=None) -> int:
             net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     rows = []
     prec = []
-    data_label = str(root if not args.quick else f"{root} (quick subset)")
+    data_label = (f"{root} (quick subset)" if args.quick else
+                  f"{root}: {args.per_class} train,val images per class of {args.data or 'flowers12'}"
+                  if args.per_class else str(root))
 
     def save():  # after every scenario, so an interrupted run keeps what it measured
         info = {"machine": machine(), "data": data_label, "quick": args.quick, "rows": rows, "precision": prec}
