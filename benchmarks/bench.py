@@ -135,7 +135,7 @@ def hand_train(make_model, weights: Path, root: Path, tf, epochs: int, frozen: l
     if frozen:
         for name, p in model.named_parameters():
             top = name.split(".")[0]
-            p.requires_grad = (not name.startswith("fc.")) if frozen == ["*"] else top not in frozen
+            p.requires_grad = name.startswith("fc.") if frozen == ["*"] else top not in frozen
         frozen_mods = [m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
                        and not any(p.requires_grad for p in m.parameters())]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM)

@@ -186,6 +186,11 @@ def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None) ->
     until = first_unfreeze(cfg)
     if start_epoch >= until:
         return Decision(False, f"not used: the unfreeze schedule starts at epoch {until + 1}"), None
+    if all(p.requires_grad for p in bb.model.parameters()):
+        if mode == "on":
+            raise ConfigError("--cache-features on needs frozen layers, but the whole model trains; freeze the "
+                              "backbone (--freeze-backbone) or use --cache-features auto/off")
+        return Decision(False, "not used: nothing is frozen"), None
     split = split_frozen_prefix(bb)
     if split is not None and sample is not None and not check_split(split, bb.model, sample):
         split = None

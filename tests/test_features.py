@@ -103,15 +103,15 @@ def test_auto_caches_only_when_it_is_the_same_computation():
                                       "(--cache-features on forces it)")
     d = decide("timm:test_resnet", **{"freeze.bn": "train"})
     assert not d.use and "BatchNorm with --bn train" in d.reason
-    assert not decide(**{"freeze.backbone": False}).use
     assert decide(**{"freeze.schedule": [{"epoch": 0, "layers": ["all"]}]}).reason == \
         "not used: the unfreeze schedule starts at epoch 1"
     assert decide(**{"train.cache_features": "off"}).reason == "off"
 
 
 def test_cache_on_where_more_than_the_head_trains_is_an_error():
-    with pytest.raises(ConfigError, match="--cache-features on needs a run where only the head trains"):
+    with pytest.raises(ConfigError, match="--cache-features on needs frozen layers, but the whole model trains"):
         decide(**{"freeze.backbone": False, "train.cache_features": "on"})
+    assert decide(**{"freeze.backbone": False}).reason == "not used: nothing is frozen"
 
 
 def test_split_reproduces_the_model_and_spots_dropout():
