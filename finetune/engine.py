@@ -76,6 +76,14 @@ def wants_channels_last(model: nn.Module, setting: bool | None) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
+def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
+    """``torch.compile(model)`` when ``enabled`` (opt-in: the first batches pay the compile time), else ``model``.
+
+    The compiled wrapper shares the parameters; save ``model.state_dict()``, not the wrapper's (``_orig_mod.``).
+    """
+    return torch.compile(model) if enabled else model
+
+
 # ----------------------------------------------------------------------------------------------- LR schedule
 
 

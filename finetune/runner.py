@@ -6,6 +6,7 @@ The run directory holds the resolved ``config.yaml`` (a valid recipe that reruns
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -19,8 +20,8 @@ from torch import nn
 from finetune import __version__, checkpoint as ck
 from finetune import distributed as dist_
 from finetune.config import Recipe, from_dict
-from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, resolve_device, resolve_precision, set_lr,
-                             train_one_epoch, wants_channels_last)
+from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_compile, resolve_device,
+                             resolve_precision, set_lr, train_one_epoch, wants_channels_last)
 from finetune.errors import CheckpointError, ConfigError, FinetuneError
 
 log = logging.getLogger("finetune")
@@ -188,6 +189,15 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                   if bundle.val is not None else None)
     train_loader = D.make_loader(bundle.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
                                  device=device.type, workers=cfg.data.workers, **shard)
+    # frozen-feature cache: while it serves, the epochs train the head alone on features computed once. Under
+    # DDP every rank computes and trains on all of them (same data, same seed: the same weights on every rank).
+    from finetune.features import plan_cache
+
+    feats, feats_info = plan_cache(cfg, bb, bundle, step, device=device, precision=precision,
+                                   channels_last=channels_last, start_epoch=start_epoch)
+    if feats is not None and dd.enabled:
+        feats.step = dataclasses.replace(feats.step, reduce=None)
+    run_model = maybe_compile(train_model, cfg.train.compile)  # checkpoints keep saving `model`'s own state_dict
     writer = _writer(run_dir, cfg) if dd.is_main else None
     history: list[dict[str, Any]] = list(state["metrics"]) if state is not None else []
     best = dict(state["best"]) if state is not None else {"epoch": 0, "val_acc": None}
@@ -199,7 +209,12 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                     "skipped": len(bundle.skipped), "trainable": n_trainable,
                     "total": sum(p.numel() for p in model.parameters()), "start_epoch": start_epoch,
                     "epochs": epochs_total, "source": bundle.source, "world_size": dd.world_size,
-                    "global_batch": cfg.train.batch_size * dd.world_size})
+                    "global_batch": cfg.train.batch_size * dd.world_size, "feature_cache": feats_info,
+                    "compile": cfg.train.compile})
+    if feats is not None:
+        reporter.note(feats.note)
+    elif cfg.train.cache_features != "off":
+        reporter.note(f"frozen-feature cache {feats_info}")
     extra_ckpt = {"class_names": classes, "model_name": bb.name, "num_classes": len(classes),
                   "transform": bundle.transform, "precision": precision, "channels_last": channels_last,
                   "data": {"path": cfg.data.path, "labels": cfg.data.labels, "val_split": cfg.data.val_split,
@@ -212,29 +227,35 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                 if stp.epoch == epoch and not resuming:  # steps before a resumed run's start were re-applied above
                     names = O.unfreeze_step(bb, optimizer, stp, cfg.optimizer)
                     train_model = dist_.wrap(model, dd, device)  # DDP must see the newly trainable parameters
+                    run_model = maybe_compile(train_model, cfg.train.compile)
                     reporter.note(f"epoch {epoch + 1}: unfroze {', '.join(stp.layers)} ({len(names)} tensors, "
                                   f"lr x {stp.lr_mult})")
             if writer is not None and not first_batch_logged:
                 D.set_epoch(train_loader, epoch)
                 _log_first_batch(writer, train_loader, bundle.transform, model, cfg, device, channels_last)
                 first_batch_logged = True
+            if feats is not None and not feats.serves(epoch):
+                feats = None  # an unfreeze changed what trains: from here on the full model runs
+            m, tl, vl, st = ((feats.model, feats.train_loader, feats.val_loader, feats.step) if feats is not None
+                             else (run_model, train_loader, val_loader, step))
             # order, augmentation and dropout are functions of (seed, epoch): a resumed run repeats them exactly
             torch.manual_seed(epoch_seed(cfg.train.seed, epoch))
             if resuming:  # mid-epoch: skip the batches already trained, continue the RNG where it was
                 torch.set_rng_state(resuming["rng"])
-            D.set_epoch(train_loader, epoch, int(resuming["batches"]) if resuming else 0)
-            reporter.epoch_start(epoch, epochs_total, len(train_loader))
+            D.set_epoch(tl, epoch, int(resuming["batches"]) if resuming else 0)
+            reporter.epoch_start(epoch, epochs_total, len(tl))
             saver = _mid_epoch_saver(cfg, run_dir, lambda: {
                 "model": model.state_dict(), **extra_ckpt, "epoch": epoch, "plan": plan.to_dict(),
                 "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
                 "recipe": resolved.to_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None, "metrics": history,
                 "best": best, "val": None, "finetune_version": __version__, "world_size": dd.world_size})
-            tr = train_one_epoch(train_model, train_loader, step, epoch, reporter, resume=resuming,
+            tr = train_one_epoch(m, tl, st, epoch, reporter, resume=resuming,
                                  on_step=saver if dd.is_main else None)
-            ev = (evaluate(model, val_loader, len(classes), device=device, precision=precision,
-                           channels_last=channels_last, label_smoothing=0.0, reporter=reporter, reduce=reduce)
-                  if val_loader is not None else None)
+            ev = (evaluate(m if feats is not None else model, vl, len(classes), device=device,
+                           precision=st.precision, channels_last=st.channels_last, label_smoothing=0.0,
+                           reporter=reporter, reduce=st.reduce)
+                  if vl is not None else None)
             row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
                    "val_loss": ev["loss"] if ev else None, "val_acc": ev["accuracy"] if ev else None,
                    "lr": tr["lr"], "seconds": tr["seconds"], "images_per_sec": tr["images_per_sec"]}

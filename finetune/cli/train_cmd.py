@@ -65,6 +65,14 @@ def train(
                                          rich_help_panel=_T),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16.",
                                             rich_help_panel=_T),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
+                                                 help="Memory layout (default: channels_last for conv nets).",
+                                                 rich_help_panel=_T),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model "
+                                            "(opt-in; the first batches pay the compile time).", rich_help_panel=_T),
+    cache_features: Optional[str] = typer.Option(None, "--cache-features", help="auto | on | off: train the head "
+                                                 "on frozen features computed once (auto: when that is the same "
+                                                 "computation).", rich_help_panel=_T),
     early_stop: Optional[int] = typer.Option(None, "--early-stop", help="Stop after N epochs without a better val "
                                              "accuracy.", rich_help_panel=_T),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", rich_help_panel=_T),
@@ -106,7 +114,8 @@ def train(
         "scheduler.name": scheduler, "scheduler.warmup_epochs": warmup_epochs,
         "train.label_smoothing": label_smoothing, "train.epochs": epochs, "train.batch_size": batch_size,
         "train.accumulate": accumulate, "train.clip_grad": clip_grad, "train.seed": seed, "train.device": device,
-        "train.precision": precision, "train.early_stop": early_stop, "train.tensorboard": tensorboard,
+        "train.precision": precision, "train.channels_last": channels_last, "train.compile": compile_,
+        "train.cache_features": cache_features, "train.early_stop": early_stop, "train.tensorboard": tensorboard,
         "train.save_every_steps": save_every_steps,
     }
     given = {k: v for k, v in overrides.items() if v is not None}

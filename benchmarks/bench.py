@@ -1,0 +1,374 @@
+"""Side-by-side speed benchmark: a tutorial-style hand loop against finetune, in ONE process.
+
+    python benchmarks/bench.py            # the full run (~10-15 min on a 2-core CPU)
+    python benchmarks/bench.py --quick    # fewer images and epochs, a smoke test (~2 min)
+
+Same data, same starting weights (random init saved once to a file: no pretrained download happens, so the
+accuracies are those of random-init training and are only comparable with each other), same seed, same sample
+order (the hand loop draws finetune's EpochSampler permutation, so the accuracy comparison is tight; drawing it
+costs the same as shuffle=True), same optimizer and hyperparameters (SGD lr 0.01 momentum 0.9, no weight decay,
+constant LR, batch 32), same number of epochs, and a val pass after every epoch in both.
+
+The hand loop is the PyTorch tutorial's: torchvision ImageFolder + PIL transforms every epoch (Resize, CenterCrop,
+ToTensor, Normalize — the same eval transform finetune uses, ``augment: none``), fp32, channels-first, the full
+model forward every epoch (frozen layers have ``requires_grad=False`` and their BatchNorm is kept in eval mode),
+``torch.no_grad()`` for evaluation, num_workers=0 (a 2-core machine has no spare core for a loader process).
+finetune runs ``finetune.train`` / ``finetune.evaluate_checkpoint`` with its defaults (``precision auto``,
+``channels_last auto``, ``cache_features auto``, decoded-image cache). Wall time is the whole call for both,
+data set construction included. Peak RSS is sampled every 20 ms during each run.
+
+Data: ../shared/data/flowers12 (720 train / 240 val photos, 12 classes) when present, else the bundled sample.
+Writes benchmarks/results/latest.json and prints a table (markdown with --markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision import datasets, transforms
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import finetune  # noqa: E402
+from finetune.config import apply_overrides, load_recipe  # noqa: E402
+from finetune.engine import Reporter  # noqa: E402
+from finetune.models.smallcnn import SmallCNN  # noqa: E402
+
+SEED = 0
+LR, MOMENTUM, BATCH = 0.01, 0.9, 32
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+TARGETS = {"linear probe": 15.0, "partial freeze": 2.5, "full fine-tune": 2.5, "eval": 2.5}
+PARTIAL = ["conv1", "bn1", "layer1", "layer2", "layer3"]
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
+class PeakRSS:
+    """Peak resident set size (MB) of this process while the block runs, sampled from /proc every 20 ms."""
+
+    def __enter__(self):
+        self.peak = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _loop(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss()) / 2**20
+
+
+class Capture(Reporter):
+    """Keeps finetune's run summary and notes (what precision/layout/cache it picked)."""
+
+    def __init__(self):
+        self.info, self.notes = {}, []
+
+    def start(self, info):
+        self.info = info
+
+    def note(self, message):
+        self.notes.append(message)
+
+
+# ----------------------------------------------------------------------------------------------- the hand loop
+
+def hand_transform(size: int, resize: int, mean, std):
+    return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(),
+                               transforms.Normalize(mean, std)])
+
+
+def epoch_order(n: int, epoch: int) -> list[int]:
+    """finetune's EpochSampler permutation for (SEED, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(SEED * 1_000_003 + epoch)).tolist()
+
+
+def hand_evaluate(model, loader) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += y.numel()
+    return correct / total
+
+
+def hand_train(make_model, weights: Path, root: Path, tf, epochs: int, frozen: list[str] | None,
+               limit: int | None) -> dict:
+    """The tutorial loop. ``frozen``: module prefixes to freeze (None = nothing; ["*"] = all but fc)."""
+    torch.manual_seed(SEED)
+    train_ds = datasets.ImageFolder(str(root / "train"), transform=tf)
+    val_ds = datasets.ImageFolder(str(root / "val"), transform=tf)
+    if limit:
+        train_ds = torch.utils.data.Subset(train_ds, range(0, len(train_ds), max(1, len(train_ds) // limit)))
+    model = make_model()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    frozen_mods = []
+    if frozen:
+        for name, p in model.named_parameters():
+            top = name.split(".")[0]
+            p.requires_grad = name.startswith("fc.") if frozen == ["*"] else top not in frozen
+        frozen_mods = [m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
+                       and not any(p.requires_grad for p in m.parameters())]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM)
+    loss_fn = nn.CrossEntropyLoss()
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=BATCH, shuffle=False)
+    acc = None
+    for epoch in range(epochs):
+        model.train()
+        for m in frozen_mods:  # frozen BatchNorm keeps its running statistics, as finetune's bn: frozen
+            m.eval()
+        loader = torch.utils.data.DataLoader(train_ds, batch_size=BATCH, sampler=epoch_order(len(train_ds), epoch))
+        for x, y in loader:
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+        acc = hand_evaluate(model, val_loader)
+    return {"val_acc": acc, "images": epochs * (len(train_ds) + len(val_ds)), "model": model}
+
+
+# ----------------------------------------------------------------------------------------------- finetune
+
+def ft_train(model: str, weights: Path, root: Path, size: int, epochs: int, freeze: dict, out: Path,
+             limit: int | None, extra: dict | None = None) -> dict:
+    r = load_recipe("default")
+    over = {"model.name": model, "model.weights": str(weights), "data.path": str(root), "data.image_size": size,
+            "data.augment": "none", "optimizer.name": "sgd", "optimizer.lr": LR, "optimizer.momentum": MOMENTUM,
+            "optimizer.weight_decay": 0.0, "scheduler.name": "constant", "scheduler.warmup_epochs": 0.0,
+            "train.epochs": epochs, "train.batch_size": BATCH, "train.seed": SEED, "train.tensorboard": False,
+            "train.graph": False, **freeze, **(extra or {})}
+    r = apply_overrides(r, over)
+    cap = Capture()
+    res = finetune.train(r, out=out, overwrite=True, reporter=cap)
+    n_train = cap.info.get("train_images", 0)
+    return {"val_acc": res.epochs[-1]["val_acc"], "images": epochs * (n_train + cap.info.get("val_images", 0)),
+            "picked": {k: cap.info.get(k) for k in ("precision", "channels_last", "feature_cache")},
+            "notes": cap.notes, "run_dir": res.run_dir}
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+def timed(fn):
+    t0 = time.perf_counter()
+    with PeakRSS() as rss:
+        out = fn()
+    out["wall_s"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = rss.peak
+    out.pop("model", None)
+    return out
+
+
+def subset_root(root: Path, per_class_train: int, per_class_val: int, tmp: Path) -> Path:
+    """A smaller copy (symlinks) of an ImageFolder root for --quick."""
+    dst = tmp / "subset"
+    for split, k in (("train", per_class_train), ("val", per_class_val)):
+        for cls in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            (dst / split / cls.name).mkdir(parents=True, exist_ok=True)
+            for f in sorted(cls.iterdir())[:k]:
+                (dst / split / cls.name / f.name).symlink_to(f.resolve())
+    return dst
+
+
+def machine() -> dict:
+    model = platform.processor() or "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
+            "bf16_native": finetune.engine.cpu_has_native_bf16(), "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="5 train / 3 val images per class, fewer epochs")
+    ap.add_argument("--data", default=None, help="ImageFolder root with train/ and val/ (default: flowers12 or "
+                    "the bundled sample)")
+    ap.add_argument("--only", default=None, help="comma-separated scenarios: probe,partial,full,eval,smallcnn,prec")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latest.json"))
+    ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    ap.add_argument("--per-class", default=None, help="TRAIN,VAL: use only that many images per class (the "
+                    "epochs stay those of the full run)")
+    ap.add_argument("--render", default=None, help="print the table of a saved JSON file and exit")
+    args = ap.parse_args(argv)
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return 0
+    logging.getLogger("finetune").setLevel(logging.ERROR)
+    shared = REPO.parent / "shared" / "data" / "flowers12"
+    root = Path(args.data) if args.data else (shared if shared.is_dir() else REPO / "data" / "sample")
+    only = set(args.only.split(",")) if args.only else {"probe", "partial", "full", "eval", "smallcnn", "prec"}
+    tmp = Path(tempfile.mkdtemp(prefix="ftbench-"))
+    if args.quick:
+        root = subset_root(root, 5, 3, tmp)
+    elif args.per_class:
+        k_train, k_val = (int(v) for v in args.per_class.split(","))
+        root = subset_root(root, k_train, k_val, tmp)
+    ep_probe, ep_partial, ep_full, ep_small = (2, 1, 1, 2) if args.quick else (5, 2, 1, 10)
+    classes = len([p for p in (root / "train").iterdir() if p.is_dir()])
+
+    # the same random-init weights for both sides, saved once
+    torch.manual_seed(SEED)
+    w_resnet = tmp / "resnet18_init.pth"
+    torch.save(torchvision.models.resnet18(num_classes=classes).state_dict(), w_resnet)
+    w_small = tmp / "smallcnn_init.pth"
+    torch.save(SmallCNN(classes).state_dict(), w_small)
+    tf224 = hand_transform(224, 256, *IMAGENET)
+    tf32 = hand_transform(32, 32, (0.5,) * 3, (0.5,) * 3)
+    resnet = lambda: torchvision.models.resnet18(num_classes=classes)  # noqa: E731
+
+    # warm-up: oneDNN kernel selection and first-call costs for both precisions/layouts, so that neither side of
+    # the first scenario pays them
+    with torch.inference_mode():
+        net = resnet().eval()
+        x = torch.randn(8, 3, 224, 224)
+        net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    rows = []
+    prec = []
+    data_label = (f"{root} (quick subset)" if args.quick else
+                  f"{root}: {args.per_class} train,val images per class of {args.data or 'flowers12'}"
+                  if args.per_class else str(root))
+
+    def save():  # after every scenario, so an interrupted run keeps what it measured
+        info = {"machine": machine(), "data": data_label, "quick": args.quick, "rows": rows, "precision": prec}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(info, indent=2, default=str))
+        return info
+
+    def pair(name, hand_fn, ft_fn, what):
+        print(f"[{name}] hand loop ...", file=sys.stderr, flush=True)
+        h = timed(hand_fn)
+        print(f"[{name}] finetune ...", file=sys.stderr, flush=True)
+        f = timed(ft_fn)
+        row = {"scenario": name, "what": what, "hand": h, "finetune": f, "ratio": h["wall_s"] / f["wall_s"],
+               "target": TARGETS.get(name)}
+        row["acc_ok"] = f["val_acc"] >= h["val_acc"] - 0.01
+        row["met"] = None if row["target"] is None else bool(row["ratio"] >= row["target"] and row["acc_ok"])
+        rows.append(row)
+        save()
+        print(f"[{name}] {h['wall_s']:.1f} s vs {f['wall_s']:.1f} s = {row['ratio']:.2f}x; val acc "
+              f"{h['val_acc']:.3f} vs {f['val_acc']:.3f}; finetune picked {f.get('picked')}", file=sys.stderr,
+              flush=True)
+        return row
+
+    if "probe" in only:
+        pair("linear probe", lambda: hand_train(resnet, w_resnet, root, tf224, ep_probe, ["*"], None),
+             lambda: ft_train("resnet18", w_resnet, root, 224, ep_probe, {"freeze.backbone": True}, tmp / "probe",
+                              None),
+             f"resnet18 224px, backbone frozen, {ep_probe} epochs")
+    if "partial" in only:
+        pair("partial freeze", lambda: hand_train(resnet, w_resnet, root, tf224, ep_partial, PARTIAL, None),
+             lambda: ft_train("resnet18", w_resnet, root, 224, ep_partial, {"freeze.layers": PARTIAL},
+                              tmp / "partial", None),
+             f"resnet18 224px, conv1..layer3 frozen, {ep_partial} epochs")
+    full = None
+    if "full" in only or "eval" in only:
+        full = pair("full fine-tune", lambda: hand_train(resnet, w_resnet, root, tf224, ep_full, None, None),
+                    lambda: ft_train("resnet18", w_resnet, root, 224, ep_full, {}, tmp / "full", None),
+                    f"resnet18 224px, all trainable, {ep_full} epoch")
+    if "eval" in only and full is not None:
+        ckpt = Path(full["finetune"]["run_dir"]) / "last.pt"
+
+        def hand_eval():
+            model = resnet()
+            model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+            val = datasets.ImageFolder(str(root / "val"), transform=tf224)
+            acc = hand_evaluate(model, torch.utils.data.DataLoader(val, batch_size=64, shuffle=False))
+            return {"val_acc": acc, "images": len(val)}
+
+        def ft_eval():
+            res = finetune.evaluate_checkpoint(ckpt, batch_size=64)
+            return {"val_acc": res["accuracy"], "images": res["n"]}
+
+        pair("eval", hand_eval, ft_eval, "resnet18 224px, one pass over val (the full fine-tune's checkpoint)")
+    if "smallcnn" in only:
+        pair("smallcnn 32px", lambda: hand_train(lambda: SmallCNN(classes), w_small, root, tf32, ep_small, None,
+                                                 None),
+             lambda: ft_train("smallcnn", w_small, root, 32, ep_small, {}, tmp / "small", None),
+             f"smallcnn 32x32, all trainable, {ep_small} epochs")
+    if "prec" in only:  # item 2: bf16 vs fp32 of the default and linear-probe recipes, finetune alone
+        for recipe, over in (("default", {}),
+                             ("linear-probe", {"model.weights": str(w_resnet), "data.path": str(root),
+                                               "data.augment": "none", "train.epochs": ep_probe})):
+            accs = {}
+            for p in ("fp32", "bf16"):
+                r = apply_overrides(load_recipe(recipe), {**over, "train.precision": p, "train.tensorboard": False})
+                if args.quick and recipe == "default":
+                    r.train.epochs = 4
+                t0 = time.perf_counter()
+                res = finetune.train(r, out=tmp / f"prec-{recipe}-{p}", overwrite=True)
+                accs[p] = {"val_acc": res.epochs[-1]["val_acc"], "wall_s": time.perf_counter() - t0}
+            prec.append({"recipe": recipe, **accs,
+                         "diff_points": 100 * abs(accs["bf16"]["val_acc"] - accs["fp32"]["val_acc"])})
+            print(f"[precision] {recipe}: {accs}", file=sys.stderr, flush=True)
+            save()
+    info = save()
+    print(render(info, markdown=args.markdown))
+    return 0
+
+
+def render(info: dict, markdown: bool = True) -> str:
+    """The table (markdown); ``python benchmarks/bench.py --render FILE.json`` prints it again."""
+    m = info["machine"]
+    head = ["scenario", "hand loop s", "finetune s", "hand img/s", "finetune img/s", "ratio", "target",
+            "val acc hand", "val acc finetune", "peak RSS MB hand / finetune"]
+    lines = [f"{m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), native bf16: {m['bf16_native']}, "
+             f"torch {m['torch']}, torchvision {m['torchvision']}, {m['date']}; data: {info['data']}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in info["rows"]:
+        h, f = r["hand"], r["finetune"]
+        target = "-" if r["target"] is None else (f">= {r['target']:g}x " + ("met" if r["met"] else "**MISSED**"))
+        lines.append("| " + " | ".join([
+            f"{r['scenario']}: {r['what']}", f"{h['wall_s']:.1f}", f"{f['wall_s']:.1f}",
+            f"{h['images'] / h['wall_s']:.1f}", f"{f['images'] / f['wall_s']:.1f}", f"{r['ratio']:.2f}x", target,
+            f"{100 * h['val_acc']:.1f}%", f"{100 * f['val_acc']:.1f}%",
+            f"{h['peak_rss_mb']:.0f} / {f['peak_rss_mb']:.0f}"]) + " |")
+    if info["rows"]:
+        picked = info["rows"][0]["finetune"].get("picked")
+        lines.append("")
+        lines.append(f"finetune picked: {picked}")
+    for p in info.get("precision", []):
+        lines.append(f"precision, recipe {p['recipe']}: val acc fp32 {100 * p['fp32']['val_acc']:.1f}% "
+                     f"({p['fp32']['wall_s']:.1f} s), bf16 {100 * p['bf16']['val_acc']:.1f}% "
+                     f"({p['bf16']['wall_s']:.1f} s): {p['diff_points']:.1f} points apart")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
