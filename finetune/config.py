@@ -98,6 +98,7 @@ class TrainCfg:
     tensorboard: bool = True
     graph: bool = True  # add the model graph to TensorBoard
     save_every_steps: int | None = None  # also save last.pt every N optimizer steps inside an epoch (resumable)
+    sync_bn: bool = False  # DDP: SyncBatchNorm for BN layers that train (statistics over the global batch)
 
 
 @dataclass

@@ -63,6 +63,15 @@ def wrap(model: torch.nn.Module, d: Dist, device: torch.device) -> torch.nn.Modu
     return DDP(model, device_ids=ids)  # buffers (BN statistics) follow rank 0 at every forward
 
 
+def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """BatchNorm -> SyncBatchNorm (statistics over all processes' batches); PyTorch implements it for CUDA only."""
+    from finetune.errors import ConfigError
+
+    if device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only); drop it on the CPU")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def shutdown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -175,6 +175,8 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
             "device": str(device), "precision": precision, "channels_last": channels_last,
             "processes": dd.world_size, "classes": classes}))
     reduce = (lambda t: dist_.all_reduce_sum(t, dd)) if dd.enabled else None
+    if cfg.train.sync_bn and dd.enabled:
+        model = dist_.sync_batchnorm(model, device)  # same Parameter objects: optimizer and state_dict unchanged
     train_model = dist_.wrap(model, dd, device)
     epochs_total = cfg.train.epochs
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)

@@ -61,3 +61,11 @@ def test_two_by_b_equals_one_by_2b(ddp_run, tmp_path):
     b = load_checkpoint(ddp_run / "last.pt")["model"]
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_sync_bn_needs_cuda():
+    from finetune.distributed import sync_batchnorm
+    from finetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--sync-bn needs CUDA \(PyTorch's SyncBatchNorm runs on GPUs only\)"):
+        sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), torch.device("cpu"))

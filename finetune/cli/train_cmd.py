@@ -68,6 +68,9 @@ def train(
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
                                                  help="Memory layout (default: channels_last for conv nets).",
                                                  rich_help_panel=_T),
+    sync_bn: Optional[bool] = typer.Option(None, "--sync-bn/--no-sync-bn", help="With --nproc/torchrun: "
+                                           "SyncBatchNorm, so BN that trains sees the global batch (CUDA).",
+                                           rich_help_panel=_T),
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model "
                                             "(opt-in; the first batches pay the compile time).", rich_help_panel=_T),
     cache_features: Optional[str] = typer.Option(None, "--cache-features", help="auto | on | off: train the head "
@@ -116,7 +119,7 @@ def train(
         "train.accumulate": accumulate, "train.clip_grad": clip_grad, "train.seed": seed, "train.device": device,
         "train.precision": precision, "train.channels_last": channels_last, "train.compile": compile_,
         "train.cache_features": cache_features, "train.early_stop": early_stop, "train.tensorboard": tensorboard,
-        "train.save_every_steps": save_every_steps,
+        "train.save_every_steps": save_every_steps, "train.sync_bn": sync_bn,
     }
     given = {k: v for k, v in overrides.items() if v is not None}
     if model is not None and weights is None and recipe is None:
