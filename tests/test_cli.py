@@ -113,3 +113,20 @@ def test_every_command_has_help(cli):
         assert r.exit_code == 0 and "Usage: finetune " + cmd.name in r.stdout
         assert cmd.help and len(cmd.help) > 20
 
+
+
+def test_version(cli):
+    from finetune import __version__
+
+    r = cli("--version")
+    assert r.exit_code == 0 and r.stdout == f"finetune {__version__}\n"
+
+
+def test_value_errors_name_the_flag(cli, tmp_path):
+    r = cli("train", "--epochs", "0", "--out", tmp_path / "x")
+    assert r.exit_code == 1
+    assert r.stderr == "Error: --epochs: train.epochs must be greater than 0, got 0\n"
+    r = cli("train", "--model", "smallcnn", "--scheduler", "cosin", "--out", tmp_path / "y")
+    assert r.stderr == ("Error: --scheduler: scheduler.name must be one of constant, step, cosine, onecycle, got "
+                        "'cosin' (did you mean 'cosine'?)\n")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -158,4 +158,4 @@ def test_non_finite_numbers_are_config_errors(section, key, value, shown):
 
 def test_non_finite_lr_from_the_cli(cli, tmp_path):
     r = cli("train", "--lr", "nan", "--out", tmp_path / "o")
-    assert r.exit_code == 1 and r.stderr == "Error: optimizer.lr must be a finite number, got nan\n"
+    assert r.exit_code == 1 and r.stderr == "Error: --lr: optimizer.lr must be a finite number, got nan\n"

@@ -85,6 +85,20 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from finetune import __version__
+
+        typer.echo(f"finetune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Fine-tune pretrained image classifiers: pick a backbone, freeze what stays fixed, train the rest."""
+
+
 from finetune.cli import (eval_cmd, export_cmd, inspect_cmd, models_cmd, predict_cmd, recipes_cmd,  # noqa: E402
                           train_cmd)
 

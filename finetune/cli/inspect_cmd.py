@@ -77,7 +77,10 @@ def _recipe(recipe: Optional[str], overrides: dict):
     from finetune import config
 
     base = config.load_recipe(recipe) if recipe else config.Recipe()
-    return config.apply_overrides(base, overrides)
+    from finetune.cli.options import name_flags
+
+    with name_flags([k for k, v in overrides.items() if v is not None]):
+        return config.apply_overrides(base, overrides)
 
 
 def _plan_doc(plan, schedule) -> dict:

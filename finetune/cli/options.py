@@ -6,6 +6,7 @@ Each flag replaces the one recipe key it names; the recipe's other freeze keys s
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, List, Optional
 
 import typer
@@ -80,3 +81,27 @@ def freeze_overrides(freeze_names: Optional[str] = None, freeze_first: Optional[
         if steps:
             out["freeze.schedule"] = steps
     return out
+
+
+_FLAG_FOR = {"model.name": "--model", "model.weights": "--weights", "data.path": "--data",
+             "optimizer.name": "--optimizer", "scheduler.name": "--scheduler", "freeze.names": "--freeze-names",
+             "freeze.first": "--freeze-first", "freeze.layers": "--freeze-layers", "freeze.backbone": "--freeze-backbone",
+             "freeze.unfreeze": "--unfreeze", "freeze.schedule": "--unfreeze", "train.compile": "--compile"}
+
+
+def flag_of(key: str) -> str:
+    """The command-line flag that sets recipe key ``key`` (``train.batch_size`` -> ``--batch-size``)."""
+    return _FLAG_FOR.get(key) or "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+
+
+@contextmanager
+def name_flags(keys):
+    """Prefix a recipe-key error with the flag the user typed: ``--lr: optimizer.lr must be greater than 0``."""
+    try:
+        yield
+    except ConfigError as e:
+        msg = str(e)
+        for key in sorted(keys, key=len, reverse=True):
+            if msg.startswith((key + " ", key + "[")):
+                raise ConfigError(f"{flag_of(key)}: {msg}") from None
+        raise

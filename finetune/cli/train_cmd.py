@@ -46,21 +46,21 @@ def train(
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd | adam | adamw | rmsprop.",
                                             rich_help_panel=_O),
     lr: Optional[float] = typer.Option(None, "--lr", help="Base learning rate.", rich_help_panel=_O),
-    momentum: Optional[float] = typer.Option(None, "--momentum", rich_help_panel=_O),
-    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", rich_help_panel=_O),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD/RMSprop momentum (recipe default 0.9).", rich_help_panel=_O),
+    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum for SGD.", rich_help_panel=_O),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Not applied to biases and norm "
                                                  "weights.", rich_help_panel=_O),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="constant | step | cosine | onecycle.",
                                             rich_help_panel=_O),
-    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", rich_help_panel=_O),
-    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", rich_help_panel=_O),
-    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", rich_help_panel=_T),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", rich_help_panel=_T),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear LR warmup, in epochs (fractions allowed).", rich_help_panel=_O),
+    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="CrossEntropyLoss label smoothing (0-1).", rich_help_panel=_O),
+    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", help="Epochs to train (with --resume: the new total).", rich_help_panel=_T),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per batch (per process under DDP).", rich_help_panel=_T),
     accumulate: Optional[int] = typer.Option(None, "--accumulate", help="Gradient accumulation steps.",
                                              rich_help_panel=_O),
     clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help="Clip the gradient norm to this value.",
                                               rich_help_panel=_O),
-    seed: Optional[int] = typer.Option(None, "--seed", rich_help_panel=_T),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, data order and augmentation.", rich_help_panel=_T),
     device: Optional[str] = typer.Option(None, "--device", help="auto (cuda > mps > cpu) | cpu | cuda | mps.",
                                          rich_help_panel=_T),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16.",
@@ -78,7 +78,7 @@ def train(
                                                  "computation).", rich_help_panel=_T),
     early_stop: Optional[int] = typer.Option(None, "--early-stop", help="Stop after N epochs without a better val "
                                              "accuracy.", rich_help_panel=_T),
-    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", rich_help_panel=_T),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help="Write TensorBoard event files to the run directory.", rich_help_panel=_T),
     save_every_steps: Optional[int] = typer.Option(None, "--save-every-steps", help="Also save last.pt every N "
                                                    "optimizer steps inside an epoch; --resume continues from there.",
                                                    rich_help_panel=_T),
@@ -139,7 +139,8 @@ def train(
         return
     from finetune.weights import trusted
 
-    r = config.apply_overrides(_base_recipe(recipe, model), given)
+    with O.name_flags(given):
+        r = config.apply_overrides(_base_recipe(recipe, model), given)
     with trusted(trust_checkpoint):
         _run(lambda: run_train(r, out=out, overwrite=overwrite, reporter=reporter))
 
