@@ -222,6 +222,15 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                   "data": {"path": cfg.data.path, "labels": cfg.data.labels, "val_split": cfg.data.val_split,
                            "seed": cfg.train.seed}}
     first_batch_logged = start_epoch > 0
+
+    def checkpoint(epochs_done: int, val: dict[str, Any] | None) -> dict[str, Any]:
+        """Everything needed to rebuild and use the model without the recipe, and to resume the run exactly."""
+        return {"model": model.state_dict(), **extra_ckpt, "epoch": epochs_done, "plan": plan.to_dict(),
+                "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+                "recipe": resolved.to_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None, "metrics": history, "best": best,
+                "val": val, "finetune_version": __version__, "world_size": dd.world_size}
+
     try:
         for epoch in range(start_epoch, epochs_total):
             resuming = partial if epoch == start_epoch else None
@@ -246,12 +255,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                 torch.set_rng_state(resuming["rng"])
             D.set_epoch(tl, epoch, int(resuming["batches"]) if resuming else 0)
             reporter.epoch_start(epoch, epochs_total, len(tl))
-            saver = _mid_epoch_saver(cfg, run_dir, lambda: {
-                "model": model.state_dict(), **extra_ckpt, "epoch": epoch, "plan": plan.to_dict(),
-                "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
-                "recipe": resolved.to_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None, "metrics": history,
-                "best": best, "val": None, "finetune_version": __version__, "world_size": dd.world_size})
+            saver = _mid_epoch_saver(cfg, run_dir, lambda: checkpoint(epoch, None))
             tr = train_one_epoch(m, tl, st, epoch, reporter, resume=resuming,
                                  on_step=saver if dd.is_main else None)
             ev = (evaluate(m if feats is not None else model, vl, len(classes), device=device,
@@ -274,11 +278,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                 since_best += 1
             row["best"] = improved
             if dd.is_main:
-                ckpt = {"model": model.state_dict(), **extra_ckpt, "epoch": epoch + 1, "plan": plan.to_dict(),
-                        "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
-                        "recipe": resolved.to_dict(), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict() if scaler else None, "metrics": history, "best": best,
-                        "val": ev, "finetune_version": __version__, "world_size": dd.world_size}
+                ckpt = checkpoint(epoch + 1, ev)
                 ck.save_checkpoint(ckpt, run_dir / "last.pt")
                 if improved:
                     ck.save_checkpoint(ckpt, run_dir / "best.pt")
