@@ -19,6 +19,11 @@ from finetune.engine import evaluate, resolve_device
 from finetune.errors import DataError
 
 
+def _precision_on(dev: torch.device, precision: str) -> str:
+    """The checkpoint's precision where ``dev`` can run it (fp16 autocast has no CPU path: fp32 there)."""
+    return "fp32" if precision == "fp16" and dev.type == "cpu" else precision
+
+
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model from a finetune checkpoint alone (no recipe needed); returns (model in eval mode, ckpt)."""
     from finetune.models import build_model
@@ -47,10 +52,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
                               labels=info.get("labels") if data is None or data == info.get("path") else None,
                               val_split=info.get("val_split", 0.2), seed=info.get("seed", 0))
     loader = D.make_loader(ds, batch_size, shuffle=False, seed=0, device=dev.type)
-    prec = precision or ckpt.get("precision", "fp32")
-    if prec != "fp32" and dev.type == "cpu" and prec == "fp16":
-        prec = "fp32"
-    res = evaluate(model, loader, int(ckpt["num_classes"]), device=dev, precision=prec,
+    res = evaluate(model, loader, int(ckpt["num_classes"]), device=dev,
+                   precision=_precision_on(dev, precision or ckpt.get("precision", "fp32")),
                    channels_last=bool(ckpt.get("channels_last")))
     names = list(ckpt["class_names"])
     return {"accuracy": res["accuracy"], "top5": res["top5"], "loss": res["loss"], "n": res["n"],
@@ -74,14 +77,14 @@ def predict(checkpoint: str | Path, paths: list[str], top_k: int = 5, *, device:
     tf_cfg = ckpt["transform"]
     tf = D.eval_transform(tf_cfg)
     k = max(1, min(top_k, len(names)))
-    prec = ckpt.get("precision", "fp32")
+    prec = _precision_on(dev, ckpt.get("precision", "fp32"))
     out: list[dict[str, Any]] = []
     for i in range(0, len(files), batch_size):
         chunk = files[i:i + batch_size]
         x = torch.stack([tf(D.decode(f, tf_cfg)) for f in chunk]).to(dev)  # exactly what eval sees
         if ckpt.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), autocast(dev, prec if not (prec == "fp16" and dev.type == "cpu") else "fp32"):
+        with torch.inference_mode(), autocast(dev, prec):
             probs = model(x).float().softmax(dim=1)
         p, idx = probs.topk(k, dim=1)
         for f, pr, ix in zip(chunk, p.tolist(), idx.tolist()):

@@ -65,28 +65,15 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def probe_data_cfg(name: str, weights: str) -> dict[str, Any]:
     """The backbone's input config (size, mean/std, ...) without building it for real or downloading weights."""
     from finetune import weights as W
-    from finetune.models import build_model, canonical, parse_name
+    from finetune.models import build_model_shapes, canonical, parse_name
 
     source, arch = parse_name(name)
-    spec = W.parse_spec(weights if weights != "file" else "none", source, arch)
+    spec = W.parse_spec("none" if W.looks_like_path(weights) else weights, source, arch)  # a file: arch's config
     if spec.kind == "torchvision":
         from finetune.models.tv import data_cfg_from_weights
 
         return data_cfg_from_weights(spec.enum)
-    probe = canonical(source, spec.tag_name if spec.kind == "timm" else arch)
-    try:
-        with torch.device("meta"):
-            return build_model(probe, weights="none").data_cfg
-    except FinetuneError:
-        raise
-    except Exception:  # noqa: BLE001 - constructors that need real tensors (regnet)
-        return build_model(probe, weights="none").data_cfg
-
-
-def _weights_for_probe(weights: str) -> str:
-    from finetune.weights import looks_like_path
-
-    return "none" if looks_like_path(weights) else weights
+    return build_model_shapes(canonical(source, spec.tag_name if spec.kind == "timm" else arch)).data_cfg
 
 
 def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bool = False,
@@ -130,7 +117,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
         reporter = Reporter()  # only rank 0 prints, writes TensorBoard and saves checkpoints
     precision = resolve_precision(cfg.train.precision, device)
 
-    data_cfg = probe_data_cfg(cfg.model.name, _weights_for_probe(cfg.model.weights))
+    data_cfg = probe_data_cfg(cfg.model.name, cfg.model.weights)
     bundle = D.build_data(cfg.data, data_cfg, seed=cfg.train.seed)
     classes = list(bundle.class_names)
     if state is not None and classes != list(state["class_names"]):
@@ -169,7 +156,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     if scaler is not None and state is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
 
-    resolved = _resolved_recipe(cfg, bb, device, precision, channels_last)
+    resolved = _resolved_recipe(cfg, bb)
     if dd.is_main:
         ck.atomic_write_text(run_dir / "config.yaml", _yaml(resolved, {
             "device": str(device), "precision": precision, "channels_last": channels_last,
@@ -342,7 +329,7 @@ def _mid_epoch_saver(cfg: Recipe, run_dir: Path, make_ckpt):
     return on_step
 
 
-def _resolved_recipe(cfg: Recipe, bb, device, precision: str, channels_last: bool) -> Recipe:
+def _resolved_recipe(cfg: Recipe, bb) -> Recipe:
     r = from_dict(cfg.to_dict())
     r.model.weights = cfg.model.weights if cfg.model.weights == "default" else bb.weights
     r.model.num_classes = bb.num_classes

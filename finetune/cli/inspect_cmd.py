@@ -90,18 +90,9 @@ def _plan_doc(plan, schedule) -> dict:
 
 
 def _build(model: str, num_classes, weights: str):
-    """Without weights, build on the meta device: the listing needs shapes, not values (vgg16: ~0.1 s, not 2 s)."""
-    import torch
-
-    from finetune.errors import FinetuneError
-    from finetune.models import build_model
+    """Without weights the listing needs shapes, not values: build on the meta device."""
+    from finetune.models import build_model, build_model_shapes
 
     if weights.lower() in ("none", "random"):
-        try:
-            with torch.device("meta"):
-                return build_model(model, num_classes=num_classes, weights=weights)
-        except FinetuneError:
-            raise
-        except Exception:  # noqa: BLE001 - a constructor that needs real tensors (regnet): build it for real
-            pass
+        return build_model_shapes(model, num_classes)
     return build_model(model, num_classes=num_classes, weights=weights)
