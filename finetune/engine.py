@@ -87,16 +87,21 @@ def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
 # ----------------------------------------------------------------------------------------------- LR schedule
 
 
-def lr_factor(cfg: SchedulerCfg, t: float, total: float, base_lr: float = 1.0) -> float:
-    """Multiplier on each group's ``base_lr`` after ``t`` of ``total`` epochs (fractions allowed).
+def lr_factor(cfg: SchedulerCfg, t: float, total: float, base_lr: float = 1.0, dt: float = 0.0) -> float:
+    """Multiplier on each group's ``base_lr`` for the update that starts at ``t`` of ``total`` epochs.
 
-    Linear warmup over ``warmup_epochs`` (onecycle: 30% of the run when none is given), then constant, step
-    (``gamma`` every ``step_size`` epochs), or cosine to ``min_lr``. Computed from the epoch position alone, so
-    parameter groups added by an unfreeze and resumed runs follow the same curve.
+    ``t`` is the position where the update's interval *starts* (update k of K per epoch: ``epoch + k / K``), the
+    convention of PyTorch's LambdaLR stepped per update and of timm's per-update schedulers: the first update uses
+    the base LR (or the first warm-up value) and the last one of a cosine run is still above ``min_lr``. ``dt`` is the
+    length of one update in epochs (``1 / K``): linear warm-up over ``warmup_epochs`` gives update k the factor
+    ``(t + dt) / warmup`` (``(k + 1) / W`` in updates), so it starts above 0 and reaches 1 at its last update
+    (onecycle: 30% of the run when no warm-up is given). After it: constant, step (``gamma`` every ``step_size``
+    epochs), or cosine to ``min_lr``. Computed from the position alone, so parameter groups added by an unfreeze
+    and resumed runs follow the same curve.
     """
     warm = cfg.warmup_epochs or (0.3 * total if cfg.name == "onecycle" else 0.0)
     if warm and t < warm:
-        return max(t / warm, 1e-3)
+        return min(max((t + dt) / warm, 1e-3), 1.0)
     if cfg.name == "constant":
         return 1.0
     if cfg.name == "step":
@@ -109,15 +114,21 @@ def lr_factor(cfg: SchedulerCfg, t: float, total: float, base_lr: float = 1.0) -
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, cfg: SchedulerCfg, t: float, total: float) -> float:
-    """Apply the schedule to every group (``lr = base_lr x factor``); returns the largest LR."""
+def set_lr(optimizer: torch.optim.Optimizer, cfg: SchedulerCfg, t: float, total: float, dt: float = 0.0) -> float:
+    """Apply the schedule to every group (``lr = base_lr x factor``) for the update starting at ``t`` (see
+    :func:`lr_factor`); returns the largest LR."""
     top = 0.0
     for g in optimizer.param_groups:
         base = g.get("base_lr", g["lr"])
         g.setdefault("base_lr", base)
-        g["lr"] = base * lr_factor(cfg, t, total, base_lr=base)
+        g["lr"] = base * lr_factor(cfg, t, total, base_lr=base, dt=dt)
         top = max(top, g["lr"])
     return top
+
+
+def updates_per_epoch(n_batches: int, accumulate: int) -> int:
+    """Optimizer steps in an epoch of ``n_batches`` micro-batches (a last partial accumulation group steps too)."""
+    return max(1, -(-n_batches // max(accumulate, 1)))
 
 
 # ----------------------------------------------------------------------------------------------- loops
@@ -149,7 +160,7 @@ class Step:
     clip_grad: float | None = None
     scaler: Any = None  # torch.amp.GradScaler for fp16
     after_train_mode: Callable[[nn.Module], None] = lambda m: None  # the BN policy, applied after .train()
-    schedule: Callable[[float], float] | None = None  # epoch position -> sets LRs, returns the top LR
+    schedule: Callable[[float, float], float] | None = None  # (update start in epochs, update length) -> sets LRs
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # sums a tensor over DDP ranks (all_reduce)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -165,8 +176,9 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_l
 def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
                     reporter: Reporter | None = None, *, resume: dict[str, Any] | None = None,
                     on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss, argmax accuracy, images, seconds, images/s and the LR of the
-    epoch's first optimizer step (the largest across groups; what the epoch trained with, as timm logs it).
+    """One pass over ``loader``; returns mean loss, argmax accuracy, images, seconds, images/s, ``lr``: the LR the
+    epoch's first optimizer step applied (the largest across groups, as timm logs it) and ``lrs``: that step's LR
+    per parameter group (by group name).
 
     ``resume`` continues an epoch saved mid-way: ``{"batches", "loss_sum", "correct", "seen"}`` from an
     ``on_step`` call; the loader must then yield only the remaining batches (``data.set_epoch(loader, e, skip)``),
@@ -182,8 +194,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
     skip = int(resume.get("batches", 0))
     loss_sum, correct, seen = float(resume.get("loss_sum", 0.0)), int(resume.get("correct", 0)), \
         int(resume.get("seen", 0))
+    n_updates = updates_per_epoch(n_batches, step.accumulate)
     lr = max((g["lr"] for g in opt.param_groups), default=0.0)
     first_lr: float | None = resume.get("first_lr")
+    first_lrs: dict[str, float] = dict(resume.get("first_lrs") or {})
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader, start=skip):
@@ -197,9 +211,11 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
         (step.scaler.scale(scaled) if step.scaler else scaled).backward()
         last = i + 1 == n_batches
         if (i + 1) % step.accumulate == 0 or last:
-            if step.schedule:
-                lr = step.schedule(epoch + (i + 1) / n_batches)
-                first_lr = lr if first_lr is None else first_lr
+            if step.schedule:  # update k of K in this epoch trains at the schedule's value at epoch + k / K
+                lr = step.schedule(epoch + (i // step.accumulate) / n_updates, 1.0 / n_updates)
+            if first_lr is None:
+                first_lr = lr
+                first_lrs = {g.get("name", str(j)): g["lr"] for j, g in enumerate(opt.param_groups)}
             if step.scaler:
                 step.scaler.unscale_(opt)
             if step.clip_grad:
@@ -219,14 +235,15 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
         reporter.batch(i, n_batches, loss_sum / seen, correct / seen, seen / (time.perf_counter() - t0))
         if on_step is not None and not last and (i + 1) % step.accumulate == 0:
             on_step({"batches": i + 1, "loss_sum": loss_sum, "correct": correct, "seen": seen,
-                     "first_lr": first_lr})
+                     "first_lr": first_lr, "first_lrs": first_lrs})
     secs = time.perf_counter() - t0
     if step.reduce is not None:  # metrics over all ranks' shards
         tot = step.reduce(torch.tensor([loss_sum, float(correct), float(seen)], dtype=torch.float64,
                                        device=step.device)).tolist()
         loss_sum, correct, seen = tot[0], int(tot[1]), int(tot[2])
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "n": seen, "seconds": secs,
-            "images_per_sec": seen / secs if secs > 0 else 0.0, "lr": lr if first_lr is None else first_lr}
+            "images_per_sec": seen / secs if secs > 0 else 0.0, "lr": lr if first_lr is None else first_lr,
+            "lrs": first_lrs}
 
 
 class NonFiniteLoss(Exception):

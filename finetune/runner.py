@@ -170,7 +170,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     step = Step(optimizer=optimizer, loss_fn=loss_fn, device=device, precision=precision,
                 channels_last=channels_last, accumulate=cfg.train.accumulate, clip_grad=cfg.train.clip_grad,
                 scaler=scaler, after_train_mode=lambda m: F.apply_bn_policy(m, cfg.freeze.bn),
-                schedule=lambda t: set_lr(optimizer, cfg.scheduler, t, epochs_total), reduce=reduce)
+                schedule=lambda t, dt: set_lr(optimizer, cfg.scheduler, t, epochs_total, dt), reduce=reduce)
 
     shard = {"num_replicas": dd.world_size, "rank": dd.rank}  # batch_size is per process
     val_loader = (D.make_loader(bundle.val, cfg.train.batch_size, shuffle=False, seed=cfg.train.seed,
@@ -251,7 +251,8 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                   if vl is not None else None)
             row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
                    "val_loss": ev["loss"] if ev else None, "val_acc": ev["accuracy"] if ev else None,
-                   "lr": tr["lr"], "seconds": tr["seconds"], "images_per_sec": tr["images_per_sec"]}
+                   "lr": tr["lr"], "lrs": tr["lrs"], "seconds": tr["seconds"],
+                   "images_per_sec": tr["images_per_sec"]}
             if ev and ev["top5"] is not None:
                 row["val_top5"] = ev["top5"]
             history.append(row)
@@ -366,6 +367,8 @@ def _log_scalars(writer, row: dict, step: int) -> None:
                      ("val_acc", "accuracy/val"), ("lr", "lr"), ("images_per_sec", "images_per_sec")):
         if row.get(key) is not None:
             writer.add_scalar(tag, row[key], step)
+    for name, lr in (row.get("lrs") or {}).items():  # each group's LR at the epoch's first update
+        writer.add_scalar("lr_group/" + name.replace(" ", "_"), lr, step)
 
 
 def _log_first_batch(writer, loader, tf: dict, model, cfg: Recipe, device, channels_last: bool) -> None:

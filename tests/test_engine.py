@@ -96,6 +96,54 @@ def test_schedules(name):
         assert f[0] == 1.0 and math.isclose(f[5], 0.5) and math.isclose(f[10], 0.0, abs_tol=1e-12)
     else:
         assert f[0] == 1e-3 and math.isclose(f[3], 1.0) and f[10] < 1e-3  # 30% warmup, then down
+        assert lr_factor(cfg, 0, 10, dt=0.5) == 0.5 / 3  # warm-up update k: (k + 1) / W
+
+
+def _applied_lrs(opt):
+    """Wrap ``opt.step`` to record each update's LR per group, as applied."""
+    seen, step = [], opt.step
+
+    def recording(*a, **k):
+        seen.append([g["lr"] for g in opt.param_groups])
+        return step(*a, **k)
+
+    opt.step = recording
+    return seen
+
+
+def test_lr_sequence_per_update_warmup_cosine_accumulation():
+    """3 epochs x 4 batches, accumulation 2 -> 2 updates per epoch, K = 6; warm-up 1 epoch (W = 2 updates) then
+    cosine over epochs 1..3. Update k trains at position k / 2 (epochs): warm-up (k + 1) / W, then the cosine."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = SchedulerCfg(name="cosine", warmup_epochs=1)
+    seen = _applied_lrs(opt)
+    step = Step(opt, nn.CrossEntropyLoss(), torch.device("cpu"), accumulate=2,
+                schedule=lambda t, dt: set_lr(opt, cfg, t, 3, dt))
+    rows = [train_one_epoch(model, DataLoader(TensorDataset(x, y), batch_size=4), step, e) for e in range(3)]
+    c = math.cos(math.pi / 4)
+    expected = [0.05, 0.1, 0.1, 0.05 * (1 + c), 0.05, 0.05 * (1 - c)]
+    assert len(seen) == 6
+    assert all(math.isclose(a[0], b, rel_tol=1e-12) for a, b in zip(seen, expected)), seen
+    assert [r["lr"] for r in rows] == [seen[0][0], seen[2][0], seen[4][0]]  # the epoch's first update, as applied
+    assert seen[-1][0] > 0
+
+
+def test_one_batch_one_epoch_cosine_run_trains():
+    """A 1-epoch run of one batch: its only update uses the base LR (it used the end-of-run LR, 0, before)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    before = model.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = SchedulerCfg(name="cosine")
+    out = train_one_epoch(model, DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))),
+                                            batch_size=32),
+                          Step(opt, nn.CrossEntropyLoss(), torch.device("cpu"),
+                               schedule=lambda t, dt: set_lr(opt, cfg, t, 1, dt)), 0)
+    assert out["lr"] == 0.1 and out["lrs"] == {"0": 0.1}
+    assert not torch.equal(model.weight, before)
 
 
 def test_warmup_and_groups_follow_base_lr():
