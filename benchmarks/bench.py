@@ -175,6 +175,135 @@ def ft_train(model: str, weights: Path, root: Path, size: int, epochs: int, free
             "notes": cap.notes, "run_dir": res.run_dir}
 
 
+# ----------------------------------------------------------------------------------------------- real weights
+
+LITE0 = "tf_efficientnet_lite0"
+REAL_WEIGHTS = REPO.parent / "shared" / "weights" / f"{LITE0}.safetensors"
+
+
+def lite0_hand(weights: Path, root: Path, epochs: int, head_only: bool, bf16: bool) -> dict:
+    """The 20-line loop a practitioner writes with real weights: timm's model, the pretrained file,
+    ``reset_classifier(C)`` (PyTorch's default Linear init), timm's eval transform (no augmentation), SGD 0.01
+    momentum 0.9, batch 32, constant LR. ``head_only``: everything but the classifier frozen and the whole model in
+    eval mode (the tutorial's probe, fp32); else everything trains in train mode (bf16 autocast + channels_last when
+    ``bf16``). Val accuracy and wall time are recorded after every epoch."""
+    import timm
+    from safetensors.torch import load_file
+
+    t0 = time.perf_counter()
+    torch.manual_seed(SEED)
+    model = timm.create_model(LITE0, num_classes=1000)
+    model.load_state_dict(load_file(str(weights)))
+    train_ds = datasets.ImageFolder(str(root / "train"))
+    model.reset_classifier(len(train_ds.classes))
+    tf = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    train_ds.transform = tf
+    val_ds = datasets.ImageFolder(str(root / "val"), transform=tf)
+    if head_only:
+        for n, p in model.named_parameters():
+            p.requires_grad = n.startswith("classifier.")
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM)
+    loss_fn = nn.CrossEntropyLoss()
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=64, shuffle=False)
+    cl = (lambda x: x.contiguous(memory_format=torch.channels_last)) if bf16 else (lambda x: x)
+    per_epoch = []
+    for epoch in range(epochs):
+        model.train(not head_only)
+        loader = torch.utils.data.DataLoader(train_ds, batch_size=BATCH, sampler=epoch_order(len(train_ds), epoch))
+        for x, y in loader:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(model(cl(x)).float(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        correct = total = 0
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for x, y in val_loader:
+                correct += (model(cl(x)).argmax(1) == y).sum().item()
+                total += y.numel()
+        per_epoch.append({"val_acc": correct / total, "wall_s": time.perf_counter() - t0})
+    return {"val_acc": per_epoch[-1]["val_acc"], "per_epoch": per_epoch, "images": epochs * (len(train_ds) +
+                                                                                            len(val_ds))}
+
+
+def ft_recipe(recipe: str, weights: Path, root: Path, epochs: int, out: Path, extra: dict | None = None) -> dict:
+    """A shipped recipe as a user runs it on Lite0: ``--recipe R --model timm:LITE0 --weights W --data D``."""
+    over = {"model.name": f"timm:{LITE0}", "model.weights": str(weights), "data.path": str(root),
+            "train.epochs": epochs, "train.tensorboard": False, "train.graph": False, **(extra or {})}
+    cap = Capture()
+    res = finetune.train(apply_overrides(load_recipe(recipe), over), out=out, overwrite=True, reporter=cap)
+    return {"val_acc": res.epochs[-1]["val_acc"], "per_epoch": [{"val_acc": e["val_acc"]} for e in res.epochs],
+            "images": epochs * (cap.info.get("train_images", 0) + cap.info.get("val_images", 0)),
+            "picked": {k: cap.info.get(k) for k in ("precision", "channels_last", "feature_cache")}}
+
+
+def real_rows(root: Path, tmp: Path, quick: bool, recipes: list[str], rows: list[dict], save) -> list[dict]:
+    """Every shipped recipe that fits a timm model, on Lite0 with real ImageNet weights, beside the hand loops,
+    in one process. Goals (issue 11): the probe >= the hand probe - 0.5 point and >= 10x faster; lp-ft >= the best
+    hand loop at the same epochs; full-finetune (2 epochs) >= the hand full fine-tune at 2 epochs."""
+    ep = 2 if quick else 5
+
+    def add(kind, name, what, epochs, fn):
+        print(f"[real] {name} ...", file=sys.stderr, flush=True)
+        r = timed(fn)
+        rows.append({"kind": kind, "name": name, "what": what, "epochs": epochs, **r})
+        save()
+        print(f"[real] {name}: {r['val_acc']:.4f} in {r['wall_s']:.1f} s", file=sys.stderr, flush=True)
+        return r
+
+    add("hand", "hand: head only", "backbone frozen in eval mode, PyTorch's default head init, SGD 0.01, fp32",
+        ep, lambda: lite0_hand(REAL_WEIGHTS, root, ep, head_only=True, bf16=False))
+    add("hand", "hand: all trainable", "everything trains, PyTorch's default head init, SGD 0.01, bf16 + "
+        "channels_last", ep, lambda: lite0_hand(REAL_WEIGHTS, root, ep, head_only=False, bf16=True))
+    for recipe in recipes:
+        epochs = min(2, ep) if recipe == "full-finetune" else ep
+        add("finetune", recipe, describe_recipe(recipe), epochs,
+            lambda: ft_recipe(recipe, REAL_WEIGHTS, root, epochs, tmp / f"real-{recipe}"))
+    for prec in ("fp32", "bf16"):  # precision auto, checked on real features (issue 11, item 5)
+        add("precision", f"linear-probe {prec}", "the linear-probe recipe with --precision " + prec, ep,
+            lambda: ft_recipe("linear-probe", REAL_WEIGHTS, root, ep, tmp / f"real-lp-{prec}",
+                              {"train.precision": prec}))
+    return rows
+
+
+def describe_recipe(name: str) -> str:
+    return load_recipe(name).description
+
+
+def real_goals(rows: list[dict]) -> list[str]:
+    by = {r["name"]: r for r in rows}
+    hp, hf = by.get("hand: head only"), by.get("hand: all trainable")
+    out = []
+
+    def at(r, epochs):  # a hand row's accuracy after `epochs` epochs
+        return r["per_epoch"][min(epochs, len(r["per_epoch"])) - 1]["val_acc"]
+
+    def wall_at(r, epochs):
+        return r["per_epoch"][min(epochs, len(r["per_epoch"])) - 1]["wall_s"]
+
+    if hp and "linear-probe" in by:
+        f = by["linear-probe"]
+        ok = f["val_acc"] >= hp["val_acc"] - 0.005 and hp["wall_s"] / f["wall_s"] >= 10
+        out.append(f"linear-probe: {100 * f['val_acc']:.1f}% vs hand head-only {100 * hp['val_acc']:.1f}% "
+                   f"(goal >= -0.5 point), {hp['wall_s'] / f['wall_s']:.1f}x faster (goal >= 10x): "
+                   f"{'met' if ok else 'MISSED'}")
+    if hp and hf and "lp-ft" in by:
+        f, e = by["lp-ft"], by["lp-ft"]["epochs"]
+        best = max(at(hp, e), at(hf, e))
+        out.append(f"lp-ft ({e} epochs): {100 * f['val_acc']:.1f}% vs best hand loop at {e} epochs "
+                   f"{100 * best:.1f}%: {'met' if f['val_acc'] >= best else 'MISSED'}")
+    for name in ("full-finetune", "gradual-unfreeze", "resnet18-freeze-early", "first-n"):
+        if hf and name in by:
+            f, e = by[name], by[name]["epochs"]
+            out.append(f"{name} ({e} epochs): {100 * f['val_acc']:.1f}% in {f['wall_s']:.0f} s vs hand all "
+                       f"trainable at {e} epochs {100 * at(hf, e):.1f}% in {wall_at(hf, e):.0f} s: "
+                       f"{'met' if f['val_acc'] >= at(hf, e) else 'MISSED'}")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- driver
 
 def timed(fn):
@@ -218,7 +347,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="5 train / 3 val images per class, fewer epochs")
     ap.add_argument("--data", default=None, help="ImageFolder root with train/ and val/ (default: flowers12 or "
                     "the bundled sample)")
-    ap.add_argument("--only", default=None, help="comma-separated scenarios: probe,partial,full,eval,smallcnn,prec")
+    ap.add_argument("--only", default=None, help="comma-separated scenarios: real,probe,partial,full,eval,smallcnn,"
+                    "prec (real: shipped recipes on EfficientNet-Lite0 with real ImageNet weights, when "
+                    "../shared/weights has them)")
+    ap.add_argument("--recipes", default="linear-probe,lp-ft,full-finetune,gradual-unfreeze,resnet18-freeze-early",
+                    help="recipes for the real-weights rows")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latest.json"))
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
     ap.add_argument("--per-class", default=None, help="TRAIN,VAL: use only that many images per class (the "
@@ -231,7 +364,8 @@ def main(argv=None) -> int:
     logging.getLogger("finetune").setLevel(logging.ERROR)
     shared = REPO.parent / "shared" / "data" / "flowers12"
     root = Path(args.data) if args.data else (shared if shared.is_dir() else REPO / "data" / "sample")
-    only = set(args.only.split(",")) if args.only else {"probe", "partial", "full", "eval", "smallcnn", "prec"}
+    only = set(args.only.split(",")) if args.only else {"real", "probe", "partial", "full", "eval", "smallcnn",
+                                                         "prec"}
     tmp = Path(tempfile.mkdtemp(prefix="ftbench-"))
     if args.quick:
         root = subset_root(root, 5, 3, tmp)
@@ -261,12 +395,14 @@ def main(argv=None) -> int:
             net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     rows = []
     prec = []
+    real: list[dict] = []
     data_label = (f"{root} (quick subset)" if args.quick else
                   f"{root}: {args.per_class} train,val images per class of {args.data or 'flowers12'}"
                   if args.per_class else str(root))
 
     def save():  # after every scenario, so an interrupted run keeps what it measured
-        info = {"machine": machine(), "data": data_label, "quick": args.quick, "rows": rows, "precision": prec}
+        info = {"machine": machine(), "data": data_label, "quick": args.quick, "rows": rows, "precision": prec,
+                "real": real, "real_goals": real_goals(real)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(info, indent=2, default=str))
         return info
@@ -287,6 +423,9 @@ def main(argv=None) -> int:
               flush=True)
         return row
 
+    if "real" in only and REAL_WEIGHTS.is_file():
+        real_rows(root, tmp, args.quick, [r for r in args.recipes.split(",") if r], real, save)
+        save()
     if "probe" in only:
         pair("linear probe", lambda: hand_train(resnet, w_resnet, root, tf224, ep_probe, ["*"], None),
              lambda: ft_train("resnet18", w_resnet, root, 224, ep_probe, {"freeze.backbone": True}, tmp / "probe",
@@ -346,9 +485,21 @@ def main(argv=None) -> int:
 def render(info: dict, markdown: bool = True) -> str:
     """The table (markdown); ``python benchmarks/bench.py --render FILE.json`` prints it again."""
     m = info["machine"]
+    lines = []
+    if info.get("real"):
+        lines += [f"Real weights: timm tf_efficientnet_lite0 (ImageNet) on {info['data']}; {m['cpu']}, "
+                  f"{m['cores']} cores, torch {m['torch']}, {m['date']}", "",
+                  "| run | what | epochs | val acc | wall s | val acc per epoch |", "|---|---|---|---|---|---|"]
+        for r in info["real"]:
+            per = " ".join(f"{100 * e['val_acc']:.1f}" for e in r["per_epoch"]) if r.get("per_epoch") else ""
+            lines.append(f"| {r['name']} | {r['what']} | {r['epochs']} | {100 * r['val_acc']:.1f}% | "
+                         f"{r['wall_s']:.1f} | {per} |")
+        lines += [""] + [f"- {g}" for g in info.get("real_goals", [])] + [""]
+    if not info["rows"]:
+        return "\n".join(lines)
     head = ["scenario", "hand loop s", "finetune s", "hand img/s", "finetune img/s", "ratio", "target",
             "val acc hand", "val acc finetune", "peak RSS MB hand / finetune"]
-    lines = [f"{m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), native bf16: {m['bf16_native']}, "
+    lines += [f"{m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), native bf16: {m['bf16_native']}, "
              f"torch {m['torch']}, torchvision {m['torchvision']}, {m['date']}; data: {info['data']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in info["rows"]:

@@ -199,7 +199,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                     "total": sum(p.numel() for p in model.parameters()), "start_epoch": start_epoch,
                     "epochs": epochs_total, "source": bundle.source, "world_size": dd.world_size,
                     "global_batch": cfg.train.batch_size * dd.world_size, "feature_cache": feats_info,
-                    "compile": cfg.train.compile})
+                    "compile": cfg.train.compile, "recipe": cfg.name, "description": cfg.description})
     if feats is not None:
         reporter.note(feats.note)
     elif cfg.train.cache_features != "off":

@@ -281,7 +281,7 @@ def load_file_into(bb: Backbone, path: Path) -> None:
         for k in head_bad:
             sd.pop(k, None)
         bb.notes.append(f"loaded '{path}' without the head ({shapes or ', '.join(head_bad)} does not fit "
-                        f"{bb.num_classes} classes); the new head starts from random init")
+                        f"{bb.num_classes} classes); the new head starts at zero")
     bb.model.load_state_dict(sd, strict=False)
     bb.weights = str(path)
 

@@ -50,7 +50,7 @@ def test_inspect_loads_weights_file(cli, tmp_path):
     assert r.exit_code == 0
     assert json.loads(r.stdout)["parameters"][8]["shape"] == [3, 64]
     assert r.stderr.strip() == (f"warning: loaded '{tmp_path / 'w.pth'}' without the head (seq.8.weight [4, 64], "
-                                "seq.8.bias [4] does not fit 3 classes); the new head starts from random init")
+                                "seq.8.bias [4] does not fit 3 classes); the new head starts at zero")
 
 
 def test_unknown_model_error(cli):
@@ -130,3 +130,40 @@ def test_value_errors_name_the_flag(cli, tmp_path):
     assert r.stderr == ("Error: --scheduler: scheduler.name must be one of constant, step, cosine, onecycle, got "
                         "'cosin' (did you mean 'cosine'?)\n")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def _smallcnn_weights(path):
+    from finetune.models import build_model
+
+    torch.manual_seed(0)
+    torch.save(build_model("smallcnn", num_classes=4).model.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ((), "lp-ft"),                                         # pretrained weights, no recipe: LP-FT
+    (("--freeze-backbone",), "smallcnn-cli"),              # a freeze plan of the user's own: generic defaults
+])
+def test_model_without_recipe_picks_lp_ft_for_pretrained_weights(cli, tmp_path, extra, expected):
+    import yaml
+
+    w = _smallcnn_weights(tmp_path / "w.pth")
+    out = tmp_path / "run"
+    r = cli("train", "--model", "smallcnn", "--weights", w, "--data", "sample", "--epochs", 2, "--batch-size", 64,
+            "--precision", "fp32", "--no-tensorboard", "--out", out, *extra)
+    assert r.exit_code == 0, r.stderr
+    assert yaml.safe_load((out / "config.yaml").read_text())["name"] == expected
+    assert f"recipe: {expected} (" in r.stderr
+    if expected == "lp-ft":
+        assert "frozen-feature cache: the input of 'seq.8'" in r.stderr and "until the unfreeze at epoch 2" in r.stderr
+        assert "epoch 2: unfroze all (8 tensors, lr x 0.1)" in r.stderr
+
+
+def test_model_without_recipe_random_init_uses_generic_defaults():
+    from finetune.cli.train_cmd import _base_recipe
+
+    assert _base_recipe(None, "resnet18", {"model.weights": "none"}).name == "resnet18-cli"
+    assert _base_recipe(None, "smallcnn", {"model.weights": "default"}).name == "smallcnn-cli"  # no pretrained smallcnn
+    assert _base_recipe(None, "resnet18", {"model.weights": "default"}).name == "lp-ft"
+    assert _base_recipe(None, "resnet18", {"model.weights": "default", "freeze.bn": "train"}).name == "lp-ft"
+    assert _base_recipe(None, None, {}).name == "default"

@@ -43,7 +43,7 @@ def test_head_mismatch_loads_without_head(tmp_path):
     assert all(torch.equal(s[k], d[k]) for k in s if not k.startswith("fc."))
     assert d["fc.weight"].shape == (5, 512)
     assert dst.notes == [f"loaded '{tmp_path / 'imagenet.pth'}' without the head (fc.weight [1000, 512], "
-                         "fc.bias [1000] does not fit 5 classes); the new head starts from random init"]
+                         "fc.bias [1000] does not fit 5 classes); the new head starts at zero"]
 
 
 def test_other_mismatch_is_an_error_listing_keys(tmp_path):

@@ -33,7 +33,10 @@ class RichReporter(Reporter):
         n_bad = info.get("skipped") or 0
         skipped = f", {n_bad} unreadable file{'s' * (n_bad != 1)} skipped" if n_bad else ""
         self.err.print(
-            f"run: {info['run_dir']}\nmodel: {info['model']} (weights: {info['weights']}), "
+            f"run: {info['run_dir']}\n"
+            + (f"recipe: {info['recipe']}" + (f" ({info['description']})" if info.get("description") else "") + "\n"
+               if info.get("recipe") else "")
+            + f"model: {info['model']} (weights: {info['weights']}), "
             f"{info['trainable']:,} of {info['total']:,} parameters trainable\n"
             f"data: {info['source']}: {info['train_images']} train / {info['val_images']} val images, "
             f"{len(info['classes'])} classes{skipped}\n"

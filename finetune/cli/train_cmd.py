@@ -140,20 +140,27 @@ def train(
     from finetune.weights import trusted
 
     with O.name_flags(given):
-        r = config.apply_overrides(_base_recipe(recipe, model), given)
+        r = config.apply_overrides(_base_recipe(recipe, model, given), given)
     with trusted(trust_checkpoint):
         _run(lambda: run_train(r, out=out, overwrite=overwrite, reporter=reporter))
 
 
-def _base_recipe(recipe: Optional[str], model: Optional[str]):
-    """What the flags override: the named recipe; for ``--model`` without ``--recipe``, the generic defaults
-    (pretrained weights, light augmentation, the backbone's input size, SGD 0.01) rather than the smallcnn-tuned
-    ``default`` recipe; with neither, the ``default`` recipe (the main job)."""
+def _base_recipe(recipe: Optional[str], model: Optional[str], given: dict):
+    """What the flags override: the named recipe; for ``--model`` without ``--recipe``, the ``lp-ft`` recipe when
+    the model starts from pretrained weights and no freeze flag is given (head first on cached features, then
+    everything at a lower LR: what practitioners do, fastai's ``fine_tune``), else (random init, smallcnn, or a
+    freeze plan of the user's own) the generic defaults (light augmentation, the backbone's input size, SGD 0.01)
+    rather than the smallcnn-tuned ``default`` recipe; with neither, the ``default`` recipe (the main job). The
+    start-up lines name the recipe that runs."""
     from finetune import config
 
     if recipe is None and model is not None:
+        weights = given.get("model.weights")
+        pretrained = weights not in (None, "none") and not (model.strip() == "smallcnn" and weights == "default")
+        if pretrained and not any(k.startswith("freeze.") and k != "freeze.bn" for k in given):
+            return config.load_recipe("lp-ft")
         r = config.Recipe()
-        r.name, r.description = f"{model}-cli", f"{model} configured from the command line"
+        r.name, r.description = f"{model}-cli", f"{model} from random init, configured from the command line"
         return r
     return config.load_recipe(recipe or "default")
 

@@ -45,6 +45,27 @@ def is_under(name: str, prefixes: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def init_new_head(model: nn.Module, paths: list[str]) -> None:
+    """Start a new classifier neutral: weights and biases of its Linear/Conv layers set to 0.
+
+    Every class then gets the same logit, so the initial loss is exactly ln(C) on any input, and the first updates
+    move the head towards the data instead of undoing a random start (MAE/DINO linear probes use std 0.01 or 0 for
+    the same reason). Source inits are made for training from scratch: timm's EfficientNet classifier is uniform in
+    +-1/sqrt(C), std 0.41 for 2 classes. Only the last layer of a head is new in this toolkit, so zeros do not
+    leave hidden units symmetric. The gradient reaching the backbone is 0 on the first step and grows with the
+    head: pretrained features are not disturbed by a random head early in a fine-tune.
+    """
+    import torch
+
+    with torch.no_grad():
+        for path in paths:
+            for m in model.get_submodule(path).modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
+                    m.weight.zero_()
+                    if m.bias is not None:
+                        m.bias.zero_()
+
+
 def parse_name(name: str) -> tuple[str, str]:
     """Split a model name into (source, arch) and check that it exists."""
     name = name.strip()
@@ -104,6 +125,7 @@ def build_model(name: str, num_classes: int | None = None, weights: str | None =
         from finetune.models import smallcnn
 
         model = smallcnn.SmallCNN(num_classes or 10)
+        init_new_head(model, list(smallcnn.HEAD))  # always new (no pretrained smallcnn); a file may load one
         bb = Backbone(model, "smallcnn", source, arch, num_classes or 10, list(smallcnn.HEAD),
                       data_cfg=dict(smallcnn.DEFAULT_CFG))
     elif source == "torchvision":

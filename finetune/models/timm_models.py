@@ -54,5 +54,10 @@ def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
             model = timm.create_model(arch, pretrained=False, **kwargs)
         except RuntimeError as e:  # e.g. an unknown pretrained tag
             raise ModelError(f"cannot build timm model '{arch}': {e}") from None
-    return Backbone(model, f"timm:{arch}", "timm", arch, model.num_classes, head_paths(model),
-                    data_cfg=data_cfg(model))
+    from finetune.models import init_new_head
+
+    head = head_paths(model)
+    pretrained_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes", 1000)
+    if spec.kind != "timm" or model.num_classes != pretrained_classes:  # timm's own head init suits scratch training
+        init_new_head(model, head)
+    return Backbone(model, f"timm:{arch}", "timm", arch, model.num_classes, head, data_cfg=data_cfg(model))

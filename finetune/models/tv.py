@@ -83,10 +83,15 @@ def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
         fixed = getattr(model, "image_size", None)  # ViTs: the architecture's size, not the weights' (vit_h_14)
         if isinstance(fixed, int) and fixed != data_cfg["input_size"][-1]:
             data_cfg.update(input_size=(3, fixed, fixed), resize=int(fixed / 0.875), crop_pct=0.875)
+    from finetune.models import init_new_head
+
     head_name, head = find_head(model)
     out = head.out_features if isinstance(head, nn.Linear) else head.out_channels
     if num_classes is not None and num_classes != out:
         with torch.no_grad():
             replace_module(model, head_name, new_head_like(head, num_classes))
         out = num_classes
+        init_new_head(model, [head_name])
+    elif spec.kind != "torchvision":  # random init (or a file, loaded over it): the head is new all the same
+        init_new_head(model, [head_name])
     return Backbone(model, arch, "torchvision", arch, out, [head_name], data_cfg=data_cfg)
