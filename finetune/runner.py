@@ -156,7 +156,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     if scaler is not None and state is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
 
-    resolved = _resolved_recipe(cfg, bb)
+    resolved = _resolved_recipe(cfg, bb, resumed=state is not None)
     if dd.is_main:
         ck.atomic_write_text(run_dir / "config.yaml", _yaml(resolved, {
             "device": str(device), "precision": precision, "channels_last": channels_last,
@@ -192,7 +192,9 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     best = dict(state["best"]) if state is not None else {"epoch": 0, "val_acc": None}
     since_best = history[-1]["epoch"] - best["epoch"] if history else 0  # early stop counts across a resume
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    reporter.start({"run_dir": str(run_dir), "model": bb.name, "weights": bb.weights, "device": str(device),
+    reporter.start({"run_dir": str(run_dir), "model": bb.name,
+                    "weights": bb.weights if state is None else f"{cfg.model.weights}, resumed from last.pt",
+                    "device": str(device),
                     "precision": precision, "channels_last": channels_last, "classes": classes,
                     "train_images": len(bundle.train), "val_images": len(bundle.val) if bundle.val else 0,
                     "skipped": len(bundle.skipped), "trainable": n_trainable,
@@ -329,9 +331,12 @@ def _mid_epoch_saver(cfg: Recipe, run_dir: Path, make_ckpt):
     return on_step
 
 
-def _resolved_recipe(cfg: Recipe, bb) -> Recipe:
+def _resolved_recipe(cfg: Recipe, bb, resumed: bool = False) -> Recipe:
+    """``cfg`` as it ran. A resumed run's model was built without weights (last.pt replaces them): its recipe
+    already names the original weights, and keeps naming them through any number of resumes."""
     r = from_dict(cfg.to_dict())
-    r.model.weights = cfg.model.weights if cfg.model.weights == "default" else bb.weights
+    if not resumed:
+        r.model.weights = cfg.model.weights if cfg.model.weights == "default" else bb.weights
     r.model.num_classes = bb.num_classes
     return r  # device/precision stay as asked ("auto" travels to a GPU box); config.yaml notes what was picked
 
