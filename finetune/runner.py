@@ -247,8 +247,10 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
             saver = _mid_epoch_saver(cfg, run_dir, lambda: checkpoint(epoch, None))
             tr = train_one_epoch(m, tl, st, epoch, reporter, resume=resuming,
                                  on_step=saver if dd.is_main else None)
+            # val runs in the run's precision even on cached features (the head trains in fp32 there): the
+            # recorded accuracy is what `finetune eval best.pt` computes with the full model
             ev = (evaluate(m if feats is not None else model, vl, len(classes), device=device,
-                           precision=st.precision, channels_last=st.channels_last, label_smoothing=0.0,
+                           precision=precision, channels_last=st.channels_last, label_smoothing=0.0,
                            reporter=reporter, reduce=st.reduce)
                   if vl is not None else None)
             row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
