@@ -132,6 +132,7 @@ NON_NEGATIVE = {"optimizer.momentum", "optimizer.weight_decay", "scheduler.warmu
                 "train.label_smoothing", "train.clip_grad", "train.early_stop", "freeze.first",
                 "data.workers", "scheduler.step_size", "scheduler.gamma"}
 
+IMAGE_SIZE = (8, 2048)  # data.image_size: smaller cannot pass a CNN's downsampling; larger is an allocator crash
 
 # ----------------------------------------------------------------------------------------------- loading
 
@@ -269,6 +270,10 @@ def validate(recipe: Recipe, where: _Where | None = None) -> Recipe:
             raise ConfigError(f"{where(path)}{path} must not be negative, got {value}")
     if not 0.0 <= recipe.data.val_split < 1.0:
         raise ConfigError(f"{where('data.val_split')}data.val_split must be in [0, 1), got {recipe.data.val_split}")
+    size = recipe.data.image_size
+    if size is not None and not IMAGE_SIZE[0] <= size <= IMAGE_SIZE[1]:
+        raise ConfigError(f"{where('data.image_size')}data.image_size must be between {IMAGE_SIZE[0]} and "
+                          f"{IMAGE_SIZE[1]} pixels, got {size}; omit it to use the backbone's own input size")
     if recipe.train.label_smoothing >= 1.0:
         raise ConfigError(f"{where('train.label_smoothing')}train.label_smoothing must be below 1")
     for i, step in enumerate(recipe.freeze.schedule):
