@@ -63,30 +63,56 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
 
 
 def predict(checkpoint: str | Path, paths: list[str], top_k: int = 5, *, device: str = "auto",
-            batch_size: int = 32) -> list[dict[str, Any]]:
-    """Top-k labels and probabilities for each image (files or folders) with the checkpoint's eval transform."""
+            batch_size: int = 32, strict: bool = False) -> list[dict[str, Any]]:
+    """Top-k labels and probabilities for each image (files or folders) with the checkpoint's eval transform.
+
+    Rows: ``{"path", "name", "top": [{"label", "prob"}]}``; ``name`` is relative to the folder given (or the file
+    as given). An unreadable file is skipped with a warning, as in train and eval (``strict=True``: an error);
+    when no file is readable, that is an error naming the first.
+    """
+    import logging
+
     from finetune import data as D
     from finetune.engine import autocast
 
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, device=str(dev))
-    names = list(ckpt["class_names"])
-    files = D.list_images(paths)
-    if not files:
+    class_names = list(ckpt["class_names"])
+    named = D.named_images(paths)
+    if not named:
         raise DataError(f"no images found in {', '.join(paths)}; pass image files or folders of images")
     tf_cfg = ckpt["transform"]
     tf = D.eval_transform(tf_cfg)
-    k = max(1, min(top_k, len(names)))
+    k = max(1, min(top_k, len(class_names)))
     prec = _precision_on(dev, ckpt.get("precision", "fp32"))
     out: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    files = list(named)
     for i in range(0, len(files), batch_size):
-        chunk = files[i:i + batch_size]
-        x = torch.stack([tf(D.decode(f, tf_cfg)) for f in chunk]).to(dev)  # exactly what eval sees
+        chunk, xs = [], []
+        for f in files[i:i + batch_size]:
+            try:
+                xs.append(tf(D.decode(f, tf_cfg)))  # exactly what eval sees
+                chunk.append(f)
+            except DataError as e:
+                if strict:
+                    raise DataError(f"{e} (--strict; without it the file is skipped)") from None
+                skipped.append(str(e))
+        if not xs:
+            continue
+        x = torch.stack(xs).to(dev)
         if ckpt.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(dev, prec):
             probs = model(x).float().softmax(dim=1)
         p, idx = probs.topk(k, dim=1)
         for f, pr, ix in zip(chunk, p.tolist(), idx.tolist()):
-            out.append({"path": str(f), "top": [{"label": names[j], "prob": q} for j, q in zip(ix, pr)]})
+            out.append({"path": str(f), "name": named[f],
+                        "top": [{"label": class_names[j], "prob": q} for j, q in zip(ix, pr)]})
+    if not out:
+        more = f" (and {len(skipped) - 1} more unreadable)" if len(skipped) > 1 else ""
+        raise DataError(f"{skipped[0]}{more}; no image could be read")
+    log = logging.getLogger("finetune")
+    for msg in skipped:
+        log.warning(msg.replace("cannot read image", "skipping unreadable image", 1))
     return out

@@ -44,3 +44,45 @@ def test_eval_of_a_cached_run_reproduces_the_recorded_val(tmp_path, freeze):
     ev = evaluate_checkpoint(tmp_path / "run" / "best.pt", device="cpu")
     assert ev["accuracy"] == best["val_acc"]
     assert ev["loss"] == best["val_loss"]  # bitwise: same precision, layout and transform
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("newuser") / "run"
+    train(recipe(), out=out)
+    return out
+
+
+def test_predict_skips_unreadable_images_and_shows_whole_names(small_run, tmp_path, cli):
+    import shutil
+
+    folder = tmp_path / "photos"
+    shutil.copytree("data/sample/val/cross", folder / "bees_with_a_long_folder_name")
+    names = sorted(p.name for p in (folder / "bees_with_a_long_folder_name").iterdir())
+    (folder / "bees_with_a_long_folder_name" / "a_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    r = cli("predict", small_run / "best.pt", folder, "--top-k", "1")
+    assert r.exit_code == 0, r.stderr
+    bad = folder / "bees_with_a_long_folder_name" / "a_broken.png"
+    assert r.stderr == f"warning: skipping unreadable image '{bad}': not an image (unknown format)\n"
+    lines = r.stdout.splitlines()
+    assert lines[0] == "40 images" and lines[1].split() == ["image", "#1"]
+    assert [ln.split()[0] for ln in lines[2:]] == [f"bees_with_a_long_folder_name/{n}" for n in names]
+    r = cli("predict", small_run / "best.pt", folder, "--strict")
+    assert r.exit_code == 1 and r.stderr == (f"Error: cannot read image '{bad}': not an image (unknown format) "
+                                             "(--strict; without it the file is skipped)\n")
+    r = cli("predict", small_run / "best.pt", folder / "bees_with_a_long_folder_name" / names[0], "--csv", "-k", "2")
+    rows = r.stdout.splitlines()
+    assert rows[0] == "image,label_1,prob_1,label_2,prob_2" and len(rows) == 2
+    assert rows[1].startswith(str(folder / "bees_with_a_long_folder_name" / names[0]) + ",")
+    r = cli("predict", small_run / "best.pt", folder / "bees_with_a_long_folder_name" / names[0])
+    assert r.stdout.splitlines()[0] == "1 image"
+
+
+def test_gif_files_are_images(tmp_path):
+    from PIL import Image
+
+    from finetune.data import list_images, load_image
+
+    Image.new("P", (8, 6), 3).save(tmp_path / "x.gif")
+    assert list_images([tmp_path]) == [tmp_path / "x.gif"]
+    assert load_image(tmp_path / "x.gif").mode == "RGB"
