@@ -86,3 +86,26 @@ def test_gif_files_are_images(tmp_path):
     Image.new("P", (8, 6), 3).save(tmp_path / "x.gif")
     assert list_images([tmp_path]) == [tmp_path / "x.gif"]
     assert load_image(tmp_path / "x.gif").mode == "RGB"
+
+
+def test_feature_cache_cuts_at_a_block_when_fx_cannot_trace(tmp_path):
+    """timm's ViT does not fx-trace; the cache cuts at blocks.4 (the first trainable block) instead."""
+    from finetune.cli.progress import RichReporter  # noqa: F401 - the note is what a user reads
+
+    notes = []
+
+    class Notes(__import__("finetune.engine", fromlist=["Reporter"]).Reporter):
+        def note(self, text):
+            notes.append(text)
+
+    over = {"model.name": "timm:test_vit", "model.weights": "none", "data.image_size": 32, "train.epochs": 2,
+            "freeze.layers": ["patch_embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3"], "freeze.names": ["cls_token", "pos_embed"]}
+    cached = train(recipe(**over), out=tmp_path / "cached", reporter=Notes())
+    assert notes[0].startswith("frozen-feature cache: the input of 'blocks.4' (640 train / 160 val, [5, 64] each")
+    plain = train(recipe(**over, **{"train.cache_features": "off"}), out=tmp_path / "plain")
+    assert [e["val_acc"] for e in cached.epochs] == [e["val_acc"] for e in plain.epochs]
+    a, b = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("cached", "plain"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+        if k.startswith(("patch_embed", "blocks.0.")):
+            assert torch.equal(a[k], b[k]), k
