@@ -303,6 +303,11 @@ def from_dict(data: dict, source: str | None = None, text: str | None = None) ->
     return validate(_build(Recipe, data, "", where), where)
 
 
+def sample_data() -> Path:
+    """The bundled sample data (``data/sample`` of the checkout; what ``data.path: sample`` means)."""
+    return REPO_ROOT / "data" / "sample"
+
+
 def recipes_dir() -> Path:
     """Where named recipes live: $FINETUNE_RECIPES, else the repository's recipes/."""
     env = os.environ.get("FINETUNE_RECIPES")

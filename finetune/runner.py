@@ -82,8 +82,30 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     """Run ``recipe`` and write the run directory.
 
     ``resume`` continues the run in that directory from its ``last.pt`` with the recipe stored there (``recipe``
-    is ignored); ``epochs`` may extend it.
+    is ignored); ``epochs`` may extend it. Ctrl-C before the first checkpoint of a new run (while data loads or
+    features are computed) removes the new run directory: nothing in it could be resumed, and keeping it would make
+    the same command fail with "already exists".
     """
+    made: dict[str, Path] = {}
+    try:
+        return _train(recipe, out=out, overwrite=overwrite, resume=resume, epochs=epochs, reporter=reporter,
+                      made=made)
+    except KeyboardInterrupt:
+        run_dir = made.get("run_dir")
+        if resume is not None:
+            raise Interrupted(f"interrupted; continue with finetune train --resume {resume}") from None
+        if run_dir is None:
+            raise Interrupted("interrupted before the run directory was created; nothing was written") from None
+        if not (run_dir / "last.pt").exists():
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise Interrupted(f"interrupted before the first checkpoint; removed the new run directory "
+                              f"'{run_dir}' (nothing to resume); run the same command to start again") from None
+        raise Interrupted(f"interrupted before the first checkpoint; nothing to resume in '{run_dir}'") from None
+
+
+def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, reporter, made: dict) -> RunResult:
     from finetune import data as D
     from finetune import freeze as F
     from finetune import optim as O
@@ -151,6 +173,8 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
         optimizer.load_state_dict(state["optimizer"])
     else:
         run_dir = _prepare_shared_run_dir(dd, Path(out) if out else ck.default_run_dir(bb.name), overwrite)
+        if dd.is_main:
+            made["run_dir"] = run_dir  # a new run: train() removes it on Ctrl-C before the first checkpoint
 
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     if scaler is not None and state is not None and state.get("scaler"):
@@ -287,7 +311,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
         if (run_dir / "last.pt").is_file():
             raise Interrupted(f"interrupted; the last checkpoint is in '{run_dir}': continue with "
                               f"finetune train --resume {run_dir}") from None
-        raise Interrupted(f"interrupted before the first checkpoint; nothing to resume in '{run_dir}'") from None
+        raise  # before the first checkpoint: train() removes a new run's directory
     finally:
         if writer is not None:
             writer.flush()

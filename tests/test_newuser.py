@@ -109,3 +109,49 @@ def test_feature_cache_cuts_at_a_block_when_fx_cannot_trace(tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-5), k
         if k.startswith(("patch_embed", "blocks.0.")):
             assert torch.equal(a[k], b[k]), k
+
+
+def test_ctrl_c_while_data_loads_leaves_no_run_dir(tmp_path, monkeypatch):
+    import finetune.features as Fe
+    from finetune.runner import Interrupted
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt  # the user presses Ctrl-C while the frozen features are computed
+
+    monkeypatch.setattr(Fe, "compute_features", interrupt)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as e:
+        train(recipe(**{"freeze.backbone": True}), out=out)
+    assert str(e.value) == (f"interrupted before the first checkpoint; removed the new run directory '{out}' "
+                            "(nothing to resume); run the same command to start again")
+    assert not out.exists()
+
+
+def test_small_cli_fixes(small_run, tmp_path, cli):
+    import finetune
+
+    r = cli("train", "--resume", small_run, "--model", "timm:test_resnet")
+    assert r.stderr == ("Error: --resume continues a run exactly as it was configured; drop --model (only --epochs "
+                        "may change)\n")
+    r = cli("export", small_run / "best.pt", "--out", tmp_path / "new" / "dir" / "w.pth", "--format", "state-dict")
+    assert r.exit_code == 0, r.stderr
+    assert set(torch.load(tmp_path / "new" / "dir" / "w.pth", weights_only=True)) == \
+        set(load_checkpoint(small_run / "best.pt")["model"])
+    r = cli("models", "zzz")
+    assert (r.exit_code, r.stderr) == (1, "Error: no models match 'zzz'; patterns are globs ('resnet*', 'timm:vit_*') "
+                                          "or substrings ('efficient')\n")
+    assert {"train", "load_recipe", "predict", "sample_data", "__version__"} <= set(dir(finetune))
+    assert finetune.sample_data() == Path(__file__).resolve().parent.parent / "data" / "sample"
+
+
+def test_nproc_launch_sets_omp_threads(monkeypatch):
+    import subprocess
+
+    from finetune import distributed
+
+    seen = {}
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(subprocess, "call", lambda cmd, env=None: seen.update(env=env) or 0)
+    monkeypatch.setattr(distributed.os, "cpu_count", lambda: 8, raising=False) if hasattr(distributed, "os") else None
+    assert distributed.launch(2, ["train"]) == 0
+    assert seen["env"]["OMP_NUM_THREADS"].isdigit()  # torchrun's banner appears only when it is unset

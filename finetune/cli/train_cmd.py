@@ -122,6 +122,7 @@ def train(
         "train.save_every_steps": save_every_steps, "train.sync_bn": sync_bn,
     }
     given = {k: v for k, v in overrides.items() if v is not None}
+    typed = dict(given)  # what the user typed (the error below names only those flags)
     if model is not None and weights is None and recipe is None:
         given["model.weights"] = "default"  # a new model from the command line: its own pretrained weights
     from finetune.cli.progress import RichReporter
@@ -129,10 +130,10 @@ def train(
 
     reporter = RichReporter(quiet=quiet)
     if resume is not None:
-        extra = sorted(set(given) - {"train.epochs"})
+        extra = sorted(set(typed) - {"train.epochs"})
         if recipe or extra or out:
-            flags = ", ".join(["--recipe"] * bool(recipe) + ["--out"] * bool(out) + ["--" + k.split(".")[1].replace(
-                "_", "-") for k in extra])
+            flags = ", ".join(dict.fromkeys(["--recipe"] * bool(recipe) + ["--out"] * bool(out)
+                                            + [O.flag_of(k) for k in extra]))
             raise ConfigError(f"--resume continues a run exactly as it was configured; drop {flags} (only --epochs "
                               "may change)")
         _run(lambda: run_train(None, resume=resume, epochs=epochs, reporter=reporter))
