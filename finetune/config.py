@@ -45,8 +45,8 @@ class DataCfg:
 
 @dataclass
 class UnfreezeStep:
-    epoch: int  # 0-based epoch at whose start the layers become trainable
-    layers: list[str]  # dotted module paths, or ["all"]
+    epoch: int  # 1-based (as logs and metrics count): at the start of this epoch the layers become trainable
+    layers: list[str]  # dotted module paths, stage:K addresses, or ["all"]
     lr_mult: float = 1.0  # LR of the new parameter group = base LR x lr_mult
 
 
@@ -54,6 +54,7 @@ class UnfreezeStep:
 class FreezeCfg:
     names: list[str] = field(default_factory=list)  # parameter-name substrings or globs (tutorial method 1)
     first: int | None = None  # the first N parameter tensors (tutorial method 2)
+    stages: int | None = None  # fastai freeze_to: -2 = all but the last 2 stages frozen (the head trains)
     layers: list[str] = field(default_factory=list)  # dotted module paths (tutorial method 3)
     backbone: bool = False  # everything except the head (linear probing)
     unfreeze: list[str] = field(default_factory=list)  # applied last: names/layers made trainable again
@@ -277,8 +278,9 @@ def validate(recipe: Recipe, where: _Where | None = None) -> Recipe:
     if recipe.train.label_smoothing >= 1.0:
         raise ConfigError(f"{where('train.label_smoothing')}train.label_smoothing must be below 1")
     for i, step in enumerate(recipe.freeze.schedule):
-        if step.epoch < 0:
-            raise ConfigError(f"{where(f'freeze.schedule[{i}]')}freeze.schedule[{i}].epoch must not be negative")
+        if step.epoch < 1:
+            raise ConfigError(f"{where(f'freeze.schedule[{i}]')}freeze.schedule[{i}].epoch must be at least 1 "
+                              f"(epochs count from 1, as the logs do), got {step.epoch}")
         if step.lr_mult <= 0:
             raise ConfigError(f"{where(f'freeze.schedule[{i}]')}freeze.schedule[{i}].lr_mult must be greater than 0")
     for k, v in recipe.optimizer.lr_mult.items():

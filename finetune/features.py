@@ -299,8 +299,9 @@ def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None) ->
 
 
 def first_unfreeze(cfg) -> int:
-    """The 0-based epoch of the first unfreeze step (the run's epoch count when there is none)."""
-    return min([s.epoch for s in cfg.freeze.schedule] + [cfg.train.epochs])
+    """The 0-based loop index of the first unfreeze step (schedule epochs are 1-based; the run's epoch count when
+    there is none)."""
+    return min([s.epoch - 1 for s in cfg.freeze.schedule] + [cfg.train.epochs])
 
 
 # ----------------------------------------------------------------------------------------------- features

@@ -122,6 +122,9 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
         state = ck.load_checkpoint(last)
         ck.remove_temp_files(run_dir)  # left by a write that a kill interrupted; last.pt itself is whole
         data = state["recipe"]
+        if state.get("epoch_base") != 1 and data["freeze"]["schedule"]:  # written when schedules were 0-based
+            data = {**data, "freeze": {**data["freeze"], "schedule": [{**s, "epoch": s["epoch"] + 1}
+                                                                      for s in data["freeze"]["schedule"]]}}
         if epochs is not None:  # validated with the rest: --epochs 0 is an error, not an empty run
             data = {**data, "train": {**data["train"], "epochs": epochs}}
         recipe = from_dict(data)
@@ -153,10 +156,13 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
     bb = build_model(cfg.model.name, num_classes=len(classes),
                      weights="none" if state is not None else cfg.model.weights)
     plan = F.apply_freeze(bb, cfg.freeze)
+    if state is None and bb.weights == "none" and plan.frozen:
+        log.warning(f"{len(plan.frozen)} parameter tensors are frozen at random init (weights: none): they will "
+                    "stay random; pass --weights (pretrained or a file) or drop the freeze plan")
     for stp in cfg.freeze.schedule:
-        if stp.epoch >= cfg.train.epochs:
+        if stp.epoch > cfg.train.epochs:
             log.warning(f"the unfreeze step at epoch {stp.epoch} ({', '.join(stp.layers)}) never runs: the run has "
-                        f"{cfg.train.epochs} epochs (0-based: 0..{cfg.train.epochs - 1})")
+                        f"{cfg.train.epochs} epochs (1..{cfg.train.epochs})")
     channels_last = wants_channels_last(bb.model, cfg.train.channels_last)
     model = bb.model.to(device)
     if channels_last:
@@ -168,7 +174,7 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
         model.load_state_dict(state["model"])
         start_epoch = int(state["epoch"])
         for stp in sorted(cfg.freeze.schedule, key=lambda s: s.epoch):
-            if stp.epoch < start_epoch or (partial and stp.epoch == start_epoch):
+            if stp.epoch - 1 < start_epoch or (partial and stp.epoch - 1 == start_epoch):  # 1-based steps
                 O.unfreeze_step(bb, optimizer, stp, cfg.optimizer)
         optimizer.load_state_dict(state["optimizer"])
     else:
@@ -232,6 +238,7 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
         reporter.note(f"frozen-feature cache {feats_info}")
     extra_ckpt = {"class_names": classes, "model_name": bb.name, "num_classes": len(classes),
                   "transform": bundle.transform, "precision": precision, "channels_last": channels_last,
+                  "epoch_base": 1,  # freeze.schedule epochs count from 1 (older checkpoints: from 0)
                   "data": {"path": cfg.data.path, "labels": cfg.data.labels, "val_split": cfg.data.val_split,
                            "seed": cfg.train.seed}}
     first_batch_logged = start_epoch > 0
@@ -248,7 +255,7 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
         for epoch in range(start_epoch, epochs_total):
             resuming = partial if epoch == start_epoch else None
             for stp in cfg.freeze.schedule:
-                if stp.epoch == epoch and not resuming:  # steps before a resumed run's start were re-applied above
+                if stp.epoch - 1 == epoch and not resuming:  # (1-based) steps before a resumed start: re-applied above
                     names = O.unfreeze_step(bb, optimizer, stp, cfg.optimizer)
                     train_model = dist_.wrap(model, dd, device)  # DDP must see the newly trainable parameters
                     run_model = maybe_compile(train_model, cfg.train.compile)
@@ -295,8 +302,9 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
             if dd.is_main:
                 ckpt = checkpoint(epoch + 1, ev)
                 ck.save_checkpoint(ckpt, run_dir / "last.pt")
-                if improved:
-                    ck.save_checkpoint(ckpt, run_dir / "best.pt")
+                if improved:  # weights + metadata: the optimizer state (2x the weights for Adam) is for resuming
+                    ck.save_checkpoint({k: v for k, v in ckpt.items() if k not in ("optimizer", "scaler")},
+                                       run_dir / "best.pt")
                 _write_metrics(run_dir, best, history)
             if writer is not None:
                 _log_scalars(writer, row, epoch + 1)

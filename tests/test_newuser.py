@@ -155,3 +155,82 @@ def test_nproc_launch_sets_omp_threads(monkeypatch):
     monkeypatch.setattr(distributed.os, "cpu_count", lambda: 8, raising=False) if hasattr(distributed, "os") else None
     assert distributed.launch(2, ["train"]) == 0
     assert seen["env"]["OMP_NUM_THREADS"].isdigit()  # torchrun's banner appears only when it is unset
+
+
+def test_stages_resolve_per_architecture():
+    from finetune.freeze import model_stages
+    from finetune.models import build_model_shapes
+
+    def mods(name):
+        return ["+".join(s.modules) for s in model_stages(build_model_shapes(name, 3))]
+
+    assert mods("resnet18") == mods("timm:test_resnet") == ["conv1+bn1", "layer1", "layer2", "layer3", "layer4"]
+    assert mods("smallcnn") == ["seq.0", "seq.2", "seq.4", "seq.7"]
+    assert mods("timm:test_efficientnet") == ["conv_stem+bn1", "blocks.0", "blocks.1", "blocks.2", "blocks.3",
+                                              "blocks.4+conv_head+bn2"]
+    assert mods("timm:test_vit")[0] == "cls_token+pos_embed+patch_embed" and mods("timm:test_vit")[-1] == \
+        "blocks.5+norm"
+    assert mods("efficientnet_b0") == [f"features.{i}" for i in range(9)]
+    assert mods("vgg16")[-3:] == ["features.28", "classifier.0", "classifier.3"]
+
+
+def test_stage_addresses_in_plans_and_the_gradual_unfreeze_recipe_on_timm(tmp_path, cli):
+    from finetune.freeze import apply_freeze
+    from finetune.models import build_model
+
+    bb = build_model("timm:test_efficientnet", 4)
+    plan = apply_freeze(bb, config.FreezeCfg(stages=-2))
+    assert {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks") else "") for n in plan.trainable} \
+        == {"blocks.3", "blocks.4", "conv_head", "bn2", "classifier"}
+    r = cli("train", "--recipe", "gradual-unfreeze", "--model", "timm:test_efficientnet", "--weights", "none",
+            "--image-size", "32", "--epochs", "2", "--batch-size", "64", "--precision", "fp32",
+            "--no-tensorboard", "--out", tmp_path / "g")
+    assert r.exit_code == 0, r.stderr
+    assert "epoch 2: unfroze stage:-1 (" in r.stderr
+    doc = json.loads(cli("inspect", "timm:test_resnet", "--stages", "-1", "--json").stdout)
+    assert [s["modules"] for s in doc["stages"]][-1] == ["layer4"] and doc["stages"][-1]["from_head"] == -1
+    assert doc["trainable"] == sum(p["numel"] for p in doc["parameters"] if p["name"].startswith(("layer4", "fc")))
+
+
+def test_freeze_errors_from_a_recipe_say_so(tmp_path, cli):
+    (tmp_path / "r.yaml").write_text("freeze:\n  backbone: true\n  schedule:\n    - {epoch: 2, layers: [layer4]}\n")
+    r = cli("train", "--recipe", tmp_path / "r.yaml", "--out", tmp_path / "o")
+    assert r.stderr == (f"Error: recipe {tmp_path / 'r.yaml'}, freeze.schedule[0]: unfreeze layer 'layer4' matches "
+                        "no module of smallcnn; see 'finetune inspect smallcnn --modules'\n")
+    r = cli("train", "--recipe", tmp_path / "r.yaml", "--stages", "9", "--out", tmp_path / "o")
+    assert r.stderr == ("Error: freeze stages 9 is out of range: smallcnn has 4 stages (0..3, or -4..-1 counted from "
+                        "the head); see 'finetune inspect smallcnn'\n")
+
+
+def test_epochs_count_from_1_everywhere(tmp_path, cli):
+    r = cli("train", "--freeze-backbone", "--unfreeze", "all@2:0.5", "--epochs", "2", "--precision", "fp32",
+            "--no-tensorboard", "--out", tmp_path / "e")
+    assert r.exit_code == 0, r.stderr
+    assert "epoch 2: unfroze all (8 tensors, lr x 0.5)" in r.stderr
+    ck = load_checkpoint(tmp_path / "e" / "last.pt")
+    assert ck["epoch"] == 2 and ck["recipe"]["freeze"]["schedule"][0]["epoch"] == 2
+    assert [m["epoch"] for m in ck["metrics"]] == [1, 2]
+    r = cli("train", "--unfreeze", "all@0", "--out", tmp_path / "z")
+    assert r.stderr == ("Error: --unfreeze: freeze.schedule[0].epoch must be at least 1 (epochs count from 1, as the "
+                        "logs do), got 0\n")
+
+
+def test_model_override_is_recorded_and_inspect_previews_the_datas_head(tmp_path, cli):
+    r = cli("train", "--recipe", "linear-probe", "--model", "smallcnn", "--weights", "none", "--image-size", "32",
+            "--epochs", "1", "--precision", "fp32", "--no-tensorboard", "--quiet", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.stderr
+    rec = config.load_recipe(str(tmp_path / "o" / "config.yaml"))
+    assert rec.name == "linear-probe (model overridden)"
+    assert rec.description.endswith(" -- model overridden: smallcnn instead of resnet18")
+    doc = json.loads(cli("inspect", "--recipe", "linear-probe", "--json").stdout)
+    assert next(p for p in doc["parameters"] if p["name"] == "fc.weight")["shape"] == [4, 512]  # sample: 4 classes
+
+
+def test_warnings_for_random_frozen_layers_and_no_op_unfreezes(tmp_path, cli):
+    r = cli("train", "--freeze-layers", "seq.0", "--unfreeze", "seq.8", "--epochs", "1", "--precision", "fp32",
+            "--no-tensorboard", "--quiet", "--out", tmp_path / "w")
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.splitlines() == [
+        "warning: unfreeze seq.8 changes nothing: those parameters are already trainable",
+        "warning: 2 parameter tensors are frozen at random init (weights: none): they will stay random; pass "
+        "--weights (pretrained or a file) or drop the freeze plan"]
