@@ -38,7 +38,8 @@ def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Mo
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: str = "val", *,
-                        device: str = "auto", batch_size: int = 64, precision: str | None = None) -> dict[str, Any]:
+                        device: str = "auto", batch_size: int = 64, precision: str | None = None,
+                        labels: str | None = None) -> dict[str, Any]:
     """Accuracy, top-5, loss, per-class accuracy and confusion of a checkpoint on ``data`` (default: the data it
     was trained on), with the checkpoint's own eval transform and precision — so it reproduces the val accuracy
     that training recorded for that epoch."""
@@ -48,9 +49,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
     model, ckpt = load_model(checkpoint, device=str(dev))
     info = ckpt.get("data") or {}
     path = data if data is not None else info.get("path", "sample")
+    own = data is None or data == info.get("path")  # the run's data: its labels and its train/val split
     ds = D.build_eval_dataset(path, split, list(ckpt["class_names"]), ckpt["transform"],
-                              labels=info.get("labels") if data is None or data == info.get("path") else None,
-                              val_split=info.get("val_split", 0.2), seed=info.get("seed", 0))
+                              labels=labels or (info.get("labels") if own else None),
+                              val_split=info.get("val_split", 0.2) if own else 0.0, seed=info.get("seed", 0))
     loader = D.make_loader(ds, batch_size, shuffle=False, seed=0, device=dev.type)
     res = evaluate(model, loader, int(ckpt["num_classes"]), device=dev,
                    precision=_precision_on(dev, precision or ckpt.get("precision", "fp32")),

@@ -234,3 +234,37 @@ def test_warnings_for_random_frozen_layers_and_no_op_unfreezes(tmp_path, cli):
         "warning: unfreeze seq.8 changes nothing: those parameters are already trainable",
         "warning: 2 parameter tensors are frozen at random init (weights: none): they will stay random; pass "
         "--weights (pretrained or a file) or drop the freeze plan"]
+
+
+def test_help_is_whole_at_80_columns(cli):
+    for cmd in ("train", "eval", "predict", "inspect", "export", "models"):
+        out = cli(cmd, "--help").stdout
+        assert "<bool>" not in out and "…" not in out, cmd
+        assert max(len(line) for line in out.splitlines()) <= 80, cmd
+    out = cli("train", "--help").stdout
+    assert "--freeze-backbone / --no-freeze-backbone" in out
+    out = cli("eval", "--help").stdout
+    for flag in ("--labels", "--precision", "--device", "--batch-size", "val | train | test"):
+        assert flag in out, flag
+
+
+def test_eval_split_test_precision_and_labels(small_run, tmp_path, cli):
+    import shutil
+
+    root = tmp_path / "d"
+    for split in ("train", "val", "test"):
+        shutil.copytree("data/sample/val", root / split)
+    shutil.rmtree(root / "test" / "square")
+    r = cli("eval", small_run / "best.pt", "--data", root, "--split", "test", "--precision", "fp32", "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["n"] == 120 and sum(map(sum, doc["confusion"])) == 120
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(Path("data/sample/val/cross").iterdir())[:5] + sorted(Path("data/sample/val/circle").iterdir())[:3]:
+        shutil.copy(p, flat / p.name)
+    r = cli("eval", small_run / "best.pt", "--data", flat, "--labels", "prefix:cross=cross,circle=circle", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["n"] == 8
+    r = cli("eval", small_run / "best.pt", "--data", root / "val", "--split", "test")
+    assert r.stderr == f"Error: '{root / 'val'}' has no test folder; --split test takes ROOT/test/<class>/...\n"
