@@ -20,6 +20,7 @@ _LAZY = {
     "evaluate_checkpoint": "finetune.api",
     "predict": "finetune.api",
     "load_model": "finetune.api",
+    "sample_data": "finetune.config",
 }
 
 
@@ -32,3 +33,8 @@ def __getattr__(name: str):
 
 
 __all__ = list(_LAZY)
+
+
+def __dir__() -> list[str]:
+    """``dir(finetune)`` lists the lazy API too (it is loaded on first use, so not yet in the module's dict)."""
+    return sorted(set(globals()) | set(_LAZY))

@@ -45,8 +45,8 @@ class DataCfg:
 
 @dataclass
 class UnfreezeStep:
-    epoch: int  # 0-based epoch at whose start the layers become trainable
-    layers: list[str]  # dotted module paths, or ["all"]
+    epoch: int  # 1-based (as logs and metrics count): at the start of this epoch the layers become trainable
+    layers: list[str]  # dotted module paths, stage:K addresses, or ["all"]
     lr_mult: float = 1.0  # LR of the new parameter group = base LR x lr_mult
 
 
@@ -54,6 +54,7 @@ class UnfreezeStep:
 class FreezeCfg:
     names: list[str] = field(default_factory=list)  # parameter-name substrings or globs (tutorial method 1)
     first: int | None = None  # the first N parameter tensors (tutorial method 2)
+    stages: int | None = None  # fastai freeze_to: -2 = all but the last 2 stages frozen (the head trains)
     layers: list[str] = field(default_factory=list)  # dotted module paths (tutorial method 3)
     backbone: bool = False  # everything except the head (linear probing)
     unfreeze: list[str] = field(default_factory=list)  # applied last: names/layers made trainable again
@@ -132,6 +133,7 @@ NON_NEGATIVE = {"optimizer.momentum", "optimizer.weight_decay", "scheduler.warmu
                 "train.label_smoothing", "train.clip_grad", "train.early_stop", "freeze.first",
                 "data.workers", "scheduler.step_size", "scheduler.gamma"}
 
+IMAGE_SIZE = (8, 2048)  # data.image_size: smaller cannot pass a CNN's downsampling; larger is an allocator crash
 
 # ----------------------------------------------------------------------------------------------- loading
 
@@ -269,11 +271,16 @@ def validate(recipe: Recipe, where: _Where | None = None) -> Recipe:
             raise ConfigError(f"{where(path)}{path} must not be negative, got {value}")
     if not 0.0 <= recipe.data.val_split < 1.0:
         raise ConfigError(f"{where('data.val_split')}data.val_split must be in [0, 1), got {recipe.data.val_split}")
+    size = recipe.data.image_size
+    if size is not None and not IMAGE_SIZE[0] <= size <= IMAGE_SIZE[1]:
+        raise ConfigError(f"{where('data.image_size')}data.image_size must be between {IMAGE_SIZE[0]} and "
+                          f"{IMAGE_SIZE[1]} pixels, got {size}; omit it to use the backbone's own input size")
     if recipe.train.label_smoothing >= 1.0:
         raise ConfigError(f"{where('train.label_smoothing')}train.label_smoothing must be below 1")
     for i, step in enumerate(recipe.freeze.schedule):
-        if step.epoch < 0:
-            raise ConfigError(f"{where(f'freeze.schedule[{i}]')}freeze.schedule[{i}].epoch must not be negative")
+        if step.epoch < 1:
+            raise ConfigError(f"{where(f'freeze.schedule[{i}]')}freeze.schedule[{i}].epoch must be at least 1 "
+                              f"(epochs count from 1, as the logs do), got {step.epoch}")
         if step.lr_mult <= 0:
             raise ConfigError(f"{where(f'freeze.schedule[{i}]')}freeze.schedule[{i}].lr_mult must be greater than 0")
     for k, v in recipe.optimizer.lr_mult.items():
@@ -296,6 +303,11 @@ def from_dict(data: dict, source: str | None = None, text: str | None = None) ->
         raise ConfigError(f"{where('')}a recipe must be a mapping of sections (model, data, freeze, optimizer, "
                           "scheduler, train)")
     return validate(_build(Recipe, data, "", where), where)
+
+
+def sample_data() -> Path:
+    """The bundled sample data (``data/sample`` of the checkout; what ``data.path: sample`` means)."""
+    return REPO_ROOT / "data" / "sample"
 
 
 def recipes_dir() -> Path:

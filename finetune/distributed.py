@@ -101,9 +101,15 @@ def launch(nproc: int, args: list[str]) -> int:
     import subprocess
     import sys
 
+    import os
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "finetune", *args]
-    return subprocess.call(cmd)
+    # torchrun prints a banner about OMP_NUM_THREADS when it is unset; each process sets its own thread count
+    # (init() splits the cores), so give it the same split and no banner
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")
+           or str(max(1, (os.cpu_count() or 1) // nproc))}
+    return subprocess.call(cmd, env=env)
 
 
 def strip_nproc(argv: list[str]) -> list[str]:

@@ -80,13 +80,14 @@ class Split:
     where: str  # the head's dotted path: the features are its input
 
 
-def split_frozen_prefix(bb) -> Split | None:
+def split_frozen_prefix(bb, sample: torch.Tensor | None = None) -> Split | None:
     """Split ``bb.model`` where the trainable part starts, or None.
 
     When every trainable parameter belongs to the head, the cut is the head's input (any architecture). Otherwise,
     for models that ``torch.fx`` can trace, the cut is just before the first module with trainable parameters
     (resnet18 with conv1..layer3 frozen: the features are layer3's output and layer4 + fc train on them), provided
-    one tensor alone crosses the cut.
+    one tensor alone crosses the cut. When fx cannot trace the model, :func:`split_at_block` cuts at a block of a
+    sequential stage instead (needs ``sample``, one input batch).
     """
     from finetune.models import is_under
 
@@ -96,7 +97,89 @@ def split_frozen_prefix(bb) -> Split | None:
     if len(bb.head) == 1 and all(is_under(n, bb.head) for n in trainable):
         head = dict(bb.model.named_modules())[bb.head[0]]
         return Split(UpToHead(bb.model, head), head, bb.head[0])
-    return split_trailing(bb.model, trainable)
+    return split_trailing(bb.model, trainable) or (split_at_block(bb.model, trainable, sample)
+                                                   if sample is not None else None)
+
+
+def split_at_block(model: nn.Module, trainable: list[str], sample: torch.Tensor) -> Split | None:
+    """Without fx (timm's TF-same padding, ViTs' control flow): cut at the input of a block of a sequential stage
+    (``blocks.N``, ``stages.N``, ``layer3.0``) when every module that runs before it is frozen.
+
+    The frozen part is the model run up to that block's input (a forward pre-hook, as for the head). The trainable
+    part runs the model on one blank image (an empty batch breaks reshapes such as timm's ``view(B, -1, C)``),
+    and a pre-hook swaps the block's input for the cached features: everything from the block on is the model's
+    own forward code. :func:`check_split` verifies the result equals the full model's output.
+    """
+    modules = dict(model.named_modules())
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n)) for n, m in modules.items() if n]
+    was = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(sample[:1])
+    except Exception:  # noqa: BLE001 - no order, no cut
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    first_call = {}
+    for i, n in enumerate(order):
+        first_call.setdefault(n, i)
+    from finetune.models import is_under
+
+    owners = {n.rpartition(".")[0] for n in trainable}
+    if "" in owners:  # a trainable parameter of the root (cls_token, pos_embed): used before any block
+        return None
+    start = min(first_call.get(o, len(order)) for o in owners)
+    # the cut: the outermost block (a child of a Sequential/ModuleList) that contains the first trainable module
+    path = order[start] if start < len(order) else ""
+    cut = next((p for p in _ancestors(path) if isinstance(modules.get(p.rpartition(".")[0] or "", None),
+                                                           (nn.Sequential, nn.ModuleList))
+                and p.rpartition(".")[0]), None)
+    if cut is None or order.count(cut) != 1:
+        return None
+    before = {n for n in order[:first_call[cut]] if not is_under(n, [cut]) and not is_under(cut, [n])}
+    if any(p.requires_grad for n in before for p in modules[n].parameters(recurse=False)):
+        return None
+    rest = FromBlock(model, modules[cut], sorted(before))
+    rest.in_shape = tuple(sample.shape[1:])
+    return Split(UpToHead(model, modules[cut]), rest, cut)
+
+
+def _ancestors(path: str) -> list[str]:
+    """``blocks.3.conv`` -> ``blocks``, ``blocks.3``, ``blocks.3.conv`` (outermost first)."""
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if path else []
+
+
+class FromBlock(nn.Module):
+    """``model`` from ``block`` on, fed with ``block``'s input (see :func:`split_at_block`)."""
+
+    def __init__(self, model: nn.Module, block: nn.Module, before: list[str]):
+        super().__init__()
+        self.model = model
+        self._block = [block]
+        self._before = before  # modules that run before the cut: held in eval mode on their blank image
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        def hook(_module, args):
+            return (features, *args[1:])
+
+        modules = dict(self.model.named_modules())
+        training = [n for n in self._before if modules[n].training]
+        for n in training:
+            modules[n].eval()  # frozen: no BatchNorm statistics updated by the blank image
+        handle = self._block[0].register_forward_pre_hook(hook)
+        try:
+            return self.model(torch.zeros((1, *self.in_shape), dtype=features.dtype, device=features.device))
+        finally:
+            handle.remove()
+            for n in training:
+                modules[n].train()
+
+    in_shape: tuple[int, ...] = (3, 32, 32)
 
 
 def split_trailing(model: nn.Module, trainable: list[str]) -> Split | None:
@@ -191,11 +274,13 @@ def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None) ->
             raise ConfigError("--cache-features on needs frozen layers, but the whole model trains; freeze the "
                               "backbone (--freeze-backbone) or use --cache-features auto/off")
         return Decision(False, "not used: nothing is frozen"), None
-    split = split_frozen_prefix(bb)
+    split = split_frozen_prefix(bb, sample)
     if split is not None and sample is not None and not check_split(split, bb.model, sample):
         split = None
     if split is None:
-        why = "the model cannot be cut into a frozen part and a trainable part (frozen layers run after trainable ones, or more than one tensor crosses the cut)"
+        why = ("the model cannot be cut into a frozen part and a trainable part: torch.fx cannot trace it, or "
+               "the first trainable module is not a block of a sequential stage (blocks.N), or a module that runs "
+               "before it trains, or more than one tensor crosses the cut")
         if mode == "on":
             raise ConfigError(f"--cache-features on needs a run where only the head trains: {why}; freeze the "
                               "backbone (--freeze-backbone) or use --cache-features auto/off")
@@ -214,8 +299,9 @@ def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None) ->
 
 
 def first_unfreeze(cfg) -> int:
-    """The 0-based epoch of the first unfreeze step (the run's epoch count when there is none)."""
-    return min([s.epoch for s in cfg.freeze.schedule] + [cfg.train.epochs])
+    """The 0-based loop index of the first unfreeze step (schedule epochs are 1-based; the run's epoch count when
+    there is none)."""
+    return min([s.epoch - 1 for s in cfg.freeze.schedule] + [cfg.train.epochs])
 
 
 # ----------------------------------------------------------------------------------------------- features

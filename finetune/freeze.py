@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from finetune.models import Backbone
 
 BN_POLICIES = ("frozen", "train")
-KINDS = ("names", "first", "layers", "backbone", "unfreeze")
+KINDS = ("names", "first", "stages", "layers", "backbone", "unfreeze")
+STAGE = "stage:"  # a layer address: stage:K is the K-th stage (0 = the stem; -1 = the last before the head)
 _GLOB = "*?["
 
 
@@ -55,6 +56,9 @@ class Strategy:
             return "freeze backbone"
         if self.kind == "first":
             return f"freeze first {self.targets}"
+        if self.kind == "stages":
+            n = int(self.targets)
+            return f"freeze stages (all but the last {-n} stages)" if n < 0 else f"freeze stages (the first {n})"
         verb = "unfreeze" if self.kind == "unfreeze" else f"freeze {self.kind}"
         return f"{verb} {','.join(self.targets)}"
 
@@ -139,13 +143,17 @@ def select_first(bb: Backbone, n: int) -> list[str]:
 
 
 def select_layers(bb: Backbone, layers: list[str], verb: str = "freeze", allow_all: bool = False) -> list[str]:
-    """Parameters inside the named modules (dotted paths or globs over module names); ``all`` when allowed."""
+    """Parameters inside the named modules (dotted paths or globs over module names, or ``stage:K``); ``all``
+    when allowed."""
     names = _param_names(bb.model)
     modules = dict(bb.model.named_modules())
     out: set[str] = set()
     for layer in layers:
         if allow_all and layer == "all":
             out.update(names)
+            continue
+        if layer.startswith(STAGE):
+            out.update(select_stage(bb, layer, verb))
             continue
         paths = [m for m in modules if m and fnmatch.fnmatchcase(m, layer)] if _is_glob(layer) else \
             ([layer] if layer and layer in modules else [])
@@ -170,7 +178,7 @@ def select_backbone(bb: Backbone) -> list[str]:
 def select_unfreeze(bb: Backbone, targets: list[str]) -> list[str]:
     """``all``, module paths, or (for what is not a module) parameter-name patterns."""
     modules = set(_module_names(bb.model))
-    as_layers = [t for t in targets if t == "all" or t in modules or (_is_glob(t) and
+    as_layers = [t for t in targets if t == "all" or t in modules or t.startswith(STAGE) or (_is_glob(t) and
                  any(fnmatch.fnmatchcase(m, t) for m in modules))]
     as_names = [t for t in targets if t not in as_layers]
     out = set(select_layers(bb, as_layers, verb="unfreeze", allow_all=True))
@@ -190,6 +198,8 @@ def select(bb: Backbone, s: Strategy) -> list[str]:
         return select_names(bb, list(s.targets))
     if s.kind == "first":
         return select_first(bb, s.targets)
+    if s.kind == "stages":
+        return select_stages(bb, int(s.targets))
     if s.kind == "layers":
         return select_layers(bb, list(s.targets))
     if s.kind == "backbone":
@@ -197,6 +207,141 @@ def select(bb: Backbone, s: Strategy) -> list[str]:
     if s.kind == "unfreeze":
         return select_unfreeze(bb, list(s.targets))
     raise FreezeError(f"unknown freeze strategy '{s.kind}'{suggest(s.kind, KINDS)}; use one of {', '.join(KINDS)}")
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+@dataclass
+class Stage:
+    """One stage of a backbone, in forward order: ``modules`` (dotted paths, for display) and its parameters."""
+
+    index: int
+    modules: list[str]
+    params: list[str]
+
+
+def model_stages(bb: Backbone) -> list[Stage]:
+    """The backbone (everything but the head) as stages, from the stem to the one feeding the head.
+
+    timm models: their own ``group_matcher(coarse=True)`` (stem, ``blocks.N``/``stages.N``/``layers.N``; the final
+    norm or ``conv_head`` joins the last stage). Others (torchvision, smallcnn): the top-level modules in order,
+    leading single layers merged into a stem (resnet: ``conv1+bn1``, ``layer1`` .. ``layer4``), a container that
+    holds most of the model opened up (vgg/efficientnet/mobilenet: ``features.N``; torchvision ViT:
+    ``encoder.layers.N``). Parameters outside every stage (a ``cls_token``) join the stage that follows them.
+    """
+    head = set(bb.head_parameter_names())
+    keep = [n for n in _param_names(bb.model) if n not in head]
+    groups = _timm_groups(bb, keep, head) if getattr(bb, "source", "") == "timm" else None
+    if groups is None:
+        groups = _module_groups(bb.model, keep)
+    return [Stage(i, mods, params) for i, (mods, params) in enumerate(groups)]
+
+
+def _timm_groups(bb: Backbone, keep: list[str], head: set[str]) -> list[tuple[list[str], list[str]]] | None:
+    try:
+        from timm.models._manipulate import group_parameters
+
+        grouped = group_parameters(bb.model, bb.model.group_matcher(coarse=True))
+    except Exception:  # noqa: BLE001 - no group_matcher: fall back to the module rule
+        return None
+    out: list[tuple[list[str], list[str]]] = []
+    every = _param_names(bb.model)
+    for _, names in sorted(grouped.items(), key=lambda kv: kv[0]):
+        params = [n for n in names if n not in head]
+        if not params:
+            continue
+        if out and any(n in head for n in names):  # the head's group: its norm/conv_head ends the last stage
+            out[-1][1].extend(params)
+            out[-1][0].extend(m for m in _display(params, every) if m not in out[-1][0])
+            continue
+        out.append((_display(params, every), params))
+    order = {n: i for i, n in enumerate(keep)}
+    return [(mods, sorted(ps, key=order.get)) for mods, ps in out] if out else None
+
+
+def _display(params: list[str], every: list[str]) -> list[str]:
+    """The shortest module paths that cover a group of parameters and nothing else: ``blocks.3`` for
+    ``blocks.3.0.conv.weight`` when ``blocks`` spans several groups."""
+    mine = set(params)
+    out: dict[str, None] = {}
+    for n in params:
+        parts = n.split(".")
+        for k in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:k])
+            if all(m in mine for m in every if _under(m, prefix)):
+                out[prefix] = None
+                break
+    return list(out)
+
+
+def _module_groups(model: nn.Module, keep: list[str]) -> list[tuple[list[str], list[str]]]:
+    kept = set(keep)
+
+    def kids(path: str, m: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(f"{path}.{k}" if path else k, c) for k, c in m.named_children()
+                if any((f"{path}.{k}.{n}" if path else f"{k}.{n}") in kept for n, _ in c.named_parameters())]
+
+    def size(path: str, m: nn.Module) -> int:
+        return sum(p.numel() for n, p in m.named_parameters(prefix=path) if n in kept)
+
+    units = kids("", model)
+    for _ in range(8):  # open the biggest container while there are too few units to address
+        if len(units) >= 4:
+            break
+        opens = [(i, kids(*u)) for i, u in enumerate(units)]
+        opens = [(i, k) for i, k in opens if len(k) >= 2]
+        if not opens:
+            break
+        i, k = max(opens, key=lambda t: size(*units[t[0]]))
+        units[i:i + 1] = k
+    paths = [p for p, _ in units]
+    # leading single layers at the top level (resnet's conv1, bn1) form one stem stage
+    leaf = [p for p, m in units if "." not in p and not list(m.children())]
+    stem = 0
+    while stem < len(paths) and paths[stem] in leaf:
+        stem += 1
+    groups: list[list[str]] = ([paths[:stem]] if stem > 1 else [[p] for p in paths[:stem]]) + \
+        [[p] for p in paths[stem:]]
+    params: list[list[str]] = [[] for _ in groups]
+    pending: list[str] = []
+    for n in keep:
+        g = next((i for i, mods in enumerate(groups) if any(_under(n, m) for m in mods)), None)
+        if g is None:
+            pending.append(n)  # e.g. a class token: it joins the next stage
+            continue
+        params[g].extend(pending + [n])
+        pending = []
+    if pending and params:
+        params[-1].extend(pending)
+    return [(mods, ps) for mods, ps in zip(groups, params) if ps]
+
+
+def _stage_error(bb: Backbone, what: str, n: int) -> FreezeError:
+    k = len(model_stages(bb))
+    return FreezeError(f"{what} {n} is out of range: {_model_label(bb)} has {k} stages (0..{k - 1}, or "
+                       f"-{k}..-1 counted from the head); see 'finetune inspect {_model_label(bb)}'")
+
+
+def select_stages(bb: Backbone, n: int) -> list[str]:
+    """fastai's ``freeze_to(n)``: the parameters of the first ``n`` stages, or for ``n < 0`` of all but the last
+    ``-n`` stages (``-2``: the last two stages and the head train)."""
+    stages = model_stages(bb)
+    if isinstance(n, bool) or not -len(stages) <= n <= len(stages):
+        raise _stage_error(bb, "freeze stages", n)
+    return [p for s in stages[:n if n >= 0 else len(stages) + n] for p in s.params]
+
+
+def select_stage(bb: Backbone, address: str, verb: str = "freeze") -> list[str]:
+    """The parameters of ``stage:K`` (K from 0, or negative from the head)."""
+    stages = model_stages(bb)
+    try:
+        k = int(address[len(STAGE):])
+    except ValueError:
+        raise FreezeError(f"{verb} layer '{address}': a stage address is stage:K with an integer K (stage:-1 is "
+                          "the last stage before the head)") from None
+    if not -len(stages) <= k < len(stages):
+        raise _stage_error(bb, f"{verb} layer '{address}':", k)
+    return list(stages[k].params)
 
 
 # ----------------------------------------------------------------------------------------------- plans
@@ -208,6 +353,8 @@ def strategies_from_cfg(cfg: FreezeCfg) -> list[Strategy]:
         steps.append(Strategy("names", list(cfg.names)))
     if cfg.first:
         steps.append(Strategy("first", cfg.first))
+    if cfg.stages is not None:
+        steps.append(Strategy("stages", cfg.stages))
     if cfg.layers:
         steps.append(Strategy("layers", list(cfg.layers)))
     if cfg.backbone:
@@ -233,9 +380,20 @@ def apply_strategies(bb: Backbone, strategies: list[Strategy], bn: str = "frozen
     """
     if bn not in BN_POLICIES:
         raise FreezeError(f"BatchNorm policy must be one of {', '.join(BN_POLICIES)}, got '{bn}'{suggest(bn, BN_POLICIES)}")
-    selected = [(s, set(select(bb, s))) for s in strategies]
+    selected = []
+    for s in strategies:
+        try:
+            selected.append((s, set(select(bb, s))))
+        except FreezeError as e:
+            e.key = getattr(e, "key", None) or f"freeze.{s.kind}"  # the recipe key it came from, for the caller
+            raise
     trainable = {n: True for n in _param_names(bb.model)}
     for s, names in selected:
+        if s.kind == "unfreeze" and all(trainable[n] for n in names):
+            import logging
+
+            logging.getLogger("finetune").warning(f"{s.describe()} changes nothing: those parameters are already "
+                                                  "trainable")
         for n in names:
             trainable[n] = s.kind == "unfreeze"
     if trainable and not any(trainable.values()):
@@ -253,9 +411,22 @@ def apply_freeze(bb: Backbone, cfg: FreezeCfg) -> FreezePlan:
     Also checks that every ``cfg.schedule`` step names real modules, so a typo fails before training starts.
     """
     plan = apply_strategies(bb, strategies_from_cfg(cfg), cfg.bn)
-    for step in cfg.schedule:
-        select_layers(bb, list(step.layers), verb="unfreeze", allow_all=True)
+    for i, step in enumerate(cfg.schedule):
+        try:
+            select_layers(bb, list(step.layers), verb="unfreeze", allow_all=True)
+        except FreezeError as e:
+            e.key = f"freeze.schedule[{i}]"
+            raise
     return plan
+
+
+def from_recipe(error: FreezeError, recipe: str | None, flags) -> FreezeError:
+    """``error`` prefixed with where it came from when that is a recipe file rather than a flag the user typed:
+    ``recipe gradual-unfreeze, freeze.schedule[0]: unfreeze layer 'layer4' matches no module of ...``."""
+    key = getattr(error, "key", None)
+    if not recipe or not key or any(key.split("[")[0] == f.split("[")[0] for f in flags):
+        return error
+    return FreezeError(f"recipe {recipe}, {key}: {error}")
 
 
 def unfreeze_layers(bb: Backbone, layers: list[str]) -> list[str]:

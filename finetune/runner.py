@@ -82,8 +82,30 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     """Run ``recipe`` and write the run directory.
 
     ``resume`` continues the run in that directory from its ``last.pt`` with the recipe stored there (``recipe``
-    is ignored); ``epochs`` may extend it.
+    is ignored); ``epochs`` may extend it. Ctrl-C before the first checkpoint of a new run (while data loads or
+    features are computed) removes the new run directory: nothing in it could be resumed, and keeping it would make
+    the same command fail with "already exists".
     """
+    made: dict[str, Path] = {}
+    try:
+        return _train(recipe, out=out, overwrite=overwrite, resume=resume, epochs=epochs, reporter=reporter,
+                      made=made)
+    except KeyboardInterrupt:
+        run_dir = made.get("run_dir")
+        if resume is not None:
+            raise Interrupted(f"interrupted; continue with finetune train --resume {resume}") from None
+        if run_dir is None:
+            raise Interrupted("interrupted before the run directory was created; nothing was written") from None
+        if not (run_dir / "last.pt").exists():
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise Interrupted(f"interrupted before the first checkpoint; removed the new run directory "
+                              f"'{run_dir}' (nothing to resume); run the same command to start again") from None
+        raise Interrupted(f"interrupted before the first checkpoint; nothing to resume in '{run_dir}'") from None
+
+
+def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, reporter, made: dict) -> RunResult:
     from finetune import data as D
     from finetune import freeze as F
     from finetune import optim as O
@@ -100,6 +122,9 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
         state = ck.load_checkpoint(last)
         ck.remove_temp_files(run_dir)  # left by a write that a kill interrupted; last.pt itself is whole
         data = state["recipe"]
+        if state.get("epoch_base") != 1 and data["freeze"]["schedule"]:  # written when schedules were 0-based
+            data = {**data, "freeze": {**data["freeze"], "schedule": [{**s, "epoch": s["epoch"] + 1}
+                                                                      for s in data["freeze"]["schedule"]]}}
         if epochs is not None:  # validated with the rest: --epochs 0 is an error, not an empty run
             data = {**data, "train": {**data["train"], "epochs": epochs}}
         recipe = from_dict(data)
@@ -131,10 +156,13 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     bb = build_model(cfg.model.name, num_classes=len(classes),
                      weights="none" if state is not None else cfg.model.weights)
     plan = F.apply_freeze(bb, cfg.freeze)
+    if state is None and bb.weights == "none" and plan.frozen:
+        log.warning(f"{len(plan.frozen)} parameter tensors are frozen at random init (weights: none): they will "
+                    "stay random; pass --weights (pretrained or a file) or drop the freeze plan")
     for stp in cfg.freeze.schedule:
-        if stp.epoch >= cfg.train.epochs:
+        if stp.epoch > cfg.train.epochs:
             log.warning(f"the unfreeze step at epoch {stp.epoch} ({', '.join(stp.layers)}) never runs: the run has "
-                        f"{cfg.train.epochs} epochs (0-based: 0..{cfg.train.epochs - 1})")
+                        f"{cfg.train.epochs} epochs (1..{cfg.train.epochs})")
     channels_last = wants_channels_last(bb.model, cfg.train.channels_last)
     model = bb.model.to(device)
     if channels_last:
@@ -146,17 +174,19 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
         model.load_state_dict(state["model"])
         start_epoch = int(state["epoch"])
         for stp in sorted(cfg.freeze.schedule, key=lambda s: s.epoch):
-            if stp.epoch < start_epoch or (partial and stp.epoch == start_epoch):
+            if stp.epoch - 1 < start_epoch or (partial and stp.epoch - 1 == start_epoch):  # 1-based steps
                 O.unfreeze_step(bb, optimizer, stp, cfg.optimizer)
         optimizer.load_state_dict(state["optimizer"])
     else:
         run_dir = _prepare_shared_run_dir(dd, Path(out) if out else ck.default_run_dir(bb.name), overwrite)
+        if dd.is_main:
+            made["run_dir"] = run_dir  # a new run: train() removes it on Ctrl-C before the first checkpoint
 
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     if scaler is not None and state is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
 
-    resolved = _resolved_recipe(cfg, bb)
+    resolved = _resolved_recipe(cfg, bb, resumed=state is not None)
     if dd.is_main:
         ck.atomic_write_text(run_dir / "config.yaml", _yaml(resolved, {
             "device": str(device), "precision": precision, "channels_last": channels_last,
@@ -192,7 +222,9 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     best = dict(state["best"]) if state is not None else {"epoch": 0, "val_acc": None}
     since_best = history[-1]["epoch"] - best["epoch"] if history else 0  # early stop counts across a resume
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    reporter.start({"run_dir": str(run_dir), "model": bb.name, "weights": bb.weights, "device": str(device),
+    reporter.start({"run_dir": str(run_dir), "model": bb.name,
+                    "weights": bb.weights if state is None else f"{cfg.model.weights}, resumed from last.pt",
+                    "device": str(device),
                     "precision": precision, "channels_last": channels_last, "classes": classes,
                     "train_images": len(bundle.train), "val_images": len(bundle.val) if bundle.val else 0,
                     "skipped": len(bundle.skipped), "trainable": n_trainable,
@@ -206,6 +238,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
         reporter.note(f"frozen-feature cache {feats_info}")
     extra_ckpt = {"class_names": classes, "model_name": bb.name, "num_classes": len(classes),
                   "transform": bundle.transform, "precision": precision, "channels_last": channels_last,
+                  "epoch_base": 1,  # freeze.schedule epochs count from 1 (older checkpoints: from 0)
                   "data": {"path": cfg.data.path, "labels": cfg.data.labels, "val_split": cfg.data.val_split,
                            "seed": cfg.train.seed}}
     first_batch_logged = start_epoch > 0
@@ -222,7 +255,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
         for epoch in range(start_epoch, epochs_total):
             resuming = partial if epoch == start_epoch else None
             for stp in cfg.freeze.schedule:
-                if stp.epoch == epoch and not resuming:  # steps before a resumed run's start were re-applied above
+                if stp.epoch - 1 == epoch and not resuming:  # (1-based) steps before a resumed start: re-applied above
                     names = O.unfreeze_step(bb, optimizer, stp, cfg.optimizer)
                     train_model = dist_.wrap(model, dd, device)  # DDP must see the newly trainable parameters
                     run_model = maybe_compile(train_model, cfg.train.compile)
@@ -245,8 +278,10 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
             saver = _mid_epoch_saver(cfg, run_dir, lambda: checkpoint(epoch, None))
             tr = train_one_epoch(m, tl, st, epoch, reporter, resume=resuming,
                                  on_step=saver if dd.is_main else None)
+            # val runs in the run's precision even on cached features (the head trains in fp32 there): the
+            # recorded accuracy is what `finetune eval best.pt` computes with the full model
             ev = (evaluate(m if feats is not None else model, vl, len(classes), device=device,
-                           precision=st.precision, channels_last=st.channels_last, label_smoothing=0.0,
+                           precision=precision, channels_last=st.channels_last, label_smoothing=0.0,
                            reporter=reporter, reduce=st.reduce)
                   if vl is not None else None)
             row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
@@ -268,8 +303,9 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
             if dd.is_main:
                 ckpt = checkpoint(epoch + 1, ev)
                 ck.save_checkpoint(ckpt, run_dir / "last.pt")
-                if improved:
-                    ck.save_checkpoint(ckpt, run_dir / "best.pt")
+                if improved:  # weights + metadata: the optimizer state (2x the weights for Adam) is for resuming
+                    ck.save_checkpoint({k: v for k, v in ckpt.items() if k not in ("optimizer", "scaler")},
+                                       run_dir / "best.pt")
                 _write_metrics(run_dir, best, history)
             if writer is not None:
                 _log_scalars(writer, row, epoch + 1)
@@ -284,7 +320,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
         if (run_dir / "last.pt").is_file():
             raise Interrupted(f"interrupted; the last checkpoint is in '{run_dir}': continue with "
                               f"finetune train --resume {run_dir}") from None
-        raise Interrupted(f"interrupted before the first checkpoint; nothing to resume in '{run_dir}'") from None
+        raise  # before the first checkpoint: train() removes a new run's directory
     finally:
         if writer is not None:
             writer.flush()
@@ -330,9 +366,12 @@ def _mid_epoch_saver(cfg: Recipe, run_dir: Path, make_ckpt):
     return on_step
 
 
-def _resolved_recipe(cfg: Recipe, bb) -> Recipe:
+def _resolved_recipe(cfg: Recipe, bb, resumed: bool = False) -> Recipe:
+    """``cfg`` as it ran. A resumed run's model was built without weights (last.pt replaces them): its recipe
+    already names the original weights, and keeps naming them through any number of resumes."""
     r = from_dict(cfg.to_dict())
-    r.model.weights = cfg.model.weights if cfg.model.weights == "default" else bb.weights
+    if not resumed:
+        r.model.weights = cfg.model.weights if cfg.model.weights == "default" else bb.weights
     r.model.num_classes = bb.num_classes
     return r  # device/precision stay as asked ("auto" travels to a GPU box); config.yaml notes what was picked
 

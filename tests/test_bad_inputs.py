@@ -137,6 +137,10 @@ case("eval-plain-state-dict", "eval {B}/resnet.pth", "'{B}/resnet.pth' is not a 
 case("unfreeze-bad-syntax", "train --unfreeze seq.8@soon --out {B}/o22", "--unfreeze 'seq.8@soon' must be LAYERS")
 case("fp16-on-cpu", "train --precision fp16 --device cpu --out {B}/o23", "--precision fp16 needs a GPU")
 case("val-split-out-of-range", "train --val-split 1.5 --out {B}/o24", "data.val_split must be in [0, 1), got 1.5")
+case("image-size-0", "train --image-size 0 --out {B}/o25",
+     "--image-size: data.image_size must be between 8 and 2048 pixels, got 0; omit it to use the backbone's own")
+case("image-size-huge", "train --image-size 100000 --out {B}/o26",
+     "data.image_size must be between 8 and 2048 pixels, got 100000")
 case("top-k-0", "predict {R}/last.pt {B}/data/a --top-k 0", "--top-k must be at least 1, got 0", True)
 
 

@@ -496,7 +496,7 @@ def test_no_images(tmp_path):
     with pytest.raises(DataError) as e:
         build_data(cfg(tmp_path), SMALL)
     assert str(e.value) == (f"no images found in '{tmp_path}' (looked for .jpg, .jpeg, .png, .ppm, .bmp, .pgm, "
-                            ".tif, .tiff, .webp); pass a folder of class subfolders, or --labels (prefix:PFX=LABEL,"
+                            ".tif, .tiff, .webp, .gif); pass a folder of class subfolders, or --labels (prefix:PFX=LABEL,"
                             "...  regex:PATTERN  csv:FILE) for one folder of files")
 
 

@@ -68,7 +68,7 @@ def test_trailing_block_is_cached_too(tmp_path):
 
 
 def test_unfreeze_schedule_uses_the_cache_until_the_first_unfreeze(tmp_path):
-    sched = {"freeze.schedule": [{"epoch": 1, "layers": ["all"], "lr_mult": 0.5}], "optimizer.lr": 0.02}
+    sched = {"freeze.schedule": [{"epoch": 2, "layers": ["all"], "lr_mult": 0.5}], "optimizer.lr": 0.02}
     res_on, ck_on, cap_on = run(tmp_path, "cached", **sched)
     res_off, ck_off, _ = run(tmp_path, "plain", **sched, **{"train.cache_features": "off"})
     assert any("until the unfreeze at epoch 2" in n for n in cap_on.notes)
@@ -103,7 +103,7 @@ def test_auto_caches_only_when_it_is_the_same_computation():
                                       "(--cache-features on forces it)")
     d = decide("timm:test_resnet", **{"freeze.bn": "train"})
     assert not d.use and "BatchNorm with --bn train" in d.reason
-    assert decide(**{"freeze.schedule": [{"epoch": 0, "layers": ["all"]}]}).reason == \
+    assert decide(**{"freeze.schedule": [{"epoch": 1, "layers": ["all"]}]}).reason == \
         "not used: the unfreeze schedule starts at epoch 1"
     assert decide(**{"train.cache_features": "off"}).reason == "off"
 

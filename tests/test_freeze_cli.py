@@ -79,10 +79,11 @@ def test_inspect_flag_errors(cli, args, message):
 
 
 def test_freeze_overrides_mapping():
-    assert freeze_overrides() == {"freeze.names": None, "freeze.first": None, "freeze.layers": None,
-                                  "freeze.backbone": None, "freeze.bn": None}
+    assert freeze_overrides() == {"freeze.names": None, "freeze.first": None, "freeze.stages": None,
+                                  "freeze.layers": None, "freeze.backbone": None, "freeze.bn": None}
     o = freeze_overrides("a, b", 0, "", False, ["fc,layer4", "layer3@2", "all@4:0.01"], "train")
-    assert o == {"freeze.names": ["a", "b"], "freeze.first": 0, "freeze.layers": [], "freeze.backbone": False,
+    assert o == {"freeze.names": ["a", "b"], "freeze.first": 0, "freeze.stages": None, "freeze.layers": [],
+                 "freeze.backbone": False,
                  "freeze.bn": "train", "freeze.unfreeze": ["fc", "layer4"],
                  "freeze.schedule": [{"epoch": 2, "layers": ["layer3"], "lr_mult": 1.0},
                                      {"epoch": 4, "layers": ["all"], "lr_mult": 0.01}]}

@@ -50,7 +50,10 @@ def test_checkpoint_is_self_contained(run):
     assert ck["model_name"] == "smallcnn" and ck["num_classes"] == 4
     assert set(ck["model"]) == {f"seq.{i}.{k}" for i in (0, 2, 4, 7, 8) for k in ("weight", "bias")}
     assert ck["transform"]["input_size"] == [3, 32, 32]
-    assert {"optimizer", "plan", "epoch", "recipe", "metrics"} <= set(ck)
+    assert {"plan", "epoch", "recipe", "metrics"} <= set(ck)
+    assert "optimizer" not in ck and "scaler" not in ck  # best.pt = weights + metadata; last.pt resumes
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["optimizer"]["state"] and set(last) - set(ck) == {"optimizer", "scaler"}
 
 
 def test_eval_reproduces_recorded_val_acc(run, cli):
@@ -112,7 +115,7 @@ def test_frozen_parameters_are_bitwise_unchanged(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path):
     r = recipe(**{"train.epochs": 3, "model.name": "timm:test_resnet", "model.weights": "none",
                   "data.image_size": 32, "freeze.layers": ["conv1", "bn1", "layer1"], "freeze.schedule": [
-                      {"epoch": 1, "layers": ["layer1"], "lr_mult": 0.5}], "optimizer.name": "adamw",
+                      {"epoch": 2, "layers": ["layer1"], "lr_mult": 0.5}], "optimizer.name": "adamw",
                   "optimizer.lr": 0.003, "optimizer.weight_decay": 0.01, "data.augment": "light"})
     full = train(r, out=tmp_path / "full")
 

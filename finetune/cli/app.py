@@ -82,6 +82,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: wraps instead of eliding option names on 80 columns, no <bool> on flags
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 

@@ -14,23 +14,30 @@ HELP = ("Evaluate a checkpoint: accuracy (argmax under eval() + inference_mode),
 def eval_(
     checkpoint: str = typer.Argument(..., help="A checkpoint (runs/<run>/best.pt) or a run directory."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Data to evaluate on (default: the run's data)."),
-    split: str = typer.Option("val", "--split", help="val | train."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b"),
-    device: str = typer.Option("auto", "--device"),
+    labels: Optional[str] = typer.Option(None, "--labels", help="prefix:A=x,=y | regex:PATTERN | csv:FILE "
+                                         "(default: the run's, when --data is the run's data)."),
+    split: str = typer.Option("val", "--split", help="val | train | test (ROOT/test/, or CIFAR's test set)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per batch (no effect on the result)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu) | cpu | cuda | mps."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 (default: the "
+                                            "checkpoint's, which reproduces the accuracy training recorded)."),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
     trust_checkpoint: bool = O.TRUST,
 ) -> None:
     from finetune.errors import ConfigError
 
-    if split not in ("val", "train"):
-        raise ConfigError(f"--split must be val or train, got '{split}'")
+    if split not in ("val", "train", "test"):
+        raise ConfigError(f"--split must be val, train or test, got '{split}'")
+    if precision is not None and precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"--precision must be fp32, bf16 or fp16, got '{precision}'")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     from finetune.api import evaluate_checkpoint
     from finetune.weights import trusted
 
     with trusted(trust_checkpoint):
-        res = evaluate_checkpoint(checkpoint, data, split, device=device, batch_size=batch_size)
+        res = evaluate_checkpoint(checkpoint, data, split, device=device, batch_size=batch_size,
+                                  precision=precision, labels=labels)
     if as_json:
         typer.echo(json.dumps({k: res[k] for k in ("accuracy", "top5", "loss", "n", "per_class", "confusion")}))
         return

@@ -27,6 +27,7 @@ def inspect(
     recipe: Optional[str] = O.RECIPE,
     freeze_names: Optional[str] = O.FREEZE_NAMES,
     freeze_first: Optional[int] = O.FREEZE_FIRST,
+    stages: Optional[int] = O.FREEZE_STAGES,
     freeze_layers: Optional[str] = O.FREEZE_LAYERS,
     freeze_backbone: Optional[bool] = O.FREEZE_BACKBONE,
     unfreeze: Optional[list[str]] = O.UNFREEZE,
@@ -35,11 +36,14 @@ def inspect(
 ) -> None:
     from finetune.params import inspect_json, module_rows
 
-    overrides = O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn)
+    overrides = O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn, stages)
     rec = _recipe(recipe, overrides)
+    head_note = None
     if rec is not None and recipe:
         model = model or rec.model.name
         num_classes = num_classes if num_classes is not None else rec.model.num_classes
+        if num_classes is None:
+            num_classes, head_note = _data_classes(rec)
     if not model:
         from finetune.errors import ConfigError
 
@@ -50,10 +54,19 @@ def inspect(
         bb = _build(model, num_classes, weights)
     plan = None
     if rec is not None:
-        from finetune.freeze import apply_freeze
+        from finetune.errors import FreezeError
+        from finetune.freeze import apply_freeze, from_recipe
 
-        plan = apply_freeze(bb, rec.freeze)
+        try:
+            plan = apply_freeze(bb, rec.freeze)
+        except FreezeError as e:
+            raise from_recipe(e, recipe, [k for k, v in overrides.items() if v is not None]) from None
     doc = inspect_json(bb.name, bb.model)
+    from finetune.freeze import model_stages
+
+    st = model_stages(bb)
+    doc["stages"] = [{"stage": s.index, "from_head": s.index - len(st), "modules": s.modules,
+                      "tensors": len(s.params)} for s in st]
     if plan is not None:
         doc["plan"] = _plan_doc(plan, rec.freeze.schedule)
     if as_json:
@@ -64,10 +77,37 @@ def inspect(
     from finetune.cli import render
 
     render.parameter_table(bb, doc)
+    if head_note:
+        typer.echo(head_note)
+    typer.echo(f"stages (freeze.stages / --stages N, addresses stage:K; the head {','.join(bb.head)} is apart):")
+    for s in doc["stages"]:
+        typer.echo(f"  stage:{s['stage']:<3} stage:{s['from_head']:<4} {'+'.join(s['modules'])} "
+                   f"({s['tensors']} tensors)")
     if plan is not None:
         render.plan_summary(plan, doc["plan"])
     if modules:
         render.module_tree(bb, module_rows(bb.model, depth))
+
+
+def _data_classes(rec) -> tuple[int | None, str]:
+    """The class count of the recipe's data (the head training will build), or None with a note saying that the
+    head shown is the backbone's own placeholder."""
+    try:
+        from pathlib import Path
+
+        from finetune.data import resolve_data_path
+        from finetune.data.sources import find
+
+        root = resolve_data_path(rec.data.path)
+        if not isinstance(root, Path) or not root.is_dir():
+            raise FileNotFoundError(root)
+        n = len({c for _, c in find(root, rec.data.labels).train})
+        if n >= 2:
+            return n, f"head: {n} classes, from the recipe's data ({rec.data.path})"
+    except Exception:  # noqa: BLE001 - a preview: fall back to the placeholder and say so
+        pass
+    return None, (f"head: the backbone's own class count, a placeholder: the recipe's data ({rec.data.path}) "
+                  "could not be read here; training takes the count from the data (or pass --num-classes)")
 
 
 def _recipe(recipe: Optional[str], overrides: dict):

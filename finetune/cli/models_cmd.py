@@ -18,9 +18,10 @@ def models(
 
     rows = list_models(pattern, pretrained_only=pretrained)
     if not rows and not as_json:
-        typer.echo(f"no models match '{pattern}'; patterns are globs ('resnet*', 'timm:vit_*') or substrings "
-                   "('efficient')", err=True)
-        raise typer.Exit(1)
+        from finetune.errors import ConfigError
+
+        raise ConfigError(f"no models match '{pattern}'; patterns are globs ('resnet*', 'timm:vit_*') or "
+                          "substrings ('efficient')")
     if as_json:
         typer.echo(json.dumps(rows))
         return

@@ -16,13 +16,17 @@ from finetune.errors import ConfigError
 FREEZE_NAMES = typer.Option(None, "--freeze-names",
                             help="Freeze parameters whose name contains A or B (globs match whole names): A,B.")
 FREEZE_FIRST = typer.Option(None, "--freeze-first", help="Freeze the first N parameter tensors (YOLOv5's --freeze N).")
+FREEZE_STAGES = typer.Option(None, "--stages",
+                             help="fastai's freeze_to: -N trains the last N stages and the head, N freezes the first "
+                                  "N stages (stages per architecture: see 'finetune inspect MODEL').")
 FREEZE_LAYERS = typer.Option(None, "--freeze-layers",
-                             help="Freeze modules by dotted path: conv1,bn1,layer1 (see 'finetune inspect MODEL --modules').")
+                             help="Freeze modules by dotted path (conv1,bn1,layer1) or stage address (stage:0, stage:-1).")
 FREEZE_BACKBONE = typer.Option(None, "--freeze-backbone/--no-freeze-backbone",
                                help="Freeze everything except the head (linear probing).")
 UNFREEZE = typer.Option(None, "--unfreeze",
                         help="Repeatable. L1,L2 makes them trainable again now; L1,L2@EPOCH[:LR_MULT] unfreezes at "
-                             "that 0-based epoch with LR x LR_MULT (e.g. layer4@2:0.1, all@4:0.01).")
+                             "the start of epoch EPOCH (1 = the first, as logged) with LR x LR_MULT (e.g. "
+                             "stage:-1@2:0.1, all@4:0.01).")
 BN = typer.Option(None, "--bn", help="BatchNorm of frozen layers: frozen (running stats fixed; default) or train.")
 TRUST = typer.Option(False, "--trust-checkpoint",
                      help="Also load files that hold pickled Python objects (a whole model saved with "
@@ -65,11 +69,13 @@ def parse_unfreeze(items: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
 
 def freeze_overrides(freeze_names: Optional[str] = None, freeze_first: Optional[int] = None,
                      freeze_layers: Optional[str] = None, freeze_backbone: Optional[bool] = None,
-                     unfreeze: Optional[List[str]] = None, bn: Optional[str] = None) -> dict[str, Any]:
+                     unfreeze: Optional[List[str]] = None, bn: Optional[str] = None,
+                     stages: Optional[int] = None) -> dict[str, Any]:
     """Dotted recipe keys for :func:`finetune.config.apply_overrides`; ``None`` = flag not given."""
     out: dict[str, Any] = {
         "freeze.names": None if freeze_names is None else _split(freeze_names),
         "freeze.first": freeze_first,
+        "freeze.stages": stages,
         "freeze.layers": None if freeze_layers is None else _split(freeze_layers),
         "freeze.backbone": freeze_backbone,
         "freeze.bn": bn,
@@ -85,7 +91,7 @@ def freeze_overrides(freeze_names: Optional[str] = None, freeze_first: Optional[
 
 _FLAG_FOR = {"model.name": "--model", "model.weights": "--weights", "data.path": "--data",
              "optimizer.name": "--optimizer", "scheduler.name": "--scheduler", "freeze.names": "--freeze-names",
-             "freeze.first": "--freeze-first", "freeze.layers": "--freeze-layers", "freeze.backbone": "--freeze-backbone",
+             "freeze.first": "--freeze-first", "freeze.stages": "--stages", "freeze.layers": "--freeze-layers", "freeze.backbone": "--freeze-backbone",
              "freeze.unfreeze": "--unfreeze", "freeze.schedule": "--unfreeze", "train.compile": "--compile"}
 
 

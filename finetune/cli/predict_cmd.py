@@ -14,30 +14,41 @@ def predict(
     checkpoint: str = typer.Argument(..., help="A checkpoint (runs/<run>/best.pt) or a run directory."),
     paths: List[str] = typer.Argument(..., help="Image files or folders."),
     top_k: int = typer.Option(3, "--top-k", "-k", help="How many labels per image."),
-    device: str = typer.Option("auto", "--device"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu) | cpu | cuda | mps."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on an unreadable image instead of skipping it with a "
+                                "warning."),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print only CSV to stdout: image,label_1,prob_1,..."),
     trust_checkpoint: bool = O.TRUST,
 ) -> None:
     from finetune.errors import ConfigError
 
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
+    if as_json and as_csv:
+        raise ConfigError("--json and --csv both print to stdout; pass one of them")
     from finetune.api import predict as run_predict
     from finetune.weights import trusted
 
     with trusted(trust_checkpoint):
-        rows = run_predict(checkpoint, list(paths), top_k=top_k, device=device)
+        rows = run_predict(checkpoint, list(paths), top_k=top_k, device=device, strict=strict)
     if as_json:
         typer.echo(json.dumps(rows))
         return
-    from rich.table import Table
+    k = len(rows[0]["top"])
+    if as_csv:
+        import csv
+        import sys
 
-    from finetune.cli.render import console
-
-    t = Table(title=f"{len(rows)} images", title_justify="left")
-    t.add_column("image")
-    for i in range(min(top_k, len(rows[0]["top"]))):
-        t.add_column(f"#{i + 1}")
-    for r in rows:
-        t.add_row(r["path"], *[f"{p['label']} {100 * p['prob']:.1f}%" for p in r["top"]])
-    console.print(t)
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(["image"] + [f"{c}_{i + 1}" for i in range(k) for c in ("label", "prob")])
+        for r in rows:
+            w.writerow([r["path"]] + [v for p in r["top"] for v in (p["label"], f"{p['prob']:.6f}")])
+        return
+    # plain aligned text, never truncated: a narrow terminal wraps lines instead of eliding the file names
+    header = ["image"] + [f"#{i + 1}" for i in range(k)]
+    table = [header] + [[r["name"]] + [f"{p['label']} {100 * p['prob']:.1f}%" for p in r["top"]] for r in rows]
+    widths = [max(len(row[c]) for row in table) for c in range(len(header))]
+    typer.echo(f"{len(rows)} image{'' if len(rows) == 1 else 's'}")
+    for row in table:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())

@@ -39,6 +39,7 @@ def train(
                                           "of skipping it with a warning.", rich_help_panel=_D),
     freeze_names: Optional[str] = O.panel(O.FREEZE_NAMES, _F),
     freeze_first: Optional[int] = O.panel(O.FREEZE_FIRST, _F),
+    stages: Optional[int] = O.panel(O.FREEZE_STAGES, _F),
     freeze_layers: Optional[str] = O.panel(O.FREEZE_LAYERS, _F),
     freeze_backbone: Optional[bool] = O.panel(O.FREEZE_BACKBONE, _F),
     unfreeze: Optional[List[str]] = O.panel(O.UNFREEZE, _F),
@@ -111,7 +112,7 @@ def train(
         "model.name": model, "model.weights": weights,
         "data.path": data, "data.labels": labels, "data.val_split": val_split, "data.image_size": image_size,
         "data.augment": augment, "data.strict": strict,
-        **O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn),
+        **O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn, stages),
         "optimizer.name": optimizer, "optimizer.lr": lr, "optimizer.momentum": momentum,
         "optimizer.nesterov": nesterov, "optimizer.weight_decay": weight_decay,
         "scheduler.name": scheduler, "scheduler.warmup_epochs": warmup_epochs,
@@ -122,6 +123,7 @@ def train(
         "train.save_every_steps": save_every_steps, "train.sync_bn": sync_bn,
     }
     given = {k: v for k, v in overrides.items() if v is not None}
+    typed = dict(given)  # what the user typed (the error below names only those flags)
     if model is not None and weights is None and recipe is None:
         given["model.weights"] = "default"  # a new model from the command line: its own pretrained weights
     from finetune.cli.progress import RichReporter
@@ -129,10 +131,10 @@ def train(
 
     reporter = RichReporter(quiet=quiet)
     if resume is not None:
-        extra = sorted(set(given) - {"train.epochs"})
+        extra = sorted(set(typed) - {"train.epochs"})
         if recipe or extra or out:
-            flags = ", ".join(["--recipe"] * bool(recipe) + ["--out"] * bool(out) + ["--" + k.split(".")[1].replace(
-                "_", "-") for k in extra])
+            flags = ", ".join(dict.fromkeys(["--recipe"] * bool(recipe) + ["--out"] * bool(out)
+                                            + [O.flag_of(k) for k in extra]))
             raise ConfigError(f"--resume continues a run exactly as it was configured; drop {flags} (only --epochs "
                               "may change)")
         _run(lambda: run_train(None, resume=resume, epochs=epochs, reporter=reporter))
@@ -140,9 +142,19 @@ def train(
     from finetune.weights import trusted
 
     with O.name_flags(given):
-        r = config.apply_overrides(_base_recipe(recipe, model, given), given)
-    with trusted(trust_checkpoint):
-        _run(lambda: run_train(r, out=out, overwrite=overwrite, reporter=reporter))
+        base = _base_recipe(recipe, model, given)
+        r = config.apply_overrides(base, given)
+    if recipe is not None and model is not None and model != base.model.name:  # record what ran, not the recipe's
+        r.name = f"{base.name or recipe} (model overridden)"
+        r.description = f"{base.description} -- model overridden: {model} instead of {base.model.name}"
+    from finetune.errors import FreezeError
+    from finetune.freeze import from_recipe
+
+    try:
+        with trusted(trust_checkpoint):
+            _run(lambda: run_train(r, out=out, overwrite=overwrite, reporter=reporter))
+    except FreezeError as e:
+        raise from_recipe(e, recipe, typed) from None
 
 
 def _base_recipe(recipe: Optional[str], model: Optional[str], given: dict):

@@ -16,7 +16,7 @@ Nothing here prints: warnings go to ``logging.getLogger("finetune")``, user erro
 
 from finetune.data.build import DataBundle, build_data, build_eval_dataset, resolve_data_path
 from finetune.data.datasets import ImageDataset, TensorImageDataset, decode
-from finetune.data.images import IMG_EXTENSIONS, list_images, load_image
+from finetune.data.images import IMG_EXTENSIONS, list_images, load_image, named_images
 from finetune.data.loader import EpochSampler, default_workers, make_loader, set_epoch
 from finetune.data.sources import VAL_NAMES, stratified_split
 from finetune.data.transforms import (AUGMENTS, eval_transform, is_deterministic, train_transform,
@@ -25,6 +25,6 @@ from finetune.data.transforms import (AUGMENTS, eval_transform, is_deterministic
 __all__ = [
     "AUGMENTS", "IMG_EXTENSIONS", "VAL_NAMES", "DataBundle", "EpochSampler", "ImageDataset", "TensorImageDataset",
     "build_data", "build_eval_dataset", "decode", "default_workers", "eval_transform", "is_deterministic",
-    "list_images", "load_image", "make_loader", "resolve_data_path", "set_epoch", "stratified_split",
+    "list_images", "load_image", "named_images", "make_loader", "resolve_data_path", "set_epoch", "stratified_split",
     "train_transform", "transform_config",
 ]

@@ -222,7 +222,7 @@ def cifar_bundle(spec: str, tf: dict, train_tf, eval_tf, *, download: bool = Fal
 
 def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, strict: bool = False,
                        labels: str | None = None, val_split: float = 0.0, seed: int = 0) -> Dataset:
-    """The ``split`` (``val`` or ``train``) of ``path`` with the eval transform ``tf``, labelled by ``class_names``.
+    """The ``split`` (``val``, ``train`` or ``test``: ROOT/test) of ``path`` with the eval transform ``tf``, labelled by ``class_names``.
 
     ``val`` is ROOT's val folder (val, valid, validation or test) or CIFAR's test set; ``train`` is ROOT/train.
     A folder without train/ is evaluated whole, unless ``val_split`` > 0: then ``split`` is that part of the same
@@ -230,21 +230,26 @@ def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, 
     Classes the checkpoint doesn't know are an error; classes of the
     checkpoint that the data lacks are fine (they just get no samples).
     """
-    if split not in ("val", "train"):
-        raise DataError(f"unknown split '{split}'; use val or train")
+    if split not in ("val", "train", "test"):
+        raise DataError(f"unknown split '{split}'; use val, train or test")
     transform = eval_transform(tf)
     spec = resolve_data_path(path)
     if isinstance(spec, str):
         name, root = _CIFAR.match(spec).groups()  # type: ignore[union-attr]
         data = cifar.load(name, Path(root).expanduser())
-        images, targets = data["test" if split == "val" else "train"]
+        images, targets = data["train" if split == "train" else "test"]
         _check_known(data["classes"], class_names, spec)
         remap = [class_names.index(c) for c in data["classes"]]
         return TensorImageDataset(images, [remap[t] for t in targets], class_names, transform)
     root = check_root(spec, path)
     train_dir, val_dir = sources.split_dirs(root)
     folder = root
-    if train_dir is not None:
+    if split == "test":  # a test/ folder next to val/: evaluated only when asked for
+        tests = [root / n for n in ("test", "testing") if (root / n).is_dir()]
+        if not tests:
+            raise DataError(f"'{root}' has no test folder; --split test takes ROOT/test/<class>/...")
+        folder, train_dir, val_split = tests[0], None, 0.0
+    elif train_dir is not None:
         folder = train_dir if split == "train" else val_dir  # type: ignore[assignment]
         if folder is None:
             raise DataError(f"'{root}' has no val folder ({', '.join(sources.VAL_NAMES)}); pass --split train, "

@@ -25,7 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from finetune.errors import DataError
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")  # torchvision's
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -46,16 +46,23 @@ def walk_images(folder: Path) -> list[Path]:
 def list_images(paths: Iterable[str | Path]) -> list[Path]:
     """Files and folders -> image files. Folders are searched recursively; a file named explicitly is kept
     whatever its extension. Order: as given, each folder's images sorted; duplicates removed."""
-    out: list[Path] = []
+    return list(named_images(paths))
+
+
+def named_images(paths: Iterable[str | Path]) -> dict[Path, str]:
+    """:func:`list_images` with a display name for each file: relative to the folder it was found in (``bee/1.jpg``
+    for ``val/bee/1.jpg`` under ``val``), or the path as given for a file named explicitly."""
+    out: dict[Path, str] = {}
     for p in paths:
         path = Path(p).expanduser()
         if path.is_dir():
-            out.extend(walk_images(path))
+            for f in walk_images(path):
+                out.setdefault(f, str(f.relative_to(path)))
         elif path.is_file():
-            out.append(path)
+            out.setdefault(path, str(p))
         else:
             raise DataError(f"'{p}' does not exist; pass image files or folders of images")
-    return list(dict.fromkeys(out))
+    return out
 
 
 def _reason(e: BaseException, path: Path) -> str:
