@@ -42,14 +42,14 @@ def test_inspect_typo_suggests_the_layer(cli):
 
 def test_inspect_recipe_and_flags_override_it(cli):
     doc = json.loads(cli("inspect", "--recipe", "linear-probe", "--json").stdout)
-    assert doc["model"] == "resnet18" and doc["trainable"] == 513_000  # 1000-class head (num_classes from data)
+    assert doc["model"] == "resnet18" and doc["trainable"] == 2052  # head sized from the recipe's data: 4 classes
     doc = json.loads(cli("inspect", "--recipe", "linear-probe", "-n", "2", "--no-freeze-backbone",
                          "--freeze-first", "3", "--unfreeze", "layer4@1:0.1", "--bn", "train", "--json").stdout)
     assert [p["name"] for p in doc["parameters"] if not p["trainable"]] == ["conv1.weight", "bn1.weight", "bn1.bias"]
     assert doc["plan"]["bn"] == "train"
     assert doc["plan"]["schedule"] == [{"epoch": 1, "layers": ["layer4"], "lr_mult": 0.1}]
     doc = json.loads(cli("inspect", "smallcnn", "--recipe", "linear-probe", "--json").stdout)  # MODEL wins
-    assert doc["model"] == "smallcnn" and doc["trainable"] == 650  # seq.8 for 10 classes
+    assert doc["model"] == "smallcnn" and doc["trainable"] == 260  # seq.8 for the data's 4 classes
 
 
 def test_inspect_needs_a_model_or_recipe(cli):

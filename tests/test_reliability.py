@@ -121,6 +121,7 @@ def test_export_round_trip(run, tmp_path, cli, fmt, suffix):
     assert r.exit_code == 1 and r.stderr == (f"Error: '{dest}' already exists; pass --overwrite to replace it or "
                                              "choose another --out\n")
     assert dest.read_bytes() == before
+    (tmp_path / "w").write_text("a file where --out wants a folder")  # (a missing folder is created)
     r = cli("export", tmp_path / "last.pt", "--format", fmt, "--overwrite", "--out", tmp_path / "w" / "x",
             "--quiet")
     assert r.exit_code == 1 and r.stderr.startswith(f"Error: cannot write '{tmp_path / 'w' / 'x'}': ")
