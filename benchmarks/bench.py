@@ -229,6 +229,10 @@ def lite0_hand(weights: Path, root: Path, epochs: int, head_only: bool, bf16: bo
                                                                                             len(val_ds))}
 
 
+# recipes that name resnet18 layers run on Lite0 with the same plan by stage address ('finetune inspect' lists them)
+LITE0_PLANS = {"resnet18-freeze-early": {"freeze.layers": [], "freeze.stages": 4}}  # stem, blocks.0-2 frozen
+
+
 def ft_recipe(recipe: str, weights: Path, root: Path, epochs: int, out: Path, extra: dict | None = None) -> dict:
     """A shipped recipe as a user runs it on Lite0: ``--recipe R --model timm:LITE0 --weights W --data D``."""
     over = {"model.name": f"timm:{LITE0}", "model.weights": str(weights), "data.path": str(root),
@@ -260,8 +264,10 @@ def real_rows(root: Path, tmp: Path, quick: bool, recipes: list[str], rows: list
         "channels_last", ep, lambda: lite0_hand(REAL_WEIGHTS, root, ep, head_only=False, bf16=True))
     for recipe in recipes:
         epochs = min(2, ep) if recipe == "full-finetune" else ep
-        add("finetune", recipe, describe_recipe(recipe), epochs,
-            lambda: ft_recipe(recipe, REAL_WEIGHTS, root, epochs, tmp / f"real-{recipe}"))
+        extra = LITE0_PLANS.get(recipe, {})
+        what = describe_recipe(recipe) + (f" (on Lite0: {extra})" if extra else "")
+        add("finetune", recipe, what, epochs,
+            lambda: ft_recipe(recipe, REAL_WEIGHTS, root, epochs, tmp / f"real-{recipe}", extra))
     for prec in ("fp32", "bf16"):  # precision auto, checked on real features (issue 11, item 5)
         add("precision", f"linear-probe {prec}", "the linear-probe recipe with --precision " + prec, ep,
             lambda: ft_recipe("linear-probe", REAL_WEIGHTS, root, ep, tmp / f"real-lp-{prec}",

@@ -334,8 +334,8 @@ def test_transforms_take_pil_or_uint8_tensor_and_augment_levels():
     assert is_deterministic("none") and not is_deterministic("light") and not is_deterministic("strong")
     assert torch.equal(train_transform(tf, "none")(t), ev(t))
     names = lambda a: [type(s).__name__ for s in train_transform(tf, a).transforms]  # noqa: E731
-    assert names("light") == ["ToImage", "Resize", "RandomResizedCrop", "RandomHorizontalFlip", "ToDtype",
-                              "Normalize", "ToPureTensor"]
+    assert names("light") == ["ToImage", "Resize", "CenterCrop", "RandomCrop", "RandomHorizontalFlip", "ToDtype",
+                              "Normalize", "ToPureTensor"]  # 16 px: CIFAR's pad + crop (RandomResizedCrop > 64 px)
     assert names("strong")[2:5] == ["RandomResizedCrop", "RandomHorizontalFlip", "TrivialAugmentWide"]
     assert train_transform(tf, "strong")(t).shape == (3, 16, 16)
     with pytest.raises(DataError) as e:
@@ -634,3 +634,23 @@ def test_split_invariants(sizes, val_split, seed):
     for c, n in enumerate(sizes):
         n_val = sum(1 for _, k in val if k == f"c{c}")
         assert n_val == (0 if n == 1 else min(n - 1, max(1, round(n * val_split))))
+
+
+def test_light_augment_small_inputs_pad_and_crop():
+    """At <= 64 px, 'light' is CIFAR's pad-4 random crop + flip (a resized 35% crop of 32 px loses the object)."""
+    from torchvision.transforms import v2
+
+    from finetune.data.transforms import train_transform
+
+    small = {"input_size": [3, 32, 32], "resize": 32, "crop_pct": 1.0, "interpolation": "bilinear",
+             "mean": [0.5] * 3, "std": [0.5] * 3}
+    steps = train_transform(small, "light").transforms
+    crops = [t for t in steps if isinstance(t, v2.RandomCrop)]
+    assert len(crops) == 1 and list(crops[0].padding) == [4, 4, 4, 4] and crops[0].padding_mode == "reflect"
+    assert not any(isinstance(t, v2.RandomResizedCrop) for t in steps)
+    big = {**small, "input_size": [3, 224, 224], "resize": 256, "crop_pct": 0.875}
+    rrc = [t for t in train_transform(big, "light").transforms if isinstance(t, v2.RandomResizedCrop)]
+    assert len(rrc) == 1 and rrc[0].scale == (0.35, 1.0)
+    torch.manual_seed(0)
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    assert train_transform(small, "light")(img).shape == (3, 32, 32)

@@ -16,7 +16,7 @@ from finetune.data.loader import EpochSampler
 from finetune.runner import train
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ["--epochs", "1", "--batch-size", "32", "--precision", "fp32", "--scheduler", "constant",
+ARGS = ["--epochs", "1", "--batch-size", "32", "--precision", "fp32", "--scheduler", "constant", "--augment", "none",
         "--no-tensorboard", "--quiet"]
 
 
@@ -55,6 +55,7 @@ def test_two_processes_complete_and_eval_matches(ddp_run):
 def test_two_by_b_equals_one_by_2b(ddp_run, tmp_path):
     r = config.apply_overrides(config.load_recipe("default"), {
         "train.epochs": 1, "train.batch_size": 64, "train.precision": "fp32", "scheduler.name": "constant",
+        "data.augment": "none",
         "train.tensorboard": False})
     train(r, out=tmp_path / "single")
     a = load_checkpoint(tmp_path / "single" / "last.pt")["model"]

@@ -1,4 +1,5 @@
-"""New heads start neutral on every family: zero weights and bias, so the initial loss is exactly ln(C)."""
+"""New heads on pretrained weights start neutral on every family: zero weights and bias, so the initial loss is
+exactly ln(C). (Pretrained downloads are impossible in tests: a weights file saved by the test stands for them.)"""
 
 import math
 
@@ -23,11 +24,24 @@ def _initial_loss(bb, size: int, classes: int) -> float:
     ("timm:test_resnet", 32), ("timm:tf_efficientnet_lite0", 32), ("timm:test_vit", 160), ("timm:convnext_atto", 32),
 ])
 @pytest.mark.parametrize("classes", [2, 7])
-def test_new_head_is_neutral(name, size, classes):
-    bb = build_model(name, num_classes=classes, weights="none")
+def test_new_head_is_neutral(name, size, classes, tmp_path):
+    torch.manual_seed(0)
+    src = build_model(name, num_classes=None, weights="none")  # the source's own class count, like a hub file
+    path = tmp_path / "w.pth"
+    torch.save(src.model.state_dict(), path)
+    bb = build_model(name, num_classes=classes, weights=str(path))
     head = [bb.model.get_parameter(n) for n in bb.head_parameter_names()]
     assert head and all(float(p.detach().abs().max()) == 0.0 for p in head)
     assert math.isclose(_initial_loss(bb, size, classes), math.log(classes), abs_tol=1e-5)
+
+
+def test_random_init_keeps_the_source_init():
+    """From scratch every layer is random: the head keeps its source's init (a zero last layer slows the start)."""
+    torch.manual_seed(0)
+    for name in ("smallcnn", "resnet18", "timm:test_resnet"):
+        bb = build_model(name, num_classes=3, weights="none")
+        w = bb.model.get_parameter(bb.head_parameter_names()[0])
+        assert float(w.detach().abs().max()) > 0, name
 
 
 def test_head_replaced_after_loading_pretrained_file(tmp_path):

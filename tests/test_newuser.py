@@ -14,7 +14,8 @@ from finetune.runner import train
 
 
 def recipe(**over):
-    base = {"train.epochs": 1, "train.batch_size": 64, "train.precision": "fp32", "train.graph": False,
+    base = {"train.epochs": 1, "train.batch_size": 64, "train.precision": "fp32", "data.augment": "none",
+            "train.graph": False,
             "train.tensorboard": False}
     return config.apply_overrides(config.load_recipe("default"), {**base, **over})
 

@@ -14,7 +14,8 @@ from finetune.runner import Interrupted, train
 
 
 def recipe(**over):
-    base = {"train.epochs": 2, "train.batch_size": 64, "train.precision": "fp32", "train.graph": False}
+    base = {"train.epochs": 2, "train.batch_size": 64, "train.precision": "fp32", "train.graph": False,
+            "data.augment": "none"}
     return config.apply_overrides(config.load_recipe("default"), {**base, **over})
 
 

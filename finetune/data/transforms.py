@@ -12,7 +12,9 @@ same tensors bit for bit, and the train crops come from the pre-crop-size image 
 - eval: ``Resize(resize)`` -> ``CenterCrop(size)`` -> float in [0, 1] -> ``Normalize(mean, std)``
 - ``none``: the eval transform (deterministic; the frozen-feature cache relies on that)
 - ``light``: ``RandomResizedCrop(size, scale=(0.35, 1))`` + ``RandomHorizontalFlip`` (fastai's gentler
-  fine-tuning scale: small data sets suffer from ImageNet's 8 % crops)
+  fine-tuning scale: small data sets suffer from ImageNet's 8 % crops); for inputs of 64 px or less, CIFAR's
+  augmentation instead: ``RandomCrop(size, padding=size // 8, padding_mode="reflect")`` + flip (a 35 % crop of a
+  32 px image, upsampled, keeps little of the object)
 - ``strong``: ``RandomResizedCrop(size, scale=(0.08, 1))`` (the ImageNet recipe) + flip + ``TrivialAugmentWide``
 
 ``--image-size S`` sets the crop to S and the resize to ``floor(S / crop_pct)``, timm's rule (224 -> 256 for
@@ -31,6 +33,7 @@ from finetune.errors import DataError
 AUGMENTS = ("none", "light", "strong")
 LIGHT_SCALE = (0.35, 1.0)
 STRONG_SCALE = (0.08, 1.0)
+SMALL = 64  # crops up to this size get CIFAR-style light augmentation (pad + random crop)
 _INTERP = {"nearest": "nearest", "nearest-exact": "nearest-exact", "bilinear": "bilinear", "bicubic": "bicubic",
            "lanczos": "bicubic", "box": "bilinear", "hamming": "bilinear", "random": "bilinear"}
 _DEFAULTS = {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bilinear",
@@ -132,6 +135,11 @@ def train_transform(tf: dict, augment: str = "light") -> Callable:
     check_augment(augment)
     if augment == "none":
         return eval_transform(tf)
+    size = _crop_size(tf)
+    if augment == "light" and max(size) <= SMALL:
+        steps = [v2.CenterCrop(size), v2.RandomCrop(size, padding=max(1, max(size) // 8), padding_mode="reflect"),
+                 v2.RandomHorizontalFlip()]
+        return v2.Compose([*_head(tf), *steps, *_tail(tf)])
     scale = LIGHT_SCALE if augment == "light" else STRONG_SCALE
     steps = [v2.RandomResizedCrop(_crop_size(tf), scale=scale, interpolation=_mode(tf), antialias=True),
              v2.RandomHorizontalFlip()]

@@ -58,6 +58,6 @@ def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
 
     head = head_paths(model)
     pretrained_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes", 1000)
-    if spec.kind != "timm" or model.num_classes != pretrained_classes:  # timm's own head init suits scratch training
-        init_new_head(model, head)
+    if spec.kind == "timm" and model.num_classes != pretrained_classes:  # timm's head init suits scratch training
+        init_new_head(model, head)  # (a file: build_model zeroes the head before loading it)
     return Backbone(model, f"timm:{arch}", "timm", arch, model.num_classes, head, data_cfg=data_cfg(model))

@@ -91,7 +91,6 @@ def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
         with torch.no_grad():
             replace_module(model, head_name, new_head_like(head, num_classes))
         out = num_classes
-        init_new_head(model, [head_name])
-    elif spec.kind != "torchvision":  # random init (or a file, loaded over it): the head is new all the same
-        init_new_head(model, [head_name])
+        if spec.kind == "torchvision":  # a new head on pretrained weights (a file: build_model zeroes it)
+            init_new_head(model, [head_name])
     return Backbone(model, arch, "torchvision", arch, out, [head_name], data_cfg=data_cfg)
