@@ -7,6 +7,7 @@ strings, lists and dicts only — so the model can be rebuilt and used without t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,68 @@ from typing import Any
 from finetune.errors import CheckpointError
 
 RUN_FILES = ("config.yaml", "metrics.json", "last.pt", "best.pt")
+MARKER = ".finetune-run"  # written first in every run directory: the proof that --overwrite may empty it
+LOCK = ".lock"  # flock'd by the process that writes the run (rank 0) for the whole run
+_OWN_DIRS = ("hparams",)  # TensorBoard's add_hparams sub-run
+
+
+def _run_owned(name: str) -> bool:
+    """Names a finetune run writes into its directory (and nothing else): checkpoints, config, metrics, the marker,
+    the lock, TensorBoard event files, the temp files of an interrupted atomic write, the report."""
+    return (name in RUN_FILES or name in (MARKER, LOCK, ".write-test", "report.html") or name in _OWN_DIRS
+            or name.startswith("events.out.tfevents.") or (name.startswith(".") and name.endswith(".tmp")))
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``RUN_DIR/.lock`` held for the whole run: a second process that would write the
+    same run directory (a second ``train --out D --overwrite``, a ``--resume D`` while D trains) gets one error
+    naming the holder's PID instead of mixing its files into the first one's. The kernel drops the lock when the
+    process dies, even by ``kill -9``, so a stale lock never blocks a resume."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+
+    def acquire(self, run_dir: Path) -> None:
+        import fcntl
+
+        path = Path(run_dir) / LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CheckpointError(f"cannot write to output directory '{run_dir}': {e.strerror or e}; choose "
+                                  "another --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise CheckpointError(f"run directory '{run_dir}' is in use by another finetune process (pid "
+                                  f"{holder}); wait for it to finish or stop it, or choose another --out") from None
+        pid = str(os.getpid()).encode()
+        if os.pread(fd, 64, 0) != pid:  # the holder's PID, for the error above (unchanged: no write)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, pid, 0)
+        self.release()
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with _suppress():
+                os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+def clear_run_dir(out: Path) -> None:
+    """Delete what a finetune run wrote into ``out`` (never ``out`` itself, never the lock file)."""
+    for p in Path(out).iterdir():
+        if p.name == LOCK:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def atomic_write_bytes(path: Path, write) -> None:
@@ -85,6 +148,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
         p = p / "best.pt" if (p / "best.pt").is_file() else p / "last.pt"
+    if p.name == "best.pt" and (p.parent / "last.pt").is_file():
+        try:  # a kill between the end-of-epoch writes: best.pt follows from last.pt (see repair_run)
+            repair_run(p.parent)
+        except CheckpointError:
+            pass  # a read-only run directory: evaluate what is there
     if not p.is_file():
         raise CheckpointError(f"checkpoint '{path}' not found; pass a .pt file from a run directory "
                               "(runs/<run>/best.pt or last.pt)")
@@ -94,6 +162,65 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                               "use --weights PATH with --model")
     ckpt["_path"] = str(p)
     return ckpt
+
+
+RESUME_ONLY = ("optimizer", "scaler", "partial", "_path")  # what last.pt carries for a resume and best.pt doesn't
+
+
+def slim(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """``best.pt``'s content: the weights and metadata of a checkpoint, without what only a resume needs."""
+    return {k: v for k, v in ckpt.items() if k not in RESUME_ONLY}
+
+
+def metrics_text(best: dict, history: list[dict]) -> str:
+    rows = [{k: v for k, v in r.items() if k != "best"} for r in history]
+    return json.dumps({"best": best, "epochs": rows}, indent=2)
+
+
+def _peek(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's small entries, read memory-mapped (the tensors stay on disk); None if unreadable."""
+    import torch
+
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - missing, truncated or not ours: the caller decides
+        return None
+    return ck if isinstance(ck, dict) else None
+
+
+def repair_run(run_dir: str | Path) -> list[str]:
+    """Make ``best.pt`` and ``metrics.json`` agree with ``last.pt``, the run's commit point; returns what was
+    rewritten.
+
+    An epoch ends with three atomic writes: ``last.pt`` (the commit: weights, optimizer, metrics, best epoch), then
+    ``best.pt`` when the epoch improved, then ``metrics.json``. A kill between them leaves ``last.pt`` ahead: its
+    ``best`` names its own epoch while ``best.pt`` is older or missing, and ``metrics.json`` lacks the epoch. Both
+    follow from ``last.pt`` (when its epoch is the best one, its weights ARE the best weights), so resume and eval
+    rewrite them from it. A ``last.pt`` saved mid-epoch (``partial``) holds mid-epoch weights: ``best.pt`` was
+    already committed before any such save, so only ``metrics.json`` is checked then.
+    """
+    run_dir = Path(run_dir)
+    last = _peek(run_dir / "last.pt")
+    if last is None or "epoch" not in last:
+        return []
+    fixed = []
+    best = last.get("best") or {}
+    epoch = int(last["epoch"])
+    if not last.get("partial") and epoch > 0 and best.get("epoch") == epoch:
+        current = _peek(run_dir / "best.pt")
+        if current is None or int(current.get("epoch", -1)) != epoch:
+            save_checkpoint(slim(dict(last)), run_dir / "best.pt")
+            fixed.append("best.pt")
+    text = metrics_text(best, list(last.get("metrics") or []))
+    mp = run_dir / "metrics.json"
+    try:
+        same = mp.read_text(encoding="utf-8") == text
+    except OSError:
+        same = False
+    if not same and last.get("metrics"):
+        atomic_write_text(mp, text)
+        fixed.append("metrics.json")
+    return fixed
 
 
 EXPORT_SUFFIX = {"safetensors": ".safetensors", "state-dict": ".pth"}
@@ -161,14 +288,18 @@ def default_run_dir(model_name: str, root: str | Path = "runs") -> Path:
     return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
 
 
-def prepare_run_dir(out: Path, *, overwrite: bool) -> Path:
-    """Create ``out``; an existing non-empty directory is an error unless ``overwrite`` (which only ever deletes
-    what a finetune run wrote)."""
+def prepare_run_dir(out: Path, *, overwrite: bool, lock: RunLock | None = None) -> Path:
+    """Create ``out`` (and write its marker file); an existing non-empty directory is an error unless
+    ``overwrite``, which only ever empties a directory proven to be a finetune run: it holds the marker
+    ``.finetune-run`` (or, for runs made before the marker, ``config.yaml``) and nothing but what a run writes. A
+    symlinked ``out`` is never emptied. ``lock`` is acquired before anything is deleted or written."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"output path '{out}' exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        is_run = (out / "config.yaml").is_file()
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
+        names = sorted(p.name for p in out.iterdir())
+        is_run = MARKER in names or "config.yaml" in names
+        foreign = [n for n in names if not _run_owned(n)]
         if not overwrite and is_run and not (out / "last.pt").is_file():
             raise CheckpointError(f"output directory '{out}' holds a run that saved no checkpoint; pass --overwrite "
                                   "to replace it or choose another --out")
@@ -178,15 +309,27 @@ def prepare_run_dir(out: Path, *, overwrite: bool) -> Path:
         if not overwrite:
             raise CheckpointError(f"output directory '{out}' already exists and is not empty (and is not a finetune "
                                   "run); choose another --out")
-        if not is_run:
-            raise CheckpointError(f"output directory '{out}' is not empty and is not a finetune run (no "
-                                  "config.yaml); refusing to delete it with --overwrite; choose another --out")
-        shutil.rmtree(out)
+        if not is_run or foreign:
+            what = (f"holds files a finetune run does not write ({', '.join(repr(n) for n in foreign[:3])}"
+                    f"{', ...' if len(foreign) > 3 else ''})" if is_run else
+                    "is not empty and is not a finetune run (no .finetune-run marker)")
+            raise CheckpointError(f"output directory '{out}' {what}; refusing to delete it with --overwrite; "
+                                  "choose another --out")
+        if out.is_symlink():
+            raise CheckpointError(f"output directory '{out}' is a symbolic link; refusing to empty it with "
+                                  "--overwrite; pass the real path or choose another --out")
+        if lock is not None:
+            lock.acquire(out)  # a run still writing here makes this an error before anything is deleted
+        clear_run_dir(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if lock is not None and lock.fd is None:
+            lock.acquire(out)
         probe = out / ".write-test"
         probe.write_bytes(b"")
         probe.unlink()
+        (out / MARKER).write_text(f"finetune run directory; --overwrite may empty it\ncreated: "
+                                  f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\npid: {os.getpid()}\n", encoding="utf-8")
     except OSError as e:
         raise CheckpointError(f"cannot write to output directory '{out}': {e.strerror or e}; choose another "
                               "--out") from None

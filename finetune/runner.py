@@ -6,8 +6,8 @@ The run directory holds the resolved ``config.yaml`` (a valid recipe that reruns
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -86,7 +86,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     features are computed) removes the new run directory: nothing in it could be resumed, and keeping it would make
     the same command fail with "already exists".
     """
-    made: dict[str, Path] = {}
+    made: dict[str, Any] = {"lock": ck.RunLock()}  # the run directory's lock, held until the run ends
     try:
         return _train(recipe, out=out, overwrite=overwrite, resume=resume, epochs=epochs, reporter=reporter,
                       made=made)
@@ -97,12 +97,16 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
         if run_dir is None:
             raise Interrupted("interrupted before the run directory was created; nothing was written") from None
         if not (run_dir / "last.pt").exists():
-            import shutil
-
-            shutil.rmtree(run_dir, ignore_errors=True)
+            made["lock"].release()
+            ck.clear_run_dir(run_dir)  # only what this run wrote (it made the directory, or emptied a run's)
+            with contextlib.suppress(OSError):
+                (run_dir / ck.LOCK).unlink()
+                run_dir.rmdir()
             raise Interrupted(f"interrupted before the first checkpoint; removed the new run directory "
                               f"'{run_dir}' (nothing to resume); run the same command to start again") from None
         raise Interrupted(f"interrupted before the first checkpoint; nothing to resume in '{run_dir}'") from None
+    finally:
+        made["lock"].release()
 
 
 def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, reporter, made: dict) -> RunResult:
@@ -119,8 +123,14 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
         if not last.is_file():
             raise CheckpointError(f"cannot resume: '{last}' not found; --resume takes a run directory that holds "
                                   "last.pt")
+        if dist_.from_env().is_main:  # one writer per run directory; then mend what a kill left
+            made["lock"].acquire(run_dir)
+            ck.remove_temp_files(run_dir)  # left by a write that a kill interrupted; last.pt itself is whole
+            fixed = ck.repair_run(run_dir)
+            if fixed:
+                log.warning(f"repaired {' and '.join(fixed)} from last.pt: a stop between the writes at the end of "
+                            "an epoch had left them behind")
         state = ck.load_checkpoint(last)
-        ck.remove_temp_files(run_dir)  # left by a write that a kill interrupted; last.pt itself is whole
         data = state["recipe"]
         if state.get("epoch_base") != 1 and data["freeze"]["schedule"]:  # written when schedules were 0-based
             data = {**data, "freeze": {**data["freeze"], "schedule": [{**s, "epoch": s["epoch"] + 1}
@@ -178,7 +188,8 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
                 O.unfreeze_step(bb, optimizer, stp, cfg.optimizer)
         optimizer.load_state_dict(state["optimizer"])
     else:
-        run_dir = _prepare_shared_run_dir(dd, Path(out) if out else ck.default_run_dir(bb.name), overwrite)
+        run_dir = _prepare_shared_run_dir(dd, Path(out) if out else ck.default_run_dir(bb.name), overwrite,
+                                          made["lock"])
         if dd.is_main:
             made["run_dir"] = run_dir  # a new run: train() removes it on Ctrl-C before the first checkpoint
 
@@ -304,9 +315,8 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
                 ckpt = checkpoint(epoch + 1, ev)
                 ck.save_checkpoint(ckpt, run_dir / "last.pt")
                 if improved:  # weights + metadata: the optimizer state (2x the weights for Adam) is for resuming
-                    ck.save_checkpoint({k: v for k, v in ckpt.items() if k not in ("optimizer", "scaler")},
-                                       run_dir / "best.pt")
-                _write_metrics(run_dir, best, history)
+                    ck.save_checkpoint(ck.slim(ckpt), run_dir / "best.pt")
+                ck.atomic_write_text(run_dir / "metrics.json", ck.metrics_text(best, history))
             if writer is not None:
                 _log_scalars(writer, row, epoch + 1)
             reporter.epoch_end(row)
@@ -333,14 +343,14 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
     return result
 
 
-def _prepare_shared_run_dir(dd: dist_.Dist, out_dir: Path, overwrite: bool) -> Path:
-    """Rank 0 picks and prepares the run directory; every rank gets the same path, or the same error."""
+def _prepare_shared_run_dir(dd: dist_.Dist, out_dir: Path, overwrite: bool, lock: ck.RunLock) -> Path:
+    """Rank 0 picks, prepares and locks the run directory; every rank gets the same path, or the same error."""
     if not dd.enabled:
-        return ck.prepare_run_dir(out_dir, overwrite=overwrite)
+        return ck.prepare_run_dir(out_dir, overwrite=overwrite, lock=lock)
     result: tuple[str, str | None] = (str(out_dir), None)
     if dd.is_main:
         try:
-            ck.prepare_run_dir(out_dir, overwrite=overwrite)
+            ck.prepare_run_dir(out_dir, overwrite=overwrite, lock=lock)
         except FinetuneError as e:
             result = (str(out_dir), str(e))
     path, error = dist_.broadcast_object(result, dd)
@@ -383,11 +393,6 @@ def _yaml(recipe: Recipe, picked: dict[str, Any]) -> str:
     return ("# the resolved configuration of this run: finetune train --recipe THIS_FILE reruns it\n"
             "# picked on this machine (the 'auto' values below are resolved again where it reruns):\n" + notes
             + yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-
-
-def _write_metrics(run_dir: Path, best: dict, history: list[dict]) -> None:
-    rows = [{k: v for k, v in r.items() if k != "best"} for r in history]
-    ck.atomic_write_text(run_dir / "metrics.json", json.dumps({"best": best, "epochs": rows}, indent=2))
 
 
 # ----------------------------------------------------------------------------------------------- TensorBoard

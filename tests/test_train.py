@@ -147,7 +147,7 @@ def test_out_dir_rules(tmp_path, cli):
     assert r.stderr == (f"Error: output directory '{out}' already exists and is not empty (and is not a finetune "
                         "run); choose another --out\n")
     r = cli("train", "--epochs", "1", "--out", out, "--overwrite", "--quiet")
-    assert r.exit_code == 1 and "is not a finetune run (no config.yaml); refusing to delete it" in r.stderr
+    assert r.exit_code == 1 and "is not a finetune run (no .finetune-run marker); refusing to delete it" in r.stderr
     assert (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()
     r = cli("train", "--epochs", "1", "--out", out, "--quiet", "--no-tensorboard")

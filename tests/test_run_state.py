@@ -1,0 +1,134 @@
+"""Run directories (issue 13, critical 1-3): --overwrite empties only proven runs, the run state commits at
+last.pt and best.pt/metrics.json are repaired from it, and one process writes a run directory at a time."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from finetune import checkpoint as ck
+from finetune import config
+from finetune.errors import CheckpointError
+from finetune.runner import train
+
+
+def recipe(**over):
+    base = {"train.epochs": 2, "train.batch_size": 64, "train.precision": "fp32", "train.tensorboard": False,
+            "data.augment": "none", "scheduler.name": "constant"}
+    return config.apply_overrides(config.load_recipe("default"), {**base, **over})
+
+
+def test_overwrite_refuses_a_folder_with_config_yaml_and_other_files(tmp_path, cli):
+    """A thesis folder that happens to hold a config.yaml is not a run: nothing in it is deleted."""
+    out = tmp_path / "thesis"
+    (out / "src").mkdir(parents=True)
+    (out / "config.yaml").write_text("lr: 1\n")
+    (out / "thesis.tex").write_text("\\documentclass{article}")
+    (out / "src" / "main.py").write_text("print(1)")
+    r = cli("train", "--epochs", "1", "--out", out, "--overwrite", "--quiet")
+    assert r.exit_code == 1
+    assert r.stderr == (f"Error: output directory '{out}' holds files a finetune run does not write ('src', "
+                        "'thesis.tex'); refusing to delete it with --overwrite; choose another --out\n")
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "src", "thesis.tex"]
+    assert (out / "src" / "main.py").read_text() == "print(1)"
+
+
+def test_overwrite_empties_a_real_run_and_marks_new_ones(tmp_path):
+    out = tmp_path / "run"
+    train(recipe(**{"train.epochs": 1}), out=out)
+    marker = (out / ck.MARKER).read_text()
+    assert marker.startswith("finetune run directory; --overwrite may empty it\n")
+    (out / "user-notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="holds files a finetune run does not write \\('user-notes.txt'\\)"):
+        train(recipe(**{"train.epochs": 1}), out=out, overwrite=True)
+    (out / "user-notes.txt").unlink()
+    train(recipe(**{"train.epochs": 1}), out=out, overwrite=True)
+    assert {"config.yaml", "metrics.json", "last.pt", "best.pt", ck.MARKER} <= {p.name for p in out.iterdir()}
+
+
+def test_overwrite_refuses_a_symlinked_run(tmp_path):
+    real = tmp_path / "real"
+    train(recipe(**{"train.epochs": 1}), out=real)
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    with pytest.raises(CheckpointError, match="is a symbolic link; refusing to empty it"):
+        train(recipe(**{"train.epochs": 1}), out=link, overwrite=True)
+    assert (real / "last.pt").is_file()
+
+
+@pytest.fixture
+def killed_between_writes(tmp_path, monkeypatch):
+    """A 1-epoch run 'killed' right after its last.pt (the commit point), before best.pt and metrics.json: the
+    first epoch always improves, so best.pt must follow from last.pt. ``ref`` ran the same without a kill."""
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    train(recipe(**{"train.epochs": 1}), out=ref)
+    real_save = ck.save_checkpoint
+
+    def save(obj, path):
+        real_save(obj, path)
+        if path.name == "last.pt":
+            raise SystemExit("killed")  # as a kill -9 right after the commit point
+
+    monkeypatch.setattr(ck, "save_checkpoint", save)
+    with pytest.raises(SystemExit):
+        train(recipe(**{"train.epochs": 1}), out=out)
+    monkeypatch.setattr(ck, "save_checkpoint", real_save)
+    assert not (out / "best.pt").exists() and not (out / "metrics.json").exists()  # torn
+    return out, ref
+
+
+def _same_metrics(a, b):
+    keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+    ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
+    return ja["best"] == jb["best"] and [[e[k] for k in keys] for e in ja["epochs"]] == \
+        [[e[k] for k in keys] for e in jb["epochs"]]
+
+
+def test_resume_repairs_best_and_metrics_after_a_kill_between_writes(killed_between_writes):
+    out, ref = killed_between_writes
+    with pytest.raises(CheckpointError, match="nothing to resume: .* already finished 1 of 1 epochs"):
+        train(None, resume=out)  # the final epoch: nothing to train, but the run is mended
+    best, want = ck.load_checkpoint(out / "best.pt"), ck.load_checkpoint(ref / "best.pt")
+    assert best["epoch"] == 1 and "optimizer" not in best and "scaler" not in best
+    assert best["model"].keys() == want["model"].keys()
+    assert all(torch.equal(best["model"][k], want["model"][k]) for k in want["model"])
+    assert _same_metrics(out / "metrics.json", ref / "metrics.json")
+    res = train(None, resume=out, epochs=2)  # and it continues as any run
+    assert [e["epoch"] for e in res.epochs] == [1, 2]
+
+
+def test_eval_of_best_pt_repairs_it_too(killed_between_writes, cli):
+    out, ref = killed_between_writes
+    r = cli("eval", out / "best.pt", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["accuracy"] == json.loads((ref / "metrics.json").read_text())["best"]["val_acc"]
+    assert _same_metrics(out / "metrics.json", ref / "metrics.json")
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
+    """While a run trains, --overwrite (or --resume) of its directory from another process is an error."""
+    out = tmp_path / "run"
+    train(recipe(**{"train.epochs": 1}), out=out)
+    code = ("import sys, time; from finetune import checkpoint as ck; l = ck.RunLock(); l.acquire(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ck.Path(ck.__file__).parent.parent)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CheckpointError) as e:
+            train(recipe(**{"train.epochs": 1}), out=out, overwrite=True)
+        assert str(e.value) == (f"run directory '{out}' is in use by another finetune process (pid {holder.pid}); "
+                                "wait for it to finish or stop it, or choose another --out")
+        assert (out / "last.pt").is_file()  # nothing was deleted
+        with pytest.raises(CheckpointError, match=f"in use by another finetune process \\(pid {holder.pid}\\)"):
+            train(None, resume=out, epochs=2)
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    res = train(None, resume=out, epochs=2)  # the kernel dropped the dead holder's lock
+    assert res.epochs[-1]["epoch"] == 2
