@@ -88,7 +88,7 @@ def split_frozen_prefix(bb) -> Split | None:
     (resnet18 with conv1..layer3 frozen: the features are layer3's output and layer4 + fc train on them), provided
     one tensor alone crosses the cut.
     """
-    from finetune.models import is_under
+    from finetune.models.backbone import is_under
 
     trainable = [n for n, p in bb.model.named_parameters() if p.requires_grad]
     if not trainable:
@@ -103,7 +103,7 @@ def split_trailing(model: nn.Module, trainable: list[str]) -> Split | None:
     """Cut ``model``'s fx graph before the first node that uses a trainable parameter (see split_frozen_prefix)."""
     import torch.fx as fx
 
-    from finetune.models import is_under
+    from finetune.models.backbone import is_under
 
     try:
         gm = fx.symbolic_trace(model)

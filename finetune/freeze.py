@@ -35,7 +35,7 @@ from finetune.errors import FreezeError, suggest
 
 if TYPE_CHECKING:
     from finetune.config import FreezeCfg
-    from finetune.models import Backbone
+    from finetune.models.backbone import Backbone
 
 BN_POLICIES = ("frozen", "train")
 KINDS = ("names", "first", "layers", "backbone", "unfreeze")

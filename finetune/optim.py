@@ -30,7 +30,7 @@ from finetune.freeze import unfreeze_layers
 
 if TYPE_CHECKING:
     from finetune.config import OptimizerCfg, UnfreezeStep
-    from finetune.models import Backbone
+    from finetune.models.backbone import Backbone
 
 log = logging.getLogger("finetune")
 

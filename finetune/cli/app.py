@@ -14,7 +14,7 @@ try:  # typer >= 0.20 vendors click as typer._click; older typer uses click itse
 except ImportError:  # pragma: no cover
     from click import exceptions as _cx
 
-from finetune.errors import FinetuneError, shown
+from finetune.api import FinetuneError, shown
 
 _ABORT = tuple(c for c in (getattr(_cx, "Abort", None), getattr(typer, "Abort", None))
                if isinstance(c, type) and issubclass(c, BaseException))

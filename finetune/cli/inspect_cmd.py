@@ -33,7 +33,7 @@ def inspect(
     bn: Optional[str] = O.BN,
     trust_checkpoint: bool = O.TRUST,
 ) -> None:
-    from finetune.params import inspect_json, module_rows
+    from finetune.api import inspect_json, module_rows
 
     overrides = O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn)
     rec = _recipe(recipe, overrides)
@@ -41,16 +41,16 @@ def inspect(
         model = model or rec.model.name
         num_classes = num_classes if num_classes is not None else rec.model.num_classes
     if not model:
-        from finetune.errors import ConfigError
+        from finetune.api import ConfigError
 
         raise ConfigError("give a MODEL (e.g. 'finetune inspect resnet18') or --recipe NAME")
-    from finetune.weights import trusted
+    from finetune.api import trusted
 
     with trusted(trust_checkpoint):
         bb = _build(model, num_classes, weights)
     plan = None
     if rec is not None:
-        from finetune.freeze import apply_freeze
+        from finetune.api import apply_freeze
 
         plan = apply_freeze(bb, rec.freeze)
     doc = inspect_json(bb.name, bb.model)
@@ -74,13 +74,13 @@ def _recipe(recipe: Optional[str], overrides: dict):
     """The recipe with the flags applied, or None when neither a recipe nor a freeze flag was given."""
     if recipe is None and all(v is None for v in overrides.values()):
         return None
-    from finetune import config
+    from finetune import api
 
-    base = config.load_recipe(recipe) if recipe else config.Recipe()
+    base = api.load_recipe(recipe) if recipe else api.Recipe()
     from finetune.cli.options import name_flags
 
     with name_flags([k for k, v in overrides.items() if v is not None]):
-        return config.apply_overrides(base, overrides)
+        return api.apply_overrides(base, overrides)
 
 
 def _plan_doc(plan, schedule) -> dict:
@@ -91,7 +91,7 @@ def _plan_doc(plan, schedule) -> dict:
 
 def _build(model: str, num_classes, weights: str):
     """Without weights the listing needs shapes, not values: build on the meta device."""
-    from finetune.models import build_model, build_model_shapes
+    from finetune.api import build_model, build_model_shapes
 
     if weights.lower() in ("none", "random"):
         return build_model_shapes(model, num_classes)

@@ -11,7 +11,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from finetune.errors import ConfigError
+from finetune.api import ConfigError
 
 FREEZE_NAMES = typer.Option(None, "--freeze-names",
                             help="Freeze parameters whose name contains A or B (globs match whole names): A,B.")

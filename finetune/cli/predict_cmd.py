@@ -18,12 +18,12 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
     trust_checkpoint: bool = O.TRUST,
 ) -> None:
-    from finetune.errors import ConfigError
+    from finetune.api import ConfigError
 
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     from finetune.api import predict as run_predict
-    from finetune.weights import trusted
+    from finetune.api import trusted
 
     with trusted(trust_checkpoint):
         rows = run_predict(checkpoint, list(paths), top_k=top_k, device=device)

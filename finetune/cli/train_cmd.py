@@ -96,13 +96,13 @@ def train(
     import os
     import sys
 
-    from finetune import config
-    from finetune.errors import ConfigError
+    from finetune import api
+    from finetune.api import ConfigError
 
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from finetune.distributed import launch, strip_nproc
+        from finetune.api import launch, strip_nproc
 
         argv = sys.argv[sys.argv.index("train"):] if "train" in sys.argv else ["train"]
         raise typer.Exit(launch(nproc, strip_nproc(argv)))
@@ -125,7 +125,7 @@ def train(
     if model is not None and weights is None and recipe is None:
         given["model.weights"] = "default"  # a new model from the command line: its own pretrained weights
     from finetune.cli.progress import RichReporter
-    from finetune.runner import train as run_train
+    from finetune.api import train as run_train
 
     reporter = RichReporter(quiet=quiet)
     if resume is not None:
@@ -137,10 +137,10 @@ def train(
                               "may change)")
         _run(lambda: run_train(None, resume=resume, epochs=epochs, reporter=reporter))
         return
-    from finetune.weights import trusted
+    from finetune.api import trusted
 
     with O.name_flags(given):
-        r = config.apply_overrides(_base_recipe(recipe, model), given)
+        r = api.apply_overrides(_base_recipe(recipe, model), given)
     with trusted(trust_checkpoint):
         _run(lambda: run_train(r, out=out, overwrite=overwrite, reporter=reporter))
 
@@ -149,20 +149,20 @@ def _base_recipe(recipe: Optional[str], model: Optional[str]):
     """What the flags override: the named recipe; for ``--model`` without ``--recipe``, the generic defaults
     (pretrained weights, light augmentation, the backbone's input size, SGD 0.01) rather than the smallcnn-tuned
     ``default`` recipe; with neither, the ``default`` recipe (the main job)."""
-    from finetune import config
+    from finetune import api
 
     if recipe is None and model is not None:
-        r = config.Recipe()
+        r = api.Recipe()
         r.name, r.description = f"{model}-cli", f"{model} configured from the command line"
         return r
-    return config.load_recipe(recipe or "default")
+    return api.load_recipe(recipe or "default")
 
 
 def _run(fn) -> None:
     """Run training; under torchrun, leave the process group cleanly whatever happens."""
-    from finetune import distributed
+    from finetune.api import shutdown_distributed
 
     try:
         fn()
     finally:
-        distributed.shutdown(distributed.from_env())
+        shutdown_distributed()
