@@ -188,15 +188,18 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
     opt.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader, start=skip):
         x, y = to_device(x, y, step.device, step.channels_last)
-        with autocast(step.device, step.precision):
-            logits = model(x)
-            loss = step.loss_fn(logits.float(), y)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(epoch, i, float(loss))
-        scaled = loss / step.accumulate
-        (step.scaler.scale(scaled) if step.scaler else scaled).backward()
         last = i + 1 == n_batches
-        if (i + 1) % step.accumulate == 0 or last:
+        sync = (i + 1) % step.accumulate == 0 or last
+        # DDP all-reduces gradients in backward(); a micro-batch that doesn't step only accumulates them locally
+        with contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(step.device, step.precision):
+                logits = model(x)
+                loss = step.loss_fn(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(epoch, i, float(loss))
+            scaled = loss / step.accumulate
+            (step.scaler.scale(scaled) if step.scaler else scaled).backward()
+        if sync:
             if step.schedule:
                 lr = step.schedule(epoch + (i + 1) / n_batches)
                 first_lr = lr if first_lr is None else first_lr
