@@ -151,7 +151,6 @@ class Step:
     after_train_mode: Callable[[nn.Module], None] = lambda m: None  # the BN policy, applied after .train()
     schedule: Callable[[float], float] | None = None  # epoch position -> sets LRs, returns the top LR
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # sums a tensor over DDP ranks (all_reduce)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):

@@ -93,8 +93,22 @@ def test_from_dict_gives_a_recipe_or_a_config_error(data):
 def test_load_recipe_from_yaml_text(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("recipes") / "r.yaml"
     path.write_text(text, encoding="utf-8")
-    r = _ok(lambda: config.load_recipe(str(path)))
-    assert r is None or isinstance(r, Recipe)
+    try:
+        data, parsed = yaml.safe_load(text), True
+    except yaml.YAMLError:
+        data, parsed = None, False
+    try:
+        r = config.load_recipe(str(path))
+    except ConfigError as e:  # one line naming the file; a parsed file fails exactly when its data does
+        assert str(e).startswith(f"recipe '{path}'") and "\n" not in str(e).strip()
+        if parsed:
+            with pytest.raises(ConfigError):
+                config.from_dict(data)
+        return
+    assert parsed
+    expected = config.from_dict(data)
+    expected.name = expected.name or path.stem
+    assert r.to_dict() == expected.to_dict()
 
 
 _model = None

@@ -49,12 +49,6 @@ class DataBundle:
     cached: bool = False  # the decoded-image cache holds the images
     unlabeled: list[str] = field(default_factory=list)  # images no --labels rule named (left out)
 
-    def summary(self) -> dict[str, Any]:
-        """JSON-ready facts for the run summary."""
-        return {"source": self.source, "classes": list(self.class_names), "train": len(self.train),
-                "val": len(self.val) if self.val is not None else 0, "skipped": len(self.skipped),
-                "unlabeled": len(self.unlabeled), "cached": self.cached, "transform": self.transform}
-
 
 def resolve_data_path(path: str) -> str | Path:
     """``sample`` -> the bundled ``data/sample``; ``cifar10:ROOT`` / ``cifar100:ROOT`` stay specs; else a Path."""
