@@ -22,7 +22,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from finetune.config import REPO_ROOT, DataCfg
+from finetune.config import SAMPLE_DIR, DataCfg
 from finetune.data import cifar, sources
 from finetune.data.datasets import ImageDataset, TensorImageDataset, decode
 from finetune.data.images import IMG_EXTENSIONS, image_size
@@ -51,10 +51,11 @@ class DataBundle:
 
 
 def resolve_data_path(path: str) -> str | Path:
-    """``sample`` -> the bundled ``data/sample``; ``cifar10:ROOT`` / ``cifar100:ROOT`` stay specs; else a Path."""
+    """``sample`` -> the bundled sample data (package data); ``cifar10:ROOT`` / ``cifar100:ROOT`` stay specs;
+    else a Path."""
     path = str(path).strip()
     if path == "sample":
-        return REPO_ROOT / "data" / "sample"
+        return SAMPLE_DIR
     if _CIFAR.match(path):
         return path
     if path in ("cifar10", "cifar100"):
