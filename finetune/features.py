@@ -195,7 +195,8 @@ def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None) ->
     if split is not None and sample is not None and not check_split(split, bb.model, sample):
         split = None
     if split is None:
-        why = "the model cannot be cut into a frozen part and a trainable part (frozen layers run after trainable ones, or more than one tensor crosses the cut)"
+        why = ("the model cannot be cut into a frozen part and a trainable part (frozen layers run after trainable "
+               "ones, or more than one tensor crosses the cut)")
         if mode == "on":
             raise ConfigError(f"--cache-features on needs a run where only the head trains: {why}; freeze the "
                               "backbone (--freeze-backbone) or use --cache-features auto/off")

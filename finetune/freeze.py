@@ -232,7 +232,8 @@ def apply_strategies(bb: Backbone, strategies: list[Strategy], bn: str = "frozen
     it was.
     """
     if bn not in BN_POLICIES:
-        raise FreezeError(f"BatchNorm policy must be one of {', '.join(BN_POLICIES)}, got '{bn}'{suggest(bn, BN_POLICIES)}")
+        raise FreezeError(f"BatchNorm policy must be one of {', '.join(BN_POLICIES)}, got '{bn}'"
+                          f"{suggest(bn, BN_POLICIES)}")
     selected = [(s, set(select(bb, s))) for s in strategies]
     trainable = {n: True for n in _param_names(bb.model)}
     for s, names in selected:
@@ -298,7 +299,8 @@ def apply_bn_policy(model: nn.Module, bn: str) -> None:
     """Call right after every ``model.train()``: with ``frozen``, BatchNorm layers whose parameters are all frozen
     go back to eval mode, so forward passes neither update nor use batch statistics. ``train`` does nothing."""
     if bn not in BN_POLICIES:
-        raise FreezeError(f"BatchNorm policy must be one of {', '.join(BN_POLICIES)}, got '{bn}'{suggest(bn, BN_POLICIES)}")
+        raise FreezeError(f"BatchNorm policy must be one of {', '.join(BN_POLICIES)}, got '{bn}'"
+                          f"{suggest(bn, BN_POLICIES)}")
     if bn == "train":
         return
     modules = dict(model.named_modules())

@@ -117,5 +117,5 @@ def test_device_and_precision_errors(monkeypatch):
     from finetune import engine
 
     for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda native=native: native)
         assert resolve_precision("auto", torch.device("cpu")) == expected

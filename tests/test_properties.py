@@ -128,7 +128,7 @@ bad = st.sampled_from(["seq", "seq.8", "*", "weight", "sq.2", "all", "head", "",
 names = st.one_of(good, good, good, bad)
 lists = st.one_of(st.lists(names, max_size=3).map(",".join), st.lists(names, max_size=3).map(",".join),
                   st.text(max_size=10))
-unfreeze_items = st.one_of(lists, st.builds(lambda l, e, m: f"{l}@{e}{m}", lists,
+unfreeze_items = st.one_of(lists, st.builds(lambda ls, e, m: f"{ls}@{e}{m}", lists,
                                             st.one_of(st.integers(-3, 5).map(str), st.text(max_size=3)),
                                             st.sampled_from(["", ":0.1", ":x", ":-1", ":", ":1e400"])))
 

@@ -17,7 +17,8 @@ FREEZE_NAMES = typer.Option(None, "--freeze-names",
                             help="Freeze parameters whose name contains A or B (globs match whole names): A,B.")
 FREEZE_FIRST = typer.Option(None, "--freeze-first", help="Freeze the first N parameter tensors (YOLOv5's --freeze N).")
 FREEZE_LAYERS = typer.Option(None, "--freeze-layers",
-                             help="Freeze modules by dotted path: conv1,bn1,layer1 (see 'finetune inspect MODEL --modules').")
+                             help="Freeze modules by dotted path: conv1,bn1,layer1 "
+                                  "(see 'finetune inspect MODEL --modules').")
 FREEZE_BACKBONE = typer.Option(None, "--freeze-backbone/--no-freeze-backbone",
                                help="Freeze everything except the head (linear probing).")
 UNFREEZE = typer.Option(None, "--unfreeze",
@@ -85,7 +86,8 @@ def freeze_overrides(freeze_names: Optional[str] = None, freeze_first: Optional[
 
 _FLAG_FOR = {"model.name": "--model", "model.weights": "--weights", "data.path": "--data",
              "optimizer.name": "--optimizer", "scheduler.name": "--scheduler", "freeze.names": "--freeze-names",
-             "freeze.first": "--freeze-first", "freeze.layers": "--freeze-layers", "freeze.backbone": "--freeze-backbone",
+             "freeze.first": "--freeze-first", "freeze.layers": "--freeze-layers",
+             "freeze.backbone": "--freeze-backbone",
              "freeze.unfreeze": "--unfreeze", "freeze.schedule": "--unfreeze", "train.compile": "--compile"}
 
 

@@ -7,7 +7,8 @@ import typer
 
 from finetune.cli import options as O
 
-HELP = "Predict labels for images or folders of images with a checkpoint's eval transform: top-k labels and probabilities."
+HELP = ("Predict labels for images or folders of images with a checkpoint's eval transform: top-k labels and "
+        "probabilities.")
 
 
 def predict(
