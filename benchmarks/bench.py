@@ -267,11 +267,12 @@ def real_rows(root: Path, tmp: Path, quick: bool, recipes: list[str], rows: list
         extra = LITE0_PLANS.get(recipe, {})
         what = describe_recipe(recipe) + (f" (on Lite0: {extra})" if extra else "")
         add("finetune", recipe, what, epochs,
-            lambda: ft_recipe(recipe, REAL_WEIGHTS, root, epochs, tmp / f"real-{recipe}", extra))
+            lambda recipe=recipe, epochs=epochs, extra=extra: ft_recipe(recipe, REAL_WEIGHTS, root, epochs,
+                                                                     tmp / f"real-{recipe}", extra))
     for prec in ("fp32", "bf16"):  # precision auto, checked on real features (issue 11, item 5)
         add("precision", f"linear-probe {prec}", "the linear-probe recipe with --precision " + prec, ep,
-            lambda: ft_recipe("linear-probe", REAL_WEIGHTS, root, ep, tmp / f"real-lp-{prec}",
-                              {"train.precision": prec}))
+            lambda prec=prec: ft_recipe("linear-probe", REAL_WEIGHTS, root, ep, tmp / f"real-lp-{prec}",
+                                        {"train.precision": prec}))
     return rows
 
 

@@ -1,22 +1,74 @@
-"""The library's front door: the same operations as the CLI, for notebooks and scripts.
+"""The library's front door: the same operations as the CLI, for notebooks and scripts, and everything the CLI
+uses (it imports nothing else of the package).
 
     import finetune
     recipe = finetune.load_recipe("linear-probe")
     result = finetune.train(recipe, out="runs/probe")
     finetune.evaluate_checkpoint("runs/probe/best.pt")
     finetune.predict("runs/probe/best.pt", ["photo.jpg"])
+
+Importing this module imports no torch (``finetune --help`` and ``finetune recipes`` must answer fast): recipes,
+errors and the trust switch are plain imports; what needs torch is imported on first use (``_LAZY``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from finetune.checkpoint import EXPORT_SUFFIX, export_weights  # noqa: F401 - torch only inside the functions
+from finetune.config import (Recipe, apply_overrides, describe, load_recipe, recipe_names,  # noqa: F401
+                             recipe_path, recipes_dir)
+from finetune.errors import ConfigError, DataError, FinetuneError, FreezeError, shown  # noqa: F401
+from finetune.serialization import trusted  # noqa: F401
 
-from finetune.checkpoint import load_checkpoint
-from finetune.engine import evaluate, resolve_device
-from finetune.errors import DataError
+if TYPE_CHECKING:
+    import torch
+
+    from finetune.distributed import launch, strip_nproc  # noqa: F401
+    from finetune.engine import Reporter  # noqa: F401
+    from finetune.data import resolve_data_path  # noqa: F401
+    from finetune.freeze import apply_freeze, from_recipe, model_stages  # noqa: F401
+    from finetune.models import Backbone, build_model, build_model_shapes, data_config, list_models  # noqa: F401
+    from finetune.params import inspect_json, module_rows, parameter_rows  # noqa: F401
+    from finetune.runner import RunResult, train  # noqa: F401
+
+_LAZY = {
+    "train": "finetune.runner", "RunResult": "finetune.runner",
+    "build_model": "finetune.models", "build_model_shapes": "finetune.models", "data_config": "finetune.models",
+    "list_models": "finetune.models", "Backbone": "finetune.models",
+    "apply_freeze": "finetune.freeze", "from_recipe": "finetune.freeze", "model_stages": "finetune.freeze",
+    "resolve_data_path": "finetune.data",
+    "inspect_json": "finetune.params", "module_rows": "finetune.params", "parameter_rows": "finetune.params",
+    "Reporter": "finetune.engine",
+    "launch": "finetune.distributed", "strip_nproc": "finetune.distributed",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'finetune.api' has no attribute '{name}'")
+
+
+def data_class_count(path: str, labels: str | None = None) -> int:
+    """How many classes the data at ``path`` has (its train split), from the file list alone (nothing decoded)."""
+    from finetune.data import resolve_data_path
+    from finetune.data.sources import find
+
+    root = resolve_data_path(path)
+    if not isinstance(root, Path) or not root.is_dir():
+        raise DataError(f"data folder '{path}' not found")
+    return len({c for _, c in find(root, labels).train})
+
+
+def shutdown_distributed() -> None:
+    """Leave the torchrun process group if this process joined one (a no-op otherwise)."""
+    from finetune import distributed
+
+    distributed.shutdown(distributed.from_env())
 
 
 def _precision_on(dev: torch.device, precision: str) -> str:
@@ -26,6 +78,10 @@ def _precision_on(dev: torch.device, precision: str) -> str:
 
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model from a finetune checkpoint alone (no recipe needed); returns (model in eval mode, ckpt)."""
+    import torch
+
+    from finetune.checkpoint import load_checkpoint
+    from finetune.engine import resolve_device
     from finetune.models import build_model
 
     ckpt = load_checkpoint(checkpoint)
@@ -44,6 +100,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
     was trained on), with the checkpoint's own eval transform and precision — so it reproduces the val accuracy
     that training recorded for that epoch."""
     from finetune import data as D
+    from finetune.engine import evaluate, resolve_device
 
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, device=str(dev))
@@ -74,8 +131,10 @@ def predict(checkpoint: str | Path, paths: list[str], top_k: int = 5, *, device:
     """
     import logging
 
+    import torch
+
     from finetune import data as D
-    from finetune.engine import autocast
+    from finetune.engine import autocast, resolve_device
 
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, device=str(dev))

@@ -142,8 +142,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a finetune checkpoint safely (``weights_only=True``; pickled objects only inside
-    :func:`finetune.weights.trusted`); errors name the file and what to do."""
-    from finetune.weights import torch_load
+    :func:`finetune.serialization.trusted`); errors name the file and what to do."""
+    from finetune.serialization import torch_load
 
     p = Path(path)
     if p.is_dir():

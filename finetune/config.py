@@ -18,7 +18,11 @@ from typing import Any, Union
 
 from finetune.errors import ConfigError, shown, suggest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# Shipped with the package (package data), so a plain `pip install` has them; the repository's top-level recipes/
+# and data/sample are links to these.
+PACKAGE_DIR = Path(__file__).resolve().parent
+RECIPES_DIR = PACKAGE_DIR / "recipes"
+SAMPLE_DIR = PACKAGE_DIR / "data" / "sample"
 
 
 @dataclass
@@ -30,7 +34,7 @@ class ModelCfg:
 
 @dataclass
 class DataCfg:
-    path: str = "sample"  # "sample" = the bundled data in data/sample
+    path: str = "sample"  # "sample" = the bundled data (config.SAMPLE_DIR)
     labels: str | None = None  # prefix:..., regex:..., csv:FILE; None = class subfolders
     val_split: float = 0.2  # used when the folder has no val/ split
     image_size: int | None = None  # None = the backbone's own input size
@@ -306,14 +310,14 @@ def from_dict(data: dict, source: str | None = None, text: str | None = None) ->
 
 
 def sample_data() -> Path:
-    """The bundled sample data (``data/sample`` of the checkout; what ``data.path: sample`` means)."""
-    return REPO_ROOT / "data" / "sample"
+    """The bundled sample data (shipped in the package; what ``data.path: sample`` means)."""
+    return SAMPLE_DIR
 
 
 def recipes_dir() -> Path:
-    """Where named recipes live: $FINETUNE_RECIPES, else the repository's recipes/."""
+    """Where named recipes live: $FINETUNE_RECIPES, else the package's recipes/ (the repository's recipes/)."""
     env = os.environ.get("FINETUNE_RECIPES")
-    return Path(env) if env else REPO_ROOT / "recipes"
+    return Path(env) if env else RECIPES_DIR
 
 
 def recipe_names() -> list[str]:

@@ -1,9 +1,11 @@
 """torchrun / DistributedDataParallel helpers.
 
 ``finetune train`` under ``torchrun`` reads RANK, WORLD_SIZE and LOCAL_RANK from the environment, initialises
-the process group (nccl on CUDA, gloo on CPU), shards the data with a DistributedSampler, wraps the model in DDP
-and all-reduces metrics, so reported accuracy covers the whole val set exactly once. Only rank 0 prints, writes
-TensorBoard and saves checkpoints.
+the process group (nccl on CUDA, gloo on CPU), shards the data with finetune's own seeded ``EpochSampler`` (no
+DistributedSampler: every rank draws the single-process order and takes ``order[rank::world_size]``; val is not
+padded), wraps the model in DDP (accumulation steps that don't step run in ``no_sync()``) and all-reduces
+metrics, so reported accuracy covers the whole val set exactly once. Only rank 0 prints, writes TensorBoard and
+saves checkpoints.
 """
 
 from __future__ import annotations

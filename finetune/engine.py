@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -162,7 +162,6 @@ class Step:
     after_train_mode: Callable[[nn.Module], None] = lambda m: None  # the BN policy, applied after .train()
     schedule: Callable[[float, float], float] | None = None  # (update start in epochs, update length) -> sets LRs
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # sums a tensor over DDP ranks (all_reduce)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
@@ -202,15 +201,18 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
     opt.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader, start=skip):
         x, y = to_device(x, y, step.device, step.channels_last)
-        with autocast(step.device, step.precision):
-            logits = model(x)
-            loss = step.loss_fn(logits.float(), y)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(epoch, i, float(loss))
-        scaled = loss / step.accumulate
-        (step.scaler.scale(scaled) if step.scaler else scaled).backward()
         last = i + 1 == n_batches
-        if (i + 1) % step.accumulate == 0 or last:
+        sync = (i + 1) % step.accumulate == 0 or last
+        # DDP all-reduces gradients in backward(); a micro-batch that doesn't step only accumulates them locally
+        with contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(step.device, step.precision):
+                logits = model(x)
+                loss = step.loss_fn(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(epoch, i, float(loss))
+            scaled = loss / step.accumulate
+            (step.scaler.scale(scaled) if step.scaler else scaled).backward()
+        if sync:
             if step.schedule:  # update k of K in this epoch trains at the schedule's value at epoch + k / K
                 lr = step.schedule(epoch + (i // step.accumulate) / n_updates, 1.0 / n_updates)
             if first_lr is None:

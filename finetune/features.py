@@ -89,7 +89,7 @@ def split_frozen_prefix(bb, sample: torch.Tensor | None = None) -> Split | None:
     one tensor alone crosses the cut. When fx cannot trace the model, :func:`split_at_block` cuts at a block of a
     sequential stage instead (needs ``sample``, one input batch).
     """
-    from finetune.models import is_under
+    from finetune.models.backbone import is_under
 
     trainable = [n for n, p in bb.model.named_parameters() if p.requires_grad]
     if not trainable:
@@ -186,7 +186,7 @@ def split_trailing(model: nn.Module, trainable: list[str]) -> Split | None:
     """Cut ``model``'s fx graph before the first node that uses a trainable parameter (see split_frozen_prefix)."""
     import torch.fx as fx
 
-    from finetune.models import is_under
+    from finetune.models.backbone import is_under
 
     try:
         gm = fx.symbolic_trace(model)

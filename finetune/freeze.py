@@ -35,7 +35,7 @@ from finetune.errors import FreezeError, suggest
 
 if TYPE_CHECKING:
     from finetune.config import FreezeCfg
-    from finetune.models import Backbone
+    from finetune.models.backbone import Backbone
 
 BN_POLICIES = ("frozen", "train")
 KINDS = ("names", "first", "stages", "layers", "backbone", "unfreeze")
@@ -379,7 +379,8 @@ def apply_strategies(bb: Backbone, strategies: list[Strategy], bn: str = "frozen
     it was.
     """
     if bn not in BN_POLICIES:
-        raise FreezeError(f"BatchNorm policy must be one of {', '.join(BN_POLICIES)}, got '{bn}'{suggest(bn, BN_POLICIES)}")
+        raise FreezeError(f"BatchNorm policy must be one of {', '.join(BN_POLICIES)}, got '{bn}'"
+                          f"{suggest(bn, BN_POLICIES)}")
     selected = []
     for s in strategies:
         try:
@@ -469,7 +470,8 @@ def apply_bn_policy(model: nn.Module, bn: str) -> None:
     """Call right after every ``model.train()``: with ``frozen``, BatchNorm layers whose parameters are all frozen
     go back to eval mode, so forward passes neither update nor use batch statistics. ``train`` does nothing."""
     if bn not in BN_POLICIES:
-        raise FreezeError(f"BatchNorm policy must be one of {', '.join(BN_POLICIES)}, got '{bn}'{suggest(bn, BN_POLICIES)}")
+        raise FreezeError(f"BatchNorm policy must be one of {', '.join(BN_POLICIES)}, got '{bn}'"
+                          f"{suggest(bn, BN_POLICIES)}")
     if bn == "train":
         return
     modules = dict(model.named_modules())

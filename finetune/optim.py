@@ -10,9 +10,10 @@ Grouping, deterministic (resume rebuilds the same groups before loading the opti
   when ``weight_decay > 0``.
 - ``lr_mult``: ``{path: multiplier}``; a path is a dotted module path, a glob over parameter names, or the special
   ``backbone`` (everything but the head) / ``head``. The most specific (longest) matching path wins.
-- ``layer_decay`` (timm/BEiT style): the units are the model's top-level modules in order, with the head its own
-  last unit (labelled by its module paths); unit ``i`` of ``L`` gets ``layer_decay ** (L - 1 - i)``, so the head trains at the full LR and the
-  stem at the smallest. It multiplies with ``lr_mult``.
+- ``layer_decay`` (timm/BEiT style): layer ``i`` of ``L`` gets ``layer_decay ** (L - 1 - i)``, so the head trains
+  at the full LR and the stem at the smallest. The layers of a timm model are timm's own (``group_matcher``, as in
+  ``param_groups_layer_decay``: one per block); of other models, the top-level modules in order, then the head
+  (labelled by its module paths). It multiplies with ``lr_mult``.
 - Groups appear in the order of their first parameter in ``named_parameters()``; empty groups are dropped.
 """
 
@@ -30,7 +31,7 @@ from finetune.freeze import unfreeze_layers
 
 if TYPE_CHECKING:
     from finetune.config import OptimizerCfg, UnfreezeStep
-    from finetune.models import Backbone
+    from finetune.models.backbone import Backbone
 
 log = logging.getLogger("finetune")
 
@@ -68,24 +69,59 @@ def _lr_mult(bb: Backbone, cfg: OptimizerCfg, name: str, head: set[str]) -> tupl
     return best, cfg.lr_mult[best]
 
 
-def layer_units(bb: Backbone) -> list[str]:
-    """The layer-decay units: top-level modules with parameters, in order, then the head (labelled by its paths,
-    e.g. ``fc``, ``classifier.6``)."""
+def layer_ids(bb: Backbone) -> tuple[dict[str, int], dict[str, str]]:
+    """Each parameter's layer for layer-wise LR decay (0 = the stem) and its unit label.
+
+    timm models with a ``group_matcher`` use timm's own grouping (``param_groups_layer_decay`` semantics: one layer
+    per block, ``blocks.3`` or ``layer2.1``; what the matcher leaves out joins the last layer). Other models: the
+    top-level modules in order, then the head. The head is labelled by its module paths (``fc``, ``head``)."""
     head = set(bb.head_parameter_names())
-    units: list[str] = []
-    for n, _ in bb.model.named_parameters():
-        u = _unit(bb, n, head)
-        if n not in head and u not in units:
-            units.append(u)
-    return units + ([_head_label(bb)] if head else [])
+    names = [n for n, _ in bb.model.named_parameters()]
+    matcher = getattr(bb.model, "group_matcher", None) if bb.source == "timm" else None
+    if matcher is not None:
+        from timm.models import group_parameters
+
+        ids = group_parameters(bb.model, matcher(coarse=False), reverse=True)
+        top = max(ids.values(), default=0)
+        layer = {n: ids.get(n, top) for n in names}
+    else:
+        tops = list(dict.fromkeys(n.split(".", 1)[0] for n in names if n not in head))
+        layer = {n: len(tops) if n in head else tops.index(n.split(".", 1)[0]) for n in names}
+    by_layer: dict[int, list[str]] = {}
+    for n in names:
+        if n not in head:
+            by_layer.setdefault(layer[n], []).append(n)
+    label = {n: _head_label(bb) for n in head}
+    for members in by_layer.values():
+        text = _label(members) if matcher is not None else members[0].split(".", 1)[0]
+        label.update({n: text for n in members})
+    return layer, label
+
+
+def _label(names: list[str]) -> str:
+    """``blocks.3`` for blocks.3.*; ``cls_token,pos_embed,patch_embed.proj`` for a stem of several modules."""
+    parts: dict[str, list[list[str]]] = {}
+    for n in names:
+        parts.setdefault(n.split(".", 1)[0], []).append(n.split("."))
+    out = []
+    for group in parts.values():
+        common = group[0][:-1] if len(group) > 1 or len(group[0]) > 1 else group[0]
+        for g in group[1:]:
+            while common != g[:len(common)]:
+                common = common[:-1]
+        out.append(".".join(common) or group[0][0])
+    return ",".join(out)
+
+
+def layer_units(bb: Backbone) -> list[str]:
+    """The layer-decay units' labels, stem first, head last (e.g. ``conv1, bn1, layer1, ..., fc`` for
+    torchvision's resnet18; ``cls_token,pos_embed,patch_embed.proj, blocks.0, ..., head`` for a timm ViT)."""
+    layer, label = layer_ids(bb)
+    return list(dict.fromkeys(label[n] for n in sorted(layer, key=lambda n: layer[n])))
 
 
 def _head_label(bb: Backbone) -> str:
     return ",".join(bb.head) or "head"
-
-
-def _unit(bb: Backbone, name: str, head: set[str]) -> str:
-    return _head_label(bb) if name in head else name.split(".", 1)[0]
 
 
 def _groups(named: list[tuple[str, nn.Parameter]], cfg: OptimizerCfg, label_of, mult_of) -> list[dict[str, Any]]:
@@ -111,19 +147,20 @@ def param_groups(bb: Backbone, cfg: OptimizerCfg) -> list[dict[str, Any]]:
         raise FreezeError(f"no trainable parameters in {bb.name}: the freeze plan froze everything")
     head = set(bb.head_parameter_names())
     _check_lr_mult(bb, cfg, [n for n, _ in bb.model.named_parameters()], head)
-    units = layer_units(bb)
+    layer, unit = layer_ids(bb)
+    top = max(layer.values())
     decay = cfg.layer_decay
 
     def label_of(n: str) -> str:
         path, _ = _lr_mult(bb, cfg, n, head)
         if decay is not None:
-            return _unit(bb, n, head) if path is None else f"{path}/{_unit(bb, n, head)}"
+            return unit[n] if path is None else f"{path}/{unit[n]}"
         return path or ("other" if cfg.lr_mult else "all")
 
     def mult_of(n: str) -> float:
         m = _lr_mult(bb, cfg, n, head)[1]
         if decay is not None:
-            m *= decay ** (len(units) - 1 - units.index(_unit(bb, n, head)))
+            m *= decay ** (top - layer[n])
         return m
 
     return _groups(named, cfg, label_of, mult_of)

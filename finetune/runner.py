@@ -64,16 +64,9 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def probe_data_cfg(name: str, weights: str) -> dict[str, Any]:
     """The backbone's input config (size, mean/std, ...) without building it for real or downloading weights."""
-    from finetune import weights as W
-    from finetune.models import build_model_shapes, canonical, parse_name
+    from finetune.models import data_config
 
-    source, arch = parse_name(name)
-    spec = W.parse_spec("none" if W.looks_like_path(weights) else weights, source, arch)  # a file: arch's config
-    if spec.kind == "torchvision":
-        from finetune.models.tv import data_cfg_from_weights
-
-        return data_cfg_from_weights(spec.enum)
-    return build_model_shapes(canonical(source, spec.tag_name if spec.kind == "timm" else arch)).data_cfg
+    return data_config(name, weights)
 
 
 def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bool = False,

@@ -8,7 +8,6 @@ requested class count. Downloads fail within seconds when offline, naming the fi
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 import socket
 from dataclasses import dataclass
@@ -16,14 +15,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from finetune.errors import WeightsError
+from finetune.models.backbone import is_under
+from finetune.serialization import TRUST_HINT, clean_state_dict, torch_load, trusted  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     import torch
 
-    from finetune.models import Backbone
+    from finetune.models.backbone import Backbone
 
 FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
-_PREFIXES = ("module.", "_orig_mod.")  # DDP/DataParallel and torch.compile wrappers
 
 
 @dataclass
@@ -171,50 +171,6 @@ def fetch_timm(create: Callable[[], Any], name: str):
 
 # ----------------------------------------------------------------------------------------------- local files
 
-_TRUST: contextvars.ContextVar[bool] = contextvars.ContextVar("finetune_trust_pickles", default=False)
-
-TRUST_HINT = ("re-save the weights with torch.save(model.state_dict(), PATH), or pass --trust-checkpoint if you "
-              "trust where the file came from")
-
-
-@contextlib.contextmanager
-def trusted(flag: bool = True):
-    """Within this block, files that hold pickled Python objects (a whole model saved with ``torch.save(model)``)
-    load with ``weights_only=False``: that unpickling can run any code the file contains, so use it only for files
-    from a source you trust (the CLI's ``--trust-checkpoint``). Outside it, such files are refused."""
-    token = _TRUST.set(bool(flag))
-    try:
-        yield
-    finally:
-        _TRUST.reset(token)
-
-
-def torch_load(path: Path, error: type[Exception] = WeightsError, what: str = "weights file") -> Any:
-    """``torch.load`` on the CPU with ``weights_only=True``; pickled objects only inside :func:`trusted`.
-
-    Errors are ``error`` (a FinetuneError) naming the file: not found/unreadable/truncated, or pickled code
-    refused with how to fix it.
-    """
-    import pickle
-
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e) and "GLOBAL" not in str(e):
-            raise error(f"cannot read {what} '{path}': not a PyTorch file or truncated") from None
-        if not _TRUST.get():
-            raise error(f"'{path}' holds pickled Python objects (e.g. a whole model saved with torch.save(model)), "
-                        f"which can run code when loaded; {TRUST_HINT}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as e:
-        raise error(f"cannot read {what} '{path}': not a PyTorch file or truncated ({type(e).__name__})") from None
-    try:  # trusted: the caller asked for it explicitly
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - unpickling can fail in any way (a missing class, ...)
-        raise error(f"cannot unpickle {what} '{path}' even with --trust-checkpoint: {type(e).__name__}: "
-                    f"{str(e)[:200]}") from None
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a state_dict from a .safetensors file, a .pth/.pt state_dict, or a finetune/Lightning/timm checkpoint
     (a whole pickled model only inside :func:`trusted`)."""
@@ -240,24 +196,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def strip_prefixes(sd: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in sd.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        out[k] = v
-    return out
-
-
 def load_file_into(bb: Backbone, path: Path) -> None:
     """Load a local weights file into ``bb.model``; the head is skipped (with a note) when it doesn't fit."""
-    from finetune.models import is_under
-
-    sd = strip_prefixes(read_state_dict(path))
+    sd = clean_state_dict(read_state_dict(path))
     own = bb.model.state_dict()
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]

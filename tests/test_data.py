@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from finetune.config import REPO_ROOT, DataCfg
+from finetune.config import SAMPLE_DIR, DataCfg
 from finetune.data import (DataBundle, build_data, build_eval_dataset, default_workers, eval_transform,
                            is_deterministic, list_images, load_image, make_loader, resolve_data_path, set_epoch,
                            stratified_split, train_transform, transform_config)
@@ -110,7 +110,7 @@ def test_imagefolder_train_val(tmp_path, val_name):
 
 
 def test_sample_data_resolves_to_the_bundled_folder():
-    assert resolve_data_path("sample") == REPO_ROOT / "data" / "sample"
+    assert resolve_data_path("sample") == SAMPLE_DIR
     assert resolve_data_path("cifar10:/x") == "cifar10:/x"
     b = build_data(DataCfg(path="sample", cache="off"), SMALL)
     assert b.class_names == ["circle", "cross", "square", "triangle"]
@@ -121,7 +121,7 @@ def test_same_classes_and_samples_as_torchvision_imagefolder():
     from torchvision.datasets import ImageFolder
 
     ours = build_data(DataCfg(path="sample", cache="off"), SMALL)
-    theirs = ImageFolder(str(REPO_ROOT / "data" / "sample" / "train"))
+    theirs = ImageFolder(str(SAMPLE_DIR / "train"))
     assert ours.class_names == theirs.classes
     assert [(str(p), t) for p, t in ours.train.samples] == theirs.samples
 
@@ -496,8 +496,8 @@ def test_no_images(tmp_path):
     with pytest.raises(DataError) as e:
         build_data(cfg(tmp_path), SMALL)
     assert str(e.value) == (f"no images found in '{tmp_path}' (looked for .jpg, .jpeg, .png, .ppm, .bmp, .pgm, "
-                            ".tif, .tiff, .webp, .gif); pass a folder of class subfolders, or --labels (prefix:PFX=LABEL,"
-                            "...  regex:PATTERN  csv:FILE) for one folder of files")
+                            ".tif, .tiff, .webp, .gif); pass a folder of class subfolders, or --labels "
+                            "(prefix:PFX=LABEL,...  regex:PATTERN  csv:FILE) for one folder of files")
 
 
 def test_one_class_and_empty_class_folders(tmp_path, logs):

@@ -70,3 +70,44 @@ def test_sync_bn_needs_cuda():
 
     with pytest.raises(ConfigError, match=r"^--sync-bn needs CUDA \(PyTorch's SyncBatchNorm runs on GPUs only\)"):
         sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), torch.device("cpu"))
+
+
+def _accumulate_worker(rank: int, init: str, out: str) -> None:
+    """One rank of a 2-process gloo job: 4 micro-batches with accumulate=2; counts DDP's all-reduces."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from finetune.engine import Step, train_one_epoch
+    from finetune.models import build_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = DDP(build_model("smallcnn", num_classes=3).model)
+    calls = []
+
+    def counting(state, bucket):
+        calls.append(1)
+        return allreduce_hook(state, bucket)
+
+    model.register_comm_hook(None, counting)
+    g = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(2, 3, 32, 32, generator=g), torch.tensor([0, 1])) for _ in range(4)]
+    step = Step(torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(), torch.device("cpu"),
+                accumulate=2)
+    train_one_epoch(model, batches, step, epoch=0)
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    Path(out, f"{rank}.json").write_text(json.dumps({"allreduces": len(calls), "params": flat.tolist()}))
+    dist.destroy_process_group()
+
+
+def test_accumulation_all_reduces_only_on_optimizer_steps(tmp_path):
+    """Under DDP, micro-batches that don't step run in no_sync(): 4 micro-batches, accumulate=2 -> 2 all-reduces
+    (smallcnn's gradients fit one bucket), and the ranks still end with bitwise equal parameters."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_accumulate_worker, args=(f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2)
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert (r0["allreduces"], r1["allreduces"]) == (2, 2)
+    assert r0["params"] == r1["params"]

@@ -162,4 +162,8 @@ def test_device_and_precision_errors(monkeypatch):
     with pytest.raises(ConfigError, match=r"^--precision fp16 needs a GPU; on the CPU use bf16 or fp32$"):
         resolve_precision("fp16", torch.device("cpu"))
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
-    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+    from finetune import engine
+
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda native=native: native)
+        assert resolve_precision("auto", torch.device("cpu")) == expected

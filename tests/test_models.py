@@ -108,3 +108,25 @@ def test_list_models_pattern_and_weights():
     timm_rows = list_models("timm:resnet18")
     assert any(r["name"] == "timm:resnet18" and "a1_in1k" in r["weights"] for r in timm_rows)
     assert list_models("smallcnn") == [{"source": "smallcnn", "name": "smallcnn", "weights": []}]
+
+
+@pytest.mark.parametrize("name, weights", [("timm:test_resnet", "none"), ("timm:resnet18", "none"),
+                                           ("timm:resnet18", "a1_in1k"), ("resnet18", "default"),
+                                           ("smallcnn", "none")])
+def test_data_config_comes_from_the_registry_without_a_build(monkeypatch, name, weights):
+    """timm's pretrained_cfg / torchvision's Weights.transforms() answer the input config: no model is built (and
+    it equals what the built model records)."""
+    import timm
+    import torchvision.models as tvm
+
+    from finetune.models import data_config
+
+    expected = build_model(name, weights="none").data_cfg if weights != "a1_in1k" else \
+        build_model("timm:resnet18.a1_in1k", weights="none").data_cfg
+
+    def no_build(*a, **k):
+        raise AssertionError("built a model")
+
+    monkeypatch.setattr(timm, "create_model", no_build)
+    monkeypatch.setattr(tvm, "get_model", no_build)
+    assert data_config(name, weights) == expected

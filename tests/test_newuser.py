@@ -100,7 +100,8 @@ def test_feature_cache_cuts_at_a_block_when_fx_cannot_trace(tmp_path):
             notes.append(text)
 
     over = {"model.name": "timm:test_vit", "model.weights": "none", "data.image_size": 32, "train.epochs": 2,
-            "freeze.layers": ["patch_embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3"], "freeze.names": ["cls_token", "pos_embed"]}
+            "freeze.layers": ["patch_embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3"],
+            "freeze.names": ["cls_token", "pos_embed"]}
     cached = train(recipe(**over), out=tmp_path / "cached", reporter=Notes())
     assert notes[0].startswith("frozen-feature cache: the input of 'blocks.4' (640 train / 160 val, [5, 64] each")
     plain = train(recipe(**over, **{"train.cache_features": "off"}), out=tmp_path / "plain")
@@ -142,7 +143,7 @@ def test_small_cli_fixes(small_run, tmp_path, cli):
     assert (r.exit_code, r.stderr) == (1, "Error: no models match 'zzz'; patterns are globs ('resnet*', 'timm:vit_*') "
                                           "or substrings ('efficient')\n")
     assert {"train", "load_recipe", "predict", "sample_data", "__version__"} <= set(dir(finetune))
-    assert finetune.sample_data() == Path(__file__).resolve().parent.parent / "data" / "sample"
+    assert finetune.sample_data() == (Path(__file__).resolve().parent.parent / "data" / "sample").resolve()
 
 
 def test_nproc_launch_sets_omp_threads(monkeypatch):

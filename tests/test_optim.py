@@ -108,3 +108,16 @@ def test_nothing_trainable_is_an_error():
     bb.model.requires_grad_(False)
     with pytest.raises(FreezeError, match=r"^no trainable parameters in smallcnn: the freeze plan froze everything$"):
         build_optimizer(bb, OptimizerCfg())
+
+
+def test_layer_decay_gives_each_vit_block_its_own_lr():
+    """timm's group_matcher semantics (param_groups_layer_decay): the stem, then one layer per block (timm puts
+    the final norm with the last block), the head at the full LR."""
+    bb = build_model("timm:vit_tiny_patch16_224", num_classes=3)
+    opt = build_optimizer(bb, OptimizerCfg(lr=1.0, weight_decay=0.0, layer_decay=0.5))
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"cls_token,pos_embed,patch_embed.proj": 0.5 ** 13,
+                   **{f"blocks.{i}": 0.5 ** (12 - i) for i in range(11)}, "blocks.11,norm": 0.5, "head": 1.0}
+    block_lr = {n.split(".")[1]: g["lr"] for g in opt.param_groups for n in g["param_names"]
+                if n.startswith("blocks.")}
+    assert len(set(block_lr.values())) == 12  # one LR per block

@@ -1,8 +1,6 @@
 """End-to-end training on the bundled sample data (32 px, smallcnn / timm:test_resnet, 1-3 epochs)."""
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch

@@ -126,3 +126,12 @@ def test_torchvision_weights_from_torch_home(monkeypatch, tmp_path):
     s, d = src.model.state_dict(), bb.model.state_dict()
     assert all(torch.equal(s[k], d[k]) for k in s if not k.startswith("fc."))
     assert d["fc.weight"].shape == (3, 512)
+
+
+def test_compile_and_ddp_prefixes_in_either_order(tmp_path):
+    """timm's clean_state_dict semantics: torch.compile's _orig_mod. around or inside DDP's module. is stripped."""
+    bb = build_model("smallcnn", num_classes=4)
+    sd = {f"_orig_mod.module.{k}": v.clone() + 1 for k, v in bb.model.state_dict().items()}
+    torch.save(sd, tmp_path / "w.pth")
+    bb2 = build_model("smallcnn", num_classes=4, weights=str(tmp_path / "w.pth"))
+    assert all(torch.equal(v, sd[f"_orig_mod.module.{k}"]) for k, v in bb2.model.state_dict().items())

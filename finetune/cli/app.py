@@ -14,7 +14,7 @@ try:  # typer >= 0.20 vendors click as typer._click; older typer uses click itse
 except ImportError:  # pragma: no cover
     from click import exceptions as _cx
 
-from finetune.errors import FinetuneError, shown
+from finetune.api import FinetuneError, shown
 
 _ABORT = tuple(c for c in (getattr(_cx, "Abort", None), getattr(typer, "Abort", None))
                if isinstance(c, type) and issubclass(c, BaseException))
@@ -82,7 +82,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # click's plain help: wraps instead of eliding option names on 80 columns, no <bool> on flags
+    rich_markup_mode=None,  # click's plain help: wraps instead of eliding option names at 80 columns; no <bool>
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 

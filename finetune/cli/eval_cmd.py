@@ -24,7 +24,7 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
     trust_checkpoint: bool = O.TRUST,
 ) -> None:
-    from finetune.errors import ConfigError
+    from finetune.api import ConfigError
 
     if split not in ("val", "train", "test"):
         raise ConfigError(f"--split must be val, train or test, got '{split}'")
@@ -32,8 +32,7 @@ def eval_(
         raise ConfigError(f"--precision must be fp32, bf16 or fp16, got '{precision}'")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    from finetune.api import evaluate_checkpoint
-    from finetune.weights import trusted
+    from finetune.api import evaluate_checkpoint, trusted
 
     with trusted(trust_checkpoint):
         res = evaluate_checkpoint(checkpoint, data, split, device=device, batch_size=batch_size,

@@ -20,9 +20,7 @@ def export(
     trust_checkpoint: bool = O.TRUST,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
 ) -> None:
-    from finetune.checkpoint import EXPORT_SUFFIX, export_weights
-    from finetune.errors import ConfigError
-    from finetune.weights import trusted
+    from finetune.api import EXPORT_SUFFIX, ConfigError, export_weights, trusted
 
     if fmt not in EXPORT_SUFFIX:
         raise ConfigError(f"--format must be safetensors or state-dict, got '{fmt}'")

@@ -34,7 +34,7 @@ def inspect(
     bn: Optional[str] = O.BN,
     trust_checkpoint: bool = O.TRUST,
 ) -> None:
-    from finetune.params import inspect_json, module_rows
+    from finetune.api import inspect_json, module_rows
 
     overrides = O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn, stages)
     rec = _recipe(recipe, overrides)
@@ -45,24 +45,23 @@ def inspect(
         if num_classes is None:
             num_classes, head_note = _data_classes(rec)
     if not model:
-        from finetune.errors import ConfigError
+        from finetune.api import ConfigError
 
         raise ConfigError("give a MODEL (e.g. 'finetune inspect resnet18') or --recipe NAME")
-    from finetune.weights import trusted
+    from finetune.api import trusted
 
     with trusted(trust_checkpoint):
         bb = _build(model, num_classes, weights)
     plan = None
     if rec is not None:
-        from finetune.errors import FreezeError
-        from finetune.freeze import apply_freeze, from_recipe
+        from finetune.api import FreezeError, apply_freeze, from_recipe
 
         try:
             plan = apply_freeze(bb, rec.freeze)
         except FreezeError as e:
             raise from_recipe(e, recipe, [k for k, v in overrides.items() if v is not None]) from None
     doc = inspect_json(bb.name, bb.model)
-    from finetune.freeze import model_stages
+    from finetune.api import model_stages
 
     st = model_stages(bb)
     doc["stages"] = [{"stage": s.index, "from_head": s.index - len(st), "modules": s.modules,
@@ -93,15 +92,9 @@ def _data_classes(rec) -> tuple[int | None, str]:
     """The class count of the recipe's data (the head training will build), or None with a note saying that the
     head shown is the backbone's own placeholder."""
     try:
-        from pathlib import Path
+        from finetune.api import data_class_count
 
-        from finetune.data import resolve_data_path
-        from finetune.data.sources import find
-
-        root = resolve_data_path(rec.data.path)
-        if not isinstance(root, Path) or not root.is_dir():
-            raise FileNotFoundError(root)
-        n = len({c for _, c in find(root, rec.data.labels).train})
+        n = data_class_count(rec.data.path, rec.data.labels)
         if n >= 2:
             return n, f"head: {n} classes, from the recipe's data ({rec.data.path})"
     except Exception:  # noqa: BLE001 - a preview: fall back to the placeholder and say so
@@ -114,13 +107,13 @@ def _recipe(recipe: Optional[str], overrides: dict):
     """The recipe with the flags applied, or None when neither a recipe nor a freeze flag was given."""
     if recipe is None and all(v is None for v in overrides.values()):
         return None
-    from finetune import config
+    from finetune import api
 
-    base = config.load_recipe(recipe) if recipe else config.Recipe()
+    base = api.load_recipe(recipe) if recipe else api.Recipe()
     from finetune.cli.options import name_flags
 
     with name_flags([k for k, v in overrides.items() if v is not None]):
-        return config.apply_overrides(base, overrides)
+        return api.apply_overrides(base, overrides)
 
 
 def _plan_doc(plan, schedule) -> dict:
@@ -131,7 +124,7 @@ def _plan_doc(plan, schedule) -> dict:
 
 def _build(model: str, num_classes, weights: str):
     """Without weights the listing needs shapes, not values: build on the meta device."""
-    from finetune.models import build_model, build_model_shapes
+    from finetune.api import build_model, build_model_shapes
 
     if weights.lower() in ("none", "random"):
         return build_model_shapes(model, num_classes)

@@ -14,11 +14,11 @@ def models(
     pretrained: bool = typer.Option(False, "--pretrained", help="Only models with known pretrained weights."),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
 ) -> None:
-    from finetune.models import list_models
+    from finetune.api import list_models
 
     rows = list_models(pattern, pretrained_only=pretrained)
     if not rows and not as_json:
-        from finetune.errors import ConfigError
+        from finetune.api import ConfigError
 
         raise ConfigError(f"no models match '{pattern}'; patterns are globs ('resnet*', 'timm:vit_*') or "
                           "substrings ('efficient')")

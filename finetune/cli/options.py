@@ -11,7 +11,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from finetune.errors import ConfigError
+from finetune.api import ConfigError
 
 FREEZE_NAMES = typer.Option(None, "--freeze-names",
                             help="Freeze parameters whose name contains A or B (globs match whole names): A,B.")
@@ -20,7 +20,8 @@ FREEZE_STAGES = typer.Option(None, "--stages",
                              help="fastai's freeze_to: -N trains the last N stages and the head, N freezes the first "
                                   "N stages (stages per architecture: see 'finetune inspect MODEL').")
 FREEZE_LAYERS = typer.Option(None, "--freeze-layers",
-                             help="Freeze modules by dotted path (conv1,bn1,layer1) or stage address (stage:0, stage:-1).")
+                             help="Freeze modules by dotted path (conv1,bn1,layer1) or stage address "
+                                  "(stage:0, stage:-1).")
 FREEZE_BACKBONE = typer.Option(None, "--freeze-backbone/--no-freeze-backbone",
                                help="Freeze everything except the head (linear probing).")
 UNFREEZE = typer.Option(None, "--unfreeze",
@@ -91,7 +92,8 @@ def freeze_overrides(freeze_names: Optional[str] = None, freeze_first: Optional[
 
 _FLAG_FOR = {"model.name": "--model", "model.weights": "--weights", "data.path": "--data",
              "optimizer.name": "--optimizer", "scheduler.name": "--scheduler", "freeze.names": "--freeze-names",
-             "freeze.first": "--freeze-first", "freeze.stages": "--stages", "freeze.layers": "--freeze-layers", "freeze.backbone": "--freeze-backbone",
+             "freeze.first": "--freeze-first", "freeze.stages": "--stages", "freeze.layers": "--freeze-layers",
+             "freeze.backbone": "--freeze-backbone",
              "freeze.unfreeze": "--unfreeze", "freeze.schedule": "--unfreeze", "train.compile": "--compile"}
 
 

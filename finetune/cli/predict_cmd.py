@@ -7,7 +7,8 @@ import typer
 
 from finetune.cli import options as O
 
-HELP = "Predict labels for images or folders of images with a checkpoint's eval transform: top-k labels and probabilities."
+HELP = ("Predict labels for images or folders of images with a checkpoint's eval transform: top-k labels and "
+        "probabilities.")
 
 
 def predict(
@@ -21,14 +22,14 @@ def predict(
     as_csv: bool = typer.Option(False, "--csv", help="Print only CSV to stdout: image,label_1,prob_1,..."),
     trust_checkpoint: bool = O.TRUST,
 ) -> None:
-    from finetune.errors import ConfigError
+    from finetune.api import ConfigError
 
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     if as_json and as_csv:
         raise ConfigError("--json and --csv both print to stdout; pass one of them")
     from finetune.api import predict as run_predict
-    from finetune.weights import trusted
+    from finetune.api import trusted
 
     with trusted(trust_checkpoint):
         rows = run_predict(checkpoint, list(paths), top_k=top_k, device=device, strict=strict)

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from finetune.engine import Reporter
+from finetune.api import Reporter
 
 
 def _pct(x: float | None) -> str:

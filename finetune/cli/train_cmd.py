@@ -97,13 +97,13 @@ def train(
     import os
     import sys
 
-    from finetune import config
-    from finetune.errors import ConfigError
+    from finetune import api
+    from finetune.api import ConfigError
 
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from finetune.distributed import launch, strip_nproc
+        from finetune.api import launch, strip_nproc
 
         argv = sys.argv[sys.argv.index("train"):] if "train" in sys.argv else ["train"]
         raise typer.Exit(launch(nproc, strip_nproc(argv)))
@@ -127,7 +127,7 @@ def train(
     if model is not None and weights is None and recipe is None:
         given["model.weights"] = "default"  # a new model from the command line: its own pretrained weights
     from finetune.cli.progress import RichReporter
-    from finetune.runner import train as run_train
+    from finetune.api import train as run_train
 
     reporter = RichReporter(quiet=quiet)
     if resume is not None:
@@ -139,16 +139,15 @@ def train(
                               "may change)")
         _run(lambda: run_train(None, resume=resume, epochs=epochs, reporter=reporter))
         return
-    from finetune.weights import trusted
+    from finetune.api import trusted
 
     with O.name_flags(given):
         base = _base_recipe(recipe, model, given)
-        r = config.apply_overrides(base, given)
+        r = api.apply_overrides(base, given)
     if recipe is not None and model is not None and model != base.model.name:  # record what ran, not the recipe's
         r.name = f"{base.name or recipe} (model overridden)"
         r.description = f"{base.description} -- model overridden: {model} instead of {base.model.name}"
-    from finetune.errors import FreezeError
-    from finetune.freeze import from_recipe
+    from finetune.api import FreezeError, from_recipe
 
     try:
         with trusted(trust_checkpoint):
@@ -164,24 +163,24 @@ def _base_recipe(recipe: Optional[str], model: Optional[str], given: dict):
     freeze plan of the user's own) the generic defaults (light augmentation, the backbone's input size, SGD 0.01)
     rather than the smallcnn-tuned ``default`` recipe; with neither, the ``default`` recipe (the main job). The
     start-up lines name the recipe that runs."""
-    from finetune import config
+    from finetune import api
 
     if recipe is None and model is not None:
         weights = given.get("model.weights")
         pretrained = weights not in (None, "none") and not (model.strip() == "smallcnn" and weights == "default")
         if pretrained and not any(k.startswith("freeze.") and k != "freeze.bn" for k in given):
-            return config.load_recipe("lp-ft")
-        r = config.Recipe()
+            return api.load_recipe("lp-ft")
+        r = api.Recipe()
         r.name, r.description = f"{model}-cli", f"{model} from random init, configured from the command line"
         return r
-    return config.load_recipe(recipe or "default")
+    return api.load_recipe(recipe or "default")
 
 
 def _run(fn) -> None:
     """Run training; under torchrun, leave the process group cleanly whatever happens."""
-    from finetune import distributed
+    from finetune.api import shutdown_distributed
 
     try:
         fn()
     finally:
-        distributed.shutdown(distributed.from_env())
+        shutdown_distributed()

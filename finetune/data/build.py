@@ -22,7 +22,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from finetune.config import REPO_ROOT, DataCfg
+from finetune.config import SAMPLE_DIR, DataCfg
 from finetune.data import cifar, sources
 from finetune.data.datasets import ImageDataset, TensorImageDataset, decode
 from finetune.data.images import IMG_EXTENSIONS, image_size
@@ -49,18 +49,13 @@ class DataBundle:
     cached: bool = False  # the decoded-image cache holds the images
     unlabeled: list[str] = field(default_factory=list)  # images no --labels rule named (left out)
 
-    def summary(self) -> dict[str, Any]:
-        """JSON-ready facts for the run summary."""
-        return {"source": self.source, "classes": list(self.class_names), "train": len(self.train),
-                "val": len(self.val) if self.val is not None else 0, "skipped": len(self.skipped),
-                "unlabeled": len(self.unlabeled), "cached": self.cached, "transform": self.transform}
-
 
 def resolve_data_path(path: str) -> str | Path:
-    """``sample`` -> the bundled ``data/sample``; ``cifar10:ROOT`` / ``cifar100:ROOT`` stay specs; else a Path."""
+    """``sample`` -> the bundled sample data (package data); ``cifar10:ROOT`` / ``cifar100:ROOT`` stay specs;
+    else a Path."""
     path = str(path).strip()
     if path == "sample":
-        return REPO_ROOT / "data" / "sample"
+        return SAMPLE_DIR
     if _CIFAR.match(path):
         return path
     if path in ("cifar10", "cifar100"):
@@ -222,7 +217,8 @@ def cifar_bundle(spec: str, tf: dict, train_tf, eval_tf, *, download: bool = Fal
 
 def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, strict: bool = False,
                        labels: str | None = None, val_split: float = 0.0, seed: int = 0) -> Dataset:
-    """The ``split`` (``val``, ``train`` or ``test``: ROOT/test) of ``path`` with the eval transform ``tf``, labelled by ``class_names``.
+    """The ``split`` (``val``, ``train`` or ``test``: ROOT/test) of ``path`` with the eval transform ``tf``,
+    labelled by ``class_names``.
 
     ``val`` is ROOT's val folder (val, valid, validation or test) or CIFAR's test set; ``train`` is ROOT/train.
     A folder without train/ is evaluated whole, unless ``val_split`` > 0: then ``split`` is that part of the same

@@ -9,63 +9,16 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
-
+from finetune import weights as W
 from finetune.errors import ModelError, suggest
+from finetune.models.backbone import Backbone, init_new_head, is_under
 
 log = logging.getLogger("finetune")
 
 SOURCES = ("smallcnn", "torchvision", "timm")
-
-
-@dataclass
-class Backbone:
-    """A built model plus what the rest of the toolkit needs to know about it."""
-
-    model: nn.Module
-    name: str  # canonical name: "smallcnn", "resnet18", "timm:resnet18"
-    source: str  # "smallcnn" | "torchvision" | "timm"
-    arch: str  # the name inside its source
-    num_classes: int
-    head: list[str]  # dotted module paths that form the classifier ("fc", "classifier.6", "head.fc")
-    weights: str = "none"  # the resolved weights that were loaded
-    data_cfg: dict[str, Any] = field(default_factory=dict)  # input_size, resize, crop_pct, interpolation, mean, std
-    notes: list[str] = field(default_factory=list)  # things the user should hear (e.g. "head not loaded")
-
-    def head_parameter_names(self) -> list[str]:
-        """Names (as in ``named_parameters()``) of the classifier's parameters."""
-        return [n for n, _ in self.model.named_parameters() if is_under(n, self.head)]
-
-
-def is_under(name: str, prefixes: list[str]) -> bool:
-    """True when dotted ``name`` is one of ``prefixes`` or lies inside one of them."""
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
-def init_new_head(model: nn.Module, paths: list[str]) -> None:
-    """Start a new classifier on a pretrained backbone neutral: weights and biases of its Linear/Conv layers set to 0.
-
-    Every class then gets the same logit, so the initial loss is exactly ln(C) on any input, and the first updates
-    move the head towards the data instead of undoing a random start (MAE/DINO linear probes use std 0.01 or 0 for
-    the same reason). Source inits are made for training from scratch: timm's EfficientNet classifier is uniform in
-    +-1/sqrt(C), std 0.41 for 2 classes. Only the last layer of a head is new in this toolkit, so zeros do not
-    leave hidden units symmetric. The gradient reaching the backbone is 0 on the first step and grows with the
-    head: pretrained features are not disturbed by a random head early in a fine-tune. Not for a network trained
-    from scratch (``weights: none``): there every layer is random and a zero last layer only slows the start (the
-    tutorial's smallcnn, which has no nonlinearity between its two Linear layers, fell from 70% to 46%).
-    """
-    import torch
-
-    with torch.no_grad():
-        for path in paths:
-            for m in model.get_submodule(path).modules():
-                if isinstance(m, (nn.Linear, nn.Conv2d)):
-                    m.weight.zero_()
-                    if m.bias is not None:
-                        m.bias.zero_()
+__all__ = ["Backbone", "is_under", "build_model", "build_model_shapes", "data_config", "list_models", "parse_name"]
 
 
 def parse_name(name: str) -> tuple[str, str]:
@@ -117,7 +70,6 @@ def build_model(name: str, num_classes: int | None = None, weights: str | None =
     or a path to a ``.pth``/``.pt``/``.safetensors`` file or a finetune checkpoint. ``num_classes=None`` keeps
     the source's own class count (1000 for ImageNet models, 10 for smallcnn).
     """
-    from finetune import weights as W
 
     if num_classes is not None and num_classes < 1:
         raise ModelError(f"num_classes must be at least 1, got {num_classes}")
@@ -161,6 +113,32 @@ def build_model_shapes(name: str, num_classes: int | None = None) -> Backbone:
         raise
     except Exception:  # noqa: BLE001
         return build_model(name, num_classes=num_classes, weights="none")
+
+
+def data_config(name: str, weights: str | None = "none") -> dict[str, Any]:
+    """The input config (input_size, resize, crop_pct, interpolation, mean, std) that ``build_model(name,
+    weights=weights)`` would record, answered from the registries without building the model or reading weights:
+    timm's pretrained config, torchvision's ``Weights.transforms()``, smallcnn's own. A weights file counts as
+    the architecture's default. Where a registry has no answer (torchvision without weights: the architecture may
+    fix its own image size), the model is built on the meta device."""
+
+    source, arch = parse_name(name)
+    spec = W.parse_spec("none" if weights and W.looks_like_path(weights) else weights, source, arch)
+    if source == "smallcnn":
+        from finetune.models import smallcnn
+
+        return dict(smallcnn.DEFAULT_CFG)
+    if spec.kind == "torchvision":
+        from finetune.models.tv import data_cfg_from_weights
+
+        return data_cfg_from_weights(spec.enum)
+    if source == "timm":
+        from finetune.models.timm_models import data_cfg_of
+
+        cfg = data_cfg_of(spec.tag_name or arch)
+        if cfg is not None:
+            return cfg
+    return build_model_shapes(canonical(source, spec.tag_name if spec.kind == "timm" else arch)).data_cfg
 
 
 def list_models(pattern: str | None = None, pretrained_only: bool = False) -> list[dict[str, Any]]:

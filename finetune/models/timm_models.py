@@ -6,16 +6,30 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from finetune.errors import ModelError
+from finetune.models.backbone import Backbone
 
 if TYPE_CHECKING:
-    from finetune.models import Backbone
     from finetune.weights import WeightsSpec
 
 
 def data_cfg(model) -> dict:
+    """The input config of a built timm model."""
     from timm.data import resolve_data_config
 
-    cfg = resolve_data_config({}, model=model)
+    return _ours(resolve_data_config({}, model=model))
+
+
+def data_cfg_of(name: str) -> dict | None:
+    """The input config of ``name`` (``arch`` or ``arch.tag``) from timm's registry alone, without building the
+    model (``resolve_data_config(pretrained_cfg=...)``); None when timm has no pretrained config for it."""
+    import timm
+    from timm.data import resolve_data_config
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    return None if cfg is None else _ours(resolve_data_config(pretrained_cfg=cfg.to_dict()))
+
+
+def _ours(cfg: dict) -> dict:
     size = cfg["input_size"][-1]
     crop_pct = cfg.get("crop_pct", 0.875) or 1.0
     return {
@@ -41,7 +55,6 @@ def head_paths(model) -> list[str]:
 def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
     import timm
 
-    from finetune.models import Backbone
     from finetune.weights import fetch_timm
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
@@ -54,7 +67,7 @@ def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
             model = timm.create_model(arch, pretrained=False, **kwargs)
         except RuntimeError as e:  # e.g. an unknown pretrained tag
             raise ModelError(f"cannot build timm model '{arch}': {e}") from None
-    from finetune.models import init_new_head
+    from finetune.models.backbone import init_new_head
 
     head = head_paths(model)
     pretrained_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes", 1000)

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from finetune.errors import ModelError
+from finetune.models.backbone import Backbone
 
 if TYPE_CHECKING:
-    from finetune.models import Backbone
     from finetune.weights import WeightsSpec
 
 # Models whose auxiliary classifiers would change the output type in train mode; torchvision itself drops them
@@ -65,7 +65,6 @@ IMAGENET_CFG = {"input_size": (3, 224, 224), "resize": 256, "crop_pct": 0.875, "
 def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
     import torchvision.models as tvm
 
-    from finetune.models import Backbone
     from finetune.weights import fetch_torchvision
 
     # with pretrained weights torchvision already drops the aux heads and skips the slow init
@@ -83,7 +82,7 @@ def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
         fixed = getattr(model, "image_size", None)  # ViTs: the architecture's size, not the weights' (vit_h_14)
         if isinstance(fixed, int) and fixed != data_cfg["input_size"][-1]:
             data_cfg.update(input_size=(3, fixed, fixed), resize=int(fixed / 0.875), crop_pct=0.875)
-    from finetune.models import init_new_head
+    from finetune.models.backbone import init_new_head
 
     head_name, head = find_head(model)
     out = head.out_features if isinstance(head, nn.Linear) else head.out_channels
