@@ -312,11 +312,17 @@ def probe(models: list[str], *, weights: str = "default", data: str = "sample", 
           **recipe_kw) -> list[ProbeResult]:
     """Probe each of ``models`` (see the module docstring); one result per model, the best head's run written under
     ``out`` (one model: ``out`` itself; several: ``out/<model>``)."""
-    from finetune.checkpoint import default_run_dir
+    from finetune.checkpoint import default_run_dir, prepare_run_dir
 
     lrs = list(lrs or DEFAULT_LRS)
     wds = list(DEFAULT_WDS if wds is None else wds)
     grid = [(lr, wd) for wd in wds for lr in lrs]
+    root = Path(out) if out else default_run_dir("probe")
+    targets = {m: root if len(models) == 1 else root / re.sub(r"[^A-Za-z0-9_.-]+", "-", m).strip("-")
+               for m in models}
+    for d in targets.values():  # an --out that cannot be used fails before the backbone runs, not after
+        if write and d.is_dir() and any(d.iterdir()):
+            prepare_run_dir(d, overwrite=overwrite)
     results = []
     for name in models:
         cfg = probe_recipe(name, weights=weights, data=data, **recipe_kw)
@@ -341,9 +347,7 @@ def probe(models: list[str], *, weights: str = "default", data: str = "sample", 
                           int(prep.train[0][0].numel()), len(prep.train[1]), len(prep.val[1]), prep.seconds,
                           t_sweep, t_knn, prep.from_store)
         if write:
-            root = Path(out) if out else default_run_dir("probe")
-            run_dir = root if len(models) == 1 else root / re.sub(r"[^A-Za-z0-9_.-]+", "-", prep.bb.name).strip("-")
-            res.run_dir = write_run(prep, st, best, res, run_dir, overwrite=overwrite)
+            res.run_dir = write_run(prep, st, best, res, targets[name], overwrite=overwrite)
         results.append(res)
     return results
 

@@ -138,6 +138,21 @@ case("unfreeze-bad-syntax", "train --unfreeze seq.8@soon --out {B}/o22", "--unfr
 case("fp16-on-cpu", "train --precision fp16 --device cpu --out {B}/o23", "--precision fp16 needs a GPU")
 case("val-split-out-of-range", "train --val-split 1.5 --out {B}/o24", "data.val_split must be in [0, 1), got 1.5")
 case("top-k-0", "predict {R}/last.pt {B}/data/a --top-k 0", "--top-k must be at least 1, got 0", True)
+case("probe-bad-lrs", "probe --model smallcnn --weights none --data {B}/data --lrs 1e-3,fast",
+     "--lrs '1e-3,fast' is not a comma-separated list of numbers (e.g. 1e-3,3e-3)")
+case("probe-zero-lr", "probe --model smallcnn --weights none --data {B}/data --lrs 0",
+     "--lrs '0': give positive numbers, e.g. 1e-3,3e-3")
+case("probe-negative-knn", "probe --model smallcnn --weights none --data {B}/data --knn 10,-5",
+     "--knn '10,-5': k must be positive (0 turns k-NN off)")
+case("probe-model-twice", "probe --model smallcnn,smallcnn --weights none --data {B}/data",
+     "--model names a backbone twice: smallcnn,smallcnn")
+case("probe-out-dir-exists", "probe --model smallcnn --weights none --data {B}/data --out {R}",
+     "output directory '{R}' already exists and is not empty; pass --overwrite", True)
+case("probe-head-not-linear", "probe --model squeezenet1_0 --weights none --data {B}/data --image-size 32 --quiet "
+     "--out {B}/o25", "probe needs a model whose classifier is one Linear layer on the backbone's features; "
+     "squeezenet1_0's head is classifier.1 (Conv2d)")
+case("cache-clear-bad-age", "cache clear --older-than soon", "--older-than 'soon' is not an age; use e.g. 30m, 12h, "
+     "7d or 2w")
 
 
 def _fill(s: str, b: Path, r: Path) -> str:
