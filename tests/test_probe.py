@@ -145,3 +145,24 @@ def test_probe_several_backbones_one_table(data, tmp_path, cli):
         assert (out / sub / "best.pt").is_file() and (out / sub / "probe.json").is_file()
     r2 = cli(*args[:-1], tmp_path / "cmp2", "--json", "--quiet")  # again: both backbones' features from the cache
     assert [d["from_store"] for d in json.loads(r2.stdout)] == [True, True]
+
+
+def test_lp_ft_head_phase_reads_the_features_a_probe_stored(data, tmp_path):
+    """LP-FT's linear-probe epoch uses the eval transform, so it shares the probe's stored features."""
+    P.probe(["smallcnn"], data=str(data), lrs=[1e-2], wds=[0.0], write=False, **KW)
+    cfg = config.apply_overrides(config.load_recipe("lp-ft"), {
+        "model.name": "smallcnn", "model.weights": "none", "data.path": str(data), "data.image_size": 32,
+        "train.epochs": 2, "train.precision": "fp32", "train.device": "cpu", "train.tensorboard": False})
+    notes = []
+
+    class Rep:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+        def note(self, m):
+            notes.append(m)
+
+    train(cfg, out=tmp_path / "lpft", reporter=Rep())
+    assert [n.split(": the input of")[0] for n in notes if n.startswith("frozen-feature cache")] == \
+        ["frozen-feature cache"]
+    assert "read from the feature store" in next(n for n in notes if n.startswith("frozen-feature cache"))
