@@ -4,7 +4,7 @@ An entry is a directory ``<root>/features/<key>/`` holding ``features.npy`` (flo
 block by row block through a memory map, so a data set whose features exceed RAM still works), ``labels.npy``
 (int64) and ``meta.json`` (what the key was made of, the shape, a CRC32 of both arrays). The key is a SHA-256 over
 the model name, the weights' identity (a file's SHA-256, an enum or tag name, or the tensors themselves for random
-init), the split point, the eval transform, the precision, the memory layout, the device type, and every image's
+init), the versions of torch and of the model's source library, the split point, the eval transform, the precision, the memory layout, the device type, and every image's
 path, size, mtime and label. Change any of them and the key changes; nothing is ever looked up by name.
 
 Writes are atomic: the entry is written into a temporary sibling directory and renamed into place; a reader sees a
@@ -95,6 +95,21 @@ def items_identity(dataset) -> list[list[Any]] | None:
     for p, label in samples:
         st = os.stat(p)
         out.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns, int(label)])
+    return out
+
+
+def _versions(source: str) -> dict[str, str]:
+    """torch's version (its kernels make the numbers) and the model source's (timm/torchvision define the
+    architecture): an upgrade recomputes rather than trusting features from other code."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "timm" if source == "timm" else "torchvision" if source == "torchvision" else None):
+        if pkg:
+            try:
+                out[pkg] = version(pkg)
+            except PackageNotFoundError:
+                out[pkg] = "?"
     return out
 
 
@@ -321,6 +336,7 @@ def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64,
     parts = None
     if items is not None:
         parts = {"model": bb.name, "weights": weights_identity(bb.weights, split.frozen), "split": split.where,
+                 "versions": _versions(bb.source),
                  "transform": transform, "precision": precision, "channels_last": bool(channels_last),
                  "device": torch.device(device).type, "items": items}
 

@@ -117,7 +117,7 @@ class Prepared:
     channels_last: bool
 
 
-def prepare(cfg, *, cache_dir: str | Path | None = None) -> Prepared:
+def prepare(cfg, *, cache_dir: str | Path | None = None, need_val: bool = False) -> Prepared:
     """Build ``cfg``'s model and data as ``train`` does and get the head's input features (store or backbone)."""
     from finetune import data as D
     from finetune import freeze as Fz
@@ -131,6 +131,9 @@ def prepare(cfg, *, cache_dir: str | Path | None = None) -> Prepared:
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     bundle = D.build_data(cfg.data, probe_data_cfg(cfg.model.name, cfg.model.weights), seed=cfg.train.seed)
+    if need_val and bundle.val is None:
+        raise ConfigError(f"probe needs validation images to compare heads, but '{cfg.data.path}' has none; add a "
+                          "val folder or pass --val-split 0.2")
     bb = build_model(cfg.model.name, num_classes=len(bundle.class_names), weights=cfg.model.weights)
     plan = Fz.apply_freeze(bb, cfg.freeze)
     channels_last = wants_channels_last(bb.model, cfg.train.channels_last)
@@ -174,27 +177,30 @@ class SweepState:
 def sweep(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None, num_classes: int,
           lrs: list[float], wds: list[float], *, epochs: int, batch_size: int, seed: int, scheduler,
           betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, label_smoothing: float = 0.0,
-          reporter=None) -> tuple[list[HeadResult], SweepState]:
+          reporter=None, device: torch.device | str = "cpu") -> tuple[list[HeadResult], SweepState]:
     """Train ``len(lrs)`` zero-initialised linear heads at once, head ``h`` with AdamW ``(lrs[h], wds[h])`` (decay
     on the weight only, as the toolkit's optimizer groups do), the LR of each update from ``scheduler`` at
-    ``epoch + k/K``; batches in ``EpochSampler(seed)`` order. Returns per-head results and the final state."""
+    ``epoch + k/K``; batches in ``EpochSampler(seed)`` order. Returns per-head results and the final state (on the
+    CPU). The features stay where they are (a memory map); each batch moves to ``device``."""
 
     # small heads: one thread. The per-step tensors are tiny (16 heads x 12 classes x 1280: 1 MB), and on a shared
     # 2-core CPU intra-op threading cost more than it gave: 16 Lite0 heads, 5 epochs, 0.31 s with 1 thread vs
     # 1.14 s with 2 (measured in one process while the machine was loaded)
     threads = torch.get_num_threads()
-    small = len(lrs) * num_classes * train[0][0].numel() < (1 << 22)
+    dev = torch.device(device)
+    small = dev.type == "cpu" and len(lrs) * num_classes * train[0][0].numel() < (1 << 22)
     if small:
         torch.set_num_threads(1)
     try:
         return _sweep(train, val, num_classes, lrs, wds, epochs=epochs, batch_size=batch_size, seed=seed,
-                      scheduler=scheduler, betas=betas, eps=eps, label_smoothing=label_smoothing, reporter=reporter)
+                      scheduler=scheduler, betas=betas, eps=eps, label_smoothing=label_smoothing, reporter=reporter,
+                      dev=dev)
     finally:
         torch.set_num_threads(threads)
 
 
 def _sweep(train, val, num_classes, lrs, wds, *, epochs, batch_size, seed, scheduler, betas, eps, label_smoothing,
-           reporter):
+           reporter, dev):
     from finetune.data.loader import EpochSampler
     from finetune.engine import lr_factor
 
@@ -203,17 +209,17 @@ def _sweep(train, val, num_classes, lrs, wds, *, epochs, batch_size, seed, sched
     x_all = feats.reshape(n, -1)
     d = x_all.shape[1]
     H = len(lrs)
-    W = torch.zeros(H, num_classes, d, requires_grad=True)
-    b = torch.zeros(H, num_classes, requires_grad=True)
+    W = torch.zeros(H, num_classes, d, requires_grad=True, device=dev)
+    b = torch.zeros(H, num_classes, requires_grad=True, device=dev)
     state = {k: {"exp_avg": torch.zeros_like(t), "exp_avg_sq": torch.zeros_like(t)} for k, t in (("weight", W),
                                                                                              ("bias", b))}
-    base = torch.tensor(lrs, dtype=torch.float64)
-    wd = torch.tensor(wds, dtype=torch.float64)
+    base = torch.tensor(lrs, dtype=torch.float64, device=dev)
+    wd = torch.tensor(wds, dtype=torch.float64, device=dev)
     sampler = EpochSampler(n, shuffle=True, seed=seed)
     K = max(1, -(-n // batch_size))
     step = 0
     val_accs: list[list[float]] = [[] for _ in range(H)]
-    train_loss = torch.zeros(H, dtype=torch.float64)
+    train_loss = torch.zeros(H, dtype=torch.float64, device=dev)
     ev = None
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
@@ -221,7 +227,7 @@ def _sweep(train, val, num_classes, lrs, wds, *, epochs, batch_size, seed, sched
         train_loss.zero_()
         for k in range(K):
             idx = order[k * batch_size:(k + 1) * batch_size]
-            x, y = x_all[idx].float(), labels[idx]
+            x, y = x_all[idx].float().to(dev), labels[idx].to(dev)
             # one GEMM for all heads: [B, D] x [D, H*C] -> [B, H, C]
             logits = torch.addmm(b.reshape(-1), x, W.reshape(H * num_classes, d).T).view(-1, H, num_classes)
             per = F.cross_entropy(logits.reshape(-1, num_classes), y.repeat_interleave(H), reduction="none",
@@ -231,7 +237,7 @@ def _sweep(train, val, num_classes, lrs, wds, *, epochs, batch_size, seed, sched
             train_loss += per.detach().double() * len(y)
             step += 1
             f = torch.tensor([lr_factor(scheduler, epoch + k / K, epochs, base_lr=float(lr), dt=1.0 / K)
-                              for lr in lrs], dtype=torch.float64)
+                              for lr in lrs], dtype=torch.float64, device=dev)
             lr_now = base * f
             with torch.no_grad():
                 _adamw(W, state["weight"], lr_now, wd, step, betas, eps)
@@ -245,7 +251,8 @@ def _sweep(train, val, num_classes, lrs, wds, *, epochs, batch_size, seed, sched
             reporter(epoch, epochs)
     heads = [HeadResult(float(lrs[h]), float(wds[h]), float(ev["acc"][h]) if ev else None,
                         float(ev["loss"][h]) if ev else None, float(train_loss[h]), val_accs[h]) for h in range(H)]
-    return heads, SweepState(W.detach(), b.detach(), state, step)
+    state = {k: {n: t.cpu() for n, t in v.items()} for k, v in state.items()}
+    return heads, SweepState(W.detach().cpu(), b.detach().cpu(), state, step)
 
 
 def _adamw(p: torch.Tensor, st: dict[str, torch.Tensor], lr: torch.Tensor, wd: torch.Tensor, step: int,
@@ -270,17 +277,17 @@ def evaluate_heads(W: torch.Tensor, b: torch.Tensor, val: tuple[torch.Tensor, to
     """Per-head val accuracy and mean loss (argmax, as :func:`finetune.engine.evaluate`), in row chunks."""
     feats, labels = val
     n = len(labels)
-    H = W.shape[0]
-    correct = torch.zeros(H, dtype=torch.long)
-    loss = torch.zeros(H, dtype=torch.float64)
+    H, dev = W.shape[0], W.device
+    correct = torch.zeros(H, dtype=torch.long, device=dev)
+    loss = torch.zeros(H, dtype=torch.float64, device=dev)
     for i in range(0, n, chunk):
-        x = feats[i:i + chunk].reshape(min(chunk, n - i), -1).float()
-        y = labels[i:i + chunk]
-        logits = torch.baddbmm(b.unsqueeze(1), x.unsqueeze(0).expand(H, -1, -1), W.transpose(1, 2))
-        correct += (logits.argmax(2) == y).sum(1)
-        loss += F.cross_entropy(logits.reshape(-1, num_classes), y.repeat(H), reduction="none").view(H, -1) \
-            .sum(1).double()
-    return {"acc": correct.double() / max(n, 1), "loss": loss / max(n, 1)}
+        x = feats[i:i + chunk].reshape(min(chunk, n - i), -1).float().to(dev)
+        y = labels[i:i + chunk].to(dev)
+        logits = torch.addmm(b.reshape(-1), x, W.reshape(H * num_classes, -1).T).view(-1, H, num_classes)
+        correct += (logits.argmax(2) == y.unsqueeze(1)).sum(0)
+        loss += F.cross_entropy(logits.reshape(-1, num_classes), y.repeat_interleave(H), reduction="none") \
+            .view(-1, H).sum(0).double()
+    return {"acc": (correct.double() / max(n, 1)).cpu(), "loss": (loss / max(n, 1)).cpu()}
 
 
 @torch.no_grad()
@@ -346,16 +353,14 @@ def probe(models: list[str], *, weights: str = "default", data: str = "sample", 
         cfg = probe_recipe(name, weights=weights, data=data, **recipe_kw)
         if progress:
             progress(f"{name}: features")
-        prep = prepare(cfg, cache_dir=cache_dir)
-        if prep.val is None:
-            raise ConfigError(f"probe needs validation images to compare heads, but '{data}' has none; add a val "
-                              "folder or pass --val-split 0.2")
+        prep = prepare(cfg, cache_dir=cache_dir, need_val=True)
         C = len(prep.bundle.class_names)
         t0 = time.perf_counter()
         heads, st = sweep(prep.train, prep.val, C, [g[0] for g in grid], [g[1] for g in grid],
                           epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                           scheduler=cfg.scheduler, label_smoothing=cfg.train.label_smoothing,
-                          reporter=(lambda e, n: progress(f"{name}: epoch {e + 1}/{n}")) if progress else None)
+                          reporter=(lambda e, n: progress(f"{name}: epoch {e + 1}/{n}")) if progress else None,
+                          device=prep.device)
         t_sweep = time.perf_counter() - t0
         t0 = time.perf_counter()
         kn = knn_accuracy(prep.train, prep.val, C, list(DEFAULT_KNN if knn is None else knn))

@@ -151,6 +151,8 @@ case("probe-out-dir-exists", "probe --model smallcnn --weights none --data {B}/d
 case("probe-head-not-linear", "probe --model squeezenet1_0 --weights none --data {B}/data --image-size 32 --quiet "
      "--out {B}/o25", "probe needs a model whose classifier is one Linear layer on the backbone's features; "
      "squeezenet1_0's head is classifier.1 (Conv2d)")
+case("probe-no-val", "probe --model smallcnn --weights none --data {B}/data --val-split 0 --quiet",
+     "probe needs validation images to compare heads, but '{B}/data' has none; add a val folder or pass --val-split")
 case("cache-clear-bad-age", "cache clear --older-than soon", "--older-than 'soon' is not an age; use e.g. 30m, 12h, "
      "7d or 2w")
 
