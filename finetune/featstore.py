@@ -4,8 +4,8 @@ An entry is a directory ``<root>/features/<key>/`` holding ``features.npy`` (flo
 block by row block through a memory map, so a data set whose features exceed RAM still works), ``labels.npy``
 (int64) and ``meta.json`` (what the key was made of, the shape, a CRC32 of both arrays). The key is a SHA-256 over
 the model name, the weights' identity (a file's SHA-256, an enum or tag name, or the tensors themselves for random
-init), the versions of torch and of the model's source library, the split point, the eval transform, the precision, the memory layout, the device type, and every image's
-path, size, mtime and label. Change any of them and the key changes; nothing is ever looked up by name.
+init), the versions of torch and of the model's source library, the split point, the eval transform, the precision,
+the memory layout, the device type, and every image's path, size, mtime and label. Change any of them and the key changes; nothing is ever looked up by name.
 
 Writes are atomic: the entry is written into a temporary sibling directory and renamed into place; a reader sees a
 whole entry or none. A loaded entry whose size, shape or checksum doesn't match its ``meta.json`` is reported with a

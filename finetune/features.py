@@ -318,8 +318,8 @@ def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, c
     part_step = step if convs else dataclasses.replace(step, precision="fp32", channels_last=False, scaler=None)
     note = (f"frozen-feature cache: {decision.reason} ({ftr.shape[0]} train / "
             f"{val_loader.dataset.features.shape[0] if val_loader else 0} val, {list(ftr.shape[1:])} each, "
-            f"{precision}), {'read from the feature store' if hit else 'computed once'} in {secs:.1f} s; the trainable part trains on them in "
-            f"{part_step.precision} {span}")
+            f"{precision}), {'read from the feature cache' if hit else 'computed once'} in {secs:.1f} s; the "
+            f"trainable part trains on them in {part_step.precision} {span}")
     for f in decision.forced:
         note += f"; --cache-features on: {f}"
     return FeatureRun(split.trainable, train_loader, val_loader, part_step, until, secs, note), "used"

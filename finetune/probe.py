@@ -292,18 +292,26 @@ def evaluate_heads(W: torch.Tensor, b: torch.Tensor, val: tuple[torch.Tensor, to
 
 @torch.no_grad()
 def knn_accuracy(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], num_classes: int,
-                 ks: list[int], chunk: int = 1024, temperature: float = KNN_T) -> dict[int, float]:
+                 ks: list[int], chunk: int = 1024, temperature: float = KNN_T, train_chunk: int = 16384
+                 ) -> dict[int, float]:
     """Weighted k-NN on cosine similarity (DINOv2): the k nearest train features vote ``exp(sim / T)``."""
     if not ks:
         return {}
     ftr, ytr = train
-    ftr = F.normalize(ftr.reshape(len(ytr), -1).float(), dim=1)
     fva, yva = val
     kmax = min(max(ks), len(ytr))
     correct = {k: 0 for k in ks}
     for i in range(0, len(yva), chunk):
         q = F.normalize(fva[i:i + chunk].reshape(min(chunk, len(yva) - i), -1).float(), dim=1)
-        sim, idx = (q @ ftr.T).topk(kmax, dim=1)
+        # train features in blocks with a running top-k: memory-mapped features larger than RAM are read, not held
+        sim = torch.empty(len(q), 0)
+        idx = torch.empty(len(q), 0, dtype=torch.long)
+        for j in range(0, len(ytr), train_chunk):
+            t = F.normalize(ftr[j:j + train_chunk].reshape(min(train_chunk, len(ytr) - j), -1).float(), dim=1)
+            s_all = torch.cat([sim, q @ t.T], dim=1)
+            i_all = torch.cat([idx, torch.arange(j, j + len(t)).expand(len(q), -1)], dim=1)
+            sim, pos = s_all.topk(min(kmax, s_all.shape[1]), dim=1)
+            idx = i_all.gather(1, pos)
         w = (sim / temperature).exp()
         onehot = F.one_hot(ytr[idx], num_classes).float() * w.unsqueeze(2)  # [q, kmax, C]
         for k in ks:

@@ -38,7 +38,7 @@ def test_one_config_probe_equals_train_linear_probe(data, tmp_path):
 
     rep = Notes()
     res = train(cfg, out=tmp_path / "train", reporter=rep)
-    assert any("read from the feature store" in n for n in rep.notes), rep.notes
+    assert any("read from the feature cache" in n for n in rep.notes), rep.notes
     assert [e["val_acc"] for e in res.epochs] == r.heads[0].val_accs
     assert res.epochs[-1]["train_loss"] == pytest.approx(r.heads[0].train_loss, rel=1e-5)
     a = torch.load(tmp_path / "probe" / "last.pt", weights_only=True)
@@ -106,6 +106,12 @@ def test_knn_votes_by_cosine_similarity():
     # k=1 and the exp(sim / 0.07)-weighted vote of all 4 say 0 (wrong); the other two queries are right
     assert P.knn_accuracy(train, val, 2, [1, 4]) == {1: 2 / 3, 4: 2 / 3}
     assert P.knn_accuracy(train, val, 2, []) == {}
+    # blocks of train features (the running top-k for features larger than RAM) give the same votes
+    g = torch.Generator().manual_seed(0)
+    big = (torch.randn(300, 8, generator=g), torch.randint(0, 5, (300,), generator=g))
+    q = (torch.randn(70, 8, generator=g), torch.randint(0, 5, (70,), generator=g))
+    whole = P.knn_accuracy(big, q, 5, [1, 7, 20])
+    assert P.knn_accuracy(big, q, 5, [1, 7, 20], chunk=16, train_chunk=13) == whole and len(set(whole.values())) > 1
 
 
 def test_probe_cli_json_run_dir_eval_and_resume(data, tmp_path, cli):
@@ -165,4 +171,4 @@ def test_lp_ft_head_phase_reads_the_features_a_probe_stored(data, tmp_path):
     train(cfg, out=tmp_path / "lpft", reporter=Rep())
     assert [n.split(": the input of")[0] for n in notes if n.startswith("frozen-feature cache")] == \
         ["frozen-feature cache"]
-    assert "read from the feature store" in next(n for n in notes if n.startswith("frozen-feature cache"))
+    assert "read from the feature cache" in next(n for n in notes if n.startswith("frozen-feature cache"))
