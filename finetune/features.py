@@ -14,7 +14,9 @@ step happens at the first epoch. With an unfreeze schedule the cache serves unti
 runs the full model. ``on`` caches whenever the split exists, with the eval transform instead of a random
 augmentation and eval-mode behaviour in the frozen part (the run says so in a note); ``off`` never caches.
 
-Features live in memory (float32; 512 numbers per image for resnet18); nothing is written to disk.
+Features (float32; 512 numbers per image for resnet18) go through the persistent store of
+:mod:`finetune.featstore`: a later run on the same images, backbone, split point, transform and precision reads
+them back instead of running the frozen part (``FINETUNE_CACHE=off``: in memory only).
 """
 
 from __future__ import annotations
@@ -380,10 +382,16 @@ def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, c
     kw = dict(batch_size=bs, device=device, precision=precision, channels_last=channels_last,
               workers=cfg.data.workers)
     tr_ds = bundle.train.with_transform(eval_transform(bundle.transform))
-    ftr, ytr = compute_features(split.frozen, tr_ds, **kw)
+    # through the persistent store (finetune/featstore.py): a later run on the same data and backbone reads them
+    from finetune.featstore import split_features
+
+    ftr, ytr, hit = split_features(split, bb, tr_ds, bundle.transform, **kw,
+                                   describe={"data": cfg.data.path, "split_of_data": "train"})
     val_loader = None
     if bundle.val is not None:
-        fva, yva = compute_features(split.frozen, bundle.val, **kw)
+        fva, yva, hit_val = split_features(split, bb, bundle.val, bundle.transform, **kw,
+                                           describe={"data": cfg.data.path, "split_of_data": "val"})
+        hit = hit and hit_val
         val_loader = make_loader(FeatureDataset(fva, yva), cfg.train.batch_size, shuffle=False, seed=cfg.train.seed,
                                  workers=0)
     train_loader = make_loader(FeatureDataset(ftr, ytr), cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
@@ -396,8 +404,8 @@ def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, c
     part_step = step if convs else dataclasses.replace(step, precision="fp32", channels_last=False, scaler=None)
     note = (f"frozen-feature cache: {decision.reason} ({ftr.shape[0]} train / "
             f"{val_loader.dataset.features.shape[0] if val_loader else 0} val, {list(ftr.shape[1:])} each, "
-            f"{precision}), computed once in {secs:.1f} s; the trainable part trains on them in "
-            f"{part_step.precision} {span}")
+            f"{precision}), {'read from the feature cache' if hit else 'computed once'} in {secs:.1f} s; the "
+            f"trainable part trains on them in {part_step.precision} {span}")
     for f in decision.forced:
         note += f"; --cache-features on: {f}"
     return FeatureRun(split.trainable, train_loader, val_loader, part_step, until, secs, note), "used"

@@ -22,3 +22,9 @@ def cli(runner):
         return runner.invoke(app, [str(a) for a in args])
 
     return invoke
+
+
+@pytest.fixture(autouse=True)
+def _feature_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own empty feature store: tests never write to the user's ~/.cache/finetune."""
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path_factory.mktemp("finetune-cache")))

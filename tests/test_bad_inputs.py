@@ -142,6 +142,23 @@ case("image-size-0", "train --image-size 0 --out {B}/o25",
 case("image-size-huge", "train --image-size 100000 --out {B}/o26",
      "data.image_size must be between 8 and 2048 pixels, got 100000")
 case("top-k-0", "predict {R}/last.pt {B}/data/a --top-k 0", "--top-k must be at least 1, got 0", True)
+case("probe-bad-lrs", "probe --model smallcnn --weights none --data {B}/data --lrs 1e-3,fast",
+     "--lrs '1e-3,fast' is not a comma-separated list of numbers (e.g. 1e-3,3e-3)")
+case("probe-zero-lr", "probe --model smallcnn --weights none --data {B}/data --lrs 0",
+     "--lrs '0': give positive numbers, e.g. 1e-3,3e-3")
+case("probe-negative-knn", "probe --model smallcnn --weights none --data {B}/data --knn 10,-5",
+     "--knn '10,-5': k must be positive (0 turns k-NN off)")
+case("probe-model-twice", "probe --model smallcnn,smallcnn --weights none --data {B}/data",
+     "--model names a backbone twice: smallcnn,smallcnn")
+case("probe-out-dir-exists", "probe --model smallcnn --weights none --data {B}/data --out {R}",
+     "output directory '{R}' already exists and is not empty; pass --overwrite", True)
+case("probe-head-not-linear", "probe --model squeezenet1_0 --weights none --data {B}/data --image-size 32 --quiet "
+     "--out {B}/o25", "probe needs a model whose classifier is one Linear layer on the backbone's features; "
+     "squeezenet1_0's head is classifier.1 (Conv2d)")
+case("probe-no-val", "probe --model smallcnn --weights none --data {B}/data --val-split 0 --quiet",
+     "probe needs validation images to compare heads, but '{B}/data' has none; add a val folder or pass --val-split")
+case("cache-clear-bad-age", "cache clear --older-than soon", "--older-than 'soon' is not an age; use e.g. 30m, 12h, "
+     "7d or 2w")
 
 
 def _fill(s: str, b: Path, r: Path) -> str:

@@ -95,7 +95,8 @@ def test_recipes_listing(cli):
 
 
 @pytest.mark.parametrize("args", [["--help"], ["inspect", "--help"], ["train", "--help"], ["models", "--help"],
-                                  ["recipes"], ["recipes", "--help"]])
+                                  ["recipes"], ["recipes", "--help"], ["probe", "--help"], ["cache", "--help"],
+                                  ["cache", "list", "--help"]])
 def test_fast_paths_import_neither_torch_nor_timm(args):
     code = ("import sys\nfrom finetune.cli.app import app\n"
             "try:\n    app(%r)\nexcept SystemExit as e:\n    assert not e.code, e.code\n"

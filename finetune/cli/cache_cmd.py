@@ -1,0 +1,63 @@
+"""``finetune cache list|clear``: the persistent feature cache (see finetune/featstore.py). No torch import."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Optional
+
+import typer
+
+HELP = "Show or free the feature cache: frozen-backbone features that probe and train reuse."
+
+cache_app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False)
+
+CACHE_DIR = typer.Option(None, "--cache-dir", help="Cache root (default $FINETUNE_CACHE or ~/.cache/finetune).")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@cache_app.command("list", help="List cached feature sets: model, data, split, images, shape, size, last used.")
+def list_(cache_dir: Optional[str] = CACHE_DIR,
+          as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout.")) -> None:
+    from finetune.featstore import entries, features_dir
+
+    rows = []
+    for e in entries(cache_dir):
+        m = e.meta
+        rows.append({"key": e.key, "model": m.get("model"), "weights": m.get("weights"), "data": m.get("data"),
+                     "split": m.get("split_of_data"), "images": m.get("images"), "shape": m.get("shape"),
+                     "precision": m.get("precision"), "bytes": e.bytes, "last_used": e.last_used})
+    if as_json:
+        typer.echo(json.dumps({"root": str(features_dir(cache_dir)), "entries": rows}))
+        return
+    from rich.table import Table
+
+    from finetune.cli.render import console
+
+    t = Table(title=f"feature cache: {features_dir(cache_dir)}", title_justify="left")
+    for col in ("key", "model", "data", "split", "images", "features", "precision", "size", "last used"):
+        t.add_column(col, justify="right" if col in ("images", "size") else "left")
+    for r in rows:
+        t.add_row(r["key"][:12], str(r["model"]), str(r["data"]), str(r["split"]), str(r["images"]),
+                  "x".join(str(s) for s in (r["shape"] or [])[1:]), str(r["precision"]), _size(r["bytes"]),
+                  time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"])))
+    console.print(t)
+    console.print(f"{len(rows)} entries, {_size(sum(r['bytes'] for r in rows))}", highlight=False)
+
+
+@cache_app.command("clear", help="Delete cached features: all, or those not used for --older-than (30m, 12h, 7d).")
+def clear(cache_dir: Optional[str] = CACHE_DIR,
+          older_than: Optional[str] = typer.Option(None, "--older-than", help="Only entries unused for this long: "
+                                                                               "30m, 12h, 7d, 2w.")) -> None:
+    from finetune import featstore
+
+    age = featstore.parse_age(older_than) if older_than is not None else None
+    n, freed = featstore.clear(cache_dir, age)
+    typer.echo(f"removed {n} entries ({_size(freed)}) from {featstore.features_dir(cache_dir)}")

@@ -1,0 +1,110 @@
+"""``finetune probe``: many linear heads at once on cached features, plus k-NN (see finetune/probe.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+HELP = ("Probe pretrained backbones on your data in seconds: a grid of linear heads (LR x weight decay, AdamW, the "
+        "linear-probe recipe) trained simultaneously on frozen features computed once (and kept in the feature "
+        "cache), plus k-NN accuracy; prints a table sorted by val accuracy and writes the best head as a normal "
+        "run directory (eval/predict/export it, or fine-tune from it with train --weights RUN/best.pt). "
+        "--model a,b,c compares backbones.")
+
+
+def probe(
+    model: str = typer.Option(..., "--model", "-m", help="Backbone(s), comma-separated: resnet18,timm:convnext_tiny."),
+    weights: str = typer.Option("default", "--weights", "-w",
+                                help="default (each model's pretrained weights), a tag/enum, or a local file."),
+    data: str = typer.Option("sample", "--data", "-d", help="Image folder (same layouts as train)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Label spec, as for train."),
+    val_split: Optional[float] = typer.Option(None, "--val-split", help="Val fraction when there is no val folder."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size (default: the backbone's)."),
+    lrs: Optional[str] = typer.Option(None, "--lrs", help="Learning rates, comma-separated (default: 8 from 1e-4 to "
+                                                          "3e-1, half a decade apart)."),
+    wds: Optional[str] = typer.Option(None, "--wds", help="Weight decays, comma-separated (default: 1e-4,1e-2)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", help="Epochs per head (default: the recipe's 5)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Batch size (default 32)."),
+    knn: Optional[str] = typer.Option(None, "--knn", help="k values for k-NN accuracy (default 10,20; 0: none)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (batch order; the data split)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | mps."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Precision of the backbone pass: auto | fp32 | "
+                                                                      "bf16 | fp16."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory for the best head (several models: "
+                                                                "one subfolder each). Default runs/<time>-probe."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous finetune run in --out."),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Feature cache root (default $FINETUNE_CACHE "
+                                                                      "or ~/.cache/finetune; 'off': in memory)."),
+    as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."),
+) -> None:
+    from finetune.errors import ConfigError
+    from finetune.probe import parse_floats, parse_ints
+
+    models = [m.strip() for m in model.split(",") if m.strip()]
+    if not models:
+        raise ConfigError("--model is empty; name one or more backbones: --model resnet18,timm:convnext_tiny")
+    if len(set(models)) != len(models):
+        raise ConfigError(f"--model names a backbone twice: {model}")
+    lr_list, wd_list = parse_floats(lrs, "lrs", ()), parse_floats(wds, "wds", ())
+    ks = parse_ints(knn, ())
+    for flag, v in (("--epochs", epochs), ("--batch-size", batch_size)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {v}")
+
+    def progress(msg: str) -> None:
+        if not quiet:
+            typer.echo(msg, err=True)
+
+    from finetune.probe import probe as run_probe
+
+    results = run_probe(models, weights=weights, data=data, lrs=lr_list or None, wds=wd_list or None,
+                        knn=ks if knn is not None else None, out=out, overwrite=overwrite, cache_dir=cache_dir,
+                        progress=progress, labels=labels, val_split=val_split, image_size=image_size, epochs=epochs,
+                        batch_size=batch_size, seed=seed, device=device, precision=precision)
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in results]))
+        return
+    render(results)
+
+
+def render(results) -> None:
+    from rich.table import Table
+
+    from finetune.cli.render import console
+
+    def pct(v) -> str:
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    for r in results:
+        src = "read from the feature cache" if r.from_store else "computed"
+        t = Table(title=f"{r.model} (weights {r.weights}): {r.train_images} train / {r.val_images} val images, "
+                        f"{r.feature_dim}-d features {src} in {r.features_seconds:.1f} s; {len(r.heads)} heads in "
+                        f"{r.sweep_seconds:.1f} s", title_justify="left")
+        for col in ("#", "lr", "weight decay", "val acc", "val loss", "train loss"):
+            t.add_column(col, justify="right")
+        order = sorted(range(len(r.heads)), key=lambda h: (-r.heads[h].val_acc, r.heads[h].val_loss))
+        for rank, h in enumerate(order, 1):
+            x = r.heads[h]
+            mark = " [green](best)[/green]" if h == r.best else ""
+            t.add_row(str(rank), f"{x.lr:g}", f"{x.weight_decay:g}", pct(x.val_acc) + mark, f"{x.val_loss:.4f}",
+                      f"{x.train_loss:.4f}")
+        console.print(t)
+        if r.knn:
+            console.print("k-NN (cosine): " + "   ".join(f"k={k}: {pct(v)}" for k, v in r.knn.items()),
+                          highlight=False)
+        if r.run_dir:
+            console.print(f"best head -> {r.run_dir}/best.pt  (finetune eval {r.run_dir}/best.pt; fine-tune from "
+                          f"it: finetune train --model {r.model} --weights {r.run_dir}/best.pt ...)", highlight=False)
+    if len(results) > 1:
+        t = Table(title="backbones on this data (best head each)", title_justify="left")
+        ks = sorted({k for r in results for k in r.knn})
+        for col in ["model", "val acc", "lr", "weight decay"] + [f"k-NN k={k}" for k in ks] + ["features"]:
+            t.add_column(col, justify="left" if col == "model" else "right")
+        for r in sorted(results, key=lambda r: -r.heads[r.best].val_acc):
+            b = r.heads[r.best]
+            t.add_row(r.model, pct(b.val_acc), f"{b.lr:g}", f"{b.weight_decay:g}",
+                      *[pct(r.knn.get(k)) for k in ks], f"{r.feature_dim}-d")
+        console.print(t)
