@@ -133,7 +133,7 @@ def main() -> None:
     print(f"| best val acc: sweep / one run at a time ({len(single)} runs, {t_all:.0f} s) | "
           f"{pct(res['best_sweep'])} / {pct(res['best_one_at_a_time'])} (largest per-head difference "
           f"{100 * res['max_abs_diff_per_head']:.2f} points) | sweep >= one-at-a-time - 0.5 |")
-    print(f"| k-NN (cosine, T=0.07) | " + ", ".join(f"k={k}: {pct(v)}" for k, v in res["knn"].items())
+    print("| k-NN (cosine, T=0.07) | " + ", ".join(f"k={k}: {pct(v)}" for k, v in res["knn"].items())
           + f" ({res['knn_s']:.2f} s) | reported |")
     print()
     print("| lr | wd | sweep val acc | one run val acc |")

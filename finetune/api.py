@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from finetune.distributed import launch, strip_nproc  # noqa: F401
     from finetune.engine import Reporter  # noqa: F401
     from finetune.data import resolve_data_path  # noqa: F401
+    from finetune import featstore  # noqa: F401
     from finetune.freeze import apply_freeze, from_recipe, model_stages  # noqa: F401
+    from finetune.probe import parse_floats, parse_ints, probe  # noqa: F401
     from finetune.models import Backbone, build_model, build_model_shapes, data_config, list_models  # noqa: F401
     from finetune.params import inspect_json, module_rows, parameter_rows  # noqa: F401
     from finetune.runner import RunResult, train  # noqa: F401
@@ -39,6 +41,8 @@ _LAZY = {
     "list_models": "finetune.models", "Backbone": "finetune.models",
     "apply_freeze": "finetune.freeze", "from_recipe": "finetune.freeze", "model_stages": "finetune.freeze",
     "resolve_data_path": "finetune.data",
+    "probe": "finetune.probe", "parse_floats": "finetune.probe", "parse_ints": "finetune.probe",
+    "featstore": None,
     "inspect_json": "finetune.params", "module_rows": "finetune.params", "parameter_rows": "finetune.params",
     "Reporter": "finetune.engine",
     "launch": "finetune.distributed", "strip_nproc": "finetune.distributed",
@@ -49,6 +53,8 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
+        if _LAZY[name] is None:  # a whole module (the feature store: list, clear, parse_age)
+            return importlib.import_module(f"finetune.{name}")
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'finetune.api' has no attribute '{name}'")
 

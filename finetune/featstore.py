@@ -5,7 +5,8 @@ block by row block through a memory map, so a data set whose features exceed RAM
 (int64) and ``meta.json`` (what the key was made of, the shape, a CRC32 of both arrays). The key is a SHA-256 over
 the model name, the weights' identity (a file's SHA-256, an enum or tag name, or the tensors themselves for random
 init), the versions of torch and of the model's source library, the split point, the eval transform, the precision,
-the memory layout, the device type, and every image's path, size, mtime and label. Change any of them and the key changes; nothing is ever looked up by name.
+the memory layout, the device type, and every image's path, size, mtime and label. Change any of them and the key
+changes; nothing is ever looked up by name.
 
 Writes are atomic: the entry is written into a temporary sibling directory and renamed into place; a reader sees a
 whole entry or none. A loaded entry whose size, shape or checksum doesn't match its ``meta.json`` is reported with a
@@ -186,7 +187,6 @@ def save(root: Path, key: str, meta: dict[str, Any], batches: Callable[[], Any],
     """Stream ``batches()`` (an iterator of ``(features, labels)`` CPU tensors, ``n`` rows in all) into a new entry,
     atomically; returns the entry's ``(features, labels)`` as :func:`load` does."""
     import numpy as np
-    import torch
 
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{key}.tmp-{os.getpid()}-{time.monotonic_ns()}"
@@ -315,35 +315,3 @@ def stream_features(frozen, dataset, *, batch_size: int = 64, device="cpu", prec
                 yield f.float().cpu(), y
     finally:
         frozen.train(was)
-
-
-def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64, device="cpu",
-                   precision: str = "fp32", channels_last: bool = False, workers: int | None = None,
-                   cache_dir: str | Path | None = None, describe: dict[str, Any] | None = None):
-    """The features of ``split.frozen`` over ``dataset`` (``(features, labels, hit)``), through the store.
-
-    The key: model, weights identity, the split point, the eval ``transform``, precision, layout, device type and the
-    images (paths, sizes, mtimes, labels). The frozen part's own tensors are part of the weights identity only for
-    random init; with a weights file or a pretrained name the file/name stands for them.
-    """
-    import torch
-
-    from finetune.features import compute_features
-
-    kw = dict(batch_size=batch_size, device=device, precision=precision, channels_last=channels_last,
-              workers=workers)
-    items = items_identity(dataset) if features_dir(cache_dir) is not None else None
-    parts = None
-    if items is not None:
-        parts = {"model": bb.name, "weights": weights_identity(bb.weights, split.frozen), "split": split.where,
-                 "versions": _versions(bb.source),
-                 "transform": transform, "precision": precision, "channels_last": bool(channels_last),
-                 "device": torch.device(device).type, "items": items}
-
-    def compute():
-        f, y = compute_features(split.frozen, dataset, **kw)
-        return f, y
-
-    info = {"model": bb.name, "weights": bb.weights, "split": split.where, "precision": precision, **(describe or {})}
-    return get_features(compute, lambda: stream_features(split.frozen, dataset, **kw), len(dataset), parts,
-                        cache_dir=cache_dir, info=info)

@@ -383,7 +383,6 @@ def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, c
               workers=cfg.data.workers)
     tr_ds = bundle.train.with_transform(eval_transform(bundle.transform))
     # through the persistent store (finetune/featstore.py): a later run on the same data and backbone reads them
-    from finetune.featstore import split_features
 
     ftr, ytr, hit = split_features(split, bb, tr_ds, bundle.transform, **kw,
                                    describe={"data": cfg.data.path, "split_of_data": "train"})
@@ -418,3 +417,36 @@ def _sample(ds, device: torch.device) -> torch.Tensor | None:
         return torch.stack([ds[(i, 0)][0] for i in range(n)]).to(device) if n else None
     except Exception:  # noqa: BLE001 - the check is a safety net; no sample, no check
         return None
+
+
+def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64, device="cpu",
+                   precision: str = "fp32", channels_last: bool = False, workers: int | None = None,
+                   cache_dir: str | None = None, describe: dict[str, Any] | None = None):
+    """The features of ``split.frozen`` over ``dataset`` (``(features, labels, hit)``), through the store.
+
+    The key: model, weights identity, the split point, the eval ``transform``, precision, layout, device type and the
+    images (paths, sizes, mtimes, labels). The frozen part's own tensors are part of the weights identity only for
+    random init; with a weights file or a pretrained name the file/name stands for them.
+    """
+    import torch
+
+    from finetune.featstore import _versions, features_dir, get_features, items_identity, stream_features, \
+        weights_identity
+
+    kw = dict(batch_size=batch_size, device=device, precision=precision, channels_last=channels_last,
+              workers=workers)
+    items = items_identity(dataset) if features_dir(cache_dir) is not None else None
+    parts = None
+    if items is not None:
+        parts = {"model": bb.name, "weights": weights_identity(bb.weights, split.frozen), "split": split.where,
+                 "versions": _versions(bb.source),
+                 "transform": transform, "precision": precision, "channels_last": bool(channels_last),
+                 "device": torch.device(device).type, "items": items}
+
+    def compute():
+        f, y = compute_features(split.frozen, dataset, **kw)
+        return f, y
+
+    info = {"model": bb.name, "weights": bb.weights, "split": split.where, "precision": precision, **(describe or {})}
+    return get_features(compute, lambda: stream_features(split.frozen, dataset, **kw), len(dataset), parts,
+                        cache_dir=cache_dir, info=info)

@@ -122,7 +122,7 @@ def prepare(cfg, *, cache_dir: str | Path | None = None, need_val: bool = False)
     from finetune import data as D
     from finetune import freeze as Fz
     from finetune.engine import resolve_device, resolve_precision, wants_channels_last
-    from finetune.featstore import split_features
+    from finetune.features import split_features
     from finetune.features import _sample, check_split, split_frozen_prefix
     from finetune.models import build_model
     from finetune.runner import probe_data_cfg, seed_everything
@@ -177,8 +177,10 @@ class SweepState:
 def sweep(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None, num_classes: int,
           lrs: list[float], wds: list[float], *, epochs: int, batch_size: int, seed: int, scheduler,
           betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, label_smoothing: float = 0.0,
-          reporter=None, device: torch.device | str = "cpu") -> tuple[list[HeadResult], SweepState]:
-    """Train ``len(lrs)`` zero-initialised linear heads at once, head ``h`` with AdamW ``(lrs[h], wds[h])`` (decay
+          reporter=None, device: torch.device | str = "cpu",
+          init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[HeadResult], SweepState]:
+    """Train ``len(lrs)`` linear heads at once, all from ``init`` (the model's own new head: zeros on pretrained
+    weights, the source's init from scratch; default zeros), head ``h`` with AdamW ``(lrs[h], wds[h])`` (decay
     on the weight only, as the toolkit's optimizer groups do), the LR of each update from ``scheduler`` at
     ``epoch + k/K``; batches in ``EpochSampler(seed)`` order. Returns per-head results and the final state (on the
     CPU). The features stay where they are (a memory map); each batch moves to ``device``."""
@@ -194,13 +196,13 @@ def sweep(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, tor
     try:
         return _sweep(train, val, num_classes, lrs, wds, epochs=epochs, batch_size=batch_size, seed=seed,
                       scheduler=scheduler, betas=betas, eps=eps, label_smoothing=label_smoothing, reporter=reporter,
-                      dev=dev)
+                      dev=dev, init=init)
     finally:
         torch.set_num_threads(threads)
 
 
 def _sweep(train, val, num_classes, lrs, wds, *, epochs, batch_size, seed, scheduler, betas, eps, label_smoothing,
-           reporter, dev):
+           reporter, dev, init=None):
     from finetune.data.loader import EpochSampler
     from finetune.engine import lr_factor
 
@@ -209,8 +211,13 @@ def _sweep(train, val, num_classes, lrs, wds, *, epochs, batch_size, seed, sched
     x_all = feats.reshape(n, -1)
     d = x_all.shape[1]
     H = len(lrs)
-    W = torch.zeros(H, num_classes, d, requires_grad=True, device=dev)
-    b = torch.zeros(H, num_classes, requires_grad=True, device=dev)
+    W = torch.zeros(H, num_classes, d, device=dev)
+    b = torch.zeros(H, num_classes, device=dev)
+    if init is not None:
+        W.copy_(init[0].detach().reshape(1, num_classes, d).to(dev))
+        b.copy_(init[1].detach().reshape(1, num_classes).to(dev))
+    W.requires_grad_(True)
+    b.requires_grad_(True)
     state = {k: {"exp_avg": torch.zeros_like(t), "exp_avg_sq": torch.zeros_like(t)} for k, t in (("weight", W),
                                                                                              ("bias", b))}
     base = torch.tensor(lrs, dtype=torch.float64, device=dev)
@@ -367,8 +374,9 @@ def probe(models: list[str], *, weights: str = "default", data: str = "sample", 
         heads, st = sweep(prep.train, prep.val, C, [g[0] for g in grid], [g[1] for g in grid],
                           epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                           scheduler=cfg.scheduler, label_smoothing=cfg.train.label_smoothing,
-                          reporter=(lambda e, n: progress(f"{name}: epoch {e + 1}/{n}")) if progress else None,
-                          device=prep.device)
+                          reporter=((lambda e, n, name=name: progress(f"{name}: epoch {e + 1}/{n}"))
+                                    if progress else None),
+                          device=prep.device, init=(prep.head.weight, prep.head.bias))
         t_sweep = time.perf_counter() - t0
         t0 = time.perf_counter()
         kn = knn_accuracy(prep.train, prep.val, C, list(DEFAULT_KNN if knn is None else knn))
@@ -391,7 +399,7 @@ def write_run(prep: Prepared, st: SweepState, h: int, res: ProbeResult, run_dir:
     from finetune import checkpoint as ck
     from finetune import optim as O
     from finetune.config import from_dict
-    from finetune.runner import _resolved_recipe, _write_metrics, _yaml
+    from finetune.runner import _resolved_recipe, _yaml
 
     cfg = from_dict(prep.cfg.to_dict())
     head_res = res.heads[h]
@@ -433,7 +441,7 @@ def write_run(prep: Prepared, st: SweepState, h: int, res: ProbeResult, run_dir:
             "finetune_version": __version__, "world_size": 1, "probe": {"lr": head_res.lr,
                                                                         "weight_decay": head_res.weight_decay}}
     ck.save_checkpoint(ckpt, run_dir / "last.pt")
-    ck.save_checkpoint(ckpt, run_dir / "best.pt")
-    _write_metrics(run_dir, best, history)
+    ck.save_checkpoint(ck.slim(ckpt), run_dir / "best.pt")
+    ck.atomic_write_text(run_dir / "metrics.json", ck.metrics_text(best, history))
     ck.atomic_write_text(run_dir / "probe.json", json.dumps({**res.to_dict(), "run_dir": str(run_dir)}, indent=1))
     return run_dir

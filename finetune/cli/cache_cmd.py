@@ -26,7 +26,9 @@ def _size(n: int) -> str:
 @cache_app.command("list", help="List cached feature sets: model, data, split, images, shape, size, last used.")
 def list_(cache_dir: Optional[str] = CACHE_DIR,
           as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout.")) -> None:
-    from finetune.featstore import entries, features_dir
+    from finetune.api import featstore
+
+    entries, features_dir = featstore.entries, featstore.features_dir
 
     rows = []
     for e in entries(cache_dir):
@@ -56,7 +58,7 @@ def list_(cache_dir: Optional[str] = CACHE_DIR,
 def clear(cache_dir: Optional[str] = CACHE_DIR,
           older_than: Optional[str] = typer.Option(None, "--older-than", help="Only entries unused for this long: "
                                                                                "30m, 12h, 7d, 2w.")) -> None:
-    from finetune import featstore
+    from finetune.api import featstore
 
     age = featstore.parse_age(older_than) if older_than is not None else None
     n, freed = featstore.clear(cache_dir, age)

@@ -40,8 +40,7 @@ def probe(
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."),
 ) -> None:
-    from finetune.errors import ConfigError
-    from finetune.probe import parse_floats, parse_ints
+    from finetune.api import ConfigError, parse_floats, parse_ints
 
     models = [m.strip() for m in model.split(",") if m.strip()]
     if not models:
@@ -58,7 +57,7 @@ def probe(
         if not quiet:
             typer.echo(msg, err=True)
 
-    from finetune.probe import probe as run_probe
+    from finetune.api import probe as run_probe
 
     results = run_probe(models, weights=weights, data=data, lrs=lr_list or None, wds=wd_list or None,
                         knn=ks if knn is not None else None, out=out, overwrite=overwrite, cache_dir=cache_dir,
