@@ -114,6 +114,9 @@ def main() -> None:
     res["one_at_a_time_s"] = t_all
     res["best_one_at_a_time"] = max(single)
     res["max_abs_diff_per_head"] = max(abs(a - h.val_acc) for a, h in zip(single, r16.heads))
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)  # ~600 MB of run directories and cached features
     Path(ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
     (ROOT / "benchmarks" / "results" / "probe_latest.json").write_text(json.dumps(res, indent=1))
 
