@@ -120,7 +120,7 @@ def test_ctrl_c_while_data_loads_leaves_no_run_dir(tmp_path, monkeypatch):
     def interrupt(*a, **k):
         raise KeyboardInterrupt  # the user presses Ctrl-C while the frozen features are computed
 
-    monkeypatch.setattr(Fe, "compute_features", interrupt)
+    monkeypatch.setattr(Fe, "split_features", interrupt)
     out = tmp_path / "run"
     with pytest.raises(Interrupted) as e:
         train(recipe(**{"freeze.backbone": True}), out=out)
