@@ -330,24 +330,13 @@ def compute_features(frozen: nn.Module, dataset: Dataset, *, batch_size: int = 6
 
     Labels come from the data set's items (an unreadable file is replaced by the next readable one, as in training).
     """
-    from finetune.data import make_loader
-    from finetune.engine import autocast, to_device
+    from finetune.featstore import stream_features
 
-    device = torch.device(device)
-    loader = make_loader(dataset, batch_size, shuffle=False, seed=0, device=device.type, workers=workers)
     feats, labels = [], []
-    was = frozen.training
-    frozen.eval()
-    try:
-        with torch.inference_mode():
-            for x, y in loader:
-                x, _ = to_device(x, y, device, channels_last)
-                with autocast(device, precision):
-                    f = frozen(x)
-                feats.append(f.float().cpu())
-                labels.append(y)
-    finally:
-        frozen.train(was)
+    for f, y in stream_features(frozen, dataset, batch_size=batch_size, device=device, precision=precision,
+                                channels_last=channels_last, workers=workers):
+        feats.append(f)
+        labels.append(y)
     # clone outside inference mode: inference tensors cannot be saved for the head's backward
     return torch.cat(feats).clone(), torch.cat(labels).clone()
 
