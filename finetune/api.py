@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.checkpoint import EXPORT_SUFFIX, export_weights  # noqa: F401 - torch only inside the functions
+from finetune.export import FORMATS as EXPORT_FORMATS, export as export_model  # noqa: F401 - likewise
 from finetune.config import (Recipe, apply_overrides, describe, load_recipe, recipe_names,  # noqa: F401
                              recipe_path, recipes_dir)
 from finetune.errors import ConfigError, DataError, FinetuneError, FreezeError, shown  # noqa: F401

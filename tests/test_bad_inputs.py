@@ -131,8 +131,12 @@ case("save-every-steps-0", "train --save-every-steps 0 --out {B}/o21",
      "train.save_every_steps must be greater than 0, got 0")
 case("export-over-existing", "export {R}/last.pt --out {R}/best.pt --format state-dict",
      "'{R}/best.pt' already exists; pass --overwrite", True)
-case("export-bad-format", "export {R}/last.pt --format onnx", "--format must be safetensors or state-dict, got 'onnx'",
-     True)
+case("export-bad-format", "export {R}/last.pt --format tflite",
+     "--format must be one of safetensors, state-dict, onnx, torchscript, got 'tflite'", True)
+case("export-opset-not-onnx", "export {R}/last.pt --format torchscript --opset 17",
+     "--opset applies to --format onnx only, not torchscript", True)
+case("export-opset-too-low", "export {R}/last.pt --format onnx --opset 11 --out {B}/x.onnx",
+     "--opset must be >= 18", True)
 case("eval-plain-state-dict", "eval {B}/resnet.pth", "'{B}/resnet.pth' is not a finetune checkpoint")
 case("unfreeze-bad-syntax", "train --unfreeze seq.8@soon --out {B}/o22", "--unfreeze 'seq.8@soon' must be LAYERS")
 case("fp16-on-cpu", "train --precision fp16 --device cpu --out {B}/o23", "--precision fp16 needs a GPU")
