@@ -20,7 +20,9 @@ from finetune.checkpoint import EXPORT_SUFFIX, export_weights  # noqa: F401 - to
 from finetune.export import FORMATS as EXPORT_FORMATS, export as export_model  # noqa: F401 - likewise
 from finetune.config import (Recipe, apply_overrides, describe, load_recipe, recipe_names,  # noqa: F401
                              recipe_path, recipes_dir)
-from finetune.errors import ConfigError, DataError, FinetuneError, FreezeError, shown  # noqa: F401
+from finetune.errors import (CheckpointError, ConfigError, DataError, FinetuneError, FreezeError,  # noqa: F401
+                             shown)
+from finetune.lr_find import FILES as LR_FIND_FILES, lr_find  # noqa: F401 - torch only inside the functions
 from finetune.serialization import trusted  # noqa: F401
 
 if TYPE_CHECKING:

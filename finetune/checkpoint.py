@@ -27,7 +27,8 @@ _OWN_DIRS = ("hparams",)  # TensorBoard's add_hparams sub-run
 def _run_owned(name: str) -> bool:
     """Names a finetune run writes into its directory (and nothing else): checkpoints, config, metrics, the marker,
     the lock, TensorBoard event files, the temp files of an interrupted atomic write, the report."""
-    return (name in RUN_FILES or name in (MARKER, LOCK, ".write-test", "report.html", "probe.json")
+    return (name in RUN_FILES or name in (MARKER, LOCK, ".write-test", "report.html", "probe.json",
+                                                  "lr_find.png", "lr_find.json")
             or name in _OWN_DIRS
             or name.startswith("events.out.tfevents.") or (name.startswith(".") and name.endswith(".tmp")))
 

@@ -69,7 +69,7 @@ class FreezeCfg:
 @dataclass
 class OptimizerCfg:
     name: str = "sgd"  # sgd | adam | adamw | rmsprop
-    lr: float = 0.01
+    lr: float = 0.01  # or "auto": the LR range test (finetune/lr_find.py) picks it; config.yaml records the number
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0  # never applied to biases and norm weights
@@ -137,6 +137,8 @@ NON_NEGATIVE = {"optimizer.momentum", "optimizer.weight_decay", "scheduler.warmu
                 "train.label_smoothing", "train.clip_grad", "train.early_stop", "freeze.first",
                 "data.workers", "scheduler.step_size", "scheduler.gamma"}
 
+AUTO_OK = {"optimizer.lr"}  # number keys that also take the string "auto"
+
 IMAGE_SIZE = (8, 2048)  # data.image_size: smaller cannot pass a CNN's downsampling; larger is an allocator crash
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -199,7 +201,10 @@ def _convert(value: Any, tp, path: str, where: _Where) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0], path, where)
-    bad = ConfigError(f"{where(path)}{path} must be {_type_name(tp)}, got {value!r}")
+    if path in AUTO_OK and value == "auto":
+        return value
+    auto = " or 'auto'" if path in AUTO_OK else ""
+    bad = ConfigError(f"{where(path)}{path} must be {_type_name(tp)}{auto}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad
@@ -267,7 +272,7 @@ def validate(recipe: Recipe, where: _Where | None = None) -> Recipe:
                               f"{suggest(str(value), choices)}")
     for path in POSITIVE:
         value = _get(recipe, path)
-        if value is not None and value <= 0:
+        if value is not None and value != "auto" and value <= 0:
             raise ConfigError(f"{where(path)}{path} must be greater than 0, got {value}")
     for path in NON_NEGATIVE:
         value = _get(recipe, path)

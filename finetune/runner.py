@@ -23,6 +23,7 @@ from finetune.config import Recipe, from_dict
 from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_compile, resolve_device,
                              resolve_precision, set_lr, train_one_epoch, wants_channels_last)
 from finetune.errors import CheckpointError, ConfigError, FinetuneError
+from finetune.lr_find import resolve_auto_lr
 
 log = logging.getLogger("finetune")
 
@@ -137,6 +138,7 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
                                   "train longer")
     if recipe is None:
         raise ConfigError("no recipe given; pass a Recipe (finetune.load_recipe('default')) or resume=RUN_DIR")
+    recipe, lr_found = resolve_auto_lr(recipe, reporter)  # optimizer.lr: auto -> the LR range test's suggestion
     cfg = recipe
     seed_everything(cfg.train.seed)
     dd = dist_.from_env()  # torchrun sets RANK/WORLD_SIZE; a plain run is rank 0 of 1
@@ -195,6 +197,8 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
         ck.atomic_write_text(run_dir / "config.yaml", _yaml(resolved, {
             "device": str(device), "precision": precision, "channels_last": channels_last,
             "processes": dd.world_size, "classes": classes}))
+        if lr_found is not None:
+            lr_found.save(run_dir)  # lr_find.png / lr_find.json: the curve behind --lr auto
     reduce = (lambda t: dist_.all_reduce_sum(t, dd)) if dd.enabled else None
     if cfg.train.sync_bn and dd.enabled:
         model = dist_.sync_batchnorm(model, device)  # same Parameter objects: optimizer and state_dict unchanged

@@ -107,7 +107,7 @@ case("bad-yaml", "train --recipe {B}/bad.yaml --out {B}/o15", "recipe '{B}/bad.y
 case("unknown-recipe-key", "train --recipe {B}/unknown_key.yaml --out {B}/o16",
      "recipe '{B}/unknown_key.yaml', line 3: unknown key 'train.epocs' (did you mean 'epochs'?)")
 case("wrong-type-in-recipe", "train --recipe {B}/wrong_type.yaml --out {B}/o17",
-     "recipe '{B}/wrong_type.yaml', line 2: optimizer.lr must be a number, got 'fast'")
+     "recipe '{B}/wrong_type.yaml', line 2: optimizer.lr must be a number or 'auto', got 'fast'")
 case("unknown-recipe-name", "train --recipe linear-prob --out {B}/o18", "unknown recipe 'linear-prob' (did you mean")
 case("out-dir-exists", "train --data {B}/data --out {R}", "output directory '{R}' already exists", True)
 case("resume-without-checkpoint", "train --resume {B}/empty", "cannot resume: '{B}/empty/last.pt' not found")
@@ -131,6 +131,8 @@ case("save-every-steps-0", "train --save-every-steps 0 --out {B}/o21",
      "train.save_every_steps must be greater than 0, got 0")
 case("export-over-existing", "export {R}/last.pt --out {R}/best.pt --format state-dict",
      "'{R}/best.pt' already exists; pass --overwrite", True)
+case("lr-not-a-number", "train --lr fast --out {B}/o40", "--lr: optimizer.lr must be a number or 'auto', got 'fast'")
+case("lr-find-resume", "lr-find --resume {R}", "lr-find takes the flags of a new run; drop --resume and --nproc")
 case("export-bad-format", "export {R}/last.pt --format tflite",
      "--format must be one of safetensors, state-dict, onnx, torchscript, got 'tflite'", True)
 case("export-opset-not-onnx", "export {R}/last.pt --format torchscript --opset 17",

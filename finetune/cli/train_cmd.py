@@ -46,7 +46,9 @@ def train(
     bn: Optional[str] = O.panel(O.BN, _F),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd | adam | adamw | rmsprop.",
                                             rich_help_panel=_O),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Base learning rate.", rich_help_panel=_O),
+    lr: Optional[str] = typer.Option(None, "--lr", help="Base learning rate, or 'auto': run the LR range test "
+                                     "first (see 'finetune lr-find') and train with its suggestion.",
+                                     rich_help_panel=_O),
     momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD/RMSprop momentum (recipe default 0.9).", rich_help_panel=_O),
     nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum for SGD.", rich_help_panel=_O),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Not applied to biases and norm "
@@ -102,6 +104,8 @@ def train(
 
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    if LR_FIND["on"] and (resume is not None or nproc > 1):
+        raise ConfigError("lr-find takes the flags of a new run; drop --resume and --nproc")
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         from finetune.api import launch, strip_nproc
 
@@ -113,7 +117,7 @@ def train(
         "data.path": data, "data.labels": labels, "data.val_split": val_split, "data.image_size": image_size,
         "data.augment": augment, "data.strict": strict,
         **O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn, stages),
-        "optimizer.name": optimizer, "optimizer.lr": lr, "optimizer.momentum": momentum,
+        "optimizer.name": optimizer, "optimizer.lr": _number_or_auto(lr), "optimizer.momentum": momentum,
         "optimizer.nesterov": nesterov, "optimizer.weight_decay": weight_decay,
         "scheduler.name": scheduler, "scheduler.warmup_epochs": warmup_epochs,
         "train.label_smoothing": label_smoothing, "train.epochs": epochs, "train.batch_size": batch_size,
@@ -149,6 +153,10 @@ def train(
         r.description = f"{base.description} -- model overridden: {model} instead of {base.model.name}"
     from finetune.api import FreezeError, from_recipe
 
+    if LR_FIND["on"]:  # `finetune lr-find [train flags]`: the range test on what these flags would train
+        with trusted(trust_checkpoint):
+            _lr_find(api, r, out, overwrite, quiet)
+        return
     try:
         with trusted(trust_checkpoint):
             _run(lambda: run_train(r, out=out, overwrite=overwrite, reporter=reporter))
@@ -174,6 +182,53 @@ def _base_recipe(recipe: Optional[str], model: Optional[str], given: dict):
         r.name, r.description = f"{model}-cli", f"{model} from random init, configured from the command line"
         return r
     return api.load_recipe(recipe or "default")
+
+
+LR_FIND = {"on": False}  # set by `finetune lr-find`, which is this command with the same flags
+
+
+def _number_or_auto(value: Optional[str]):
+    """--lr: a number, or 'auto' (left as typed otherwise: the recipe check names the flag and the value)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def _lr_find(api, r, out: Optional[Path], overwrite: bool, quiet: bool) -> None:
+    """Run the LR range test for recipe ``r``; write lr_find.png/json into ``out`` (default runs/<time>-lr-find);
+    print the suggestion on stdout."""
+    import time
+
+    from finetune.api import CheckpointError
+
+    if r.optimizer.lr == "auto":
+        r.optimizer.lr = 0.01  # the range test replaces it anyway
+    dest = Path(out) if out is not None else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-lr-find"
+    taken = [n for n in api.LR_FIND_FILES if (dest / n).exists()]
+    if taken and not overwrite:
+        raise CheckpointError(f"'{dest / taken[0]}' already exists; pass --overwrite to replace it or choose "
+                              "another --out")
+    found = api.lr_find(r)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        paths = found.save(dest)
+    except OSError as e:
+        raise CheckpointError(f"cannot write to '{dest}': {e.strerror or e}; choose another --out") from None
+    if not quiet:
+        where = "on cached features" if found.info.get("on_cached_features") else "on the full model"
+        stop = f"; stopped early: {found.stopped}" if found.stopped else ""
+        typer.echo(f"suggested lr: {found.suggestion:.3g} ({found.rule} rule; {len(found.lrs)} steps {where}, "
+                   f"lr {found.lrs[0]:.1e} -> {found.lrs[-1]:.1e}{stop})")
+        typer.echo(f"curve: {paths[0]}")
+    if found.flat:
+        from logging import getLogger
+
+        getLogger("finetune").warning(f"the loss never fell by 2% during the test (from {found.losses[0]:.4f}, "
+                                      f"lowest {min(found.losses):.4f}): the suggestion is noise; from random "
+                                      "init ~100 steps teach too little, pick the LR by a short sweep")
 
 
 def _run(fn) -> None:
