@@ -124,7 +124,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
                    precision=_precision_on(dev, precision or ckpt.get("precision", "fp32")),
                    channels_last=bool(ckpt.get("channels_last")))
     names = list(ckpt["class_names"])
-    return {"accuracy": res["accuracy"], "top5": res["top5"], "loss": res["loss"], "n": res["n"],
+    return {"accuracy": res["accuracy"], "balanced_accuracy": res["balanced_accuracy"], "macro_f1": res["macro_f1"],
+            "top5": res["top5"], "loss": res["loss"], "n": res["n"],
             "per_class": dict(zip(names, res["per_class"])), "confusion": res["confusion"],
             "class_names": names, "checkpoint": ckpt["_path"], "epoch": ckpt.get("epoch"), "split": split,
             "data": str(path)}

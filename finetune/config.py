@@ -39,6 +39,7 @@ class DataCfg:
     val_split: float = 0.2  # used when the folder has no val/ split
     image_size: int | None = None  # None = the backbone's own input size
     augment: str = "light"  # none | light | strong
+    sampler: str = "random"  # random | balanced (each class equally likely per draw; finetune/imbalance.py)
     mean: list[float] | None = None
     std: list[float] | None = None
     cache: str = "auto"  # decoded-image cache: auto | on | off
@@ -93,6 +94,7 @@ class TrainCfg:
     accumulate: int = 1
     clip_grad: float | None = None
     label_smoothing: float = 0.0
+    class_weights: str = "none"  # none | auto (inverse frequency) | FILE (.json/.yaml: class -> weight)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
@@ -124,6 +126,7 @@ class Recipe:
 CHOICES = {
     "data.augment": ("none", "light", "strong"),
     "data.cache": ("auto", "on", "off"),
+    "data.sampler": ("random", "balanced"),
     "freeze.bn": ("frozen", "train"),
     "optimizer.name": ("sgd", "adam", "adamw", "rmsprop"),
     "scheduler.name": ("constant", "step", "cosine", "onecycle"),

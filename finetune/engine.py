@@ -18,6 +18,7 @@ from torch import nn
 
 from finetune.config import SchedulerCfg
 from finetune.errors import ConfigError
+from finetune.imbalance import confusion_metrics
 
 # ----------------------------------------------------------------------------------------------- device, precision
 
@@ -302,4 +303,5 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         "correct": correct,
         "per_class": per_class.tolist(),
         "confusion": confusion.tolist(),
+        **confusion_metrics(confusion),  # balanced_accuracy, macro_f1
     }

@@ -382,8 +382,11 @@ def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, c
         hit = hit and hit_val
         val_loader = make_loader(FeatureDataset(fva, yva), cfg.train.batch_size, shuffle=False, seed=cfg.train.seed,
                                  workers=0)
+    from finetune.imbalance import sample_weights
+
+    weights = sample_weights(cfg.data.sampler, ytr.tolist(), len(bundle.class_names))  # data.sampler: balanced
     train_loader = make_loader(FeatureDataset(ftr, ytr), cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                               workers=0)
+                               workers=0, weights=weights)
     secs = time.perf_counter() - t0
     until = first_unfreeze(cfg)
     span = "every epoch" if until >= cfg.train.epochs else f"until the unfreeze at epoch {until + 1}"

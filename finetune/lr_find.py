@@ -199,11 +199,15 @@ def lr_find(recipe: Recipe, *, steps: int = 100, start_lr: float = 1e-7, end_lr:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = O.build_optimizer(bb, cfg.optimizer)
-    loss_fn = loss_for(cfg, bundle)
+    from finetune import imbalance
+
+    loss_fn = imbalance.loss_fn(cfg, bundle.train.targets, list(bundle.class_names), device)
     step = Step(optimizer=optimizer, loss_fn=loss_fn, device=device, precision=precision,
                 channels_last=channels_last, after_train_mode=lambda m: F.apply_bn_policy(m, cfg.freeze.bn))
     loader = D.make_loader(bundle.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                           device=device.type, workers=cfg.data.workers)
+                           device=device.type, workers=cfg.data.workers,
+                           weights=imbalance.sample_weights(cfg.data.sampler, bundle.train.targets,
+                                                            len(bundle.class_names)))
     feats, _ = plan_cache(cfg, bb, bundle, step, device=device, precision=precision, channels_last=channels_last)
     m, tl, st = (feats.model, feats.train_loader, feats.step) if feats is not None else (model, loader, step)
     res = range_test(m, tl, optimizer, loss_fn, steps=steps, start_lr=start_lr, end_lr=end_lr, device=device,
@@ -216,13 +220,6 @@ def lr_find(recipe: Recipe, *, steps: int = 100, start_lr: float = 1e-7, end_lr:
                 "title": f"{bb.name}, {cfg.optimizer.name}, batch {cfg.train.batch_size}"
                          f"{', cached features' if feats is not None else ''}"}
     return res
-
-
-def loss_for(cfg: Recipe, bundle):
-    """The run's loss: cross-entropy with the recipe's label smoothing."""
-    from torch import nn
-
-    return nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
 
 
 def resolve_auto_lr(recipe: Recipe, reporter=None) -> tuple[Recipe, LRFind | None]:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from finetune import __version__, checkpoint as ck
 from finetune import distributed as dist_
@@ -23,6 +22,7 @@ from finetune.config import Recipe, from_dict
 from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_compile, resolve_device,
                              resolve_precision, set_lr, train_one_epoch, wants_channels_last)
 from finetune.errors import CheckpointError, ConfigError, FinetuneError
+from finetune import imbalance
 from finetune.lr_find import resolve_auto_lr
 
 log = logging.getLogger("finetune")
@@ -157,6 +157,7 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
         raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but the data has {len(classes)} classes "
                           f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}); drop num_classes to "
                           "take it from the data")
+    loss_fn = imbalance.loss_fn(cfg, bundle.train.targets, classes, device)  # + train.class_weights (checked here)
 
     bb = build_model(cfg.model.name, num_classes=len(classes),
                      weights="none" if state is not None else cfg.model.weights)
@@ -204,7 +205,6 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
         model = dist_.sync_batchnorm(model, device)  # same Parameter objects: optimizer and state_dict unchanged
     train_model = dist_.wrap(model, dd, device)
     epochs_total = cfg.train.epochs
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     step = Step(optimizer=optimizer, loss_fn=loss_fn, device=device, precision=precision,
                 channels_last=channels_last, accumulate=cfg.train.accumulate, clip_grad=cfg.train.clip_grad,
                 scaler=scaler, after_train_mode=lambda m: F.apply_bn_policy(m, cfg.freeze.bn),
@@ -215,7 +215,9 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
                                 device=device.type, workers=cfg.data.workers, **shard)
                   if bundle.val is not None else None)
     train_loader = D.make_loader(bundle.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                                 device=device.type, workers=cfg.data.workers, **shard)
+                                 device=device.type, workers=cfg.data.workers, **shard,
+                                 weights=imbalance.sample_weights(cfg.data.sampler, bundle.train.targets,
+                                                                  len(classes)))
     # frozen-feature cache: while it serves, the epochs train the head alone on features computed once. Under
     # DDP every rank computes and trains on all of them (same data, same seed: the same weights on every rank).
     from finetune.features import plan_cache
@@ -298,6 +300,8 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
                    "images_per_sec": tr["images_per_sec"]}
             if ev and ev["top5"] is not None:
                 row["val_top5"] = ev["top5"]
+            if ev:  # beside accuracy: what a majority-class guess can't inflate (finetune/imbalance.py)
+                row.update(val_balanced_acc=ev["balanced_accuracy"], val_macro_f1=ev["macro_f1"])
             history.append(row)
             # without a val set there is no "best": best.pt follows the latest epoch and val_acc stays null
             score = ev["accuracy"] if ev else None

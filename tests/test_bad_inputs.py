@@ -44,6 +44,7 @@ def base(tmp_path_factory) -> Path:
         for i in range(3):
             (root / "corrupt" / c / f"{c}{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (root / "notes.txt").write_text("not an image\n")
+    (root / "cw.json").write_text('{"a": 1, "zebra": 2}')
     (root / "afile").write_text("a regular file\n")
     torch.save(_other_arch_state_dict(), root / "resnet.pth")
     torch.save(_whole_smallcnn(), root / "whole.pth")
@@ -133,6 +134,12 @@ case("export-over-existing", "export {R}/last.pt --out {R}/best.pt --format stat
      "'{R}/best.pt' already exists; pass --overwrite", True)
 case("lr-not-a-number", "train --lr fast --out {B}/o40", "--lr: optimizer.lr must be a number or 'auto', got 'fast'")
 case("lr-find-resume", "lr-find --resume {R}", "lr-find takes the flags of a new run; drop --resume and --nproc")
+case("class-weights-no-file", "train --data {B}/data --class-weights {B}/nope.json --out {B}/o41",
+     "--class-weights: '{B}/nope.json' is neither auto, none nor a file")
+case("class-weights-unknown-class", "train --data {B}/data --class-weights {B}/cw.json --out {B}/o42",
+     "--class-weights: '{B}/cw.json' has unknown class 'zebra'; classes: a, b, c")
+case("sampler-unknown", "train --sampler uniform --out {B}/o43",
+     "--sampler: data.sampler must be one of random, balanced, got 'uniform'")
 case("export-bad-format", "export {R}/last.pt --format tflite",
      "--format must be one of safetensors, state-dict, onnx, torchscript, got 'tflite'", True)
 case("export-opset-not-onnx", "export {R}/last.pt --format torchscript --opset 17",

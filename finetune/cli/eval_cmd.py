@@ -38,7 +38,8 @@ def eval_(
         res = evaluate_checkpoint(checkpoint, data, split, device=device, batch_size=batch_size,
                                   precision=precision, labels=labels)
     if as_json:
-        typer.echo(json.dumps({k: res[k] for k in ("accuracy", "top5", "loss", "n", "per_class", "confusion")}))
+        typer.echo(json.dumps({k: res[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "top5",
+                                              "loss", "n", "per_class", "confusion")}))
         return
     from rich.table import Table
 
@@ -46,7 +47,9 @@ def eval_(
 
     top5 = "" if res["top5"] is None else f"   top-5 {100 * res['top5']:.2f}%"
     console.print(f"{res['checkpoint']} (epoch {res['epoch']}) on {res['data']} ({split} split): {res['n']} images\n"
-                  f"accuracy {100 * res['accuracy']:.2f}%{top5}   loss {res['loss']:.4f}", highlight=False)
+                  f"accuracy {100 * res['accuracy']:.2f}%{top5}   balanced accuracy "
+                  f"{100 * res['balanced_accuracy']:.2f}%   macro-F1 {100 * res['macro_f1']:.2f}%   loss "
+                  f"{res['loss']:.4f}", highlight=False)
     names = res["class_names"]
     t = Table(title="confusion matrix (rows: true class, columns: predicted)", title_justify="left")
     t.add_column("class")

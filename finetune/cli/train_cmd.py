@@ -56,6 +56,12 @@ def train(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="constant | step | cosine | onecycle.",
                                             rich_help_panel=_O),
     warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear LR warmup, in epochs (fractions allowed).", rich_help_panel=_O),
+    class_weights: Optional[str] = typer.Option(None, "--class-weights", help="none | auto (inverse class "
+                                                "frequency in the loss) | FILE (.json/.yaml: class -> weight).",
+                                                rich_help_panel=_O),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="random | balanced (draw classes with equal "
+                                          "odds, with replacement; deterministic per seed and epoch).",
+                                          rich_help_panel=_D),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="CrossEntropyLoss label smoothing (0-1).", rich_help_panel=_O),
     epochs: Optional[int] = typer.Option(None, "--epochs", "-e", help="Epochs to train (with --resume: the new total).", rich_help_panel=_T),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per batch (per process under DDP).", rich_help_panel=_T),
@@ -115,7 +121,8 @@ def train(
     overrides = {
         "model.name": model, "model.weights": weights,
         "data.path": data, "data.labels": labels, "data.val_split": val_split, "data.image_size": image_size,
-        "data.augment": augment, "data.strict": strict,
+        "data.augment": augment, "data.strict": strict, "data.sampler": sampler,
+        "train.class_weights": class_weights,
         **O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn, stages),
         "optimizer.name": optimizer, "optimizer.lr": _number_or_auto(lr), "optimizer.momentum": momentum,
         "optimizer.nesterov": nesterov, "optimizer.weight_decay": weight_decay,
