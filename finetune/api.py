@@ -107,10 +107,21 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
                         labels: str | None = None) -> dict[str, Any]:
     """Accuracy, top-5, loss, per-class accuracy and confusion of a checkpoint on ``data`` (default: the data it
     was trained on), with the checkpoint's own eval transform and precision — so it reproduces the val accuracy
-    that training recorded for that epoch."""
+    that training recorded for that epoch. ``split="all"``: a mapping split -> that result for every split the data
+    has (train, val, test)."""
     from finetune import data as D
     from finetune.engine import evaluate, resolve_device
 
+    if split == "all":  # every split the data has, each on its own: {"train": {...}, "val": {...}, "test": {...}}
+        from finetune.checkpoint import load_checkpoint
+        from finetune.holdout import splits
+
+        info = load_checkpoint(checkpoint).get("data") or {}
+        own = data is None or data == info.get("path")
+        path = data if data is not None else info.get("path", "sample")
+        return {s: evaluate_checkpoint(checkpoint, data, s, device=device, batch_size=batch_size,
+                                       precision=precision, labels=labels)
+                for s in splits(str(path), info.get("val_split", 0.2) if own else 0.0)}
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, device=str(dev))
     info = ckpt.get("data") or {}

@@ -22,7 +22,7 @@ from finetune.config import Recipe, from_dict
 from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_compile, resolve_device,
                              resolve_precision, set_lr, train_one_epoch, wants_channels_last)
 from finetune.errors import CheckpointError, ConfigError, FinetuneError
-from finetune import imbalance
+from finetune import holdout, imbalance
 from finetune.lr_find import resolve_auto_lr
 
 log = logging.getLogger("finetune")
@@ -45,6 +45,7 @@ class RunResult:
     best_val_acc: float | None
     epochs: list[dict[str, Any]]
     class_names: list[str]
+    test: dict[str, Any] | None = None  # best.pt on the data's test/ folder, evaluated once at the end
 
 
 def seed_everything(seed: int) -> None:
@@ -339,7 +340,8 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
     if writer is not None:
         _log_hparams(writer, resolved, best, history)
         writer.close()
-    result = RunResult(run_dir, best["epoch"], best["val_acc"], history, classes)
+    test = holdout.evaluate_best(run_dir, cfg, device, reporter) if dd.is_main else None  # data with test/
+    result = RunResult(run_dir, best["epoch"], best["val_acc"], history, classes, test)
     reporter.end({"run_dir": str(run_dir), "best": best, "epochs": history})
     return result
 

@@ -16,7 +16,8 @@ def eval_(
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Data to evaluate on (default: the run's data)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="prefix:A=x,=y | regex:PATTERN | csv:FILE "
                                          "(default: the run's, when --data is the run's data)."),
-    split: str = typer.Option("val", "--split", help="val | train | test (ROOT/test/, or CIFAR's test set)."),
+    split: str = typer.Option("val", "--split", help="val | train | test (ROOT/test/, or CIFAR's test set) | all "
+                       "(each split the data has, one after another)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per batch (no effect on the result)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu) | cpu | cuda | mps."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 (default: the "
@@ -26,8 +27,8 @@ def eval_(
 ) -> None:
     from finetune.api import ConfigError
 
-    if split not in ("val", "train", "test"):
-        raise ConfigError(f"--split must be val, train or test, got '{split}'")
+    if split not in ("val", "train", "test", "all"):
+        raise ConfigError(f"--split must be val, train, test or all, got '{split}'")
     if precision is not None and precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision must be fp32, bf16 or fp16, got '{precision}'")
     if batch_size < 1:
@@ -37,10 +38,17 @@ def eval_(
     with trusted(trust_checkpoint):
         res = evaluate_checkpoint(checkpoint, data, split, device=device, batch_size=batch_size,
                                   precision=precision, labels=labels)
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "top5", "loss", "n", "per_class", "confusion")
+    results = res if split == "all" else {split: res}
     if as_json:
-        typer.echo(json.dumps({k: res[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "top5",
-                                              "loss", "n", "per_class", "confusion")}))
+        pick = {s: {k: r[k] for k in keys} for s, r in results.items()}
+        typer.echo(json.dumps(pick if split == "all" else pick[split]))
         return
+    for name, r in results.items():
+        _show(r, name)
+
+
+def _show(res: dict, split: str) -> None:
     from rich.table import Table
 
     from finetune.cli.render import console
