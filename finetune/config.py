@@ -30,6 +30,8 @@ class ModelCfg:
     name: str = "smallcnn"
     weights: str = "default"  # default = the backbone's own pretrained weights (none for smallcnn)
     num_classes: int | None = None  # None = from the data
+    drop_rate: float | None = None  # timm create_model(drop_rate=): dropout before the classifier; None = model's
+    drop_path_rate: float | None = None  # timm create_model(drop_path_rate=): stochastic depth; None = model's
 
 
 @dataclass
@@ -287,6 +289,10 @@ def validate(recipe: Recipe, where: _Where | None = None) -> Recipe:
     if size is not None and not IMAGE_SIZE[0] <= size <= IMAGE_SIZE[1]:
         raise ConfigError(f"{where('data.image_size')}data.image_size must be between {IMAGE_SIZE[0]} and "
                           f"{IMAGE_SIZE[1]} pixels, got {size}; omit it to use the backbone's own input size")
+    for key in ("drop_rate", "drop_path_rate"):
+        value = getattr(recipe.model, key)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"{where('model.' + key)}model.{key} must be in [0, 1), got {value}")
     if recipe.train.label_smoothing >= 1.0:
         raise ConfigError(f"{where('train.label_smoothing')}train.label_smoothing must be below 1")
     for i, step in enumerate(recipe.freeze.schedule):

@@ -291,6 +291,9 @@ def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None) ->
     if not is_deterministic(cfg.data.augment):
         forced.append(f"augment {cfg.data.augment} is random; the cache uses the eval transform")
     effects = train_mode_effects(split.frozen, cfg.freeze.bn)
+    rate = float(getattr(bb.model, "drop_rate", 0.0) or 0.0)  # timm: F.dropout before the classifier (no module)
+    if rate > 0:
+        effects.append(f"dropout p={rate:g} before the classifier (model.drop_rate)")
     if effects:
         forced.append("the frozen part acts differently in train mode: " + ", ".join(effects[:3])
                       + (f" and {len(effects) - 3} more" if len(effects) > 3 else "") + "; the cache runs it in eval "

@@ -192,7 +192,8 @@ def lr_find(recipe: Recipe, *, steps: int = 100, start_lr: float = 1e-7, end_lr:
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     bundle = D.build_data(cfg.data, data_config(cfg.model.name, cfg.model.weights), seed=cfg.train.seed)
-    bb = build_model(cfg.model.name, num_classes=len(bundle.class_names), weights=cfg.model.weights)
+    bb = build_model(cfg.model.name, num_classes=len(bundle.class_names), weights=cfg.model.weights,
+                     drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
     F.apply_freeze(bb, cfg.freeze)
     channels_last = wants_channels_last(bb.model, cfg.train.channels_last)
     model = bb.model.to(device)

@@ -161,7 +161,8 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
     loss_fn = imbalance.loss_fn(cfg, bundle.train.targets, classes, device)  # + train.class_weights (checked here)
 
     bb = build_model(cfg.model.name, num_classes=len(classes),
-                     weights="none" if state is not None else cfg.model.weights)
+                     weights="none" if state is not None else cfg.model.weights,
+                     drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
     plan = F.apply_freeze(bb, cfg.freeze)
     if state is None and bb.weights == "none" and plan.frozen:
         log.warning(f"{len(plan.frozen)} parameter tensors are frozen at random init (weights: none): they will "

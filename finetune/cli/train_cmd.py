@@ -25,6 +25,10 @@ def train(
                                         rich_help_panel=_M),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="default (the backbone's pretrained), none, "
                                           "a weights name, or a file.", rich_help_panel=_M),
+    drop_rate: Optional[float] = typer.Option(None, "--drop-rate", help="timm models: dropout before the "
+                                              "classifier (create_model's drop_rate).", rich_help_panel=_M),
+    drop_path_rate: Optional[float] = typer.Option(None, "--drop-path-rate", help="timm models: stochastic depth "
+                                                   "(create_model's drop_path_rate).", rich_help_panel=_M),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Image folder, 'sample', or cifar10:ROOT.",
                                        rich_help_panel=_D),
     labels: Optional[str] = typer.Option(None, "--labels", help="prefix:A=x,=y | regex:PATTERN | csv:FILE.",
@@ -119,7 +123,8 @@ def train(
         raise typer.Exit(launch(nproc, strip_nproc(argv)))
 
     overrides = {
-        "model.name": model, "model.weights": weights,
+        "model.name": model, "model.weights": weights, "model.drop_rate": drop_rate,
+        "model.drop_path_rate": drop_path_rate,
         "data.path": data, "data.labels": labels, "data.val_split": val_split, "data.image_size": image_size,
         "data.augment": augment, "data.strict": strict, "data.sampler": sampler,
         "train.class_weights": class_weights,
