@@ -57,6 +57,7 @@ def test_onnx_matches_pytorch_with_dynamic_batch(run, cli):
         np.testing.assert_allclose(got, _reference(run, x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_matches_pytorch(run, cli, tmp_path):
     r = cli("export", run / "best.pt", "--format", "torchscript", "--out", tmp_path / "m.pt")
     assert r.exit_code == 0 and r.stdout == f"{tmp_path / 'm.pt'}\n{tmp_path / 'm.pt.json'}\n", r.stderr
@@ -73,3 +74,14 @@ def test_torchscript_matches_pytorch(run, cli, tmp_path):
     assert r.exit_code == 1 and r.stderr == (f"Error: '{tmp_path / 'm.pt'}' already exists; pass --overwrite to "
                                              "replace it or choose another --out\n")
     assert (tmp_path / "m.pt").read_bytes() == before
+
+
+def test_onnx_without_the_extra_is_one_line(run, cli, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if `pip install finetune` without [onnx]
+    r = cli("export", run / "best.pt", "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert r.exit_code == 1 and r.stderr == ("Error: --format onnx needs the packages onnx and onnxscript "
+                                             "(onnxscript is missing); install them with pip install "
+                                             "'finetune[onnx]'\n")
+    assert not (tmp_path / "m.onnx").exists()
