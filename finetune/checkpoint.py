@@ -13,6 +13,7 @@ import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,58 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                               "use --weights PATH with --model")
     ckpt["_path"] = str(p)
     return ckpt
+
+
+@dataclass
+class Checkpoint:
+    """What ``last.pt`` / ``best.pt`` hold: everything to rebuild and use the model without the recipe, and (in
+    ``last.pt``) to resume the run exactly. Stored as a plain dict of tensors and Python values, so
+    ``torch.load(path, weights_only=True)`` reads it without finetune; :meth:`to_dict` / :meth:`from_dict` are the
+    one mapping between the two. Keys this version does not know (from a newer finetune) are kept in ``extra``."""
+
+    model: dict[str, Any]  # the full model's state_dict
+    class_names: list[str]
+    model_name: str
+    num_classes: int
+    transform: dict[str, Any]  # the eval transform (size, resize, crop, interpolation, mean, std)
+    precision: str
+    channels_last: bool
+    epoch: int  # completed epochs
+    plan: dict[str, Any]  # the freeze plan (FreezePlan.to_dict)
+    trainable: list[str]  # parameter names that required grad when this was saved
+    recipe: dict[str, Any]  # the resolved recipe
+    metrics: list[dict[str, Any]]  # one row per completed epoch
+    best: dict[str, Any]  # {"epoch", "val_acc"}
+    data: dict[str, Any] = field(default_factory=dict)  # path, labels, val_split, seed
+    val: dict[str, Any] | None = None  # the evaluation of this epoch
+    finetune_version: str = ""
+    world_size: int = 1
+    epoch_base: int = 1  # freeze.schedule epochs count from 1 (older checkpoints: from 0)
+    optimizer: dict[str, Any] | None = None  # resume only
+    scaler: dict[str, Any] | None = None  # resume only (fp16)
+    partial: dict[str, Any] | None = None  # resume only: an epoch saved mid-way (batches done, sums, RNG)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _ORDER = ("model", "class_names", "model_name", "num_classes", "transform", "precision", "channels_last",
+              "epoch_base", "data", "epoch", "plan", "trainable", "recipe", "optimizer", "scaler", "metrics", "best",
+              "val", "finetune_version", "world_size", "partial")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self._ORDER}
+        if self.partial is None:
+            del d["partial"]  # only mid-epoch saves carry it
+        return {**d, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Checkpoint":
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw.setdefault("epoch_base", 0)  # checkpoints written before the key existed counted from 0
+        return cls(**kw, extra={k: v for k, v in d.items() if k not in known and k != "_path"})
+
+    def slim(self) -> dict[str, Any]:
+        """``best.pt``'s content: without what only a resume needs."""
+        return slim(self.to_dict())
 
 
 RESUME_ONLY = ("optimizer", "scaler", "partial", "_path")  # what last.pt carries for a resume and best.pt doesn't
