@@ -31,11 +31,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from finetune.config import choices
 from finetune.errors import ConfigError
 
 log = logging.getLogger("finetune")
 
-MODES = ("auto", "on", "off")
+MODES = choices("train.cache_features")  # written once: the type of TrainCfg.cache_features
 
 
 class _Stop(Exception):

@@ -26,7 +26,7 @@ from torch import nn
 
 from finetune import __version__, checkpoint as ck
 from finetune import distributed as dist_
-from finetune.config import Recipe, from_dict
+from finetune.config import Recipe, from_dict, validate
 from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_compile, resolve_device,
                              resolve_precision, set_lr, train_one_epoch, wants_channels_last)
 from finetune.errors import CheckpointError, ConfigError, FinetuneError
@@ -267,7 +267,7 @@ def start_run(recipe: Recipe, out, overwrite: bool, made: dict) -> RunState:
     """A new run: its directory first (fail fast), then data, model, freeze plan, optimizer."""
     from finetune.models import canonical, parse_name
 
-    cfg = recipe
+    cfg = validate(recipe)  # a recipe built or edited in Python meets the same rules as a YAML file
     seed_everything(cfg.train.seed)
     dd, device, precision = _runtime(cfg)
     out_dir = Path(out) if out else ck.default_run_dir(canonical(*parse_name(cfg.model.name)))

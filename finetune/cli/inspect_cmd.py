@@ -110,9 +110,9 @@ def _recipe(recipe: Optional[str], overrides: dict):
     from finetune import api
 
     base = api.load_recipe(recipe) if recipe else api.Recipe()
-    from finetune.cli.options import name_flags
+    from finetune.cli.options import FREEZE_KEYS, flags_of, name_flags
 
-    with name_flags([k for k, v in overrides.items() if v is not None]):
+    with name_flags([k for k, v in overrides.items() if v is not None], flags_of(inspect, FREEZE_KEYS)):
         return api.apply_overrides(base, overrides)
 
 

@@ -108,20 +108,10 @@ def train(
         argv = sys.argv[sys.argv.index("train"):] if "train" in sys.argv else ["train"]
         raise typer.Exit(launch(nproc, strip_nproc(argv)))
 
-    overrides = {
-        "model.name": model, "model.weights": weights,
-        "data.path": data, "data.labels": labels, "data.val_split": val_split, "data.image_size": image_size,
-        "data.augment": augment, "data.strict": strict,
-        **O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn, stages),
-        "optimizer.name": optimizer, "optimizer.lr": lr, "optimizer.momentum": momentum,
-        "optimizer.nesterov": nesterov, "optimizer.weight_decay": weight_decay,
-        "scheduler.name": scheduler, "scheduler.warmup_epochs": warmup_epochs,
-        "train.label_smoothing": label_smoothing, "train.epochs": epochs, "train.batch_size": batch_size,
-        "train.accumulate": accumulate, "train.clip_grad": clip_grad, "train.seed": seed, "train.device": device,
-        "train.precision": precision, "train.channels_last": channels_last, "train.compile": compile_,
-        "train.cache_features": cache_features, "train.early_stop": early_stop, "train.tensorboard": tensorboard,
-        "train.save_every_steps": save_every_steps, "train.sync_bn": sync_bn,
-    }
+    values = locals()
+    overrides = {key: values[name] for key, name in KEYS.items()}
+    overrides.update(O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn,
+                                        stages))
     given = {k: v for k, v in overrides.items() if v is not None}
     typed = dict(given)  # what the user typed (the error below names only those flags)
     if model is not None and weights is None and recipe is None:
@@ -134,14 +124,14 @@ def train(
         extra = sorted(set(typed) - {"train.epochs"})
         if recipe or extra or out:
             flags = ", ".join(dict.fromkeys(["--recipe"] * bool(recipe) + ["--out"] * bool(out)
-                                            + [O.flag_of(k) for k in extra]))
+                                            + [flag_map()[k] for k in extra]))
             raise ConfigError(f"--resume continues a run exactly as it was configured; drop {flags} (only --epochs "
                               "may change)")
         _run(lambda: run_train(None, resume=resume, epochs=epochs, reporter=reporter))
         return
     from finetune.api import trusted
 
-    with O.name_flags(given):
+    with O.name_flags(given, flag_map()):
         base = _base_recipe(recipe, model, given)
         r = api.apply_overrides(base, given)
     if recipe is not None and model is not None and model != base.model.name:  # record what ran, not the recipe's
@@ -154,6 +144,26 @@ def train(
             _run(lambda: run_train(r, out=out, overwrite=overwrite, reporter=reporter))
     except FreezeError as e:
         raise from_recipe(e, recipe, typed) from None
+
+
+KEYS = {  # recipe key -> the parameter of `train` that sets it (the freeze flags: options.FREEZE_KEYS)
+    "model.name": "model", "model.weights": "weights", "data.path": "data", "data.labels": "labels",
+    "data.val_split": "val_split", "data.image_size": "image_size", "data.augment": "augment", "data.strict": "strict",
+    "optimizer.name": "optimizer", "optimizer.lr": "lr", "optimizer.momentum": "momentum",
+    "optimizer.nesterov": "nesterov", "optimizer.weight_decay": "weight_decay", "scheduler.name": "scheduler",
+    "scheduler.warmup_epochs": "warmup_epochs", "train.label_smoothing": "label_smoothing", "train.epochs": "epochs",
+    "train.batch_size": "batch_size", "train.accumulate": "accumulate", "train.clip_grad": "clip_grad",
+    "train.seed": "seed", "train.device": "device", "train.precision": "precision",
+    "train.channels_last": "channels_last", "train.compile": "compile_", "train.cache_features": "cache_features",
+    "train.early_stop": "early_stop", "train.tensorboard": "tensorboard", "train.save_every_steps": "save_every_steps",
+    "train.sync_bn": "sync_bn",
+}
+
+
+def flag_map() -> dict[str, str]:
+    """Recipe key -> train's flag, generated from KEYS and the options' declarations (one mapping for every
+    message that names a flag)."""
+    return O.flags_of(train, {**KEYS, **O.FREEZE_KEYS})
 
 
 def _base_recipe(recipe: Optional[str], model: Optional[str], given: dict):
