@@ -218,34 +218,44 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
             if first_lr is None:
                 first_lr = lr
                 first_lrs = {g.get("name", str(j)): g["lr"] for j, g in enumerate(opt.param_groups)}
-            if step.scaler:
-                step.scaler.unscale_(opt)
-            if step.clip_grad:
-                params = [p for g in opt.param_groups for p in g["params"]]
-                nn.utils.clip_grad_norm_(params, step.clip_grad)
-            if step.scaler:
-                step.scaler.step(opt)
-                step.scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(step)
         with torch.no_grad():
-            b = y.numel()
-            loss_sum += loss.item() * b
-            correct += (logits.argmax(dim=1) == y).sum().item()
-            seen += b
+            loss_sum, correct, seen = (loss_sum + loss.item() * y.numel(),
+                                       correct + (logits.argmax(dim=1) == y).sum().item(), seen + y.numel())
         reporter.batch(i, n_batches, loss_sum / seen, correct / seen, seen / (time.perf_counter() - t0))
         if on_step is not None and not last and (i + 1) % step.accumulate == 0:
             on_step({"batches": i + 1, "loss_sum": loss_sum, "correct": correct, "seen": seen,
                      "first_lr": first_lr, "first_lrs": first_lrs})
     secs = time.perf_counter() - t0
-    if step.reduce is not None:  # metrics over all ranks' shards
-        tot = step.reduce(torch.tensor([loss_sum, float(correct), float(seen)], dtype=torch.float64,
-                                       device=step.device)).tolist()
-        loss_sum, correct, seen = tot[0], int(tot[1]), int(tot[2])
+    loss_sum, correct, seen = _sum_over_ranks(step, loss_sum, correct, seen)
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "n": seen, "seconds": secs,
             "images_per_sec": seen / secs if secs > 0 else 0.0, "lr": lr if first_lr is None else first_lr,
             "lrs": first_lrs}
+
+
+def _sum_over_ranks(step: Step, loss_sum: float, correct: int, seen: int) -> tuple[float, int, int]:
+    """Under DDP, the epoch's sums over all ranks' shards (else unchanged)."""
+    if step.reduce is None:
+        return loss_sum, correct, seen
+    tot = step.reduce(torch.tensor([loss_sum, float(correct), float(seen)], dtype=torch.float64,
+                                   device=step.device)).tolist()
+    return tot[0], int(tot[1]), int(tot[2])
+
+
+def optimizer_step(step: Step) -> None:
+    """Unscale (fp16), clip the gradient norm over the trainable parameters, step, zero the gradients."""
+    opt = step.optimizer
+    if step.scaler:
+        step.scaler.unscale_(opt)
+    if step.clip_grad:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        nn.utils.clip_grad_norm_(params, step.clip_grad)
+    if step.scaler:
+        step.scaler.step(opt)
+        step.scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 class NonFiniteLoss(Exception):
