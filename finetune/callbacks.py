@@ -103,13 +103,15 @@ class TensorBoard(Callback):
     (the tutorial's ``add_images``/``add_graph``), and the hyper-parameters with the best accuracy at the end."""
 
     SCALARS = (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("train_acc", "accuracy/train"),
-               ("val_acc", "accuracy/val"), ("lr", "lr"), ("images_per_sec", "images_per_sec"))
+               ("val_acc", "accuracy/val"), ("val_f1", "f1/val"), ("lr", "lr"), ("images_per_sec", "images_per_sec"),
+               ("ema_val_acc", "accuracy/val_ema"), ("ema_val_loss", "loss/val_ema"))
 
-    def __init__(self, log_dir):
+    def __init__(self, log_dir, log_every: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(log_dir))
         self.first_batch_logged = False
+        self.steps = StepScalars(self.writer, log_every) if log_every else None
 
     def on_run_start(self, run):
         self.first_batch_logged = run.start_epoch > 0
@@ -173,3 +175,38 @@ class TensorBoard(Callback):
                         "set train.graph: false to silence this")
         finally:
             model.train(was)
+
+
+class StepScalars(Reporter):
+    """``train.log_every`` N: every N-th optimizer update (counted over the run), the update's loss, each group's LR
+    and the epoch's images/s so far, under ``step/`` with the update count as the step."""
+
+    def __init__(self, writer, every: int):
+        self.writer, self.every = writer, every
+
+    def update(self, info: dict[str, Any]) -> None:
+        n = info["update"]
+        if n % self.every:
+            return
+        self.writer.add_scalar("step/loss", info["loss"], n)
+        self.writer.add_scalar("step/images_per_sec", info["images_per_sec"], n)
+        for name, lr in info["lrs"].items():
+            self.writer.add_scalar("step/lr_group/" + name.replace(" ", "_"), lr, n)
+
+
+class Fanout(Reporter):
+    """One :class:`~finetune.engine.Reporter` that forwards every call to several."""
+
+    def __init__(self, items: list[Reporter]):
+        self.items = items
+
+    def __getattribute__(self, name: str):
+        if name.startswith("_") or name == "items":
+            return object.__getattribute__(self, name)
+        items = object.__getattribute__(self, "items")
+
+        def call(*args, **kwargs):
+            for r in items:
+                getattr(r, name)(*args, **kwargs)
+
+        return call

@@ -8,6 +8,7 @@ strings, lists and dicts only — so the model can be rebuilt and used without t
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -28,7 +29,8 @@ _OWN_DIRS = ("hparams",)  # TensorBoard's add_hparams sub-run
 def _run_owned(name: str) -> bool:
     """Names a finetune run writes into its directory (and nothing else): checkpoints, config, metrics, the marker,
     the lock, TensorBoard event files, the temp files of an interrupted atomic write, the report."""
-    return (name in RUN_FILES or name in (MARKER, LOCK, ".write-test", "report.html", "probe.json")
+    return (name in RUN_FILES or name in (MARKER, LOCK, ".write-test", "report.html", "probe.json", "best_ema.pt")
+            or bool(re.fullmatch(r"epoch\d{3,}\.pt", name))
             or name in _OWN_DIRS
             or name.startswith("events.out.tfevents.") or (name.startswith(".") and name.endswith(".tmp")))
 
@@ -194,16 +196,18 @@ class Checkpoint:
     optimizer: dict[str, Any] | None = None  # resume only
     scaler: dict[str, Any] | None = None  # resume only (fp16)
     partial: dict[str, Any] | None = None  # resume only: an epoch saved mid-way (batches done, sums, RNG)
+    ema: dict[str, Any] | None = None  # resume only: the EMA weights (train.ema)
+    best_ema: dict[str, Any] | None = None  # the EMA's best epoch (train.ema)
+    top_k: list[dict[str, Any]] | None = None  # the K best epochs, best first (train.save_top_k > 1)
     extra: dict[str, Any] = field(default_factory=dict)
 
     _ORDER = ("model", "class_names", "model_name", "num_classes", "transform", "precision", "channels_last",
               "epoch_base", "data", "epoch", "plan", "trainable", "recipe", "optimizer", "scaler", "metrics", "best",
-              "val", "finetune_version", "world_size", "partial")
+              "val", "finetune_version", "world_size", "partial", "ema", "best_ema", "top_k")
+    _OPTIONAL = ("partial", "ema", "best_ema", "top_k")  # written only when the run uses them
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self._ORDER}
-        if self.partial is None:
-            del d["partial"]  # only mid-epoch saves carry it
+        d = {k: getattr(self, k) for k in self._ORDER if k not in self._OPTIONAL or getattr(self, k) is not None}
         return {**d, **self.extra}
 
     @classmethod
@@ -218,7 +222,7 @@ class Checkpoint:
         return slim(self.to_dict())
 
 
-RESUME_ONLY = ("optimizer", "scaler", "partial", "_path")  # what last.pt carries for a resume and best.pt doesn't
+RESUME_ONLY = ("optimizer", "scaler", "partial", "ema", "_path")  # in last.pt for a resume, not in best.pt
 
 
 def slim(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -226,9 +230,27 @@ def slim(ckpt: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ckpt.items() if k not in RESUME_ONLY}
 
 
-def metrics_text(best: dict, history: list[dict]) -> str:
+def metrics_text(best: dict, history: list[dict], *, best_ema: dict | None = None,
+                 top_k: list[dict] | None = None) -> str:
+    """``metrics.json``: the best epoch, every epoch's row, and (when used) the EMA's best and the top-k list.
+    Non-finite numbers are written as null (JSON has no NaN)."""
     rows = [{k: v for k, v in r.items() if k != "best"} for r in history]
-    return json.dumps({"best": best, "epochs": rows}, indent=2)
+    doc: dict[str, Any] = {"best": best}
+    if best_ema is not None:
+        doc["best_ema"] = best_ema
+    if top_k:
+        doc["top_k"] = top_k
+    return json.dumps(_finite({**doc, "epochs": rows}), indent=2)
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _peek(path: Path) -> dict[str, Any] | None:
@@ -257,15 +279,11 @@ def repair_run(run_dir: str | Path) -> list[str]:
     last = _peek(run_dir / "last.pt")
     if last is None or "epoch" not in last:
         return []
-    fixed = []
     best = last.get("best") or {}
     epoch = int(last["epoch"])
-    if not last.get("partial") and epoch > 0 and best.get("epoch") == epoch:
-        current = _peek(run_dir / "best.pt")
-        if current is None or int(current.get("epoch", -1)) != epoch:
-            save_checkpoint(slim(dict(last)), run_dir / "best.pt")
-            fixed.append("best.pt")
-    text = metrics_text(best, list(last.get("metrics") or []))
+    fixed = [] if last.get("partial") or epoch <= 0 else _repair_epoch_files(run_dir, last, epoch)
+    text = metrics_text(best, list(last.get("metrics") or []), best_ema=last.get("best_ema"),
+                        top_k=last.get("top_k"))
     mp = run_dir / "metrics.json"
     try:
         same = mp.read_text(encoding="utf-8") == text
@@ -274,6 +292,30 @@ def repair_run(run_dir: str | Path) -> list[str]:
     if not same and last.get("metrics"):
         atomic_write_text(mp, text)
         fixed.append("metrics.json")
+    return fixed
+
+
+def _repair_epoch_files(run_dir: Path, last: dict[str, Any], epoch: int) -> list[str]:
+    """best.pt, best_ema.pt and the top-k file of ``last.pt``'s own epoch when it was the best (its weights ARE
+    those files' weights); top-k files that dropped out are removed."""
+    fixed = []
+    wanted = {"best.pt": (last.get("best") or {}).get("epoch") == epoch,
+              "best_ema.pt": (last.get("best_ema") or {}).get("epoch") == epoch and last.get("ema") is not None}
+    for e in last.get("top_k") or []:
+        wanted[e["file"]] = e["epoch"] == epoch
+    for name, own in wanted.items():
+        current = _peek(run_dir / name) if own else None
+        if own and (current is None or int(current.get("epoch", -1)) != epoch):
+            content = slim(dict(last))
+            if name == "best_ema.pt":
+                content = {**content, "model": last["ema"], "ema_weights": True}
+            save_checkpoint(content, run_dir / name)
+            fixed.append(name)
+    listed = {e["file"] for e in last.get("top_k") or []}
+    for p in run_dir.glob("epoch[0-9][0-9][0-9]*.pt"):
+        if p.name not in listed:
+            p.unlink(missing_ok=True)
+            fixed.append(f"{p.name} (removed)")
     return fixed
 
 

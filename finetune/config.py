@@ -53,6 +53,7 @@ IMAGE_SIZE = (8, 2048)  # data.image_size: smaller cannot pass a CNN's downsampl
 SIZE = Range(ge=IMAGE_SIZE[0], le=IMAGE_SIZE[1], msg=f"must be between {IMAGE_SIZE[0]} and {IMAGE_SIZE[1]} pixels, "
              "got {v}; omit it to use the backbone's own input size")
 FRACTION = Range(ge=0, lt=1, msg="must be in [0, 1), got {v}")
+UNIT = Range(gt=0, lt=1, msg="must be in (0, 1), got {v}")
 EPOCH = Range(ge=1, msg="must be at least 1 (epochs count from 1, as the logs do), got {v}")
 
 
@@ -136,6 +137,14 @@ class TrainCfg:
     graph: bool = True  # add the model graph to TensorBoard
     save_every_steps: Annotated[int, POS] | None = None  # also save last.pt every N steps in an epoch (resumable)
     sync_bn: bool = False  # DDP: SyncBatchNorm for BN layers that train (statistics over the global batch)
+    monitor: Literal["val_acc", "val_loss", "val_f1"] = "val_acc"  # what picks best.pt, top-k and early stop
+    monitor_mode: Literal["auto", "max", "min"] = "auto"  # auto: min for val_loss, else max
+    save_top_k: Annotated[int, POS] = 1  # keep the K best epochs (K > 1: also epochNNN.pt files)
+    ema: bool = False  # keep an exponential moving average of the weights (timm ModelEmaV3), saved as best_ema.pt
+    ema_decay: Annotated[float, UNIT] = 0.999  # with timm's warm-up: min(decay, 1 - (1 + step) ** -2/3)
+    mixup: Annotated[float, NONNEG] = 0.0  # mixup alpha (timm Mixup); 0 = off
+    cutmix: Annotated[float, NONNEG] = 0.0  # cutmix alpha; 0 = off (with both: one of them per batch)
+    log_every: Annotated[int, POS] | None = None  # TensorBoard scalars every N optimizer steps (besides per epoch)
 
 
 @dataclass

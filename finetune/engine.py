@@ -142,6 +142,7 @@ class Reporter:
     def batch(self, i: int, batches: int, loss: float, acc: float, images_per_sec: float) -> None: ...
     def eval_start(self, batches: int) -> None: ...
     def eval_batch(self, i: int, batches: int) -> None: ...
+    def update(self, info: dict[str, Any]) -> None: ...  # after each optimizer update: update, loss, lrs
     def epoch_end(self, row: dict[str, Any]) -> None: ...
     def note(self, message: str) -> None: ...
     def end(self, summary: dict[str, Any]) -> None: ...
@@ -162,6 +163,9 @@ class Step:
     after_train_mode: Callable[[nn.Module], None] = lambda m: None  # the BN policy, applied after .train()
     schedule: Callable[[float, float], float] | None = None  # (update start in epochs, update length) -> sets LRs
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # sums a tensor over DDP ranks (all_reduce)
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None  # timm Mixup
+    mix_loss: nn.Module | None = None  # the loss on mixed (soft) targets
+    after_update: Callable[[int], None] | None = None  # called with the run's update count after each step (EMA)
 
 
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
@@ -203,26 +207,25 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
         x, y = to_device(x, y, step.device, step.channels_last)
         last = i + 1 == n_batches
         sync = (i + 1) % step.accumulate == 0 or last
-        # DDP all-reduces gradients in backward(); a micro-batch that doesn't step only accumulates them locally
-        with contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
-            with autocast(step.device, step.precision):
-                logits = model(x)
-                loss = step.loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(epoch, i, float(loss))
-            scaled = loss / step.accumulate
-            (step.scaler.scale(scaled) if step.scaler else scaled).backward()
+        logits, loss = forward_backward(model, x, y, step, sync, (epoch, i))
         if sync:
+            k = i // step.accumulate
             if step.schedule:  # update k of K in this epoch trains at the schedule's value at epoch + k / K
-                lr = step.schedule(epoch + (i // step.accumulate) / n_updates, 1.0 / n_updates)
+                lr = step.schedule(epoch + k / n_updates, 1.0 / n_updates)
             if first_lr is None:
                 first_lr = lr
                 first_lrs = {g.get("name", str(j)): g["lr"] for j, g in enumerate(opt.param_groups)}
             optimizer_step(step)
+            if step.after_update is not None:
+                step.after_update(epoch * n_updates + k + 1)
         with torch.no_grad():
             loss_sum, correct, seen = (loss_sum + loss.item() * y.numel(),
                                        correct + (logits.argmax(dim=1) == y).sum().item(), seen + y.numel())
         reporter.batch(i, n_batches, loss_sum / seen, correct / seen, seen / (time.perf_counter() - t0))
+        if sync:
+            reporter.update({"update": epoch * n_updates + k + 1, "loss": loss.item(), "lrs": {
+                g.get("name", str(j)): g["lr"] for j, g in enumerate(opt.param_groups)},
+                "images_per_sec": seen / (time.perf_counter() - t0)})
         if on_step is not None and not last and (i + 1) % step.accumulate == 0:
             on_step({"batches": i + 1, "loss_sum": loss_sum, "correct": correct, "seen": seen,
                      "first_lr": first_lr, "first_lrs": first_lrs})
@@ -231,6 +234,26 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "n": seen, "seconds": secs,
             "images_per_sec": seen / secs if secs > 0 else 0.0, "lr": lr if first_lr is None else first_lr,
             "lrs": first_lrs}
+
+
+def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: Step, sync: bool,
+                     where: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (autocast), the loss (on mixed targets when ``step.mix`` is set and the batch is even: timm's Mixup
+    pairs image i with image n-1-i), the finiteness check, backward of ``loss / accumulate``. Under DDP a
+    micro-batch that doesn't step (``sync`` false) only accumulates its gradients locally (``no_sync``)."""
+    target, loss_fn = y, step.loss_fn
+    if step.mix is not None and x.shape[0] % 2 == 0:
+        x, target = step.mix(x, y)
+        loss_fn = step.mix_loss
+    with contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
+        with autocast(step.device, step.precision):
+            logits = model(x)
+            loss = loss_fn(logits.float(), target)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(where[0], where[1], float(loss))
+        scaled = loss / step.accumulate
+        (step.scaler.scale(scaled) if step.scaler else scaled).backward()
+    return logits, loss
 
 
 def _sum_over_ranks(step: Step, loss_sum: float, correct: int, seen: int) -> tuple[float, int, int]:
@@ -304,7 +327,7 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         loss_sum, top5, n = tot[0], int(tot[1]), int(tot[2])
     correct = int(confusion.diag().sum())
     per_class = confusion.diag().double() / confusion.sum(dim=1).clamp(min=1).double()
-    return {
+    return {"macro_f1": macro_f1(confusion), **{
         "loss": loss_sum / max(n, 1),
         "accuracy": correct / max(n, 1),
         "top5": (top5 / max(n, 1)) if num_classes >= 5 else None,
@@ -312,4 +335,17 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         "correct": correct,
         "per_class": per_class.tolist(),
         "confusion": confusion.tolist(),
-    }
+    }}
+
+
+def macro_f1(confusion: torch.Tensor) -> float:
+    """Macro-averaged F1 from a confusion matrix (rows = true class), over the classes that occur as a target or a
+    prediction (scikit-learn's ``f1_score(average="macro")``; a class with no true and no predicted sample is left
+    out, one with either but no hit counts 0)."""
+    c = confusion.double()
+    tp, support, predicted = c.diag(), c.sum(dim=1), c.sum(dim=0)
+    seen = (support + predicted) > 0
+    if not bool(seen.any()):
+        return 0.0
+    f1 = 2 * tp / (support + predicted).clamp(min=1)  # = 2PR / (P + R)
+    return float(f1[seen].mean())

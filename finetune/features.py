@@ -291,6 +291,8 @@ def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None) ->
     forced = []
     if not is_deterministic(cfg.data.augment):
         forced.append(f"augment {cfg.data.augment} is random; the cache uses the eval transform")
+    if getattr(cfg.train, "mixup", 0) or getattr(cfg.train, "cutmix", 0):
+        forced.append("mixup/cutmix mixes the images; the cached head trains unmixed")
     effects = train_mode_effects(split.frozen, cfg.freeze.bn)
     if effects:
         forced.append("the frozen part acts differently in train mode: " + ", ".join(effects[:3])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from finetune.config import Recipe, from_dict, validate
 from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_compile, resolve_device,
                              resolve_precision, set_lr, train_one_epoch, wants_channels_last)
 from finetune.errors import CheckpointError, ConfigError, FinetuneError
+from finetune import regularization as R
+from finetune.selection import Monitor, file_for, update_top_k
 
 log = logging.getLogger("finetune")
 
@@ -90,6 +93,20 @@ class Phase:
 
 
 @dataclass
+class Verdict:
+    """What an epoch's row means for the files to write (see :meth:`RunState.record`)."""
+
+    improved: bool = False
+    ema_improved: bool = False
+    in_top_k: bool = False
+    dropped: list[str] = dataclasses.field(default_factory=list)  # top-k files to remove
+
+
+def _best_value(best: dict[str, Any], m: Monitor) -> float | None:
+    return best.get("val_acc") if m.key == "val_acc" else best.get("value")
+
+
+@dataclass
 class RunState:
     """One run, built by :func:`start` or :func:`resume`, advanced epoch by epoch by :func:`fit`."""
 
@@ -121,6 +138,10 @@ class RunState:
     partial: dict[str, Any] | None = None  # an epoch saved mid-way (save_every_steps)
     resumed: bool = False
     reporter: Reporter = dataclasses.field(default_factory=Reporter)  # batch-level progress (rank 0's is the CLI's)
+    monitor: Monitor = dataclasses.field(default_factory=Monitor)  # what "best" means (train.monitor)
+    ema: Any = None  # timm ModelEmaV3 over `model` (train.ema)
+    best_ema: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epoch": 0, "val_acc": None})
+    top_k: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the K best epochs, best first
 
     def phase(self, epoch: int) -> Phase:
         if self.feats is not None and not self.feats.serves(epoch):
@@ -146,33 +167,59 @@ class RunState:
             data={"path": self.cfg.data.path, "labels": self.cfg.data.labels, "val_split": self.cfg.data.val_split,
                   "seed": self.cfg.train.seed},
             val=val, finetune_version=__version__, world_size=self.dd.world_size,
-            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None)
+            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
+            ema=self.ema.module.state_dict() if self.ema is not None else None,
+            best_ema=self.best_ema if self.ema is not None else None, top_k=self.top_k or None)
 
-    def record(self, row: dict[str, Any]) -> bool:
-        """Append the epoch's row; True when it is the best so far (without a val set: always, best.pt follows the
-        latest epoch and val_acc stays null)."""
+    def record(self, row: dict[str, Any]) -> Verdict:
+        """Append the epoch's row and judge it by the monitored metric (:mod:`finetune.selection`): the best so far
+        (without a val set: always, best.pt follows the latest epoch and val_acc stays null), the EMA's best, and
+        its place in the top-k."""
         self.history.append(row)
-        score = row["val_acc"]
-        improved = score is None or self.best["val_acc"] is None or score > self.best["val_acc"]
-        if improved:
-            self.best = {"epoch": row["epoch"], "val_acc": score}
+        m, v = self.monitor, Verdict()
+        value = m.value(row)
+        finite = row["val_loss"] is None or math.isfinite(row["val_loss"])  # a NaN val loss is never the best
+        v.improved = row["val_acc"] is None or (finite and m.better(value, _best_value(self.best, m)))
+        if v.improved:
+            self.best = {"epoch": row["epoch"], "val_acc": row["val_acc"]}
+            if m.key != "val_acc":
+                self.best.update(monitor=m.key, value=value)
             self.since_best = 0
         else:
             self.since_best += 1
-        row["best"] = improved
-        return improved
+        row["best"] = v.improved
+        if self.ema is not None and row.get("ema_val_acc") is not None:
+            ema_value = m.value(row, "ema_")
+            v.ema_improved = m.better(ema_value, _best_value(self.best_ema, m))
+            if v.ema_improved:
+                self.best_ema = {"epoch": row["epoch"], "val_acc": row["ema_val_acc"]}
+                if m.key != "val_acc":
+                    self.best_ema.update(monitor=m.key, value=ema_value)
+        self.top_k, v.in_top_k, v.dropped = update_top_k(self.top_k, row["epoch"], value,
+                                                          self.cfg.train.save_top_k, m)
+        return v
 
-    def commit(self, epochs_done: int, val: dict[str, Any] | None, improved: bool) -> None:
+    def commit(self, epochs_done: int, val: dict[str, Any] | None, v: Verdict) -> None:
         """The end-of-epoch writes (rank 0): last.pt first, the commit point (see ``checkpoint.repair_run``), then
-        best.pt (weights + metadata: the optimizer state, 2x the weights for Adam, is for resuming) and
-        metrics.json."""
+        best.pt (weights + metadata: the optimizer state, 2x the weights for Adam, is for resuming), best_ema.pt,
+        the top-k file, and metrics.json."""
         if not self.dd.is_main:
             return
         ckpt = self.checkpoint(epochs_done, val)
         ck.save_checkpoint(ckpt.to_dict(), self.run_dir / "last.pt")
-        if improved:
+        if v.improved:
             ck.save_checkpoint(ckpt.slim(), self.run_dir / "best.pt")
-        ck.atomic_write_text(self.run_dir / "metrics.json", ck.metrics_text(self.best, self.history))
+        if v.ema_improved:
+            ck.save_checkpoint({**ckpt.slim(), "model": ckpt.ema, "ema_weights": True}, self.run_dir / "best_ema.pt")
+        if v.in_top_k:
+            ck.save_checkpoint(ckpt.slim(), self.run_dir / file_for(epochs_done))
+        for name in v.dropped:
+            (self.run_dir / name).unlink(missing_ok=True)
+        ck.atomic_write_text(self.run_dir / "metrics.json", self.metrics_text())
+
+    def metrics_text(self) -> str:
+        return ck.metrics_text(self.best, self.history, best_ema=self.best_ema if self.ema is not None else None,
+                               top_k=self.top_k or None)
 
     def summary(self) -> dict[str, Any]:
         """The start-up lines (``Reporter.start``)."""
@@ -256,7 +303,10 @@ def _listeners(st: RunState, reporter: Reporter, extra: list | None):
         return C.Callbacks([])
     items: list = [C.ReporterCallback(reporter)]
     if st.cfg.train.tensorboard:
-        items.append(C.TensorBoard(st.run_dir))
+        tb = C.TensorBoard(st.run_dir, log_every=st.cfg.train.log_every)
+        items.append(tb)
+        if tb.steps is not None:  # per-update scalars ride on the batch-level reporter
+            st.reporter = C.Fanout([st.reporter, tb.steps])
     return C.Callbacks(items + list(extra or []))
 
 
@@ -350,6 +400,11 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
                   precision=precision, run_dir=run_dir, bundle=bundle, classes=classes, bb=bb, plan=plan,
                   model=model, optimizer=optimizer, scaler=scaler, channels_last=channels_last, step=None,
                   train_loader=None, val_loader=None, resumed=saved is not None)
+    st.monitor = Monitor(cfg.train.monitor, cfg.train.monitor_mode)
+    if cfg.train.ema:
+        from finetune.regularization import make_ema
+
+        st.ema = make_ema(model, cfg.train.ema_decay)
     if saved is not None:
         _restore(st, saved)
     if dd.is_main:
@@ -401,19 +456,28 @@ def _restore(st: RunState, saved: ck.Checkpoint) -> None:
         st.scaler.load_state_dict(saved.scaler)
     st.history = list(saved.metrics)
     st.best = dict(saved.best)
+    if st.ema is not None and saved.ema is not None:
+        st.ema.module.load_state_dict(saved.ema)
+        st.best_ema = dict(saved.best_ema or st.best_ema)
+    st.top_k = list(saved.top_k or [])
     st.since_best = st.history[-1]["epoch"] - st.best["epoch"] if st.history else 0  # early stop spans resumes
 
 
 def _make_step(st: RunState) -> Step:
     from finetune import freeze as F
 
+    from finetune.regularization import make_mixup
+
     cfg, opt = st.cfg, st.optimizer
     reduce = (lambda t: dist_.all_reduce_sum(t, st.dd)) if st.dd.enabled else None
+    mix, mix_loss = make_mixup(cfg, len(st.classes))
+    ema_update = (lambda n: st.ema.update(st.model, step=n)) if st.ema is not None else None
     return Step(optimizer=opt, loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
                 device=st.device, precision=st.precision, channels_last=st.channels_last,
                 accumulate=cfg.train.accumulate, clip_grad=cfg.train.clip_grad, scaler=st.scaler,
                 after_train_mode=lambda m: F.apply_bn_policy(m, cfg.freeze.bn),
-                schedule=lambda t, dt: set_lr(opt, cfg.scheduler, t, cfg.train.epochs, dt), reduce=reduce)
+                schedule=lambda t, dt: set_lr(opt, cfg.scheduler, t, cfg.train.epochs, dt), reduce=reduce,
+                mix=mix, mix_loss=mix_loss, after_update=ema_update)
 
 
 def _make_loaders(st: RunState) -> None:
@@ -430,8 +494,9 @@ def _make_loaders(st: RunState) -> None:
     st.train_loader = D.make_loader(b.train, cfg.train.batch_size, shuffle=True, **kw)
     st.feats, st.feats_info = plan_cache(cfg, st.bb, b, st.step, device=st.device, precision=st.precision,
                                          channels_last=st.channels_last, start_epoch=st.start_epoch)
-    if st.feats is not None and st.dd.enabled:
-        st.feats.step = dataclasses.replace(st.feats.step, reduce=None)
+    if st.feats is not None:  # the head on cached features: no mixing of features; each rank has all of them
+        st.feats.step = dataclasses.replace(st.feats.step, mix=None, mix_loss=None,
+                                            reduce=None if st.dd.enabled else st.feats.step.reduce)
 
 
 # ----------------------------------------------------------------------------------------------- the epoch loop
@@ -448,11 +513,10 @@ def fit(st: RunState, events) -> RunResult:
             phase = st.phase(epoch)
             events.on_epoch_start(st, epoch, phase)
             row, ev = _run_epoch(st, phase, epoch, resuming)
-            improved = st.record(row)
-            st.commit(epoch + 1, ev, improved)
+            st.commit(epoch + 1, ev, st.record(row))
             events.on_epoch_end(st, row)
             if st.cfg.train.early_stop and st.since_best >= st.cfg.train.early_stop:
-                events.on_note(st, f"early stop: no better val accuracy for {st.since_best} epochs")
+                events.on_note(st, f"early stop: no better {st.monitor.key} for {st.since_best} epochs")
                 break
         events.on_run_end(st)
     except NonFiniteLoss as e:
@@ -487,8 +551,12 @@ def _run_epoch(st: RunState, phase: Phase, epoch: int, resuming) -> tuple[dict[s
 
     # order, augmentation and dropout are functions of (seed, epoch): a resumed run repeats them exactly
     torch.manual_seed(epoch_seed(st.cfg.train.seed, epoch))
+    if phase.step.mix is not None:  # timm's Mixup draws from NumPy's global RNG
+        R.seed_numpy(epoch_seed(st.cfg.train.seed, epoch))
     if resuming:  # mid-epoch: skip the batches already trained, continue the RNG where it was
         torch.set_rng_state(resuming["rng"])
+        if resuming.get("np_rng") is not None:
+            R.set_numpy_rng_state(resuming["np_rng"])
     D.set_epoch(phase.train_loader, epoch, int(resuming["batches"]) if resuming else 0)
     reporter = st.reporter
     saver = _mid_epoch_saver(st.cfg, st.run_dir, lambda: st.checkpoint(epoch, None).to_dict())
@@ -503,8 +571,14 @@ def _run_epoch(st: RunState, phase: Phase, epoch: int, resuming) -> tuple[dict[s
     row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
            "val_loss": ev["loss"] if ev else None, "val_acc": ev["accuracy"] if ev else None,
            "lr": tr["lr"], "lrs": tr["lrs"], "seconds": tr["seconds"], "images_per_sec": tr["images_per_sec"]}
+    if ev:
+        row["val_f1"] = ev["macro_f1"]
     if ev and ev["top5"] is not None:
         row["val_top5"] = ev["top5"]
+    if st.ema is not None and st.val_loader is not None:  # the average of the full model, on the val images
+        ee = evaluate(st.ema.module, st.val_loader, len(st.classes), device=st.device, precision=st.precision,
+                      channels_last=st.channels_last, reporter=reporter, reduce=st.step.reduce)
+        row.update(ema_val_loss=ee["loss"], ema_val_acc=ee["accuracy"], ema_val_f1=ee["macro_f1"])
     return row, ev
 
 
@@ -519,8 +593,9 @@ def _mid_epoch_saver(cfg: Recipe, run_dir: Path, make_ckpt):
 
     def on_step(progress: dict[str, Any]) -> None:
         if (progress["batches"] // acc) % every == 0:
-            ck.save_checkpoint({**make_ckpt(), "partial": {**progress, "rng": torch.get_rng_state()}},
-                               run_dir / "last.pt")
+            np_rng = R.numpy_rng_state() if cfg.train.mixup or cfg.train.cutmix else None
+            ck.save_checkpoint({**make_ckpt(), "partial": {**progress, "rng": torch.get_rng_state(),
+                                                           "np_rng": np_rng}}, run_dir / "last.pt")
 
     return on_step
 
