@@ -21,6 +21,7 @@ from finetune.config import (Recipe, apply_overrides, describe, load_recipe, rec
                              recipe_path, recipes_dir)
 from finetune.errors import ConfigError, DataError, FinetuneError, FreezeError, shown  # noqa: F401
 from finetune.serialization import trusted  # noqa: F401
+from finetune.stop import sigterm_as_interrupt  # noqa: F401
 
 if TYPE_CHECKING:
     import torch

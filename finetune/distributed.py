@@ -42,6 +42,10 @@ def init(d: Dist, device: torch.device) -> torch.device:
     """Initialise the process group once; on CUDA each process takes the GPU of its local rank."""
     if not d.enabled:
         return device
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: die with it (nothing keeps writing the run)
+        from finetune.stop import die_with_parent
+
+        die_with_parent()
     if device.type == "cuda":
         torch.cuda.set_device(d.local_rank)
         device = torch.device("cuda", d.local_rank)
@@ -86,7 +90,11 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 def barrier(d: Dist) -> None:
-    if d.enabled:
+    """Wait for every rank; skipped once a stop was requested (SIGTERM/Ctrl-C: the other ranks are stopping too, at
+    other points of their loop, and would never reach it)."""
+    from finetune import stop
+
+    if d.enabled and not stop.requested():
         dist.barrier()
 
 
@@ -100,10 +108,9 @@ def broadcast_object(obj, d: Dist, src: int = 0):
 
 def launch(nproc: int, args: list[str]) -> int:
     """Run ``python -m finetune ARGS`` as ``nproc`` torchrun processes on this machine; returns the exit code."""
-    import subprocess
     import sys
 
-    import os
+    from finetune.stop import run_launcher
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "finetune", *args]
@@ -111,7 +118,7 @@ def launch(nproc: int, args: list[str]) -> int:
     # (init() splits the cores), so give it the same split and no banner
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")
            or str(max(1, (os.cpu_count() or 1) // nproc))}
-    return subprocess.call(cmd, env=env)
+    return run_launcher(cmd, env)  # torchrun and its workers never outlive this process
 
 
 def strip_nproc(argv: list[str]) -> list[str]:

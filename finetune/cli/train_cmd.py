@@ -177,10 +177,12 @@ def _base_recipe(recipe: Optional[str], model: Optional[str], given: dict):
 
 
 def _run(fn) -> None:
-    """Run training; under torchrun, leave the process group cleanly whatever happens."""
-    from finetune.api import shutdown_distributed
+    """Run training (SIGTERM stops it as Ctrl-C does); under torchrun, leave the process group cleanly whatever
+    happens."""
+    from finetune.api import shutdown_distributed, sigterm_as_interrupt
 
     try:
-        fn()
+        with sigterm_as_interrupt():
+            fn()
     finally:
         shutdown_distributed()
