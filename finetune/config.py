@@ -104,6 +104,7 @@ class TrainCfg:
     graph: bool = True  # add the model graph to TensorBoard
     save_every_steps: int | None = None  # also save last.pt every N optimizer steps inside an epoch (resumable)
     sync_bn: bool = False  # DDP: SyncBatchNorm for BN layers that train (statistics over the global batch)
+    dist_timeout: float = 10.0  # DDP: minutes a collective may wait for the other processes before it fails
 
 
 @dataclass
@@ -132,7 +133,7 @@ CHOICES = {
     "train.cache_features": ("auto", "on", "off"),
 }
 POSITIVE = {"optimizer.lr", "train.epochs", "train.batch_size", "train.accumulate", "data.cache_gb",
-            "train.save_every_steps"}
+            "train.save_every_steps", "train.dist_timeout"}
 NON_NEGATIVE = {"optimizer.momentum", "optimizer.weight_decay", "scheduler.warmup_epochs", "scheduler.min_lr",
                 "train.label_smoothing", "train.clip_grad", "train.early_stop", "freeze.first",
                 "data.workers", "scheduler.step_size", "scheduler.gamma"}

@@ -38,8 +38,10 @@ def from_env() -> Dist:
                 int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init(d: Dist, device: torch.device) -> torch.device:
-    """Initialise the process group once; on CUDA each process takes the GPU of its local rank."""
+def init(d: Dist, device: torch.device, timeout_min: float = 10.0) -> torch.device:
+    """Initialise the process group once; on CUDA each process takes the GPU of its local rank. A collective that
+    waits longer than ``timeout_min`` minutes (a frozen or dead peer) raises instead of hanging for gloo's or
+    nccl's default 30 minutes (``train.dist_timeout``)."""
     if not d.enabled:
         return device
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: die with it (nothing keeps writing the run)
@@ -50,7 +52,10 @@ def init(d: Dist, device: torch.device) -> torch.device:
         torch.cuda.set_device(d.local_rank)
         device = torch.device("cuda", d.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        from datetime import timedelta
+
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=timeout_min))
     if device.type == "cpu":  # N processes on one machine share its cores: don't oversubscribe them
         local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))

@@ -208,7 +208,12 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
             with autocast(step.device, step.precision):
                 logits = model(x)
                 loss = step.loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if step.reduce is not None:  # every rank stops at this step, or the others wait for its gradients forever
+                bad = int(step.reduce(torch.tensor([0.0 if finite else 1.0], device=step.device)).item())
+                if bad and finite:
+                    raise NonFiniteLoss(epoch, i, float("nan"), where=" on another process")
+            if not finite:
                 raise NonFiniteLoss(epoch, i, float(loss))
             scaled = loss / step.accumulate
             (step.scaler.scale(scaled) if step.scaler else scaled).backward()
@@ -249,8 +254,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
 
 
 class NonFiniteLoss(Exception):
-    def __init__(self, epoch: int, step: int, value: float):
-        super().__init__(f"loss became {value} at epoch {epoch + 1}, step {step + 1}")
+    def __init__(self, epoch: int, step: int, value: float, where: str = ""):
+        super().__init__(f"loss became {value}{where} at epoch {epoch + 1}, step {step + 1}")
         self.epoch, self.step, self.value = epoch, step, value
 
 

@@ -140,7 +140,7 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
     cfg = recipe
     seed_everything(cfg.train.seed)
     dd = dist_.from_env()  # torchrun sets RANK/WORLD_SIZE; a plain run is rank 0 of 1
-    device = dist_.init(dd, resolve_device(cfg.train.device))
+    device = dist_.init(dd, resolve_device(cfg.train.device), cfg.train.dist_timeout)
     if not dd.is_main:
         reporter = Reporter()  # only rank 0 prints, writes TensorBoard and saves checkpoints
     precision = resolve_precision(cfg.train.precision, device)

@@ -31,7 +31,7 @@ def test_unknown_key_names_path_and_line(tmp_path):
     assert str(e.value) == (f"recipe '{p}', line 4: unknown key 'train.epoch' (did you mean 'epochs'?); valid keys "
                             "in train: epochs, batch_size, accumulate, clip_grad, label_smoothing, seed, device, "
                             "precision, channels_last, compile, early_stop, cache_features, tensorboard, graph, "
-                            "save_every_steps, sync_bn")
+                            "save_every_steps, sync_bn, dist_timeout")
 
 
 def test_wrong_type_and_bad_value(tmp_path):
