@@ -138,6 +138,12 @@ NON_NEGATIVE = {"optimizer.momentum", "optimizer.weight_decay", "scheduler.warmu
                 "train.label_smoothing", "train.clip_grad", "train.early_stop", "freeze.first",
                 "data.workers", "scheduler.step_size", "scheduler.gamma"}
 
+# a recipe is a few KB of YAML; these bounds stop "billion laughs" alias bombs, self-referencing aliases and deep
+# nesting before anything expands them (every shipped recipe is < 2 KB, < 100 values, 4 levels deep)
+MAX_RECIPE_BYTES = 256 * 1024
+MAX_RECIPE_VALUES = 10_000  # values after expanding aliases
+MAX_RECIPE_DEPTH = 32
+
 IMAGE_SIZE = (8, 2048)  # data.image_size: smaller cannot pass a CNN's downsampling; larger is an allocator crash
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -176,6 +182,51 @@ def _key_lines(text: str) -> dict[str, int]:
     except yaml.YAMLError:
         pass
     return lines
+
+
+def _compose_checked(text: str, source: str):
+    """The YAML node graph of a recipe, refused before anything expands it when it is a bomb: aliases that expand
+    to more than MAX_RECIPE_VALUES values, an anchor that contains its own alias (a recursive structure), nesting
+    deeper than MAX_RECIPE_DEPTH, or a key given twice in one mapping (YAML would keep the last, silently)."""
+    import yaml
+
+    try:
+        root = yaml.compose(text)
+    except RecursionError:
+        raise ConfigError(f"recipe '{source}': YAML nested too deeply (a recipe is a few levels of sections and "
+                          "values)") from None
+    count = 0
+
+    def walk(node, path: list[int], prefix: str, at: int = 1) -> None:
+        nonlocal count
+        count += 1
+        line = node.start_mark.line + 1
+        if count > MAX_RECIPE_VALUES:
+            raise ConfigError(f"recipe '{source}': its YAML aliases expand to more than {MAX_RECIPE_VALUES:,} "
+                              "values; a recipe may use anchors and aliases only for a few repeated values")
+        if id(node) in path:
+            raise ConfigError(f"recipe '{source}', line {at}: a YAML alias refers to the node that contains it "
+                              "(a recursive structure); write the values out")
+        if len(path) >= MAX_RECIPE_DEPTH:
+            raise ConfigError(f"recipe '{source}', line {line}: YAML nested deeper than {MAX_RECIPE_DEPTH} levels")
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for k, v in node.value:
+                key = str(k.value) if isinstance(k, yaml.ScalarNode) else "?"
+                kpath = f"{prefix}.{key}" if prefix else key
+                if key in first and isinstance(k, yaml.ScalarNode):
+                    raise ConfigError(f"recipe '{source}', line {k.start_mark.line + 1}: duplicate key "
+                                      f"'{shown(kpath)}' (first on line {first[key]}); keep one")
+                first[key] = k.start_mark.line + 1
+                walk(k, path + [id(node)], kpath, k.start_mark.line + 1)
+                walk(v, path + [id(node)], kpath, k.start_mark.line + 1)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + [id(node)], f"{prefix}[{i}]", line)
+
+    if root is not None:
+        walk(root, [], "")
+    return root
 
 
 def _type_name(tp) -> str:
@@ -345,8 +396,13 @@ def load_recipe(name_or_path: str | None = "default") -> Recipe:
     import yaml
 
     path = recipe_path(name_or_path or "default")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe '{path}' is {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES // 1024} KiB "
+                          "(is this the right file?)")
     text = path.read_text(encoding="utf-8")
     try:
+        _compose_checked(text, str(path))  # before anything expands an alias
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -364,8 +420,10 @@ def describe(path: Path) -> str:
     import yaml
 
     try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            return "(too large)"
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return "(invalid YAML)"
     return str(data.get("description", "")).strip().splitlines()[0] if isinstance(data, dict) and \
         data.get("description") else ""

@@ -48,6 +48,13 @@ def base(tmp_path_factory) -> Path:
     torch.save(_other_arch_state_dict(), root / "resnet.pth")
     torch.save(_whole_smallcnn(), root / "whole.pth")
     (root / "bad.yaml").write_text("train:\n  epochs: [1, 2\n")
+    # "billion laughs": 9 levels of 10 aliases = 10^9 values from ~450 bytes (23 GB when something expands it)
+    lol = ['a0: &a0 "lol"'] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    (root / "bomb.yaml").write_text("\n".join(lol) + "\n")
+    (root / "selfref.yaml").write_text("model: &m\n  name: smallcnn\n  weights: [*m]\n")
+    (root / "deep.yaml").write_text("description: " + "[" * 3000 + "]" * 3000 + "\n")
+    (root / "huge.yaml").write_text("train:\n  epochs: 0\n" + "# padding\n" * 30000)
+    (root / "dup.yaml").write_text("train:\n  epochs: 0\n  batch_size: 8\n  epochs: 1\n")
     (root / "unknown_key.yaml").write_text("train:\n  epochs: 1\n  epocs: 2\n")
     (root / "wrong_type.yaml").write_text("optimizer:\n  lr: fast\n")
     blob = (root / "run" / "last.pt").read_bytes()
@@ -159,6 +166,15 @@ case("probe-no-val", "probe --model smallcnn --weights none --data {B}/data --va
      "probe needs validation images to compare heads, but '{B}/data' has none; add a val folder or pass --val-split")
 case("cache-clear-bad-age", "cache clear --older-than soon", "--older-than 'soon' is not an age; use e.g. 30m, 12h, "
      "7d or 2w")
+case("yaml-alias-bomb", "train --recipe {B}/bomb.yaml --out {B}/o27", "recipe '{B}/bomb.yaml': its YAML aliases "
+     "expand to more than 10,000 values; a recipe may use anchors and aliases only for a few repeated values")
+case("yaml-self-reference", "train --recipe {B}/selfref.yaml --out {B}/o28", "recipe '{B}/selfref.yaml', line 3: a "
+     "YAML alias refers to the node that contains it (a recursive structure); write the values out")
+case("yaml-too-deep", "train --recipe {B}/deep.yaml --out {B}/o29", "recipe '{B}/deep.yaml'")
+case("recipe-too-large", "train --recipe {B}/huge.yaml --out {B}/o30", "recipe '{B}/huge.yaml' is 300,019 bytes; a "
+     "recipe is at most 256 KiB (is this the right file?)")
+case("yaml-duplicate-key", "train --recipe {B}/dup.yaml --out {B}/o31", "recipe '{B}/dup.yaml', line 4: duplicate "
+     "key 'train.epochs' (first on line 2); keep one")
 
 
 def _fill(s: str, b: Path, r: Path) -> str:
