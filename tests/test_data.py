@@ -654,3 +654,50 @@ def test_light_augment_small_inputs_pad_and_crop():
     torch.manual_seed(0)
     img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     assert train_transform(small, "light")(img).shape == (3, 32, 32)
+
+
+# ------------------------------------------------------------------------------------------------- symlinks
+
+
+def _keys(ds) -> set[tuple[int, int]]:
+    return {(os.stat(p).st_dev, os.stat(p).st_ino) for p, _ in ds.samples}
+
+
+def test_a_symlink_loop_is_listed_once_and_never_leaks_val_into_train(tmp_path, caplog):
+    """``a/loop -> .`` (and a link to an ancestor such as ``/``) is not followed: each image counts once (16, not
+    hundreds), and no file is in both train and val."""
+    root = tree(tmp_path / "d", {"a": 8, "b": 8})
+    os.symlink(".", root / "a" / "loop")
+    os.symlink("/", root / "b" / "everything")
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        b = build_data(cfg(root, val_split=0.25, cache="off"), SMALL)
+    assert (len(b.train), len(b.val)) == (12, 4)
+    assert not _keys(b.train) & _keys(b.val)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert f"not following directory symlink '{root / 'a' / 'loop'}': it points to '{root / 'a'}', which holds it " \
+        "(a loop)" in msgs
+    assert f"not following directory symlink '{root / 'b' / 'everything'}': it points to '/', which holds it " \
+        "(a loop)" in msgs
+
+
+def test_a_linked_class_folder_is_followed(tmp_path):
+    """A directory symlink to elsewhere (a class folder kept on another disk) is followed, as torchvision does."""
+    tree(tmp_path / "elsewhere", {"cats": 3})
+    root = tree(tmp_path / "d", {"dogs": 3})
+    os.symlink(tmp_path / "elsewhere" / "cats", root / "cats")
+    b = build_data(cfg(root, val_split=0.0, cache="off"), SMALL)
+    assert b.class_names == ["cats", "dogs"] and len(b.train) == 6
+
+
+def test_one_file_is_never_in_both_train_and_val(tmp_path, caplog):
+    """val/a/x.png a symlink (or hard link) to train/a/x.png: it stays in val only, with one warning."""
+    root = tree(tmp_path / "d", {"train/a": 4, "train/b": 4, "val/a": 1, "val/b": 1})
+    os.symlink(root / "train" / "a" / "a_0.png", root / "val" / "a" / "same.png")
+    os.link(root / "train" / "b" / "b_0.png", root / "val" / "b" / "hard.png")
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        b = build_data(cfg(root, cache="off"), SMALL)
+    assert (len(b.train), len(b.val)) == (6, 4)
+    assert not _keys(b.train) & _keys(b.val)
+    assert "2 files are in both train and val (the same file under two names: a symlink, a hard link or a " \
+        f"duplicate path; first: '{root / 'train' / 'a' / 'a_0.png'}'); they are used for val only" in \
+        [r.getMessage() for r in caplog.records]

@@ -183,12 +183,14 @@ def build_data(cfg: DataCfg, model_data_cfg: dict, *, seed: int = 0, download: b
         raise DataError(f"no readable images in '{root}': all {len(bad)} image files failed to load (e.g. "
                         f"'{first}': {bad[first]}); check that the files are images and not truncated")
     skipped += report_bad(bad, cfg.strict)
-    train = [it for it in found.train if it[0] not in bad]
-    val = [it for it in found.val if it[0] not in bad] if found.val is not None else None
+    train = sources.unique([it for it in found.train if it[0] not in bad])
+    val = sources.unique([it for it in found.val if it[0] not in bad]) if found.val is not None else None
     split = ""
     if val is None and cfg.val_split > 0:
         train, val = sources.stratified_split(train, cfg.val_split, seed)
         split = f", val = {cfg.val_split:g} of each class (seed {seed})"
+    if val:
+        train = sources.disjoint(train, val)  # one file (by inode) is never in both
     classes = check_classes(train, val, found, str(root))
     if val is not None and not val:
         log.warning("no validation images in '%s'; training without validation", found.val_dir or root)
@@ -257,6 +259,7 @@ def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, 
         items = sources.class_folders(folder)
     if not items:
         raise DataError(f"no images found in '{folder}'")
+    items = sources.unique(items)  # as training listed them: one name per file
     if train_dir is None and val_split > 0:
         tr_items, va_items = sources.stratified_split(items, val_split, seed)
         items = va_items if split == "val" else tr_items

@@ -35,10 +35,41 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def walk_images(folder: Path) -> list[Path]:
-    """Image files under ``folder``, recursively (following symlinks, skipping hidden folders), sorted."""
+    """Image files under ``folder``, recursively (skipping hidden folders), sorted.
+
+    Directory symlinks are followed (torchvision's ``ImageFolder`` habit: a class folder kept on another disk),
+    except one that points to a folder holding it (``loop -> .``, a link to ``/``: a loop, skipped with a
+    warning); each real directory is listed once (by device and inode), so no image is found twice."""
+    import logging
+
     found: list[Path] = []
+    root = os.path.realpath(folder)
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # reached again through another link
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        here = os.path.realpath(dirpath)
+        keep = []
+        for d in dirnames:
+            full = os.path.join(dirpath, d)
+            if d.startswith("."):
+                continue
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if any(p == target or p.startswith(target.rstrip(os.sep) + os.sep) for p in (root, here)):
+                    logging.getLogger("finetune").warning(
+                        "not following directory symlink '%s': it points to '%s', which holds it (a loop)",
+                        full, target)
+                    continue
+            keep.append(d)
+        dirnames[:] = keep
         found.extend(Path(dirpath) / f for f in filenames if is_image_file(f))
     return sorted(found)
 

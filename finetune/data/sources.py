@@ -198,6 +198,39 @@ def find(root: Path, labels: str | None) -> Found:
 
 # ------------------------------------------------------------------------------------------------- split
 
+def _file_key(p: Path) -> tuple[int, int] | str:
+    try:
+        st = p.stat()
+    except OSError:
+        return str(p)
+    return st.st_dev, st.st_ino
+
+
+def unique(items: list[Item]) -> list[Item]:
+    """``items`` without a second name for one file (a symlink, a hard link: same device and inode); first wins."""
+    seen: set = set()
+    out = []
+    for it in items:
+        k = _file_key(it[0])
+        if k not in seen:
+            seen.add(k)
+            out.append(it)
+    return out
+
+
+def disjoint(train: list[Item], val: list[Item]) -> list[Item]:
+    """``train`` without the files that are also in ``val`` under any name (they would inflate val accuracy); one
+    warning when there are some."""
+    in_val = {_file_key(p) for p, _ in val}
+    both = [it for it in train if _file_key(it[0]) in in_val]
+    if both:
+        log.warning("%d files are in both train and val (the same file under two names: a symlink, a hard link or a "
+                    "duplicate path; first: '%s'); they are used for val only", len(both), both[0][0])
+        drop = {id(it) for it in both}
+        train = [it for it in train if id(it) not in drop]
+    return train
+
+
 def stratified_split(items: list[Item], val_split: float, seed: int) -> tuple[list[Item], list[Item]]:
     """Per class: sort by path, shuffle with ``random.Random(f"{seed}:{class}")``, move ``round(n * val_split)``
     to val (at least 1 when the class has 2+ images, never all of them). The same files give the same split on
