@@ -111,12 +111,17 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
 
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, device=str(dev))
+    from finetune.data import provenance
+
     info = ckpt.get("data") or {}
-    path = data if data is not None else info.get("path", "sample")
-    own = data is None or data == info.get("path")  # the run's data: its labels and its train/val split
+    path = data if data is not None else info.get("root") or info.get("path", "sample")
+    own = data is None or data == info.get("path") or provenance.absolute(data) == info.get("root")
+    # the run's data: its labels and its train/val split
     ds = D.build_eval_dataset(path, split, list(ckpt["class_names"]), ckpt["transform"],
                               labels=labels or (info.get("labels") if own else None),
                               val_split=info.get("val_split", 0.2) if own else 0.0, seed=info.get("seed", 0))
+    if own and split == "val":
+        provenance.check_eval(info, ds, path)
     loader = D.make_loader(ds, batch_size, shuffle=False, seed=0, device=dev.type)
     res = evaluate(model, loader, int(ckpt["num_classes"]), device=dev,
                    precision=_precision_on(dev, precision or ckpt.get("precision", "fp32")),

@@ -20,6 +20,7 @@ from torch import nn
 from finetune import __version__, checkpoint as ck
 from finetune import distributed as dist_
 from finetune.config import Recipe, from_dict
+from finetune.data import provenance
 from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_compile, resolve_device,
                              resolve_precision, set_lr, train_one_epoch, wants_channels_last)
 from finetune.errors import CheckpointError, ConfigError, FinetuneError
@@ -130,7 +131,7 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
                                                                       for s in data["freeze"]["schedule"]]}}
         if epochs is not None:  # validated with the rest: --epochs 0 is an error, not an empty run
             data = {**data, "train": {**data["train"], "epochs": epochs}}
-        recipe = from_dict(data)
+        recipe = from_dict(provenance.resume_recipe(state, data))  # the run's data by absolute path
         if int(state["epoch"]) >= recipe.train.epochs and not state.get("partial"):
             raise CheckpointError(f"nothing to resume: '{run_dir}' already finished {state['epoch']} of "
                                   f"{recipe.train.epochs} epochs; pass --epochs N with N > {state['epoch']} to "
@@ -147,6 +148,8 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
 
     data_cfg = probe_data_cfg(cfg.model.name, cfg.model.weights)
     bundle = D.build_data(cfg.data, data_cfg, seed=cfg.train.seed)
+    if state is not None:
+        provenance.check_resume(state, bundle, run_dir)  # the same val images, or refuse
     classes = list(bundle.class_names)
     if state is not None and classes != list(state["class_names"]):
         raise ConfigError(f"cannot resume: the data's classes {classes} differ from the run's "
@@ -244,7 +247,7 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
                   "transform": bundle.transform, "precision": precision, "channels_last": channels_last,
                   "epoch_base": 1,  # freeze.schedule epochs count from 1 (older checkpoints: from 0)
                   "data": {"path": cfg.data.path, "labels": cfg.data.labels, "val_split": cfg.data.val_split,
-                           "seed": cfg.train.seed}}
+                           "seed": cfg.train.seed, **provenance.identity(cfg.data.path, bundle)}}
     first_batch_logged = start_epoch > 0
 
     def checkpoint(epochs_done: int, val: dict[str, Any] | None) -> dict[str, Any]:

@@ -132,3 +132,44 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
     time.sleep(0.1)
     res = train(None, resume=out, epochs=2)  # the kernel dropped the dead holder's lock
     assert res.epochs[-1]["epoch"] == 2
+
+
+def test_eval_and_resume_use_the_runs_data_from_any_folder(tmp_path, monkeypatch, caplog):
+    """The run was started with the relative ``--data tiny``; eval and resume from another folder that holds another
+    ``tiny/`` still use the run's images (the checkpoint stores the absolute path). When the run's val images
+    change, resume refuses and eval warns."""
+    import logging
+    import shutil
+
+    from finetune.api import evaluate_checkpoint
+    from helpers import tiny_tree
+
+    for sub in ("train", "val"):
+        tiny_tree(tmp_path / "a" / "tiny" / sub, classes=("x", "y"), per_class=6 if sub == "train" else 3)
+    other = tiny_tree(tmp_path / "b" / "tiny", classes=("x", "y"), per_class=5)  # another tiny/, no val folder
+    shutil.rmtree(other / "y")
+    tiny_tree(other, classes=("y", "x"), per_class=5)  # other images under the same class names
+    monkeypatch.chdir(tmp_path / "a")
+    r = recipe(**{"data.path": "tiny", "train.epochs": 1})
+    train(r, out=tmp_path / "run")
+    ckpt = ck.load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ckpt["data"]["root"] == str(tmp_path / "a" / "tiny") and ckpt["data"]["val_count"] == 6
+    want = ckpt["val"]["accuracy"]
+
+    monkeypatch.chdir(tmp_path / "b")
+    res = evaluate_checkpoint(tmp_path / "run" / "best.pt", device="cpu")
+    assert (res["n"], res["accuracy"], res["data"]) == (6, want, str(tmp_path / "a" / "tiny"))
+    out = train(None, resume=tmp_path / "run", epochs=2)
+    assert [e["epoch"] for e in out.epochs] == [1, 2]
+
+    (tmp_path / "a" / "tiny" / "val" / "x" / "x_000.png").unlink()
+    with pytest.raises(CheckpointError) as e:
+        train(None, resume=tmp_path / "run", epochs=3)
+    assert str(e.value) == (f"cannot resume: the validation images in '{tmp_path / 'a' / 'tiny'}' are not the ones "
+                            "this run validated on (6 images then, 5 now, or renamed); restore them, or start a new "
+                            f"run from '{tmp_path / 'run' / 'config.yaml'}'")
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        assert evaluate_checkpoint(tmp_path / "run" / "best.pt", device="cpu")["n"] == 5
+    assert f"the validation images in '{tmp_path / 'a' / 'tiny'}' differ from the ones the run validated on (6 " \
+        "images then, 5 now, or renamed); the accuracy is not comparable with the one training recorded" in \
+        [rec.getMessage() for rec in caplog.records]
