@@ -339,6 +339,10 @@ def validate(recipe: Recipe, where: _Where | None = None) -> Recipe:
                               f"(epochs count from 1, as the logs do), got {step.epoch}")
         if step.lr_mult <= 0:
             raise ConfigError(f"{where(f'freeze.schedule[{i}]')}freeze.schedule[{i}].lr_mult must be greater than 0")
+    decay = recipe.optimizer.layer_decay
+    if decay is not None and not 0.0 < decay <= 1.0:
+        raise ConfigError(f"{where('optimizer.layer_decay')}optimizer.layer_decay must be in (0, 1] (each layer's LR "
+                          f"is lr x decay^distance from the head), got {decay}")
     for k, v in recipe.optimizer.lr_mult.items():
         if v < 0:
             raise ConfigError(f"{where('optimizer.lr_mult.' + k)}optimizer.lr_mult.{k} must not be negative")

@@ -54,6 +54,9 @@ def base(tmp_path_factory) -> Path:
     (root / "selfref.yaml").write_text("model: &m\n  name: smallcnn\n  weights: [*m]\n")
     (root / "deep.yaml").write_text("description: " + "[" * 3000 + "]" * 3000 + "\n")
     (root / "huge.yaml").write_text("train:\n  epochs: 0\n" + "# padding\n" * 30000)
+    (root / "decay_neg.yaml").write_text("optimizer:\n  layer_decay: -0.5\n")
+    (root / "decay_zero.yaml").write_text("optimizer:\n  layer_decay: 0\n")
+    (root / "decay_big.yaml").write_text("optimizer:\n  layer_decay: 1.5\n")
     (root / "dup.yaml").write_text("train:\n  epochs: 0\n  batch_size: 8\n  epochs: 1\n")
     (root / "unknown_key.yaml").write_text("train:\n  epochs: 1\n  epocs: 2\n")
     (root / "wrong_type.yaml").write_text("optimizer:\n  lr: fast\n")
@@ -175,6 +178,11 @@ case("recipe-too-large", "train --recipe {B}/huge.yaml --out {B}/o30", "recipe '
      "recipe is at most 256 KiB (is this the right file?)")
 case("yaml-duplicate-key", "train --recipe {B}/dup.yaml --out {B}/o31", "recipe '{B}/dup.yaml', line 4: duplicate "
      "key 'train.epochs' (first on line 2); keep one")
+
+for _name, _v in (("neg", "-0.5"), ("zero", "0.0"), ("big", "1.5")):
+    case(f"layer-decay-{_name}", f"train --recipe {{B}}/decay_{_name}.yaml --out {{B}}/o32",
+         f"recipe '{{B}}/decay_{_name}.yaml', line 2: optimizer.layer_decay must be in (0, 1] (each layer's LR is "
+         f"lr x decay^distance from the head), got {_v}")
 
 
 def _fill(s: str, b: Path, r: Path) -> str:
