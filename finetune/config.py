@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -243,6 +244,9 @@ def _type_name(tp) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def _convert(value: Any, tp, path: str, where: _Where) -> Any:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -277,6 +281,8 @@ def _convert(value: Any, tp, path: str, where: _Where) -> Any:
             return value
         raise bad
     if tp is float:
+        if isinstance(value, str) and _NUMBER.match(value.strip()):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            value = float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if abs(value) > sys.float_info.max or not math.isfinite(value):  # YAML .nan/.inf, 10**400
                 text = repr(value) if len(repr(value)) <= 32 else f"{repr(value)[:12]}... ({len(repr(value))} digits)"
@@ -284,6 +290,8 @@ def _convert(value: Any, tp, path: str, where: _Where) -> Any:
             return float(value)
         raise bad
     if tp is str:
+        if isinstance(value, bool) and {"on", "off"} <= set(CHOICES.get(path, ())):
+            return "on" if value else "off"  # YAML 1.1 reads unquoted on/off as booleans
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise bad

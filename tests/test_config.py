@@ -63,3 +63,16 @@ def test_overrides_validate():
 def test_unknown_recipe():
     with pytest.raises(ConfigError, match=r"^unknown recipe 'defualt' \(did you mean 'default'\?\); available: "):
         config.load_recipe("defualt")
+
+
+def test_yaml_1_1_spellings_of_numbers_and_words(tmp_path):
+    """PyYAML reads ``1e-3`` (no dot) as a string and unquoted ``off``/``on`` as booleans: both mean what they say."""
+    p = write(tmp_path, "optimizer:\n  lr: 1e-3\n  weight_decay: 5E-4\ndata:\n  cache: off\ntrain:\n"
+                        "  cache_features: on\n")
+    r = config.load_recipe(p)
+    assert (r.optimizer.lr, r.optimizer.weight_decay, r.data.cache, r.train.cache_features) == \
+        (0.001, 0.0005, "off", "on")
+    with pytest.raises(ConfigError, match=r"line 2: optimizer.lr must be a number, got '1e-3x'"):
+        config.load_recipe(write(tmp_path, "optimizer:\n  lr: 1e-3x\n"))
+    with pytest.raises(ConfigError, match=r"line 2: data.augment must be a string, got False"):
+        config.load_recipe(write(tmp_path, "data:\n  augment: off\n"))
