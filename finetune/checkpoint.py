@@ -8,6 +8,7 @@ strings, lists and dicts only — so the model can be rebuilt and used without t
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -173,9 +174,21 @@ def slim(ckpt: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ckpt.items() if k not in RESUME_ONLY}
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by None: ``json.dumps`` would write bare ``NaN``/``Infinity``, which
+    is not JSON (jq, browsers and ``JSON.parse`` reject the whole file)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def metrics_text(best: dict, history: list[dict]) -> str:
     rows = [{k: v for k, v in r.items() if k != "best"} for r in history]
-    return json.dumps({"best": best, "epochs": rows}, indent=2)
+    return json.dumps(finite_json({"best": best, "epochs": rows}), indent=2, allow_nan=False)
 
 
 def _peek(path: Path) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,7 +301,8 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
             history.append(row)
             # without a val set there is no "best": best.pt follows the latest epoch and val_acc stays null
             score = ev["accuracy"] if ev else None
-            improved = score is None or best["val_acc"] is None or score > best["val_acc"]
+            improved = (score is None or best["val_acc"] is None or score > best["val_acc"]) and \
+                (ev is None or math.isfinite(ev["loss"]))  # a NaN val loss is never "best"
             if improved:
                 best = {"epoch": epoch + 1, "val_acc": score}
                 since_best = 0
@@ -320,8 +322,9 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
                 reporter.note(f"early stop: no better val accuracy for {since_best} epochs")
                 break
     except NonFiniteLoss as e:
-        raise TrainingDiverged(f"training diverged: {e}; the last good checkpoint is in '{run_dir}'; lower --lr "
-                               "or use --clip-grad") from None
+        kept = (f"; the last good checkpoint is in '{run_dir}'" if (run_dir / "last.pt").is_file()
+                else ", before the first checkpoint (nothing was saved)")
+        raise TrainingDiverged(f"training diverged: {e}{kept}; lower --lr or use --clip-grad") from None
     except KeyboardInterrupt:
         if (run_dir / "last.pt").is_file():
             raise Interrupted(f"interrupted; the last checkpoint is in '{run_dir}': continue with "

@@ -163,3 +163,48 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_good_checkpoint(data, tmp_p
     assert ck["epoch"] == 1 and "partial" not in ck
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
     assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1]
+
+
+def test_divergence_before_any_checkpoint_says_there_is_none(data, tmp_path, cli, monkeypatch):
+    real = torch.nn.CrossEntropyLoss.forward
+
+    def forward(self, logits, y):
+        if self.reduction == "mean":  # the first training step
+            return torch.tensor(float("inf"))
+        return real(self, logits, y)
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", forward)
+    out = tmp_path / "inf"
+    r = cli("train", "--model", "smallcnn", "--weights", "none", "--data", data, "--out", out, *FAST)
+    assert r.exit_code == 1
+    assert r.stderr == ("Error: training diverged: loss became inf at epoch 1, step 1, before the first checkpoint "
+                        "(nothing was saved); lower --lr or use --clip-grad\n")
+    assert not (out / "last.pt").exists()
+
+
+def test_best_is_chosen_among_finite_val_losses_and_metrics_json_is_strict(data, tmp_path, monkeypatch):
+    """Epoch 2's val loss is NaN (its accuracy the highest): it is not the best, and metrics.json says null, not
+    the bare NaN that JSON parsers reject."""
+    import finetune.runner as R
+
+    real = R.evaluate
+    calls = {"n": 0}
+
+    def evaluate(*a, **k):
+        res = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            res = {**res, "loss": float("nan"), "accuracy": 1.0}
+        return res
+
+    monkeypatch.setattr(R, "evaluate", evaluate)
+    out = tmp_path / "r"
+    train(recipe(data, epochs=3), out=out)
+
+    def strict(c):
+        raise ValueError(f"bare {c} in metrics.json")
+
+    m = json.loads((out / "metrics.json").read_text(), parse_constant=strict)
+    assert m["epochs"][1]["val_loss"] is None and m["epochs"][1]["val_acc"] == 1.0
+    assert m["best"]["epoch"] != 2
+    assert load_checkpoint(out / "best.pt")["epoch"] == m["best"]["epoch"]
