@@ -133,6 +133,10 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
         if epochs is not None:  # validated with the rest: --epochs 0 is an error, not an empty run
             data = {**data, "train": {**data["train"], "epochs": epochs}}
         recipe = from_dict(provenance.resume_recipe(state, data))  # the run's data by absolute path
+        if int(state["epoch"]) >= recipe.train.epochs and state.get("partial"):  # only --epochs can do that
+            raise CheckpointError(f"cannot resume with --epochs {recipe.train.epochs}: '{run_dir}' has already "
+                                  f"trained {state['epoch']} epochs (and part of epoch {int(state['epoch']) + 1}); "
+                                  f"pass --epochs N with N > {state['epoch']}")
         if int(state["epoch"]) >= recipe.train.epochs and not state.get("partial"):
             raise CheckpointError(f"nothing to resume: '{run_dir}' already finished {state['epoch']} of "
                                   f"{recipe.train.epochs} epochs; pass --epochs N with N > {state['epoch']} to "

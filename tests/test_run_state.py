@@ -173,3 +173,21 @@ def test_eval_and_resume_use_the_runs_data_from_any_folder(tmp_path, monkeypatch
     assert f"the validation images in '{tmp_path / 'a' / 'tiny'}' differ from the ones the run validated on (6 " \
         "images then, 5 now, or renamed); the accuracy is not comparable with the one training recorded" in \
         [rec.getMessage() for rec in caplog.records]
+
+
+def test_resume_with_fewer_epochs_than_done_is_an_error(tmp_path, cli):
+    """A run stopped mid-epoch 3 (2 epochs done, a partial third): ``--resume --epochs 2`` (or 1) would train
+    nothing and exit 0; it is an error, and nothing in the run changes."""
+    train(recipe(**{"train.epochs": 2}), out=tmp_path / "run")
+    last = tmp_path / "run" / "last.pt"
+    state = ck.load_checkpoint(last)
+    state["recipe"]["train"]["epochs"] = 4
+    ck.save_checkpoint({**state, "partial": {"batches": 2, "loss_sum": 1.0, "correct": 1, "seen": 2,
+                                             "rng": torch.get_rng_state()}}, last)
+    before = last.read_bytes()
+    for n in (2, 1):
+        r = cli("train", "--resume", tmp_path / "run", "--epochs", n, "--quiet")
+        assert r.exit_code == 1
+        assert r.stderr == (f"Error: cannot resume with --epochs {n}: '{tmp_path / 'run'}' has already trained 2 "
+                            "epochs (and part of epoch 3); pass --epochs N with N > 2\n")
+    assert last.read_bytes() == before
