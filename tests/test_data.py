@@ -701,3 +701,18 @@ def test_one_file_is_never_in_both_train_and_val(tmp_path, caplog):
     assert "2 files are in both train and val (the same file under two names: a symlink, a hard link or a " \
         f"duplicate path; first: '{root / 'train' / 'a' / 'a_0.png'}'); they are used for val only" in \
         [r.getMessage() for r in caplog.records]
+
+
+def test_a_training_batch_of_one_image_is_dropped():
+    """BatchNorm in train mode cannot normalise a batch of one (``Expected more than 1 value per channel``): a
+    training loader whose last batch would hold one image drops it (that image is drawn elsewhere in other epochs);
+    evaluation keeps every image, and other remainders are kept."""
+    from torch.utils.data import TensorDataset
+
+    ds = TensorDataset(torch.arange(17).float(), torch.zeros(17, dtype=torch.long))
+    sizes = lambda loader: [len(x) for x, _ in loader]  # noqa: E731
+    assert sizes(make_loader(ds, 8, shuffle=True, seed=0, workers=0)) == [8, 8]
+    assert sizes(make_loader(ds, 8, shuffle=False, seed=0, workers=0)) == [8, 8, 1]
+    assert sizes(make_loader(ds, 6, shuffle=True, seed=0, workers=0)) == [6, 6, 5]
+    # under DDP each rank's shard counts: 2 ranks x 9 (padded) with batch 4 -> 4, 4, (1 dropped)
+    assert sizes(make_loader(ds, 4, shuffle=True, seed=0, workers=0, num_replicas=2, rank=1)) == [4, 4]
