@@ -716,3 +716,29 @@ def test_a_training_batch_of_one_image_is_dropped():
     assert sizes(make_loader(ds, 6, shuffle=True, seed=0, workers=0)) == [6, 6, 5]
     # under DDP each rank's shard counts: 2 ranks x 9 (padded) with batch 4 -> 4, 4, (1 dropped)
     assert sizes(make_loader(ds, 4, shuffle=True, seed=0, workers=0, num_replicas=2, rank=1)) == [4, 4]
+
+
+def _png_header(path: Path, w: int, h: int) -> Path:
+    """A PNG whose header claims ``w`` x ``h`` pixels (PIL refuses it when opening, before decoding anything)."""
+    import struct
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_skipped_with_a_warning(tmp_path, caplog):
+    """A 30000x30000 PNG (900 megapixels) among the training images: skipped with one warning, like any unreadable
+    image, instead of aborting the run with PIL's DecompressionBombError."""
+    root = tree(tmp_path / "d", {"a": 3, "b": 3})
+    bomb = _png_header(root / "a" / "huge.png", 30000, 30000)
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        b = build_data(cfg(root, val_split=0.0, cache="off"), SMALL)
+    assert len(b.train) == 6 and bomb not in [p for p, _ in b.train.samples]
+    assert [str(p) for p in b.skipped] == [str(bomb)]
+    assert any(f"'{bomb}': image too large (900,000,000 pixels; the limit is 178,956,970)" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -102,6 +103,10 @@ def _reason(e: BaseException, path: Path) -> str:
         return "empty file" if _size(path) == 0 else "not an image (unknown format)"
     if isinstance(e, FileNotFoundError):
         return "file not found"
+    if isinstance(e, Image.DecompressionBombError):  # PIL's limit: 2 x Image.MAX_IMAGE_PIXELS (~179 megapixels)
+        m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
+        return (f"image too large ({int(m.group(1)):,} pixels; the limit is {int(m.group(2)):,})" if m
+                else "image too large")
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     return msg.replace(f"'{path}'", "").replace(str(path), "").strip(" :") or type(e).__name__
 
@@ -157,5 +162,5 @@ def image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.size
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image '{path}': {_reason(e, path)}") from None
