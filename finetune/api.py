@@ -119,7 +119,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
     # the run's data: its labels and its train/val split
     ds = D.build_eval_dataset(path, split, list(ckpt["class_names"]), ckpt["transform"],
                               labels=labels or (info.get("labels") if own else None),
-                              val_split=info.get("val_split", 0.2) if own else 0.0, seed=info.get("seed", 0))
+                              val_split=info.get("val_split", 0.2) if own else 0.0, seed=info.get("seed", 0),
+                              allow_outside=bool(info.get("allow_outside")) and own)
     if own and split == "val":
         provenance.check_eval(info, ds, path)
     loader = D.make_loader(ds, batch_size, shuffle=False, seed=0, device=dev.type)

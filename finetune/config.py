@@ -46,6 +46,7 @@ class DataCfg:
     cache_gb: float = 2.0
     workers: int | None = None  # None = sized for the machine
     strict: bool = False  # fail on unreadable images instead of skipping them
+    allow_outside: bool = False  # csv labels: allow paths outside the data folder (../x, /abs/x)
 
 
 @dataclass

@@ -252,7 +252,7 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
                   "transform": bundle.transform, "precision": precision, "channels_last": channels_last,
                   "epoch_base": 1,  # freeze.schedule epochs count from 1 (older checkpoints: from 0)
                   "data": {"path": cfg.data.path, "labels": cfg.data.labels, "val_split": cfg.data.val_split,
-                           "seed": cfg.train.seed, **provenance.identity(cfg.data.path, bundle)}}
+                           "seed": cfg.train.seed, **provenance.identity(cfg.data, bundle)}}
     first_batch_logged = start_epoch > 0
 
     def checkpoint(epochs_done: int, val: dict[str, Any] | None) -> dict[str, Any]:

@@ -57,6 +57,11 @@ def base(tmp_path_factory) -> Path:
     (root / "decay_neg.yaml").write_text("optimizer:\n  layer_decay: -0.5\n")
     (root / "decay_zero.yaml").write_text("optimizer:\n  layer_decay: 0\n")
     (root / "decay_big.yaml").write_text("optimizer:\n  layer_decay: 1.5\n")
+    csvdata = tiny_tree(root / "csvdata", per_class=4)
+    tiny_tree(root / "outside", classes=("a",), per_class=1)
+    rows = [f"{c}/{c}_{i:03d}.png,{c}" for c in ("a", "b", "c") for i in range(4)]
+    (csvdata / "labels.csv").write_text("path,label\n" + "\n".join(rows[:5] + ["../outside/a/a_000.png,a"]
+                                                                            + rows[5:] + ["/etc/passwd.png,b"]) + "\n")
     (root / "dup.yaml").write_text("train:\n  epochs: 0\n  batch_size: 8\n  epochs: 1\n")
     (root / "unknown_key.yaml").write_text("train:\n  epochs: 1\n  epocs: 2\n")
     (root / "wrong_type.yaml").write_text("optimizer:\n  lr: fast\n")
@@ -183,6 +188,11 @@ for _name, _v in (("neg", "-0.5"), ("zero", "0.0"), ("big", "1.5")):
     case(f"layer-decay-{_name}", f"train --recipe {{B}}/decay_{_name}.yaml --out {{B}}/o32",
          f"recipe '{{B}}/decay_{_name}.yaml', line 2: optimizer.layer_decay must be in (0, 1] (each layer's LR is "
          f"lr x decay^distance from the head), got {_v}")
+
+case("csv-path-outside-data", "train --data {B}/csvdata --labels csv:labels.csv --out {B}/o33",
+     "label file '{B}/csvdata/labels.csv': 2 rows point outside the data folder '{B}/csvdata' (row 6: "
+     "'../outside/a/a_000.png'); paths are relative to it; pass --allow-outside (data.allow_outside: true) if that "
+     "is intended")
 
 
 def _fill(s: str, b: Path, r: Path) -> str:

@@ -742,3 +742,13 @@ def test_a_decompression_bomb_is_skipped_with_a_warning(tmp_path, caplog):
     assert [str(p) for p in b.skipped] == [str(bomb)]
     assert any(f"'{bomb}': image too large (900,000,000 pixels; the limit is 178,956,970)" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_csv_paths_outside_the_data_folder_need_allow_outside(tmp_path):
+    root = tree(tmp_path / "d", {"a": 2, "b": 2})
+    write_image(tmp_path / "elsewhere" / "far.png")
+    (root / "labels.csv").write_text("a/a_0.png,a\na/a_1.png,a\nb/b_0.png,b\nb/b_1.png,b\n../elsewhere/far.png,b\n")
+    with pytest.raises(DataError, match=r"1 row point outside the data folder .* \(row 5: '../elsewhere/far.png'\)"):
+        build_data(cfg(root, labels="csv:labels.csv", val_split=0.0, cache="off"), SMALL)
+    b = build_data(cfg(root, labels="csv:labels.csv", val_split=0.0, cache="off", allow_outside=True), SMALL)
+    assert len(b.train) == 5 and tmp_path / "d" / ".." / "elsewhere" / "far.png" in b.train.paths

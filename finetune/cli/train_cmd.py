@@ -35,6 +35,8 @@ def train(
                                              rich_help_panel=_D),
     augment: Optional[str] = typer.Option(None, "--augment", help="none | light | strong (default: the recipe's).",
                                           rich_help_panel=_D),
+    allow_outside: Optional[bool] = typer.Option(None, "--allow-outside", help="CSV labels may name files "
+                                                 "outside the data folder (../x, /abs/x).", rich_help_panel=_D),
     strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Fail on an unreadable image instead "
                                           "of skipping it with a warning.", rich_help_panel=_D),
     freeze_names: Optional[str] = O.panel(O.FREEZE_NAMES, _F),
@@ -111,7 +113,7 @@ def train(
     overrides = {
         "model.name": model, "model.weights": weights,
         "data.path": data, "data.labels": labels, "data.val_split": val_split, "data.image_size": image_size,
-        "data.augment": augment, "data.strict": strict,
+        "data.augment": augment, "data.strict": strict, "data.allow_outside": allow_outside,
         **O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn, stages),
         "optimizer.name": optimizer, "optimizer.lr": lr, "optimizer.momentum": momentum,
         "optimizer.nesterov": nesterov, "optimizer.weight_decay": weight_decay,

@@ -170,7 +170,7 @@ def build_data(cfg: DataCfg, model_data_cfg: dict, *, seed: int = 0, download: b
     if isinstance(spec, str):
         return cifar_bundle(spec, tf, train_tf, eval_tf, download=download)
     root = check_root(spec, cfg.path)
-    found = sources.find(root, cfg.labels)
+    found = sources.find(root, cfg.labels, cfg.allow_outside)
     skipped = report_bad({Path(m): "listed in the label file, not found" for m in found.missing}, cfg.strict)
     items = found.train + (found.val or [])
     if not items:
@@ -218,7 +218,8 @@ def cifar_bundle(spec: str, tf: dict, train_tf, eval_tf, *, download: bool = Fal
 
 
 def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, strict: bool = False,
-                       labels: str | None = None, val_split: float = 0.0, seed: int = 0) -> Dataset:
+                       labels: str | None = None, val_split: float = 0.0, seed: int = 0,
+                       allow_outside: bool = False) -> Dataset:
     """The ``split`` (``val``, ``train`` or ``test``: ROOT/test) of ``path`` with the eval transform ``tf``,
     labelled by ``class_names``.
 
@@ -254,7 +255,7 @@ def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, 
                             "or a folder of class subfolders to evaluate it whole")
     if labels:
         kind, rule = sources.parse_labels(labels, folder)
-        items = sources.read_csv(rule, root)[0] if kind == "csv" else sources.labelled_files(folder, rule)[0]
+        items = sources.read_csv(rule, root, allow_outside)[0] if kind == "csv" else sources.labelled_files(folder, rule)[0]
     else:
         items = sources.class_folders(folder)
     if not items:

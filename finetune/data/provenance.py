@@ -44,14 +44,15 @@ def fingerprint(dataset, root: str) -> tuple[str, int]:
     return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest(), len(lines)
 
 
-def identity(path: str, bundle) -> dict[str, Any]:
-    """What a checkpoint stores about its data besides the path as typed (see the module docstring)."""
+def identity(data_cfg, bundle) -> dict[str, Any]:
+    """What a checkpoint stores about its data besides the path as typed (see the module docstring), and whether
+    CSV labels may point outside the data folder (so ``eval`` reads the same list)."""
     from finetune.data.build import resolve_data_path
 
-    root = absolute(path)
-    spec = resolve_data_path(path)
+    root = absolute(data_cfg.path)
+    spec = resolve_data_path(data_cfg.path)
     fp, n = fingerprint(bundle.val, str(spec)) if bundle.val is not None else ("", 0)
-    return {"root": root, "val_fingerprint": fp, "val_count": n}
+    return {"root": root, "val_fingerprint": fp, "val_count": n, "allow_outside": data_cfg.allow_outside}
 
 
 def resume_recipe(state: dict, data: dict) -> dict:
