@@ -255,7 +255,8 @@ def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, 
                             "or a folder of class subfolders to evaluate it whole")
     if labels:
         kind, rule = sources.parse_labels(labels, folder)
-        items = sources.read_csv(rule, root, allow_outside)[0] if kind == "csv" else sources.labelled_files(folder, rule)[0]
+        items = (sources.read_csv(rule, root, allow_outside)[0] if kind == "csv"
+                 else sources.labelled_files(folder, rule)[0])
     else:
         items = sources.class_folders(folder)
     if not items:
