@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.checkpoint import EXPORT_SUFFIX, export_weights  # noqa: F401 - torch only inside the functions
+from finetune.checkpoint import EXPORT_SUFFIX, export_weights, finite_json  # noqa: F401 - torch only inside
 from finetune.config import (Recipe, apply_overrides, describe, load_recipe, recipe_names,  # noqa: F401
                              recipe_path, recipes_dir)
 from finetune.errors import ConfigError, DataError, FinetuneError, FreezeError, shown  # noqa: F401

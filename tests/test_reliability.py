@@ -208,3 +208,21 @@ def test_best_is_chosen_among_finite_val_losses_and_metrics_json_is_strict(data,
     assert m["epochs"][1]["val_loss"] is None and m["epochs"][1]["val_acc"] == 1.0
     assert m["best"]["epoch"] != 2
     assert load_checkpoint(out / "best.pt")["epoch"] == m["best"]["epoch"]
+
+
+def test_json_output_of_a_nan_model_is_strict_json(run, data, tmp_path, cli):
+    """A checkpoint whose weights are NaN: predict --json and eval --json print null, not bare NaN."""
+    ck = load_checkpoint(run / "best.pt")
+    ck["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in ck["model"].items()}
+    torch.save(ck, tmp_path / "nan.pt")
+
+    def strict(c):
+        raise ValueError(f"bare {c}")
+
+    r = cli("predict", tmp_path / "nan.pt", data / "a", "--json", "--top-k", "1")
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads(r.stdout, parse_constant=strict)
+    assert rows[0]["top"][0]["prob"] is None
+    r = cli("eval", tmp_path / "nan.pt", "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout, parse_constant=strict)["loss"] is None

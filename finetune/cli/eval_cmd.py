@@ -32,13 +32,14 @@ def eval_(
         raise ConfigError(f"--precision must be fp32, bf16 or fp16, got '{precision}'")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    from finetune.api import evaluate_checkpoint, trusted
+    from finetune.api import evaluate_checkpoint, finite_json, trusted
 
     with trusted(trust_checkpoint):
         res = evaluate_checkpoint(checkpoint, data, split, device=device, batch_size=batch_size,
                                   precision=precision, labels=labels)
     if as_json:
-        typer.echo(json.dumps({k: res[k] for k in ("accuracy", "top5", "loss", "n", "per_class", "confusion")}))
+        keys = ("accuracy", "top5", "loss", "n", "per_class", "confusion")
+        typer.echo(json.dumps(finite_json({k: res[k] for k in keys}), allow_nan=False))  # NaN -> null: strict JSON
         return
     from rich.table import Table
 
