@@ -348,6 +348,9 @@ def validate(recipe: Recipe, where: _Where | None = None) -> Recipe:
                               f"(epochs count from 1, as the logs do), got {step.epoch}")
         if step.lr_mult <= 0:
             raise ConfigError(f"{where(f'freeze.schedule[{i}]')}freeze.schedule[{i}].lr_mult must be greater than 0")
+    if recipe.scheduler.min_lr > recipe.optimizer.lr:
+        raise ConfigError(f"{where('scheduler.min_lr')}scheduler.min_lr ({recipe.scheduler.min_lr:g}) must not be above "
+                          f"optimizer.lr ({recipe.optimizer.lr:g}): the schedule would raise the LR")
     decay = recipe.optimizer.layer_decay
     if decay is not None and not 0.0 < decay <= 1.0:
         raise ConfigError(f"{where('optimizer.layer_decay')}optimizer.layer_decay must be in (0, 1] (each layer's LR "

@@ -62,6 +62,7 @@ def base(tmp_path_factory) -> Path:
     rows = [f"{c}/{c}_{i:03d}.png,{c}" for c in ("a", "b", "c") for i in range(4)]
     (csvdata / "labels.csv").write_text("path,label\n" + "\n".join(rows[:5] + ["../outside/a/a_000.png,a"]
                                                                             + rows[5:] + ["/etc/passwd.png,b"]) + "\n")
+    (root / "minlr.yaml").write_text("optimizer:\n  lr: 0.01\nscheduler:\n  name: cosine\n  min_lr: 0.1\n")
     (root / "dup.yaml").write_text("train:\n  epochs: 0\n  batch_size: 8\n  epochs: 1\n")
     (root / "unknown_key.yaml").write_text("train:\n  epochs: 1\n  epocs: 2\n")
     (root / "wrong_type.yaml").write_text("optimizer:\n  lr: fast\n")
@@ -193,6 +194,8 @@ case("csv-path-outside-data", "train --data {B}/csvdata --labels csv:labels.csv 
      "label file '{B}/csvdata/labels.csv': 2 rows point outside the data folder '{B}/csvdata' (row 6: "
      "'../outside/a/a_000.png'); paths are relative to it; pass --allow-outside (data.allow_outside: true) if that "
      "is intended")
+case("min-lr-above-lr", "train --recipe {B}/minlr.yaml --out {B}/o34", "recipe '{B}/minlr.yaml', line 5: "
+     "scheduler.min_lr (0.1) must not be above optimizer.lr (0.01): the schedule would raise the LR")
 
 
 def _fill(s: str, b: Path, r: Path) -> str:
