@@ -146,7 +146,8 @@ MAX_RECIPE_BYTES = 256 * 1024
 MAX_RECIPE_VALUES = 10_000  # values after expanding aliases
 MAX_RECIPE_DEPTH = 32
 
-IMAGE_SIZE = (8, 2048)  # data.image_size: smaller cannot pass a CNN's downsampling; larger is an allocator crash
+IMAGE_SIZE = (8, 2048)
+FLOAT32_MAX = 3.4028234663852886e38  # data.image_size: smaller cannot pass a CNN's downsampling; larger is an allocator crash
 
 # ----------------------------------------------------------------------------------------------- loading
 
@@ -348,6 +349,9 @@ def validate(recipe: Recipe, where: _Where | None = None) -> Recipe:
                               f"(epochs count from 1, as the logs do), got {step.epoch}")
         if step.lr_mult <= 0:
             raise ConfigError(f"{where(f'freeze.schedule[{i}]')}freeze.schedule[{i}].lr_mult must be greater than 0")
+    if recipe.optimizer.lr > FLOAT32_MAX:  # torch's optimizers multiply float32 tensors by it: an overflow traceback
+        raise ConfigError(f"{where('optimizer.lr')}optimizer.lr must be at most {FLOAT32_MAX:.2g} (it is applied to "
+                          f"float32 weights), got {recipe.optimizer.lr:g}")
     if recipe.scheduler.min_lr > recipe.optimizer.lr:
         raise ConfigError(f"{where('scheduler.min_lr')}scheduler.min_lr ({recipe.scheduler.min_lr:g}) must not be above "
                           f"optimizer.lr ({recipe.optimizer.lr:g}): the schedule would raise the LR")

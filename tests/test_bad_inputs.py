@@ -194,6 +194,8 @@ case("csv-path-outside-data", "train --data {B}/csvdata --labels csv:labels.csv 
      "label file '{B}/csvdata/labels.csv': 2 rows point outside the data folder '{B}/csvdata' (row 6: "
      "'../outside/a/a_000.png'); paths are relative to it; pass --allow-outside (data.allow_outside: true) if that "
      "is intended")
+case("lr-overflows-float32", "train --lr 1e39 --out {B}/o35", "--lr: optimizer.lr must be at most 3.4e+38 (it is "
+     "applied to float32 weights), got 1e+39")
 case("min-lr-above-lr", "train --recipe {B}/minlr.yaml --out {B}/o34", "recipe '{B}/minlr.yaml', line 5: "
      "scheduler.min_lr (0.1) must not be above optimizer.lr (0.01): the schedule would raise the LR")
 
