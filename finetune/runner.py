@@ -154,7 +154,7 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
     data_cfg = probe_data_cfg(cfg.model.name, cfg.model.weights)
     bundle = D.build_data(cfg.data, data_cfg, seed=cfg.train.seed)
     if state is not None:
-        provenance.check_resume(state, bundle, run_dir)  # the same val images, or refuse
+        provenance.check_resume(state, bundle, run_dir, dd.world_size, cfg.train.batch_size)  # same val images
     classes = list(bundle.class_names)
     if state is not None and classes != list(state["class_names"]):
         raise ConfigError(f"cannot resume: the data's classes {classes} differ from the run's "

@@ -191,3 +191,16 @@ def test_resume_with_fewer_epochs_than_done_is_an_error(tmp_path, cli):
         assert r.stderr == (f"Error: cannot resume with --epochs {n}: '{tmp_path / 'run'}' has already trained 2 "
                             "epochs (and part of epoch 3); pass --epochs N with N > 2\n")
     assert last.read_bytes() == before
+
+
+def test_resuming_a_ddp_run_in_one_process_says_the_global_batch_changes(tmp_path, caplog):
+    import logging
+
+    train(recipe(**{"train.epochs": 1}), out=tmp_path / "run")
+    last = tmp_path / "run" / "last.pt"
+    ck.save_checkpoint({**ck.load_checkpoint(last), "world_size": 2}, last)  # as a --nproc 2 run writes it
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        train(None, resume=tmp_path / "run", epochs=2)
+    assert "resuming a run trained with 2 processes in 1: the global batch changes from 128 to 64 (--batch-size is " \
+        "per process), so the result differs from an uninterrupted run; resume with --nproc 2 to keep it" in \
+        [r.getMessage() for r in caplog.records]

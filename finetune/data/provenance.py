@@ -62,8 +62,14 @@ def resume_recipe(state: dict, data: dict) -> dict:
     return {**data, "data": {**data["data"], "path": root}} if root else data
 
 
-def check_resume(state: dict, bundle, run_dir) -> None:
-    """Refuse to resume on val images other than the run's (the best accuracy so far was measured on those)."""
+def check_resume(state: dict, bundle, run_dir, world_size: int = 1, batch_size: int = 0) -> None:
+    """Refuse to resume on val images other than the run's (the best accuracy so far was measured on those); warn
+    when the number of processes changed (the global batch with it)."""
+    was = int(state.get("world_size") or 1)
+    if was != world_size:
+        log.warning(f"resuming a run trained with {was} process{'es' if was > 1 else ''} in {world_size}: the global "
+                    f"batch changes from {was * batch_size} to {world_size * batch_size} (--batch-size is per "
+                    f"process), so the result differs from an uninterrupted run; resume with --nproc {was} to keep it")
     info = state.get("data") or {}
     if not info.get("val_fingerprint"):
         return
