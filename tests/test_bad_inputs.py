@@ -63,6 +63,14 @@ def base(tmp_path_factory) -> Path:
     (csvdata / "labels.csv").write_text("path,label\n" + "\n".join(rows[:5] + ["../outside/a/a_000.png,a"]
                                                                             + rows[5:] + ["/etc/passwd.png,b"]) + "\n")
     (root / "minlr.yaml").write_text("optimizer:\n  lr: 0.01\nscheduler:\n  name: cosine\n  min_lr: 0.1\n")
+    good = torch.load(root / "run" / "best.pt", weights_only=True)
+    tf = good["transform"]
+    for name, change in {"classes_huge": {"num_classes": 10**12}, "classes_str": {"num_classes": "3"},
+                         "no_transform": {"transform": None},
+                         "bad_interp": {"transform": {**tf, "interpolation": "sinc"}},
+                         "huge_transform": {"transform": {**tf, "input_size": [3, 6000, 6000], "size": 6000,
+                                                          "resize": 6000}}}.items():
+        torch.save({**good, **change}, root / f"crafted_{name}.pt")
     (root / "dup.yaml").write_text("train:\n  epochs: 0\n  batch_size: 8\n  epochs: 1\n")
     (root / "unknown_key.yaml").write_text("train:\n  epochs: 1\n  epocs: 2\n")
     (root / "wrong_type.yaml").write_text("optimizer:\n  lr: fast\n")
@@ -196,6 +204,17 @@ case("csv-path-outside-data", "train --data {B}/csvdata --labels csv:labels.csv 
      "is intended")
 case("lr-overflows-float32", "train --lr 1e39 --out {B}/o35", "--lr: optimizer.lr must be at most 3.4e+38 (it is "
      "applied to float32 weights), got 1e+39")
+for _name, _what in (("classes_huge", "num_classes must be an integer from 1 to 100000 equal to the number of "
+                                   "class_names (3), got 1000000000000"),
+                     ("classes_str", "num_classes must be an integer from 1 to 100000 equal to the number of "
+                                     "class_names (3), got '3'"),
+                     ("no_transform", "transform must be a mapping, got None"),
+                     ("bad_interp", "transform.interpolation must be one of bicubic, bilinear, nearest, "
+                                    "nearest-exact, got 'sinc'"),
+                     ("huge_transform", "transform.input_size must be [3, H, W] with H and W from 8 to 2048 "
+                                        "(resize up to 4096), got [3, 6000, 6000]")):
+    case(f"crafted-checkpoint-{_name}", f"eval {{B}}/crafted_{_name}.pt",
+         f"'{{B}}/crafted_{_name}.pt' is not a valid finetune checkpoint: {_what}")
 case("min-lr-above-lr", "train --recipe {B}/minlr.yaml --out {B}/o34", "recipe '{B}/minlr.yaml', line 5: "
      "scheduler.min_lr (0.1) must not be above optimizer.lr (0.01): the schedule would raise the LR")
 
