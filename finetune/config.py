@@ -146,8 +146,8 @@ MAX_RECIPE_BYTES = 256 * 1024
 MAX_RECIPE_VALUES = 10_000  # values after expanding aliases
 MAX_RECIPE_DEPTH = 32
 
-IMAGE_SIZE = (8, 2048)
-FLOAT32_MAX = 3.4028234663852886e38  # data.image_size: smaller cannot pass a CNN's downsampling; larger is an allocator crash
+IMAGE_SIZE = (8, 2048)  # data.image_size: smaller cannot pass a CNN's downsampling; larger is an allocator crash
+FLOAT32_MAX = 3.4028234663852886e38  # optimizer.lr: torch multiplies float32 weights by it
 
 # ----------------------------------------------------------------------------------------------- loading
 
@@ -353,8 +353,8 @@ def validate(recipe: Recipe, where: _Where | None = None) -> Recipe:
         raise ConfigError(f"{where('optimizer.lr')}optimizer.lr must be at most {FLOAT32_MAX:.2g} (it is applied to "
                           f"float32 weights), got {recipe.optimizer.lr:g}")
     if recipe.scheduler.min_lr > recipe.optimizer.lr:
-        raise ConfigError(f"{where('scheduler.min_lr')}scheduler.min_lr ({recipe.scheduler.min_lr:g}) must not be above "
-                          f"optimizer.lr ({recipe.optimizer.lr:g}): the schedule would raise the LR")
+        raise ConfigError(f"{where('scheduler.min_lr')}scheduler.min_lr ({recipe.scheduler.min_lr:g}) must not be "
+                          f"above optimizer.lr ({recipe.optimizer.lr:g}): the schedule would raise the LR")
     decay = recipe.optimizer.layer_decay
     if decay is not None and not 0.0 < decay <= 1.0:
         raise ConfigError(f"{where('optimizer.layer_decay')}optimizer.layer_decay must be in (0, 1] (each layer's LR "
