@@ -298,13 +298,15 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         tot = reduce(torch.tensor([loss_sum, float(top5), float(n)], dtype=torch.float64, device=device)).tolist()
         loss_sum, top5, n = tot[0], int(tot[1]), int(tot[2])
     correct = int(confusion.diag().sum())
-    per_class = confusion.diag().double() / confusion.sum(dim=1).clamp(min=1).double()
+    counts = confusion.sum(dim=1)
+    per_class = [float(c) / float(t) if t else None  # a class with no samples has no accuracy (not 0%)
+                 for c, t in zip(confusion.diag().tolist(), counts.tolist())]
     return {
         "loss": loss_sum / max(n, 1),
         "accuracy": correct / max(n, 1),
         "top5": (top5 / max(n, 1)) if num_classes >= 5 else None,
         "n": n,
         "correct": correct,
-        "per_class": per_class.tolist(),
+        "per_class": per_class,
         "confusion": confusion.tolist(),
     }

@@ -226,3 +226,19 @@ def test_json_output_of_a_nan_model_is_strict_json(run, data, tmp_path, cli):
     r = cli("eval", tmp_path / "nan.pt", "--json", "--device", "cpu")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout, parse_constant=strict)["loss"] is None
+
+
+def test_a_class_without_val_images_says_no_samples(tmp_path, cli):
+    """Class c has train images but no val images: its accuracy is not 0.0% but "no samples" (null in --json)."""
+    for sub, classes in (("train", ("a", "b", "c")), ("val", ("a", "b"))):
+        tiny_tree(tmp_path / "d" / sub, classes=classes, per_class=4)
+    out = tmp_path / "r"
+    r = cli("train", "--model", "smallcnn", "--weights", "none", "--data", tmp_path / "d", "--out", out, *FAST)
+    assert r.exit_code == 0, r.stderr
+    r = cli("eval", out / "best.pt", "--json", "--device", "cpu")
+    per_class = json.loads(r.stdout)["per_class"]
+    assert per_class["c"] is None and per_class["a"] is not None
+    r = cli("eval", out / "best.pt", "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    row_c = [line for line in r.stdout.splitlines() if line.strip("│┃ ").startswith("c ")]
+    assert len(row_c) == 1 and "no samples" in row_c[0] and "%" not in row_c[0], r.stdout

@@ -55,5 +55,6 @@ def eval_(
         t.add_column(n[:10], justify="right")
     t.add_column("accuracy", justify="right")
     for n, row in zip(names, res["confusion"]):
-        t.add_row(n, *[str(v) for v in row], f"{100 * res['per_class'][n]:.1f}%")
+        acc = res["per_class"][n]
+        t.add_row(n, *[str(v) for v in row], "no samples" if acc is None else f"{100 * acc:.1f}%")
     console.print(t)
