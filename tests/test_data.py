@@ -752,3 +752,19 @@ def test_csv_paths_outside_the_data_folder_need_allow_outside(tmp_path):
         build_data(cfg(root, labels="csv:labels.csv", val_split=0.0, cache="off"), SMALL)
     b = build_data(cfg(root, labels="csv:labels.csv", val_split=0.0, cache="off", allow_outside=True), SMALL)
     assert len(b.train) == 5 and tmp_path / "d" / ".." / "elsewhere" / "far.png" in b.train.paths
+
+
+@pytest.mark.parametrize("content,why", [
+    ([1, 2, 3], "not a mapping (got list)"),
+    ({b"labels": [0, 1, 2]}, "no 'data' entry"),
+    ({b"data": np.zeros((3, 100), np.uint8), b"labels": [0, 1, 2]}, "'data' is not N images of 3x32x32 bytes"),
+    ({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1]}, "3 images but 2 labels"),
+    ({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1, 10]}, "label 10 is not a class index (0..9)"),
+])
+def test_malformed_cifar_files_are_one_clear_line(tmp_path, content, why):
+    write_fake_cifar(tmp_path)
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    bad.write_bytes(pickle.dumps(content))
+    with pytest.raises(DataError) as e:
+        build_data(DataCfg(path=f"cifar10:{tmp_path}"), SMALL)
+    assert str(e.value) == f"CIFAR file '{bad}' is malformed: {why}; re-extract cifar-10-python.tar.gz"
