@@ -123,6 +123,18 @@ def launch(nproc: int, args: list[str]) -> int:
     # (init() splits the cores), so give it the same split and no banner
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")
            or str(max(1, (os.cpu_count() or 1) // nproc))}
+    # the workers import the finetune this process runs, not a `finetune/` folder in the working directory
+    # (`python -m` would put the working directory first on sys.path): PYTHONSAFEPATH drops it (3.11+), and the
+    # package's own parent goes first on PYTHONPATH, unless it is site-packages (there it is found anyway, and
+    # putting it before the standard library could let a backport shadow a stdlib module)
+    import site
+    from pathlib import Path
+
+    here = str(Path(__file__).resolve().parent.parent)
+    sites = {str(Path(p).resolve()) for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    if here not in sites:
+        env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["PYTHONSAFEPATH"] = "1"
     return run_launcher(cmd, env)  # torchrun and its workers never outlive this process
 
 
