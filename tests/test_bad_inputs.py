@@ -71,6 +71,7 @@ def base(tmp_path_factory) -> Path:
                          "huge_transform": {"transform": {**tf, "input_size": [3, 6000, 6000], "size": 6000,
                                                           "resize": 6000}}}.items():
         torch.save({**good, **change}, root / f"crafted_{name}.pt")
+    (root / "shadow").write_text("root:$6$secrethash:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n")  # no CSV
     (root / "dup.yaml").write_text("train:\n  epochs: 0\n  batch_size: 8\n  epochs: 1\n")
     (root / "unknown_key.yaml").write_text("train:\n  epochs: 1\n  epocs: 2\n")
     (root / "wrong_type.yaml").write_text("optimizer:\n  lr: fast\n")
@@ -215,6 +216,8 @@ for _name, _what in (("classes_huge", "num_classes must be an integer from 1 to 
                                         "(resize up to 4096), got [3, 6000, 6000]")):
     case(f"crafted-checkpoint-{_name}", f"eval {{B}}/crafted_{_name}.pt",
          f"'{{B}}/crafted_{_name}.pt' is not a valid finetune checkpoint: {_what}")
+case("csv-labels-not-a-csv", "train --data {B}/data --labels csv:{B}/shadow --out {B}/o36",
+     "label file '{B}/shadow': row 1 has 1 column; each row needs 'path,label' (its content is not shown)")
 case("min-lr-above-lr", "train --recipe {B}/minlr.yaml --out {B}/o34", "recipe '{B}/minlr.yaml', line 5: "
      "scheduler.min_lr (0.1) must not be above optimizer.lr (0.01): the schedule would raise the LR")
 

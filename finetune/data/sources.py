@@ -121,7 +121,9 @@ def read_csv(path: Path, root: Path, allow_outside: bool = False) -> tuple[list[
         rows = rows[1:]  # header
     for n, row in enumerate(rows, 1):
         if len(row) < 2 or not row[1].strip():
-            raise DataError(f"label file '{path}': row {n} ({','.join(row)!r}) needs 'path,label'")
+            cols = sum(1 for c in row if c.strip())  # the row's content is not echoed: it may be any file's line
+            raise DataError(f"label file '{path}': row {n} has {cols} column{'s' if cols != 1 else ''}; each row "
+                            "needs 'path,label' (its content is not shown)")
         rel, label = row[0].strip(), row[1].strip()
         p = root / rel
         if not allow_outside and (os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == os.pardir):
