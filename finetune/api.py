@@ -16,11 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.checkpoint import EXPORT_SUFFIX, export_weights  # noqa: F401 - torch only inside the functions
+from finetune.checkpoint import EXPORT_SUFFIX, export_weights, finite_json  # noqa: F401 - torch only inside
 from finetune.config import (Recipe, apply_overrides, describe, load_recipe, recipe_names,  # noqa: F401
                              recipe_path, recipes_dir)
 from finetune.errors import ConfigError, DataError, FinetuneError, FreezeError, shown  # noqa: F401
 from finetune.serialization import trusted  # noqa: F401
+from finetune.stop import sigterm_as_interrupt  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
@@ -110,12 +111,18 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
 
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, device=str(dev))
+    from finetune.data import provenance
+
     info = ckpt.get("data") or {}
-    path = data if data is not None else info.get("path", "sample")
-    own = data is None or data == info.get("path")  # the run's data: its labels and its train/val split
+    path = data if data is not None else info.get("root") or info.get("path", "sample")
+    own = data is None or data == info.get("path") or provenance.absolute(data) == info.get("root")
+    # the run's data: its labels and its train/val split
     ds = D.build_eval_dataset(path, split, list(ckpt["class_names"]), ckpt["transform"],
                               labels=labels or (info.get("labels") if own else None),
-                              val_split=info.get("val_split", 0.2) if own else 0.0, seed=info.get("seed", 0))
+                              val_split=info.get("val_split", 0.2) if own else 0.0, seed=info.get("seed", 0),
+                              allow_outside=bool(info.get("allow_outside")) and own)
+    if own and split == "val":
+        provenance.check_eval(info, ds, path)
     loader = D.make_loader(ds, batch_size, shuffle=False, seed=0, device=dev.type)
     res = evaluate(model, loader, int(ckpt["num_classes"]), device=dev,
                    precision=_precision_on(dev, precision or ckpt.get("precision", "fp32")),

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import CheckpointError
+from finetune.errors import CheckpointError, shown
 
 RUN_FILES = ("config.yaml", "metrics.json", "last.pt", "best.pt")
 MARKER = ".finetune-run"  # written first in every run directory: the proof that --overwrite may empty it
@@ -164,8 +164,48 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_name" not in ckpt:
         raise CheckpointError(f"'{p}' is not a finetune checkpoint (no 'model'/'model_name'); for plain weights "
                               "use --weights PATH with --model")
+    problem = schema_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"'{p}' is not a valid finetune checkpoint: {problem}; it is damaged or was not "
+                              "written by finetune")
     ckpt["_path"] = str(p)
     return ckpt
+
+
+_INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "nearest-exact")
+
+
+def schema_problem(ckpt: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint's metadata (None when nothing): the fields eval/predict/resume build from
+    are checked before anything is allocated with them (a crafted file passes the safe loader but could ask for
+    10^12 classes or a 6000-px transform)."""
+    names, n = ckpt.get("class_names"), ckpt.get("num_classes")
+    if not isinstance(names, (list, tuple)) or not all(isinstance(c, str) for c in names):
+        return f"class_names must be a list of names, got {shown(repr(names))[:60]}"
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 100_000 or n != len(names):
+        return (f"num_classes must be an integer from 1 to 100000 equal to the number of class_names "
+                f"({len(names)}), got {shown(repr(n))[:40]}")
+    if not isinstance(ckpt.get("model_name"), str):
+        return "model_name must be a string"
+    tf = ckpt.get("transform")
+    if not isinstance(tf, dict):
+        return f"transform must be a mapping, got {shown(repr(tf))[:40]}"
+    size, resize = tf.get("input_size"), tf.get("resize")
+    if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(isinstance(v, int) for v in size)
+            and size[0] == 3 and all(8 <= v <= 2048 for v in size[1:])
+            and isinstance(resize, int) and 8 <= resize <= 4096):
+        return (f"transform.input_size must be [3, H, W] with H and W from 8 to 2048 (resize up to 4096), got "
+                f"{shown(repr(size))[:40]}")
+    if tf.get("interpolation") not in _INTERPOLATIONS:
+        return (f"transform.interpolation must be one of {', '.join(_INTERPOLATIONS)}, got "
+                f"{shown(repr(tf.get('interpolation')))[:40]}")
+    for key in ("mean", "std"):
+        v = tf.get(key)
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) and math.isfinite(x)
+                                                                     for x in v)):
+            return f"transform.{key} must be 3 finite numbers, got {shown(repr(v))[:40]}"
+    return None
+
 
 
 @dataclass
@@ -230,6 +270,18 @@ def slim(ckpt: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ckpt.items() if k not in RESUME_ONLY}
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by None: ``json.dumps`` would write bare ``NaN``/``Infinity``, which
+    is not JSON (jq, browsers and ``JSON.parse`` reject the whole file)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def metrics_text(best: dict, history: list[dict], *, best_ema: dict | None = None,
                  top_k: list[dict] | None = None) -> str:
     """``metrics.json``: the best epoch, every epoch's row, and (when used) the EMA's best and the top-k list.
@@ -240,17 +292,7 @@ def metrics_text(best: dict, history: list[dict], *, best_ema: dict | None = Non
         doc["best_ema"] = best_ema
     if top_k:
         doc["top_k"] = top_k
-    return json.dumps(_finite({**doc, "epochs": rows}), indent=2)
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
+    return json.dumps(finite_json({**doc, "epochs": rows}), indent=2, allow_nan=False)
 
 
 def _peek(path: Path) -> dict[str, Any] | None:

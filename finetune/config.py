@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -53,6 +54,9 @@ IMAGE_SIZE = (8, 2048)  # data.image_size: smaller cannot pass a CNN's downsampl
 SIZE = Range(ge=IMAGE_SIZE[0], le=IMAGE_SIZE[1], msg=f"must be between {IMAGE_SIZE[0]} and {IMAGE_SIZE[1]} pixels, "
              "got {v}; omit it to use the backbone's own input size")
 FRACTION = Range(ge=0, lt=1, msg="must be in [0, 1), got {v}")
+FLOAT32_MAX = 3.4028234663852886e38  # optimizer.lr: torch multiplies float32 weights by it
+F32 = Range(le=FLOAT32_MAX, msg=f"must be at most {FLOAT32_MAX:.2g} (it is applied to float32 weights), got {{v:g}}")
+DECAY = Range(gt=0, le=1, msg="must be in (0, 1] (each layer's LR is lr x decay^distance from the head), got {v}")
 UNIT = Range(gt=0, lt=1, msg="must be in (0, 1), got {v}")
 EPOCH = Range(ge=1, msg="must be at least 1 (epochs count from 1, as the logs do), got {v}")
 
@@ -77,6 +81,7 @@ class DataCfg:
     cache_gb: Annotated[float, POS] = 2.0
     workers: Annotated[int, NONNEG] | None = None  # None = sized for the machine
     strict: bool = False  # fail on unreadable images instead of skipping them
+    allow_outside: bool = False  # csv labels: allow paths outside the data folder (../x, /abs/x)
 
 
 @dataclass
@@ -101,13 +106,13 @@ class FreezeCfg:
 @dataclass
 class OptimizerCfg:
     name: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
-    lr: Annotated[float, POS] = 0.01
+    lr: Annotated[float, POS, F32] = 0.01
     momentum: Annotated[float, NONNEG] = 0.9
     nesterov: bool = False
     weight_decay: Annotated[float, NONNEG] = 0.0  # never applied to biases and norm weights
     lr_mult: dict[str, Annotated[float, Range(ge=0, msg="must not be negative")]] = field(default_factory=dict)
     # layer path -> LR multiplier
-    layer_decay: float | None = None  # layer-wise LR decay for what is trainable from the start
+    layer_decay: Annotated[float, DECAY] | None = None  # layer-wise LR decay for what is trainable from the start
 
 
 @dataclass
@@ -145,6 +150,7 @@ class TrainCfg:
     mixup: Annotated[float, NONNEG] = 0.0  # mixup alpha (timm Mixup); 0 = off
     cutmix: Annotated[float, NONNEG] = 0.0  # cutmix alpha; 0 = off (with both: one of them per batch)
     log_every: Annotated[int, POS] | None = None  # TensorBoard scalars every N optimizer steps (besides per epoch)
+    dist_timeout: Annotated[float, POS] = 10.0  # DDP: minutes a collective may wait for the other processes
 
 
 @dataclass
@@ -161,6 +167,12 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+# a recipe is a few KB of YAML; these bounds stop "billion laughs" alias bombs, self-referencing aliases and deep
+# nesting before anything expands them (every shipped recipe is < 2 KB, < 100 values, 4 levels deep)
+MAX_RECIPE_BYTES = 256 * 1024
+MAX_RECIPE_VALUES = 10_000  # values after expanding aliases
+MAX_RECIPE_DEPTH = 32
 
 # ----------------------------------------------------------------------------------------------- loading
 
@@ -200,6 +212,51 @@ def _key_lines(text: str) -> dict[str, int]:
     return lines
 
 
+def _compose_checked(text: str, source: str):
+    """The YAML node graph of a recipe, refused before anything expands it when it is a bomb: aliases that expand
+    to more than MAX_RECIPE_VALUES values, an anchor that contains its own alias (a recursive structure), nesting
+    deeper than MAX_RECIPE_DEPTH, or a key given twice in one mapping (YAML would keep the last, silently)."""
+    import yaml
+
+    try:
+        root = yaml.compose(text)
+    except RecursionError:
+        raise ConfigError(f"recipe '{source}': YAML nested too deeply (a recipe is a few levels of sections and "
+                          "values)") from None
+    count = 0
+
+    def walk(node, path: list[int], prefix: str, at: int = 1) -> None:
+        nonlocal count
+        count += 1
+        line = node.start_mark.line + 1
+        if count > MAX_RECIPE_VALUES:
+            raise ConfigError(f"recipe '{source}': its YAML aliases expand to more than {MAX_RECIPE_VALUES:,} "
+                              "values; a recipe may use anchors and aliases only for a few repeated values")
+        if id(node) in path:
+            raise ConfigError(f"recipe '{source}', line {at}: a YAML alias refers to the node that contains it "
+                              "(a recursive structure); write the values out")
+        if len(path) >= MAX_RECIPE_DEPTH:
+            raise ConfigError(f"recipe '{source}', line {line}: YAML nested deeper than {MAX_RECIPE_DEPTH} levels")
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for k, v in node.value:
+                key = str(k.value) if isinstance(k, yaml.ScalarNode) else "?"
+                kpath = f"{prefix}.{key}" if prefix else key
+                if key in first and isinstance(k, yaml.ScalarNode):
+                    raise ConfigError(f"recipe '{source}', line {k.start_mark.line + 1}: duplicate key "
+                                      f"'{shown(kpath)}' (first on line {first[key]}); keep one")
+                first[key] = k.start_mark.line + 1
+                walk(k, path + [id(node)], kpath, k.start_mark.line + 1)
+                walk(v, path + [id(node)], kpath, k.start_mark.line + 1)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + [id(node)], f"{prefix}[{i}]", line)
+
+    if root is not None:
+        walk(root, [], "")
+    return root
+
+
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -224,6 +281,9 @@ def _error(where: _Where, path: str, text: str) -> ConfigError:
     e = ConfigError(f"{where(path)}{path} {text}")
     e.key = path
     return e
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 def _convert(value: Any, tp, path: str, where: _Where) -> Any:
@@ -283,6 +343,8 @@ def _scalar(value: Any, tp, path: str, where: _Where, bad: ConfigError) -> Any:
             return value
         raise bad
     if tp is float:
+        if isinstance(value, str) and _NUMBER.match(value.strip()):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            value = float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if abs(value) > sys.float_info.max or not math.isfinite(value):  # YAML .nan/.inf, 10**400
                 text = repr(value) if len(repr(value)) <= 32 else f"{repr(value)[:12]}... ({len(repr(value))} digits)"
@@ -327,7 +389,16 @@ def choices(path: str) -> tuple[str, ...]:
 def validate(recipe: Recipe, where: _Where | None = None) -> Recipe:
     """Check every value of a recipe built in Python against the field types (the same rules as a YAML file):
     types, ``Literal`` choices, ``Annotated`` ranges; raise ConfigError naming the key path (``.key``)."""
-    _build(Recipe, recipe.to_dict(), "", where or _Where(None))
+    return _cross_checks(_build(Recipe, recipe.to_dict(), "", where or _Where(None)), where or _Where(None))
+
+
+def _cross_checks(recipe: Recipe, where: _Where) -> Recipe:
+    """Rules between keys (a single field's rules live in its type)."""
+    if recipe.scheduler.min_lr > recipe.optimizer.lr:
+        e = ConfigError(f"{where('scheduler.min_lr')}scheduler.min_lr ({recipe.scheduler.min_lr:g}) must not be "
+                        f"above optimizer.lr ({recipe.optimizer.lr:g}): the schedule would raise the LR")
+        e.key = "scheduler.min_lr"
+        raise e
     return recipe
 
 
@@ -338,7 +409,7 @@ def from_dict(data: dict, source: str | None = None, text: str | None = None) ->
     if not isinstance(data, dict):
         raise ConfigError(f"{where('')}a recipe must be a mapping of sections (model, data, freeze, optimizer, "
                           "scheduler, train)")
-    return _build(Recipe, data, "", where)
+    return _cross_checks(_build(Recipe, data, "", where), where)
 
 
 def sample_data() -> Path:
@@ -376,8 +447,13 @@ def load_recipe(name_or_path: str | None = "default") -> Recipe:
     import yaml
 
     path = recipe_path(name_or_path or "default")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe '{path}' is {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES // 1024} KiB "
+                          "(is this the right file?)")
     text = path.read_text(encoding="utf-8")
     try:
+        _compose_checked(text, str(path))  # before anything expands an alias
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -395,8 +471,10 @@ def describe(path: Path) -> str:
     import yaml
 
     try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            return "(too large)"
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return "(invalid YAML)"
     return str(data.get("description", "")).strip().splitlines()[0] if isinstance(data, dict) and \
         data.get("description") else ""

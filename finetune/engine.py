@@ -249,7 +249,12 @@ def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: S
         with autocast(step.device, step.precision):
             logits = model(x)
             loss = loss_fn(logits.float(), target)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if step.reduce is not None:  # every rank stops at this step, or the others wait for its gradients forever
+            bad = int(step.reduce(torch.tensor([0.0 if finite else 1.0], device=step.device)).item())
+            if bad and finite:
+                raise NonFiniteLoss(where[0], where[1], float("nan"), where=" on another process")
+        if not finite:
             raise NonFiniteLoss(where[0], where[1], float(loss))
         scaled = loss / step.accumulate
         (step.scaler.scale(scaled) if step.scaler else scaled).backward()
@@ -282,8 +287,8 @@ def optimizer_step(step: Step) -> None:
 
 
 class NonFiniteLoss(Exception):
-    def __init__(self, epoch: int, step: int, value: float):
-        super().__init__(f"loss became {value} at epoch {epoch + 1}, step {step + 1}")
+    def __init__(self, epoch: int, step: int, value: float, where: str = ""):
+        super().__init__(f"loss became {value}{where} at epoch {epoch + 1}, step {step + 1}")
         self.epoch, self.step, self.value = epoch, step, value
 
 
@@ -326,14 +331,16 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         tot = reduce(torch.tensor([loss_sum, float(top5), float(n)], dtype=torch.float64, device=device)).tolist()
         loss_sum, top5, n = tot[0], int(tot[1]), int(tot[2])
     correct = int(confusion.diag().sum())
-    per_class = confusion.diag().double() / confusion.sum(dim=1).clamp(min=1).double()
+    counts = confusion.sum(dim=1)
+    per_class = [float(c) / float(t) if t else None  # a class with no samples has no accuracy (not 0%)
+                 for c, t in zip(confusion.diag().tolist(), counts.tolist())]
     return {"macro_f1": macro_f1(confusion), **{
         "loss": loss_sum / max(n, 1),
         "accuracy": correct / max(n, 1),
         "top5": (top5 / max(n, 1)) if num_classes >= 5 else None,
         "n": n,
         "correct": correct,
-        "per_class": per_class.tolist(),
+        "per_class": per_class,
         "confusion": confusion.tolist(),
     }}
 

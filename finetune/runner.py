@@ -28,6 +28,7 @@ from torch import nn
 from finetune import __version__, checkpoint as ck
 from finetune import distributed as dist_
 from finetune.config import Recipe, from_dict, validate
+from finetune.data import provenance
 from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_compile, resolve_device,
                              resolve_precision, set_lr, train_one_epoch, wants_channels_last)
 from finetune.errors import CheckpointError, ConfigError, FinetuneError
@@ -165,7 +166,7 @@ class RunState:
             trainable=[n for n, p in self.model.named_parameters() if p.requires_grad],
             recipe=self.resolved.to_dict(), metrics=self.history, best=self.best,
             data={"path": self.cfg.data.path, "labels": self.cfg.data.labels, "val_split": self.cfg.data.val_split,
-                  "seed": self.cfg.train.seed},
+                  "seed": self.cfg.train.seed, **provenance.identity(self.cfg.data, b)},
             val=val, finetune_version=__version__, world_size=self.dd.world_size,
             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
             ema=self.ema.module.state_dict() if self.ema is not None else None,
@@ -364,7 +365,11 @@ def resume_run(run_dir: Path, epochs: int | None, made: dict) -> RunState:
                                                                   for s in data["freeze"]["schedule"]]}}
     if epochs is not None:  # validated with the rest: --epochs 0 is an error, not an empty run
         data = {**data, "train": {**data["train"], "epochs": epochs}}
-    cfg = from_dict(data)
+    cfg = from_dict(provenance.resume_recipe(saved.to_dict(), data))  # the run's data by absolute path
+    if saved.epoch >= cfg.train.epochs and saved.partial:  # only --epochs can do that
+        raise CheckpointError(f"cannot resume with --epochs {cfg.train.epochs}: '{run_dir}' has already trained "
+                              f"{saved.epoch} epochs (and part of epoch {saved.epoch + 1}); pass --epochs N with "
+                              f"N > {saved.epoch}")
     if saved.epoch >= cfg.train.epochs and not saved.partial:
         raise CheckpointError(f"nothing to resume: '{run_dir}' already finished {saved.epoch} of "
                               f"{cfg.train.epochs} epochs; pass --epochs N with N > {saved.epoch} to train longer")
@@ -375,7 +380,7 @@ def resume_run(run_dir: Path, epochs: int | None, made: dict) -> RunState:
 
 def _runtime(cfg: Recipe) -> tuple[dist_.Dist, torch.device, str]:
     dd = dist_.from_env()  # torchrun sets RANK/WORLD_SIZE; a plain run is rank 0 of 1
-    device = dist_.init(dd, resolve_device(cfg.train.device))
+    device = dist_.init(dd, resolve_device(cfg.train.device), cfg.train.dist_timeout)
     return dd, device, resolve_precision(cfg.train.precision, device)
 
 
@@ -386,6 +391,8 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
     from finetune.models import build_model
 
     bundle = D.build_data(cfg.data, probe_data_cfg(cfg.model.name, cfg.model.weights), seed=cfg.train.seed)
+    if saved is not None:  # the same val images, or the recorded best compares different things
+        provenance.check_resume(saved.to_dict(), bundle, run_dir, dd.world_size, cfg.train.batch_size)
     classes = _check_classes(cfg, list(bundle.class_names), saved)
     bb = build_model(cfg.model.name, num_classes=len(classes), weights="none" if saved else cfg.model.weights)
     plan = F.apply_freeze(bb, cfg.freeze)
@@ -520,8 +527,9 @@ def fit(st: RunState, events) -> RunResult:
                 break
         events.on_run_end(st)
     except NonFiniteLoss as e:
-        raise TrainingDiverged(f"training diverged: {e}; the last good checkpoint is in '{st.run_dir}'; lower --lr "
-                               "or use --clip-grad") from None
+        kept = (f"; the last good checkpoint is in '{st.run_dir}'" if (st.run_dir / "last.pt").is_file()
+                else ", before the first checkpoint (nothing was saved)")
+        raise TrainingDiverged(f"training diverged: {e}{kept}; lower --lr or use --clip-grad") from None
     except KeyboardInterrupt:
         if (st.run_dir / "last.pt").is_file():
             raise Interrupted(f"interrupted; the last checkpoint is in '{st.run_dir}': continue with "

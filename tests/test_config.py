@@ -33,7 +33,8 @@ def test_unknown_key_names_path_and_line(tmp_path):
     assert str(e.value) == (f"recipe '{p}', line 4: unknown key 'train.epoch' (did you mean 'epochs'?); valid keys "
                             "in train: epochs, batch_size, accumulate, clip_grad, label_smoothing, seed, device, "
                             "precision, channels_last, compile, early_stop, cache_features, tensorboard, graph, "
-                            "save_every_steps, sync_bn")
+                            "save_every_steps, sync_bn, monitor, monitor_mode, save_top_k, ema, ema_decay, mixup, "
+                            "cutmix, log_every, dist_timeout")
 
 
 def test_wrong_type_and_bad_value(tmp_path):
@@ -107,13 +108,6 @@ def test_a_recipe_built_in_python_is_validated_by_train(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_unquoted_on_off_in_yaml_are_the_words(tmp_path):
-    p = tmp_path / "r.yaml"
-    p.write_text("data:\n  cache: off\ntrain:\n  cache_features: on\n")
-    r = config.load_recipe(str(p))
-    assert (r.data.cache, r.train.cache_features) == ("off", "on")
-
-
 def test_every_flag_maps_to_a_recipe_key_and_back():
     from finetune.cli import train_cmd
 
@@ -124,3 +118,16 @@ def test_every_flag_maps_to_a_recipe_key_and_back():
         section, name = key.split(".")
         assert name in {f.name for f in dataclasses.fields(getattr(config.Recipe(), section))}, key
     assert len(set(flags.values())) == len(flags) - 1  # --unfreeze sets two keys; every other flag one
+
+
+def test_yaml_1_1_spellings_of_numbers_and_words(tmp_path):
+    """PyYAML reads ``1e-3`` (no dot) as a string and unquoted ``off``/``on`` as booleans: both mean what they say."""
+    p = write(tmp_path, "optimizer:\n  lr: 1e-3\n  weight_decay: 5E-4\ndata:\n  cache: off\ntrain:\n"
+                        "  cache_features: on\n")
+    r = config.load_recipe(p)
+    assert (r.optimizer.lr, r.optimizer.weight_decay, r.data.cache, r.train.cache_features) == \
+        (0.001, 0.0005, "off", "on")
+    with pytest.raises(ConfigError, match=r"line 2: optimizer.lr must be a number, got '1e-3x'"):
+        config.load_recipe(write(tmp_path, "optimizer:\n  lr: 1e-3x\n"))
+    with pytest.raises(ConfigError, match=r"line 2: data.augment must be one of none, light, strong, got 'False'"):
+        config.load_recipe(write(tmp_path, "data:\n  augment: off\n"))

@@ -1,7 +1,6 @@
 """One data path for train and eval (issue 12): the layout, the bad-file filter and the split are computed by one
 function, so `eval` of a run's checkpoint on the run's data sees exactly the run's val images."""
 
-import pytest
 
 from finetune import api, config
 from finetune.data import build_data, build_eval_dataset

@@ -32,13 +32,14 @@ def eval_(
         raise ConfigError(f"--precision must be fp32, bf16 or fp16, got '{precision}'")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    from finetune.api import evaluate_checkpoint, trusted
+    from finetune.api import evaluate_checkpoint, finite_json, trusted
 
     with trusted(trust_checkpoint):
         res = evaluate_checkpoint(checkpoint, data, split, device=device, batch_size=batch_size,
                                   precision=precision, labels=labels)
     if as_json:
-        typer.echo(json.dumps({k: res[k] for k in ("accuracy", "top5", "loss", "n", "per_class", "confusion")}))
+        keys = ("accuracy", "top5", "loss", "n", "per_class", "confusion")
+        typer.echo(json.dumps(finite_json({k: res[k] for k in keys}), allow_nan=False))  # NaN -> null: strict JSON
         return
     from rich.table import Table
 
@@ -54,5 +55,6 @@ def eval_(
         t.add_column(n[:10], justify="right")
     t.add_column("accuracy", justify="right")
     for n, row in zip(names, res["confusion"]):
-        t.add_row(n, *[str(v) for v in row], f"{100 * res['per_class'][n]:.1f}%")
+        acc = res["per_class"][n]
+        t.add_row(n, *[str(v) for v in row], "no samples" if acc is None else f"{100 * acc:.1f}%")
     console.print(t)

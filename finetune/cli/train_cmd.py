@@ -32,6 +32,9 @@ _AUGMENT = typer.Option(None, "--augment", help="none | light | strong (default:
 _STRICT = typer.Option(None, "--strict/--no-strict",
                        help="Fail on an unreadable image instead of skipping it with a warning.",
                        rich_help_panel=_D)
+_ALLOW_OUTSIDE = typer.Option(None, "--allow-outside",
+                              help="CSV labels may name files outside the data folder (../x, /abs/x).",
+                              rich_help_panel=_D)
 _OPTIMIZER = typer.Option(None, "--optimizer", help="sgd | adam | adamw | rmsprop.", rich_help_panel=_O)
 _LR = typer.Option(None, "--lr", help="Base learning rate.", rich_help_panel=_O)
 _MOMENTUM = typer.Option(None, "--momentum", help="SGD/RMSprop momentum (recipe default 0.9).", rich_help_panel=_O)
@@ -99,6 +102,7 @@ def train(
     val_split: Optional[float] = _VAL_SPLIT,
     image_size: Optional[int] = _IMAGE_SIZE,
     augment: Optional[str] = _AUGMENT,
+    allow_outside: Optional[bool] = _ALLOW_OUTSIDE,
     strict: Optional[bool] = _STRICT,
     freeze_names: Optional[str] = O.panel(O.FREEZE_NAMES, _F),
     freeze_first: Optional[int] = O.panel(O.FREEZE_FIRST, _F),
@@ -196,6 +200,7 @@ def _train(v: dict) -> None:
 KEYS = {  # recipe key -> the parameter of `train` that sets it (the freeze flags: options.FREEZE_KEYS)
     "model.name": "model", "model.weights": "weights", "data.path": "data", "data.labels": "labels",
     "data.val_split": "val_split", "data.image_size": "image_size", "data.augment": "augment", "data.strict": "strict",
+    "data.allow_outside": "allow_outside",
     "optimizer.name": "optimizer", "optimizer.lr": "lr", "optimizer.momentum": "momentum",
     "optimizer.nesterov": "nesterov", "optimizer.weight_decay": "weight_decay", "scheduler.name": "scheduler",
     "scheduler.warmup_epochs": "warmup_epochs", "train.label_smoothing": "label_smoothing", "train.epochs": "epochs",
@@ -234,10 +239,12 @@ def _base_recipe(recipe: Optional[str], model: Optional[str], given: dict):
 
 
 def _run(fn) -> None:
-    """Run training; under torchrun, leave the process group cleanly whatever happens."""
-    from finetune.api import shutdown_distributed
+    """Run training (SIGTERM stops it as Ctrl-C does); under torchrun, leave the process group cleanly whatever
+    happens."""
+    from finetune.api import shutdown_distributed, sigterm_as_interrupt
 
     try:
-        fn()
+        with sigterm_as_interrupt():
+            fn()
     finally:
         shutdown_distributed()

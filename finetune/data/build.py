@@ -171,11 +171,12 @@ class Selection:
 
 
 def select_items(root: Path, labels: str | None, *, val_split: float, seed: int, strict: bool,
-                 read: Callable[[Path], Any] = image_size, found: sources.Found | None = None) -> Selection:
+                 read: Callable[[Path], Any] = image_size, found: sources.Found | None = None,
+                 allow_outside: bool = False) -> Selection:
     """Discover ``root``'s images and labels (:func:`sources.find`), read each file once with ``read`` (the cache
     fill, or a header check), drop the unreadable ones (one warning each; an error with ``strict`` or when none is
     readable), then split a layout without a val folder by ``val_split`` (stratified, seeded)."""
-    found = found or sources.find(root, labels)
+    found = found or sources.find(root, labels, allow_outside)
     skipped = report_bad({Path(m): "listed in the label file, not found" for m in found.missing}, strict)
     items = found.train + (found.val or [])
     if not items:
@@ -187,12 +188,14 @@ def select_items(root: Path, labels: str | None, *, val_split: float, seed: int,
         raise DataError(f"no readable images in '{root}': all {len(bad)} image files failed to load (e.g. "
                         f"'{first}': {bad[first]}); check that the files are images and not truncated")
     skipped += report_bad(bad, strict)
-    train = [it for it in found.train if it[0] not in bad]
-    val = [it for it in found.val if it[0] not in bad] if found.val is not None else None
+    train = sources.unique([it for it in found.train if it[0] not in bad])
+    val = sources.unique([it for it in found.val if it[0] not in bad]) if found.val is not None else None
     note = ""
     if val is None and val_split > 0:
         train, val = sources.stratified_split(train, val_split, seed)
         note = f", val = {val_split:g} of each class (seed {seed})"
+    if val:
+        train = sources.disjoint(train, val)  # one file (by inode) is never in both
     return Selection(found, train, val, done, skipped, note)
 
 
@@ -209,10 +212,11 @@ def build_data(cfg: DataCfg, model_data_cfg: dict, *, seed: int = 0, download: b
     if isinstance(spec, str):
         return cifar_bundle(spec, tf, train_tf, eval_tf, download=download)
     root = check_root(spec, cfg.path)
-    found = sources.find(root, cfg.labels)
+    found = sources.find(root, cfg.labels, cfg.allow_outside)
     cache_on = want_cache(cfg, [p for p, _ in found.train + (found.val or [])], tf)
     sel = select_items(root, cfg.labels, val_split=cfg.val_split, seed=seed, strict=cfg.strict,
-                       read=(lambda p: decode(p, tf)) if cache_on else image_size, found=found)
+                       read=(lambda p: decode(p, tf)) if cache_on else image_size, found=found,
+                       allow_outside=cfg.allow_outside)
     train, val = sel.train, sel.val
     classes = check_classes(train, val, sel.found, str(root))
     if val is not None and not val:
@@ -241,7 +245,8 @@ def cifar_bundle(spec: str, tf: dict, train_tf, eval_tf, *, download: bool = Fal
 
 
 def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, strict: bool = False,
-                       labels: str | None = None, val_split: float = 0.0, seed: int = 0) -> Dataset:
+                       labels: str | None = None, val_split: float = 0.0, seed: int = 0,
+                       allow_outside: bool = False) -> Dataset:
     """The ``split`` (``val``, ``train`` or ``test``: ROOT/test) of ``path`` with the eval transform ``tf``,
     labelled by ``class_names``.
 
@@ -267,7 +272,8 @@ def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, 
         if not tests:
             raise DataError(f"'{root}' has no test folder; --split test takes ROOT/test/<class>/...")
         root, val_split = tests[0], 0.0
-    sel = select_items(root, labels, val_split=val_split if split != "test" else 0.0, seed=seed, strict=strict)
+    sel = select_items(root, labels, val_split=val_split if split != "test" else 0.0, seed=seed, strict=strict,
+                       allow_outside=allow_outside)
     if split == "val" and sel.val is None and sel.found.train_dir != root:
         raise DataError(f"'{root}' has no val folder ({', '.join(sources.VAL_NAMES)}); pass --split train, "
                         "or a folder of class subfolders to evaluate it whole")
