@@ -101,6 +101,7 @@ class TrainCfg:
     early_stop: int | None = None  # stop after this many epochs without a better val accuracy
     cache_features: str = "auto"  # auto | on | off
     tensorboard: bool = True
+    report: bool = True  # write report.html (curves, confusion, wrong images, freeze plan) at the end of the run
     graph: bool = True  # add the model graph to TensorBoard
     save_every_steps: int | None = None  # also save last.pt every N optimizer steps inside an epoch (resumable)
     sync_bn: bool = False  # DDP: SyncBatchNorm for BN layers that train (statistics over the global batch)

@@ -19,6 +19,7 @@ from torch import nn
 
 from finetune import __version__, checkpoint as ck
 from finetune import distributed as dist_
+from finetune import report as _report
 from finetune.config import Recipe, from_dict
 from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_compile, resolve_device,
                              resolve_precision, set_lr, train_one_epoch, wants_channels_last)
@@ -332,6 +333,8 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
         _log_hparams(writer, resolved, best, history)
         writer.close()
     result = RunResult(run_dir, best["epoch"], best["val_acc"], history, classes)
+    if dd.is_main and cfg.train.report:  # report.html: one call into finetune/report.py (a failure is a warning)
+        _report.after_run(run_dir, bundle, reporter)
     reporter.end({"run_dir": str(run_dir), "best": best, "epochs": history})
     return result
 

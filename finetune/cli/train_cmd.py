@@ -80,6 +80,7 @@ def train(
     early_stop: Optional[int] = typer.Option(None, "--early-stop", help="Stop after N epochs without a better val "
                                              "accuracy.", rich_help_panel=_T),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help="Write TensorBoard event files to the run directory.", rich_help_panel=_T),
+    report: Optional[bool] = typer.Option(None, "--report/--no-report", help="Write RUN_DIR/report.html at the end (curves, confusion matrix, wrong images, freeze plan); on by default.", rich_help_panel=_T),
     save_every_steps: Optional[int] = typer.Option(None, "--save-every-steps", help="Also save last.pt every N "
                                                    "optimizer steps inside an epoch; --resume continues from there.",
                                                    rich_help_panel=_T),
@@ -120,6 +121,7 @@ def train(
         "train.accumulate": accumulate, "train.clip_grad": clip_grad, "train.seed": seed, "train.device": device,
         "train.precision": precision, "train.channels_last": channels_last, "train.compile": compile_,
         "train.cache_features": cache_features, "train.early_stop": early_stop, "train.tensorboard": tensorboard,
+        "train.report": report,
         "train.save_every_steps": save_every_steps, "train.sync_bn": sync_bn,
     }
     given = {k: v for k, v in overrides.items() if v is not None}
