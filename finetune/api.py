@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from finetune.models import Backbone, build_model, build_model_shapes, data_config, list_models  # noqa: F401
     from finetune.params import inspect_json, module_rows, parameter_rows  # noqa: F401
     from finetune.runner import RunResult, train  # noqa: F401
+    from finetune.runs import compare_runs, list_runs, write_compare_html  # noqa: F401
 
 _LAZY = {
     "train": "finetune.runner", "RunResult": "finetune.runner",
@@ -46,6 +47,7 @@ _LAZY = {
     "inspect_json": "finetune.params", "module_rows": "finetune.params", "parameter_rows": "finetune.params",
     "Reporter": "finetune.engine",
     "launch": "finetune.distributed", "strip_nproc": "finetune.distributed",
+    "list_runs": "finetune.runs", "compare_runs": "finetune.runs", "write_compare_html": "finetune.runs",
 }
 
 
@@ -135,6 +137,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
 
         out["report"] = str(write_eval_report(report, {**out, "samples": res["samples"]}, ds, ckpt))
     return out
+
+
+def check_report_path(out: str | Path) -> Path:
+    """Where an HTML report may be written (an .html file, its folder exists, never over a non-report file)."""
+    from finetune.report import check_out
+
+    return check_out(out)
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:

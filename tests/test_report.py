@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,3 +236,61 @@ def test_the_browser_check_sees_errors_and_broken_images(browser, tmp_path):
     assert page["images"] == [{"id": "x", "alt": "", "complete": True, "w": 0, "h": 0}]
     assert [c["args"][0]["value"] for c in page["console"]] == ["oops"]
     assert any("undefined_fn" in json.dumps(e) for e in page["errors"])
+
+
+# ------------------------------------------------------------------------------------------------ runs / compare
+
+
+def _copy_run(src, dst, lr: float, best_acc: float):
+    import yaml
+
+    dst.mkdir(parents=True)
+    for name in ("config.yaml", "metrics.json", ".finetune-run"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    cfg["optimizer"]["lr"] = lr
+    (dst / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    m = json.loads((dst / "metrics.json").read_text())
+    m["best"]["val_acc"] = best_acc
+    (dst / "metrics.json").write_text(json.dumps(m))
+
+
+def test_runs_lists_run_directories(run, cli, tmp_path):
+    root = tmp_path / "runs"
+    _copy_run(run, root / "x", 0.02, 0.5)
+    _copy_run(run, root / "group" / "y", 0.05, 0.75)  # nested one level (a multi-model probe)
+    (root / "notes").mkdir()
+    (root / "notes" / "todo.txt").write_text("not a run")
+    r = cli("runs", root, "--json")
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert sorted((Path(x["path"]).relative_to(root).as_posix(), x["model"], x["recipe"], x["best_val_acc"],
+                   x["epochs"], x["epochs_planned"], x["report"]) for x in rows) == [
+        ("group/y", "smallcnn", "default", 0.75, 2, 2, False), ("x", "smallcnn", "default", 0.5, 2, 2, False)]
+    hist = json.loads((run / "metrics.json").read_text())["epochs"]
+    assert rows[0]["train_seconds"] == pytest.approx(sum(e["seconds"] for e in hist))
+    table = cli("runs", root)
+    assert table.exit_code == 0 and "group/y" in table.stdout and "50.00%" in table.stdout
+    r = cli("runs", tmp_path / "nope")
+    assert r.exit_code == 1 and r.stderr == (f"Error: folder '{tmp_path / 'nope'}' not found; finetune runs takes "
+                                             "the folder your runs are in (default runs/, where finetune train "
+                                             "writes them)\n")
+
+
+def test_compare_shows_differences_and_writes_html(run, cli, tmp_path, browser):
+    _copy_run(run, tmp_path / "b", 0.05, 0.75)
+    r = cli("compare", run, tmp_path / "b", "--json", "--html", tmp_path / "cmp.html")
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["differences"] == {"optimizer.lr": [0.02, 0.05]}
+    assert [x["best_val_acc"] for x in res["runs"]] == [json.loads((run / "metrics.json").read_text())["best"][
+        "val_acc"], 0.75]
+    page = browser(tmp_path / "cmp.html", tmp_path / "cmp.png")
+    assert page["errors"] == [] and "fig-compare" in page["ids"]
+    assert [i for i in page["images"] if i["w"] == 0] == [] and len(page["images"]) == 1
+    r = cli("compare", run)
+    assert r.exit_code == 1 and r.stderr == ("Error: finetune compare takes at least two run directories (see "
+                                             "finetune runs)\n")
+    r = cli("compare", run, tmp_path)
+    assert r.exit_code == 1 and r.stderr == (f"Error: '{tmp_path}' is not a finetune run directory (no config.yaml "
+                                             "and metrics.json); see finetune runs\n")
