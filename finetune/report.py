@@ -300,6 +300,41 @@ def _predict_samples(ckpt_path: Path, dataset) -> dict:
                     int(ckpt["num_classes"]), device=dev, precision=prec, channels_last=cl)
 
 
+# ------------------------------------------------------------------------------------------------ TensorBoard
+
+TB_WRONG = 16  # misclassified images per evaluation in TensorBoard
+
+
+def log_tensorboard(writer, ev: dict | None, dataset, names: list[str], step: int) -> None:
+    """At each evaluation: the confusion matrix (figure, ``val/confusion_matrix``) and the most confidently wrong
+    val images (``val/most_confidently_wrong``, captions under TEXT), beside the scalars. A failure here costs one
+    warning and turns the pictures off for the run; training goes on."""
+    if ev is None or writer is None or getattr(writer, "_finetune_no_pictures", False):
+        return
+    try:
+        import numpy as np
+        import torch
+        from PIL import Image, ImageOps
+
+        writer.add_figure("val/confusion_matrix", confusion_figure(ev["confusion"], names), step)  # closes it
+        s = ev.get("samples")
+        if not _samples_match(s, dataset):
+            return
+        idx = top_wrong(s["target"].tolist(), s["pred"].tolist(), s["conf"].tolist(), TB_WRONG)
+        if not idx:
+            return
+        side = 96
+        ims = [np.asarray(ImageOps.fit(_pil_of(dataset, i), (side, side), Image.Resampling.BICUBIC)) for i in idx]
+        writer.add_images("val/most_confidently_wrong", torch.from_numpy(np.stack(ims)), step, dataformats="NHWC")
+        rows = "\n".join(f"| {n} | {names[int(s['target'][i])]} | {names[int(s['pred'][i])]} | "
+                         f"{100 * float(s['conf'][i]):.1f}% | {image_name(dataset, i)} |" for n, i in enumerate(idx))
+        writer.add_text("val/most_confidently_wrong", "| # | true | predicted | confidence | image |\n"
+                        "|---|---|---|---|---|\n" + rows, step)
+    except Exception as e:  # noqa: BLE001 - pictures are a convenience; the run must not fail for them
+        writer._finetune_no_pictures = True
+        log.warning(f"TensorBoard pictures turned off for this run ({type(e).__name__}: {e})")
+
+
 # ------------------------------------------------------------------------------------------------ run report
 
 

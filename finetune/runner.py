@@ -313,6 +313,7 @@ def _train(recipe: Recipe | None, *, out, overwrite: bool, resume, epochs, repor
                 ck.atomic_write_text(run_dir / "metrics.json", ck.metrics_text(best, history))
             if writer is not None:
                 _log_scalars(writer, row, epoch + 1)
+                _report.log_tensorboard(writer, ev, bundle.val, classes, epoch + 1)  # confusion + wrong images
             reporter.epoch_end(row)
             if cfg.train.early_stop and since_best >= cfg.train.early_stop:
                 reporter.note(f"early stop: no better val accuracy for {since_best} epochs")

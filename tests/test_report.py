@@ -93,7 +93,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     data = tiny_tree(root / "data", classes=("ant", "bee", "cat", "dog"), per_class=15, size=32)
     r = finetune.load_recipe("default")
-    r.data.path, r.train.epochs, r.train.tensorboard, r.train.seed = str(data), 2, False, 0
+    r.data.path, r.train.epochs, r.train.graph, r.train.seed = str(data), 2, False, 0
     res = finetune.train(r, out=root / "run")
     return res.run_dir
 
@@ -236,6 +236,25 @@ def test_the_browser_check_sees_errors_and_broken_images(browser, tmp_path):
     assert page["images"] == [{"id": "x", "alt": "", "complete": True, "w": 0, "h": 0}]
     assert [c["args"][0]["value"] for c in page["console"]] == ["oops"]
     assert any("undefined_fn" in json.dumps(e) for e in page["errors"])
+
+
+def test_tensorboard_gets_the_confusion_matrix_and_the_wrong_images_at_each_evaluation(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("val/confusion_matrix")] == [1, 2]
+    last = torch.load(run / "last.pt", weights_only=True)["val"]["samples"]  # epoch 2's predictions
+    t, p, c = last["target"].tolist(), last["pred"].tolist(), last["conf"].tolist()
+    want = R.top_wrong(t, p, c, R.TB_WRONG)
+    assert want and [e.step for e in acc.Images("val/most_confidently_wrong")][-1] == 2
+    img = acc.Images("val/most_confidently_wrong")[-1]
+    assert img.width > 0 and img.height > 0
+    text = acc.Tensors("val/most_confidently_wrong/text_summary")[-1].tensor_proto.string_val[0].decode()
+    rows = [r for r in text.splitlines() if r.startswith("| ") and not r.startswith("| #")]
+    names = ["ant", "bee", "cat", "dog"]
+    assert [tuple(x.strip() for x in r.split("|")[2:4]) for r in rows] == [(names[t[i]], names[p[i]]) for i in want]
+    assert acc.Scalars("accuracy/val")[-1].value == pytest.approx(sum(a == b for a, b in zip(t, p)) / len(t))
 
 
 # ------------------------------------------------------------------------------------------------ runs / compare
