@@ -251,8 +251,11 @@ def image_name(dataset, index: int) -> str:
 
 
 def evaluation_part(confusion: list[list[int]], names: list[str], samples: dict | None, dataset,
-                    *, n_wrong: int = N_WRONG, n_unsure: int = N_UNSURE) -> dict[str, Any]:
-    """Numbers + pictures of one evaluation: heat map, per-class table, confused pairs, thumbnails."""
+                    *, n_wrong: int | None = None, n_unsure: int | None = None) -> dict[str, Any]:
+    """Numbers + pictures of one evaluation: heat map, per-class table, confused pairs, thumbnails (``n_wrong`` /
+    ``n_unsure``: default N_WRONG / N_UNSURE, read at call time)."""
+    n_wrong = N_WRONG if n_wrong is None else n_wrong
+    n_unsure = N_UNSURE if n_unsure is None else n_unsure
     metrics = per_class_metrics(confusion)
     part: dict[str, Any] = {
         "class_names": names, "confusion": confusion, "per_class": [{"class": n, **m} for n, m in zip(names, metrics)],
