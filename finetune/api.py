@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from finetune.models import Backbone, build_model, build_model_shapes, data_config, list_models  # noqa: F401
     from finetune.params import inspect_json, module_rows, parameter_rows  # noqa: F401
     from finetune.runner import RunResult, train  # noqa: F401
+    from finetune.runs import compare_runs, list_runs, write_compare_html  # noqa: F401
 
 _LAZY = {
     "train": "finetune.runner", "RunResult": "finetune.runner",
@@ -47,6 +48,7 @@ _LAZY = {
     "inspect_json": "finetune.params", "module_rows": "finetune.params", "parameter_rows": "finetune.params",
     "Reporter": "finetune.engine",
     "launch": "finetune.distributed", "strip_nproc": "finetune.distributed",
+    "list_runs": "finetune.runs", "compare_runs": "finetune.runs", "write_compare_html": "finetune.runs",
 }
 
 
@@ -102,13 +104,18 @@ def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Mo
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: str = "val", *,
                         device: str = "auto", batch_size: int = 64, precision: str | None = None,
-                        labels: str | None = None) -> dict[str, Any]:
+                        labels: str | None = None, report: str | Path | None = None) -> dict[str, Any]:
     """Accuracy, top-5, loss, per-class accuracy and confusion of a checkpoint on ``data`` (default: the data it
     was trained on), with the checkpoint's own eval transform and precision — so it reproduces the val accuracy
-    that training recorded for that epoch."""
+    that training recorded for that epoch. ``report``: also write that HTML file (confusion heat map, per-class
+    precision/recall/F1, the most confidently wrong images)."""
     from finetune import data as D
     from finetune.engine import evaluate, resolve_device
 
+    if report is not None:  # a bad report path fails before the evaluation, not after it
+        from finetune.report import check_out
+
+        check_out(report)
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, device=str(dev))
     from finetune.data import provenance
@@ -128,10 +135,34 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
                    precision=_precision_on(dev, precision or ckpt.get("precision", "fp32")),
                    channels_last=bool(ckpt.get("channels_last")))
     names = list(ckpt["class_names"])
-    return {"accuracy": res["accuracy"], "top5": res["top5"], "loss": res["loss"], "n": res["n"],
-            "per_class": dict(zip(names, res["per_class"])), "confusion": res["confusion"],
-            "class_names": names, "checkpoint": ckpt["_path"], "epoch": ckpt.get("epoch"), "split": split,
-            "data": str(path)}
+    out = {"accuracy": res["accuracy"], "top5": res["top5"], "loss": res["loss"], "n": res["n"],
+           "per_class": dict(zip(names, res["per_class"])), "confusion": res["confusion"],
+           "class_names": names, "checkpoint": ckpt["_path"], "epoch": ckpt.get("epoch"), "split": split,
+           "data": str(path)}
+    if report is not None:  # the evaluation part of the run report, for any checkpoint and data
+        from finetune.report import write_eval_report
+
+        out["report"] = str(write_eval_report(report, {**out, "samples": res["samples"]}, ds, ckpt))
+    return out
+
+
+def check_report_path(out: str | Path) -> Path:
+    """Where an HTML report may be written (an .html file, its folder exists, never over a non-report file)."""
+    from finetune.report import check_out
+
+    return check_out(out)
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``RUN_DIR/report.html`` (or ``out``) for a finished or running run: learning curves, confusion
+    matrix, per-class metrics, the most confidently wrong val images, the freeze plan, recipe and environment."""
+    from finetune.report import write_run_report
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FinetuneError(f"run directory '{run_dir}' not found; pass a folder written by finetune train "
+                            "(see finetune runs)")
+    return write_run_report(run_dir, out)
 
 
 def predict(checkpoint: str | Path, paths: list[str], top_k: int = 5, *, device: str = "auto",

@@ -132,6 +132,9 @@ class TensorBoard(Callback):
                 self.writer.add_scalar(tag, row[key], step)
         for name, lr in (row.get("lrs") or {}).items():  # each group's LR at the epoch's first update
             self.writer.add_scalar("lr_group/" + name.replace(" ", "_"), lr, step)
+        from finetune import report
+
+        report.log_tensorboard(self.writer, run.last_eval, run.bundle.val, run.classes, step)  # confusion, wrongs
 
     def on_run_end(self, run):
         cfg = run.resolved
@@ -210,3 +213,12 @@ class Fanout(Reporter):
                 getattr(r, name)(*args, **kwargs)
 
         return call
+
+
+class ReportCallback(Callback):
+    """``report.html`` at the end of the run (``train.report``; a failure is a warning, never a failed run)."""
+
+    def on_run_end(self, run):
+        from finetune import report
+
+        report.after_run(run.run_dir, run.bundle, run.reporter)

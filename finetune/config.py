@@ -139,6 +139,7 @@ class TrainCfg:
     early_stop: Annotated[int, NONNEG] | None = None  # stop after N epochs without a better val accuracy
     cache_features: Literal["auto", "on", "off"] = "auto"
     tensorboard: bool = True
+    report: bool = True  # write report.html (curves, confusion, wrong images, freeze plan) at the end of the run
     graph: bool = True  # add the model graph to TensorBoard
     save_every_steps: Annotated[int, POS] | None = None  # also save last.pt every N steps in an epoch (resumable)
     sync_bn: bool = False  # DDP: SyncBatchNorm for BN layers that train (statistics over the global batch)

@@ -301,6 +301,8 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
 
     Runs under ``model.eval()`` and ``torch.inference_mode()``; the model's previous mode is restored. Under DDP
     each rank evaluates its shard and ``reduce`` sums the counts, so the result covers the whole set once.
+    ``samples`` (None under DDP, where a rank sees only its shard): per image, in loader order, the target, the
+    prediction, its softmax probability and the true class's, for the report's pictures (finetune/report.py).
     """
     device = torch.device(device)
     was_training = model.training
@@ -308,6 +310,7 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
     loss_fn = nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5, n = 0.0, 0, 0
+    per_sample: list[torch.Tensor] | None = [] if reduce is None else None  # rows of (target, pred, conf, p_true)
     n_batches = len(loader) if hasattr(loader, "__len__") else 0  # type: ignore[arg-type]
     if reporter:
         reporter.eval_start(n_batches)
@@ -323,6 +326,10 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         if num_classes >= 5:
             top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum().item()
         n += y.numel()
+        if per_sample is not None:
+            prob = logits.softmax(dim=1)
+            per_sample.append(torch.stack([y.double(), pred.double(), prob.gather(1, pred[:, None])[:, 0].double(),
+                                           prob.gather(1, y[:, None])[:, 0].double()], dim=1).cpu())
         if reporter:
             reporter.eval_batch(i, n_batches)
     model.train(was_training)
@@ -342,6 +349,7 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         "correct": correct,
         "per_class": per_class,
         "confusion": confusion.tolist(),
+        "samples": _samples(per_sample),
     }}
 
 
@@ -356,3 +364,10 @@ def macro_f1(confusion: torch.Tensor) -> float:
         return 0.0
     f1 = 2 * tp / (support + predicted).clamp(min=1)  # = 2PR / (P + R)
     return float(f1[seen].mean())
+
+
+def _samples(rows: list[torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    if rows is None:
+        return None
+    t = torch.cat(rows) if rows else torch.zeros(0, 4, dtype=torch.float64)
+    return {"target": t[:, 0].long(), "pred": t[:, 1].long(), "conf": t[:, 2].float(), "p_true": t[:, 3].float()}

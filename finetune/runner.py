@@ -143,6 +143,7 @@ class RunState:
     ema: Any = None  # timm ModelEmaV3 over `model` (train.ema)
     best_ema: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epoch": 0, "val_acc": None})
     top_k: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the K best epochs, best first
+    last_eval: dict[str, Any] | None = None  # the latest epoch's evaluation (per-image results for the pictures)
 
     def phase(self, epoch: int) -> Phase:
         if self.feats is not None and not self.feats.serves(epoch):
@@ -308,6 +309,8 @@ def _listeners(st: RunState, reporter: Reporter, extra: list | None):
         items.append(tb)
         if tb.steps is not None:  # per-update scalars ride on the batch-level reporter
             st.reporter = C.Fanout([st.reporter, tb.steps])
+    if st.cfg.train.report:
+        items.append(C.ReportCallback())
     return C.Callbacks(items + list(extra or []))
 
 
@@ -520,6 +523,7 @@ def fit(st: RunState, events) -> RunResult:
             phase = st.phase(epoch)
             events.on_epoch_start(st, epoch, phase)
             row, ev = _run_epoch(st, phase, epoch, resuming)
+            st.last_eval = ev
             st.commit(epoch + 1, ev, st.record(row))
             events.on_epoch_end(st, row)
             if st.cfg.train.early_stop and st.since_best >= st.cfg.train.early_stop:

@@ -44,6 +44,7 @@ def base(tmp_path_factory) -> Path:
         for i in range(3):
             (root / "corrupt" / c / f"{c}{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (root / "notes.txt").write_text("not an image\n")
+    (root / "notes.html").write_text("<p>my notes</p>\n")
     (root / "afile").write_text("a regular file\n")
     torch.save(_other_arch_state_dict(), root / "resnet.pth")
     torch.save(_whole_smallcnn(), root / "whole.pth")
@@ -159,6 +160,13 @@ case("export-over-existing", "export {R}/last.pt --out {R}/best.pt --format stat
 case("export-bad-format", "export {R}/last.pt --format onnx", "--format must be safetensors or state-dict, got 'onnx'",
      True)
 case("eval-plain-state-dict", "eval {B}/resnet.pth", "'{B}/resnet.pth' is not a finetune checkpoint")
+case("eval-report-not-html", "eval {R}/best.pt --report {R}/last.pt", "report file '{R}/last.pt' must end in .html",
+     True)
+case("eval-report-over-a-file", "eval {R}/best.pt --report {B}/notes.html", "'{B}/notes.html' exists and is not a "
+     "finetune report")
+case("report-not-a-run", "report {B}", "'{B}' has no best.pt; finetune report takes a run directory")
+case("compare-one-run", "compare {R}", "finetune compare takes at least two run directories")
+case("runs-folder-missing", "runs {B}/nope", "folder '{B}/nope' not found")
 case("unfreeze-bad-syntax", "train --unfreeze seq.8@soon --out {B}/o22", "--unfreeze 'seq.8@soon' must be LAYERS")
 case("fp16-on-cpu", "train --precision fp16 --device cpu --out {B}/o23", "--precision fp16 needs a GPU")
 case("val-split-out-of-range", "train --val-split 1.5 --out {B}/o24", "data.val_split must be in [0, 1), got 1.5")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -22,6 +23,8 @@ def eval_(
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 (default: the "
                                             "checkpoint's, which reproduces the accuracy training recorded)."),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write this HTML report: confusion heat "
+                                          "map, per-class precision/recall/F1, the most confidently wrong images."),
     trust_checkpoint: bool = O.TRUST,
 ) -> None:
     from finetune.api import ConfigError
@@ -36,7 +39,7 @@ def eval_(
 
     with trusted(trust_checkpoint):
         res = evaluate_checkpoint(checkpoint, data, split, device=device, batch_size=batch_size,
-                                  precision=precision, labels=labels)
+                                  precision=precision, labels=labels, report=report)
     if as_json:
         keys = ("accuracy", "top5", "loss", "n", "per_class", "confusion")
         typer.echo(json.dumps(finite_json({k: res[k] for k in keys}), allow_nan=False))  # NaN -> null: strict JSON
@@ -58,3 +61,5 @@ def eval_(
         acc = res["per_class"][n]
         t.add_row(n, *[str(v) for v in row], "no samples" if acc is None else f"{100 * acc:.1f}%")
     console.print(t)
+    if res.get("report"):
+        console.print(f"report: {res['report']}", highlight=False)

@@ -35,6 +35,10 @@ _STRICT = typer.Option(None, "--strict/--no-strict",
 _ALLOW_OUTSIDE = typer.Option(None, "--allow-outside",
                               help="CSV labels may name files outside the data folder (../x, /abs/x).",
                               rich_help_panel=_D)
+_REPORT = typer.Option(None, "--report/--no-report",
+                       help="Write RUN_DIR/report.html at the end (curves, confusion matrix, wrong images, freeze "
+                            "plan); on by default.",
+                       rich_help_panel="Run")
 _OPTIMIZER = typer.Option(None, "--optimizer", help="sgd | adam | adamw | rmsprop.", rich_help_panel=_O)
 _LR = typer.Option(None, "--lr", help="Base learning rate.", rich_help_panel=_O)
 _MOMENTUM = typer.Option(None, "--momentum", help="SGD/RMSprop momentum (recipe default 0.9).", rich_help_panel=_O)
@@ -133,6 +137,7 @@ def train(
     early_stop: Optional[int] = _EARLY_STOP,
     tensorboard: Optional[bool] = _TENSORBOARD,
     save_every_steps: Optional[int] = _SAVE_EVERY_STEPS,
+    report: Optional[bool] = _REPORT,
     out: Optional[Path] = _OUT,
     overwrite: bool = _OVERWRITE,
     resume: Optional[Path] = _RESUME,
@@ -208,7 +213,7 @@ KEYS = {  # recipe key -> the parameter of `train` that sets it (the freeze flag
     "train.seed": "seed", "train.device": "device", "train.precision": "precision",
     "train.channels_last": "channels_last", "train.compile": "compile_", "train.cache_features": "cache_features",
     "train.early_stop": "early_stop", "train.tensorboard": "tensorboard", "train.save_every_steps": "save_every_steps",
-    "train.sync_bn": "sync_bn",
+    "train.sync_bn": "sync_bn", "train.report": "report",
 }
 
 
