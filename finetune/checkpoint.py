@@ -29,7 +29,8 @@ _OWN_DIRS = ("hparams",)  # TensorBoard's add_hparams sub-run
 def _run_owned(name: str) -> bool:
     """Names a finetune run writes into its directory (and nothing else): checkpoints, config, metrics, the marker,
     the lock, TensorBoard event files, the temp files of an interrupted atomic write, the report."""
-    return (name in RUN_FILES or name in (MARKER, LOCK, ".write-test", "report.html", "report.json", "probe.json", "best_ema.pt")
+    return (name in RUN_FILES
+            or name in (MARKER, LOCK, ".write-test", "report.html", "report.json", "probe.json", "best_ema.pt")
             or bool(re.fullmatch(r"epoch\d{3,}\.pt", name))
             or name in _OWN_DIRS
             or name.startswith("events.out.tfevents.") or (name.startswith(".") and name.endswith(".tmp")))
