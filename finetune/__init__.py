@@ -20,6 +20,7 @@ _LAZY = {
     "evaluate_checkpoint": "finetune.api",
     "predict": "finetune.api",
     "load_model": "finetune.api",
+    "write_report": "finetune.api",
     "sample_data": "finetune.config",
 }
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.checkpoint import EXPORT_SUFFIX, export_weights  # noqa: F401 - torch only inside the functions
+from finetune.checkpoint import EXPORT_SUFFIX, export_weights, finite_json  # noqa: F401 - torch only inside
 from finetune.export import FORMATS as EXPORT_FORMATS, export as export_model  # noqa: F401 - likewise
 from finetune.config import (Recipe, apply_overrides, describe, load_recipe, recipe_names,  # noqa: F401
                              recipe_path, recipes_dir)
@@ -24,6 +24,7 @@ from finetune.errors import (CheckpointError, ConfigError, DataError, FinetuneEr
                              shown)
 from finetune.lr_find import FILES as LR_FIND_FILES, lr_find  # noqa: F401 - torch only inside the functions
 from finetune.serialization import trusted  # noqa: F401
+from finetune.stop import sigterm_as_interrupt  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from finetune.models import Backbone, build_model, build_model_shapes, data_config, list_models  # noqa: F401
     from finetune.params import inspect_json, module_rows, parameter_rows  # noqa: F401
     from finetune.runner import RunResult, train  # noqa: F401
+    from finetune.runs import compare_runs, list_runs, write_compare_html  # noqa: F401
 
 _LAZY = {
     "train": "finetune.runner", "RunResult": "finetune.runner",
@@ -49,6 +51,7 @@ _LAZY = {
     "inspect_json": "finetune.params", "module_rows": "finetune.params", "parameter_rows": "finetune.params",
     "Reporter": "finetune.engine",
     "launch": "finetune.distributed", "strip_nproc": "finetune.distributed",
+    "list_runs": "finetune.runs", "compare_runs": "finetune.runs", "write_compare_html": "finetune.runs",
 }
 
 
@@ -104,42 +107,84 @@ def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Mo
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: str = "val", *,
                         device: str = "auto", batch_size: int = 64, precision: str | None = None,
-                        labels: str | None = None) -> dict[str, Any]:
+                        labels: str | None = None, report: str | Path | None = None) -> dict[str, Any]:
     """Accuracy, top-5, loss, per-class accuracy and confusion of a checkpoint on ``data`` (default: the data it
     was trained on), with the checkpoint's own eval transform and precision — so it reproduces the val accuracy
     that training recorded for that epoch. ``split="all"``: a mapping split -> that result for every split the data
-    has (train, val, test)."""
+    has (train, val, test). ``report``: also write that HTML file (confusion heat map, per-class
+    precision/recall/F1, the most confidently wrong images)."""
     from finetune import data as D
     from finetune.engine import evaluate, resolve_device
 
     if split == "all":  # every split the data has, each on its own: {"train": {...}, "val": {...}, "test": {...}}
-        from finetune.checkpoint import load_checkpoint
-        from finetune.holdout import splits
+        if report is not None:
+            raise ConfigError("--report describes one split; pass --split val, train or test with it")
+        return _evaluate_all(checkpoint, data, device=device, batch_size=batch_size, precision=precision,
+                             labels=labels)
+    if report is not None:  # a bad report path fails before the evaluation, not after it
+        from finetune.report import check_out
 
-        info = load_checkpoint(checkpoint).get("data") or {}
-        own = data is None or data == info.get("path")
-        path = data if data is not None else info.get("path", "sample")
-        return {s: evaluate_checkpoint(checkpoint, data, s, device=device, batch_size=batch_size,
-                                       precision=precision, labels=labels)
-                for s in splits(str(path), info.get("val_split", 0.2) if own else 0.0)}
+        check_out(report)
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, device=str(dev))
+    from finetune.data import provenance
+
     info = ckpt.get("data") or {}
-    path = data if data is not None else info.get("path", "sample")
-    own = data is None or data == info.get("path")  # the run's data: its labels and its train/val split
+    path = data if data is not None else info.get("root") or info.get("path", "sample")
+    own = data is None or data == info.get("path") or provenance.absolute(data) == info.get("root")
+    # the run's data: its labels and its train/val split
     ds = D.build_eval_dataset(path, split, list(ckpt["class_names"]), ckpt["transform"],
                               labels=labels or (info.get("labels") if own else None),
-                              val_split=info.get("val_split", 0.2) if own else 0.0, seed=info.get("seed", 0))
+                              val_split=info.get("val_split", 0.2) if own else 0.0, seed=info.get("seed", 0),
+                              allow_outside=bool(info.get("allow_outside")) and own)
+    if own and split == "val":
+        provenance.check_eval(info, ds, path)
     loader = D.make_loader(ds, batch_size, shuffle=False, seed=0, device=dev.type)
     res = evaluate(model, loader, int(ckpt["num_classes"]), device=dev,
                    precision=_precision_on(dev, precision or ckpt.get("precision", "fp32")),
                    channels_last=bool(ckpt.get("channels_last")))
     names = list(ckpt["class_names"])
-    return {"accuracy": res["accuracy"], "balanced_accuracy": res["balanced_accuracy"], "macro_f1": res["macro_f1"],
-            "top5": res["top5"], "loss": res["loss"], "n": res["n"],
-            "per_class": dict(zip(names, res["per_class"])), "confusion": res["confusion"],
-            "class_names": names, "checkpoint": ckpt["_path"], "epoch": ckpt.get("epoch"), "split": split,
-            "data": str(path)}
+    out = {"accuracy": res["accuracy"], "balanced_accuracy": res["balanced_accuracy"], "macro_f1": res["macro_f1"],
+           "top5": res["top5"], "loss": res["loss"], "n": res["n"],
+           "per_class": dict(zip(names, res["per_class"])), "confusion": res["confusion"],
+           "class_names": names, "checkpoint": ckpt["_path"], "epoch": ckpt.get("epoch"), "split": split,
+           "data": str(path)}
+    if report is not None:  # the evaluation part of the run report, for any checkpoint and data
+        from finetune.report import write_eval_report
+
+        out["report"] = str(write_eval_report(report, {**out, "samples": res["samples"]}, ds, ckpt))
+    return out
+
+
+def check_report_path(out: str | Path) -> Path:
+    """Where an HTML report may be written (an .html file, its folder exists, never over a non-report file)."""
+    from finetune.report import check_out
+
+    return check_out(out)
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``RUN_DIR/report.html`` (or ``out``) for a finished or running run: learning curves, confusion
+    matrix, per-class metrics, the most confidently wrong val images, the freeze plan, recipe and environment."""
+    from finetune.report import write_run_report
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FinetuneError(f"run directory '{run_dir}' not found; pass a folder written by finetune train "
+                            "(see finetune runs)")
+    return write_run_report(run_dir, out)
+
+
+def _evaluate_all(checkpoint, data, **kw) -> dict[str, dict[str, Any]]:
+    from finetune.checkpoint import load_checkpoint
+    from finetune.data import provenance
+    from finetune.holdout import splits
+
+    info = load_checkpoint(checkpoint).get("data") or {}
+    own = data is None or data == info.get("path") or provenance.absolute(data) == info.get("root")
+    path = data if data is not None else info.get("root") or info.get("path", "sample")
+    return {s: evaluate_checkpoint(checkpoint, data, s, **kw)
+            for s in splits(str(path), info.get("val_split", 0.2) if own else 0.0)}
 
 
 def predict(checkpoint: str | Path, paths: list[str], top_k: int = 5, *, device: str = "auto",

@@ -8,15 +8,17 @@ strings, lists and dicts only — so the model can be rebuilt and used without t
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import CheckpointError
+from finetune.errors import CheckpointError, shown
 
 RUN_FILES = ("config.yaml", "metrics.json", "last.pt", "best.pt")
 MARKER = ".finetune-run"  # written first in every run directory: the proof that --overwrite may empty it
@@ -27,8 +29,10 @@ _OWN_DIRS = ("hparams",)  # TensorBoard's add_hparams sub-run
 def _run_owned(name: str) -> bool:
     """Names a finetune run writes into its directory (and nothing else): checkpoints, config, metrics, the marker,
     the lock, TensorBoard event files, the temp files of an interrupted atomic write, the report."""
-    return (name in RUN_FILES or name in (MARKER, LOCK, ".write-test", "report.html", "probe.json",
-                                                  "lr_find.png", "lr_find.json")
+    return (name in RUN_FILES
+            or name in (MARKER, LOCK, ".write-test", "report.html", "report.json", "probe.json", "best_ema.pt",
+                        "lr_find.png", "lr_find.json")
+            or bool(re.fullmatch(r"epoch\d{3,}\.pt", name))
             or name in _OWN_DIRS
             or name.startswith("events.out.tfevents.") or (name.startswith(".") and name.endswith(".tmp")))
 
@@ -162,11 +166,105 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_name" not in ckpt:
         raise CheckpointError(f"'{p}' is not a finetune checkpoint (no 'model'/'model_name'); for plain weights "
                               "use --weights PATH with --model")
+    problem = schema_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"'{p}' is not a valid finetune checkpoint: {problem}; it is damaged or was not "
+                              "written by finetune")
     ckpt["_path"] = str(p)
     return ckpt
 
 
-RESUME_ONLY = ("optimizer", "scaler", "partial", "_path")  # what last.pt carries for a resume and best.pt doesn't
+_INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "nearest-exact")
+
+
+def schema_problem(ckpt: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint's metadata (None when nothing): the fields eval/predict/resume build from
+    are checked before anything is allocated with them (a crafted file passes the safe loader but could ask for
+    10^12 classes or a 6000-px transform)."""
+    names, n = ckpt.get("class_names"), ckpt.get("num_classes")
+    if not isinstance(names, (list, tuple)) or not all(isinstance(c, str) for c in names):
+        return f"class_names must be a list of names, got {shown(repr(names))[:60]}"
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 100_000 or n != len(names):
+        return (f"num_classes must be an integer from 1 to 100000 equal to the number of class_names "
+                f"({len(names)}), got {shown(repr(n))[:40]}")
+    if not isinstance(ckpt.get("model_name"), str):
+        return "model_name must be a string"
+    tf = ckpt.get("transform")
+    if not isinstance(tf, dict):
+        return f"transform must be a mapping, got {shown(repr(tf))[:40]}"
+    size, resize = tf.get("input_size"), tf.get("resize")
+    if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(isinstance(v, int) for v in size)
+            and size[0] == 3 and all(8 <= v <= 2048 for v in size[1:])
+            and isinstance(resize, int) and 8 <= resize <= 4096):
+        return (f"transform.input_size must be [3, H, W] with H and W from 8 to 2048 (resize up to 4096), got "
+                f"{shown(repr(size))[:40]}")
+    if tf.get("interpolation") not in _INTERPOLATIONS:
+        return (f"transform.interpolation must be one of {', '.join(_INTERPOLATIONS)}, got "
+                f"{shown(repr(tf.get('interpolation')))[:40]}")
+    for key in ("mean", "std"):
+        v = tf.get(key)
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) and math.isfinite(x)
+                                                                     for x in v)):
+            return f"transform.{key} must be 3 finite numbers, got {shown(repr(v))[:40]}"
+    return None
+
+
+
+@dataclass
+class Checkpoint:
+    """What ``last.pt`` / ``best.pt`` hold: everything to rebuild and use the model without the recipe, and (in
+    ``last.pt``) to resume the run exactly. Stored as a plain dict of tensors and Python values, so
+    ``torch.load(path, weights_only=True)`` reads it without finetune; :meth:`to_dict` / :meth:`from_dict` are the
+    one mapping between the two. Keys this version does not know (from a newer finetune) are kept in ``extra``."""
+
+    model: dict[str, Any]  # the full model's state_dict
+    class_names: list[str]
+    model_name: str
+    num_classes: int
+    transform: dict[str, Any]  # the eval transform (size, resize, crop, interpolation, mean, std)
+    precision: str
+    channels_last: bool
+    epoch: int  # completed epochs
+    plan: dict[str, Any]  # the freeze plan (FreezePlan.to_dict)
+    trainable: list[str]  # parameter names that required grad when this was saved
+    recipe: dict[str, Any]  # the resolved recipe
+    metrics: list[dict[str, Any]]  # one row per completed epoch
+    best: dict[str, Any]  # {"epoch", "val_acc"}
+    data: dict[str, Any] = field(default_factory=dict)  # path, labels, val_split, seed
+    val: dict[str, Any] | None = None  # the evaluation of this epoch
+    finetune_version: str = ""
+    world_size: int = 1
+    epoch_base: int = 1  # freeze.schedule epochs count from 1 (older checkpoints: from 0)
+    optimizer: dict[str, Any] | None = None  # resume only
+    scaler: dict[str, Any] | None = None  # resume only (fp16)
+    partial: dict[str, Any] | None = None  # resume only: an epoch saved mid-way (batches done, sums, RNG)
+    ema: dict[str, Any] | None = None  # resume only: the EMA weights (train.ema)
+    best_ema: dict[str, Any] | None = None  # the EMA's best epoch (train.ema)
+    top_k: list[dict[str, Any]] | None = None  # the K best epochs, best first (train.save_top_k > 1)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _ORDER = ("model", "class_names", "model_name", "num_classes", "transform", "precision", "channels_last",
+              "epoch_base", "data", "epoch", "plan", "trainable", "recipe", "optimizer", "scaler", "metrics", "best",
+              "val", "finetune_version", "world_size", "partial", "ema", "best_ema", "top_k")
+    _OPTIONAL = ("partial", "ema", "best_ema", "top_k")  # written only when the run uses them
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self._ORDER if k not in self._OPTIONAL or getattr(self, k) is not None}
+        return {**d, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Checkpoint":
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw.setdefault("epoch_base", 0)  # checkpoints written before the key existed counted from 0
+        return cls(**kw, extra={k: v for k, v in d.items() if k not in known and k != "_path"})
+
+    def slim(self) -> dict[str, Any]:
+        """``best.pt``'s content: without what only a resume needs."""
+        return slim(self.to_dict())
+
+
+RESUME_ONLY = ("optimizer", "scaler", "partial", "ema", "_path")  # in last.pt for a resume, not in best.pt
 
 
 def slim(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -174,9 +272,31 @@ def slim(ckpt: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ckpt.items() if k not in RESUME_ONLY}
 
 
-def metrics_text(best: dict, history: list[dict]) -> str:
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by None: ``json.dumps`` would write bare ``NaN``/``Infinity``, which
+    is not JSON (jq, browsers and ``JSON.parse`` reject the whole file)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def metrics_text(best: dict, history: list[dict], *, best_ema: dict | None = None,
+                 top_k: list[dict] | None = None, test: dict | None = None) -> str:
+    """``metrics.json``: the best epoch, every epoch's row, and (when used) the EMA's best and the top-k list.
+    Non-finite numbers are written as null (JSON has no NaN)."""
     rows = [{k: v for k, v in r.items() if k != "best"} for r in history]
-    return json.dumps({"best": best, "epochs": rows}, indent=2)
+    doc: dict[str, Any] = {"best": best}
+    if best_ema is not None:
+        doc["best_ema"] = best_ema
+    if top_k:
+        doc["top_k"] = top_k
+    if test is not None:
+        doc["test"] = test  # best.pt on the data's test/ folder (holdout.py), apart from the epochs
+    return json.dumps(finite_json({**doc, "epochs": rows}), indent=2, allow_nan=False)
 
 
 def _peek(path: Path) -> dict[str, Any] | None:
@@ -205,23 +325,53 @@ def repair_run(run_dir: str | Path) -> list[str]:
     last = _peek(run_dir / "last.pt")
     if last is None or "epoch" not in last:
         return []
-    fixed = []
     best = last.get("best") or {}
     epoch = int(last["epoch"])
-    if not last.get("partial") and epoch > 0 and best.get("epoch") == epoch:
-        current = _peek(run_dir / "best.pt")
-        if current is None or int(current.get("epoch", -1)) != epoch:
-            save_checkpoint(slim(dict(last)), run_dir / "best.pt")
-            fixed.append("best.pt")
-    text = metrics_text(best, list(last.get("metrics") or []))
+    fixed = [] if last.get("partial") or epoch <= 0 else _repair_epoch_files(run_dir, last, epoch)
     mp = run_dir / "metrics.json"
     try:
-        same = mp.read_text(encoding="utf-8") == text
+        old = mp.read_text(encoding="utf-8")
     except OSError:
-        same = False
+        old = None
+    text = metrics_text(best, list(last.get("metrics") or []), best_ema=last.get("best_ema"),
+                        top_k=last.get("top_k"), test=_kept_test(old, best))
+    same = old == text
     if not same and last.get("metrics"):
         atomic_write_text(mp, text)
         fixed.append("metrics.json")
+    return fixed
+
+
+def _kept_test(text: str | None, best: dict) -> dict | None:
+    """metrics.json's ``test`` entry while it still describes the best epoch's best.pt (else it is stale)."""
+    try:
+        test = json.loads(text).get("test") if text else None
+    except (ValueError, AttributeError):
+        return None
+    return test if isinstance(test, dict) and test.get("epoch") == best.get("epoch") else None
+
+
+def _repair_epoch_files(run_dir: Path, last: dict[str, Any], epoch: int) -> list[str]:
+    """best.pt, best_ema.pt and the top-k file of ``last.pt``'s own epoch when it was the best (its weights ARE
+    those files' weights); top-k files that dropped out are removed."""
+    fixed = []
+    wanted = {"best.pt": (last.get("best") or {}).get("epoch") == epoch,
+              "best_ema.pt": (last.get("best_ema") or {}).get("epoch") == epoch and last.get("ema") is not None}
+    for e in last.get("top_k") or []:
+        wanted[e["file"]] = e["epoch"] == epoch
+    for name, own in wanted.items():
+        current = _peek(run_dir / name) if own else None
+        if own and (current is None or int(current.get("epoch", -1)) != epoch):
+            content = slim(dict(last))
+            if name == "best_ema.pt":
+                content = {**content, "model": last["ema"], "ema_weights": True}
+            save_checkpoint(content, run_dir / name)
+            fixed.append(name)
+    listed = {e["file"] for e in last.get("top_k") or []}
+    for p in run_dir.glob("epoch[0-9][0-9][0-9]*.pt"):
+        if p.name not in listed:
+            p.unlink(missing_ok=True)
+            fixed.append(f"{p.name} (removed)")
     return fixed
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from finetune.errors import ConfigError, shown, suggest
 
@@ -25,89 +26,136 @@ RECIPES_DIR = PACKAGE_DIR / "recipes"
 SAMPLE_DIR = PACKAGE_DIR / "data" / "sample"
 
 
+@dataclass(frozen=True)
+class Range:
+    """A bound on a number, carried by its field's type (``Annotated[float, Range(gt=0)]``); ``msg`` is what
+    follows the key path in the error (``{v}`` = the value)."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    msg: str = ""
+
+    def ok(self, v: float) -> bool:
+        return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
+                and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
+
+    def message(self, v: Any) -> str:
+        if self.msg:
+            return self.msg.format(v=v)
+        return f"must be greater than {self.gt:g}, got {v}" if self.gt is not None else \
+            f"must not be negative, got {v}"
+
+
+POS = Range(gt=0)
+NONNEG = Range(ge=0)
+IMAGE_SIZE = (8, 2048)  # data.image_size: smaller cannot pass a CNN's downsampling; larger is an allocator crash
+SIZE = Range(ge=IMAGE_SIZE[0], le=IMAGE_SIZE[1], msg=f"must be between {IMAGE_SIZE[0]} and {IMAGE_SIZE[1]} pixels, "
+             "got {v}; omit it to use the backbone's own input size")
+FRACTION = Range(ge=0, lt=1, msg="must be in [0, 1), got {v}")
+FLOAT32_MAX = 3.4028234663852886e38  # optimizer.lr: torch multiplies float32 weights by it
+F32 = Range(le=FLOAT32_MAX, msg=f"must be at most {FLOAT32_MAX:.2g} (it is applied to float32 weights), got {{v:g}}")
+DECAY = Range(gt=0, le=1, msg="must be in (0, 1] (each layer's LR is lr x decay^distance from the head), got {v}")
+UNIT = Range(gt=0, lt=1, msg="must be in (0, 1), got {v}")
+EPOCH = Range(ge=1, msg="must be at least 1 (epochs count from 1, as the logs do), got {v}")
+
+
 @dataclass
 class ModelCfg:
     name: str = "smallcnn"
     weights: str = "default"  # default = the backbone's own pretrained weights (none for smallcnn)
     num_classes: int | None = None  # None = from the data
-    drop_rate: float | None = None  # timm create_model(drop_rate=): dropout before the classifier; None = model's
-    drop_path_rate: float | None = None  # timm create_model(drop_path_rate=): stochastic depth; None = model's
+    drop_rate: Annotated[float, FRACTION] | None = None  # timm create_model(drop_rate=): dropout before the head
+    drop_path_rate: Annotated[float, FRACTION] | None = None  # timm create_model(drop_path_rate=): stochastic depth
 
 
 @dataclass
 class DataCfg:
     path: str = "sample"  # "sample" = the bundled data (config.SAMPLE_DIR)
     labels: str | None = None  # prefix:..., regex:..., csv:FILE; None = class subfolders
-    val_split: float = 0.2  # used when the folder has no val/ split
-    image_size: int | None = None  # None = the backbone's own input size
-    augment: str = "light"  # none | light | strong
-    sampler: str = "random"  # random | balanced (each class equally likely per draw; finetune/imbalance.py)
+    val_split: Annotated[float, FRACTION] = 0.2  # used when the folder has no val/ split
+    image_size: Annotated[int, SIZE] | None = None  # None = the backbone's own input size
+    augment: Literal["none", "light", "strong"] = "light"
+    sampler: Literal["random", "balanced"] = "random"  # balanced: each class equally likely per draw (imbalance.py)
     mean: list[float] | None = None
     std: list[float] | None = None
-    cache: str = "auto"  # decoded-image cache: auto | on | off
-    cache_gb: float = 2.0
-    workers: int | None = None  # None = sized for the machine
+    cache: Literal["auto", "on", "off"] = "auto"  # decoded-image cache
+    cache_gb: Annotated[float, POS] = 2.0
+    workers: Annotated[int, NONNEG] | None = None  # None = sized for the machine
     strict: bool = False  # fail on unreadable images instead of skipping them
+    allow_outside: bool = False  # csv labels: allow paths outside the data folder (../x, /abs/x)
 
 
 @dataclass
 class UnfreezeStep:
-    epoch: int  # 1-based (as logs and metrics count): at the start of this epoch the layers become trainable
+    epoch: Annotated[int, EPOCH]  # 1-based (as logs count): at the start of this epoch the layers become trainable
     layers: list[str]  # dotted module paths, stage:K addresses, or ["all"]
-    lr_mult: float = 1.0  # LR of the new parameter group = base LR x lr_mult
+    lr_mult: Annotated[float, Range(gt=0, msg="must be greater than 0")] = 1.0  # new group's LR = base LR x this
 
 
 @dataclass
 class FreezeCfg:
     names: list[str] = field(default_factory=list)  # parameter-name substrings or globs (tutorial method 1)
-    first: int | None = None  # the first N parameter tensors (tutorial method 2)
+    first: Annotated[int, NONNEG] | None = None  # the first N parameter tensors (tutorial method 2)
     stages: int | None = None  # fastai freeze_to: -2 = all but the last 2 stages frozen (the head trains)
     layers: list[str] = field(default_factory=list)  # dotted module paths (tutorial method 3)
     backbone: bool = False  # everything except the head (linear probing)
     unfreeze: list[str] = field(default_factory=list)  # applied last: names/layers made trainable again
-    bn: str = "frozen"  # frozen | train
+    bn: Literal["frozen", "train"] = "frozen"
     schedule: list[UnfreezeStep] = field(default_factory=list)
 
 
 @dataclass
 class OptimizerCfg:
-    name: str = "sgd"  # sgd | adam | adamw | rmsprop
-    lr: float = 0.01  # or "auto": the LR range test (finetune/lr_find.py) picks it; config.yaml records the number
-    momentum: float = 0.9
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
+    lr: Annotated[float, POS, F32] | Literal["auto"] = 0.01  # auto: the LR range test picks it (lr_find.py)
+    momentum: Annotated[float, NONNEG] = 0.9
     nesterov: bool = False
-    weight_decay: float = 0.0  # never applied to biases and norm weights
-    lr_mult: dict[str, float] = field(default_factory=dict)  # layer path -> LR multiplier
-    layer_decay: float | None = None  # layer-wise LR decay for what is trainable from the start
+    weight_decay: Annotated[float, NONNEG] = 0.0  # never applied to biases and norm weights
+    lr_mult: dict[str, Annotated[float, Range(ge=0, msg="must not be negative")]] = field(default_factory=dict)
+    # layer path -> LR multiplier
+    layer_decay: Annotated[float, DECAY] | None = None  # layer-wise LR decay for what is trainable from the start
 
 
 @dataclass
 class SchedulerCfg:
-    name: str = "constant"  # constant | step | cosine | onecycle
-    warmup_epochs: float = 0.0
-    step_size: int = 1  # step: epochs between decays
-    gamma: float = 0.1
-    min_lr: float = 0.0
+    name: Literal["constant", "step", "cosine", "onecycle"] = "constant"
+    warmup_epochs: Annotated[float, NONNEG] = 0.0
+    step_size: Annotated[int, NONNEG] = 1  # step: epochs between decays
+    gamma: Annotated[float, NONNEG] = 0.1
+    min_lr: Annotated[float, NONNEG] = 0.0
 
 
 @dataclass
 class TrainCfg:
-    epochs: int = 5
-    batch_size: int = 32
-    accumulate: int = 1
-    clip_grad: float | None = None
-    label_smoothing: float = 0.0
+    epochs: Annotated[int, POS] = 5
+    batch_size: Annotated[int, POS] = 32
+    accumulate: Annotated[int, POS] = 1
+    clip_grad: Annotated[float, NONNEG] | None = None
+    label_smoothing: Annotated[float, NONNEG, Range(lt=1, msg="must be below 1")] = 0.0
     class_weights: str = "none"  # none | auto (inverse frequency) | FILE (.json/.yaml: class -> weight)
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | mps
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | None = None  # None = auto (conv nets)
     compile: bool = False
-    early_stop: int | None = None  # stop after this many epochs without a better val accuracy
-    cache_features: str = "auto"  # auto | on | off
+    early_stop: Annotated[int, NONNEG] | None = None  # stop after N epochs without a better val accuracy
+    cache_features: Literal["auto", "on", "off"] = "auto"
     tensorboard: bool = True
+    report: bool = True  # write report.html (curves, confusion, wrong images, freeze plan) at the end of the run
     graph: bool = True  # add the model graph to TensorBoard
-    save_every_steps: int | None = None  # also save last.pt every N optimizer steps inside an epoch (resumable)
+    save_every_steps: Annotated[int, POS] | None = None  # also save last.pt every N steps in an epoch (resumable)
     sync_bn: bool = False  # DDP: SyncBatchNorm for BN layers that train (statistics over the global batch)
+    monitor: Literal["val_acc", "val_loss", "val_f1"] = "val_acc"  # what picks best.pt, top-k and early stop
+    monitor_mode: Literal["auto", "max", "min"] = "auto"  # auto: min for val_loss, else max
+    save_top_k: Annotated[int, POS] = 1  # keep the K best epochs (K > 1: also epochNNN.pt files)
+    ema: bool = False  # keep an exponential moving average of the weights (timm ModelEmaV3), saved as best_ema.pt
+    ema_decay: Annotated[float, UNIT] = 0.999  # with timm's warm-up: min(decay, 1 - (1 + step) ** -2/3)
+    mixup: Annotated[float, NONNEG] = 0.0  # mixup alpha (timm Mixup); 0 = off
+    cutmix: Annotated[float, NONNEG] = 0.0  # cutmix alpha; 0 = off (with both: one of them per batch)
+    log_every: Annotated[int, POS] | None = None  # TensorBoard scalars every N optimizer steps (besides per epoch)
+    dist_timeout: Annotated[float, POS] = 10.0  # DDP: minutes a collective may wait for the other processes
 
 
 @dataclass
@@ -125,26 +173,11 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
-    "data.augment": ("none", "light", "strong"),
-    "data.cache": ("auto", "on", "off"),
-    "data.sampler": ("random", "balanced"),
-    "freeze.bn": ("frozen", "train"),
-    "optimizer.name": ("sgd", "adam", "adamw", "rmsprop"),
-    "scheduler.name": ("constant", "step", "cosine", "onecycle"),
-    "train.device": ("auto", "cpu", "cuda", "mps"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.cache_features": ("auto", "on", "off"),
-}
-POSITIVE = {"optimizer.lr", "train.epochs", "train.batch_size", "train.accumulate", "data.cache_gb",
-            "train.save_every_steps"}
-NON_NEGATIVE = {"optimizer.momentum", "optimizer.weight_decay", "scheduler.warmup_epochs", "scheduler.min_lr",
-                "train.label_smoothing", "train.clip_grad", "train.early_stop", "freeze.first",
-                "data.workers", "scheduler.step_size", "scheduler.gamma"}
-
-AUTO_OK = {"optimizer.lr"}  # number keys that also take the string "auto"
-
-IMAGE_SIZE = (8, 2048)  # data.image_size: smaller cannot pass a CNN's downsampling; larger is an allocator crash
+# a recipe is a few KB of YAML; these bounds stop "billion laughs" alias bombs, self-referencing aliases and deep
+# nesting before anything expands them (every shipped recipe is < 2 KB, < 100 values, 4 levels deep)
+MAX_RECIPE_BYTES = 256 * 1024
+MAX_RECIPE_VALUES = 10_000  # values after expanding aliases
+MAX_RECIPE_DEPTH = 32
 
 # ----------------------------------------------------------------------------------------------- loading
 
@@ -184,11 +217,61 @@ def _key_lines(text: str) -> dict[str, int]:
     return lines
 
 
+def _compose_checked(text: str, source: str):
+    """The YAML node graph of a recipe, refused before anything expands it when it is a bomb: aliases that expand
+    to more than MAX_RECIPE_VALUES values, an anchor that contains its own alias (a recursive structure), nesting
+    deeper than MAX_RECIPE_DEPTH, or a key given twice in one mapping (YAML would keep the last, silently)."""
+    import yaml
+
+    try:
+        root = yaml.compose(text)
+    except RecursionError:
+        raise ConfigError(f"recipe '{source}': YAML nested too deeply (a recipe is a few levels of sections and "
+                          "values)") from None
+    count = 0
+
+    def walk(node, path: list[int], prefix: str, at: int = 1) -> None:
+        nonlocal count
+        count += 1
+        line = node.start_mark.line + 1
+        if count > MAX_RECIPE_VALUES:
+            raise ConfigError(f"recipe '{source}': its YAML aliases expand to more than {MAX_RECIPE_VALUES:,} "
+                              "values; a recipe may use anchors and aliases only for a few repeated values")
+        if id(node) in path:
+            raise ConfigError(f"recipe '{source}', line {at}: a YAML alias refers to the node that contains it "
+                              "(a recursive structure); write the values out")
+        if len(path) >= MAX_RECIPE_DEPTH:
+            raise ConfigError(f"recipe '{source}', line {line}: YAML nested deeper than {MAX_RECIPE_DEPTH} levels")
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for k, v in node.value:
+                key = str(k.value) if isinstance(k, yaml.ScalarNode) else "?"
+                kpath = f"{prefix}.{key}" if prefix else key
+                if key in first and isinstance(k, yaml.ScalarNode):
+                    raise ConfigError(f"recipe '{source}', line {k.start_mark.line + 1}: duplicate key "
+                                      f"'{shown(kpath)}' (first on line {first[key]}); keep one")
+                first[key] = k.start_mark.line + 1
+                walk(k, path + [id(node)], kpath, k.start_mark.line + 1)
+                walk(v, path + [id(node)], kpath, k.start_mark.line + 1)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + [id(node)], f"{prefix}[{i}]", line)
+
+    if root is not None:
+        walk(root, [], "")
+    return root
+
+
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
+        return " or ".join(_type_name(a) for a in args) + (" or null" if type(None) in typing.get_args(tp) else "")
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
+    if origin is Literal:
+        words = typing.get_args(tp)
+        return f"'{words[0]}'" if len(words) == 1 else "one of " + ", ".join(map(str, words))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}s"
     if origin is dict:
@@ -198,18 +281,42 @@ def _type_name(tp) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
+def _error(where: _Where, path: str, text: str) -> ConfigError:
+    """``ConfigError`` for key ``path``: the message starts with it (after the file and line), ``.key`` holds it so
+    the CLI can name the flag that set it."""
+    e = ConfigError(f"{where(path)}{path} {text}")
+    e.key = path
+    return e
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def _convert(value: Any, tp, path: str, where: _Where) -> Any:
+    """``value`` as type ``tp``, checked against what the type carries: ``Literal`` choices, ``Annotated`` ranges."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], path, where)
-    if path in AUTO_OK and value == "auto":
+        words = [w for a in inner if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+        if words and isinstance(value, str) and value in words:  # a number or a word: lr: auto
+            return value
+        rest = [a for a in inner if typing.get_origin(a) is not Literal]
+        if words and isinstance(value, str) and not _NUMBER.match(value.strip()):
+            raise _error(where, path, f"must be {_type_name(tp)}, got {value!r}")
+        return _convert(value, rest[0], path, where)
+    if origin is Annotated:
+        inner, *rules = typing.get_args(tp)
+        value = _convert(value, inner, path, where)
+        for rule in rules:
+            if isinstance(rule, Range) and not rule.ok(value):
+                raise _error(where, path, rule.message(value))
         return value
-    auto = " or 'auto'" if path in AUTO_OK else ""
-    bad = ConfigError(f"{where(path)}{path} must be {_type_name(tp)}{auto}, got {value!r}")
+    if origin is Literal:
+        return _choice(value, typing.get_args(tp), path, where)
+    bad = _error(where, path, f"must be {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad
@@ -226,6 +333,19 @@ def _convert(value: Any, tp, path: str, where: _Where) -> Any:
             raise bad
         _, vt = typing.get_args(tp)
         return {str(k): _convert(v, vt, f"{path}.{k}", where) for k, v in value.items()}
+    return _scalar(value, tp, path, where, bad)
+
+
+def _choice(value: Any, choices: tuple, path: str, where: _Where) -> str:
+    if isinstance(value, bool) and {"on", "off"} <= set(choices):
+        value = "on" if value else "off"  # YAML 1.1 reads an unquoted on/off as true/false
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value) in choices:
+        return str(value)
+    raise _error(where, path, f"must be one of {', '.join(choices)}, got '{shown(value)}'"
+                              f"{suggest(str(value), choices)}")
+
+
+def _scalar(value: Any, tp, path: str, where: _Where, bad: ConfigError) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -235,10 +355,12 @@ def _convert(value: Any, tp, path: str, where: _Where) -> Any:
             return value
         raise bad
     if tp is float:
+        if isinstance(value, str) and _NUMBER.match(value.strip()):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            value = float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if abs(value) > sys.float_info.max or not math.isfinite(value):  # YAML .nan/.inf, 10**400
                 text = repr(value) if len(repr(value)) <= 32 else f"{repr(value)[:12]}... ({len(repr(value))} digits)"
-                raise ConfigError(f"{where(path)}{path} must be a finite number, got {text}")
+                raise _error(where, path, f"must be a finite number, got {text}")
             return float(value)
         raise bad
     if tp is str:
@@ -249,7 +371,7 @@ def _convert(value: Any, tp, path: str, where: _Where) -> Any:
 
 
 def _build(cls, data: dict, prefix: str, where: _Where):
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -267,50 +389,29 @@ def _build(cls, data: dict, prefix: str, where: _Where):
     return cls(**kwargs)
 
 
-def validate(recipe: Recipe, where: _Where | None = None) -> Recipe:
-    """Check values (choices, signs) after types; raise ConfigError naming the key path."""
-    where = where or _Where(None)
-    for path, choices in CHOICES.items():
-        value = _get(recipe, path)
-        if value not in choices:
-            raise ConfigError(f"{where(path)}{path} must be one of {', '.join(choices)}, got '{shown(value)}'"
-                              f"{suggest(str(value), choices)}")
-    for path in POSITIVE:
-        value = _get(recipe, path)
-        if value is not None and value != "auto" and value <= 0:
-            raise ConfigError(f"{where(path)}{path} must be greater than 0, got {value}")
-    for path in NON_NEGATIVE:
-        value = _get(recipe, path)
-        if value is not None and value < 0:
-            raise ConfigError(f"{where(path)}{path} must not be negative, got {value}")
-    if not 0.0 <= recipe.data.val_split < 1.0:
-        raise ConfigError(f"{where('data.val_split')}data.val_split must be in [0, 1), got {recipe.data.val_split}")
-    size = recipe.data.image_size
-    if size is not None and not IMAGE_SIZE[0] <= size <= IMAGE_SIZE[1]:
-        raise ConfigError(f"{where('data.image_size')}data.image_size must be between {IMAGE_SIZE[0]} and "
-                          f"{IMAGE_SIZE[1]} pixels, got {size}; omit it to use the backbone's own input size")
-    for key in ("drop_rate", "drop_path_rate"):
-        value = getattr(recipe.model, key)
-        if value is not None and not 0.0 <= value < 1.0:
-            raise ConfigError(f"{where('model.' + key)}model.{key} must be in [0, 1), got {value}")
-    if recipe.train.label_smoothing >= 1.0:
-        raise ConfigError(f"{where('train.label_smoothing')}train.label_smoothing must be below 1")
-    for i, step in enumerate(recipe.freeze.schedule):
-        if step.epoch < 1:
-            raise ConfigError(f"{where(f'freeze.schedule[{i}]')}freeze.schedule[{i}].epoch must be at least 1 "
-                              f"(epochs count from 1, as the logs do), got {step.epoch}")
-        if step.lr_mult <= 0:
-            raise ConfigError(f"{where(f'freeze.schedule[{i}]')}freeze.schedule[{i}].lr_mult must be greater than 0")
-    for k, v in recipe.optimizer.lr_mult.items():
-        if v < 0:
-            raise ConfigError(f"{where('optimizer.lr_mult.' + k)}optimizer.lr_mult.{k} must not be negative")
-    return recipe
-
-
-def _get(obj: Any, path: str) -> Any:
+def choices(path: str) -> tuple[str, ...]:
+    """The allowed values of a ``Literal`` recipe key (``choices("freeze.bn")`` -> ``("frozen", "train")``): the
+    field's type is the one place they are written."""
+    tp: Any = Recipe
     for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
+        tp = typing.get_type_hints(tp, include_extras=True)[part]
+    return typing.get_args(tp)
+
+
+def validate(recipe: Recipe, where: _Where | None = None) -> Recipe:
+    """Check every value of a recipe built in Python against the field types (the same rules as a YAML file):
+    types, ``Literal`` choices, ``Annotated`` ranges; raise ConfigError naming the key path (``.key``)."""
+    return _cross_checks(_build(Recipe, recipe.to_dict(), "", where or _Where(None)), where or _Where(None))
+
+
+def _cross_checks(recipe: Recipe, where: _Where) -> Recipe:
+    """Rules between keys (a single field's rules live in its type)."""
+    if recipe.optimizer.lr != "auto" and recipe.scheduler.min_lr > recipe.optimizer.lr:
+        e = ConfigError(f"{where('scheduler.min_lr')}scheduler.min_lr ({recipe.scheduler.min_lr:g}) must not be "
+                        f"above optimizer.lr ({recipe.optimizer.lr:g}): the schedule would raise the LR")
+        e.key = "scheduler.min_lr"
+        raise e
+    return recipe
 
 
 def from_dict(data: dict, source: str | None = None, text: str | None = None) -> Recipe:
@@ -320,7 +421,7 @@ def from_dict(data: dict, source: str | None = None, text: str | None = None) ->
     if not isinstance(data, dict):
         raise ConfigError(f"{where('')}a recipe must be a mapping of sections (model, data, freeze, optimizer, "
                           "scheduler, train)")
-    return validate(_build(Recipe, data, "", where), where)
+    return _cross_checks(_build(Recipe, data, "", where), where)
 
 
 def sample_data() -> Path:
@@ -358,8 +459,13 @@ def load_recipe(name_or_path: str | None = "default") -> Recipe:
     import yaml
 
     path = recipe_path(name_or_path or "default")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe '{path}' is {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES // 1024} KiB "
+                          "(is this the right file?)")
     text = path.read_text(encoding="utf-8")
     try:
+        _compose_checked(text, str(path))  # before anything expands an alias
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -377,8 +483,10 @@ def describe(path: Path) -> str:
     import yaml
 
     try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            return "(too large)"
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return "(invalid YAML)"
     return str(data.get("description", "")).strip().splitlines()[0] if isinstance(data, dict) and \
         data.get("description") else ""

@@ -38,15 +38,24 @@ def from_env() -> Dist:
                 int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init(d: Dist, device: torch.device) -> torch.device:
-    """Initialise the process group once; on CUDA each process takes the GPU of its local rank."""
+def init(d: Dist, device: torch.device, timeout_min: float = 10.0) -> torch.device:
+    """Initialise the process group once; on CUDA each process takes the GPU of its local rank. A collective that
+    waits longer than ``timeout_min`` minutes (a frozen or dead peer) raises instead of hanging for gloo's or
+    nccl's default 30 minutes (``train.dist_timeout``)."""
     if not d.enabled:
         return device
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: die with it (nothing keeps writing the run)
+        from finetune.stop import die_with_parent
+
+        die_with_parent()
     if device.type == "cuda":
         torch.cuda.set_device(d.local_rank)
         device = torch.device("cuda", d.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        from datetime import timedelta
+
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=timeout_min))
     if device.type == "cpu":  # N processes on one machine share its cores: don't oversubscribe them
         local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
@@ -86,7 +95,11 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 def barrier(d: Dist) -> None:
-    if d.enabled:
+    """Wait for every rank; skipped once a stop was requested (SIGTERM/Ctrl-C: the other ranks are stopping too, at
+    other points of their loop, and would never reach it)."""
+    from finetune import stop
+
+    if d.enabled and not stop.requested():
         dist.barrier()
 
 
@@ -100,10 +113,9 @@ def broadcast_object(obj, d: Dist, src: int = 0):
 
 def launch(nproc: int, args: list[str]) -> int:
     """Run ``python -m finetune ARGS`` as ``nproc`` torchrun processes on this machine; returns the exit code."""
-    import subprocess
     import sys
 
-    import os
+    from finetune.stop import run_launcher
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "finetune", *args]
@@ -111,7 +123,19 @@ def launch(nproc: int, args: list[str]) -> int:
     # (init() splits the cores), so give it the same split and no banner
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")
            or str(max(1, (os.cpu_count() or 1) // nproc))}
-    return subprocess.call(cmd, env=env)
+    # the workers import the finetune this process runs, not a `finetune/` folder in the working directory
+    # (`python -m` would put the working directory first on sys.path): PYTHONSAFEPATH drops it (3.11+), and the
+    # package's own parent goes first on PYTHONPATH, unless it is site-packages (there it is found anyway, and
+    # putting it before the standard library could let a backport shadow a stdlib module)
+    import site
+    from pathlib import Path
+
+    here = str(Path(__file__).resolve().parent.parent)
+    sites = {str(Path(p).resolve()) for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    if here not in sites:
+        env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["PYTHONSAFEPATH"] = "1"
+    return run_launcher(cmd, env)  # torchrun and its workers never outlive this process
 
 
 def strip_nproc(argv: list[str]) -> list[str]:

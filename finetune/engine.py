@@ -143,6 +143,7 @@ class Reporter:
     def batch(self, i: int, batches: int, loss: float, acc: float, images_per_sec: float) -> None: ...
     def eval_start(self, batches: int) -> None: ...
     def eval_batch(self, i: int, batches: int) -> None: ...
+    def update(self, info: dict[str, Any]) -> None: ...  # after each optimizer update: update, loss, lrs
     def epoch_end(self, row: dict[str, Any]) -> None: ...
     def note(self, message: str) -> None: ...
     def end(self, summary: dict[str, Any]) -> None: ...
@@ -163,6 +164,9 @@ class Step:
     after_train_mode: Callable[[nn.Module], None] = lambda m: None  # the BN policy, applied after .train()
     schedule: Callable[[float, float], float] | None = None  # (update start in epochs, update length) -> sets LRs
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # sums a tensor over DDP ranks (all_reduce)
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None  # timm Mixup
+    mix_loss: nn.Module | None = None  # the loss on mixed (soft) targets
+    after_update: Callable[[int], None] | None = None  # called with the run's update count after each step (EMA)
 
 
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
@@ -204,54 +208,88 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
         x, y = to_device(x, y, step.device, step.channels_last)
         last = i + 1 == n_batches
         sync = (i + 1) % step.accumulate == 0 or last
-        # DDP all-reduces gradients in backward(); a micro-batch that doesn't step only accumulates them locally
-        with contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
-            with autocast(step.device, step.precision):
-                logits = model(x)
-                loss = step.loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(epoch, i, float(loss))
-            scaled = loss / step.accumulate
-            (step.scaler.scale(scaled) if step.scaler else scaled).backward()
+        logits, loss = forward_backward(model, x, y, step, sync, (epoch, i))
         if sync:
+            k = i // step.accumulate
             if step.schedule:  # update k of K in this epoch trains at the schedule's value at epoch + k / K
-                lr = step.schedule(epoch + (i // step.accumulate) / n_updates, 1.0 / n_updates)
+                lr = step.schedule(epoch + k / n_updates, 1.0 / n_updates)
             if first_lr is None:
                 first_lr = lr
                 first_lrs = {g.get("name", str(j)): g["lr"] for j, g in enumerate(opt.param_groups)}
-            if step.scaler:
-                step.scaler.unscale_(opt)
-            if step.clip_grad:
-                params = [p for g in opt.param_groups for p in g["params"]]
-                nn.utils.clip_grad_norm_(params, step.clip_grad)
-            if step.scaler:
-                step.scaler.step(opt)
-                step.scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(step)
+            if step.after_update is not None:
+                step.after_update(epoch * n_updates + k + 1)
         with torch.no_grad():
-            b = y.numel()
-            loss_sum += loss.item() * b
-            correct += (logits.argmax(dim=1) == y).sum().item()
-            seen += b
+            loss_sum, correct, seen = (loss_sum + loss.item() * y.numel(),
+                                       correct + (logits.argmax(dim=1) == y).sum().item(), seen + y.numel())
         reporter.batch(i, n_batches, loss_sum / seen, correct / seen, seen / (time.perf_counter() - t0))
+        if sync:
+            reporter.update({"update": epoch * n_updates + k + 1, "loss": loss.item(), "lrs": {
+                g.get("name", str(j)): g["lr"] for j, g in enumerate(opt.param_groups)},
+                "images_per_sec": seen / (time.perf_counter() - t0)})
         if on_step is not None and not last and (i + 1) % step.accumulate == 0:
             on_step({"batches": i + 1, "loss_sum": loss_sum, "correct": correct, "seen": seen,
                      "first_lr": first_lr, "first_lrs": first_lrs})
     secs = time.perf_counter() - t0
-    if step.reduce is not None:  # metrics over all ranks' shards
-        tot = step.reduce(torch.tensor([loss_sum, float(correct), float(seen)], dtype=torch.float64,
-                                       device=step.device)).tolist()
-        loss_sum, correct, seen = tot[0], int(tot[1]), int(tot[2])
+    loss_sum, correct, seen = _sum_over_ranks(step, loss_sum, correct, seen)
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "n": seen, "seconds": secs,
             "images_per_sec": seen / secs if secs > 0 else 0.0, "lr": lr if first_lr is None else first_lr,
             "lrs": first_lrs}
 
 
+def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: Step, sync: bool,
+                     where: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (autocast), the loss (on mixed targets when ``step.mix`` is set and the batch is even: timm's Mixup
+    pairs image i with image n-1-i), the finiteness check, backward of ``loss / accumulate``. Under DDP a
+    micro-batch that doesn't step (``sync`` false) only accumulates its gradients locally (``no_sync``)."""
+    target, loss_fn = y, step.loss_fn
+    if step.mix is not None and x.shape[0] % 2 == 0:
+        x, target = step.mix(x, y)
+        loss_fn = step.mix_loss
+    with contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
+        with autocast(step.device, step.precision):
+            logits = model(x)
+            loss = loss_fn(logits.float(), target)
+        finite = bool(torch.isfinite(loss))
+        if step.reduce is not None:  # every rank stops at this step, or the others wait for its gradients forever
+            bad = int(step.reduce(torch.tensor([0.0 if finite else 1.0], device=step.device)).item())
+            if bad and finite:
+                raise NonFiniteLoss(where[0], where[1], float("nan"), where=" on another process")
+        if not finite:
+            raise NonFiniteLoss(where[0], where[1], float(loss))
+        scaled = loss / step.accumulate
+        (step.scaler.scale(scaled) if step.scaler else scaled).backward()
+    return logits, loss
+
+
+def _sum_over_ranks(step: Step, loss_sum: float, correct: int, seen: int) -> tuple[float, int, int]:
+    """Under DDP, the epoch's sums over all ranks' shards (else unchanged)."""
+    if step.reduce is None:
+        return loss_sum, correct, seen
+    tot = step.reduce(torch.tensor([loss_sum, float(correct), float(seen)], dtype=torch.float64,
+                                   device=step.device)).tolist()
+    return tot[0], int(tot[1]), int(tot[2])
+
+
+def optimizer_step(step: Step) -> None:
+    """Unscale (fp16), clip the gradient norm over the trainable parameters, step, zero the gradients."""
+    opt = step.optimizer
+    if step.scaler:
+        step.scaler.unscale_(opt)
+    if step.clip_grad:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        nn.utils.clip_grad_norm_(params, step.clip_grad)
+    if step.scaler:
+        step.scaler.step(opt)
+        step.scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 class NonFiniteLoss(Exception):
-    def __init__(self, epoch: int, step: int, value: float):
-        super().__init__(f"loss became {value} at epoch {epoch + 1}, step {step + 1}")
+    def __init__(self, epoch: int, step: int, value: float, where: str = ""):
+        super().__init__(f"loss became {value}{where} at epoch {epoch + 1}, step {step + 1}")
         self.epoch, self.step, self.value = epoch, step, value
 
 
@@ -264,6 +302,8 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
 
     Runs under ``model.eval()`` and ``torch.inference_mode()``; the model's previous mode is restored. Under DDP
     each rank evaluates its shard and ``reduce`` sums the counts, so the result covers the whole set once.
+    ``samples`` (None under DDP, where a rank sees only its shard): per image, in loader order, the target, the
+    prediction, its softmax probability and the true class's, for the report's pictures (finetune/report.py).
     """
     device = torch.device(device)
     was_training = model.training
@@ -271,6 +311,7 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
     loss_fn = nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5, n = 0.0, 0, 0
+    per_sample: list[torch.Tensor] | None = [] if reduce is None else None  # rows of (target, pred, conf, p_true)
     n_batches = len(loader) if hasattr(loader, "__len__") else 0  # type: ignore[arg-type]
     if reporter:
         reporter.eval_start(n_batches)
@@ -286,6 +327,10 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         if num_classes >= 5:
             top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum().item()
         n += y.numel()
+        if per_sample is not None:
+            prob = logits.softmax(dim=1)
+            per_sample.append(torch.stack([y.double(), pred.double(), prob.gather(1, pred[:, None])[:, 0].double(),
+                                           prob.gather(1, y[:, None])[:, 0].double()], dim=1).cpu())
         if reporter:
             reporter.eval_batch(i, n_batches)
     model.train(was_training)
@@ -294,14 +339,23 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         tot = reduce(torch.tensor([loss_sum, float(top5), float(n)], dtype=torch.float64, device=device)).tolist()
         loss_sum, top5, n = tot[0], int(tot[1]), int(tot[2])
     correct = int(confusion.diag().sum())
-    per_class = confusion.diag().double() / confusion.sum(dim=1).clamp(min=1).double()
-    return {
+    counts = confusion.sum(dim=1)
+    per_class = [float(c) / float(t) if t else None  # a class with no samples has no accuracy (not 0%)
+                 for c, t in zip(confusion.diag().tolist(), counts.tolist())]
+    return {**confusion_metrics(confusion), **{  # balanced_accuracy, macro_f1
         "loss": loss_sum / max(n, 1),
         "accuracy": correct / max(n, 1),
         "top5": (top5 / max(n, 1)) if num_classes >= 5 else None,
         "n": n,
         "correct": correct,
-        "per_class": per_class.tolist(),
+        "per_class": per_class,
         "confusion": confusion.tolist(),
-        **confusion_metrics(confusion),  # balanced_accuracy, macro_f1
-    }
+        "samples": _samples(per_sample),
+    }}
+
+
+def _samples(rows: list[torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    if rows is None:
+        return None
+    t = torch.cat(rows) if rows else torch.zeros(0, 4, dtype=torch.float64)
+    return {"target": t[:, 0].long(), "pred": t[:, 1].long(), "conf": t[:, 2].float(), "p_true": t[:, 3].float()}

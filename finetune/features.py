@@ -31,11 +31,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from finetune.config import choices
 from finetune.errors import ConfigError
 
 log = logging.getLogger("finetune")
 
-MODES = ("auto", "on", "off")
+MODES = choices("train.cache_features")  # written once: the type of TrainCfg.cache_features
 
 
 class _Stop(Exception):
@@ -290,6 +291,8 @@ def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None) ->
     forced = []
     if not is_deterministic(cfg.data.augment):
         forced.append(f"augment {cfg.data.augment} is random; the cache uses the eval transform")
+    if getattr(cfg.train, "mixup", 0) or getattr(cfg.train, "cutmix", 0):
+        forced.append("mixup/cutmix mixes the images; the cached head trains unmixed")
     effects = train_mode_effects(split.frozen, cfg.freeze.bn)
     rate = float(getattr(bb.model, "drop_rate", 0.0) or 0.0)  # timm: F.dropout before the classifier (no module)
     if rate > 0:

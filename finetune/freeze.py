@@ -31,13 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from finetune.config import choices
 from finetune.errors import FreezeError, suggest
 
 if TYPE_CHECKING:
     from finetune.config import FreezeCfg
     from finetune.models.backbone import Backbone
 
-BN_POLICIES = ("frozen", "train")
+BN_POLICIES = choices("freeze.bn")  # written once: the type of FreezeCfg.bn
 KINDS = ("names", "first", "stages", "layers", "backbone", "unfreeze")
 STAGE = "stage:"  # a layer address: stage:K is the K-th stage (0 = the stem; -1 = the last before the head)
 _GLOB = "*?["

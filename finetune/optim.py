@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from finetune.config import choices
 from finetune.errors import ConfigError, FreezeError, suggest
 from finetune.freeze import unfreeze_layers
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("finetune")
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+OPTIMIZERS = choices("optimizer.name")  # written once: the type of OptimizerCfg.name
 
 
 def _no_decay(p: nn.Parameter) -> bool:

@@ -28,3 +28,14 @@ def cli(runner):
 def _feature_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own empty feature store: tests never write to the user's ~/.cache/finetune."""
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path_factory.mktemp("finetune-cache")))
+
+
+@pytest.fixture(autouse=True)
+def _no_run_report(request, monkeypatch):
+    """Training runs in tests skip report.html and the TensorBoard pictures (matplotlib figures: about a second a
+    run) unless the test is marked ``report``; the report's own tests (tests/test_report.py) run them for real."""
+    if request.node.get_closest_marker("report") is None:
+        import finetune.report
+
+        monkeypatch.setattr(finetune.report, "after_run", lambda *a, **k: None)
+        monkeypatch.setattr(finetune.report, "log_tensorboard", lambda *a, **k: None)

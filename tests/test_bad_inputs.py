@@ -45,10 +45,36 @@ def base(tmp_path_factory) -> Path:
             (root / "corrupt" / c / f"{c}{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (root / "notes.txt").write_text("not an image\n")
     (root / "cw.json").write_text('{"a": 1, "zebra": 2}')
+    (root / "notes.html").write_text("<p>my notes</p>\n")
     (root / "afile").write_text("a regular file\n")
     torch.save(_other_arch_state_dict(), root / "resnet.pth")
     torch.save(_whole_smallcnn(), root / "whole.pth")
     (root / "bad.yaml").write_text("train:\n  epochs: [1, 2\n")
+    # "billion laughs": 9 levels of 10 aliases = 10^9 values from ~450 bytes (23 GB when something expands it)
+    lol = ['a0: &a0 "lol"'] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    (root / "bomb.yaml").write_text("\n".join(lol) + "\n")
+    (root / "selfref.yaml").write_text("model: &m\n  name: smallcnn\n  weights: [*m]\n")
+    (root / "deep.yaml").write_text("description: " + "[" * 3000 + "]" * 3000 + "\n")
+    (root / "huge.yaml").write_text("train:\n  epochs: 0\n" + "# padding\n" * 30000)
+    (root / "decay_neg.yaml").write_text("optimizer:\n  layer_decay: -0.5\n")
+    (root / "decay_zero.yaml").write_text("optimizer:\n  layer_decay: 0\n")
+    (root / "decay_big.yaml").write_text("optimizer:\n  layer_decay: 1.5\n")
+    csvdata = tiny_tree(root / "csvdata", per_class=4)
+    tiny_tree(root / "outside", classes=("a",), per_class=1)
+    rows = [f"{c}/{c}_{i:03d}.png,{c}" for c in ("a", "b", "c") for i in range(4)]
+    (csvdata / "labels.csv").write_text("path,label\n" + "\n".join(rows[:5] + ["../outside/a/a_000.png,a"]
+                                                                            + rows[5:] + ["/etc/passwd.png,b"]) + "\n")
+    (root / "minlr.yaml").write_text("optimizer:\n  lr: 0.01\nscheduler:\n  name: cosine\n  min_lr: 0.1\n")
+    good = torch.load(root / "run" / "best.pt", weights_only=True)
+    tf = good["transform"]
+    for name, change in {"classes_huge": {"num_classes": 10**12}, "classes_str": {"num_classes": "3"},
+                         "no_transform": {"transform": None},
+                         "bad_interp": {"transform": {**tf, "interpolation": "sinc"}},
+                         "huge_transform": {"transform": {**tf, "input_size": [3, 6000, 6000], "size": 6000,
+                                                          "resize": 6000}}}.items():
+        torch.save({**good, **change}, root / f"crafted_{name}.pt")
+    (root / "shadow").write_text("root:$6$secrethash:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n")  # no CSV
+    (root / "dup.yaml").write_text("train:\n  epochs: 0\n  batch_size: 8\n  epochs: 1\n")
     (root / "unknown_key.yaml").write_text("train:\n  epochs: 1\n  epocs: 2\n")
     (root / "wrong_type.yaml").write_text("optimizer:\n  lr: fast\n")
     blob = (root / "run" / "last.pt").read_bytes()
@@ -147,6 +173,13 @@ case("export-opset-not-onnx", "export {R}/last.pt --format torchscript --opset 1
 case("export-opset-too-low", "export {R}/last.pt --format onnx --opset 11 --out {B}/x.onnx",
      "--opset must be >= 18", True)
 case("eval-plain-state-dict", "eval {B}/resnet.pth", "'{B}/resnet.pth' is not a finetune checkpoint")
+case("eval-report-not-html", "eval {R}/best.pt --report {R}/last.pt", "report file '{R}/last.pt' must end in .html",
+     True)
+case("eval-report-over-a-file", "eval {R}/best.pt --report {B}/notes.html", "'{B}/notes.html' exists and is not a "
+     "finetune report")
+case("report-not-a-run", "report {B}", "'{B}' has no best.pt; finetune report takes a run directory")
+case("compare-one-run", "compare {R}", "finetune compare takes at least two run directories")
+case("runs-folder-missing", "runs {B}/nope", "folder '{B}/nope' not found")
 case("unfreeze-bad-syntax", "train --unfreeze seq.8@soon --out {B}/o22", "--unfreeze 'seq.8@soon' must be LAYERS")
 case("fp16-on-cpu", "train --precision fp16 --device cpu --out {B}/o23", "--precision fp16 needs a GPU")
 case("val-split-out-of-range", "train --val-split 1.5 --out {B}/o24", "data.val_split must be in [0, 1), got 1.5")
@@ -172,6 +205,42 @@ case("probe-no-val", "probe --model smallcnn --weights none --data {B}/data --va
      "probe needs validation images to compare heads, but '{B}/data' has none; add a val folder or pass --val-split")
 case("cache-clear-bad-age", "cache clear --older-than soon", "--older-than 'soon' is not an age; use e.g. 30m, 12h, "
      "7d or 2w")
+case("yaml-alias-bomb", "train --recipe {B}/bomb.yaml --out {B}/o27", "recipe '{B}/bomb.yaml': its YAML aliases "
+     "expand to more than 10,000 values; a recipe may use anchors and aliases only for a few repeated values")
+case("yaml-self-reference", "train --recipe {B}/selfref.yaml --out {B}/o28", "recipe '{B}/selfref.yaml', line 3: a "
+     "YAML alias refers to the node that contains it (a recursive structure); write the values out")
+case("yaml-too-deep", "train --recipe {B}/deep.yaml --out {B}/o29", "recipe '{B}/deep.yaml'")
+case("recipe-too-large", "train --recipe {B}/huge.yaml --out {B}/o30", "recipe '{B}/huge.yaml' is 300,019 bytes; a "
+     "recipe is at most 256 KiB (is this the right file?)")
+case("yaml-duplicate-key", "train --recipe {B}/dup.yaml --out {B}/o31", "recipe '{B}/dup.yaml', line 4: duplicate "
+     "key 'train.epochs' (first on line 2); keep one")
+
+for _name, _v in (("neg", "-0.5"), ("zero", "0.0"), ("big", "1.5")):
+    case(f"layer-decay-{_name}", f"train --recipe {{B}}/decay_{_name}.yaml --out {{B}}/o32",
+         f"recipe '{{B}}/decay_{_name}.yaml', line 2: optimizer.layer_decay must be in (0, 1] (each layer's LR is "
+         f"lr x decay^distance from the head), got {_v}")
+
+case("csv-path-outside-data", "train --data {B}/csvdata --labels csv:labels.csv --out {B}/o33",
+     "label file '{B}/csvdata/labels.csv': 2 rows point outside the data folder '{B}/csvdata' (row 6: "
+     "'../outside/a/a_000.png'); paths are relative to it; pass --allow-outside (data.allow_outside: true) if that "
+     "is intended")
+case("lr-overflows-float32", "train --lr 1e39 --out {B}/o35", "--lr: optimizer.lr must be at most 3.4e+38 (it is "
+     "applied to float32 weights), got 1e+39")
+for _name, _what in (("classes_huge", "num_classes must be an integer from 1 to 100000 equal to the number of "
+                                   "class_names (3), got 1000000000000"),
+                     ("classes_str", "num_classes must be an integer from 1 to 100000 equal to the number of "
+                                     "class_names (3), got '3'"),
+                     ("no_transform", "transform must be a mapping, got None"),
+                     ("bad_interp", "transform.interpolation must be one of bicubic, bilinear, nearest, "
+                                    "nearest-exact, got 'sinc'"),
+                     ("huge_transform", "transform.input_size must be [3, H, W] with H and W from 8 to 2048 "
+                                        "(resize up to 4096), got [3, 6000, 6000]")):
+    case(f"crafted-checkpoint-{_name}", f"eval {{B}}/crafted_{_name}.pt",
+         f"'{{B}}/crafted_{_name}.pt' is not a valid finetune checkpoint: {_what}")
+case("csv-labels-not-a-csv", "train --data {B}/data --labels csv:{B}/shadow --out {B}/o36",
+     "label file '{B}/shadow': row 1 has 1 column; each row needs 'path,label' (its content is not shown)")
+case("min-lr-above-lr", "train --recipe {B}/minlr.yaml --out {B}/o34", "recipe '{B}/minlr.yaml', line 5: "
+     "scheduler.min_lr (0.1) must not be above optimizer.lr (0.01): the schedule would raise the LR")
 
 
 def _fill(s: str, b: Path, r: Path) -> str:

@@ -96,11 +96,12 @@ def test_recipes_listing(cli):
 
 @pytest.mark.parametrize("args", [["--help"], ["inspect", "--help"], ["train", "--help"], ["models", "--help"],
                                   ["recipes"], ["recipes", "--help"], ["probe", "--help"], ["cache", "--help"],
-                                  ["cache", "list", "--help"]])
+                                  ["cache", "list", "--help"], ["report", "--help"], ["runs", "--help"],
+                                  ["compare", "--help"], ["eval", "--help"]])
 def test_fast_paths_import_neither_torch_nor_timm(args):
     code = ("import sys\nfrom finetune.cli.app import app\n"
             "try:\n    app(%r)\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "bad = [m for m in ('torch', 'timm', 'torchvision') if m in sys.modules]\n"
+            "bad = [m for m in ('torch', 'timm', 'torchvision', 'matplotlib') if m in sys.modules]\n"
             "assert not bad, bad\n") % (args,)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

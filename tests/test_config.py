@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from finetune import config
@@ -31,7 +33,8 @@ def test_unknown_key_names_path_and_line(tmp_path):
     assert str(e.value) == (f"recipe '{p}', line 4: unknown key 'train.epoch' (did you mean 'epochs'?); valid keys "
                             "in train: epochs, batch_size, accumulate, clip_grad, label_smoothing, class_weights, "
                             "seed, device, precision, channels_last, compile, early_stop, cache_features, "
-                            "tensorboard, graph, save_every_steps, sync_bn")
+                            "tensorboard, report, graph, save_every_steps, sync_bn, monitor, monitor_mode, "
+                            "save_top_k, ema, ema_decay, mixup, cutmix, log_every, dist_timeout")
 
 
 def test_wrong_type_and_bad_value(tmp_path):
@@ -63,3 +66,68 @@ def test_overrides_validate():
 def test_unknown_recipe():
     with pytest.raises(ConfigError, match=r"^unknown recipe 'defualt' \(did you mean 'default'\?\); available: "):
         config.load_recipe("defualt")
+
+
+# ---------------------------------------------------------------- the field types are the one source of the rules
+
+
+def test_choices_and_ranges_come_from_the_field_types():
+    from finetune.data.transforms import AUGMENTS
+    from finetune.features import MODES
+    from finetune.freeze import BN_POLICIES
+    from finetune.optim import OPTIMIZERS
+
+    assert config.choices("optimizer.name") == OPTIMIZERS == ("sgd", "adam", "adamw", "rmsprop")
+    assert config.choices("freeze.bn") == BN_POLICIES == ("frozen", "train")
+    assert config.choices("train.cache_features") == MODES == ("auto", "on", "off")
+    assert config.choices("data.augment") == AUGMENTS == ("none", "light", "strong")
+    assert not hasattr(config, "CHOICES") and not hasattr(config, "POSITIVE")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.batch_size", 0, "train.batch_size must be greater than 0, got 0"),
+    ("optimizer.weight_decay", -1.0, "optimizer.weight_decay must not be negative, got -1.0"),
+    ("data.val_split", 1.0, "data.val_split must be in [0, 1), got 1.0"),
+    ("train.label_smoothing", 1.0, "train.label_smoothing must be below 1"),
+    ("optimizer.name", "adamm", "optimizer.name must be one of sgd, adam, adamw, rmsprop, got 'adamm' "
+                                "(did you mean 'adam', 'adamw'?)"),
+])
+def test_config_errors_carry_the_key_path(key, value, message):
+    with pytest.raises(ConfigError) as e:
+        config.apply_overrides(config.Recipe(), {key: value})
+    assert str(e.value) == message and e.value.key == key
+
+
+def test_a_recipe_built_in_python_is_validated_by_train(tmp_path):
+    from finetune.runner import train
+
+    r = config.Recipe()
+    r.train.epochs = 0
+    with pytest.raises(ConfigError, match="^train.epochs must be greater than 0, got 0$"):
+        train(r, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_flag_maps_to_a_recipe_key_and_back():
+    from finetune.cli import train_cmd
+
+    flags = train_cmd.flag_map()
+    assert flags["train.batch_size"] == "--batch-size" and flags["train.compile"] == "--compile"
+    assert flags["freeze.backbone"] == "--freeze-backbone" and flags["freeze.schedule"] == "--unfreeze"
+    for key in flags:  # each names a real recipe field
+        section, name = key.split(".")
+        assert name in {f.name for f in dataclasses.fields(getattr(config.Recipe(), section))}, key
+    assert len(set(flags.values())) == len(flags) - 1  # --unfreeze sets two keys; every other flag one
+
+
+def test_yaml_1_1_spellings_of_numbers_and_words(tmp_path):
+    """PyYAML reads ``1e-3`` (no dot) as a string and unquoted ``off``/``on`` as booleans: both mean what they say."""
+    p = write(tmp_path, "optimizer:\n  lr: 1e-3\n  weight_decay: 5E-4\ndata:\n  cache: off\ntrain:\n"
+                        "  cache_features: on\n")
+    r = config.load_recipe(p)
+    assert (r.optimizer.lr, r.optimizer.weight_decay, r.data.cache, r.train.cache_features) == \
+        (0.001, 0.0005, "off", "on")
+    with pytest.raises(ConfigError, match=r"line 2: optimizer.lr must be a number or 'auto', got '1e-3x'"):
+        config.load_recipe(write(tmp_path, "optimizer:\n  lr: 1e-3x\n"))
+    with pytest.raises(ConfigError, match=r"line 2: data.augment must be one of none, light, strong, got 'False'"):
+        config.load_recipe(write(tmp_path, "data:\n  augment: off\n"))

@@ -657,3 +657,117 @@ def test_light_augment_small_inputs_pad_and_crop():
     torch.manual_seed(0)
     img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     assert train_transform(small, "light")(img).shape == (3, 32, 32)
+
+
+# ------------------------------------------------------------------------------------------------- symlinks
+
+
+def _keys(ds) -> set[tuple[int, int]]:
+    return {(os.stat(p).st_dev, os.stat(p).st_ino) for p, _ in ds.samples}
+
+
+def test_a_symlink_loop_is_listed_once_and_never_leaks_val_into_train(tmp_path, caplog):
+    """``a/loop -> .`` (and a link to an ancestor such as ``/``) is not followed: each image counts once (16, not
+    hundreds), and no file is in both train and val."""
+    root = tree(tmp_path / "d", {"a": 8, "b": 8})
+    os.symlink(".", root / "a" / "loop")
+    os.symlink("/", root / "b" / "everything")
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        b = build_data(cfg(root, val_split=0.25, cache="off"), SMALL)
+    assert (len(b.train), len(b.val)) == (12, 4)
+    assert not _keys(b.train) & _keys(b.val)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert f"not following directory symlink '{root / 'a' / 'loop'}': it points to '{root / 'a'}', which holds it " \
+        "(a loop)" in msgs
+    assert f"not following directory symlink '{root / 'b' / 'everything'}': it points to '/', which holds it " \
+        "(a loop)" in msgs
+
+
+def test_a_linked_class_folder_is_followed(tmp_path):
+    """A directory symlink to elsewhere (a class folder kept on another disk) is followed, as torchvision does."""
+    tree(tmp_path / "elsewhere", {"cats": 3})
+    root = tree(tmp_path / "d", {"dogs": 3})
+    os.symlink(tmp_path / "elsewhere" / "cats", root / "cats")
+    b = build_data(cfg(root, val_split=0.0, cache="off"), SMALL)
+    assert b.class_names == ["cats", "dogs"] and len(b.train) == 6
+
+
+def test_one_file_is_never_in_both_train_and_val(tmp_path, caplog):
+    """val/a/x.png a symlink (or hard link) to train/a/x.png: it stays in val only, with one warning."""
+    root = tree(tmp_path / "d", {"train/a": 4, "train/b": 4, "val/a": 1, "val/b": 1})
+    os.symlink(root / "train" / "a" / "a_0.png", root / "val" / "a" / "same.png")
+    os.link(root / "train" / "b" / "b_0.png", root / "val" / "b" / "hard.png")
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        b = build_data(cfg(root, cache="off"), SMALL)
+    assert (len(b.train), len(b.val)) == (6, 4)
+    assert not _keys(b.train) & _keys(b.val)
+    assert "2 files are in both train and val (the same file under two names: a symlink, a hard link or a " \
+        f"duplicate path; first: '{root / 'train' / 'a' / 'a_0.png'}'); they are used for val only" in \
+        [r.getMessage() for r in caplog.records]
+
+
+def test_a_training_batch_of_one_image_is_dropped():
+    """BatchNorm in train mode cannot normalise a batch of one (``Expected more than 1 value per channel``): a
+    training loader whose last batch would hold one image drops it (that image is drawn elsewhere in other epochs);
+    evaluation keeps every image, and other remainders are kept."""
+    from torch.utils.data import TensorDataset
+
+    ds = TensorDataset(torch.arange(17).float(), torch.zeros(17, dtype=torch.long))
+    sizes = lambda loader: [len(x) for x, _ in loader]  # noqa: E731
+    assert sizes(make_loader(ds, 8, shuffle=True, seed=0, workers=0)) == [8, 8]
+    assert sizes(make_loader(ds, 8, shuffle=False, seed=0, workers=0)) == [8, 8, 1]
+    assert sizes(make_loader(ds, 6, shuffle=True, seed=0, workers=0)) == [6, 6, 5]
+    # under DDP each rank's shard counts: 2 ranks x 9 (padded) with batch 4 -> 4, 4, (1 dropped)
+    assert sizes(make_loader(ds, 4, shuffle=True, seed=0, workers=0, num_replicas=2, rank=1)) == [4, 4]
+
+
+def _png_header(path: Path, w: int, h: int) -> Path:
+    """A PNG whose header claims ``w`` x ``h`` pixels (PIL refuses it when opening, before decoding anything)."""
+    import struct
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_skipped_with_a_warning(tmp_path, caplog):
+    """A 30000x30000 PNG (900 megapixels) among the training images: skipped with one warning, like any unreadable
+    image, instead of aborting the run with PIL's DecompressionBombError."""
+    root = tree(tmp_path / "d", {"a": 3, "b": 3})
+    bomb = _png_header(root / "a" / "huge.png", 30000, 30000)
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        b = build_data(cfg(root, val_split=0.0, cache="off"), SMALL)
+    assert len(b.train) == 6 and bomb not in [p for p, _ in b.train.samples]
+    assert [str(p) for p in b.skipped] == [str(bomb)]
+    assert any(f"'{bomb}': image too large (900,000,000 pixels; the limit is 178,956,970)" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_csv_paths_outside_the_data_folder_need_allow_outside(tmp_path):
+    root = tree(tmp_path / "d", {"a": 2, "b": 2})
+    write_image(tmp_path / "elsewhere" / "far.png")
+    (root / "labels.csv").write_text("a/a_0.png,a\na/a_1.png,a\nb/b_0.png,b\nb/b_1.png,b\n../elsewhere/far.png,b\n")
+    with pytest.raises(DataError, match=r"1 row point outside the data folder .* \(row 5: '../elsewhere/far.png'\)"):
+        build_data(cfg(root, labels="csv:labels.csv", val_split=0.0, cache="off"), SMALL)
+    b = build_data(cfg(root, labels="csv:labels.csv", val_split=0.0, cache="off", allow_outside=True), SMALL)
+    assert len(b.train) == 5 and tmp_path / "d" / ".." / "elsewhere" / "far.png" in b.train.paths
+
+
+@pytest.mark.parametrize("content,why", [
+    ([1, 2, 3], "not a mapping (got list)"),
+    ({b"labels": [0, 1, 2]}, "no 'data' entry"),
+    ({b"data": np.zeros((3, 100), np.uint8), b"labels": [0, 1, 2]}, "'data' is not N images of 3x32x32 bytes"),
+    ({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1]}, "3 images but 2 labels"),
+    ({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1, 10]}, "label 10 is not a class index (0..9)"),
+])
+def test_malformed_cifar_files_are_one_clear_line(tmp_path, content, why):
+    write_fake_cifar(tmp_path)
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    bad.write_bytes(pickle.dumps(content))
+    with pytest.raises(DataError) as e:
+        build_data(DataCfg(path=f"cifar10:{tmp_path}"), SMALL)
+    assert str(e.value) == f"CIFAR file '{bad}' is malformed: {why}; re-extract cifar-10-python.tar.gz"

@@ -111,3 +111,71 @@ def test_accumulation_all_reduces_only_on_optimizer_steps(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert (r0["allreduces"], r1["allreduces"]) == (2, 2)
     assert r0["params"] == r1["params"]
+
+
+def _stop_together_worker(rank: int, port: int, out: str) -> None:
+    """Rank 1's second batch has a NaN; then rank 1 freezes (sleeps) while rank 0 waits in an all-reduce."""
+    import time
+
+    from finetune import distributed as D
+    from finetune.engine import NonFiniteLoss, Step, train_one_epoch
+    from finetune.models import build_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    d = D.from_env()
+    D.init(d, torch.device("cpu"), timeout_min=0.15)  # 9 s: a frozen peer is an error, not a 30 min hang
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = D.wrap(build_model("smallcnn", num_classes=3).model, d, torch.device("cpu"))
+    g = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(2, 3, 32, 32, generator=g), torch.tensor([0, 1])) for _ in range(4)]
+    if rank == 1:
+        batches[1][0][0, 0, 0, 0] = float("nan")
+    step = Step(torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(), torch.device("cpu"),
+                reduce=lambda t: D.all_reduce_sum(t, d))
+    res: dict = {}
+    try:
+        train_one_epoch(model, batches, step, epoch=0)
+    except NonFiniteLoss as e:
+        res["nan"] = str(e)
+    if rank == 1:
+        time.sleep(20)  # frozen: rank 0's next collective must time out, not wait
+    else:
+        t0 = time.monotonic()
+        try:
+            D.all_reduce_sum(torch.ones(1), d)
+            res["timeout"] = None
+        except Exception:  # noqa: BLE001 - gloo raises RuntimeError/DistBackendError on a timeout
+            res["timeout"] = time.monotonic() - t0
+    Path(out, f"{rank}.json").write_text(json.dumps(res))
+    # leave without destructors: a process group whose collective timed out can abort() in its C++ teardown
+    # ("terminate called without an active exception"), which mp.spawn would report as a failure of the test
+    os._exit(0)
+
+
+def test_nan_on_one_rank_stops_every_rank_and_a_frozen_rank_times_out(tmp_path):
+    """A NaN loss on rank 1 only: both ranks raise NonFiniteLoss at the same step (the finite flag is all-reduced),
+    instead of rank 0 waiting for rank 1's gradients forever. A rank that stops answering makes the others' next
+    collective fail after train.dist_timeout minutes (here 0.15), not gloo's default 30."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_stop_together_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert r1["nan"] == "loss became nan at epoch 1, step 2"
+    assert r0["nan"] == "loss became nan on another process at epoch 1, step 2"
+    assert r0["timeout"] is not None and r0["timeout"] < 18
+
+
+def test_dist_timeout_is_a_positive_number_of_minutes():
+    from finetune.config import Recipe, apply_overrides
+    from finetune.errors import ConfigError
+
+    assert Recipe().train.dist_timeout == 10.0
+    with pytest.raises(ConfigError, match=r"^train.dist_timeout must be greater than 0, got 0"):
+        apply_overrides(Recipe(), {"train.dist_timeout": 0})

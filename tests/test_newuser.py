@@ -147,13 +147,11 @@ def test_small_cli_fixes(small_run, tmp_path, cli):
 
 
 def test_nproc_launch_sets_omp_threads(monkeypatch):
-    import subprocess
-
-    from finetune import distributed
+    from finetune import distributed, stop
 
     seen = {}
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(subprocess, "call", lambda cmd, env=None: seen.update(env=env) or 0)
+    monkeypatch.setattr(stop, "run_launcher", lambda cmd, env=None: seen.update(env=env) or 0)
     monkeypatch.setattr(distributed.os, "cpu_count", lambda: 8, raising=False) if hasattr(distributed, "os") else None
     assert distributed.launch(2, ["train"]) == 0
     assert seen["env"]["OMP_NUM_THREADS"].isdigit()  # torchrun's banner appears only when it is unset

@@ -163,3 +163,82 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_good_checkpoint(data, tmp_p
     assert ck["epoch"] == 1 and "partial" not in ck
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
     assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1]
+
+
+def test_divergence_before_any_checkpoint_says_there_is_none(data, tmp_path, cli, monkeypatch):
+    real = torch.nn.CrossEntropyLoss.forward
+
+    def forward(self, logits, y):
+        if self.reduction == "mean":  # the first training step
+            return torch.tensor(float("inf"))
+        return real(self, logits, y)
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", forward)
+    out = tmp_path / "inf"
+    r = cli("train", "--model", "smallcnn", "--weights", "none", "--data", data, "--out", out, *FAST)
+    assert r.exit_code == 1
+    assert r.stderr == ("Error: training diverged: loss became inf at epoch 1, step 1, before the first checkpoint "
+                        "(nothing was saved); lower --lr or use --clip-grad\n")
+    assert not (out / "last.pt").exists()
+
+
+def test_best_is_chosen_among_finite_val_losses_and_metrics_json_is_strict(data, tmp_path, monkeypatch):
+    """Epoch 2's val loss is NaN (its accuracy the highest): it is not the best, and metrics.json says null, not
+    the bare NaN that JSON parsers reject."""
+    import finetune.runner as R
+
+    real = R.evaluate
+    calls = {"n": 0}
+
+    def evaluate(*a, **k):
+        res = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            res = {**res, "loss": float("nan"), "accuracy": 1.0}
+        return res
+
+    monkeypatch.setattr(R, "evaluate", evaluate)
+    out = tmp_path / "r"
+    train(recipe(data, epochs=3), out=out)
+
+    def strict(c):
+        raise ValueError(f"bare {c} in metrics.json")
+
+    m = json.loads((out / "metrics.json").read_text(), parse_constant=strict)
+    assert m["epochs"][1]["val_loss"] is None and m["epochs"][1]["val_acc"] == 1.0
+    assert m["best"]["epoch"] != 2
+    assert load_checkpoint(out / "best.pt")["epoch"] == m["best"]["epoch"]
+
+
+def test_json_output_of_a_nan_model_is_strict_json(run, data, tmp_path, cli):
+    """A checkpoint whose weights are NaN: predict --json and eval --json print null, not bare NaN."""
+    ck = load_checkpoint(run / "best.pt")
+    ck["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in ck["model"].items()}
+    torch.save(ck, tmp_path / "nan.pt")
+
+    def strict(c):
+        raise ValueError(f"bare {c}")
+
+    r = cli("predict", tmp_path / "nan.pt", data / "a", "--json", "--top-k", "1")
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads(r.stdout, parse_constant=strict)
+    assert rows[0]["top"][0]["prob"] is None
+    r = cli("eval", tmp_path / "nan.pt", "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout, parse_constant=strict)["loss"] is None
+
+
+def test_a_class_without_val_images_says_no_samples(tmp_path, cli):
+    """Class c has train images but no val images: its accuracy is not 0.0% but "no samples" (null in --json)."""
+    for sub, classes in (("train", ("a", "b", "c")), ("val", ("a", "b"))):
+        tiny_tree(tmp_path / "d" / sub, classes=classes, per_class=4)
+    out = tmp_path / "r"
+    r = cli("train", "--model", "smallcnn", "--weights", "none", "--data", tmp_path / "d", "--out", out, *FAST)
+    assert r.exit_code == 0, r.stderr
+    r = cli("eval", out / "best.pt", "--json", "--device", "cpu")
+    per_class = json.loads(r.stdout)["per_class"]
+    assert per_class["c"] is None and per_class["a"] is not None
+    r = cli("eval", out / "best.pt", "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    row_c = [line for line in r.stdout.splitlines() if line.strip("│┃ ").startswith("c ")]
+    assert len(row_c) == 1 and "no samples" in row_c[0] and "%" not in row_c[0], r.stdout

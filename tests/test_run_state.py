@@ -132,3 +132,75 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
     time.sleep(0.1)
     res = train(None, resume=out, epochs=2)  # the kernel dropped the dead holder's lock
     assert res.epochs[-1]["epoch"] == 2
+
+
+def test_eval_and_resume_use_the_runs_data_from_any_folder(tmp_path, monkeypatch, caplog):
+    """The run was started with the relative ``--data tiny``; eval and resume from another folder that holds another
+    ``tiny/`` still use the run's images (the checkpoint stores the absolute path). When the run's val images
+    change, resume refuses and eval warns."""
+    import logging
+    import shutil
+
+    from finetune.api import evaluate_checkpoint
+    from helpers import tiny_tree
+
+    for sub in ("train", "val"):
+        tiny_tree(tmp_path / "a" / "tiny" / sub, classes=("x", "y"), per_class=6 if sub == "train" else 3)
+    other = tiny_tree(tmp_path / "b" / "tiny", classes=("x", "y"), per_class=5)  # another tiny/, no val folder
+    shutil.rmtree(other / "y")
+    tiny_tree(other, classes=("y", "x"), per_class=5)  # other images under the same class names
+    monkeypatch.chdir(tmp_path / "a")
+    r = recipe(**{"data.path": "tiny", "train.epochs": 1})
+    train(r, out=tmp_path / "run")
+    ckpt = ck.load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ckpt["data"]["root"] == str(tmp_path / "a" / "tiny") and ckpt["data"]["val_count"] == 6
+    want = ckpt["val"]["accuracy"]
+
+    monkeypatch.chdir(tmp_path / "b")
+    res = evaluate_checkpoint(tmp_path / "run" / "best.pt", device="cpu")
+    assert (res["n"], res["accuracy"], res["data"]) == (6, want, str(tmp_path / "a" / "tiny"))
+    out = train(None, resume=tmp_path / "run", epochs=2)
+    assert [e["epoch"] for e in out.epochs] == [1, 2]
+
+    (tmp_path / "a" / "tiny" / "val" / "x" / "x_000.png").unlink()
+    with pytest.raises(CheckpointError) as e:
+        train(None, resume=tmp_path / "run", epochs=3)
+    assert str(e.value) == (f"cannot resume: the validation images in '{tmp_path / 'a' / 'tiny'}' are not the ones "
+                            "this run validated on (6 images then, 5 now, or renamed); restore them, or start a new "
+                            f"run from '{tmp_path / 'run' / 'config.yaml'}'")
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        assert evaluate_checkpoint(tmp_path / "run" / "best.pt", device="cpu")["n"] == 5
+    assert f"the validation images in '{tmp_path / 'a' / 'tiny'}' differ from the ones the run validated on (6 " \
+        "images then, 5 now, or renamed); the accuracy is not comparable with the one training recorded" in \
+        [rec.getMessage() for rec in caplog.records]
+
+
+def test_resume_with_fewer_epochs_than_done_is_an_error(tmp_path, cli):
+    """A run stopped mid-epoch 3 (2 epochs done, a partial third): ``--resume --epochs 2`` (or 1) would train
+    nothing and exit 0; it is an error, and nothing in the run changes."""
+    train(recipe(**{"train.epochs": 2}), out=tmp_path / "run")
+    last = tmp_path / "run" / "last.pt"
+    state = ck.load_checkpoint(last)
+    state["recipe"]["train"]["epochs"] = 4
+    ck.save_checkpoint({**state, "partial": {"batches": 2, "loss_sum": 1.0, "correct": 1, "seen": 2,
+                                             "rng": torch.get_rng_state()}}, last)
+    before = last.read_bytes()
+    for n in (2, 1):
+        r = cli("train", "--resume", tmp_path / "run", "--epochs", n, "--quiet")
+        assert r.exit_code == 1
+        assert r.stderr == (f"Error: cannot resume with --epochs {n}: '{tmp_path / 'run'}' has already trained 2 "
+                            "epochs (and part of epoch 3); pass --epochs N with N > 2\n")
+    assert last.read_bytes() == before
+
+
+def test_resuming_a_ddp_run_in_one_process_says_the_global_batch_changes(tmp_path, caplog):
+    import logging
+
+    train(recipe(**{"train.epochs": 1}), out=tmp_path / "run")
+    last = tmp_path / "run" / "last.pt"
+    ck.save_checkpoint({**ck.load_checkpoint(last), "world_size": 2}, last)  # as a --nproc 2 run writes it
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        train(None, resume=tmp_path / "run", epochs=2)
+    assert "resuming a run trained with 2 processes in 1: the global batch changes from 128 to 64 (--batch-size is " \
+        "per process), so the result differs from an uninterrupted run; resume with --nproc 2 to keep it" in \
+        [r.getMessage() for r in caplog.records]

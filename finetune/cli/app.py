@@ -101,7 +101,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 from finetune.cli import (cache_cmd, eval_cmd, export_cmd, inspect_cmd, lr_find_cmd, models_cmd,  # noqa: E402
-                          predict_cmd, probe_cmd, recipes_cmd, train_cmd)
+                          predict_cmd, probe_cmd, recipes_cmd, report_cmd, runs_cmd, train_cmd)
 
 app.command("train", help=train_cmd.HELP)(train_cmd.train)
 app.command("eval", help=eval_cmd.HELP)(eval_cmd.eval_)
@@ -112,6 +112,9 @@ app.command("recipes", help=recipes_cmd.HELP)(recipes_cmd.recipes)
 app.command("export", help=export_cmd.HELP)(export_cmd.export)
 app.command("probe", help=probe_cmd.HELP)(probe_cmd.probe)
 app.command("lr-find", help=lr_find_cmd.HELP)(lr_find_cmd.lr_find)
+app.command("report", help=report_cmd.HELP)(report_cmd.report)
+app.command("runs", help=runs_cmd.RUNS_HELP)(runs_cmd.runs)
+app.command("compare", help=runs_cmd.COMPARE_HELP)(runs_cmd.compare)
 app.add_typer(cache_cmd.cache_app, name="cache", help=cache_cmd.HELP)
 
 

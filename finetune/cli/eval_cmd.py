@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -23,6 +24,8 @@ def eval_(
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 (default: the "
                                             "checkpoint's, which reproduces the accuracy training recorded)."),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write this HTML report: confusion heat "
+                                          "map, per-class precision/recall/F1, the most confidently wrong images."),
     trust_checkpoint: bool = O.TRUST,
 ) -> None:
     from finetune.api import ConfigError
@@ -33,16 +36,17 @@ def eval_(
         raise ConfigError(f"--precision must be fp32, bf16 or fp16, got '{precision}'")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    from finetune.api import evaluate_checkpoint, trusted
+    from finetune.api import evaluate_checkpoint, finite_json, trusted
 
     with trusted(trust_checkpoint):
         res = evaluate_checkpoint(checkpoint, data, split, device=device, batch_size=batch_size,
-                                  precision=precision, labels=labels)
+                                  precision=precision, labels=labels, report=report)
     keys = ("accuracy", "balanced_accuracy", "macro_f1", "top5", "loss", "n", "per_class", "confusion")
     results = res if split == "all" else {split: res}
     if as_json:
         pick = {s: {k: r[k] for k in keys} for s, r in results.items()}
-        typer.echo(json.dumps(pick if split == "all" else pick[split]))
+        out = pick if split == "all" else pick[split]
+        typer.echo(json.dumps(finite_json(out), allow_nan=False))  # NaN -> null: strict JSON
         return
     for name, r in results.items():
         _show(r, name)
@@ -65,5 +69,8 @@ def _show(res: dict, split: str) -> None:
         t.add_column(n[:10], justify="right")
     t.add_column("accuracy", justify="right")
     for n, row in zip(names, res["confusion"]):
-        t.add_row(n, *[str(v) for v in row], f"{100 * res['per_class'][n]:.1f}%")
+        acc = res["per_class"][n]
+        t.add_row(n, *[str(v) for v in row], "no samples" if acc is None else f"{100 * acc:.1f}%")
     console.print(t)
+    if res.get("report"):
+        console.print(f"report: {res['report']}", highlight=False)

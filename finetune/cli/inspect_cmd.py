@@ -34,7 +34,7 @@ def inspect(
     bn: Optional[str] = O.BN,
     trust_checkpoint: bool = O.TRUST,
 ) -> None:
-    from finetune.api import inspect_json, module_rows
+    from finetune.api import module_rows
 
     overrides = O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn, stages)
     rec = _recipe(recipe, overrides)
@@ -60,19 +60,30 @@ def inspect(
             plan = apply_freeze(bb, rec.freeze)
         except FreezeError as e:
             raise from_recipe(e, recipe, [k for k, v in overrides.items() if v is not None]) from None
-    doc = inspect_json(bb.name, bb.model)
-    from finetune.api import model_stages
-
-    st = model_stages(bb)
-    doc["stages"] = [{"stage": s.index, "from_head": s.index - len(st), "modules": s.modules,
-                      "tensors": len(s.params)} for s in st]
-    if plan is not None:
-        doc["plan"] = _plan_doc(plan, rec.freeze.schedule)
+    doc = _doc(bb, plan, rec)
     if as_json:
         if modules:
             doc["modules"] = module_rows(bb.model, depth)
         typer.echo(json.dumps(doc))
         return
+    _print(bb, doc, plan, head_note, depth if modules else None)
+
+
+def _doc(bb, plan, rec) -> dict:
+    """The ``--json`` document: parameters, stages and (with a plan) the plan."""
+    from finetune.api import inspect_json, model_stages
+
+    doc = inspect_json(bb.name, bb.model)
+    st = model_stages(bb)
+    doc["stages"] = [{"stage": s.index, "from_head": s.index - len(st), "modules": s.modules,
+                      "tensors": len(s.params)} for s in st]
+    if plan is not None:
+        doc["plan"] = _plan_doc(plan, rec.freeze.schedule)
+    return doc
+
+
+def _print(bb, doc: dict, plan, head_note: str | None, depth: int | None) -> None:
+    from finetune.api import module_rows
     from finetune.cli import render
 
     render.parameter_table(bb, doc)
@@ -84,7 +95,7 @@ def inspect(
                    f"({s['tensors']} tensors)")
     if plan is not None:
         render.plan_summary(plan, doc["plan"])
-    if modules:
+    if depth is not None:
         render.module_tree(bb, module_rows(bb.model, depth))
 
 
@@ -110,9 +121,9 @@ def _recipe(recipe: Optional[str], overrides: dict):
     from finetune import api
 
     base = api.load_recipe(recipe) if recipe else api.Recipe()
-    from finetune.cli.options import name_flags
+    from finetune.cli.options import FREEZE_KEYS, flags_of, name_flags
 
-    with name_flags([k for k, v in overrides.items() if v is not None]):
+    with name_flags([k for k, v in overrides.items() if v is not None], flags_of(inspect, FREEZE_KEYS)):
         return api.apply_overrides(base, overrides)
 
 

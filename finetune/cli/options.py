@@ -90,26 +90,31 @@ def freeze_overrides(freeze_names: Optional[str] = None, freeze_first: Optional[
     return out
 
 
-_FLAG_FOR = {"model.name": "--model", "model.weights": "--weights", "data.path": "--data",
-             "optimizer.name": "--optimizer", "scheduler.name": "--scheduler", "freeze.names": "--freeze-names",
-             "freeze.first": "--freeze-first", "freeze.stages": "--stages", "freeze.layers": "--freeze-layers",
-             "freeze.backbone": "--freeze-backbone",
-             "freeze.unfreeze": "--unfreeze", "freeze.schedule": "--unfreeze", "train.compile": "--compile"}
+FREEZE_KEYS = {"freeze.names": "freeze_names", "freeze.first": "freeze_first", "freeze.stages": "stages",
+               "freeze.layers": "freeze_layers", "freeze.backbone": "freeze_backbone", "freeze.unfreeze": "unfreeze",
+               "freeze.schedule": "unfreeze", "freeze.bn": "bn"}  # recipe key -> parameter of the freeze options
 
 
-def flag_of(key: str) -> str:
-    """The command-line flag that sets recipe key ``key`` (``train.batch_size`` -> ``--batch-size``)."""
-    return _FLAG_FOR.get(key) or "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+def flags_of(command, keys: dict[str, str]) -> dict[str, str]:
+    """Recipe key -> the flag that sets it, generated from ``keys`` (recipe key -> parameter name of ``command``)
+    and the typer options' own declarations (``--freeze-backbone/--no-freeze-backbone`` -> ``--freeze-backbone``).
+    """
+    import inspect
+
+    params = inspect.signature(command).parameters
+    return {key: next(d.split("/")[0] for d in params[name].default.param_decls if d.startswith("--"))
+            for key, name in keys.items()}
 
 
 @contextmanager
-def name_flags(keys):
-    """Prefix a recipe-key error with the flag the user typed: ``--lr: optimizer.lr must be greater than 0``."""
+def name_flags(given, flags: dict[str, str]):
+    """Prefix a recipe-key error (``ConfigError.key``) with the flag the user typed: ``--lr: optimizer.lr must be
+    greater than 0``. ``given``: the recipe keys the flags set; ``flags``: :func:`flags_of`."""
     try:
         yield
     except ConfigError as e:
-        msg = str(e)
-        for key in sorted(keys, key=len, reverse=True):
-            if msg.startswith((key + " ", key + "[")):
-                raise ConfigError(f"{flag_of(key)}: {msg}") from None
+        key = getattr(e, "key", None) or ""
+        hit = [k for k in given if key == k or key.startswith((k + ".", k + "["))]
+        if hit:
+            raise ConfigError(f"{flags[max(hit, key=len)]}: {e}") from None
         raise

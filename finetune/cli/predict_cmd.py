@@ -29,12 +29,12 @@ def predict(
     if as_json and as_csv:
         raise ConfigError("--json and --csv both print to stdout; pass one of them")
     from finetune.api import predict as run_predict
-    from finetune.api import trusted
+    from finetune.api import finite_json, trusted
 
     with trusted(trust_checkpoint):
         rows = run_predict(checkpoint, list(paths), top_k=top_k, device=device, strict=strict)
     if as_json:
-        typer.echo(json.dumps(rows))
+        typer.echo(json.dumps(finite_json(rows), allow_nan=False))  # a NaN probability -> null: strict JSON
         return
     k = len(rows[0]["top"])
     if as_csv:

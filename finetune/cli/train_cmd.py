@@ -17,30 +17,109 @@ _F = "Freezing"
 _O = "Optimization"
 _T = "Run"
 
+_RECIPE = typer.Option(None, "--recipe", "-r",
+                       help="Recipe name (see 'finetune recipes') or YAML path.",
+                       rich_help_panel=_R)
+_MODEL = typer.Option(None, "--model", "-m", help="smallcnn, a torchvision name, or timm:<name>.", rich_help_panel=_M)
+_WEIGHTS = typer.Option(None, "--weights", "-w",
+                        help="default (the backbone's pretrained), none, a weights name, or a file.",
+                        rich_help_panel=_M)
+_DROP_RATE = typer.Option(None, "--drop-rate", help="timm models: dropout before the classifier (create_model's "
+                         "drop_rate).", rich_help_panel=_M)
+_DROP_PATH_RATE = typer.Option(None, "--drop-path-rate", help="timm models: stochastic depth (create_model's "
+                               "drop_path_rate).", rich_help_panel=_M)
+_DATA = typer.Option(None, "--data", "-d", help="Image folder, 'sample', or cifar10:ROOT.", rich_help_panel=_D)
+_LABELS = typer.Option(None, "--labels", help="prefix:A=x,=y | regex:PATTERN | csv:FILE.", rich_help_panel=_D)
+_VAL_SPLIT = typer.Option(None, "--val-split", help="Fraction held out when there is no val/.", rich_help_panel=_D)
+_IMAGE_SIZE = typer.Option(None, "--image-size", help="Input size (default: the backbone's).", rich_help_panel=_D)
+_AUGMENT = typer.Option(None, "--augment", help="none | light | strong (default: the recipe's).", rich_help_panel=_D)
+_SAMPLER = typer.Option(None, "--sampler", help="random | balanced (draw classes with equal odds, with replacement; "
+                       "deterministic per seed and epoch).", rich_help_panel=_D)
+_STRICT = typer.Option(None, "--strict/--no-strict",
+                       help="Fail on an unreadable image instead of skipping it with a warning.",
+                       rich_help_panel=_D)
+_ALLOW_OUTSIDE = typer.Option(None, "--allow-outside",
+                              help="CSV labels may name files outside the data folder (../x, /abs/x).",
+                              rich_help_panel=_D)
+_REPORT = typer.Option(None, "--report/--no-report",
+                       help="Write RUN_DIR/report.html at the end (curves, confusion matrix, wrong images, freeze "
+                            "plan); on by default.",
+                       rich_help_panel="Run")
+_OPTIMIZER = typer.Option(None, "--optimizer", help="sgd | adam | adamw | rmsprop.", rich_help_panel=_O)
+_LR = typer.Option(None, "--lr", help="Base learning rate, or 'auto': run the LR range test first (see 'finetune "
+                   "lr-find') and train with its suggestion.", rich_help_panel=_O)
+_MOMENTUM = typer.Option(None, "--momentum", help="SGD/RMSprop momentum (recipe default 0.9).", rich_help_panel=_O)
+_NESTEROV = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum for SGD.", rich_help_panel=_O)
+_WEIGHT_DECAY = typer.Option(None, "--weight-decay", help="Not applied to biases and norm weights.", rich_help_panel=_O)
+_SCHEDULER = typer.Option(None, "--scheduler", help="constant | step | cosine | onecycle.", rich_help_panel=_O)
+_WARMUP_EPOCHS = typer.Option(None, "--warmup-epochs",
+                              help="Linear LR warmup, in epochs (fractions allowed).",
+                              rich_help_panel=_O)
+_CLASS_WEIGHTS = typer.Option(None, "--class-weights", help="none | auto (inverse class frequency in the loss) | "
+                             "FILE (.json/.yaml: class -> weight).", rich_help_panel=_O)
+_LABEL_SMOOTHING = typer.Option(None, "--label-smoothing",
+                                help="CrossEntropyLoss label smoothing (0-1).",
+                                rich_help_panel=_O)
+_EPOCHS = typer.Option(None, "--epochs", "-e",
+                       help="Epochs to train (with --resume: the new total).",
+                       rich_help_panel=_T)
+_BATCH_SIZE = typer.Option(None, "--batch-size", "-b",
+                           help="Images per batch (per process under DDP).",
+                           rich_help_panel=_T)
+_ACCUMULATE = typer.Option(None, "--accumulate", help="Gradient accumulation steps.", rich_help_panel=_O)
+_CLIP_GRAD = typer.Option(None, "--clip-grad", help="Clip the gradient norm to this value.", rich_help_panel=_O)
+_SEED = typer.Option(None, "--seed", help="Seed for init, data order and augmentation.", rich_help_panel=_T)
+_DEVICE = typer.Option(None, "--device", help="auto (cuda > mps > cpu) | cpu | cuda | mps.", rich_help_panel=_T)
+_PRECISION = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16.", rich_help_panel=_T)
+_CHANNELS_LAST = typer.Option(None, "--channels-last/--no-channels-last",
+                              help="Memory layout (default: channels_last for conv nets).",
+                              rich_help_panel=_T)
+_SYNC_BN = typer.Option(None, "--sync-bn/--no-sync-bn",
+                        help="With --nproc/torchrun: SyncBatchNorm, so BN that trains sees the global batch (CUDA).",
+                        rich_help_panel=_T)
+_COMPILE = typer.Option(None, "--compile/--no-compile",
+                        help="torch.compile the model (opt-in; the first batches pay the compile time).",
+                        rich_help_panel=_T)
+_CACHE_FEATURES = typer.Option(None, "--cache-features",
+                               help="auto | on | off: train the head on frozen features computed once (auto: when that "
+                                    "is the same computation).",
+                               rich_help_panel=_T)
+_EARLY_STOP = typer.Option(None, "--early-stop",
+                           help="Stop after N epochs without a better val accuracy.",
+                           rich_help_panel=_T)
+_TENSORBOARD = typer.Option(None, "--tensorboard/--no-tensorboard",
+                            help="Write TensorBoard event files to the run directory.",
+                            rich_help_panel=_T)
+_SAVE_EVERY_STEPS = typer.Option(None, "--save-every-steps",
+                                 help="Also save last.pt every N optimizer steps inside an epoch; --resume continues "
+                                      "from there.",
+                                 rich_help_panel=_T)
+_OUT = typer.Option(None, "--out", "-o", help="Run directory (default runs/<time>-<model>).", rich_help_panel=_T)
+_OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing run directory.", rich_help_panel=_T)
+_RESUME = typer.Option(None, "--resume",
+                       help="Continue the run in this directory from its last.pt (--epochs may extend it).",
+                       rich_help_panel=_T)
+_QUIET = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.", rich_help_panel=_T)
+_NPROC = typer.Option(1, "--nproc",
+                      help="Launch N processes with torchrun (DDP: N GPUs, or N CPU processes with gloo). --batch-size "
+                           "is per process.",
+                      rich_help_panel=_T)
+
 
 def train(
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe name (see 'finetune recipes') or "
-                                         "YAML path.", rich_help_panel=_R),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="smallcnn, a torchvision name, or timm:<name>.",
-                                        rich_help_panel=_M),
-    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="default (the backbone's pretrained), none, "
-                                          "a weights name, or a file.", rich_help_panel=_M),
-    drop_rate: Optional[float] = typer.Option(None, "--drop-rate", help="timm models: dropout before the "
-                                              "classifier (create_model's drop_rate).", rich_help_panel=_M),
-    drop_path_rate: Optional[float] = typer.Option(None, "--drop-path-rate", help="timm models: stochastic depth "
-                                                   "(create_model's drop_path_rate).", rich_help_panel=_M),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Image folder, 'sample', or cifar10:ROOT.",
-                                       rich_help_panel=_D),
-    labels: Optional[str] = typer.Option(None, "--labels", help="prefix:A=x,=y | regex:PATTERN | csv:FILE.",
-                                         rich_help_panel=_D),
-    val_split: Optional[float] = typer.Option(None, "--val-split", help="Fraction held out when there is no val/.",
-                                              rich_help_panel=_D),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size (default: the backbone's).",
-                                             rich_help_panel=_D),
-    augment: Optional[str] = typer.Option(None, "--augment", help="none | light | strong (default: the recipe's).",
-                                          rich_help_panel=_D),
-    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Fail on an unreadable image instead "
-                                          "of skipping it with a warning.", rich_help_panel=_D),
+    recipe: Optional[str] = _RECIPE,
+    model: Optional[str] = _MODEL,
+    weights: Optional[str] = _WEIGHTS,
+    drop_rate: Optional[float] = _DROP_RATE,
+    drop_path_rate: Optional[float] = _DROP_PATH_RATE,
+    data: Optional[str] = _DATA,
+    labels: Optional[str] = _LABELS,
+    val_split: Optional[float] = _VAL_SPLIT,
+    image_size: Optional[int] = _IMAGE_SIZE,
+    augment: Optional[str] = _AUGMENT,
+    sampler: Optional[str] = _SAMPLER,
+    allow_outside: Optional[bool] = _ALLOW_OUTSIDE,
+    strict: Optional[bool] = _STRICT,
     freeze_names: Optional[str] = O.panel(O.FREEZE_NAMES, _F),
     freeze_first: Optional[int] = O.panel(O.FREEZE_FIRST, _F),
     stages: Optional[int] = O.panel(O.FREEZE_STAGES, _F),
@@ -48,68 +127,46 @@ def train(
     freeze_backbone: Optional[bool] = O.panel(O.FREEZE_BACKBONE, _F),
     unfreeze: Optional[List[str]] = O.panel(O.UNFREEZE, _F),
     bn: Optional[str] = O.panel(O.BN, _F),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd | adam | adamw | rmsprop.",
-                                            rich_help_panel=_O),
-    lr: Optional[str] = typer.Option(None, "--lr", help="Base learning rate, or 'auto': run the LR range test "
-                                     "first (see 'finetune lr-find') and train with its suggestion.",
-                                     rich_help_panel=_O),
-    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD/RMSprop momentum (recipe default 0.9).", rich_help_panel=_O),
-    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum for SGD.", rich_help_panel=_O),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Not applied to biases and norm "
-                                                 "weights.", rich_help_panel=_O),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="constant | step | cosine | onecycle.",
-                                            rich_help_panel=_O),
-    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear LR warmup, in epochs (fractions allowed).", rich_help_panel=_O),
-    class_weights: Optional[str] = typer.Option(None, "--class-weights", help="none | auto (inverse class "
-                                                "frequency in the loss) | FILE (.json/.yaml: class -> weight).",
-                                                rich_help_panel=_O),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="random | balanced (draw classes with equal "
-                                          "odds, with replacement; deterministic per seed and epoch).",
-                                          rich_help_panel=_D),
-    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="CrossEntropyLoss label smoothing (0-1).", rich_help_panel=_O),
-    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", help="Epochs to train (with --resume: the new total).", rich_help_panel=_T),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per batch (per process under DDP).", rich_help_panel=_T),
-    accumulate: Optional[int] = typer.Option(None, "--accumulate", help="Gradient accumulation steps.",
-                                             rich_help_panel=_O),
-    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help="Clip the gradient norm to this value.",
-                                              rich_help_panel=_O),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, data order and augmentation.", rich_help_panel=_T),
-    device: Optional[str] = typer.Option(None, "--device", help="auto (cuda > mps > cpu) | cpu | cuda | mps.",
-                                         rich_help_panel=_T),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16.",
-                                            rich_help_panel=_T),
-    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
-                                                 help="Memory layout (default: channels_last for conv nets).",
-                                                 rich_help_panel=_T),
-    sync_bn: Optional[bool] = typer.Option(None, "--sync-bn/--no-sync-bn", help="With --nproc/torchrun: "
-                                           "SyncBatchNorm, so BN that trains sees the global batch (CUDA).",
-                                           rich_help_panel=_T),
-    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model "
-                                            "(opt-in; the first batches pay the compile time).", rich_help_panel=_T),
-    cache_features: Optional[str] = typer.Option(None, "--cache-features", help="auto | on | off: train the head "
-                                                 "on frozen features computed once (auto: when that is the same "
-                                                 "computation).", rich_help_panel=_T),
-    early_stop: Optional[int] = typer.Option(None, "--early-stop", help="Stop after N epochs without a better val "
-                                             "accuracy.", rich_help_panel=_T),
-    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help="Write TensorBoard event files to the run directory.", rich_help_panel=_T),
-    save_every_steps: Optional[int] = typer.Option(None, "--save-every-steps", help="Also save last.pt every N "
-                                                   "optimizer steps inside an epoch; --resume continues from there.",
-                                                   rich_help_panel=_T),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<time>-<model>).",
-                                       rich_help_panel=_T),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory.",
-                                   rich_help_panel=_T),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its "
-                                          "last.pt (--epochs may extend it).", rich_help_panel=_T),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.", rich_help_panel=_T),
-    nproc: int = typer.Option(1, "--nproc", help="Launch N processes with torchrun (DDP: N GPUs, or N CPU "
-                              "processes with gloo). --batch-size is per process.", rich_help_panel=_T),
+    optimizer: Optional[str] = _OPTIMIZER,
+    lr: Optional[str] = _LR,
+    momentum: Optional[float] = _MOMENTUM,
+    nesterov: Optional[bool] = _NESTEROV,
+    weight_decay: Optional[float] = _WEIGHT_DECAY,
+    scheduler: Optional[str] = _SCHEDULER,
+    warmup_epochs: Optional[float] = _WARMUP_EPOCHS,
+    class_weights: Optional[str] = _CLASS_WEIGHTS,
+    label_smoothing: Optional[float] = _LABEL_SMOOTHING,
+    epochs: Optional[int] = _EPOCHS,
+    batch_size: Optional[int] = _BATCH_SIZE,
+    accumulate: Optional[int] = _ACCUMULATE,
+    clip_grad: Optional[float] = _CLIP_GRAD,
+    seed: Optional[int] = _SEED,
+    device: Optional[str] = _DEVICE,
+    precision: Optional[str] = _PRECISION,
+    channels_last: Optional[bool] = _CHANNELS_LAST,
+    sync_bn: Optional[bool] = _SYNC_BN,
+    compile_: Optional[bool] = _COMPILE,
+    cache_features: Optional[str] = _CACHE_FEATURES,
+    early_stop: Optional[int] = _EARLY_STOP,
+    tensorboard: Optional[bool] = _TENSORBOARD,
+    save_every_steps: Optional[int] = _SAVE_EVERY_STEPS,
+    report: Optional[bool] = _REPORT,
+    out: Optional[Path] = _OUT,
+    overwrite: bool = _OVERWRITE,
+    resume: Optional[Path] = _RESUME,
+    quiet: bool = _QUIET,
+    nproc: int = _NPROC,
     trust_checkpoint: bool = O.panel(O.TRUST, _M),
 ) -> None:
+    _launch_if_asked(nproc, resume)
+    _train(dict(locals(), lr=_number_or_auto(lr)))
+
+
+def _launch_if_asked(nproc: int, resume: Optional[Path]) -> None:
+    """``--nproc N`` (N > 1) outside torchrun: relaunch this command under torchrun with N processes."""
     import os
     import sys
 
-    from finetune import api
     from finetune.api import ConfigError
 
     if nproc < 1:
@@ -122,58 +179,69 @@ def train(
         argv = sys.argv[sys.argv.index("train"):] if "train" in sys.argv else ["train"]
         raise typer.Exit(launch(nproc, strip_nproc(argv)))
 
-    overrides = {
-        "model.name": model, "model.weights": weights, "model.drop_rate": drop_rate,
-        "model.drop_path_rate": drop_path_rate,
-        "data.path": data, "data.labels": labels, "data.val_split": val_split, "data.image_size": image_size,
-        "data.augment": augment, "data.strict": strict, "data.sampler": sampler,
-        "train.class_weights": class_weights,
-        **O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn, stages),
-        "optimizer.name": optimizer, "optimizer.lr": _number_or_auto(lr), "optimizer.momentum": momentum,
-        "optimizer.nesterov": nesterov, "optimizer.weight_decay": weight_decay,
-        "scheduler.name": scheduler, "scheduler.warmup_epochs": warmup_epochs,
-        "train.label_smoothing": label_smoothing, "train.epochs": epochs, "train.batch_size": batch_size,
-        "train.accumulate": accumulate, "train.clip_grad": clip_grad, "train.seed": seed, "train.device": device,
-        "train.precision": precision, "train.channels_last": channels_last, "train.compile": compile_,
-        "train.cache_features": cache_features, "train.early_stop": early_stop, "train.tensorboard": tensorboard,
-        "train.save_every_steps": save_every_steps, "train.sync_bn": sync_bn,
-    }
-    given = {k: v for k, v in overrides.items() if v is not None}
-    typed = dict(given)  # what the user typed (the error below names only those flags)
-    if model is not None and weights is None and recipe is None:
-        given["model.weights"] = "default"  # a new model from the command line: its own pretrained weights
-    from finetune.cli.progress import RichReporter
-    from finetune.api import train as run_train
 
-    reporter = RichReporter(quiet=quiet)
-    if resume is not None:
+def _train(v: dict) -> None:
+    """The command's body over its parameter values ``v``: flags -> recipe keys -> a run (or a resume)."""
+    from finetune import api
+    from finetune.api import ConfigError
+    from finetune.cli.progress import RichReporter
+
+    overrides = {key: v[name] for key, name in KEYS.items()}
+    overrides.update(O.freeze_overrides(v["freeze_names"], v["freeze_first"], v["freeze_layers"],
+                                        v["freeze_backbone"], v["unfreeze"], v["bn"], v["stages"]))
+    given = {k: x for k, x in overrides.items() if x is not None}
+    typed = dict(given)  # what the user typed (the error below names only those flags)
+    recipe, model = v["recipe"], v["model"]
+    if model is not None and v["weights"] is None and recipe is None:
+        given["model.weights"] = "default"  # a new model from the command line: its own pretrained weights
+    reporter = RichReporter(quiet=v["quiet"])
+    if v["resume"] is not None:
         extra = sorted(set(typed) - {"train.epochs"})
-        if recipe or extra or out:
-            flags = ", ".join(dict.fromkeys(["--recipe"] * bool(recipe) + ["--out"] * bool(out)
-                                            + [O.flag_of(k) for k in extra]))
+        if recipe or extra or v["out"]:
+            flags = ", ".join(dict.fromkeys(["--recipe"] * bool(recipe) + ["--out"] * bool(v["out"])
+                                            + [flag_map()[k] for k in extra]))
             raise ConfigError(f"--resume continues a run exactly as it was configured; drop {flags} (only --epochs "
                               "may change)")
-        _run(lambda: run_train(None, resume=resume, epochs=epochs, reporter=reporter))
+        _run(lambda: api.train(None, resume=v["resume"], epochs=v["epochs"], reporter=reporter))
         return
-    from finetune.api import trusted
-
-    with O.name_flags(given):
+    with O.name_flags(given, flag_map()):
         base = _base_recipe(recipe, model, given)
         r = api.apply_overrides(base, given)
     if recipe is not None and model is not None and model != base.model.name:  # record what ran, not the recipe's
         r.name = f"{base.name or recipe} (model overridden)"
         r.description = f"{base.description} -- model overridden: {model} instead of {base.model.name}"
-    from finetune.api import FreezeError, from_recipe
-
     if LR_FIND["on"]:  # `finetune lr-find [train flags]`: the range test on what these flags would train
-        with trusted(trust_checkpoint):
-            _lr_find(api, r, out, overwrite, quiet)
+        with api.trusted(v["trust_checkpoint"]):
+            _lr_find(api, r, v["out"], v["overwrite"], v["quiet"])
         return
     try:
-        with trusted(trust_checkpoint):
-            _run(lambda: run_train(r, out=out, overwrite=overwrite, reporter=reporter))
-    except FreezeError as e:
-        raise from_recipe(e, recipe, typed) from None
+        with api.trusted(v["trust_checkpoint"]):
+            _run(lambda: api.train(r, out=v["out"], overwrite=v["overwrite"], reporter=reporter))
+    except api.FreezeError as e:
+        raise api.from_recipe(e, recipe, typed) from None
+
+
+KEYS = {  # recipe key -> the parameter of `train` that sets it (the freeze flags: options.FREEZE_KEYS)
+    "model.name": "model", "model.weights": "weights", "model.drop_rate": "drop_rate",
+    "model.drop_path_rate": "drop_path_rate", "data.sampler": "sampler", "train.class_weights": "class_weights",
+    "data.path": "data", "data.labels": "labels",
+    "data.val_split": "val_split", "data.image_size": "image_size", "data.augment": "augment", "data.strict": "strict",
+    "data.allow_outside": "allow_outside",
+    "optimizer.name": "optimizer", "optimizer.lr": "lr", "optimizer.momentum": "momentum",
+    "optimizer.nesterov": "nesterov", "optimizer.weight_decay": "weight_decay", "scheduler.name": "scheduler",
+    "scheduler.warmup_epochs": "warmup_epochs", "train.label_smoothing": "label_smoothing", "train.epochs": "epochs",
+    "train.batch_size": "batch_size", "train.accumulate": "accumulate", "train.clip_grad": "clip_grad",
+    "train.seed": "seed", "train.device": "device", "train.precision": "precision",
+    "train.channels_last": "channels_last", "train.compile": "compile_", "train.cache_features": "cache_features",
+    "train.early_stop": "early_stop", "train.tensorboard": "tensorboard", "train.save_every_steps": "save_every_steps",
+    "train.sync_bn": "sync_bn", "train.report": "report",
+}
+
+
+def flag_map() -> dict[str, str]:
+    """Recipe key -> train's flag, generated from KEYS and the options' declarations (one mapping for every
+    message that names a flag)."""
+    return O.flags_of(train, {**KEYS, **O.FREEZE_KEYS})
 
 
 def _base_recipe(recipe: Optional[str], model: Optional[str], given: dict):
@@ -194,6 +262,18 @@ def _base_recipe(recipe: Optional[str], model: Optional[str], given: dict):
         r.name, r.description = f"{model}-cli", f"{model} from random init, configured from the command line"
         return r
     return api.load_recipe(recipe or "default")
+
+
+def _run(fn) -> None:
+    """Run training (SIGTERM stops it as Ctrl-C does); under torchrun, leave the process group cleanly whatever
+    happens."""
+    from finetune.api import shutdown_distributed, sigterm_as_interrupt
+
+    try:
+        with sigterm_as_interrupt():
+            fn()
+    finally:
+        shutdown_distributed()
 
 
 LR_FIND = {"on": False}  # set by `finetune lr-find`, which is this command with the same flags
@@ -241,13 +321,3 @@ def _lr_find(api, r, out: Optional[Path], overwrite: bool, quiet: bool) -> None:
         getLogger("finetune").warning(f"the loss never fell by 2% during the test (from {found.losses[0]:.4f}, "
                                       f"lowest {min(found.losses):.4f}): the suggestion is noise; from random "
                                       "init ~100 steps teach too little, pick the LR by a short sweep")
-
-
-def _run(fn) -> None:
-    """Run training; under torchrun, leave the process group cleanly whatever happens."""
-    from finetune.api import shutdown_distributed
-
-    try:
-        fn()
-    finally:
-        shutdown_distributed()

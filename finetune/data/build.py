@@ -157,6 +157,48 @@ def check_classes(train: list[sources.Item], val: list[sources.Item] | None, fou
 
 # ------------------------------------------------------------------------------------------------- builders
 
+@dataclass
+class Selection:
+    """The images of a folder as training splits them: after the unreadable files are dropped, before any
+    transform. Train and eval both come here, so eval of a run's checkpoint sees exactly the run's val images."""
+
+    found: sources.Found
+    train: list[sources.Item]
+    val: list[sources.Item] | None  # None: no val folder and no split
+    read: dict[Path, Any]  # what ``read`` returned per readable file (decoded images, or their sizes)
+    skipped: list[str]  # unreadable (or listed-but-missing) files, one warning each
+    split_note: str = ""
+
+
+def select_items(root: Path, labels: str | None, *, val_split: float, seed: int, strict: bool,
+                 read: Callable[[Path], Any] = image_size, found: sources.Found | None = None,
+                 allow_outside: bool = False) -> Selection:
+    """Discover ``root``'s images and labels (:func:`sources.find`), read each file once with ``read`` (the cache
+    fill, or a header check), drop the unreadable ones (one warning each; an error with ``strict`` or when none is
+    readable), then split a layout without a val folder by ``val_split`` (stratified, seeded)."""
+    found = found or sources.find(root, labels, allow_outside)
+    skipped = report_bad({Path(m): "listed in the label file, not found" for m in found.missing}, strict)
+    items = found.train + (found.val or [])
+    if not items:
+        check_classes([], None, found, str(root))
+    paths = [p for p, _ in items]
+    done, bad = read_all(paths, read)
+    if bad and len(bad) == len(paths) and not strict:  # one error, not a warning per file and then an error
+        first = min(bad)
+        raise DataError(f"no readable images in '{root}': all {len(bad)} image files failed to load (e.g. "
+                        f"'{first}': {bad[first]}); check that the files are images and not truncated")
+    skipped += report_bad(bad, strict)
+    train = sources.unique([it for it in found.train if it[0] not in bad])
+    val = sources.unique([it for it in found.val if it[0] not in bad]) if found.val is not None else None
+    note = ""
+    if val is None and val_split > 0:
+        train, val = sources.stratified_split(train, val_split, seed)
+        note = f", val = {val_split:g} of each class (seed {seed})"
+    if val:
+        train = sources.disjoint(train, val)  # one file (by inode) is never in both
+    return Selection(found, train, val, done, skipped, note)
+
+
 def build_data(cfg: DataCfg, model_data_cfg: dict, *, seed: int = 0, download: bool = False) -> DataBundle:
     """Datasets, class names and the eval transform config for ``cfg`` and a backbone's ``data_cfg``.
 
@@ -170,39 +212,26 @@ def build_data(cfg: DataCfg, model_data_cfg: dict, *, seed: int = 0, download: b
     if isinstance(spec, str):
         return cifar_bundle(spec, tf, train_tf, eval_tf, download=download)
     root = check_root(spec, cfg.path)
-    found = sources.find(root, cfg.labels)
-    skipped = report_bad({Path(m): "listed in the label file, not found" for m in found.missing}, cfg.strict)
-    items = found.train + (found.val or [])
-    if not items:
-        check_classes([], None, found, str(root))
-    paths = [p for p, _ in items]
-    cache_on = want_cache(cfg, paths, tf)
-    decoded, bad = read_all(paths, (lambda p: decode(p, tf)) if cache_on else image_size)
-    if bad and len(bad) == len(paths) and not cfg.strict:  # one error, not a warning per file and then an error
-        first = min(bad)
-        raise DataError(f"no readable images in '{root}': all {len(bad)} image files failed to load (e.g. "
-                        f"'{first}': {bad[first]}); check that the files are images and not truncated")
-    skipped += report_bad(bad, cfg.strict)
-    train = [it for it in found.train if it[0] not in bad]
-    val = [it for it in found.val if it[0] not in bad] if found.val is not None else None
-    split = ""
-    if val is None and cfg.val_split > 0:
-        train, val = sources.stratified_split(train, cfg.val_split, seed)
-        split = f", val = {cfg.val_split:g} of each class (seed {seed})"
-    classes = check_classes(train, val, found, str(root))
+    found = sources.find(root, cfg.labels, cfg.allow_outside)
+    cache_on = want_cache(cfg, [p for p, _ in found.train + (found.val or [])], tf)
+    sel = select_items(root, cfg.labels, val_split=cfg.val_split, seed=seed, strict=cfg.strict,
+                       read=(lambda p: decode(p, tf)) if cache_on else image_size, found=found,
+                       allow_outside=cfg.allow_outside)
+    train, val = sel.train, sel.val
+    classes = check_classes(train, val, sel.found, str(root))
     if val is not None and not val:
-        log.warning("no validation images in '%s'; training without validation", found.val_dir or root)
+        log.warning("no validation images in '%s'; training without validation", sel.found.val_dir or root)
         val = None
     index = {c: i for i, c in enumerate(classes)}
 
     def dataset(its: list[sources.Item], transform) -> ImageDataset:
-        cache = [decoded[p] for p, _ in its] if cache_on else None
+        cache = [sel.read[p] for p, _ in its] if cache_on else None
         return ImageDataset([(p, index[c]) for p, c in its], classes, tf, transform, cache=cache,
                             strict=cfg.strict)
 
     return DataBundle(dataset(train, train_tf), dataset(val, eval_tf) if val is not None else None, classes, tf,
-                      skipped=skipped, source=found.description + split, cached=cache_on,
-                      unlabeled=found.unlabeled)
+                      skipped=sel.skipped, source=sel.found.description + sel.split_note, cached=cache_on,
+                      unlabeled=sel.found.unlabeled)
 
 
 def cifar_bundle(spec: str, tf: dict, train_tf, eval_tf, *, download: bool = False) -> DataBundle:
@@ -216,7 +245,8 @@ def cifar_bundle(spec: str, tf: dict, train_tf, eval_tf, *, download: bool = Fal
 
 
 def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, strict: bool = False,
-                       labels: str | None = None, val_split: float = 0.0, seed: int = 0) -> Dataset:
+                       labels: str | None = None, val_split: float = 0.0, seed: int = 0,
+                       allow_outside: bool = False) -> Dataset:
     """The ``split`` (``val``, ``train`` or ``test``: ROOT/test) of ``path`` with the eval transform ``tf``,
     labelled by ``class_names``.
 
@@ -228,7 +258,6 @@ def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, 
     """
     if split not in ("val", "train", "test"):
         raise DataError(f"unknown split '{split}'; use val, train or test")
-    transform = eval_transform(tf)
     spec = resolve_data_path(path)
     if isinstance(spec, str):
         name, root = _CIFAR.match(spec).groups()  # type: ignore[union-attr]
@@ -236,36 +265,25 @@ def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, 
         images, targets = data["train" if split == "train" else "test"]
         _check_known(data["classes"], class_names, spec)
         remap = [class_names.index(c) for c in data["classes"]]
-        return TensorImageDataset(images, [remap[t] for t in targets], class_names, transform)
+        return TensorImageDataset(images, [remap[t] for t in targets], class_names, eval_transform(tf))
     root = check_root(spec, path)
-    train_dir, val_dir = sources.split_dirs(root)
-    folder = root
-    if split == "test":  # a test/ folder next to val/: evaluated only when asked for
+    if split == "test":  # a test/ folder next to val/: evaluated only when asked for, whole
         tests = [root / n for n in ("test", "testing") if (root / n).is_dir()]
         if not tests:
             raise DataError(f"'{root}' has no test folder; --split test takes ROOT/test/<class>/...")
-        folder, train_dir, val_split = tests[0], None, 0.0
-    elif train_dir is not None:
-        folder = train_dir if split == "train" else val_dir  # type: ignore[assignment]
-        if folder is None:
-            raise DataError(f"'{root}' has no val folder ({', '.join(sources.VAL_NAMES)}); pass --split train, "
-                            "or a folder of class subfolders to evaluate it whole")
-    if labels:
-        kind, rule = sources.parse_labels(labels, folder)
-        items = sources.read_csv(rule, root)[0] if kind == "csv" else sources.labelled_files(folder, rule)[0]
-    else:
-        items = sources.class_folders(folder)
+        root, val_split = tests[0], 0.0
+    sel = select_items(root, labels, val_split=val_split if split != "test" else 0.0, seed=seed, strict=strict,
+                       allow_outside=allow_outside)
+    if split == "val" and sel.val is None and sel.found.train_dir != root:
+        raise DataError(f"'{root}' has no val folder ({', '.join(sources.VAL_NAMES)}); pass --split train, "
+                        "or a folder of class subfolders to evaluate it whole")
+    items = sel.val if split == "val" and sel.val is not None else sel.train
+    folder = sel.found.val_dir if split == "val" and sel.found.val_dir else sel.found.train_dir
     if not items:
         raise DataError(f"no images found in '{folder}'")
-    if train_dir is None and val_split > 0:
-        tr_items, va_items = sources.stratified_split(items, val_split, seed)
-        items = va_items if split == "val" else tr_items
     _check_known(sorted({c for _, c in items}), class_names, str(folder))
-    _, bad = read_all([p for p, _ in items], image_size)
-    report_bad(bad, strict)
     index = {c: i for i, c in enumerate(class_names)}
-    return ImageDataset([(p, index[c]) for p, c in items if p not in bad], class_names, tf, transform,
-                        strict=strict)
+    return ImageDataset([(p, index[c]) for p, c in items], class_names, tf, eval_transform(tf), strict=strict)
 
 
 def _check_known(found: list[str], class_names: list[str], where: str) -> None:

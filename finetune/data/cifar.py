@@ -36,13 +36,42 @@ class _SafeUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _load(path: Path) -> dict:
+def _load(path: Path, archive: str = "the archive") -> dict:
     try:
         with open(path, "rb") as f:
             data = _SafeUnpickler(f, encoding="latin1").load()
     except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
         raise DataError(f"cannot read CIFAR file '{path}': {e}") from None
+    if not isinstance(data, dict):
+        raise _malformed(path, f"not a mapping (got {type(data).__name__})", archive)
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
+
+
+def _malformed(path: Path, why: str, archive: str) -> DataError:
+    return DataError(f"CIFAR file '{path}' is malformed: {why}; re-extract {archive}")
+
+
+def _batch(path: Path, labels_key: str, n_classes: int, archive: str) -> tuple[np.ndarray, list[int]]:
+    """One batch file's images (uint8 N x 3 x 32 x 32) and labels, checked (a bad file is one error, not a
+    traceback from deep inside numpy)."""
+    d = _load(path, archive)
+    for key in ("data", labels_key):
+        if key not in d:
+            raise _malformed(path, f"no '{key}' entry", archive)
+    try:
+        images = np.asarray(d["data"], dtype=np.uint8)
+        if images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
+            raise ValueError
+        images = images.reshape(-1, 3, 32, 32)
+        labels = [int(t) for t in d[labels_key]]
+    except (TypeError, ValueError, OverflowError):
+        raise _malformed(path, "'data' is not N images of 3x32x32 bytes", archive) from None
+    if len(labels) != len(images):
+        raise _malformed(path, f"{len(images)} images but {len(labels)} labels", archive)
+    bad = next((t for t in labels if not 0 <= t < n_classes), None)
+    if bad is not None:
+        raise _malformed(path, f"label {bad} is not a class index (0..{n_classes - 1})", archive)
+    return images, labels
 
 
 def folder(name: str, root: Path) -> Path:
@@ -72,10 +101,12 @@ def load(name: str, root: Path, *, do_download: bool = False) -> dict:
     if missing:
         raise DataError(f"{lay['title']} not found in '{root}' (missing {base / missing[0]}); extract "
                         f"{lay['archive']} there, or pass --download to fetch it")
-    out: dict = {"classes": [str(c) for c in _load(base / lay["meta"])[lay["names"]]]}
+    meta = _load(base / lay["meta"], lay["archive"])
+    names = meta.get(lay["names"])
+    if not isinstance(names, (list, tuple)) or not names:
+        raise _malformed(base / lay["meta"], f"no '{lay['names']}' list", lay["archive"])
+    out: dict = {"classes": [str(c) for c in names]}
     for split in ("train", "test"):
-        parts = [_load(base / f) for f in lay[split]]
-        images = np.concatenate([np.asarray(p["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for p in parts])
-        labels = [int(t) for p in parts for t in p[lay["labels"]]]
-        out[split] = (torch.from_numpy(images), labels)
+        parts = [_batch(base / f, lay["labels"], len(names), lay["archive"]) for f in lay[split]]
+        out[split] = (torch.from_numpy(np.concatenate([im for im, _ in parts])), [t for _, ts in parts for t in ts])
     return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,10 +36,41 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def walk_images(folder: Path) -> list[Path]:
-    """Image files under ``folder``, recursively (following symlinks, skipping hidden folders), sorted."""
+    """Image files under ``folder``, recursively (skipping hidden folders), sorted.
+
+    Directory symlinks are followed (torchvision's ``ImageFolder`` habit: a class folder kept on another disk),
+    except one that points to a folder holding it (``loop -> .``, a link to ``/``: a loop, skipped with a
+    warning); each real directory is listed once (by device and inode), so no image is found twice."""
+    import logging
+
     found: list[Path] = []
+    root = os.path.realpath(folder)
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # reached again through another link
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        here = os.path.realpath(dirpath)
+        keep = []
+        for d in dirnames:
+            full = os.path.join(dirpath, d)
+            if d.startswith("."):
+                continue
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if any(p == target or p.startswith(target.rstrip(os.sep) + os.sep) for p in (root, here)):
+                    logging.getLogger("finetune").warning(
+                        "not following directory symlink '%s': it points to '%s', which holds it (a loop)",
+                        full, target)
+                    continue
+            keep.append(d)
+        dirnames[:] = keep
         found.extend(Path(dirpath) / f for f in filenames if is_image_file(f))
     return sorted(found)
 
@@ -71,6 +103,10 @@ def _reason(e: BaseException, path: Path) -> str:
         return "empty file" if _size(path) == 0 else "not an image (unknown format)"
     if isinstance(e, FileNotFoundError):
         return "file not found"
+    if isinstance(e, Image.DecompressionBombError):  # PIL's limit: 2 x Image.MAX_IMAGE_PIXELS (~179 megapixels)
+        m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
+        return (f"image too large ({int(m.group(1)):,} pixels; the limit is {int(m.group(2)):,})" if m
+                else "image too large")
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     return msg.replace(f"'{path}'", "").replace(str(path), "").strip(" :") or type(e).__name__
 
@@ -126,5 +162,5 @@ def image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.size
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image '{path}': {_reason(e, path)}") from None

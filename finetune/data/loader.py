@@ -112,13 +112,17 @@ def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, seed: int, devic
     """A DataLoader over ``ds`` with an :class:`EpochSampler` (``loader.sampler.set_epoch(e)`` to resume).
 
     With ``num_replicas`` > 1 the loader yields this ``rank``'s shard: padded to equal length when shuffling
-    (training), every sample exactly once across ranks otherwise (evaluation). ``weights`` (with ``shuffle``):
+    (training), every sample exactly once across ranks otherwise (evaluation). A training epoch whose last batch
+    would hold a single image drops it (BatchNorm cannot train on a batch of one; fastai drops every partial
+    training batch); that image is in another batch in other epochs' orders. ``weights`` (with ``shuffle``):
     per-sample draw weights, an epoch draws ``len(ds)`` samples with replacement (a class-balanced sampler).
     """
     n = len(ds)  # type: ignore[arg-type]
     workers = default_workers(n, batch_size) if workers is None else int(workers)
     sampler = EpochSampler(n, shuffle=shuffle, seed=seed, keyed=isinstance(ds, _Seeded) and shuffle,
                            num_replicas=num_replicas, rank=rank, pad=shuffle, weights=weights)
+    if shuffle and len(sampler) > 1 and len(sampler) % batch_size == 1:
+        drop_last = True  # a training batch of one image: BatchNorm in train mode cannot normalise it
     return DataLoader(
         ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
         persistent_workers=workers > 0, pin_memory=str(device).startswith("cuda"),

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.data.images import IMG_EXTENSIONS, is_image_file, walk_images
-from finetune.errors import DataError
+from finetune.errors import DataError, shown
 
 log = logging.getLogger("finetune")
 
@@ -104,23 +104,40 @@ def regex_rule(pattern: str) -> Callable[[str], str | None]:
     return rule
 
 
-def read_csv(path: Path, root: Path) -> tuple[list[Item], list[str]]:
-    """Rows ``path,label`` -> items, plus the listed files that do not exist (relative names)."""
+def read_csv(path: Path, root: Path, allow_outside: bool = False) -> tuple[list[Item], list[str]]:
+    """Rows ``path,label`` -> items, plus the listed files that do not exist (relative names).
+
+    Paths are relative to ``root`` and must stay inside it (``../x``, ``/etc/...`` are an error naming the first,
+    checked before any file is opened), unless ``allow_outside``. The check is on the path as written: a symlink
+    inside the root is followed, as in the folder layouts."""
+    import os
+
     items: list[Item] = []
     missing: list[str] = []
+    outside: list[tuple[int, str]] = []
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
     if rows and not rows[0][0].strip().lower().endswith(IMG_EXTENSIONS):
         rows = rows[1:]  # header
     for n, row in enumerate(rows, 1):
         if len(row) < 2 or not row[1].strip():
-            raise DataError(f"label file '{path}': row {n} ({','.join(row)!r}) needs 'path,label'")
+            cols = sum(1 for c in row if c.strip())  # the row's content is not echoed: it may be any file's line
+            raise DataError(f"label file '{path}': row {n} has {cols} column{'s' if cols != 1 else ''}; each row "
+                            "needs 'path,label' (its content is not shown)")
         rel, label = row[0].strip(), row[1].strip()
         p = root / rel
+        if not allow_outside and (os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == os.pardir):
+            outside.append((n, rel))
+            continue
         if p.is_file():
             items.append((p, label))
         else:
             missing.append(rel)
+    if outside:
+        n, rel = outside[0]
+        raise DataError(f"label file '{path}': {len(outside)} row{'s' if len(outside) > 1 else ''} point outside the "
+                        f"data folder '{root}' (row {n}: '{shown(rel)}'); paths are relative to it; pass "
+                        "--allow-outside (data.allow_outside: true) if that is intended")
     return items, missing
 
 
@@ -167,13 +184,13 @@ def labelled_files(folder: Path, rule: Callable[[str], str | None]) -> tuple[lis
     return items, unlabeled
 
 
-def find(root: Path, labels: str | None) -> Found:
+def find(root: Path, labels: str | None, allow_outside: bool = False) -> Found:
     """Discover the images and labels of ``root`` (an existing folder) per the layout rules above."""
     train_dir, val_dir = split_dirs(root)
     if labels:
         kind, rule = parse_labels(labels, root)
         if kind == "csv":
-            items, missing = read_csv(rule, root)  # type: ignore[arg-type]
+            items, missing = read_csv(rule, root, allow_outside)  # type: ignore[arg-type]
             return Found(items, None, f"{root} (labels from {rule})", root,
                          missing=[str(root / m) for m in missing])
         assert callable(rule)
@@ -197,6 +214,39 @@ def find(root: Path, labels: str | None) -> Found:
 
 
 # ------------------------------------------------------------------------------------------------- split
+
+def _file_key(p: Path) -> tuple[int, int] | str:
+    try:
+        st = p.stat()
+    except OSError:
+        return str(p)
+    return st.st_dev, st.st_ino
+
+
+def unique(items: list[Item]) -> list[Item]:
+    """``items`` without a second name for one file (a symlink, a hard link: same device and inode); first wins."""
+    seen: set = set()
+    out = []
+    for it in items:
+        k = _file_key(it[0])
+        if k not in seen:
+            seen.add(k)
+            out.append(it)
+    return out
+
+
+def disjoint(train: list[Item], val: list[Item]) -> list[Item]:
+    """``train`` without the files that are also in ``val`` under any name (they would inflate val accuracy); one
+    warning when there are some."""
+    in_val = {_file_key(p) for p, _ in val}
+    both = [it for it in train if _file_key(it[0]) in in_val]
+    if both:
+        log.warning("%d files are in both train and val (the same file under two names: a symlink, a hard link or a "
+                    "duplicate path; first: '%s'); they are used for val only", len(both), both[0][0])
+        drop = {id(it) for it in both}
+        train = [it for it in train if id(it) not in drop]
+    return train
+
 
 def stratified_split(items: list[Item], val_split: float, seed: int) -> tuple[list[Item], list[Item]]:
     """Per class: sort by path, shuffle with ``random.Random(f"{seed}:{class}")``, move ``round(n * val_split)``

@@ -31,9 +31,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from finetune.config import choices
 from finetune.errors import DataError
 
-AUGMENTS = ("none", "light", "strong")
+AUGMENTS = choices("data.augment")  # written once: the type of DataCfg.augment
 LIGHT_SCALE = (0.35, 1.0)
 STRONG_SCALE = (0.08, 1.0)
 ERASE_P = 0.25  # strong: RandomErasing probability (timm/DeiT reprob)
