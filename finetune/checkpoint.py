@@ -92,9 +92,11 @@ def clear_run_dir(out: Path) -> None:
 def atomic_write_bytes(path: Path, write) -> None:
     """Write via ``write(fileobj)`` to a temp file in the same folder, fsync, then ``os.replace``.
 
-    A crash at any moment leaves either the old complete file or the new complete file, never a torn one.
+    A crash at any moment leaves either the old complete file or the new complete file, never a torn one. A kill
+    (which no ``except`` sees) leaves the temp file ``.NAME.XXXXXXXX.tmp``; the next write of ``NAME`` removes it.
     """
     path = Path(path)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -113,6 +115,16 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """The temp files an earlier, killed write of ``path`` left (only that name's: ``.NAME.XXXXXXXX.tmp``)."""
+    import glob
+
+    for stale in glob.glob(os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*.tmp")):
+        if len(os.path.basename(stale)) == len(path.name) + 14:  # "." + NAME + "." + 8 random chars + ".tmp"
+            with _suppress():
+                os.unlink(stale)
 
 
 def _umask() -> int:

@@ -85,3 +85,35 @@ def test_onnx_without_the_extra_is_one_line(run, cli, tmp_path, monkeypatch):
                                              "(onnxscript is missing); install them with pip install "
                                              "'finetune[onnx]'\n")
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "safetensors"])
+def test_full_disk_during_export_is_one_line_and_keeps_the_old_file(run, cli, tmp_path, monkeypatch, fmt):
+    """Issue 13: a full disk while exporting (the graph or the weights) is one error line; the file that was there
+    stays whole and no temp file is left behind."""
+    import os
+
+    out = tmp_path / "m.bin"
+    out.write_bytes(b"previous export")
+    real = os.fsync
+
+    def full(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".m.bin."):
+            raise OSError(28, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    r = cli("export", run / "best.pt", "--format", fmt, "--out", out, "--overwrite")
+    assert r.exit_code == 1 and r.stderr == f"Error: cannot write '{out}': No space left on device\n"
+    assert out.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin"]
+
+
+def test_a_killed_exports_temp_files_are_removed_by_the_next_write(run, cli, tmp_path):
+    """Issue 13: a kill during an export leaves `.NAME.XXXX.tmp` (the atomic write's temp file); the next write of
+    that file removes it (and only the temp files of that name)."""
+    (tmp_path / ".m.pt.ab12cd34.tmp").write_bytes(b"torn")
+    (tmp_path / ".other.pt.ab12cd34.tmp").write_bytes(b"someone else's")
+    r = cli("export", run / "best.pt", "--format", "torchscript", "--out", tmp_path / "m.pt")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.ab12cd34.tmp", "m.pt", "m.pt.json"]
