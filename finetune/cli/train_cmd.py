@@ -94,6 +94,21 @@ _SAVE_EVERY_STEPS = typer.Option(None, "--save-every-steps",
                                  help="Also save last.pt every N optimizer steps inside an epoch; --resume continues "
                                       "from there.",
                                  rich_help_panel=_T)
+_MONITOR = typer.Option(None, "--monitor", help="val_acc | val_loss | val_f1 (macro-F1): picks best.pt, the top-k "
+                       "files and early stopping (default val_acc).", rich_help_panel=_T)
+_MONITOR_MODE = typer.Option(None, "--monitor-mode", help="auto (min for val_loss, else max) | max | min.",
+                             rich_help_panel=_T)
+_SAVE_TOP_K = typer.Option(None, "--save-top-k", help="Keep the K best epochs (K > 1: also epochNNN.pt files).",
+                           rich_help_panel=_T)
+_EMA = typer.Option(None, "--ema/--no-ema", help="Keep an EMA of the weights (timm ModelEmaV3): evaluated each epoch, "
+                    "best_ema.pt when better.", rich_help_panel=_O)
+_EMA_DECAY = typer.Option(None, "--ema-decay", help="EMA decay (recipe default 0.999; timm's warm-up applies).",
+                          rich_help_panel=_O)
+_MIXUP = typer.Option(None, "--mixup", help="Mixup alpha (timm Mixup; 0 = off).", rich_help_panel=_O)
+_CUTMIX = typer.Option(None, "--cutmix", help="CutMix alpha (0 = off; with --mixup each batch picks one).",
+                       rich_help_panel=_O)
+_LOG_EVERY = typer.Option(None, "--log-every", help="TensorBoard scalars (loss, LR per group, images/s) every N "
+                          "optimizer steps, beside the per-epoch ones.", rich_help_panel=_T)
 _OUT = typer.Option(None, "--out", "-o", help="Run directory (default runs/<time>-<model>).", rich_help_panel=_T)
 _OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing run directory.", rich_help_panel=_T)
 _RESUME = typer.Option(None, "--resume",
@@ -136,6 +151,10 @@ def train(
     warmup_epochs: Optional[float] = _WARMUP_EPOCHS,
     class_weights: Optional[str] = _CLASS_WEIGHTS,
     label_smoothing: Optional[float] = _LABEL_SMOOTHING,
+    ema: Optional[bool] = _EMA,
+    ema_decay: Optional[float] = _EMA_DECAY,
+    mixup: Optional[float] = _MIXUP,
+    cutmix: Optional[float] = _CUTMIX,
     epochs: Optional[int] = _EPOCHS,
     batch_size: Optional[int] = _BATCH_SIZE,
     accumulate: Optional[int] = _ACCUMULATE,
@@ -151,6 +170,10 @@ def train(
     tensorboard: Optional[bool] = _TENSORBOARD,
     save_every_steps: Optional[int] = _SAVE_EVERY_STEPS,
     report: Optional[bool] = _REPORT,
+    monitor: Optional[str] = _MONITOR,
+    monitor_mode: Optional[str] = _MONITOR_MODE,
+    save_top_k: Optional[int] = _SAVE_TOP_K,
+    log_every: Optional[int] = _LOG_EVERY,
     out: Optional[Path] = _OUT,
     overwrite: bool = _OVERWRITE,
     resume: Optional[Path] = _RESUME,
@@ -234,7 +257,9 @@ KEYS = {  # recipe key -> the parameter of `train` that sets it (the freeze flag
     "train.seed": "seed", "train.device": "device", "train.precision": "precision",
     "train.channels_last": "channels_last", "train.compile": "compile_", "train.cache_features": "cache_features",
     "train.early_stop": "early_stop", "train.tensorboard": "tensorboard", "train.save_every_steps": "save_every_steps",
-    "train.sync_bn": "sync_bn", "train.report": "report",
+    "train.sync_bn": "sync_bn", "train.report": "report", "train.monitor": "monitor",
+    "train.monitor_mode": "monitor_mode", "train.save_top_k": "save_top_k", "train.ema": "ema",
+    "train.ema_decay": "ema_decay", "train.mixup": "mixup", "train.cutmix": "cutmix", "train.log_every": "log_every",
 }
 
 
