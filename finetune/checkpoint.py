@@ -448,8 +448,31 @@ def remove_temp_files(run_dir: Path) -> list[str]:
 
 
 def default_run_dir(model_name: str, root: str | Path = "runs") -> Path:
+    """``runs/<date>-<time>-<model>``: the name a run without ``--out`` asks for (see :func:`claim_run_dir`)."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-")
     return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
+
+
+def claim_run_dir(path: Path, limit: int = 1000) -> Path:
+    """Make and return a new, empty directory: ``path``, or ``path-2``, ``path-3``, ... when that name is taken.
+
+    A default run name has one-second resolution, and two runs started in the same second (two terminals, a sweep
+    script) must not share a directory. ``mkdir`` without ``exist_ok`` is the claim: of two processes racing for a
+    name, exactly one creates it, the other moves on to the next suffix."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, limit + 1):
+            candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise CheckpointError(f"cannot create a run directory in '{path.parent}': {e.strerror or e}; choose "
+                              "another --out") from None
+    raise CheckpointError(f"'{path}' and {limit - 1} suffixed names ('{path.name}-2', ...) are all taken; pass --out")
 
 
 def prepare_run_dir(out: Path, *, overwrite: bool, lock: RunLock | None = None) -> Path:

@@ -327,8 +327,8 @@ def start_run(recipe: Recipe, out, overwrite: bool, made: dict) -> RunState:
     seed_everything(cfg.train.seed)
     dd, device, precision = _runtime(cfg)
     out_dir = Path(out) if out else ck.default_run_dir(canonical(*parse_name(cfg.model.name)))
-    existed = out_dir.is_dir()
-    run_dir = _prepare_shared_run_dir(dd, out_dir, overwrite, made["lock"])
+    existed = bool(out) and out_dir.is_dir()  # a default name is always a new directory (claimed, below)
+    run_dir = _prepare_shared_run_dir(dd, out_dir, overwrite, made["lock"], claim=not out)
     if dd.is_main:
         made["run_dir"], made["existed"] = run_dir, existed  # removed if the run stops before its first checkpoint
     cfg, found = _auto_lr(cfg, dd, made.get("reporter"))  # optimizer.lr: auto -> the LR range test's suggestion
@@ -350,14 +350,19 @@ def _auto_lr(cfg: Recipe, dd: dist_.Dist, reporter):
     return dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=lr)), found
 
 
-def _prepare_shared_run_dir(dd: dist_.Dist, out_dir: Path, overwrite: bool, lock: ck.RunLock) -> Path:
-    """Rank 0 picks, prepares and locks the run directory; every rank gets the same path, or the same error."""
+def _prepare_shared_run_dir(dd: dist_.Dist, out_dir: Path, overwrite: bool, lock: ck.RunLock,
+                            claim: bool = False) -> Path:
+    """Rank 0 picks, prepares and locks the run directory; every rank gets the same path, or the same error.
+    ``claim``: a default name, made unique (``-2``, ``-3``, ...) when another run took it in the same second."""
+    def prepare() -> Path:
+        return ck.prepare_run_dir(ck.claim_run_dir(out_dir) if claim else out_dir, overwrite=overwrite, lock=lock)
+
     if not dd.enabled:
-        return ck.prepare_run_dir(out_dir, overwrite=overwrite, lock=lock)
+        return prepare()
     result: tuple[str, str | None] = (str(out_dir), None)
     if dd.is_main:
         try:
-            ck.prepare_run_dir(out_dir, overwrite=overwrite, lock=lock)
+            result = (str(prepare()), None)
         except FinetuneError as e:
             result = (str(out_dir), str(e))
     path, error = dist_.broadcast_object(result, dd)
