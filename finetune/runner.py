@@ -32,7 +32,7 @@ from finetune.data import provenance
 from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_compile, resolve_device,
                              resolve_precision, set_lr, train_one_epoch, wants_channels_last)
 from finetune.errors import CheckpointError, ConfigError, FinetuneError
-from finetune import holdout, imbalance, regularization as R
+from finetune import holdout, imbalance, midepoch, regularization as R
 from finetune.selection import Monitor, file_for, update_top_k
 
 log = logging.getLogger("finetune")
@@ -600,9 +600,9 @@ def _run_epoch(st: RunState, phase: Phase, epoch: int, resuming) -> tuple[dict[s
             R.set_numpy_rng_state(resuming["np_rng"])
     D.set_epoch(phase.train_loader, epoch, int(resuming["batches"]) if resuming else 0)
     reporter = st.reporter
-    saver = _mid_epoch_saver(st.cfg, st.run_dir, lambda: st.checkpoint(epoch, None).to_dict())
-    tr = train_one_epoch(phase.model, phase.train_loader, phase.step, epoch, reporter, resume=resuming,
-                         on_step=saver if st.dd.is_main else None)
+    saver = midepoch.saver(st.cfg, st.run_dir, lambda: st.checkpoint(epoch, None).to_dict(), st.dd, st.device)
+    tr = train_one_epoch(phase.model, phase.train_loader, phase.step, epoch, reporter, on_step=saver,
+                         resume=midepoch.for_rank(resuming, st.dd, summed=phase.step.reduce is not None))
     # val runs in the run's precision even on cached features (the head trains in fp32 there): the recorded
     # accuracy is what `finetune eval best.pt` computes with the full model
     ev = (evaluate(phase.eval_model, phase.val_loader, len(st.classes), device=st.device, precision=st.precision,
@@ -621,24 +621,6 @@ def _run_epoch(st: RunState, phase: Phase, epoch: int, resuming) -> tuple[dict[s
                       channels_last=st.channels_last, reporter=reporter, reduce=st.step.reduce)
         row.update(ema_val_loss=ee["loss"], ema_val_acc=ee["accuracy"], ema_val_f1=ee["macro_f1"])
     return row, ev
-
-
-def _mid_epoch_saver(cfg: Recipe, run_dir: Path, make_ckpt):
-    """``on_step`` for :func:`train_one_epoch`: every ``train.save_every_steps`` optimizer steps, write last.pt
-    with ``"epoch"`` = completed epochs and ``"partial"`` = where this epoch is (batches done, running sums, the
-    torch RNG state), so a resume continues exactly there. None when mid-epoch saving is off."""
-    every = cfg.train.save_every_steps
-    if not every:
-        return None
-    acc = cfg.train.accumulate
-
-    def on_step(progress: dict[str, Any]) -> None:
-        if (progress["batches"] // acc) % every == 0:
-            np_rng = R.numpy_rng_state() if cfg.train.mixup or cfg.train.cutmix else None
-            ck.save_checkpoint({**make_ckpt(), "partial": {**progress, "rng": torch.get_rng_state(),
-                                                           "np_rng": np_rng}}, run_dir / "last.pt")
-
-    return on_step
 
 
 def _resolved_recipe(cfg: Recipe, bb, resumed: bool = False) -> Recipe:

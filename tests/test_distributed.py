@@ -179,3 +179,66 @@ def test_dist_timeout_is_a_positive_number_of_minutes():
     assert Recipe().train.dist_timeout == 10.0
     with pytest.raises(ConfigError, match=r"^train.dist_timeout must be greater than 0, got 0"):
         apply_overrides(Recipe(), {"train.dist_timeout": 0})
+
+
+class _Stop(Exception):
+    """Raised on both ranks right after a mid-epoch save: the run stops there, as a kill would."""
+
+
+def _midepoch_worker(rank: int, port: int, data: str, out: str) -> None:
+    """One rank: an uninterrupted 1-epoch run A; run B stopped right after its mid-epoch save at batch 2, then
+    resumed. Rank 0 records both runs' metrics rows and B's saved partial sums."""
+    from finetune import config, midepoch
+    from finetune.runner import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    r = config.apply_overrides(config.load_recipe("default"), {
+        "data.path": data, "model.weights": "none", "data.image_size": 32, "train.epochs": 1, "train.batch_size": 4,
+        "train.precision": "fp32", "train.device": "cpu", "train.tensorboard": False, "train.report": False,
+        "train.save_every_steps": 1, "train.seed": 7})
+    train(r, out=Path(out) / "A")
+    real = midepoch.saver
+
+    def stopping_saver(*a, **k):
+        on_step = real(*a, **k)
+
+        def wrapped(progress):
+            on_step(progress)
+            if progress["batches"] == 2:
+                raise _Stop
+        return wrapped
+
+    midepoch.saver = stopping_saver
+    with pytest.raises(_Stop):
+        train(r, out=Path(out) / "B")
+    midepoch.saver = real
+    saved = load_checkpoint(Path(out) / "B" / "last.pt")["partial"]
+    train(None, resume=Path(out) / "B")
+    if rank == 0:
+        rows = {k: json.loads((Path(out) / k / "metrics.json").read_text())["epochs"] for k in "AB"}
+        Path(out, "result.json").write_text(json.dumps({**rows, "ranks": saved["ranks"]}))
+    os._exit(0)
+
+
+def test_ddp_mid_epoch_resume_restores_every_ranks_own_sums(tmp_path):
+    """2 gloo processes: an epoch stopped after its mid-epoch save at batch 2 and resumed reports exactly the
+    uninterrupted epoch's train loss and accuracy (each rank continues from its own saved sums; before, every rank
+    restarted from rank 0's, and the epoch counted rank 0's first batches twice and rank 1's never)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from helpers import tiny_tree
+
+    data = tiny_tree(tmp_path / "data", per_class=10)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_midepoch_worker, args=(port, str(data), str(tmp_path)), nprocs=2, join=True)
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert [r[2] for r in res["ranks"]] == [8, 8]  # 2 batches of 4 on each rank
+    assert res["ranks"][0] != res["ranks"][1]  # two shards, two different sums
+    a, b = res["A"][0], res["B"][0]
+    assert (b["train_loss"], b["train_acc"]) == (a["train_loss"], a["train_acc"])
+    assert (b["val_loss"], b["val_acc"]) == (a["val_loss"], a["val_acc"])
