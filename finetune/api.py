@@ -23,6 +23,7 @@ from finetune.config import (Recipe, apply_overrides, describe, load_recipe, rec
 from finetune.errors import (CheckpointError, ConfigError, DataError, FinetuneError, FreezeError,  # noqa: F401
                              shown)
 from finetune.lr_find import FILES as LR_FIND_FILES, lr_find  # noqa: F401 - torch only inside the functions
+from finetune.launcher import report_worker_error  # noqa: F401 - --nproc workers: errors reach the user once
 from finetune.serialization import trusted  # noqa: F401
 from finetune.stop import sigterm_as_interrupt  # noqa: F401
 

@@ -112,12 +112,14 @@ def broadcast_object(obj, d: Dist, src: int = 0):
 
 
 def launch(nproc: int, args: list[str]) -> int:
-    """Run ``python -m finetune ARGS`` as ``nproc`` torchrun processes on this machine; returns the exit code."""
+    """Run ``python -m finetune ARGS`` as ``nproc`` torchrun processes on this machine; returns the exit code, or
+    raises the workers' user error (:class:`finetune.launcher.WorkerError`: one line, shown once)."""
     import sys
 
-    from finetune.stop import run_launcher
+    from finetune import launcher
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    # torchrun (quiet: finetune.launcher.agent) runs `python -m finetune ARGS` nproc times
+    cmd = [sys.executable, "-m", "finetune.launcher", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "finetune", *args]
     # torchrun prints a banner about OMP_NUM_THREADS when it is unset; each process sets its own thread count
     # (init() splits the cores), so give it the same split and no banner
@@ -135,7 +137,8 @@ def launch(nproc: int, args: list[str]) -> int:
     if here not in sites:
         env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
     env["PYTHONSAFEPATH"] = "1"
-    return run_launcher(cmd, env)  # torchrun and its workers never outlive this process
+    # torchrun and its workers never outlive this process; a user error in the workers is raised here, once
+    return launcher.run(cmd, env)
 
 
 def strip_nproc(argv: list[str]) -> list[str]:

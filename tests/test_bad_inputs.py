@@ -320,3 +320,40 @@ def test_real_process_errors_have_no_traceback(base):
     assert p.returncode == 1
     assert p.stderr.splitlines() == [p.stderr.strip()] and p.stderr.startswith(fragment)
     assert "Traceback" not in p.stderr
+
+
+def test_nproc_worker_error_is_one_line_from_the_launcher(tmp_path):
+    """A mistake found only inside the --nproc workers (a corrupt image under --strict): one Error line, printed once
+    by the launcher (not once per rank), exit 1, no torchrun log lines or ChildFailedError traceback; the new run
+    directory is gone."""
+    data = tiny_tree(tmp_path / "data", per_class=4)
+    (data / "a" / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    p = run_cli("train", "--nproc", "2", "--strict", "--data", data, "--out", out, "--model", "smallcnn",
+                "--weights", "none", *FAST, timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert p.stderr.splitlines() == [f"Error: cannot read image '{data / 'a' / 'bad.png'}': not an image (unknown "
+                                     "format) (--strict; remove the file, or drop --strict to skip it)"]
+    assert not out.exists()
+
+
+def test_launcher_shows_the_first_real_worker_error(tmp_path):
+    """Rank 1 failed first; torchrun then stopped rank 0, which says "interrupted": the launcher shows rank 1's
+    error. With only "interrupted" lines (Ctrl-C), rank 0's; with none, the agent's summary of the crash."""
+    import json
+
+    from finetune.launcher import pick_error
+
+    def rec(rank, message, code, t):
+        (tmp_path / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "message": message,
+                                                                "exit_code": code, "time": t}))
+
+    assert pick_error(tmp_path) is None
+    (tmp_path / "agent.json").write_text(json.dumps({"message": "training process 1 ... killed", "exit_code": 1}))
+    assert pick_error(tmp_path)["message"] == "training process 1 ... killed"
+    rec(1, "interrupted; one", 130, 5.0)
+    rec(0, "interrupted; zero", 130, 6.0)
+    assert pick_error(tmp_path)["message"] == "interrupted; zero"
+    rec(2, "bad image", 1, 7.0)
+    rec(3, "bad value", 1, 4.0)
+    assert pick_error(tmp_path) == {"rank": 3, "message": "bad value", "exit_code": 1, "time": 4.0}

@@ -14,7 +14,7 @@ try:  # typer >= 0.20 vendors click as typer._click; older typer uses click itse
 except ImportError:  # pragma: no cover
     from click import exceptions as _cx
 
-from finetune.api import FinetuneError, shown
+from finetune.api import FinetuneError, report_worker_error, shown
 
 _ABORT = tuple(c for c in (getattr(_cx, "Abort", None), getattr(typer, "Abort", None))
                if isinstance(c, type) and issubclass(c, BaseException))
@@ -39,7 +39,8 @@ class FinetuneGroup(TyperGroup):
             typer.echo(f"Error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
         except FinetuneError as e:
-            typer.echo(f"Error: {shown(e)}", err=True)  # one line, whatever the message quotes
+            if not report_worker_error(shown(e), e.exit_code):  # a --nproc worker: its launcher prints it, once
+                typer.echo(f"Error: {shown(e)}", err=True)  # one line, whatever the message quotes
             sys.exit(e.exit_code)
         except _ABORT + (KeyboardInterrupt,):
             typer.echo("Aborted.", err=True)
