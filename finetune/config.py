@@ -58,6 +58,8 @@ FLOAT32_MAX = 3.4028234663852886e38  # optimizer.lr: torch multiplies float32 we
 F32 = Range(le=FLOAT32_MAX, msg=f"must be at most {FLOAT32_MAX:.2g} (it is applied to float32 weights), got {{v:g}}")
 DECAY = Range(gt=0, le=1, msg="must be in (0, 1] (each layer's LR is lr x decay^distance from the head), got {v}")
 UNIT = Range(gt=0, lt=1, msg="must be in (0, 1), got {v}")
+SEED = Range(ge=0, le=2**32 - 1, msg="must be an integer from 0 to 4294967295 (2**32 - 1: NumPy's seed range, as in "
+             "Lightning's seed_everything), got {v}")
 EPOCH = Range(ge=1, msg="must be at least 1 (epochs count from 1, as the logs do), got {v}")
 
 
@@ -135,7 +137,7 @@ class TrainCfg:
     clip_grad: Annotated[float, NONNEG] | None = None
     label_smoothing: Annotated[float, NONNEG, Range(lt=1, msg="must be below 1")] = 0.0
     class_weights: str = "none"  # none | auto (inverse frequency) | FILE (.json/.yaml: class -> weight)
-    seed: int = 0
+    seed: Annotated[int, SEED] = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | None = None  # None = auto (conv nets)
@@ -410,6 +412,12 @@ def _cross_checks(recipe: Recipe, where: _Where) -> Recipe:
         e = ConfigError(f"{where('scheduler.min_lr')}scheduler.min_lr ({recipe.scheduler.min_lr:g}) must not be "
                         f"above optimizer.lr ({recipe.optimizer.lr:g}): the schedule would raise the LR")
         e.key = "scheduler.min_lr"
+        raise e
+    if recipe.scheduler.warmup_epochs > recipe.train.epochs:
+        warmup = recipe.scheduler.warmup_epochs
+        e = ConfigError(f"{where('scheduler.warmup_epochs')}scheduler.warmup_epochs ({warmup:g}) must not be more "
+                        f"than train.epochs ({recipe.train.epochs}): the LR would never reach optimizer.lr")
+        e.key = "scheduler.warmup_epochs"
         raise e
     return recipe
 

@@ -242,6 +242,13 @@ case("csv-labels-not-a-csv", "train --data {B}/data --labels csv:{B}/shadow --ou
 case("min-lr-above-lr", "train --recipe {B}/minlr.yaml --out {B}/o34", "recipe '{B}/minlr.yaml', line 5: "
      "scheduler.min_lr (0.1) must not be above optimizer.lr (0.01): the schedule would raise the LR")
 
+case("seed-overflow", "train --seed 9300000000000 --data {B}/data --epochs 1 --out {B}/o44",
+     "--seed: train.seed must be an integer from 0 to 4294967295 (2**32 - 1: NumPy's seed range, as in Lightning's "
+     "seed_everything), got 9300000000000")  # was an OverflowError traceback from the sampler's generator
+case("warmup-longer-than-run", "train --warmup-epochs 1e308 --epochs 2 --data {B}/data --out {B}/o45",
+     "--warmup-epochs: scheduler.warmup_epochs (1e+308) must not be more than train.epochs (2): the LR would never "
+     "reach optimizer.lr")
+
 
 def _fill(s: str, b: Path, r: Path) -> str:
     return s.replace("{B}", str(b)).replace("{R}", str(r))
