@@ -339,6 +339,7 @@ def repair_run(run_dir: str | Path) -> list[str]:
         return []
     best = last.get("best") or {}
     epoch = int(last["epoch"])
+    _check_best_is_this_runs(run_dir, last, rebuildable=best.get("epoch") == epoch and not last.get("partial"))
     fixed = [] if last.get("partial") or epoch <= 0 else _repair_epoch_files(run_dir, last, epoch)
     mp = run_dir / "metrics.json"
     try:
@@ -363,6 +364,24 @@ def _kept_test(text: str | None, best: dict) -> dict | None:
     return test if isinstance(test, dict) and test.get("epoch") == best.get("epoch") else None
 
 
+def _same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.get("model_name") == b.get("model_name") and list(a.get("class_names") or []) == \
+        list(b.get("class_names") or [])
+
+
+def _check_best_is_this_runs(run_dir: Path, last: dict[str, Any], rebuildable: bool) -> None:
+    """A ``best.pt`` of another model or other classes than ``last.pt`` (a last.pt copied in from another run) is
+    replaced from last.pt when last.pt's epoch is the best one; otherwise it cannot be rebuilt: an error, and
+    nothing changes (before, it stayed, and ``eval best.pt`` evaluated the other model)."""
+    current = _peek(run_dir / "best.pt")
+    if rebuildable or current is None or _same_model(current, last):
+        return
+    raise CheckpointError(f"'{run_dir / 'best.pt'}' holds another model ({current.get('model_name')}, classes "
+                          f"{list(current.get('class_names') or [])}) than last.pt ({last.get('model_name')}, "
+                          f"classes {list(last.get('class_names') or [])}), and its best epoch cannot be rebuilt "
+                          "from last.pt; move best.pt away, then resume")
+
+
 def _repair_epoch_files(run_dir: Path, last: dict[str, Any], epoch: int) -> list[str]:
     """best.pt, best_ema.pt and the top-k file of ``last.pt``'s own epoch when it was the best (its weights ARE
     those files' weights); top-k files that dropped out are removed."""
@@ -373,7 +392,7 @@ def _repair_epoch_files(run_dir: Path, last: dict[str, Any], epoch: int) -> list
         wanted[e["file"]] = e["epoch"] == epoch
     for name, own in wanted.items():
         current = _peek(run_dir / name) if own else None
-        if own and (current is None or int(current.get("epoch", -1)) != epoch):
+        if own and (current is None or int(current.get("epoch", -1)) != epoch or not _same_model(current, last)):
             content = slim(dict(last))
             if name == "best_ema.pt":
                 content = {**content, "model": last["ema"], "ema_weights": True}

@@ -320,6 +320,25 @@ def test_write_error_while_saving_keeps_previous_checkpoint(base, tmp_path, cli,
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_full_disk_at_config_yaml_leaves_no_run_folder(base, tmp_path, cli, monkeypatch):
+    """The disk is full when a new run writes config.yaml (its first file after the marker): one error line, and
+    the new run directory is removed (an empty one would make the same command fail with "already exists")."""
+    import finetune.checkpoint as C
+
+    real_replace = os.replace
+
+    def replace(src, dst, *a, **k):
+        if Path(dst).name == "config.yaml":
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(C.os, "replace", replace)
+    out = tmp_path / "o"
+    r = cli("train", "--data", base / "data", "--out", out, "--model", "smallcnn", "--weights", "none", *FAST)
+    check_one_error(r, f"cannot write '{out / 'config.yaml'}': No space left on device")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_real_process_errors_have_no_traceback(base):
     """One row in a real process: the exit code and stderr a shell sees (CliRunner could hide a traceback)."""
     p = run_cli("eval", base / "truncated.pt")
@@ -327,6 +346,12 @@ def test_real_process_errors_have_no_traceback(base):
     assert p.returncode == 1
     assert p.stderr.splitlines() == [p.stderr.strip()] and p.stderr.startswith(fragment)
     assert "Traceback" not in p.stderr
+    p = run_cli("eval", base / "whole.pth")  # a pickle refusal: no torch warning printed before the line
+    assert p.returncode == 1
+    assert p.stderr.splitlines() == [f"Error: '{base / 'whole.pth'}' holds pickled Python objects (e.g. a whole model "
+                                     "saved with torch.save(model)), which can run code when loaded; re-save the "
+                                     "weights with torch.save(model.state_dict(), PATH), or pass --trust-checkpoint "
+                                     "if you trust where the file came from"]
 
 
 def test_nproc_worker_error_is_one_line_from_the_launcher(tmp_path):

@@ -280,3 +280,20 @@ def test_racing_claims_of_one_run_name_get_distinct_directories(tmp_path):
         got = list(pool.map(lambda _: claim_run_dir(base), range(8)))
     assert sorted(p.name for p in got) == sorted([base.name] + [f"{base.name}-{n}" for n in range(2, 9)])
     assert all(p.is_dir() and not any(p.iterdir()) for p in got)
+
+
+def test_resume_honours_trust_checkpoint(data, tmp_path, cli):
+    """A last.pt holding a pickled object (written by other code) is refused by --resume with the usual line, and
+    --resume --trust-checkpoint loads it (the flag used to be ignored there, so it could not be resumed at all)."""
+    import fractions
+
+    out = tmp_path / "run"
+    assert cli("train", "--model", "smallcnn", "--weights", "none", "--data", data, "--out", out, *FAST).exit_code == 0
+    state = torch.load(out / "last.pt", weights_only=True)
+    torch.save({**state, "note": fractions.Fraction(1, 3)}, out / "last.pt")
+    r = cli("train", "--resume", out, "--epochs", "2", "--quiet")
+    assert r.exit_code == 1 and r.stderr.startswith(f"Error: '{out / 'last.pt'}' holds pickled Python objects")
+    assert "pass --trust-checkpoint if you trust where the file came from" in r.stderr
+    r = cli("train", "--resume", out, "--epochs", "2", "--quiet", "--trust-checkpoint")
+    assert r.exit_code == 0, r.stderr
+    assert [e["epoch"] for e in load_checkpoint(out / "last.pt")["metrics"]] == [1, 2]

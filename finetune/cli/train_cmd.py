@@ -225,7 +225,8 @@ def _train(v: dict) -> None:
                                             + [flag_map()[k] for k in extra]))
             raise ConfigError(f"--resume continues a run exactly as it was configured; drop {flags} (only --epochs "
                               "may change)")
-        _run(lambda: api.train(None, resume=v["resume"], epochs=v["epochs"], reporter=reporter))
+        with api.trusted(v["trust_checkpoint"]):  # a last.pt holding pickled objects loads only when trusted
+            _run(lambda: api.train(None, resume=v["resume"], epochs=v["epochs"], reporter=reporter))
         return
     with O.name_flags(given, flag_map()):
         base = _base_recipe(recipe, model, given)
