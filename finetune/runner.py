@@ -492,8 +492,8 @@ def _make_step(st: RunState) -> Step:
 
 def _make_loaders(st: RunState) -> None:
     """The image loaders (sharded per rank; batch_size is per process), then the frozen-feature cache: while it
-    serves, the epochs train the head alone on features computed once. Under DDP every rank computes and trains on
-    all of them (same data, same seed: the same weights on every rank)."""
+    serves, the epochs train the head alone on features computed once. Under DDP each rank computes its shard, and
+    every rank trains on all of them (same data, same seed: the same weights on every rank)."""
     from finetune import data as D
     from finetune.features import plan_cache
 
@@ -503,7 +503,7 @@ def _make_loaders(st: RunState) -> None:
     st.val_loader = D.make_loader(b.val, cfg.train.batch_size, shuffle=False, **kw) if b.val is not None else None
     st.train_loader = D.make_loader(b.train, cfg.train.batch_size, shuffle=True, **kw)
     st.feats, st.feats_info = plan_cache(cfg, st.bb, b, st.step, device=st.device, precision=st.precision,
-                                         channels_last=st.channels_last, start_epoch=st.start_epoch)
+                                         channels_last=st.channels_last, start_epoch=st.start_epoch, dd=st.dd)
     if st.feats is not None:  # the head on cached features: no mixing of features; each rank has all of them
         st.feats.step = dataclasses.replace(st.feats.step, mix=None, mix_loss=None,
                                             reduce=None if st.dd.enabled else st.feats.step.reduce)

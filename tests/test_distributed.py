@@ -179,3 +179,59 @@ def test_dist_timeout_is_a_positive_number_of_minutes():
     assert Recipe().train.dist_timeout == 10.0
     with pytest.raises(ConfigError, match=r"^train.dist_timeout must be greater than 0, got 0"):
         apply_overrides(Recipe(), {"train.dist_timeout": 0})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PROBE = {"train.epochs": 1, "train.batch_size": 32, "train.precision": "fp32", "scheduler.name": "constant",
+         "data.augment": "none", "train.tensorboard": False, "freeze.backbone": True, "train.cache_features": "on"}
+
+
+def _sharded_features_worker(rank: int, port: int, out: str) -> None:
+    """One rank of a 2-process run on cached features, run twice (the second reads the store): counts the images
+    whose features this rank computes."""
+    import finetune.featstore as S
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    seen: list[list[int]] = [[], []]
+    real = S.stream_features
+
+    def counting(*a, **kw):
+        for f, y in real(*a, **kw):
+            seen[-1].append(len(f))
+            yield f, y
+
+    S.stream_features = counting
+    recipe = config.apply_overrides(config.load_recipe("default"), PROBE)
+    seen.clear()
+    for run in ("a", "b"):
+        seen.append([])
+        train(recipe, out=Path(out) / run)
+    Path(out, f"{rank}.json").write_text(json.dumps([sum(s) for s in seen]))
+
+
+def test_sharded_feature_extraction_computes_each_image_once(tmp_path, monkeypatch):
+    """2 processes on cached features: each rank computes its shard (640 train + 160 val images, once across
+    ranks, not once per rank); a second run finds them in the store on both ranks (0 computed); the head equals a
+    single process's (same per-process batch: every rank trains the head on all the features)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_features_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    counts = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert counts == [[400, 0], [400, 0]]  # 320 train + 80 val images per rank; then all from the store
+    monkeypatch.setenv("FINETUNE_CACHE", "off")  # computed afresh here, by one process
+    train(config.apply_overrides(config.load_recipe("default"), PROBE), out=tmp_path / "one")
+    one = load_checkpoint(tmp_path / "one" / "last.pt")["model"]
+    for run in ("a", "b"):
+        two = load_checkpoint(tmp_path / run / "last.pt")["model"]
+        assert two.keys() == one.keys()
+        for k in one:
+            assert torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-6), (run, k)
