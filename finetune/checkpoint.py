@@ -30,7 +30,8 @@ def _run_owned(name: str) -> bool:
     """Names a finetune run writes into its directory (and nothing else): checkpoints, config, metrics, the marker,
     the lock, TensorBoard event files, the temp files of an interrupted atomic write, the report."""
     return (name in RUN_FILES
-            or name in (MARKER, LOCK, ".write-test", "report.html", "report.json", "probe.json", "best_ema.pt")
+            or name in (MARKER, LOCK, ".write-test", "report.html", "report.json", "probe.json", "best_ema.pt",
+                        "lr_find.png", "lr_find.json")
             or bool(re.fullmatch(r"epoch\d{3,}\.pt", name))
             or name in _OWN_DIRS
             or name.startswith("events.out.tfevents.") or (name.startswith(".") and name.endswith(".tmp")))
@@ -91,9 +92,11 @@ def clear_run_dir(out: Path) -> None:
 def atomic_write_bytes(path: Path, write) -> None:
     """Write via ``write(fileobj)`` to a temp file in the same folder, fsync, then ``os.replace``.
 
-    A crash at any moment leaves either the old complete file or the new complete file, never a torn one.
+    A crash at any moment leaves either the old complete file or the new complete file, never a torn one. A kill
+    (which no ``except`` sees) leaves the temp file ``.NAME.XXXXXXXX.tmp``; the next write of ``NAME`` removes it.
     """
     path = Path(path)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -112,6 +115,16 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """The temp files an earlier, killed write of ``path`` left (only that name's: ``.NAME.XXXXXXXX.tmp``)."""
+    import glob
+
+    for stale in glob.glob(os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*.tmp")):
+        if len(os.path.basename(stale)) == len(path.name) + 14:  # "." + NAME + "." + 8 random chars + ".tmp"
+            with _suppress():
+                os.unlink(stale)
 
 
 def _umask() -> int:
@@ -284,7 +297,7 @@ def finite_json(obj: Any) -> Any:
 
 
 def metrics_text(best: dict, history: list[dict], *, best_ema: dict | None = None,
-                 top_k: list[dict] | None = None) -> str:
+                 top_k: list[dict] | None = None, test: dict | None = None) -> str:
     """``metrics.json``: the best epoch, every epoch's row, and (when used) the EMA's best and the top-k list.
     Non-finite numbers are written as null (JSON has no NaN)."""
     rows = [{k: v for k, v in r.items() if k != "best"} for r in history]
@@ -293,6 +306,8 @@ def metrics_text(best: dict, history: list[dict], *, best_ema: dict | None = Non
         doc["best_ema"] = best_ema
     if top_k:
         doc["top_k"] = top_k
+    if test is not None:
+        doc["test"] = test  # best.pt on the data's test/ folder (holdout.py), apart from the epochs
     return json.dumps(finite_json({**doc, "epochs": rows}), indent=2, allow_nan=False)
 
 
@@ -325,17 +340,27 @@ def repair_run(run_dir: str | Path) -> list[str]:
     best = last.get("best") or {}
     epoch = int(last["epoch"])
     fixed = [] if last.get("partial") or epoch <= 0 else _repair_epoch_files(run_dir, last, epoch)
-    text = metrics_text(best, list(last.get("metrics") or []), best_ema=last.get("best_ema"),
-                        top_k=last.get("top_k"))
     mp = run_dir / "metrics.json"
     try:
-        same = mp.read_text(encoding="utf-8") == text
+        old = mp.read_text(encoding="utf-8")
     except OSError:
-        same = False
+        old = None
+    text = metrics_text(best, list(last.get("metrics") or []), best_ema=last.get("best_ema"),
+                        top_k=last.get("top_k"), test=_kept_test(old, best))
+    same = old == text
     if not same and last.get("metrics"):
         atomic_write_text(mp, text)
         fixed.append("metrics.json")
     return fixed
+
+
+def _kept_test(text: str | None, best: dict) -> dict | None:
+    """metrics.json's ``test`` entry while it still describes the best epoch's best.pt (else it is stale)."""
+    try:
+        test = json.loads(text).get("test") if text else None
+    except (ValueError, AttributeError):
+        return None
+    return test if isinstance(test, dict) and test.get("epoch") == best.get("epoch") else None
 
 
 def _repair_epoch_files(run_dir: Path, last: dict[str, Any], epoch: int) -> list[str]:

@@ -18,6 +18,7 @@ from torch import nn
 
 from finetune.config import SchedulerCfg
 from finetune.errors import ConfigError
+from finetune.imbalance import confusion_metrics
 
 # ----------------------------------------------------------------------------------------------- device, precision
 
@@ -341,7 +342,7 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
     counts = confusion.sum(dim=1)
     per_class = [float(c) / float(t) if t else None  # a class with no samples has no accuracy (not 0%)
                  for c, t in zip(confusion.diag().tolist(), counts.tolist())]
-    return {"macro_f1": macro_f1(confusion), **{
+    return {**confusion_metrics(confusion), **{  # balanced_accuracy, macro_f1
         "loss": loss_sum / max(n, 1),
         "accuracy": correct / max(n, 1),
         "top5": (top5 / max(n, 1)) if num_classes >= 5 else None,
@@ -351,19 +352,6 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         "confusion": confusion.tolist(),
         "samples": _samples(per_sample),
     }}
-
-
-def macro_f1(confusion: torch.Tensor) -> float:
-    """Macro-averaged F1 from a confusion matrix (rows = true class), over the classes that occur as a target or a
-    prediction (scikit-learn's ``f1_score(average="macro")``; a class with no true and no predicted sample is left
-    out, one with either but no hit counts 0)."""
-    c = confusion.double()
-    tp, support, predicted = c.diag(), c.sum(dim=1), c.sum(dim=0)
-    seen = (support + predicted) > 0
-    if not bool(seen.any()):
-        return 0.0
-    f1 = 2 * tp / (support + predicted).clamp(min=1)  # = 2PR / (P + R)
-    return float(f1[seen].mean())
 
 
 def _samples(rows: list[torch.Tensor] | None) -> dict[str, torch.Tensor] | None:

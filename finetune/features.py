@@ -295,6 +295,9 @@ def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None) ->
     if getattr(cfg.train, "mixup", 0) or getattr(cfg.train, "cutmix", 0):
         forced.append("mixup/cutmix mixes the images; the cached head trains unmixed")
     effects = train_mode_effects(split.frozen, cfg.freeze.bn)
+    rate = float(getattr(bb.model, "drop_rate", 0.0) or 0.0)  # timm: F.dropout before the classifier (no module)
+    if rate > 0:
+        effects.append(f"dropout p={rate:g} before the classifier (model.drop_rate)")
     if effects:
         forced.append("the frozen part acts differently in train mode: " + ", ".join(effects[:3])
                       + (f" and {len(effects) - 3} more" if len(effects) > 3 else "") + "; the cache runs it in eval "
@@ -386,8 +389,11 @@ def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, c
         hit = hit and hit_val
         val_loader = make_loader(FeatureDataset(fva, yva), cfg.train.batch_size, shuffle=False, seed=cfg.train.seed,
                                  workers=0)
+    from finetune.imbalance import sample_weights
+
+    weights = sample_weights(cfg.data.sampler, ytr.tolist(), len(bundle.class_names))  # data.sampler: balanced
     train_loader = make_loader(FeatureDataset(ftr, ytr), cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                               workers=0)
+                               workers=0, weights=weights)
     secs = time.perf_counter() - t0
     until = first_unfreeze(cfg)
     span = "every epoch" if until >= cfg.train.epochs else f"until the unfreeze at epoch {until + 1}"

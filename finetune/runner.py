@@ -32,7 +32,7 @@ from finetune.data import provenance
 from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_compile, resolve_device,
                              resolve_precision, set_lr, train_one_epoch, wants_channels_last)
 from finetune.errors import CheckpointError, ConfigError, FinetuneError
-from finetune import regularization as R
+from finetune import holdout, imbalance, regularization as R
 from finetune.selection import Monitor, file_for, update_top_k
 
 log = logging.getLogger("finetune")
@@ -55,6 +55,7 @@ class RunResult:
     best_val_acc: float | None
     epochs: list[dict[str, Any]]
     class_names: list[str]
+    test: dict[str, Any] | None = None  # best.pt on the data's test/ folder, evaluated once at the end
 
 
 def seed_everything(seed: int) -> None:
@@ -144,6 +145,7 @@ class RunState:
     best_ema: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epoch": 0, "val_acc": None})
     top_k: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the K best epochs, best first
     last_eval: dict[str, Any] | None = None  # the latest epoch's evaluation (per-image results for the pictures)
+    test: dict[str, Any] | None = None  # best.pt on the data's test/ folder (holdout.py), after the last epoch
 
     def phase(self, epoch: int) -> Phase:
         if self.feats is not None and not self.feats.serves(epoch):
@@ -249,7 +251,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     load, or Ctrl-C) removes its directory: nothing in it could be resumed, and keeping it would make the same
     command fail with "already exists".
     """
-    made: dict[str, Any] = {"lock": ck.RunLock()}  # the run directory's lock, held until the run ends
+    made: dict[str, Any] = {"lock": ck.RunLock(), "reporter": reporter}  # the lock is held until the run ends
     try:
         if resume is not None:
             st = resume_run(Path(resume), epochs, made)
@@ -329,7 +331,23 @@ def start_run(recipe: Recipe, out, overwrite: bool, made: dict) -> RunState:
     run_dir = _prepare_shared_run_dir(dd, out_dir, overwrite, made["lock"])
     if dd.is_main:
         made["run_dir"], made["existed"] = run_dir, existed  # removed if the run stops before its first checkpoint
-    return _build(cfg, None, dd, device, precision, run_dir)
+    cfg, found = _auto_lr(cfg, dd, made.get("reporter"))  # optimizer.lr: auto -> the LR range test's suggestion
+    st = _build(cfg, None, dd, device, precision, run_dir)
+    if found is not None:
+        found.save(run_dir)  # lr_find.png / lr_find.json: the curve behind --lr auto
+    return st
+
+
+def _auto_lr(cfg: Recipe, dd: dist_.Dist, reporter):
+    """``optimizer.lr: auto``: rank 0 runs the LR range test (finetune/lr_find.py), every rank trains with its
+    suggestion (broadcast), so the processes of a DDP run agree; returns the recipe and the test (rank 0) or None."""
+    if cfg.optimizer.lr != "auto":
+        return cfg, None
+    from finetune.lr_find import resolve_auto_lr
+
+    cfg, found = resolve_auto_lr(cfg, reporter) if dd.is_main else (cfg, None)
+    lr = dist_.broadcast_object(cfg.optimizer.lr, dd)
+    return dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=lr)), found
 
 
 def _prepare_shared_run_dir(dd: dist_.Dist, out_dir: Path, overwrite: bool, lock: ck.RunLock) -> Path:
@@ -397,7 +415,8 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
     if saved is not None:  # the same val images, or the recorded best compares different things
         provenance.check_resume(saved.to_dict(), bundle, run_dir, dd.world_size, cfg.train.batch_size)
     classes = _check_classes(cfg, list(bundle.class_names), saved)
-    bb = build_model(cfg.model.name, num_classes=len(classes), weights="none" if saved else cfg.model.weights)
+    bb = build_model(cfg.model.name, num_classes=len(classes), weights="none" if saved else cfg.model.weights,
+                     drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
     plan = F.apply_freeze(bb, cfg.freeze)
     _warn_plan(cfg, bb, plan, resumed=saved is not None)
     channels_last = wants_channels_last(bb.model, cfg.train.channels_last)
@@ -482,7 +501,8 @@ def _make_step(st: RunState) -> Step:
     reduce = (lambda t: dist_.all_reduce_sum(t, st.dd)) if st.dd.enabled else None
     mix, mix_loss = make_mixup(cfg, len(st.classes))
     ema_update = (lambda n: st.ema.update(st.model, step=n)) if st.ema is not None else None
-    return Step(optimizer=opt, loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
+    loss_fn = imbalance.loss_fn(cfg, st.bundle.train.targets, st.classes, st.device)  # + train.class_weights
+    return Step(optimizer=opt, loss_fn=loss_fn,
                 device=st.device, precision=st.precision, channels_last=st.channels_last,
                 accumulate=cfg.train.accumulate, clip_grad=cfg.train.clip_grad, scaler=st.scaler,
                 after_train_mode=lambda m: F.apply_bn_policy(m, cfg.freeze.bn),
@@ -501,7 +521,9 @@ def _make_loaders(st: RunState) -> None:
     kw = dict(seed=cfg.train.seed, device=st.device.type, workers=cfg.data.workers,
               num_replicas=st.dd.world_size, rank=st.dd.rank)
     st.val_loader = D.make_loader(b.val, cfg.train.batch_size, shuffle=False, **kw) if b.val is not None else None
-    st.train_loader = D.make_loader(b.train, cfg.train.batch_size, shuffle=True, **kw)
+    st.train_loader = D.make_loader(b.train, cfg.train.batch_size, shuffle=True, **kw,
+                                    weights=imbalance.sample_weights(cfg.data.sampler, b.train.targets,
+                                                                     len(st.classes)))
     st.feats, st.feats_info = plan_cache(cfg, st.bb, b, st.step, device=st.device, precision=st.precision,
                                          channels_last=st.channels_last, start_epoch=st.start_epoch, dd=st.dd)
     if st.feats is not None:  # the head on cached features: no mixing of features; each rank has all of them
@@ -529,6 +551,8 @@ def fit(st: RunState, events) -> RunResult:
             if st.cfg.train.early_stop and st.since_best >= st.cfg.train.early_stop:
                 events.on_note(st, f"early stop: no better {st.monitor.key} for {st.since_best} epochs")
                 break
+        if st.dd.is_main:  # data with a test/ folder: best.pt on it, once, never used for selection
+            st.test = holdout.evaluate_best(st.run_dir, st.cfg, st.device, st.reporter)
         events.on_run_end(st)
     except NonFiniteLoss as e:
         kept = (f"; the last good checkpoint is in '{st.run_dir}'" if (st.run_dir / "last.pt").is_file()
@@ -542,7 +566,7 @@ def fit(st: RunState, events) -> RunResult:
     finally:
         events.on_close(st)
         dist_.barrier(st.dd)  # no rank leaves (or reads a checkpoint) before rank 0 has written it
-    return RunResult(st.run_dir, st.best["epoch"], st.best["val_acc"], st.history, st.classes)
+    return RunResult(st.run_dir, st.best["epoch"], st.best["val_acc"], st.history, st.classes, st.test)
 
 
 def _unfreeze_due(st: RunState, epoch: int, resuming, events) -> None:
@@ -583,8 +607,8 @@ def _run_epoch(st: RunState, phase: Phase, epoch: int, resuming) -> tuple[dict[s
     row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
            "val_loss": ev["loss"] if ev else None, "val_acc": ev["accuracy"] if ev else None,
            "lr": tr["lr"], "lrs": tr["lrs"], "seconds": tr["seconds"], "images_per_sec": tr["images_per_sec"]}
-    if ev:
-        row["val_f1"] = ev["macro_f1"]
+    if ev:  # beside accuracy: what a majority-class guess can't inflate (finetune/imbalance.py)
+        row.update(val_f1=ev["macro_f1"], val_balanced_acc=ev["balanced_accuracy"])
     if ev and ev["top5"] is not None:
         row["val_top5"] = ev["top5"]
     if st.ema is not None and st.val_loader is not None:  # the average of the full model, on the val images

@@ -44,6 +44,7 @@ def base(tmp_path_factory) -> Path:
         for i in range(3):
             (root / "corrupt" / c / f"{c}{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (root / "notes.txt").write_text("not an image\n")
+    (root / "cw.json").write_text('{"a": 1, "zebra": 2}')
     (root / "notes.html").write_text("<p>my notes</p>\n")
     (root / "afile").write_text("a regular file\n")
     torch.save(_other_arch_state_dict(), root / "resnet.pth")
@@ -133,7 +134,7 @@ case("bad-yaml", "train --recipe {B}/bad.yaml --out {B}/o15", "recipe '{B}/bad.y
 case("unknown-recipe-key", "train --recipe {B}/unknown_key.yaml --out {B}/o16",
      "recipe '{B}/unknown_key.yaml', line 3: unknown key 'train.epocs' (did you mean 'epochs'?)")
 case("wrong-type-in-recipe", "train --recipe {B}/wrong_type.yaml --out {B}/o17",
-     "recipe '{B}/wrong_type.yaml', line 2: optimizer.lr must be a number, got 'fast'")
+     "recipe '{B}/wrong_type.yaml', line 2: optimizer.lr must be a number or 'auto', got 'fast'")
 case("unknown-recipe-name", "train --recipe linear-prob --out {B}/o18", "unknown recipe 'linear-prob' (did you mean")
 case("out-dir-exists", "train --data {B}/data --out {R}", "output directory '{R}' already exists", True)
 case("resume-without-checkpoint", "train --resume {B}/empty", "cannot resume: '{B}/empty/last.pt' not found")
@@ -157,8 +158,20 @@ case("save-every-steps-0", "train --save-every-steps 0 --out {B}/o21",
      "train.save_every_steps must be greater than 0, got 0")
 case("export-over-existing", "export {R}/last.pt --out {R}/best.pt --format state-dict",
      "'{R}/best.pt' already exists; pass --overwrite", True)
-case("export-bad-format", "export {R}/last.pt --format onnx", "--format must be safetensors or state-dict, got 'onnx'",
-     True)
+case("lr-not-a-number", "train --lr fast --out {B}/o40", "--lr: optimizer.lr must be a number or 'auto', got 'fast'")
+case("lr-find-resume", "lr-find --resume {R}", "lr-find takes the flags of a new run; drop --resume and --nproc")
+case("class-weights-no-file", "train --data {B}/data --class-weights {B}/nope.json --out {B}/o41",
+     "--class-weights: '{B}/nope.json' is neither auto, none nor a file")
+case("class-weights-unknown-class", "train --data {B}/data --class-weights {B}/cw.json --out {B}/o42",
+     "--class-weights: '{B}/cw.json' has unknown class 'zebra'; classes: a, b, c")
+case("sampler-unknown", "train --sampler uniform --out {B}/o43",
+     "--sampler: data.sampler must be one of random, balanced, got 'uniform'")
+case("export-bad-format", "export {R}/last.pt --format tflite",
+     "--format must be one of safetensors, state-dict, onnx, torchscript, got 'tflite'", True)
+case("export-opset-not-onnx", "export {R}/last.pt --format torchscript --opset 17",
+     "--opset applies to --format onnx only, not torchscript", True)
+case("export-opset-too-low", "export {R}/last.pt --format onnx --opset 11 --out {B}/x.onnx",
+     "--opset must be >= 18", True)
 case("eval-plain-state-dict", "eval {B}/resnet.pth", "'{B}/resnet.pth' is not a finetune checkpoint")
 case("eval-report-not-html", "eval {R}/best.pt --report {R}/last.pt", "report file '{R}/last.pt' must end in .html",
      True)

@@ -336,7 +336,10 @@ def test_transforms_take_pil_or_uint8_tensor_and_augment_levels():
     names = lambda a: [type(s).__name__ for s in train_transform(tf, a).transforms]  # noqa: E731
     assert names("light") == ["ToImage", "Resize", "CenterCrop", "RandomCrop", "RandomHorizontalFlip", "ToDtype",
                               "Normalize", "ToPureTensor"]  # 16 px: CIFAR's pad + crop (RandomResizedCrop > 64 px)
-    assert names("strong")[2:5] == ["RandomResizedCrop", "RandomHorizontalFlip", "TrivialAugmentWide"]
+    assert names("strong") == ["ToImage", "Resize", "RandomResizedCrop", "RandomHorizontalFlip", "TrivialAugmentWide",
+                               "ToDtype", "Normalize", "RandomErasing", "ToPureTensor"]
+    erase = train_transform(tf, "strong").transforms[7]
+    assert (erase.p, erase.scale, erase.ratio, erase.value) == (0.25, (0.02, 0.33), (0.3, 3.3), [0.0])
     assert train_transform(tf, "strong")(t).shape == (3, 16, 16)
     with pytest.raises(DataError) as e:
         train_transform(tf, "heavy")

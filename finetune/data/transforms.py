@@ -15,7 +15,10 @@ same tensors bit for bit, and the train crops come from the pre-crop-size image 
   fine-tuning scale: small data sets suffer from ImageNet's 8 % crops); for inputs of 64 px or less, CIFAR's
   augmentation instead: ``RandomCrop(size, padding=size // 8, padding_mode="reflect")`` + flip (a 35 % crop of a
   32 px image, upsampled, keeps little of the object)
-- ``strong``: ``RandomResizedCrop(size, scale=(0.08, 1))`` (the ImageNet recipe) + flip + ``TrivialAugmentWide``
+- ``strong``: ``RandomResizedCrop(size, scale=(0.08, 1))`` (the ImageNet recipe) + ``RandomHorizontalFlip`` +
+  ``TrivialAugmentWide`` (one random op of 14 at a random magnitude per image: RandAugment's quality without its
+  two knobs), then after ``Normalize``: ``RandomErasing(p=0.25, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0)``
+  (DeiT's/timm's ``reprob 0.25``; 0 in normalized space is the mean colour), all torchvision transforms v2
 
 ``--image-size S`` sets the crop to S and the resize to ``floor(S / crop_pct)``, timm's rule (224 -> 256 for
 crop_pct 0.875). Interpolations that tensors don't support map to the nearest one that they do (lanczos ->
@@ -34,6 +37,7 @@ from finetune.errors import DataError
 AUGMENTS = choices("data.augment")  # written once: the type of DataCfg.augment
 LIGHT_SCALE = (0.35, 1.0)
 STRONG_SCALE = (0.08, 1.0)
+ERASE_P = 0.25  # strong: RandomErasing probability (timm/DeiT reprob)
 SMALL = 64  # crops up to this size get CIFAR-style light augmentation (pad + random crop)
 _INTERP = {"nearest": "nearest", "nearest-exact": "nearest-exact", "bilinear": "bilinear", "bicubic": "bicubic",
            "lanczos": "bicubic", "box": "bilinear", "hamming": "bilinear", "random": "bilinear"}
@@ -146,4 +150,6 @@ def train_transform(tf: dict, augment: str = "light") -> Callable:
              v2.RandomHorizontalFlip()]
     if augment == "strong":
         steps.append(v2.TrivialAugmentWide(interpolation=_mode(tf)))
+        *tail, pure = _tail(tf)  # erase on the normalized tensor (as torchvision's and timm's references do)
+        return v2.Compose([*_head(tf), *steps, *tail, v2.RandomErasing(p=ERASE_P, value=0), pure])
     return v2.Compose([*_head(tf), *steps, *_tail(tf)])
