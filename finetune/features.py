@@ -261,7 +261,8 @@ class Decision:
     forced: list[str] = dataclasses.field(default_factory=list)  # what 'on' changed relative to the uncached run
 
 
-def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None) -> tuple[Decision, Split | None]:
+def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None,
+           sharded: bool = False) -> tuple[Decision, Split | None]:
     """Whether the run can train on cached frozen features (see the module docstring for the rules)."""
     from finetune.data import is_deterministic
 
@@ -270,6 +271,9 @@ def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None) ->
         raise ConfigError(f"train.cache_features must be one of {', '.join(MODES)}, got '{mode}'")
     if mode == "off":
         return Decision(False, "off"), None
+    if sharded:  # FSDP shards the model the cache would cut (strategy.check refuses 'on')
+        return Decision(False, "not used: --strategy fsdp shards the model (a probe on cached features needs no "
+                        "sharding: use ddp)"), None
     until = first_unfreeze(cfg)
     if start_epoch >= until:
         return Decision(False, f"not used: the unfreeze schedule starts at epoch {until + 1}"), None
@@ -370,7 +374,9 @@ def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, c
     from finetune.data import eval_transform, make_loader
 
     sample = _sample(bundle.train, device)
-    decision, split = decide(cfg, bb, start_epoch, sample)
+    from finetune.strategy import uses_fsdp
+
+    decision, split = decide(cfg, bb, start_epoch, sample, sharded=dd is not None and uses_fsdp(cfg, dd))
     if not decision.use or split is None:
         return None, decision.reason
     t0 = time.perf_counter()

@@ -181,6 +181,8 @@ case("report-not-a-run", "report {B}", "'{B}' has no best.pt; finetune report ta
 case("compare-one-run", "compare {R}", "finetune compare takes at least two run directories")
 case("runs-folder-missing", "runs {B}/nope", "folder '{B}/nope' not found")
 case("unfreeze-bad-syntax", "train --unfreeze seq.8@soon --out {B}/o22", "--unfreeze 'seq.8@soon' must be LAYERS")
+case("strategy-unknown", "train --strategy zero3 --out {B}/o44",
+     "--strategy: train.strategy must be one of ddp, fsdp, got 'zero3'")
 case("fp16-on-cpu", "train --precision fp16 --device cpu --out {B}/o23", "--precision fp16 needs a GPU")
 case("val-split-out-of-range", "train --val-split 1.5 --out {B}/o24", "data.val_split must be in [0, 1), got 1.5")
 case("image-size-0", "train --image-size 0 --out {B}/o25",

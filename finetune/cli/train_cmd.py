@@ -109,6 +109,8 @@ _CUTMIX = typer.Option(None, "--cutmix", help="CutMix alpha (0 = off; with --mix
                        rich_help_panel=_O)
 _LOG_EVERY = typer.Option(None, "--log-every", help="TensorBoard scalars (loss, LR per group, images/s) every N "
                           "optimizer steps, beside the per-epoch ones.", rich_help_panel=_T)
+_STRATEGY = typer.Option(None, "--strategy", help="With --nproc/torchrun: ddp (a replica per process, default) | fsdp "
+                         "(FSDP2: parameters, gradients and optimizer state sharded per block).", rich_help_panel=_T)
 _OUT = typer.Option(None, "--out", "-o", help="Run directory (default runs/<time>-<model>).", rich_help_panel=_T)
 _OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing run directory.", rich_help_panel=_T)
 _RESUME = typer.Option(None, "--resume",
@@ -153,8 +155,7 @@ def train(
     label_smoothing: Optional[float] = _LABEL_SMOOTHING,
     ema: Optional[bool] = _EMA,
     ema_decay: Optional[float] = _EMA_DECAY,
-    mixup: Optional[float] = _MIXUP,
-    cutmix: Optional[float] = _CUTMIX,
+    mixup: Optional[float] = _MIXUP, cutmix: Optional[float] = _CUTMIX,
     epochs: Optional[int] = _EPOCHS,
     batch_size: Optional[int] = _BATCH_SIZE,
     accumulate: Optional[int] = _ACCUMULATE,
@@ -170,10 +171,9 @@ def train(
     tensorboard: Optional[bool] = _TENSORBOARD,
     save_every_steps: Optional[int] = _SAVE_EVERY_STEPS,
     report: Optional[bool] = _REPORT,
-    monitor: Optional[str] = _MONITOR,
-    monitor_mode: Optional[str] = _MONITOR_MODE,
+    monitor: Optional[str] = _MONITOR, monitor_mode: Optional[str] = _MONITOR_MODE,
     save_top_k: Optional[int] = _SAVE_TOP_K,
-    log_every: Optional[int] = _LOG_EVERY,
+    log_every: Optional[int] = _LOG_EVERY, strategy: Optional[str] = _STRATEGY,
     out: Optional[Path] = _OUT,
     overwrite: bool = _OVERWRITE,
     resume: Optional[Path] = _RESUME,
@@ -260,6 +260,7 @@ KEYS = {  # recipe key -> the parameter of `train` that sets it (the freeze flag
     "train.sync_bn": "sync_bn", "train.report": "report", "train.monitor": "monitor",
     "train.monitor_mode": "monitor_mode", "train.save_top_k": "save_top_k", "train.ema": "ema",
     "train.ema_decay": "ema_decay", "train.mixup": "mixup", "train.cutmix": "cutmix", "train.log_every": "log_every",
+    "train.strategy": "strategy",
 }
 
 
