@@ -238,6 +238,7 @@ class RunState:
                 "skipped": len(b.skipped), "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
                 "total": sum(p.numel() for p in m.parameters()), "start_epoch": self.start_epoch,
                 "epochs": cfg.train.epochs, "source": b.source, "world_size": self.dd.world_size,
+                "strategy": "FSDP2" if strategy.uses_fsdp(cfg, self.dd) else "DDP",
                 "global_batch": cfg.train.batch_size * self.dd.world_size, "feature_cache": self.feats_info,
                 "compile": cfg.train.compile, "recipe": cfg.name, "description": cfg.description}
 

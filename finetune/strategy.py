@@ -7,7 +7,8 @@ FSDP2 here (``train.strategy: fsdp``, ``--strategy fsdp``; only with more than o
   ``features``, and each ``layerN``; then the root (the stem, the head, whatever is left). A unit whose parameters
   are partly frozen is split into its children until each unit is all-frozen or all-trainable (frozen units get no
   gradients and no reduce-scatter; their parameters are still sharded, so they cost 1/N of the memory);
-- ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` when the run is bf16;
+- ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` when the run is bf16, except BatchNorm layers
+  (units of their own in fp32: their running statistics are fp32 and ``batch_norm`` wants the weights alike);
 - the optimizer is the run's own, pointed at the sharded parameters (its state, e.g. after a resume, is sharded with
   ``set_optimizer_state_dict``);
 - evaluation: every unit is all-gathered once (``unshard``) and kept whole for the pass, so ranks whose val shards
@@ -77,7 +78,7 @@ def shard(model: nn.Module, optimizer: torch.optim.Optimizer, precision: str) ->
     """``fully_shard`` each unit and the root, in place, and point ``optimizer`` at the sharded parameters (its
     state, if any, resharded); returns the units."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     fqn = {id(p): n for n, p in model.named_parameters()}
     full = _fqn_optimizer_state(optimizer, fqn)
@@ -87,8 +88,13 @@ def shard(model: nn.Module, optimizer: torch.optim.Optimizer, precision: str) ->
         else MixedPrecisionPolicy()
     names = units(model)
     mods = dict(model.named_modules())
+    if precision == "bf16":  # BatchNorm keeps fp32 weights beside its fp32 running statistics (bf16 input is fine)
+        for bn in [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+            if any(True for _ in bn.parameters()):
+                fully_shard(bn, mp_policy=MixedPrecisionPolicy())
     for n in reversed(names):  # inner before outer (nested units come after their parent in `names`)
-        fully_shard(mods[n], mp_policy=mp)
+        if not isinstance(mods[n], FSDPModule):  # (a unit that is a BatchNorm is sharded already)
+            fully_shard(mods[n], mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     new = dict(model.named_parameters())
     for g in optimizer.param_groups:

@@ -15,11 +15,11 @@ from finetune.errors import ConfigError
 FROZEN = ["conv1", "bn1", "layer1", "layer2.0.conv1", "layer2.0.bn1"]
 
 
-def _recipe(weights: str, strategy: str, epochs: int):
+def _recipe(weights: str, strategy: str, epochs: int, precision: str = "fp32"):
     # 800 train images / (2 processes x 134) = 3 optimizer steps per epoch
     return config.apply_overrides(config.load_recipe("default"), {
         "model.name": "timm:test_resnet", "model.weights": weights, "freeze.layers": FROZEN,
-        "train.epochs": epochs, "train.batch_size": 134, "train.precision": "fp32", "scheduler.name": "constant",
+        "train.epochs": epochs, "train.batch_size": 134, "train.precision": precision, "scheduler.name": "constant",
         "data.augment": "none", "data.image_size": 32, "train.tensorboard": False, "train.report": False,
         "train.cache_features": "off", "train.strategy": strategy})
 
@@ -37,6 +37,8 @@ def _worker(rank: int, port: int, out: str, weights: str) -> None:
         shutil.copy(o / "fsdp" / "last.pt", o / "fsdp-epoch1.pt")  # the resume below overwrites last.pt
     train(_recipe(weights, "fsdp", 2), out=o / "fsdp2")
     train(None, resume=o / "fsdp", epochs=2)
+    for strategy in ("ddp", "fsdp"):  # bf16: FSDP's MixedPrecisionPolicy (BatchNorm kept fp32) vs DDP's autocast
+        train(_recipe(weights, strategy, 1, "bf16"), out=o / f"{strategy}-bf16")
     units = None
     if rank == 0:
         from finetune.models import build_model
@@ -89,6 +91,12 @@ def test_fsdp_matches_ddp_keeps_frozen_weights_and_resumes_exactly(tmp_path):
     assert [g["params"] for g in so["param_groups"]] == [g["params"] for g in do["param_groups"]]
     assert {k: v["momentum_buffer"].shape for k, v in so["state"].items()} == \
         {k: v["momentum_buffer"].shape for k, v in do["state"].items()}
+    # bf16: FSDP computes in bf16 from fp32 shards (the checkpoint stays fp32); DDP's autocast rounds alike
+    fb = torch.load(tmp_path / "fsdp-bf16" / "last.pt", weights_only=True)
+    db = torch.load(tmp_path / "ddp-bf16" / "last.pt", weights_only=True)
+    assert {t.dtype for t in fb["model"].values()} == {torch.float32, torch.int64}
+    assert fb["metrics"][0]["train_loss"] == pytest.approx(db["metrics"][0]["train_loss"], rel=1e-2)
+    assert fb["metrics"][0]["train_loss"] != pytest.approx(fsdp["metrics"][0]["train_loss"], rel=1e-6)  # bf16 ran
     # resume (same world size) continues exactly: bitwise the uninterrupted 2-epoch run
     a = torch.load(tmp_path / "fsdp" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "fsdp2" / "last.pt", weights_only=True)
