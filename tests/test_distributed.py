@@ -235,3 +235,28 @@ def test_sharded_feature_extraction_computes_each_image_once(tmp_path, monkeypat
         assert two.keys() == one.keys()
         for k in one:
             assert torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-6), (run, k)
+
+
+def test_two_nodes_equal_nproc_2(ddp_run, tmp_path):
+    """Multi-node as documented in the README: two torchrun launchers ("nodes" on 127.0.0.1, one process each)
+    meeting at a c10d rendezvous finish the same run as ``--nproc 2``: weights within 1e-5 (each "node" has 1 local
+    process, so it takes both cores where --nproc 2 gives each process one: other conv kernels' summation order)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1"}
+    port = _free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
+                               "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test", "-m", "finetune",
+                               "train", "--out", str(out), *ARGS],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    results = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    a = load_checkpoint(ddp_run / "last.pt")
+    b = load_checkpoint(out / "last.pt")
+    assert b["world_size"] == 2
+    diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+    assert diff < 1e-5, diff
+    rows = [json.loads((d / "metrics.json").read_text())["epochs"][0] for d in (ddp_run, out)]
+    assert rows[1]["train_loss"] == pytest.approx(rows[0]["train_loss"], rel=1e-5)
+    assert rows[1]["val_acc"] == rows[0]["val_acc"]

@@ -95,7 +95,7 @@ def test_fsdp_matches_ddp_keeps_frozen_weights_and_resumes_exactly(tmp_path):
     fb = torch.load(tmp_path / "fsdp-bf16" / "last.pt", weights_only=True)
     db = torch.load(tmp_path / "ddp-bf16" / "last.pt", weights_only=True)
     assert {t.dtype for t in fb["model"].values()} == {torch.float32, torch.int64}
-    assert fb["metrics"][0]["train_loss"] == pytest.approx(db["metrics"][0]["train_loss"], rel=1e-2)
+    assert fb["metrics"][0]["train_loss"] == pytest.approx(db["metrics"][0]["train_loss"], rel=1e-4)
     assert fb["metrics"][0]["train_loss"] != pytest.approx(fsdp["metrics"][0]["train_loss"], rel=1e-6)  # bf16 ran
     # resume (same world size) continues exactly: bitwise the uninterrupted 2-epoch run
     a = torch.load(tmp_path / "fsdp" / "last.pt", weights_only=True)
