@@ -238,18 +238,20 @@ def test_sharded_feature_extraction_computes_each_image_once(tmp_path, monkeypat
 
 
 def test_two_nodes_equal_nproc_2(ddp_run, tmp_path):
-    """Multi-node as documented in the README: two torchrun launchers ("nodes" on 127.0.0.1, one process each)
-    meeting at a c10d rendezvous finish the same run as ``--nproc 2``: weights within 1e-5 (each "node" has 1 local
+    """Multi-node as documented in the README: two torchrun launchers ("nodes" on 127.0.0.1, one process each; one
+    started as plain torchrun, one by ``finetune train --nnodes 2 --node-rank 1 --master-addr``) meeting at a c10d
+    rendezvous finish the same run as ``--nproc 2``: weights within 1e-5 (each "node" has 1 local
     process, so it takes both cores where --nproc 2 gives each process one: other conv kernels' summation order)."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1"}
     port = _free_port()
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
-                               "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test", "-m", "finetune",
-                               "train", "--out", str(out), *ARGS],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in (0, 1)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "0",
+                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m",
+                "finetune", "train"]
+    thin = [sys.executable, "-m", "finetune", "train", "--nnodes", "2", "--node-rank", "1", "--master-addr",
+            f"127.0.0.1:{port}"]  # the convenience flags launch the same torchrun command
+    nodes = [subprocess.Popen([*cmd, "--out", str(out), *ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for cmd in (torchrun, thin)]
     results = [p.communicate(timeout=300) for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     a = load_checkpoint(ddp_run / "last.pt")
@@ -260,3 +262,17 @@ def test_two_nodes_equal_nproc_2(ddp_run, tmp_path):
     rows = [json.loads((d / "metrics.json").read_text())["epochs"][0] for d in (ddp_run, out)]
     assert rows[1]["train_loss"] == pytest.approx(rows[0]["train_loss"], rel=1e-5)
     assert rows[1]["val_acc"] == rows[0]["val_acc"]
+
+
+def test_node_flags_become_a_c10d_rendezvous_and_are_not_passed_on(monkeypatch):
+    from finetune import distributed, stop
+
+    seen = {}
+    monkeypatch.setattr(stop, "run_launcher", lambda cmd, env=None: seen.update(cmd=cmd) or 0)
+    argv = ["train", "--nproc", "2", "--nnodes=2", "--node-rank", "1", "--master-addr", "node0", "--out", "r"]
+    assert distributed.strip_nproc(argv) == ["train", "--out", "r"]
+    assert distributed.launch(2, ["train"], (2, 1, "node0")) == 0
+    assert seen["cmd"][1:] == ["-m", "torch.distributed.run", "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d",
+                               "--rdzv-endpoint=node0:29500", "--nproc_per_node=2", "-m", "finetune", "train"]
+    distributed.launch(2, ["train"])
+    assert seen["cmd"][3:5] == ["--standalone", "--nproc_per_node=2"]
