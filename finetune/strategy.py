@@ -44,7 +44,9 @@ def uses_fsdp(cfg, d: dist_.Dist) -> bool:
 def check(cfg, precision: str) -> None:
     """The options FSDP does not combine with (see the module docstring)."""
     t = cfg.train
-    bad = [("an unfreeze schedule (freeze.schedule)", bool(cfg.freeze.schedule)), ("--ema", t.ema),
+    bad = [("an unfreeze schedule (freeze.schedule; the lp-ft recipe, which --model with pretrained weights picks "
+            "when no --recipe or freeze flag is given, has one: pass --recipe default or a freeze flag)",
+            bool(cfg.freeze.schedule)), ("--ema", t.ema),
            ("--save-every-steps", bool(t.save_every_steps)), ("--precision fp16 (use bf16)", precision == "fp16"),
            ("--cache-features on", t.cache_features == "on")]
     for what, hit in bad:

@@ -35,7 +35,10 @@ def _worker(rank: int, port: int, out: str, weights: str) -> None:
     train(_recipe(weights, "fsdp", 1), out=o / "fsdp")
     if rank == 0:  # the resume below overwrites fsdp/last.pt
         shutil.copytree(o / "fsdp", o / "fsdp-epoch1", ignore=shutil.ignore_patterns(".lock"))
-    train(_recipe(weights, "fsdp", 2), out=o / "fsdp2")
+    # with TensorBoard (its model graph is a forward on rank 0 alone: skipped under FSDP, else this run would hang
+    # for train.dist_timeout and fail)
+    train(config.apply_overrides(_recipe(weights, "fsdp", 2), {"train.tensorboard": True, "train.dist_timeout": 0.5}),
+          out=o / "fsdp2")
     train(None, resume=o / "fsdp", epochs=2)
     for strategy in ("ddp", "fsdp"):  # bf16: FSDP's MixedPrecisionPolicy (BatchNorm kept fp32) vs DDP's autocast
         train(_recipe(weights, strategy, 1, "bf16"), out=o / f"{strategy}-bf16")
@@ -120,7 +123,10 @@ def test_fsdp_matches_ddp_keeps_frozen_weights_and_resumes_exactly(tmp_path):
 
 @pytest.mark.parametrize("key,value,what", [
     ("train.ema", True, "--ema"), ("train.save_every_steps", 2, "--save-every-steps"),
-    ("train.cache_features", "on", "--cache-features on")])
+    ("train.cache_features", "on", "--cache-features on"),
+    ("freeze.schedule", [{"epoch": 2, "layers": ["all"]}], "an unfreeze schedule (freeze.schedule; the lp-ft recipe, "
+     "which --model with pretrained weights picks when no --recipe or freeze flag is given, has one: pass --recipe "
+     "default or a freeze flag)")])
 def test_fsdp_refuses_what_it_does_not_support(key, value, what):
     from finetune.strategy import check
 
