@@ -158,6 +158,7 @@ class TrainCfg:
     cutmix: Annotated[float, NONNEG] = 0.0  # cutmix alpha; 0 = off (with both: one of them per batch)
     log_every: Annotated[int, POS] | None = None  # TensorBoard scalars every N optimizer steps (besides per epoch)
     dist_timeout: Annotated[float, POS] = 10.0  # DDP: minutes a collective may wait for the other processes
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # N processes: DDP replicas, or FSDP2 (fully_shard per block)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_comp
                              resolve_precision, set_lr, train_one_epoch, wants_channels_last)
 from finetune.errors import CheckpointError, ConfigError, FinetuneError
 from finetune import holdout, imbalance, midepoch, regularization as R
+from finetune import strategy
 from finetune.selection import Monitor, file_for, update_top_k
 
 log = logging.getLogger("finetune")
@@ -160,10 +161,10 @@ class RunState:
         self.train_model = dist_.wrap(self.model, self.dd, self.device)
         self.run_model = maybe_compile(self.train_model, self.cfg.train.compile)
 
-    def checkpoint(self, epochs_done: int, val: dict[str, Any] | None) -> ck.Checkpoint:
+    def checkpoint(self, epochs_done: int, val: dict[str, Any] | None, full=None) -> ck.Checkpoint:
         b = self.bundle
         return ck.Checkpoint(
-            model=self.model.state_dict(), class_names=self.classes, model_name=self.bb.name,
+            model=full[0] if full else self.model.state_dict(), class_names=self.classes, model_name=self.bb.name,
             num_classes=len(self.classes), transform=b.transform, precision=self.precision,
             channels_last=self.channels_last, epoch=epochs_done, plan=self.plan.to_dict(),
             trainable=[n for n, p in self.model.named_parameters() if p.requires_grad],
@@ -171,7 +172,8 @@ class RunState:
             data={"path": self.cfg.data.path, "labels": self.cfg.data.labels, "val_split": self.cfg.data.val_split,
                   "seed": self.cfg.train.seed, **provenance.identity(self.cfg.data, b)},
             val=val, finetune_version=__version__, world_size=self.dd.world_size,
-            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
+            optimizer=full[1] if full else self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler else None,
             ema=self.ema.module.state_dict() if self.ema is not None else None,
             best_ema=self.best_ema if self.ema is not None else None, top_k=self.top_k or None)
 
@@ -207,9 +209,10 @@ class RunState:
         """The end-of-epoch writes (rank 0): last.pt first, the commit point (see ``checkpoint.repair_run``), then
         best.pt (weights + metadata: the optimizer state, 2x the weights for Adam, is for resuming), best_ema.pt,
         the top-k file, and metrics.json."""
+        full = strategy.full_state(self)  # FSDP: every rank joins the gather of the consolidated state
         if not self.dd.is_main:
             return
-        ckpt = self.checkpoint(epochs_done, val)
+        ckpt = self.checkpoint(epochs_done, val, full)
         ck.save_checkpoint(ckpt.to_dict(), self.run_dir / "last.pt")
         if v.improved:
             ck.save_checkpoint(ckpt.slim(), self.run_dir / "best.pt")
@@ -235,6 +238,7 @@ class RunState:
                 "skipped": len(b.skipped), "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
                 "total": sum(p.numel() for p in m.parameters()), "start_epoch": self.start_epoch,
                 "epochs": cfg.train.epochs, "source": b.source, "world_size": self.dd.world_size,
+                "strategy": "FSDP2" if strategy.uses_fsdp(cfg, self.dd) else "DDP",
                 "global_batch": cfg.train.batch_size * self.dd.world_size, "feature_cache": self.feats_info,
                 "compile": cfg.train.compile, "recipe": cfg.name, "description": cfg.description}
 
@@ -447,7 +451,7 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
             "processes": dd.world_size, "classes": classes}))
     if cfg.train.sync_bn and dd.enabled:
         st.model = dist_.sync_batchnorm(model, device)  # same Parameters: optimizer and state_dict unchanged
-    st.train_model = dist_.wrap(st.model, dd, device)
+    st.train_model = strategy.wrap(st)  # DDP, or FSDP2 sharding the model in place (finetune/strategy.py)
     st.step = _make_step(st)
     _make_loaders(st)
     st.run_model = maybe_compile(st.train_model, cfg.train.compile)  # checkpoints save `model`'s own state_dict
@@ -517,8 +521,8 @@ def _make_step(st: RunState) -> Step:
 
 def _make_loaders(st: RunState) -> None:
     """The image loaders (sharded per rank; batch_size is per process), then the frozen-feature cache: while it
-    serves, the epochs train the head alone on features computed once. Under DDP every rank computes and trains on
-    all of them (same data, same seed: the same weights on every rank)."""
+    serves, the epochs train the head alone on features computed once. Under DDP each rank computes its shard, and
+    every rank trains on all of them (same data, same seed: the same weights on every rank)."""
     from finetune import data as D
     from finetune.features import plan_cache
 
@@ -530,7 +534,7 @@ def _make_loaders(st: RunState) -> None:
                                     weights=imbalance.sample_weights(cfg.data.sampler, b.train.targets,
                                                                      len(st.classes)))
     st.feats, st.feats_info = plan_cache(cfg, st.bb, b, st.step, device=st.device, precision=st.precision,
-                                         channels_last=st.channels_last, start_epoch=st.start_epoch)
+                                         channels_last=st.channels_last, start_epoch=st.start_epoch, dd=st.dd)
     if st.feats is not None:  # the head on cached features: no mixing of features; each rank has all of them
         st.feats.step = dataclasses.replace(st.feats.step, mix=None, mix_loss=None,
                                             reduce=None if st.dd.enabled else st.feats.step.reduce)

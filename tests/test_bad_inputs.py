@@ -181,6 +181,12 @@ case("report-not-a-run", "report {B}", "'{B}' has no best.pt; finetune report ta
 case("compare-one-run", "compare {R}", "finetune compare takes at least two run directories")
 case("runs-folder-missing", "runs {B}/nope", "folder '{B}/nope' not found")
 case("unfreeze-bad-syntax", "train --unfreeze seq.8@soon --out {B}/o22", "--unfreeze 'seq.8@soon' must be LAYERS")
+case("strategy-unknown", "train --strategy zero3 --out {B}/o44",
+     "--strategy: train.strategy must be one of ddp, fsdp, got 'zero3'")
+case("nnodes-without-master", "train --nnodes 2 --node-rank 1 --out {B}/o45",
+     "--nnodes 2 needs --master-addr HOST[:PORT], node 0's address (the same on every node)")
+case("node-rank-out-of-range", "train --nnodes 2 --node-rank 2 --master-addr localhost --out {B}/o46",
+     "--nnodes must be at least 1 and --node-rank in 0..nnodes-1, got --nnodes 2 --node-rank 2")
 case("fp16-on-cpu", "train --precision fp16 --device cpu --out {B}/o23", "--precision fp16 needs a GPU")
 case("val-split-out-of-range", "train --val-split 1.5 --out {B}/o24", "data.val_split must be in [0, 1), got 1.5")
 case("image-size-0", "train --image-size 0 --out {B}/o25",

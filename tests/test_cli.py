@@ -179,13 +179,15 @@ def test_loop_flags_reach_the_recipe(cli, tmp_path):
     out = tmp_path / "run"
     r = cli("train", "--epochs", "1", "--model", "smallcnn", "--weights", "none", "--device", "cpu", "--quiet",
             "--no-report", "--monitor", "val_f1", "--monitor-mode", "max", "--save-top-k", "2", "--ema",
-            "--ema-decay", "0.9", "--mixup", "0.2", "--cutmix", "0.5", "--log-every", "3", "--out", out)
+            "--ema-decay", "0.9", "--mixup", "0.2", "--cutmix", "0.5", "--log-every", "3", "--strategy", "fsdp",
+            "--out", out)
     assert r.exit_code == 0, r.stderr
     t = yaml.safe_load((out / "config.yaml").read_text())["train"]
     assert {k: t[k] for k in ("monitor", "monitor_mode", "save_top_k", "ema", "ema_decay", "mixup", "cutmix",
                               "log_every")} == {"monitor": "val_f1", "monitor_mode": "max", "save_top_k": 2,
                                                 "ema": True, "ema_decay": 0.9, "mixup": 0.2, "cutmix": 0.5,
                                                 "log_every": 3}
+    assert t["strategy"] == "fsdp"  # recorded; one process has nothing to shard (tests/test_fsdp.py runs two)
     assert (out / "best_ema.pt").is_file()
     r = cli("train", "--monitor", "val_top1", "--out", tmp_path / "x")
     assert r.exit_code == 1 and r.stderr == ("Error: --monitor: train.monitor must be one of val_acc, val_loss, "

@@ -242,3 +242,100 @@ def test_ddp_mid_epoch_resume_restores_every_ranks_own_sums(tmp_path):
     a, b = res["A"][0], res["B"][0]
     assert (b["train_loss"], b["train_acc"]) == (a["train_loss"], a["train_acc"])
     assert (b["val_loss"], b["val_acc"]) == (a["val_loss"], a["val_acc"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PROBE = {"train.epochs": 1, "train.batch_size": 32, "train.precision": "fp32", "scheduler.name": "constant",
+         "data.augment": "none", "train.tensorboard": False, "freeze.backbone": True, "train.cache_features": "on"}
+
+
+def _sharded_features_worker(rank: int, port: int, out: str) -> None:
+    """One rank of a 2-process run on cached features, run twice (the second reads the store): counts the images
+    whose features this rank computes."""
+    import finetune.featstore as S
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    seen: list[list[int]] = [[], []]
+    real = S.stream_features
+
+    def counting(*a, **kw):
+        for f, y in real(*a, **kw):
+            seen[-1].append(len(f))
+            yield f, y
+
+    S.stream_features = counting
+    recipe = config.apply_overrides(config.load_recipe("default"), PROBE)
+    seen.clear()
+    for run in ("a", "b"):
+        seen.append([])
+        train(recipe, out=Path(out) / run)
+    Path(out, f"{rank}.json").write_text(json.dumps([sum(s) for s in seen]))
+
+
+def test_sharded_feature_extraction_computes_each_image_once(tmp_path, monkeypatch):
+    """2 processes on cached features: each rank computes its shard (640 train + 160 val images, once across
+    ranks, not once per rank); a second run finds them in the store on both ranks (0 computed); the head equals a
+    single process's (same per-process batch: every rank trains the head on all the features)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_features_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    counts = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert counts == [[400, 0], [400, 0]]  # 320 train + 80 val images per rank; then all from the store
+    monkeypatch.setenv("FINETUNE_CACHE", "off")  # computed afresh here, by one process
+    train(config.apply_overrides(config.load_recipe("default"), PROBE), out=tmp_path / "one")
+    one = load_checkpoint(tmp_path / "one" / "last.pt")["model"]
+    for run in ("a", "b"):
+        two = load_checkpoint(tmp_path / run / "last.pt")["model"]
+        assert two.keys() == one.keys()
+        for k in one:
+            assert torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-6), (run, k)
+
+
+def test_two_nodes_equal_nproc_2(ddp_run, tmp_path):
+    """Multi-node as documented in the README: two torchrun launchers ("nodes" on 127.0.0.1, one process each; one
+    started as plain torchrun, one by ``finetune train --nnodes 2 --node-rank 1 --master-addr``) meeting at a c10d
+    rendezvous finish the same run as ``--nproc 2``: weights within 1e-5 (each "node" has 1 local
+    process, so it takes both cores where --nproc 2 gives each process one: other conv kernels' summation order)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1"}
+    port = _free_port()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "0",
+                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m",
+                "finetune", "train"]
+    thin = [sys.executable, "-m", "finetune", "train", "--nnodes", "2", "--node-rank", "1", "--master-addr",
+            f"127.0.0.1:{port}"]  # the convenience flags launch the same torchrun command
+    nodes = [subprocess.Popen([*cmd, "--out", str(out), *ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for cmd in (torchrun, thin)]
+    results = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    a = load_checkpoint(ddp_run / "last.pt")
+    b = load_checkpoint(out / "last.pt")
+    assert b["world_size"] == 2
+    diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+    assert diff < 1e-5, diff
+    rows = [json.loads((d / "metrics.json").read_text())["epochs"][0] for d in (ddp_run, out)]
+    assert rows[1]["train_loss"] == pytest.approx(rows[0]["train_loss"], rel=1e-5)
+    assert rows[1]["val_acc"] == rows[0]["val_acc"]
+
+
+def test_node_flags_become_a_c10d_rendezvous_and_are_not_passed_on(monkeypatch):
+    from finetune import distributed, stop
+
+    seen = {}
+    monkeypatch.setattr(stop, "run_launcher", lambda cmd, env=None: seen.update(cmd=cmd) or 0)
+    argv = ["train", "--nproc", "2", "--nnodes=2", "--node-rank", "1", "--master-addr", "node0", "--out", "r"]
+    assert distributed.strip_nproc(argv) == ["train", "--out", "r"]
+    assert distributed.launch(2, ["train"], (2, 1, "node0")) == 0
+    assert seen["cmd"][1:] == ["-m", "torch.distributed.run", "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d",
+                               "--rdzv-endpoint=node0:29500", "--nproc_per_node=2", "-m", "finetune", "train"]
+    distributed.launch(2, ["train"])
+    assert seen["cmd"][3:5] == ["--standalone", "--nproc_per_node=2"]

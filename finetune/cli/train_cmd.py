@@ -109,6 +109,13 @@ _CUTMIX = typer.Option(None, "--cutmix", help="CutMix alpha (0 = off; with --mix
                        rich_help_panel=_O)
 _LOG_EVERY = typer.Option(None, "--log-every", help="TensorBoard scalars (loss, LR per group, images/s) every N "
                           "optimizer steps, beside the per-epoch ones.", rich_help_panel=_T)
+_NNODES = typer.Option(1, "--nnodes", help="Machines in the job (torchrun --nnodes; with --node-rank and "
+                       "--master-addr, the same command on each).", rich_help_panel=_T)
+_NODE_RANK = typer.Option(0, "--node-rank", help="This machine's number, 0..nnodes-1.", rich_help_panel=_T)
+_MASTER_ADDR = typer.Option(None, "--master-addr", help="HOST[:PORT] of node 0, where the nodes meet (c10d "
+                            "rendezvous; port 29500 by default).", rich_help_panel=_T)
+_STRATEGY = typer.Option(None, "--strategy", help="With --nproc/torchrun: ddp (a replica per process, default) | fsdp "
+                         "(FSDP2: parameters, gradients and optimizer state sharded per block).", rich_help_panel=_T)
 _OUT = typer.Option(None, "--out", "-o", help="Run directory (default runs/<time>-<model>).", rich_help_panel=_T)
 _OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing run directory.", rich_help_panel=_T)
 _RESUME = typer.Option(None, "--resume",
@@ -151,10 +158,8 @@ def train(
     warmup_epochs: Optional[float] = _WARMUP_EPOCHS,
     class_weights: Optional[str] = _CLASS_WEIGHTS,
     label_smoothing: Optional[float] = _LABEL_SMOOTHING,
-    ema: Optional[bool] = _EMA,
-    ema_decay: Optional[float] = _EMA_DECAY,
-    mixup: Optional[float] = _MIXUP,
-    cutmix: Optional[float] = _CUTMIX,
+    ema: Optional[bool] = _EMA, ema_decay: Optional[float] = _EMA_DECAY,
+    mixup: Optional[float] = _MIXUP, cutmix: Optional[float] = _CUTMIX,
     epochs: Optional[int] = _EPOCHS,
     batch_size: Optional[int] = _BATCH_SIZE,
     accumulate: Optional[int] = _ACCUMULATE,
@@ -170,23 +175,23 @@ def train(
     tensorboard: Optional[bool] = _TENSORBOARD,
     save_every_steps: Optional[int] = _SAVE_EVERY_STEPS,
     report: Optional[bool] = _REPORT,
-    monitor: Optional[str] = _MONITOR,
-    monitor_mode: Optional[str] = _MONITOR_MODE,
+    monitor: Optional[str] = _MONITOR, monitor_mode: Optional[str] = _MONITOR_MODE,
     save_top_k: Optional[int] = _SAVE_TOP_K,
-    log_every: Optional[int] = _LOG_EVERY,
+    log_every: Optional[int] = _LOG_EVERY, strategy: Optional[str] = _STRATEGY,
     out: Optional[Path] = _OUT,
     overwrite: bool = _OVERWRITE,
     resume: Optional[Path] = _RESUME,
     quiet: bool = _QUIET,
-    nproc: int = _NPROC,
+    nproc: int = _NPROC, nnodes: int = _NNODES, node_rank: int = _NODE_RANK, master_addr: Optional[str] = _MASTER_ADDR,
     trust_checkpoint: bool = O.panel(O.TRUST, _M),
 ) -> None:
-    _launch_if_asked(nproc, resume)
+    _launch_if_asked(nproc, resume, (nnodes, node_rank, master_addr))
     _train(dict(locals(), lr=_number_or_auto(lr)))
 
 
-def _launch_if_asked(nproc: int, resume: Optional[Path]) -> None:
-    """``--nproc N`` (N > 1) outside torchrun: relaunch this command under torchrun with N processes."""
+def _launch_if_asked(nproc: int, resume: Optional[Path], nodes: tuple = (1, 0, None)) -> None:
+    """``--nproc N`` (N > 1) or ``--nnodes M`` (M > 1) outside torchrun: relaunch this command under torchrun with
+    N processes here (one of M machines)."""
     import os
     import sys
 
@@ -196,11 +201,18 @@ def _launch_if_asked(nproc: int, resume: Optional[Path]) -> None:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     if LR_FIND["on"] and (resume is not None or nproc > 1):
         raise ConfigError("lr-find takes the flags of a new run; drop --resume and --nproc")
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+    nnodes, node_rank, master = nodes
+    if nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise ConfigError(f"--nnodes must be at least 1 and --node-rank in 0..nnodes-1, got --nnodes {nnodes} "
+                          f"--node-rank {node_rank}")
+    if nnodes > 1 and not master:
+        raise ConfigError(f"--nnodes {nnodes} needs --master-addr HOST[:PORT], node 0's address (the same on every "
+                          "node)")
+    if (nproc > 1 or nnodes > 1) and "LOCAL_RANK" not in os.environ:
         from finetune.api import launch, strip_nproc
 
         argv = sys.argv[sys.argv.index("train"):] if "train" in sys.argv else ["train"]
-        raise typer.Exit(launch(nproc, strip_nproc(argv)))
+        raise typer.Exit(launch(nproc, strip_nproc(argv), nodes))
 
 
 def _train(v: dict) -> None:
@@ -261,6 +273,7 @@ KEYS = {  # recipe key -> the parameter of `train` that sets it (the freeze flag
     "train.sync_bn": "sync_bn", "train.report": "report", "train.monitor": "monitor",
     "train.monitor_mode": "monitor_mode", "train.save_top_k": "save_top_k", "train.ema": "ema",
     "train.ema_decay": "ema_decay", "train.mixup": "mixup", "train.cutmix": "cutmix", "train.log_every": "log_every",
+    "train.strategy": "strategy",
 }
 
 
