@@ -18,6 +18,7 @@ from torch import nn
 
 from finetune.config import SchedulerCfg
 from finetune.errors import ConfigError
+from finetune.fastinfer import FastInference
 
 # ----------------------------------------------------------------------------------------------- device, precision
 
@@ -296,17 +297,19 @@ class NonFiniteLoss(Exception):
 def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: torch.device | str = "cpu",
              precision: str = "fp32", channels_last: bool = False, label_smoothing: float = 0.0,
              reporter: Reporter | None = None,
-             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, fast: str = "auto") -> dict[str, Any]:
     """Loss, top-1 (argmax) and top-5 accuracy, per-class accuracy and the confusion matrix (rows = true class).
 
     Runs under ``model.eval()`` and ``torch.inference_mode()``; the model's previous mode is restored. Under DDP
     each rank evaluates its shard and ``reduce`` sums the counts, so the result covers the whole set once.
     ``samples`` (None under DDP, where a rank sees only its shard): per image, in loader order, the target, the
     prediction, its softmax probability and the true class's, for the report's pictures (finetune/report.py).
+    ``fast``: ``auto`` runs a conv+BN-folded copy of the model (:mod:`finetune.fastinfer`), ``off`` the model.
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
+    run = FastInference(model, fast)
     loss_fn = nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5, n = 0.0, 0, 0
@@ -317,7 +320,7 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
     for i, (x, y) in enumerate(loader):
         x, y = to_device(x, y, device, channels_last)
         with autocast(device, precision):
-            logits = model(x)
+            logits = run(x)
         logits = logits.float()
         loss_sum += loss_fn(logits, y).item()
         pred = logits.argmax(dim=1)

@@ -168,6 +168,12 @@ case("report-not-a-run", "report {B}", "'{B}' has no best.pt; finetune report ta
 case("compare-one-run", "compare {R}", "finetune compare takes at least two run directories")
 case("runs-folder-missing", "runs {B}/nope", "folder '{B}/nope' not found")
 case("unfreeze-bad-syntax", "train --unfreeze seq.8@soon --out {B}/o22", "--unfreeze 'seq.8@soon' must be LAYERS")
+case("fast-inference-typo", "train --fast-inference fast --out {B}/o37",
+     "train.fast_inference must be one of auto, off, got 'fast'")
+case("eval-fast-inference-typo", "eval {R}/best.pt --fast-inference yes", "--fast-inference must be auto or off, "
+     "got 'yes'", True)
+case("predict-fast-inference-typo", "predict {R}/best.pt {B}/data --fast-inference on",
+     "--fast-inference must be auto or off, got 'on'", True)
 case("fp16-on-cpu", "train --precision fp16 --device cpu --out {B}/o23", "--precision fp16 needs a GPU")
 case("val-split-out-of-range", "train --val-split 1.5 --out {B}/o24", "data.val_split must be in [0, 1), got 1.5")
 case("image-size-0", "train --image-size 0 --out {B}/o25",

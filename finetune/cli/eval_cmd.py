@@ -25,6 +25,8 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write this HTML report: confusion heat "
                                           "map, per-class precision/recall/F1, the most confidently wrong images."),
+    fast_inference: Optional[str] = typer.Option(None, "--fast-inference", help="auto | off: run a conv+BN-folded "
+                                                 "copy of the model (default: the checkpoint's setting)."),
     trust_checkpoint: bool = O.TRUST,
 ) -> None:
     from finetune.api import ConfigError
@@ -39,7 +41,8 @@ def eval_(
 
     with trusted(trust_checkpoint):
         res = evaluate_checkpoint(checkpoint, data, split, device=device, batch_size=batch_size,
-                                  precision=precision, labels=labels, report=report)
+                                  precision=precision, labels=labels, report=report,
+                                  fast_inference=fast_inference)
     if as_json:
         keys = ("accuracy", "top5", "loss", "n", "per_class", "confusion")
         typer.echo(json.dumps(finite_json({k: res[k] for k in keys}), allow_nan=False))  # NaN -> null: strict JSON

@@ -75,6 +75,10 @@ _CACHE_FEATURES = typer.Option(None, "--cache-features",
                                help="auto | on | off: train the head on frozen features computed once (auto: when that "
                                     "is the same computation).",
                                rich_help_panel=_T)
+_FAST_INFERENCE = typer.Option(None, "--fast-inference",
+                               help="auto | off: frozen inference (features, val, eval, predict) on a conv+BN-folded "
+                                    "copy of the model (auto: when it folds and matches the model).",
+                               rich_help_panel=_T)
 _EARLY_STOP = typer.Option(None, "--early-stop",
                            help="Stop after N epochs without a better val accuracy.",
                            rich_help_panel=_T)
@@ -134,6 +138,7 @@ def train(
     sync_bn: Optional[bool] = _SYNC_BN,
     compile_: Optional[bool] = _COMPILE,
     cache_features: Optional[str] = _CACHE_FEATURES,
+    fast_inference: Optional[str] = _FAST_INFERENCE,
     early_stop: Optional[int] = _EARLY_STOP,
     tensorboard: Optional[bool] = _TENSORBOARD,
     save_every_steps: Optional[int] = _SAVE_EVERY_STEPS,
@@ -214,6 +219,7 @@ KEYS = {  # recipe key -> the parameter of `train` that sets it (the freeze flag
     "train.channels_last": "channels_last", "train.compile": "compile_", "train.cache_features": "cache_features",
     "train.early_stop": "early_stop", "train.tensorboard": "tensorboard", "train.save_every_steps": "save_every_steps",
     "train.sync_bn": "sync_bn", "train.report": "report",
+    "train.fast_inference": "fast_inference",
 }
 
 
