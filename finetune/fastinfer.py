@@ -95,6 +95,8 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
 def folded_copy(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, int]:
     """An eval-mode copy of ``model`` with every conv->BatchNorm pair folded, checked against ``model`` on the first
     two images of ``x`` in fp32: ``(copy, pairs folded)``, or ``(model, 0)`` when nothing folds or the check fails."""
+    if not any(isinstance(m, nn.BatchNorm2d) and m.running_mean is not None for m in model.modules()):
+        return model, 0  # nothing could fold (a ViT): no copy
     sample = x[:2].float()
     clone = copy.deepcopy(model).eval()
     for p in clone.parameters():
