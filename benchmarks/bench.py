@@ -107,19 +107,25 @@ class Capture(Reporter):
 # ----------------------------------------------------------------------------------------------- the ceiling
 
 def model_only(make_model, *, train: bool, size: int, batch: int, classes: int, frozen: list[str] | None = None,
-               precision: str = "bf16", channels_last: bool = True, min_s: float = 3.0, min_steps: int = 4) -> float:
+               precision: str = "bf16", channels_last: bool = True, min_s: float = 3.0, min_steps: int = 4,
+               device: str = "cpu", compile_: bool = False) -> float:
     """Images/s of the model alone on synthetic tensors: the ceiling for the same model, batch, precision and layout.
 
     ``train``: forward + backward + SGD step with ``frozen`` applied as in :func:`hand_train` (frozen BatchNorm in
     eval mode); else a forward under ``eval()`` + ``inference_mode``. Two warm-up calls, then at least ``min_steps``
-    calls and ``min_s`` seconds. No data loading, no decoding, no metrics: what a loop could reach at best."""
+    calls and ``min_s`` seconds. No data loading, no decoding, no metrics: what a loop could reach at best.
+    ``device`` cuda: the clock waits for the GPU (``synchronize``); ``compile_``: ``torch.compile`` the model (the
+    warm-up calls pay the compile time)."""
     torch.manual_seed(SEED)
-    model = make_model()
+    model = make_model().to(device)
     mf = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=mf)
-    x = torch.randn(batch, 3, size, size).contiguous(memory_format=mf)
-    y = torch.randint(0, classes, (batch,))
-    cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=mf)
+    y = torch.randint(0, classes, (batch,), device=device)
+    kind = torch.device(device).type
+    cast = (lambda: torch.autocast(kind, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
+    net = torch.compile(model) if compile_ else model
     if train:
         if frozen:
             for name, p in model.named_parameters():
@@ -134,7 +140,7 @@ def model_only(make_model, *, train: bool, size: int, batch: int, classes: int, 
             for m in still:
                 m.eval()
             with cast():
-                loss = loss_fn(model(x).float(), y)
+                loss = loss_fn(net(x).float(), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -143,13 +149,15 @@ def model_only(make_model, *, train: bool, size: int, batch: int, classes: int, 
 
         def once():
             with torch.inference_mode(), cast():
-                model(x)
+                net(x)
     once()
     once()
+    sync()
     n, t0 = 0, time.perf_counter()
     while n < min_steps or time.perf_counter() - t0 < min_s:
         once()
         n += 1
+        sync()
     return n * batch / (time.perf_counter() - t0)
 
 
