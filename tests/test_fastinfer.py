@@ -171,3 +171,17 @@ def test_features_with_folding_match_eager_ones(precision, tol):
     assert torch.equal(ya, yo) and fa.shape == fo.shape == (20, frozen.num_features)
     assert float((fa - fo).abs().max() / fo.abs().max()) <= tol
     assert all(torch.equal(before[k], v) for k, v in frozen.state_dict().items())
+
+
+def test_train_flag_is_recorded_and_eval_follows_the_checkpoint(cli, tmp_path):
+    import yaml
+
+    data = tiny_tree(tmp_path / "d", per_class=4)
+    out = tmp_path / "run"
+    r = cli("train", "--data", data, "--epochs", 1, "--batch-size", 8, "--precision", "fp32", "--no-tensorboard",
+            "--no-report", "--fast-inference", "off", "--out", out)
+    assert r.exit_code == 0, r.stderr
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["fast_inference"] == "off"
+    from finetune.checkpoint import load_checkpoint
+
+    assert mode_of(load_checkpoint(out / "last.pt")) == "off"
