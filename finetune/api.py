@@ -106,9 +106,17 @@ def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Mo
     return model, ckpt
 
 
+def _fast(ckpt: dict[str, Any], given: str | None) -> str:
+    """eval/predict's fast-inference mode: ``given``, else the checkpoint's (see finetune/fastinfer.py)."""
+    from finetune.fastinfer import mode_of
+
+    return mode_of(ckpt, given)
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: str = "val", *,
                         device: str = "auto", batch_size: int = 64, precision: str | None = None,
-                        labels: str | None = None, report: str | Path | None = None) -> dict[str, Any]:
+                        labels: str | None = None, report: str | Path | None = None,
+                        fast_inference: str | None = None) -> dict[str, Any]:
     """Accuracy, top-5, loss, per-class accuracy and confusion of a checkpoint on ``data`` (default: the data it
     was trained on), with the checkpoint's own eval transform and precision — so it reproduces the val accuracy
     that training recorded for that epoch. ``split="all"``: a mapping split -> that result for every split the data
@@ -143,7 +151,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
     loader = D.make_loader(ds, batch_size, shuffle=False, seed=0, device=dev.type)
     res = evaluate(model, loader, int(ckpt["num_classes"]), device=dev,
                    precision=_precision_on(dev, precision or ckpt.get("precision", "fp32")),
-                   channels_last=bool(ckpt.get("channels_last")))
+                   channels_last=bool(ckpt.get("channels_last")), fast=_fast(ckpt, fast_inference))
     names = list(ckpt["class_names"])
     out = {"accuracy": res["accuracy"], "balanced_accuracy": res["balanced_accuracy"], "macro_f1": res["macro_f1"],
            "top5": res["top5"], "loss": res["loss"], "n": res["n"],
@@ -189,7 +197,7 @@ def _evaluate_all(checkpoint, data, **kw) -> dict[str, dict[str, Any]]:
 
 
 def predict(checkpoint: str | Path, paths: list[str], top_k: int = 5, *, device: str = "auto",
-            batch_size: int = 32, strict: bool = False) -> list[dict[str, Any]]:
+            batch_size: int = 32, strict: bool = False, fast_inference: str | None = None) -> list[dict[str, Any]]:
     """Top-k labels and probabilities for each image (files or folders) with the checkpoint's eval transform.
 
     Rows: ``{"path", "name", "top": [{"label", "prob"}]}``; ``name`` is relative to the folder given (or the file
@@ -213,6 +221,9 @@ def predict(checkpoint: str | Path, paths: list[str], top_k: int = 5, *, device:
     tf = D.eval_transform(tf_cfg)
     k = max(1, min(top_k, len(class_names)))
     prec = _precision_on(dev, ckpt.get("precision", "fp32"))
+    from finetune.fastinfer import FastInference
+
+    run = FastInference(model, _fast(ckpt, fast_inference))
     out: list[dict[str, Any]] = []
     skipped: list[str] = []
     files = list(named)
@@ -232,7 +243,7 @@ def predict(checkpoint: str | Path, paths: list[str], top_k: int = 5, *, device:
         if ckpt.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(dev, prec):
-            probs = model(x).float().softmax(dim=1)
+            probs = run(x).float().softmax(dim=1)
         p, idx = probs.topk(k, dim=1)
         for f, pr, ix in zip(chunk, p.tolist(), idx.tolist()):
             out.append({"path": str(f), "name": named[f],

@@ -192,7 +192,7 @@ class StepScalars(Reporter):
         n = info["update"]
         if n % self.every:
             return
-        self.writer.add_scalar("step/loss", info["loss"], n)
+        self.writer.add_scalar("step/loss", float(info["loss"]), n)  # the one read of the loss: every N updates
         self.writer.add_scalar("step/images_per_sec", info["images_per_sec"], n)
         for name, lr in info["lrs"].items():
             self.writer.add_scalar("step/lr_group/" + name.replace(" ", "_"), lr, n)

@@ -335,8 +335,8 @@ class FeatureDataset(Dataset):
 
 
 def compute_features(frozen: nn.Module, dataset: Dataset, *, batch_size: int = 64, device: torch.device | str = "cpu",
-                     precision: str = "fp32", channels_last: bool = False, workers: int | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     precision: str = "fp32", channels_last: bool = False, workers: int | None = None,
+                     fast: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``frozen`` once over ``dataset`` (in order) in eval mode under ``inference_mode``; float32 CPU features.
 
     Labels come from the data set's items (an unreadable file is replaced by the next readable one, as in training).
@@ -345,7 +345,7 @@ def compute_features(frozen: nn.Module, dataset: Dataset, *, batch_size: int = 6
 
     feats, labels = [], []
     for f, y in stream_features(frozen, dataset, batch_size=batch_size, device=device, precision=precision,
-                                channels_last=channels_last, workers=workers):
+                                channels_last=channels_last, workers=workers, fast=fast):
         feats.append(f)
         labels.append(y)
     # clone outside inference mode: inference tensors cannot be saved for the head's backward
@@ -382,7 +382,7 @@ def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, c
     t0 = time.perf_counter()
     bs = max(cfg.train.batch_size, 64)  # inference only: a bigger batch is faster on CPUs and costs no accuracy
     kw = dict(batch_size=bs, device=device, precision=precision, channels_last=channels_last,
-              workers=cfg.data.workers, dd=dd)
+              workers=cfg.data.workers, dd=dd, fast=cfg.train.fast_inference)
     tr_ds = bundle.train.with_transform(eval_transform(bundle.transform))
     # through the persistent store (finetune/featstore.py): a later run on the same data and backbone reads them
 
@@ -426,7 +426,8 @@ def _sample(ds, device: torch.device) -> torch.Tensor | None:
 
 def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64, device="cpu",
                    precision: str = "fp32", channels_last: bool = False, workers: int | None = None,
-                   cache_dir: str | None = None, describe: dict[str, Any] | None = None, dd=None):
+                   cache_dir: str | None = None, describe: dict[str, Any] | None = None, dd=None,
+                   fast: str = "auto"):
     """The features of ``split.frozen`` over ``dataset`` (``(features, labels, hit)``), through the store.
 
     The key: model, weights identity, the split point, the eval ``transform``, precision, layout, device type and the
@@ -440,7 +441,7 @@ def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64,
         weights_identity
 
     kw = dict(batch_size=batch_size, device=device, precision=precision, channels_last=channels_last,
-              workers=workers)
+              workers=workers, fast=fast)
     items = items_identity(dataset) if features_dir(cache_dir) is not None else None
     parts = None
     if items is not None:
@@ -448,6 +449,8 @@ def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64,
                  "versions": _versions(bb.source),
                  "transform": transform, "precision": precision, "channels_last": bool(channels_last),
                  "device": torch.device(device).type, "items": items}
+        if fast != "off":  # folded features differ from eager ones in the last bits: a key of their own
+            parts["fast_inference"] = fast
 
     def compute():
         f, y = compute_features(split.frozen, dataset, **kw)

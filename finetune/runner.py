@@ -611,7 +611,7 @@ def _run_epoch(st: RunState, phase: Phase, epoch: int, resuming) -> tuple[dict[s
     # accuracy is what `finetune eval best.pt` computes with the full model
     ev = (evaluate(phase.eval_model, phase.val_loader, len(st.classes), device=st.device, precision=st.precision,
                    channels_last=phase.step.channels_last, label_smoothing=0.0, reporter=reporter,
-                   reduce=phase.step.reduce)
+                   reduce=phase.step.reduce, fast=st.cfg.train.fast_inference)
           if phase.val_loader is not None else None)
     row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
            "val_loss": ev["loss"] if ev else None, "val_acc": ev["accuracy"] if ev else None,
@@ -622,7 +622,8 @@ def _run_epoch(st: RunState, phase: Phase, epoch: int, resuming) -> tuple[dict[s
         row["val_top5"] = ev["top5"]
     if st.ema is not None and st.val_loader is not None:  # the average of the full model, on the val images
         ee = evaluate(st.ema.module, st.val_loader, len(st.classes), device=st.device, precision=st.precision,
-                      channels_last=st.channels_last, reporter=reporter, reduce=st.step.reduce)
+                      channels_last=st.channels_last, reporter=reporter, reduce=st.step.reduce,
+                      fast=st.cfg.train.fast_inference)
         row.update(ema_val_loss=ee["loss"], ema_val_acc=ee["accuracy"], ema_val_f1=ee["macro_f1"])
     return row, ev
 

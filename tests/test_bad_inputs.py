@@ -187,6 +187,12 @@ case("nnodes-without-master", "train --nnodes 2 --node-rank 1 --out {B}/o45",
      "--nnodes 2 needs --master-addr HOST[:PORT], node 0's address (the same on every node)")
 case("node-rank-out-of-range", "train --nnodes 2 --node-rank 2 --master-addr localhost --out {B}/o46",
      "--nnodes must be at least 1 and --node-rank in 0..nnodes-1, got --nnodes 2 --node-rank 2")
+case("fast-inference-typo", "train --fast-inference fast --out {B}/o37",
+     "train.fast_inference must be one of auto, off, got 'fast'")
+case("eval-fast-inference-typo", "eval {R}/best.pt --fast-inference yes", "--fast-inference must be auto or off, "
+     "got 'yes'", True)
+case("predict-fast-inference-typo", "predict {R}/best.pt {B}/data --fast-inference on",
+     "--fast-inference must be auto or off, got 'on'", True)
 case("fp16-on-cpu", "train --precision fp16 --device cpu --out {B}/o23", "--precision fp16 needs a GPU")
 case("val-split-out-of-range", "train --val-split 1.5 --out {B}/o24", "data.val_split must be in [0, 1), got 1.5")
 case("image-size-0", "train --image-size 0 --out {B}/o25",

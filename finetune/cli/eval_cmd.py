@@ -26,6 +26,8 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write this HTML report: confusion heat "
                                           "map, per-class precision/recall/F1, the most confidently wrong images."),
+    fast_inference: Optional[str] = typer.Option(None, "--fast-inference", help="auto | off: run a conv+BN-folded "
+                                                 "copy of the model (default: the checkpoint's setting)."),
     trust_checkpoint: bool = O.TRUST,
 ) -> None:
     from finetune.api import ConfigError
@@ -40,7 +42,8 @@ def eval_(
 
     with trusted(trust_checkpoint):
         res = evaluate_checkpoint(checkpoint, data, split, device=device, batch_size=batch_size,
-                                  precision=precision, labels=labels, report=report)
+                                  precision=precision, labels=labels, report=report,
+                                  fast_inference=fast_inference)
     keys = ("accuracy", "balanced_accuracy", "macro_f1", "top5", "loss", "n", "per_class", "confusion")
     results = res if split == "all" else {split: res}
     if as_json:

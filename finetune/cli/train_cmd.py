@@ -84,6 +84,10 @@ _CACHE_FEATURES = typer.Option(None, "--cache-features",
                                help="auto | on | off: train the head on frozen features computed once (auto: when that "
                                     "is the same computation).",
                                rich_help_panel=_T)
+_FAST_INFERENCE = typer.Option(None, "--fast-inference",
+                               help="auto | off: frozen inference (features, val, eval, predict) on a conv+BN-folded "
+                                    "copy of the model (auto: when it folds and matches the model).",
+                               rich_help_panel=_T)
 _EARLY_STOP = typer.Option(None, "--early-stop",
                            help="Stop after N epochs without a better val accuracy.",
                            rich_help_panel=_T)
@@ -171,6 +175,7 @@ def train(
     sync_bn: Optional[bool] = _SYNC_BN,
     compile_: Optional[bool] = _COMPILE,
     cache_features: Optional[str] = _CACHE_FEATURES,
+    fast_inference: Optional[str] = _FAST_INFERENCE,
     early_stop: Optional[int] = _EARLY_STOP,
     tensorboard: Optional[bool] = _TENSORBOARD,
     save_every_steps: Optional[int] = _SAVE_EVERY_STEPS,
@@ -274,6 +279,7 @@ KEYS = {  # recipe key -> the parameter of `train` that sets it (the freeze flag
     "train.monitor_mode": "monitor_mode", "train.save_top_k": "save_top_k", "train.ema": "ema",
     "train.ema_decay": "ema_decay", "train.mixup": "mixup", "train.cutmix": "cutmix", "train.log_every": "log_every",
     "train.strategy": "strategy",
+    "train.fast_inference": "fast_inference",
 }
 
 
