@@ -77,8 +77,9 @@ class DataCfg:
     augment: Literal["none", "light", "strong"] = "light"
     mean: list[float] | None = None
     std: list[float] | None = None
-    cache: Literal["auto", "on", "off"] = "auto"  # decoded-image cache
-    cache_gb: Annotated[float, POS] = 2.0
+    cache: Literal["auto", "on", "off", "ram", "disk"] = "auto"  # decoded-image cache (auto/on: RAM or disk by size)
+    cache_gb: Annotated[float, POS] = 2.0  # RAM budget of the cache; larger data goes to the disk cache
+    cache_dir: str | None = None  # disk cache folder, kept and reused (None: in the run directory, removed)
     workers: Annotated[int, NONNEG] | None = None  # None = sized for the machine
     strict: bool = False  # fail on unreadable images instead of skipping them
     allow_outside: bool = False  # csv labels: allow paths outside the data folder (../x, /abs/x)

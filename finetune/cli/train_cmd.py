@@ -35,6 +35,10 @@ _STRICT = typer.Option(None, "--strict/--no-strict",
 _ALLOW_OUTSIDE = typer.Option(None, "--allow-outside",
                               help="CSV labels may name files outside the data folder (../x, /abs/x).",
                               rich_help_panel=_D)
+_CACHE_DIR = typer.Option(None, "--cache-dir",
+                          help="Keep the decoded-image disk cache in this folder and reuse it in later runs (default: "
+                               "in the run directory, removed; used when the images exceed data.cache_gb).",
+                          rich_help_panel=_D)
 _REPORT = typer.Option(None, "--report/--no-report",
                        help="Write RUN_DIR/report.html at the end (curves, confusion matrix, wrong images, freeze "
                             "plan); on by default.",
@@ -108,6 +112,7 @@ def train(
     augment: Optional[str] = _AUGMENT,
     allow_outside: Optional[bool] = _ALLOW_OUTSIDE,
     strict: Optional[bool] = _STRICT,
+    cache_dir: Optional[str] = _CACHE_DIR,
     freeze_names: Optional[str] = O.panel(O.FREEZE_NAMES, _F),
     freeze_first: Optional[int] = O.panel(O.FREEZE_FIRST, _F),
     stages: Optional[int] = O.panel(O.FREEZE_STAGES, _F),
@@ -205,7 +210,7 @@ def _train(v: dict) -> None:
 KEYS = {  # recipe key -> the parameter of `train` that sets it (the freeze flags: options.FREEZE_KEYS)
     "model.name": "model", "model.weights": "weights", "data.path": "data", "data.labels": "labels",
     "data.val_split": "val_split", "data.image_size": "image_size", "data.augment": "augment", "data.strict": "strict",
-    "data.allow_outside": "allow_outside",
+    "data.allow_outside": "allow_outside", "data.cache_dir": "cache_dir",
     "optimizer.name": "optimizer", "optimizer.lr": "lr", "optimizer.momentum": "momentum",
     "optimizer.nesterov": "nesterov", "optimizer.weight_decay": "weight_decay", "scheduler.name": "scheduler",
     "scheduler.warmup_epochs": "warmup_epochs", "train.label_smoothing": "label_smoothing", "train.epochs": "epochs",
