@@ -71,6 +71,7 @@ class ModelCfg:
 @dataclass
 class DataCfg:
     path: str = "sample"  # "sample" = the bundled data (config.SAMPLE_DIR)
+    val_path: str | None = None  # tar shards: the val shards' pattern (None: the last shard is held out)
     labels: str | None = None  # prefix:..., regex:..., csv:FILE; None = class subfolders
     val_split: Annotated[float, FRACTION] = 0.2  # used when the folder has no val/ split
     image_size: Annotated[int, SIZE] | None = None  # None = the backbone's own input size

@@ -24,7 +24,12 @@ _MODEL = typer.Option(None, "--model", "-m", help="smallcnn, a torchvision name,
 _WEIGHTS = typer.Option(None, "--weights", "-w",
                         help="default (the backbone's pretrained), none, a weights name, or a file.",
                         rich_help_panel=_M)
-_DATA = typer.Option(None, "--data", "-d", help="Image folder, 'sample', or cifar10:ROOT.", rich_help_panel=_D)
+_DATA = typer.Option(None, "--data", "-d", help="Image folder, 'sample', cifar10:ROOT, or tar shards "
+                     "('shards/train-{000..099}.tar', streamed).", rich_help_panel=_D)
+_VAL_DATA = typer.Option(None, "--val-data",
+                         help="Tar shards: the val shards (train-{000..099}.tar style; default: the last shard of "
+                              "--data is held out).",
+                         rich_help_panel=_D)
 _LABELS = typer.Option(None, "--labels", help="prefix:A=x,=y | regex:PATTERN | csv:FILE.", rich_help_panel=_D)
 _VAL_SPLIT = typer.Option(None, "--val-split", help="Fraction held out when there is no val/.", rich_help_panel=_D)
 _IMAGE_SIZE = typer.Option(None, "--image-size", help="Input size (default: the backbone's).", rich_help_panel=_D)
@@ -106,6 +111,7 @@ def train(
     model: Optional[str] = _MODEL,
     weights: Optional[str] = _WEIGHTS,
     data: Optional[str] = _DATA,
+    val_data: Optional[str] = _VAL_DATA,
     labels: Optional[str] = _LABELS,
     val_split: Optional[float] = _VAL_SPLIT,
     image_size: Optional[int] = _IMAGE_SIZE,
@@ -208,7 +214,8 @@ def _train(v: dict) -> None:
 
 
 KEYS = {  # recipe key -> the parameter of `train` that sets it (the freeze flags: options.FREEZE_KEYS)
-    "model.name": "model", "model.weights": "weights", "data.path": "data", "data.labels": "labels",
+    "model.name": "model", "model.weights": "weights", "data.path": "data", "data.val_path": "val_data",
+    "data.labels": "labels",
     "data.val_split": "val_split", "data.image_size": "image_size", "data.augment": "augment", "data.strict": "strict",
     "data.allow_outside": "allow_outside", "data.cache_dir": "cache_dir",
     "optimizer.name": "optimizer", "optimizer.lr": "lr", "optimizer.momentum": "momentum",

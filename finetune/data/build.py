@@ -26,7 +26,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from finetune.config import SAMPLE_DIR, DataCfg
-from finetune.data import cifar, sources
+from finetune.data import cifar, shards, sources
 from finetune.data.datasets import ImageDataset, TensorImageDataset, decode
 from finetune.data.images import IMG_EXTENSIONS, image_size
 from finetune.data.loader import usable_cpus
@@ -230,6 +230,9 @@ def build_data(cfg: DataCfg, model_data_cfg: dict, *, seed: int = 0, download: b
     check_augment(cfg.augment)
     tf = transform_config(cfg, model_data_cfg)
     train_tf, eval_tf = train_transform(tf, cfg.augment), eval_transform(tf)
+    if shards.is_shard_spec(cfg.path):  # 'train-{000..099}.tar': streamed
+        train, val, names, source = shards.build_shard_data(cfg, tf, train_tf, eval_tf)
+        return DataBundle(train, val, names, tf, source=source)
     spec = resolve_data_path(cfg.path)
     if isinstance(spec, str):
         return cifar_bundle(spec, tf, train_tf, eval_tf, download=download)
@@ -289,6 +292,8 @@ def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, 
     """
     if split not in ("val", "train", "test"):
         raise DataError(f"unknown split '{split}'; use val, train or test")
+    if shards.is_shard_spec(path):  # evaluated whole
+        return shards.eval_shards(path, class_names, tf, eval_transform(tf), strict)
     spec = resolve_data_path(path)
     if isinstance(spec, str):
         name, root = _CIFAR.match(spec).groups()  # type: ignore[union-attr]
