@@ -75,6 +75,7 @@ class ModelCfg:
 @dataclass
 class DataCfg:
     path: str = "sample"  # "sample" = the bundled data (config.SAMPLE_DIR)
+    val_path: str | None = None  # tar shards: the val shards' pattern (None: the last shard is held out)
     labels: str | None = None  # prefix:..., regex:..., csv:FILE; None = class subfolders
     val_split: Annotated[float, FRACTION] = 0.2  # used when the folder has no val/ split
     image_size: Annotated[int, SIZE] | None = None  # None = the backbone's own input size
@@ -82,8 +83,9 @@ class DataCfg:
     sampler: Literal["random", "balanced"] = "random"  # balanced: each class equally likely per draw (imbalance.py)
     mean: list[float] | None = None
     std: list[float] | None = None
-    cache: Literal["auto", "on", "off"] = "auto"  # decoded-image cache
-    cache_gb: Annotated[float, POS] = 2.0
+    cache: Literal["auto", "on", "off", "ram", "disk"] = "auto"  # decoded-image cache (auto/on: RAM or disk by size)
+    cache_gb: Annotated[float, POS] = 2.0  # RAM budget of the cache; larger data goes to the disk cache
+    cache_dir: str | None = None  # disk cache folder, kept and reused (None: in the run directory, removed)
     workers: Annotated[int, NONNEG] | None = None  # None = sized for the machine
     strict: bool = False  # fail on unreadable images instead of skipping them
     allow_outside: bool = False  # csv labels: allow paths outside the data folder (../x, /abs/x)

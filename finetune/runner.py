@@ -420,7 +420,9 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
     from finetune import optim as O
     from finetune.models import build_model
 
-    bundle = D.build_data(cfg.data, probe_data_cfg(cfg.model.name, cfg.model.weights), seed=cfg.train.seed)
+    cfg = D.check_stream_recipe(cfg)  # tar shards stream: no frozen-feature cache (it indexes images)
+    bundle = D.build_data(cfg.data, probe_data_cfg(cfg.model.name, cfg.model.weights), seed=cfg.train.seed,
+                          scratch=run_dir)  # scratch: a disk image cache that is not kept lives in the run dir
     if saved is not None:  # the same val images, or the recorded best compares different things
         provenance.check_resume(saved.to_dict(), bundle, run_dir, dd.world_size, cfg.train.batch_size)
     classes = _check_classes(cfg, list(bundle.class_names), saved)

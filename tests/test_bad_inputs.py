@@ -47,6 +47,7 @@ def base(tmp_path_factory) -> Path:
     (root / "cw.json").write_text('{"a": 1, "zebra": 2}')
     (root / "notes.html").write_text("<p>my notes</p>\n")
     (root / "afile").write_text("a regular file\n")
+    (root / "fake.tar").write_text("not a tar file\n")
     torch.save(_other_arch_state_dict(), root / "resnet.pth")
     torch.save(_whole_smallcnn(), root / "whole.pth")
     (root / "bad.yaml").write_text("train:\n  epochs: [1, 2\n")
@@ -251,6 +252,9 @@ for _name, _what in (("classes_huge", "num_classes must be an integer from 1 to 
          f"'{{B}}/crafted_{_name}.pt' is not a valid finetune checkpoint: {_what}")
 case("csv-labels-not-a-csv", "train --data {B}/data --labels csv:{B}/shadow --out {B}/o36",
      "label file '{B}/shadow': row 1 has 1 column; each row needs 'path,label' (its content is not shown)")
+case("missing-shard", "train --data {B}/sh-{000..001}.tar --out {B}/o40", "shard '{B}/sh-000.tar' does not exist "
+     "(2 of the 2 shards of '{B}/sh-{000..001}.tar' are missing); check the pattern")
+case("not-a-tar-shard", "train --data {B}/fake.tar --out {B}/o41", "cannot read shard '{B}/fake.tar': ")
 case("min-lr-above-lr", "train --recipe {B}/minlr.yaml --out {B}/o34", "recipe '{B}/minlr.yaml', line 5: "
      "scheduler.min_lr (0.1) must not be above optimizer.lr (0.01): the schedule would raise the LR")
 

@@ -28,7 +28,12 @@ _DROP_RATE = typer.Option(None, "--drop-rate", help="timm models: dropout before
                          "drop_rate).", rich_help_panel=_M)
 _DROP_PATH_RATE = typer.Option(None, "--drop-path-rate", help="timm models: stochastic depth (create_model's "
                                "drop_path_rate).", rich_help_panel=_M)
-_DATA = typer.Option(None, "--data", "-d", help="Image folder, 'sample', or cifar10:ROOT.", rich_help_panel=_D)
+_DATA = typer.Option(None, "--data", "-d", help="Image folder, 'sample', cifar10:ROOT, or tar shards "
+                     "('shards/train-{000..099}.tar', streamed).", rich_help_panel=_D)
+_VAL_DATA = typer.Option(None, "--val-data",
+                         help="Tar shards: the val shards (train-{000..099}.tar style; default: the last shard of "
+                              "--data is held out).",
+                         rich_help_panel=_D)
 _LABELS = typer.Option(None, "--labels", help="prefix:A=x,=y | regex:PATTERN | csv:FILE.", rich_help_panel=_D)
 _VAL_SPLIT = typer.Option(None, "--val-split", help="Fraction held out when there is no val/.", rich_help_panel=_D)
 _IMAGE_SIZE = typer.Option(None, "--image-size", help="Input size (default: the backbone's).", rich_help_panel=_D)
@@ -41,6 +46,10 @@ _STRICT = typer.Option(None, "--strict/--no-strict",
 _ALLOW_OUTSIDE = typer.Option(None, "--allow-outside",
                               help="CSV labels may name files outside the data folder (../x, /abs/x).",
                               rich_help_panel=_D)
+_CACHE_DIR = typer.Option(None, "--cache-dir",
+                          help="Keep the decoded-image disk cache in this folder and reuse it in later runs (default: "
+                               "in the run directory, removed; used when the images exceed data.cache_gb).",
+                          rich_help_panel=_D)
 _REPORT = typer.Option(None, "--report/--no-report",
                        help="Write RUN_DIR/report.html at the end (curves, confusion matrix, wrong images, freeze "
                             "plan); on by default.",
@@ -139,6 +148,7 @@ def train(
     drop_rate: Optional[float] = _DROP_RATE,
     drop_path_rate: Optional[float] = _DROP_PATH_RATE,
     data: Optional[str] = _DATA,
+    val_data: Optional[str] = _VAL_DATA,
     labels: Optional[str] = _LABELS,
     val_split: Optional[float] = _VAL_SPLIT,
     image_size: Optional[int] = _IMAGE_SIZE,
@@ -146,6 +156,7 @@ def train(
     sampler: Optional[str] = _SAMPLER,
     allow_outside: Optional[bool] = _ALLOW_OUTSIDE,
     strict: Optional[bool] = _STRICT,
+    cache_dir: Optional[str] = _CACHE_DIR,
     freeze_names: Optional[str] = O.panel(O.FREEZE_NAMES, _F),
     freeze_first: Optional[int] = O.panel(O.FREEZE_FIRST, _F),
     stages: Optional[int] = O.panel(O.FREEZE_STAGES, _F),
@@ -265,9 +276,9 @@ def _train(v: dict) -> None:
 KEYS = {  # recipe key -> the parameter of `train` that sets it (the freeze flags: options.FREEZE_KEYS)
     "model.name": "model", "model.weights": "weights", "model.drop_rate": "drop_rate",
     "model.drop_path_rate": "drop_path_rate", "data.sampler": "sampler", "train.class_weights": "class_weights",
-    "data.path": "data", "data.labels": "labels",
+    "data.path": "data", "data.val_path": "val_data", "data.labels": "labels",
     "data.val_split": "val_split", "data.image_size": "image_size", "data.augment": "augment", "data.strict": "strict",
-    "data.allow_outside": "allow_outside",
+    "data.allow_outside": "allow_outside", "data.cache_dir": "cache_dir",
     "optimizer.name": "optimizer", "optimizer.lr": "lr", "optimizer.momentum": "momentum",
     "optimizer.nesterov": "nesterov", "optimizer.weight_decay": "weight_decay", "scheduler.name": "scheduler",
     "scheduler.warmup_epochs": "warmup_epochs", "train.label_smoothing": "label_smoothing", "train.epochs": "epochs",

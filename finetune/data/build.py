@@ -4,16 +4,19 @@ Steps: resolve the path -> discover files and labels (:mod:`.sources`) -> read e
 or a header check without the cache) and skip unreadable ones with one warning each -> split -> check classes ->
 datasets. Nothing is written anywhere, least of all into the data folder.
 
-Decoded-image cache (``data.cache``): ``auto`` caches when the estimated decoded size (image headers of up to 64
-evenly spaced files, at the pre-crop size) fits ``data.cache_gb`` (default 2 GB = 2e9 bytes, for train and val
-together); ``on`` caches regardless; ``off`` never. The cache fill decodes with ``min(8, cores)`` threads (PIL
-and torch's resize release the GIL).
+Decoded-image cache (``data.cache``): ``auto`` keeps the decoded images in RAM when their estimated size (image
+headers of up to 64 evenly spaced files, at the pre-crop size) fits ``data.cache_gb`` (default 2 GB = 2e9 bytes,
+for train and val together), else on disk (:mod:`.diskcache`) when the disk has room (the estimate x 1.1 + 1 GB),
+else reads the files every epoch; ``on`` is ``auto`` that fails instead of reading files; ``ram``, ``disk`` and
+``off`` force one. The cache fill decodes with ``min(8, cores)`` threads (PIL and torch's resize release the GIL),
+at most ``READ_CHUNK`` files in flight.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +26,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from finetune.config import SAMPLE_DIR, DataCfg
-from finetune.data import cifar, sources
+from finetune.data import cifar, shards, sources
 from finetune.data.datasets import ImageDataset, TensorImageDataset, decode
 from finetune.data.images import IMG_EXTENSIONS, image_size
 from finetune.data.loader import usable_cpus
@@ -33,6 +36,7 @@ from finetune.errors import DataError
 log = logging.getLogger("finetune")
 
 _CIFAR = re.compile(r"^(cifar10|cifar100):(.+)$")
+READ_CHUNK = 256
 STRICT_HINT = "(--strict; remove the file, or drop --strict to skip it)"
 
 
@@ -47,6 +51,7 @@ class DataBundle:
     skipped: list[str] = field(default_factory=list)  # files skipped as unreadable (or listed but missing)
     source: str = ""
     cached: bool = False  # the decoded-image cache holds the images
+    cache_kind: str = "off"  # ram | disk | off
     unlabeled: list[str] = field(default_factory=list)  # images no --labels rule named (left out)
 
 
@@ -92,17 +97,30 @@ def estimate_bytes(paths: Sequence[Path], tf: dict, probe: int = 64) -> int:
     return int(sum(sizes) / len(sizes) * len(paths)) if sizes else 0
 
 
-def want_cache(cfg: DataCfg, paths: Sequence[Path], tf: dict) -> bool:
-    if cfg.cache == "off":
-        return False
-    if cfg.cache == "on":
-        return True
+def cache_mode(cfg: DataCfg, paths: Sequence[Path], tf: dict, scratch: Path | None = None) -> str:
+    """``ram``, ``disk`` or ``off`` for ``data.cache`` (see the module docstring)."""
+    if cfg.cache in ("off", "ram", "disk"):
+        return cfg.cache
     need = estimate_bytes(paths, tf)
-    fits = need <= cfg.cache_gb * 1e9
-    if not fits:
-        log.info("decoded images would take about %.1f GB > data.cache_gb %.1f: reading files every epoch",
-                 need / 1e9, cfg.cache_gb)
-    return fits
+    if need <= cfg.cache_gb * 1e9:
+        return "ram"
+    from finetune.data.diskcache import free_bytes
+
+    folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else scratch or Path(tempfile.gettempdir())
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = free_bytes(folder)
+    if need * 1.1 + 1e9 <= free:
+        log.info("decoded images would take about %.1f GB > data.cache_gb %.1f: caching them on disk in '%s'",
+                 need / 1e9, cfg.cache_gb, folder)
+        return "disk"
+    if cfg.cache == "on":
+        raise DataError(f"data.cache on: the decoded images need about {need / 1e9:.1f} GB, more than data.cache_gb "
+                        f"{cfg.cache_gb:g} and more than the {free / 1e9:.1f} GB free in '{folder}'; pass "
+                        "--cache-dir on a larger disk, or data.cache: auto/off")
+    log.info("decoded images would take about %.1f GB: more than data.cache_gb %.1f and the free disk space in "
+             "'%s': reading files every epoch", need / 1e9, cfg.cache_gb, folder)
+    return "off"
 
 
 def read_all(paths: Sequence[Path], fn: Callable[[Path], Any]) -> tuple[dict[Path, Any], dict[Path, str]]:
@@ -116,12 +134,14 @@ def read_all(paths: Sequence[Path], fn: Callable[[Path], Any]) -> tuple[dict[Pat
 
     ok: dict[Path, Any] = {}
     bad: dict[Path, str] = {}
+    paths = list(paths)
     with ThreadPoolExecutor(max_workers=min(8, usable_cpus())) as pool:
-        for p, value, reason in pool.map(one, paths):
-            if reason is None:
-                ok[p] = value
-            else:
-                bad[p] = reason
+        for start in range(0, len(paths), READ_CHUNK):  # bounded: pool.map submits everything it is given
+            for p, value, reason in pool.map(one, paths[start:start + READ_CHUNK]):
+                if reason is None:
+                    ok[p] = value
+                else:
+                    bad[p] = reason
     return ok, bad
 
 
@@ -199,24 +219,36 @@ def select_items(root: Path, labels: str | None, *, val_split: float, seed: int,
     return Selection(found, train, val, done, skipped, note)
 
 
-def build_data(cfg: DataCfg, model_data_cfg: dict, *, seed: int = 0, download: bool = False) -> DataBundle:
+def build_data(cfg: DataCfg, model_data_cfg: dict, *, seed: int = 0, download: bool = False,
+               scratch: Path | None = None) -> DataBundle:
     """Datasets, class names and the eval transform config for ``cfg`` and a backbone's ``data_cfg``.
 
     ``seed`` fixes the train/val split of a folder without a val folder (and nothing else: loader order and
     augmentation take their own seed in :func:`make_loader`). ``download`` lets CIFAR download when missing.
+    ``scratch``: where a disk cache that is not kept (no ``data.cache_dir``) goes: the run directory.
     """
     check_augment(cfg.augment)
     tf = transform_config(cfg, model_data_cfg)
     train_tf, eval_tf = train_transform(tf, cfg.augment), eval_transform(tf)
+    if shards.is_shard_spec(cfg.path):  # 'train-{000..099}.tar': streamed
+        train, val, names, source = shards.build_shard_data(cfg, tf, train_tf, eval_tf)
+        return DataBundle(train, val, names, tf, source=source)
     spec = resolve_data_path(cfg.path)
     if isinstance(spec, str):
         return cifar_bundle(spec, tf, train_tf, eval_tf, download=download)
     root = check_root(spec, cfg.path)
     found = sources.find(root, cfg.labels, cfg.allow_outside)
-    cache_on = want_cache(cfg, [p for p, _ in found.train + (found.val or [])], tf)
-    sel = select_items(root, cfg.labels, val_split=cfg.val_split, seed=seed, strict=cfg.strict,
-                       read=(lambda p: decode(p, tf)) if cache_on else image_size, found=found,
-                       allow_outside=cfg.allow_outside)
+    mode = cache_mode(cfg, [p for p, _ in found.train + (found.val or [])], tf, scratch)
+    read: Callable[[Path], Any] = {"ram": lambda p: decode(p, tf), "off": image_size}.get(mode)  # type: ignore
+    store = None
+    if mode == "disk":
+        from finetune.data.diskcache import open_store
+
+        store = open_store([p for p, _ in found.train + (found.val or [])], tf, cache_dir=cfg.cache_dir,
+                           scratch=scratch, read_all=read_all)
+        read = store.lookup
+    sel = select_items(root, cfg.labels, val_split=cfg.val_split, seed=seed, strict=cfg.strict, read=read,
+                       found=found, allow_outside=cfg.allow_outside)
     train, val = sel.train, sel.val
     classes = check_classes(train, val, sel.found, str(root))
     if val is not None and not val:
@@ -225,12 +257,14 @@ def build_data(cfg: DataCfg, model_data_cfg: dict, *, seed: int = 0, download: b
     index = {c: i for i, c in enumerate(classes)}
 
     def dataset(its: list[sources.Item], transform) -> ImageDataset:
-        cache = [sel.read[p] for p, _ in its] if cache_on else None
+        cache = (store.images([p for p, _ in its]) if store is not None
+                 else [sel.read[p] for p, _ in its] if mode == "ram" else None)
         return ImageDataset([(p, index[c]) for p, c in its], classes, tf, transform, cache=cache,
                             strict=cfg.strict)
 
     return DataBundle(dataset(train, train_tf), dataset(val, eval_tf) if val is not None else None, classes, tf,
-                      skipped=sel.skipped, source=sel.found.description + sel.split_note, cached=cache_on,
+                      skipped=sel.skipped, source=sel.found.description + sel.split_note, cached=mode != "off",
+                      cache_kind=mode,
                       unlabeled=sel.found.unlabeled)
 
 
@@ -241,7 +275,7 @@ def cifar_bundle(spec: str, tf: dict, train_tf, eval_tf, *, download: bool = Fal
     train = TensorImageDataset(*data["train"], classes, train_tf)
     val = TensorImageDataset(*data["test"], classes, eval_tf)
     return DataBundle(train, val, classes, tf, source=f"{cifar.LAYOUT[name]['title']} in {root} (val = test set)",
-                      cached=True)
+                      cached=True, cache_kind="ram")
 
 
 def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, strict: bool = False,
@@ -258,6 +292,8 @@ def build_eval_dataset(path: str, split: str, class_names: list[str], tf: dict, 
     """
     if split not in ("val", "train", "test"):
         raise DataError(f"unknown split '{split}'; use val, train or test")
+    if shards.is_shard_spec(path):  # evaluated whole
+        return shards.eval_shards(path, class_names, tf, eval_transform(tf), strict)
     spec = resolve_data_path(path)
     if isinstance(spec, str):
         name, root = _CIFAR.match(spec).groups()  # type: ignore[union-attr]

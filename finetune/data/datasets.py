@@ -34,9 +34,15 @@ def decode(path: str | Path, tf: dict) -> torch.Tensor:
     """
     from torchvision.transforms.v2 import functional as F
 
+    return to_precrop(F.pil_to_tensor(load_image(path, min_side=int(tf["resize"]))), tf)
+
+
+def to_precrop(img: torch.Tensor, tf: dict) -> torch.Tensor:
+    """A decoded uint8 CHW image with its shorter side brought down to ``tf["resize"]`` (the cached form)."""
+    from torchvision.transforms.v2 import functional as F
+
     from finetune.data.transforms import _mode
 
-    img = F.pil_to_tensor(load_image(path, min_side=int(tf["resize"])))
     if min(img.shape[-2:]) > int(tf["resize"]):
         img = F.resize(img, [int(tf["resize"])], interpolation=_mode(tf), antialias=True)
     return img.contiguous()

@@ -141,19 +141,52 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL's palette/EXIF chatter; the result is what matters
-            with Image.open(path) as im:
-                if min_side and im.format == "JPEG" and min(im.size) >= 2 * min_side:
-                    w, h = im.size
-                    short = min(w, h)
-                    im.draft(None, (math.ceil(w * min_side / short), math.ceil(h * min_side / short)))
-                im.load()
-                if im.getexif().get(0x0112, 1) != 1:
-                    im = ImageOps.exif_transpose(im)
-                return to_rgb(im)
+        return open_rgb(path, min_side)
+    except NotADirectoryError:  # SHARD.tar/MEMBER: how tar-shard val sets name their images (reports, pictures)
+        return load_image_bytes(_tar_member(path), str(path), min_side)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image '{path}': {_reason(e, path)}") from None
+
+
+def load_image_bytes(data: bytes, name: str, min_side: int | None = None) -> Image.Image:
+    """:func:`load_image` for an image held in memory (a member of a tar shard); ``name`` for the error."""
+    import io
+
+    try:
+        return open_rgb(io.BytesIO(data), min_side)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        why = "empty file" if not data else _reason(e, Path(name))
+        raise DataError(f"cannot read image '{name}': {why}") from None
+
+
+def _tar_member(path: Path) -> bytes:
+    import tarfile
+
+    for parent in path.parents:
+        if parent.suffix == ".tar" and parent.is_file():
+            try:
+                with tarfile.open(parent, "r:") as tar:
+                    f = tar.extractfile(path.relative_to(parent).as_posix())
+                    if f is not None:
+                        return f.read()
+            except (tarfile.TarError, KeyError, OSError):
+                break
+    raise DataError(f"cannot read image '{path}': file not found")
+
+
+def open_rgb(src, min_side: int | None = None) -> Image.Image:
+    """Decode ``src`` (a path or a binary file object) to RGB, with draft scaling and EXIF orientation."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's palette/EXIF chatter; the result is what matters
+        with Image.open(src) as im:
+            if min_side and im.format == "JPEG" and min(im.size) >= 2 * min_side:
+                w, h = im.size
+                short = min(w, h)
+                im.draft(None, (math.ceil(w * min_side / short), math.ceil(h * min_side / short)))
+            im.load()
+            if im.getexif().get(0x0112, 1) != 1:
+                im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -119,6 +119,11 @@ def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, seed: int, devic
     """
     n = len(ds)  # type: ignore[arg-type]
     workers = default_workers(n, batch_size) if workers is None else int(workers)
+    if getattr(ds, "streaming", False):  # tar shards (finetune/data/shards.py): an IterableDataset
+        from finetune.data.shards import make_stream_loader
+
+        return make_stream_loader(ds, batch_size, shuffle=shuffle, seed=seed, device=device,  # type: ignore
+                                  workers=workers, num_replicas=num_replicas, rank=rank)
     sampler = EpochSampler(n, shuffle=shuffle, seed=seed, keyed=isinstance(ds, _Seeded) and shuffle,
                            num_replicas=num_replicas, rank=rank, pad=shuffle, weights=weights)
     if shuffle and len(sampler) > 1 and len(sampler) % batch_size == 1:
@@ -136,7 +141,7 @@ def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     after its first ``skip_batches`` batches (resuming mid-epoch)."""
     sampler = loader.sampler
     if skip_batches:
-        if not isinstance(sampler, EpochSampler):
+        if not isinstance(sampler, EpochSampler) and not getattr(sampler, "skips", False):
             raise TypeError("skipping batches needs a loader from make_loader (an EpochSampler)")
         sampler.set_epoch(epoch, start=skip_batches * int(loader.batch_size or 1))
     elif hasattr(sampler, "set_epoch"):
