@@ -3,6 +3,10 @@
     python benchmarks/bench.py            # the full run (~10-15 min on a 2-core CPU)
     python benchmarks/bench.py --quick    # fewer images and epochs, a smoke test (~2 min)
 
+Each row also gets a **ceiling**: the model-only time for the same work (same model, batch, bf16 autocast,
+channels_last) on synthetic tensors, measured in the same run (:func:`ceiling_of`), and finetune's fraction of it
+(``model-only s / finetune s``; above 1 where the feature cache skips work the ceiling's loop does).
+
 Same data, same starting weights (random init saved once to a file: no pretrained download happens, so the
 accuracies are those of random-init training and are only comparable with each other), same seed, same sample
 order (the hand loop draws finetune's EpochSampler permutation, so the accuracy comparison is tight; drawing it
@@ -24,6 +28,7 @@ Writes benchmarks/results/latest.json and prints a table (markdown with --markdo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -99,6 +104,81 @@ class Capture(Reporter):
         self.notes.append(message)
 
 
+# ----------------------------------------------------------------------------------------------- the ceiling
+
+def model_only(make_model, *, train: bool, size: int, batch: int, classes: int, frozen: list[str] | None = None,
+               precision: str = "bf16", channels_last: bool = True, min_s: float = 3.0, min_steps: int = 4,
+               device: str = "cpu", compile_: bool = False) -> float:
+    """Images/s of the model alone on synthetic tensors: the ceiling for the same model, batch, precision and layout.
+
+    ``train``: forward + backward + SGD step with ``frozen`` applied as in :func:`hand_train` (frozen BatchNorm in
+    eval mode); else a forward under ``eval()`` + ``inference_mode``. Two warm-up calls, then at least ``min_steps``
+    calls and ``min_s`` seconds. No data loading, no decoding, no metrics: what a loop could reach at best.
+    ``device`` cuda: the clock waits for the GPU (``synchronize``); ``compile_``: ``torch.compile`` the model (the
+    warm-up calls pay the compile time)."""
+    torch.manual_seed(SEED)
+    model = make_model().to(device)
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=mf)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=mf)
+    y = torch.randint(0, classes, (batch,), device=device)
+    kind = torch.device(device).type
+    cast = (lambda: torch.autocast(kind, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
+    net = torch.compile(model) if compile_ else model
+    if train:
+        if frozen:
+            for name, p in model.named_parameters():
+                p.requires_grad = name.startswith("fc.") if frozen == ["*"] else name.split(".")[0] not in frozen
+        still = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+                 and not any(p.requires_grad for p in m.parameters())]
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM)
+        loss_fn = nn.CrossEntropyLoss()
+
+        def once():
+            model.train()
+            for m in still:
+                m.eval()
+            with cast():
+                loss = loss_fn(net(x).float(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    else:
+        model.eval()
+
+        def once():
+            with torch.inference_mode(), cast():
+                net(x)
+    once()
+    once()
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while n < min_steps or time.perf_counter() - t0 < min_s:
+        once()
+        n += 1
+        sync()
+    return n * batch / (time.perf_counter() - t0)
+
+
+def ceiling_of(make_model, *, size: int, classes: int, train_images: int, val_images: int, epochs: int,
+               frozen: list[str] | None, probe: bool = False, eval_only: bool = False, quick: bool = False) -> dict:
+    """The model-only seconds for a scenario's work: ``epochs`` x (train steps over the train images at batch 32 +
+    forward over val at batch 64); a probe's work is ONE forward over train + val (what the feature cache needs);
+    eval is one forward over val. ``ceiling_s / finetune wall s`` is finetune's fraction of the ceiling."""
+    kw = dict(size=size, classes=classes, min_s=1.0 if quick else 3.0)
+    fwd = model_only(make_model, train=False, batch=64, **kw)
+    out = {"forward_ips": fwd}
+    if probe:
+        out["ceiling_s"] = (train_images + val_images) / fwd
+    elif eval_only:
+        out["ceiling_s"] = val_images / fwd
+    else:
+        out["train_ips"] = model_only(make_model, train=True, batch=BATCH, frozen=frozen, **kw)
+        out["ceiling_s"] = epochs * (train_images / out["train_ips"] + val_images / fwd)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- the hand loop
 
 def hand_transform(size: int, resize: int, mean, std):
@@ -169,8 +249,10 @@ def ft_train(model: str, weights: Path, root: Path, size: int, epochs: int, free
     r = apply_overrides(r, over)
     cap = Capture()
     res = finetune.train(r, out=out, overwrite=True, reporter=cap)
-    n_train = cap.info.get("train_images", 0)
-    return {"val_acc": res.epochs[-1]["val_acc"], "images": epochs * (n_train + cap.info.get("val_images", 0)),
+    n_train, n_val = cap.info.get("train_images", 0), cap.info.get("val_images", 0)
+    ips = [e["images_per_sec"] for e in res.epochs if e.get("images_per_sec")]
+    return {"val_acc": res.epochs[-1]["val_acc"], "images": epochs * (n_train + n_val), "n_train": n_train,
+            "n_val": n_val, "loop_ips": sum(ips) / len(ips) if ips else None,
             "picked": {k: cap.info.get(k) for k in ("precision", "channels_last", "feature_cache")},
             "notes": cap.notes, "run_dir": res.run_dir}
 
@@ -369,6 +451,8 @@ def main(argv=None) -> int:
         print(render(json.loads(Path(args.render).read_text())))
         return 0
     logging.getLogger("finetune").setLevel(logging.ERROR)
+    # features are computed in the run, never read from an earlier run's persistent store: the rows measure work
+    os.environ["FINETUNE_CACHE"] = "off"
     shared = REPO.parent / "shared" / "data" / "flowers12"
     root = Path(args.data) if args.data else (shared if shared.is_dir() else REPO / "data" / "sample")
     only = set(args.only.split(",")) if args.only else {"real", "probe", "partial", "full", "eval", "smallcnn",
@@ -414,13 +498,19 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps(info, indent=2, default=str))
         return info
 
-    def pair(name, hand_fn, ft_fn, what):
+    def pair(name, hand_fn, ft_fn, what, ceiling=None):
         print(f"[{name}] hand loop ...", file=sys.stderr, flush=True)
         h = timed(hand_fn)
         print(f"[{name}] finetune ...", file=sys.stderr, flush=True)
         f = timed(ft_fn)
         row = {"scenario": name, "what": what, "hand": h, "finetune": f, "ratio": h["wall_s"] / f["wall_s"],
                "target": TARGETS.get(name)}
+        if ceiling is not None:  # the model-only time for the same work, measured now, in this process
+            print(f"[{name}] model-only ceiling ...", file=sys.stderr, flush=True)
+            c = ceiling(f)
+            row["ceiling"] = {**c, "of_ceiling": c["ceiling_s"] / f["wall_s"]}
+            if c.get("train_ips") and f.get("loop_ips") and f.get("picked", {}).get("feature_cache") != "used":
+                row["ceiling"]["loop_of_ceiling"] = f["loop_ips"] / c["train_ips"]
         row["acc_ok"] = f["val_acc"] >= h["val_acc"] - 0.01
         row["met"] = None if row["target"] is None else bool(row["ratio"] >= row["target"] and row["acc_ok"])
         rows.append(row)
@@ -437,17 +527,23 @@ def main(argv=None) -> int:
         pair("linear probe", lambda: hand_train(resnet, w_resnet, root, tf224, ep_probe, ["*"], None),
              lambda: ft_train("resnet18", w_resnet, root, 224, ep_probe, {"freeze.backbone": True}, tmp / "probe",
                               None),
-             f"resnet18 224px, backbone frozen, {ep_probe} epochs")
+             f"resnet18 224px, backbone frozen, {ep_probe} epochs",
+             lambda f: ceiling_of(resnet, size=224, classes=classes, train_images=f["n_train"],
+                                  val_images=f["n_val"], epochs=ep_probe, frozen=["*"], probe=True, quick=args.quick))
     if "partial" in only:
         pair("partial freeze", lambda: hand_train(resnet, w_resnet, root, tf224, ep_partial, PARTIAL, None),
              lambda: ft_train("resnet18", w_resnet, root, 224, ep_partial, {"freeze.layers": PARTIAL},
                               tmp / "partial", None),
-             f"resnet18 224px, conv1..layer3 frozen, {ep_partial} epochs")
+             f"resnet18 224px, conv1..layer3 frozen, {ep_partial} epochs",
+             lambda f: ceiling_of(resnet, size=224, classes=classes, train_images=f["n_train"],
+                                  val_images=f["n_val"], epochs=ep_partial, frozen=PARTIAL, quick=args.quick))
     full = None
     if "full" in only or "eval" in only:
         full = pair("full fine-tune", lambda: hand_train(resnet, w_resnet, root, tf224, ep_full, None, None),
                     lambda: ft_train("resnet18", w_resnet, root, 224, ep_full, {}, tmp / "full", None),
-                    f"resnet18 224px, all trainable, {ep_full} epoch")
+                    f"resnet18 224px, all trainable, {ep_full} epoch",
+                    lambda f: ceiling_of(resnet, size=224, classes=classes, train_images=f["n_train"],
+                                         val_images=f["n_val"], epochs=ep_full, frozen=None, quick=args.quick))
     if "eval" in only and full is not None:
         ckpt = Path(full["finetune"]["run_dir"]) / "last.pt"
 
@@ -462,12 +558,16 @@ def main(argv=None) -> int:
             res = finetune.evaluate_checkpoint(ckpt, batch_size=64)
             return {"val_acc": res["accuracy"], "images": res["n"]}
 
-        pair("eval", hand_eval, ft_eval, "resnet18 224px, one pass over val (the full fine-tune's checkpoint)")
+        pair("eval", hand_eval, ft_eval, "resnet18 224px, one pass over val (the full fine-tune's checkpoint)",
+             lambda f: ceiling_of(resnet, size=224, classes=classes, train_images=0, val_images=f["images"],
+                                  epochs=1, frozen=None, eval_only=True, quick=args.quick))
     if "smallcnn" in only:
         pair("smallcnn 32px", lambda: hand_train(lambda: SmallCNN(classes), w_small, root, tf32, ep_small, None,
                                                  None),
              lambda: ft_train("smallcnn", w_small, root, 32, ep_small, {}, tmp / "small", None),
-             f"smallcnn 32x32, all trainable, {ep_small} epochs")
+             f"smallcnn 32x32, all trainable, {ep_small} epochs",
+             lambda f: ceiling_of(lambda: SmallCNN(classes), size=32, classes=classes, train_images=f["n_train"],
+                                  val_images=f["n_val"], epochs=ep_small, frozen=None, quick=args.quick))
     if "prec" in only:  # item 2: bf16 vs fp32 of the default and linear-probe recipes, finetune alone
         for recipe, over in (("default", {}),
                              ("linear-probe", {"model.weights": str(w_resnet), "data.path": str(root),
@@ -489,6 +589,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _ceiling_cells(c: dict | None) -> list[str]:
+    """The model-only seconds for the same work (with the train-step and forward img/s it came from) and finetune's
+    fraction of it: whole call (data set construction included), and the training loop alone where the full model
+    runs every step (``loop``: the epochs' own img/s over the model-only train step)."""
+    if not c:
+        return ["-", "-"]
+    ips = f"{c['train_ips']:.1f} / {c['forward_ips']:.1f}" if c.get("train_ips") else f"fwd {c['forward_ips']:.1f}"
+    frac = f"{c['of_ceiling']:.2f}x" + (f" (loop {c['loop_of_ceiling']:.2f}x)" if c.get("loop_of_ceiling") else "")
+    return [f"{c['ceiling_s']:.1f} ({ips})", frac]
+
+
 def render(info: dict, markdown: bool = True) -> str:
     """The table (markdown); ``python benchmarks/bench.py --render FILE.json`` prints it again."""
     m = info["machine"]
@@ -505,7 +616,8 @@ def render(info: dict, markdown: bool = True) -> str:
     if not info["rows"]:
         return "\n".join(lines)
     head = ["scenario", "hand loop s", "finetune s", "hand img/s", "finetune img/s", "ratio", "target",
-            "val acc hand", "val acc finetune", "peak RSS MB hand / finetune"]
+            "val acc hand", "val acc finetune", "peak RSS MB hand / finetune", "model-only s (train / fwd img/s)",
+            "finetune / ceiling"]
     lines += [f"{m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), native bf16: {m['bf16_native']}, "
              f"torch {m['torch']}, torchvision {m['torchvision']}, {m['date']}; data: {info['data']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -516,7 +628,7 @@ def render(info: dict, markdown: bool = True) -> str:
             f"{r['scenario']}: {r['what']}", f"{h['wall_s']:.1f}", f"{f['wall_s']:.1f}",
             f"{h['images'] / h['wall_s']:.1f}", f"{f['images'] / f['wall_s']:.1f}", f"{r['ratio']:.2f}x", target,
             f"{100 * h['val_acc']:.1f}%", f"{100 * f['val_acc']:.1f}%",
-            f"{h['peak_rss_mb']:.0f} / {f['peak_rss_mb']:.0f}"]) + " |")
+            f"{h['peak_rss_mb']:.0f} / {f['peak_rss_mb']:.0f}", *_ceiling_cells(r.get("ceiling"))]) + " |")
     if info["rows"]:
         picked = info["rows"][0]["finetune"].get("picked")
         lines.append("")

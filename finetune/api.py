@@ -17,9 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.checkpoint import EXPORT_SUFFIX, export_weights, finite_json  # noqa: F401 - torch only inside
+from finetune.export import FORMATS as EXPORT_FORMATS, export as export_model  # noqa: F401 - likewise
 from finetune.config import (Recipe, apply_overrides, describe, load_recipe, recipe_names,  # noqa: F401
                              recipe_path, recipes_dir)
-from finetune.errors import ConfigError, DataError, FinetuneError, FreezeError, shown  # noqa: F401
+from finetune.errors import (CheckpointError, ConfigError, DataError, FinetuneError, FreezeError,  # noqa: F401
+                             shown)
+from finetune.lr_find import FILES as LR_FIND_FILES, lr_find  # noqa: F401 - torch only inside the functions
+from finetune.launcher import report_worker_error  # noqa: F401 - --nproc workers: errors reach the user once
 from finetune.serialization import trusted  # noqa: F401
 from finetune.stop import sigterm_as_interrupt  # noqa: F401
 
@@ -102,16 +106,30 @@ def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Mo
     return model, ckpt
 
 
+def _fast(ckpt: dict[str, Any], given: str | None) -> str:
+    """eval/predict's fast-inference mode: ``given``, else the checkpoint's (see finetune/fastinfer.py)."""
+    from finetune.fastinfer import mode_of
+
+    return mode_of(ckpt, given)
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: str = "val", *,
                         device: str = "auto", batch_size: int = 64, precision: str | None = None,
-                        labels: str | None = None, report: str | Path | None = None) -> dict[str, Any]:
+                        labels: str | None = None, report: str | Path | None = None,
+                        fast_inference: str | None = None) -> dict[str, Any]:
     """Accuracy, top-5, loss, per-class accuracy and confusion of a checkpoint on ``data`` (default: the data it
     was trained on), with the checkpoint's own eval transform and precision — so it reproduces the val accuracy
-    that training recorded for that epoch. ``report``: also write that HTML file (confusion heat map, per-class
+    that training recorded for that epoch. ``split="all"``: a mapping split -> that result for every split the data
+    has (train, val, test). ``report``: also write that HTML file (confusion heat map, per-class
     precision/recall/F1, the most confidently wrong images)."""
     from finetune import data as D
     from finetune.engine import evaluate, resolve_device
 
+    if split == "all":  # every split the data has, each on its own: {"train": {...}, "val": {...}, "test": {...}}
+        if report is not None:
+            raise ConfigError("--report describes one split; pass --split val, train or test with it")
+        return _evaluate_all(checkpoint, data, device=device, batch_size=batch_size, precision=precision,
+                             labels=labels)
     if report is not None:  # a bad report path fails before the evaluation, not after it
         from finetune.report import check_out
 
@@ -133,9 +151,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
     loader = D.make_loader(ds, batch_size, shuffle=False, seed=0, device=dev.type)
     res = evaluate(model, loader, int(ckpt["num_classes"]), device=dev,
                    precision=_precision_on(dev, precision or ckpt.get("precision", "fp32")),
-                   channels_last=bool(ckpt.get("channels_last")))
+                   channels_last=bool(ckpt.get("channels_last")), fast=_fast(ckpt, fast_inference))
     names = list(ckpt["class_names"])
-    out = {"accuracy": res["accuracy"], "top5": res["top5"], "loss": res["loss"], "n": res["n"],
+    out = {"accuracy": res["accuracy"], "balanced_accuracy": res["balanced_accuracy"], "macro_f1": res["macro_f1"],
+           "top5": res["top5"], "loss": res["loss"], "n": res["n"],
            "per_class": dict(zip(names, res["per_class"])), "confusion": res["confusion"],
            "class_names": names, "checkpoint": ckpt["_path"], "epoch": ckpt.get("epoch"), "split": split,
            "data": str(path)}
@@ -165,8 +184,20 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return write_run_report(run_dir, out)
 
 
+def _evaluate_all(checkpoint, data, **kw) -> dict[str, dict[str, Any]]:
+    from finetune.checkpoint import load_checkpoint
+    from finetune.data import provenance
+    from finetune.holdout import splits
+
+    info = load_checkpoint(checkpoint).get("data") or {}
+    own = data is None or data == info.get("path") or provenance.absolute(data) == info.get("root")
+    path = data if data is not None else info.get("root") or info.get("path", "sample")
+    return {s: evaluate_checkpoint(checkpoint, data, s, **kw)
+            for s in splits(str(path), info.get("val_split", 0.2) if own else 0.0)}
+
+
 def predict(checkpoint: str | Path, paths: list[str], top_k: int = 5, *, device: str = "auto",
-            batch_size: int = 32, strict: bool = False) -> list[dict[str, Any]]:
+            batch_size: int = 32, strict: bool = False, fast_inference: str | None = None) -> list[dict[str, Any]]:
     """Top-k labels and probabilities for each image (files or folders) with the checkpoint's eval transform.
 
     Rows: ``{"path", "name", "top": [{"label", "prob"}]}``; ``name`` is relative to the folder given (or the file
@@ -190,6 +221,9 @@ def predict(checkpoint: str | Path, paths: list[str], top_k: int = 5, *, device:
     tf = D.eval_transform(tf_cfg)
     k = max(1, min(top_k, len(class_names)))
     prec = _precision_on(dev, ckpt.get("precision", "fp32"))
+    from finetune.fastinfer import FastInference
+
+    run = FastInference(model, _fast(ckpt, fast_inference))
     out: list[dict[str, Any]] = []
     skipped: list[str] = []
     files = list(named)
@@ -209,7 +243,7 @@ def predict(checkpoint: str | Path, paths: list[str], top_k: int = 5, *, device:
         if ckpt.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(dev, prec):
-            probs = model(x).float().softmax(dim=1)
+            probs = run(x).float().softmax(dim=1)
         p, idx = probs.topk(k, dim=1)
         for f, pr, ix in zip(chunk, p.tolist(), idx.tolist()):
             out.append({"path": str(f), "name": named[f],

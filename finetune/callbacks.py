@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from finetune.engine import Reporter
+from finetune.strategy import uses_fsdp
 
 log = logging.getLogger("finetune")
 
@@ -161,7 +162,7 @@ class TensorBoard(Callback):
         mean = torch.tensor(tf.get("mean", (0.0, 0.0, 0.0))).view(1, -1, 1, 1)
         std = torch.tensor(tf.get("std", (1.0, 1.0, 1.0))).view(1, -1, 1, 1)
         self.writer.add_images("train/first_batch", (x[:32].float() * std + mean).clamp(0, 1), 0)
-        if run.cfg.train.graph:
+        if run.cfg.train.graph and not uses_fsdp(run.cfg, run.dd):  # FSDP: a forward on rank 0 alone would hang
             self.log_graph(run.model, x[:1].to(run.device), run.channels_last)
 
     def log_graph(self, model, sample: torch.Tensor, channels_last: bool) -> None:
@@ -191,7 +192,7 @@ class StepScalars(Reporter):
         n = info["update"]
         if n % self.every:
             return
-        self.writer.add_scalar("step/loss", info["loss"], n)
+        self.writer.add_scalar("step/loss", float(info["loss"]), n)  # the one read of the loss: every N updates
         self.writer.add_scalar("step/images_per_sec", info["images_per_sec"], n)
         for name, lr in info["lrs"].items():
             self.writer.add_scalar("step/lr_group/" + name.replace(" ", "_"), lr, n)

@@ -30,7 +30,8 @@ def _run_owned(name: str) -> bool:
     """Names a finetune run writes into its directory (and nothing else): checkpoints, config, metrics, the marker,
     the lock, TensorBoard event files, the temp files of an interrupted atomic write, the report."""
     return (name in RUN_FILES
-            or name in (MARKER, LOCK, ".write-test", "report.html", "report.json", "probe.json", "best_ema.pt")
+            or name in (MARKER, LOCK, ".write-test", "report.html", "report.json", "probe.json", "best_ema.pt",
+                        "lr_find.png", "lr_find.json")
             or bool(re.fullmatch(r"epoch\d{3,}\.pt", name))
             or name in _OWN_DIRS
             or name.startswith("events.out.tfevents.") or (name.startswith(".") and name.endswith(".tmp")))
@@ -91,9 +92,11 @@ def clear_run_dir(out: Path) -> None:
 def atomic_write_bytes(path: Path, write) -> None:
     """Write via ``write(fileobj)`` to a temp file in the same folder, fsync, then ``os.replace``.
 
-    A crash at any moment leaves either the old complete file or the new complete file, never a torn one.
+    A crash at any moment leaves either the old complete file or the new complete file, never a torn one. A kill
+    (which no ``except`` sees) leaves the temp file ``.NAME.XXXXXXXX.tmp``; the next write of ``NAME`` removes it.
     """
     path = Path(path)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -112,6 +115,16 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """The temp files an earlier, killed write of ``path`` left (only that name's: ``.NAME.XXXXXXXX.tmp``)."""
+    import glob
+
+    for stale in glob.glob(os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*.tmp")):
+        if len(os.path.basename(stale)) == len(path.name) + 14:  # "." + NAME + "." + 8 random chars + ".tmp"
+            with _suppress():
+                os.unlink(stale)
 
 
 def _umask() -> int:
@@ -284,7 +297,7 @@ def finite_json(obj: Any) -> Any:
 
 
 def metrics_text(best: dict, history: list[dict], *, best_ema: dict | None = None,
-                 top_k: list[dict] | None = None) -> str:
+                 top_k: list[dict] | None = None, test: dict | None = None) -> str:
     """``metrics.json``: the best epoch, every epoch's row, and (when used) the EMA's best and the top-k list.
     Non-finite numbers are written as null (JSON has no NaN)."""
     rows = [{k: v for k, v in r.items() if k != "best"} for r in history]
@@ -293,6 +306,8 @@ def metrics_text(best: dict, history: list[dict], *, best_ema: dict | None = Non
         doc["best_ema"] = best_ema
     if top_k:
         doc["top_k"] = top_k
+    if test is not None:
+        doc["test"] = test  # best.pt on the data's test/ folder (holdout.py), apart from the epochs
     return json.dumps(finite_json({**doc, "epochs": rows}), indent=2, allow_nan=False)
 
 
@@ -324,18 +339,47 @@ def repair_run(run_dir: str | Path) -> list[str]:
         return []
     best = last.get("best") or {}
     epoch = int(last["epoch"])
+    _check_best_is_this_runs(run_dir, last, rebuildable=best.get("epoch") == epoch and not last.get("partial"))
     fixed = [] if last.get("partial") or epoch <= 0 else _repair_epoch_files(run_dir, last, epoch)
-    text = metrics_text(best, list(last.get("metrics") or []), best_ema=last.get("best_ema"),
-                        top_k=last.get("top_k"))
     mp = run_dir / "metrics.json"
     try:
-        same = mp.read_text(encoding="utf-8") == text
+        old = mp.read_text(encoding="utf-8")
     except OSError:
-        same = False
+        old = None
+    text = metrics_text(best, list(last.get("metrics") or []), best_ema=last.get("best_ema"),
+                        top_k=last.get("top_k"), test=_kept_test(old, best))
+    same = old == text
     if not same and last.get("metrics"):
         atomic_write_text(mp, text)
         fixed.append("metrics.json")
     return fixed
+
+
+def _kept_test(text: str | None, best: dict) -> dict | None:
+    """metrics.json's ``test`` entry while it still describes the best epoch's best.pt (else it is stale)."""
+    try:
+        test = json.loads(text).get("test") if text else None
+    except (ValueError, AttributeError):
+        return None
+    return test if isinstance(test, dict) and test.get("epoch") == best.get("epoch") else None
+
+
+def _same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.get("model_name") == b.get("model_name") and list(a.get("class_names") or []) == \
+        list(b.get("class_names") or [])
+
+
+def _check_best_is_this_runs(run_dir: Path, last: dict[str, Any], rebuildable: bool) -> None:
+    """A ``best.pt`` of another model or other classes than ``last.pt`` (a last.pt copied in from another run) is
+    replaced from last.pt when last.pt's epoch is the best one; otherwise it cannot be rebuilt: an error, and
+    nothing changes (before, it stayed, and ``eval best.pt`` evaluated the other model)."""
+    current = _peek(run_dir / "best.pt")
+    if rebuildable or current is None or _same_model(current, last):
+        return
+    raise CheckpointError(f"'{run_dir / 'best.pt'}' holds another model ({current.get('model_name')}, classes "
+                          f"{list(current.get('class_names') or [])}) than last.pt ({last.get('model_name')}, "
+                          f"classes {list(last.get('class_names') or [])}), and its best epoch cannot be rebuilt "
+                          "from last.pt; move best.pt away, then resume")
 
 
 def _repair_epoch_files(run_dir: Path, last: dict[str, Any], epoch: int) -> list[str]:
@@ -348,7 +392,7 @@ def _repair_epoch_files(run_dir: Path, last: dict[str, Any], epoch: int) -> list
         wanted[e["file"]] = e["epoch"] == epoch
     for name, own in wanted.items():
         current = _peek(run_dir / name) if own else None
-        if own and (current is None or int(current.get("epoch", -1)) != epoch):
+        if own and (current is None or int(current.get("epoch", -1)) != epoch or not _same_model(current, last)):
             content = slim(dict(last))
             if name == "best_ema.pt":
                 content = {**content, "model": last["ema"], "ema_weights": True}
@@ -423,8 +467,31 @@ def remove_temp_files(run_dir: Path) -> list[str]:
 
 
 def default_run_dir(model_name: str, root: str | Path = "runs") -> Path:
+    """``runs/<date>-<time>-<model>``: the name a run without ``--out`` asks for (see :func:`claim_run_dir`)."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-")
     return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
+
+
+def claim_run_dir(path: Path, limit: int = 1000) -> Path:
+    """Make and return a new, empty directory: ``path``, or ``path-2``, ``path-3``, ... when that name is taken.
+
+    A default run name has one-second resolution, and two runs started in the same second (two terminals, a sweep
+    script) must not share a directory. ``mkdir`` without ``exist_ok`` is the claim: of two processes racing for a
+    name, exactly one creates it, the other moves on to the next suffix."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, limit + 1):
+            candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise CheckpointError(f"cannot create a run directory in '{path.parent}': {e.strerror or e}; choose "
+                              "another --out") from None
+    raise CheckpointError(f"'{path}' and {limit - 1} suffixed names ('{path.name}-2', ...) are all taken; pass --out")
 
 
 def prepare_run_dir(out: Path, *, overwrite: bool, lock: RunLock | None = None) -> Path:

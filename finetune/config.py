@@ -58,6 +58,8 @@ FLOAT32_MAX = 3.4028234663852886e38  # optimizer.lr: torch multiplies float32 we
 F32 = Range(le=FLOAT32_MAX, msg=f"must be at most {FLOAT32_MAX:.2g} (it is applied to float32 weights), got {{v:g}}")
 DECAY = Range(gt=0, le=1, msg="must be in (0, 1] (each layer's LR is lr x decay^distance from the head), got {v}")
 UNIT = Range(gt=0, lt=1, msg="must be in (0, 1), got {v}")
+SEED = Range(ge=0, le=2**32 - 1, msg="must be an integer from 0 to 4294967295 (2**32 - 1: NumPy's seed range, as in "
+             "Lightning's seed_everything), got {v}")
 EPOCH = Range(ge=1, msg="must be at least 1 (epochs count from 1, as the logs do), got {v}")
 
 
@@ -66,6 +68,8 @@ class ModelCfg:
     name: str = "smallcnn"
     weights: str = "default"  # default = the backbone's own pretrained weights (none for smallcnn)
     num_classes: int | None = None  # None = from the data
+    drop_rate: Annotated[float, FRACTION] | None = None  # timm create_model(drop_rate=): dropout before the head
+    drop_path_rate: Annotated[float, FRACTION] | None = None  # timm create_model(drop_path_rate=): stochastic depth
 
 
 @dataclass
@@ -76,6 +80,7 @@ class DataCfg:
     val_split: Annotated[float, FRACTION] = 0.2  # used when the folder has no val/ split
     image_size: Annotated[int, SIZE] | None = None  # None = the backbone's own input size
     augment: Literal["none", "light", "strong"] = "light"
+    sampler: Literal["random", "balanced"] = "random"  # balanced: each class equally likely per draw (imbalance.py)
     mean: list[float] | None = None
     std: list[float] | None = None
     cache: Literal["auto", "on", "off", "ram", "disk"] = "auto"  # decoded-image cache (auto/on: RAM or disk by size)
@@ -108,7 +113,7 @@ class FreezeCfg:
 @dataclass
 class OptimizerCfg:
     name: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
-    lr: Annotated[float, POS, F32] = 0.01
+    lr: Annotated[float, POS, F32] | Literal["auto"] = 0.01  # auto: the LR range test picks it (lr_find.py)
     momentum: Annotated[float, NONNEG] = 0.9
     nesterov: bool = False
     weight_decay: Annotated[float, NONNEG] = 0.0  # never applied to biases and norm weights
@@ -133,13 +138,15 @@ class TrainCfg:
     accumulate: Annotated[int, POS] = 1
     clip_grad: Annotated[float, NONNEG] | None = None
     label_smoothing: Annotated[float, NONNEG, Range(lt=1, msg="must be below 1")] = 0.0
-    seed: int = 0
+    class_weights: str = "none"  # none | auto (inverse frequency) | FILE (.json/.yaml: class -> weight)
+    seed: Annotated[int, SEED] = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | None = None  # None = auto (conv nets)
     compile: bool = False
     early_stop: Annotated[int, NONNEG] | None = None  # stop after N epochs without a better val accuracy
     cache_features: Literal["auto", "on", "off"] = "auto"
+    fast_inference: Literal["auto", "off"] = "auto"  # frozen inference on a conv+BN-folded copy (finetune/fastinfer.py)
     tensorboard: bool = True
     report: bool = True  # write report.html (curves, confusion, wrong images, freeze plan) at the end of the run
     graph: bool = True  # add the model graph to TensorBoard
@@ -154,6 +161,7 @@ class TrainCfg:
     cutmix: Annotated[float, NONNEG] = 0.0  # cutmix alpha; 0 = off (with both: one of them per batch)
     log_every: Annotated[int, POS] | None = None  # TensorBoard scalars every N optimizer steps (besides per epoch)
     dist_timeout: Annotated[float, POS] = 10.0  # DDP: minutes a collective may wait for the other processes
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # N processes: DDP replicas, or FSDP2 (fully_shard per block)
 
 
 @dataclass
@@ -264,11 +272,12 @@ def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
+        return " or ".join(_type_name(a) for a in args) + (" or null" if type(None) in typing.get_args(tp) else "")
     if origin is Annotated:
         return _type_name(typing.get_args(tp)[0])
     if origin is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+        words = typing.get_args(tp)
+        return f"'{words[0]}'" if len(words) == 1 else "one of " + ", ".join(map(str, words))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}s"
     if origin is dict:
@@ -297,7 +306,13 @@ def _convert(value: Any, tp, path: str, where: _Where) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], path, where)
+        words = [w for a in inner if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+        if words and isinstance(value, str) and value in words:  # a number or a word: lr: auto
+            return value
+        rest = [a for a in inner if typing.get_origin(a) is not Literal]
+        if words and isinstance(value, str) and not _NUMBER.match(value.strip()):
+            raise _error(where, path, f"must be {_type_name(tp)}, got {value!r}")
+        return _convert(value, rest[0], path, where)
     if origin is Annotated:
         inner, *rules = typing.get_args(tp)
         value = _convert(value, inner, path, where)
@@ -397,10 +412,16 @@ def validate(recipe: Recipe, where: _Where | None = None) -> Recipe:
 
 def _cross_checks(recipe: Recipe, where: _Where) -> Recipe:
     """Rules between keys (a single field's rules live in its type)."""
-    if recipe.scheduler.min_lr > recipe.optimizer.lr:
+    if recipe.optimizer.lr != "auto" and recipe.scheduler.min_lr > recipe.optimizer.lr:
         e = ConfigError(f"{where('scheduler.min_lr')}scheduler.min_lr ({recipe.scheduler.min_lr:g}) must not be "
                         f"above optimizer.lr ({recipe.optimizer.lr:g}): the schedule would raise the LR")
         e.key = "scheduler.min_lr"
+        raise e
+    if recipe.scheduler.warmup_epochs > recipe.train.epochs:
+        warmup = recipe.scheduler.warmup_epochs
+        e = ConfigError(f"{where('scheduler.warmup_epochs')}scheduler.warmup_epochs ({warmup:g}) must not be more "
+                        f"than train.epochs ({recipe.train.epochs}): the LR would never reach optimizer.lr")
+        e.key = "scheduler.warmup_epochs"
         raise e
     return recipe
 

@@ -111,13 +111,22 @@ def broadcast_object(obj, d: Dist, src: int = 0):
     return box[0]
 
 
-def launch(nproc: int, args: list[str]) -> int:
-    """Run ``python -m finetune ARGS`` as ``nproc`` torchrun processes on this machine; returns the exit code."""
+def launch(nproc: int, args: list[str], nodes: tuple[int, int, str | None] = (1, 0, None)) -> int:
+    """Run ``python -m finetune ARGS`` as ``nproc`` torchrun processes on this machine; returns the exit code, or
+    raises the workers' user error (:class:`finetune.launcher.WorkerError`: one line, shown once).
+
+    ``nodes`` = (nnodes, node_rank, master HOST[:PORT]): this machine is one of several, which meet at a c10d
+    rendezvous on the master (``torchrun --nnodes ... --rdzv-backend c10d --rdzv-endpoint HOST:PORT``)."""
     import sys
 
-    from finetune.stop import run_launcher
+    from finetune import launcher
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    nnodes, node_rank, master = nodes
+    where = ["--standalone"] if nnodes == 1 else [
+        f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={master if ':' in str(master) else f'{master}:29500'}"]
+    # torchrun (quiet: finetune.launcher.agent) runs `python -m finetune ARGS` nproc times
+    cmd = [sys.executable, "-m", "finetune.launcher", *where, f"--nproc_per_node={nproc}",
            "-m", "finetune", *args]
     # torchrun prints a banner about OMP_NUM_THREADS when it is unset; each process sets its own thread count
     # (init() splits the cores), so give it the same split and no banner
@@ -135,20 +144,25 @@ def launch(nproc: int, args: list[str]) -> int:
     if here not in sites:
         env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
     env["PYTHONSAFEPATH"] = "1"
-    return run_launcher(cmd, env)  # torchrun and its workers never outlive this process
+    # torchrun and its workers never outlive this process; a user error in the workers is raised here, once
+    return launcher.run(cmd, env)
+
+
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr")
 
 
 def strip_nproc(argv: list[str]) -> list[str]:
-    """``argv`` without ``--nproc N`` / ``--nproc=N`` (the child processes must not launch again)."""
+    """``argv`` without ``--nproc N`` / ``--nproc=N`` and the other launch flags (the child processes must not
+    launch again)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
             continue
-        if a == "--nproc":
+        if a in LAUNCH_FLAGS:
             skip = True
             continue
-        if a.startswith("--nproc="):
+        if a.startswith(tuple(f + "=" for f in LAUNCH_FLAGS)):
             continue
         out.append(a)
     return out

@@ -18,6 +18,8 @@ from torch import nn
 
 from finetune.config import SchedulerCfg
 from finetune.errors import ConfigError
+from finetune.imbalance import confusion_metrics
+from finetune.fastinfer import FastInference
 
 # ----------------------------------------------------------------------------------------------- device, precision
 
@@ -142,7 +144,8 @@ class Reporter:
     def batch(self, i: int, batches: int, loss: float, acc: float, images_per_sec: float) -> None: ...
     def eval_start(self, batches: int) -> None: ...
     def eval_batch(self, i: int, batches: int) -> None: ...
-    def update(self, info: dict[str, Any]) -> None: ...  # after each optimizer update: update, loss, lrs
+    # after each optimizer update: update, loss (a 0-dim tensor: float() reads it, a device sync on CUDA), lrs
+    def update(self, info: dict[str, Any]) -> None: ...
     def epoch_end(self, row: dict[str, Any]) -> None: ...
     def note(self, message: str) -> None: ...
     def end(self, summary: dict[str, Any]) -> None: ...
@@ -195,8 +198,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
     n_batches = len(loader)  # type: ignore[arg-type]
     resume = resume or {}
     skip = int(resume.get("batches", 0))
-    loss_sum, correct, seen = float(resume.get("loss_sum", 0.0)), int(resume.get("correct", 0)), \
-        int(resume.get("seen", 0))
+    sums = RunningSums(float(resume.get("loss_sum", 0.0)), int(resume.get("correct", 0)), int(resume.get("seen", 0)),
+                       step.device)
     n_updates = updates_per_epoch(n_batches, step.accumulate)
     lr = max((g["lr"] for g in opt.param_groups), default=0.0)
     first_lr: float | None = resume.get("first_lr")
@@ -218,22 +221,53 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
             optimizer_step(step)
             if step.after_update is not None:
                 step.after_update(epoch * n_updates + k + 1)
-        with torch.no_grad():
-            loss_sum, correct, seen = (loss_sum + loss.item() * y.numel(),
-                                       correct + (logits.argmax(dim=1) == y).sum().item(), seen + y.numel())
-        reporter.batch(i, n_batches, loss_sum / seen, correct / seen, seen / (time.perf_counter() - t0))
+        sums.add(loss, logits, y)
+        shown_loss, shown_correct, seen = sums.shown(last)  # re-read from the device at most 4 times a second
+        reporter.batch(i, n_batches, shown_loss / seen, shown_correct / seen, seen / (time.perf_counter() - t0))
         if sync:
-            reporter.update({"update": epoch * n_updates + k + 1, "loss": loss.item(), "lrs": {
+            reporter.update({"update": epoch * n_updates + k + 1, "loss": loss.detach(), "lrs": {
                 g.get("name", str(j)): g["lr"] for j, g in enumerate(opt.param_groups)},
                 "images_per_sec": seen / (time.perf_counter() - t0)})
         if on_step is not None and not last and (i + 1) % step.accumulate == 0:
+            loss_sum, correct, seen = sums.read()  # mid-epoch saving (opt-in) needs the exact sums every step
             on_step({"batches": i + 1, "loss_sum": loss_sum, "correct": correct, "seen": seen,
                      "first_lr": first_lr, "first_lrs": first_lrs})
     secs = time.perf_counter() - t0
-    loss_sum, correct, seen = _sum_over_ranks(step, loss_sum, correct, seen)
+    loss_sum, correct, seen = _sum_over_ranks(step, *sums.read())
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "n": seen, "seconds": secs,
             "images_per_sec": seen / secs if secs > 0 else 0.0, "lr": lr if first_lr is None else first_lr,
             "lrs": first_lrs}
+
+
+PROGRESS_EVERY = 0.25  # seconds between two reads of the running loss/accuracy for the progress bar
+
+
+class RunningSums:
+    """An epoch's loss sum and correct count, kept as tensors on the device, so a step does not wait for the device
+    (``.item()`` is a host sync on CUDA). Float64 arithmetic as with Python floats: ``read()`` gives the same numbers
+    a per-step ``loss.item() * n`` sum gives (bitwise; resumed sums continue exactly). ``shown`` is for progress
+    bars: the values read at most every ``every`` seconds (always on ``force``)."""
+
+    def __init__(self, loss_sum: float, correct: int, seen: int, device: torch.device, every: float | None = None):
+        self.loss = torch.tensor(loss_sum, dtype=torch.float64, device=device)
+        self.correct = torch.tensor(correct, dtype=torch.int64, device=device)
+        self.seen, self.every = seen, PROGRESS_EVERY if every is None else every
+        self._shown, self._at = (loss_sum, correct), -math.inf
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss += loss.detach().double() * y.numel()
+        self.correct += (logits.argmax(dim=1) == y).sum()
+        self.seen += y.numel()
+
+    def read(self) -> tuple[float, int, int]:
+        self._shown, self._at = (float(self.loss), int(self.correct)), time.perf_counter()
+        return self._shown[0], self._shown[1], self.seen
+
+    def shown(self, force: bool = False) -> tuple[float, int, int]:
+        if force or time.perf_counter() - self._at >= self.every:
+            return self.read()
+        return self._shown[0], self._shown[1], self.seen
 
 
 def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: Step, sync: bool,
@@ -296,17 +330,19 @@ class NonFiniteLoss(Exception):
 def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: torch.device | str = "cpu",
              precision: str = "fp32", channels_last: bool = False, label_smoothing: float = 0.0,
              reporter: Reporter | None = None,
-             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, fast: str = "auto") -> dict[str, Any]:
     """Loss, top-1 (argmax) and top-5 accuracy, per-class accuracy and the confusion matrix (rows = true class).
 
     Runs under ``model.eval()`` and ``torch.inference_mode()``; the model's previous mode is restored. Under DDP
     each rank evaluates its shard and ``reduce`` sums the counts, so the result covers the whole set once.
     ``samples`` (None under DDP, where a rank sees only its shard): per image, in loader order, the target, the
     prediction, its softmax probability and the true class's, for the report's pictures (finetune/report.py).
+    ``fast``: ``auto`` runs a conv+BN-folded copy of the model (:mod:`finetune.fastinfer`), ``off`` the model.
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
+    run = FastInference(model, fast)
     loss_fn = nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5, n = 0.0, 0, 0
@@ -317,7 +353,7 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
     for i, (x, y) in enumerate(loader):
         x, y = to_device(x, y, device, channels_last)
         with autocast(device, precision):
-            logits = model(x)
+            logits = run(x)
         logits = logits.float()
         loss_sum += loss_fn(logits, y).item()
         pred = logits.argmax(dim=1)
@@ -341,7 +377,7 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
     counts = confusion.sum(dim=1)
     per_class = [float(c) / float(t) if t else None  # a class with no samples has no accuracy (not 0%)
                  for c, t in zip(confusion.diag().tolist(), counts.tolist())]
-    return {"macro_f1": macro_f1(confusion), **{
+    return {**confusion_metrics(confusion), **{  # balanced_accuracy, macro_f1
         "loss": loss_sum / max(n, 1),
         "accuracy": correct / max(n, 1),
         "top5": (top5 / max(n, 1)) if num_classes >= 5 else None,
@@ -351,19 +387,6 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         "confusion": confusion.tolist(),
         "samples": _samples(per_sample),
     }}
-
-
-def macro_f1(confusion: torch.Tensor) -> float:
-    """Macro-averaged F1 from a confusion matrix (rows = true class), over the classes that occur as a target or a
-    prediction (scikit-learn's ``f1_score(average="macro")``; a class with no true and no predicted sample is left
-    out, one with either but no hit counts 0)."""
-    c = confusion.double()
-    tp, support, predicted = c.diag(), c.sum(dim=1), c.sum(dim=0)
-    seen = (support + predicted) > 0
-    if not bool(seen.any()):
-        return 0.0
-    f1 = 2 * tp / (support + predicted).clamp(min=1)  # = 2PR / (P + R)
-    return float(f1[seen].mean())
 
 
 def _samples(rows: list[torch.Tensor] | None) -> dict[str, torch.Tensor] | None:

@@ -294,24 +294,30 @@ def get_features(compute: Callable[[], Any], batches: Callable[[], Any] | None, 
 
 
 def stream_features(frozen, dataset, *, batch_size: int = 64, device="cpu", precision: str = "fp32",
-                    channels_last: bool = False, workers: int | None = None):
+                    channels_last: bool = False, workers: int | None = None, num_replicas: int = 1, rank: int = 0,
+                    fast: str = "auto"):
     """Yield ``(features, labels)`` CPU batches of ``frozen`` over ``dataset`` in order, as
-    :func:`finetune.features.compute_features` computes them (eval mode, ``inference_mode``, the run's precision)."""
+    :func:`finetune.features.compute_features` computes them (eval mode, ``inference_mode``, the run's precision;
+    ``fast`` auto: on a conv+BN-folded copy, :mod:`finetune.fastinfer`). With ``num_replicas`` > 1: only the
+    images ``rank, rank + num_replicas, ...`` (the evaluation sampler's shard)."""
     import torch
 
     from finetune.data import make_loader
     from finetune.engine import autocast, to_device
+    from finetune.fastinfer import FastInference
 
     device = torch.device(device)
-    loader = make_loader(dataset, batch_size, shuffle=False, seed=0, device=device.type, workers=workers)
+    loader = make_loader(dataset, batch_size, shuffle=False, seed=0, device=device.type, workers=workers,
+                         num_replicas=num_replicas, rank=rank)
     was = frozen.training
     frozen.eval()
+    run = FastInference(frozen, fast)
     try:
         with torch.inference_mode():
             for x, y in loader:
                 x, _ = to_device(x, y, device, channels_last)
                 with autocast(device, precision):
-                    f = frozen(x)
+                    f = run(x)
                 yield f.float().cpu(), y
     finally:
         frozen.train(was)

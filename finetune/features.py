@@ -16,7 +16,8 @@ augmentation and eval-mode behaviour in the frozen part (the run says so in a no
 
 Features (float32; 512 numbers per image for resnet18) go through the persistent store of
 :mod:`finetune.featstore`: a later run on the same images, backbone, split point, transform and precision reads
-them back instead of running the frozen part (``FINETUNE_CACHE=off``: in memory only).
+them back instead of running the frozen part (``FINETUNE_CACHE=off``: in memory only). With N processes each rank
+computes the features of its shard of the images and they are all-gathered (:mod:`finetune.featshard`).
 """
 
 from __future__ import annotations
@@ -260,7 +261,8 @@ class Decision:
     forced: list[str] = dataclasses.field(default_factory=list)  # what 'on' changed relative to the uncached run
 
 
-def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None) -> tuple[Decision, Split | None]:
+def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None,
+           sharded: bool = False) -> tuple[Decision, Split | None]:
     """Whether the run can train on cached frozen features (see the module docstring for the rules)."""
     from finetune.data import is_deterministic
 
@@ -269,6 +271,9 @@ def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None) ->
         raise ConfigError(f"train.cache_features must be one of {', '.join(MODES)}, got '{mode}'")
     if mode == "off":
         return Decision(False, "off"), None
+    if sharded:  # FSDP shards the model the cache would cut (strategy.check refuses 'on')
+        return Decision(False, "not used: --strategy fsdp shards the model (a probe on cached features needs no "
+                        "sharding: use ddp)"), None
     until = first_unfreeze(cfg)
     if start_epoch >= until:
         return Decision(False, f"not used: the unfreeze schedule starts at epoch {until + 1}"), None
@@ -294,6 +299,9 @@ def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None) ->
     if getattr(cfg.train, "mixup", 0) or getattr(cfg.train, "cutmix", 0):
         forced.append("mixup/cutmix mixes the images; the cached head trains unmixed")
     effects = train_mode_effects(split.frozen, cfg.freeze.bn)
+    rate = float(getattr(bb.model, "drop_rate", 0.0) or 0.0)  # timm: F.dropout before the classifier (no module)
+    if rate > 0:
+        effects.append(f"dropout p={rate:g} before the classifier (model.drop_rate)")
     if effects:
         forced.append("the frozen part acts differently in train mode: " + ", ".join(effects[:3])
                       + (f" and {len(effects) - 3} more" if len(effects) > 3 else "") + "; the cache runs it in eval "
@@ -327,8 +335,8 @@ class FeatureDataset(Dataset):
 
 
 def compute_features(frozen: nn.Module, dataset: Dataset, *, batch_size: int = 64, device: torch.device | str = "cpu",
-                     precision: str = "fp32", channels_last: bool = False, workers: int | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     precision: str = "fp32", channels_last: bool = False, workers: int | None = None,
+                     fast: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``frozen`` once over ``dataset`` (in order) in eval mode under ``inference_mode``; float32 CPU features.
 
     Labels come from the data set's items (an unreadable file is replaced by the next readable one, as in training).
@@ -337,7 +345,7 @@ def compute_features(frozen: nn.Module, dataset: Dataset, *, batch_size: int = 6
 
     feats, labels = [], []
     for f, y in stream_features(frozen, dataset, batch_size=batch_size, device=device, precision=precision,
-                                channels_last=channels_last, workers=workers):
+                                channels_last=channels_last, workers=workers, fast=fast):
         feats.append(f)
         labels.append(y)
     # clone outside inference mode: inference tensors cannot be saved for the head's backward
@@ -361,18 +369,20 @@ class FeatureRun:
 
 
 def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, channels_last: bool,
-               start_epoch: int = 0, reporter=None) -> tuple[FeatureRun | None, str]:
+               start_epoch: int = 0, reporter=None, dd=None) -> tuple[FeatureRun | None, str]:
     """Decide, and when the cache is used compute the features: ``(FeatureRun or None, a line for the summary)``."""
     from finetune.data import eval_transform, make_loader
 
     sample = _sample(bundle.train, device)
-    decision, split = decide(cfg, bb, start_epoch, sample)
+    from finetune.strategy import uses_fsdp
+
+    decision, split = decide(cfg, bb, start_epoch, sample, sharded=dd is not None and uses_fsdp(cfg, dd))
     if not decision.use or split is None:
         return None, decision.reason
     t0 = time.perf_counter()
     bs = max(cfg.train.batch_size, 64)  # inference only: a bigger batch is faster on CPUs and costs no accuracy
     kw = dict(batch_size=bs, device=device, precision=precision, channels_last=channels_last,
-              workers=cfg.data.workers)
+              workers=cfg.data.workers, dd=dd, fast=cfg.train.fast_inference)
     tr_ds = bundle.train.with_transform(eval_transform(bundle.transform))
     # through the persistent store (finetune/featstore.py): a later run on the same data and backbone reads them
 
@@ -385,8 +395,11 @@ def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, c
         hit = hit and hit_val
         val_loader = make_loader(FeatureDataset(fva, yva), cfg.train.batch_size, shuffle=False, seed=cfg.train.seed,
                                  workers=0)
+    from finetune.imbalance import sample_weights
+
+    weights = sample_weights(cfg.data.sampler, ytr.tolist(), len(bundle.class_names))  # data.sampler: balanced
     train_loader = make_loader(FeatureDataset(ftr, ytr), cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                               workers=0)
+                               workers=0, weights=weights)
     secs = time.perf_counter() - t0
     until = first_unfreeze(cfg)
     span = "every epoch" if until >= cfg.train.epochs else f"until the unfreeze at epoch {until + 1}"
@@ -413,12 +426,14 @@ def _sample(ds, device: torch.device) -> torch.Tensor | None:
 
 def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64, device="cpu",
                    precision: str = "fp32", channels_last: bool = False, workers: int | None = None,
-                   cache_dir: str | None = None, describe: dict[str, Any] | None = None):
+                   cache_dir: str | None = None, describe: dict[str, Any] | None = None, dd=None,
+                   fast: str = "auto"):
     """The features of ``split.frozen`` over ``dataset`` (``(features, labels, hit)``), through the store.
 
     The key: model, weights identity, the split point, the eval ``transform``, precision, layout, device type and the
     images (paths, sizes, mtimes, labels). The frozen part's own tensors are part of the weights identity only for
-    random init; with a weights file or a pretrained name the file/name stands for them.
+    random init; with a weights file or a pretrained name the file/name stands for them. ``dd``
+    (:class:`finetune.distributed.Dist`) of a distributed run: each rank computes its shard, all ranks get all.
     """
     import torch
 
@@ -426,7 +441,7 @@ def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64,
         weights_identity
 
     kw = dict(batch_size=batch_size, device=device, precision=precision, channels_last=channels_last,
-              workers=workers)
+              workers=workers, fast=fast)
     items = items_identity(dataset) if features_dir(cache_dir) is not None else None
     parts = None
     if items is not None:
@@ -434,11 +449,18 @@ def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64,
                  "versions": _versions(bb.source),
                  "transform": transform, "precision": precision, "channels_last": bool(channels_last),
                  "device": torch.device(device).type, "items": items}
+        if fast != "off":  # folded features differ from eager ones in the last bits: a key of their own
+            parts["fast_inference"] = fast
 
     def compute():
         f, y = compute_features(split.frozen, dataset, **kw)
         return f, y
 
     info = {"model": bb.name, "weights": bb.weights, "split": split.where, "precision": precision, **(describe or {})}
+    if dd is not None and dd.enabled:  # each rank computes its shard once; all-gathered (finetune/featshard.py)
+        from finetune.featshard import sharded_features
+
+        return sharded_features(lambda w, r: stream_features(split.frozen, dataset, **kw, num_replicas=w, rank=r),
+                                len(dataset), parts, dd, cache_dir=cache_dir, info=info)
     return get_features(compute, lambda: stream_features(split.frozen, dataset, **kw), len(dataset), parts,
                         cache_dir=cache_dir, info=info)

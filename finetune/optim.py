@@ -167,6 +167,18 @@ def param_groups(bb: Backbone, cfg: OptimizerCfg) -> list[dict[str, Any]]:
     return _groups(named, cfg, label_of, mult_of)
 
 
+def _fast(cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]], **kw: Any) -> torch.optim.Optimizer:
+    """``cls(groups, fused=True, ...)`` where torch has a fused kernel for it on the parameters' device (SGD, Adam,
+    AdamW on CPU and CUDA), else torch's default (the ``foreach`` implementation on CUDA, a loop on the CPU, where
+    ``foreach`` measured slower). Measured on the 2-core CPU, one step over resnet18's 11.7M parameters (best of
+    30): SGD 6.0 -> 5.1 ms, AdamW 70 -> 11 ms, Adam 99 -> 14 ms; RMSprop has no fused kernel (loop 19 ms, foreach
+    84 ms). A checkpoint of an unfused optimizer resumes with its own setting (``load_state_dict`` restores it)."""
+    try:
+        return cls([dict(g) for g in groups], fused=True, **kw)  # copies: a refusal leaves the groups as they were
+    except (RuntimeError, ValueError, TypeError):
+        return cls(groups, **kw)
+
+
 def build_optimizer(bb: Backbone, cfg: OptimizerCfg) -> torch.optim.Optimizer:
     """An optimizer over ``bb.model``'s trainable parameters: sgd (momentum, nesterov), adam, adamw, rmsprop.
 
@@ -177,13 +189,13 @@ def build_optimizer(bb: Backbone, cfg: OptimizerCfg) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         if cfg.nesterov and cfg.momentum <= 0:
             raise ConfigError("optimizer.nesterov needs optimizer.momentum greater than 0")
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return _fast(torch.optim.SGD, groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
+        return _fast(torch.optim.Adam, groups, lr=cfg.lr)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return _fast(torch.optim.AdamW, groups, lr=cfg.lr)
     if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return _fast(torch.optim.RMSprop, groups, lr=cfg.lr, momentum=cfg.momentum)
     raise ConfigError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got '{cfg.name}'"
                       f"{suggest(cfg.name, OPTIMIZERS)}")
 

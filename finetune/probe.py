@@ -150,7 +150,8 @@ def prepare(cfg, *, cache_dir: str | Path | None = None, need_val: bool = False)
                           "head(features) after it); use finetune train --recipe linear-probe --cache-features off")
     t0 = time.perf_counter()
     kw = dict(batch_size=max(cfg.train.batch_size, 64), device=device, precision=precision,
-              channels_last=channels_last, workers=cfg.data.workers, cache_dir=cache_dir)
+              channels_last=channels_last, workers=cfg.data.workers, cache_dir=cache_dir,
+              fast=cfg.train.fast_inference)
     tr_ds = bundle.train.with_transform(D.eval_transform(bundle.transform))
     ftr, ytr, hit = split_features(split, bb, tr_ds, bundle.transform, **kw,
                                    describe={"data": cfg.data.path, "split_of_data": "train"})

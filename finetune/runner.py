@@ -32,7 +32,8 @@ from finetune.data import provenance
 from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_compile, resolve_device,
                              resolve_precision, set_lr, train_one_epoch, wants_channels_last)
 from finetune.errors import CheckpointError, ConfigError, FinetuneError
-from finetune import regularization as R
+from finetune import holdout, imbalance, midepoch, regularization as R
+from finetune import strategy
 from finetune.selection import Monitor, file_for, update_top_k
 
 log = logging.getLogger("finetune")
@@ -55,6 +56,7 @@ class RunResult:
     best_val_acc: float | None
     epochs: list[dict[str, Any]]
     class_names: list[str]
+    test: dict[str, Any] | None = None  # best.pt on the data's test/ folder, evaluated once at the end
 
 
 def seed_everything(seed: int) -> None:
@@ -144,6 +146,7 @@ class RunState:
     best_ema: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epoch": 0, "val_acc": None})
     top_k: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the K best epochs, best first
     last_eval: dict[str, Any] | None = None  # the latest epoch's evaluation (per-image results for the pictures)
+    test: dict[str, Any] | None = None  # best.pt on the data's test/ folder (holdout.py), after the last epoch
 
     def phase(self, epoch: int) -> Phase:
         if self.feats is not None and not self.feats.serves(epoch):
@@ -158,10 +161,10 @@ class RunState:
         self.train_model = dist_.wrap(self.model, self.dd, self.device)
         self.run_model = maybe_compile(self.train_model, self.cfg.train.compile)
 
-    def checkpoint(self, epochs_done: int, val: dict[str, Any] | None) -> ck.Checkpoint:
+    def checkpoint(self, epochs_done: int, val: dict[str, Any] | None, full=None) -> ck.Checkpoint:
         b = self.bundle
         return ck.Checkpoint(
-            model=self.model.state_dict(), class_names=self.classes, model_name=self.bb.name,
+            model=full[0] if full else self.model.state_dict(), class_names=self.classes, model_name=self.bb.name,
             num_classes=len(self.classes), transform=b.transform, precision=self.precision,
             channels_last=self.channels_last, epoch=epochs_done, plan=self.plan.to_dict(),
             trainable=[n for n, p in self.model.named_parameters() if p.requires_grad],
@@ -169,7 +172,8 @@ class RunState:
             data={"path": self.cfg.data.path, "labels": self.cfg.data.labels, "val_split": self.cfg.data.val_split,
                   "seed": self.cfg.train.seed, **provenance.identity(self.cfg.data, b)},
             val=val, finetune_version=__version__, world_size=self.dd.world_size,
-            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
+            optimizer=full[1] if full else self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler else None,
             ema=self.ema.module.state_dict() if self.ema is not None else None,
             best_ema=self.best_ema if self.ema is not None else None, top_k=self.top_k or None)
 
@@ -205,9 +209,10 @@ class RunState:
         """The end-of-epoch writes (rank 0): last.pt first, the commit point (see ``checkpoint.repair_run``), then
         best.pt (weights + metadata: the optimizer state, 2x the weights for Adam, is for resuming), best_ema.pt,
         the top-k file, and metrics.json."""
+        full = strategy.full_state(self)  # FSDP: every rank joins the gather of the consolidated state
         if not self.dd.is_main:
             return
-        ckpt = self.checkpoint(epochs_done, val)
+        ckpt = self.checkpoint(epochs_done, val, full)
         ck.save_checkpoint(ckpt.to_dict(), self.run_dir / "last.pt")
         if v.improved:
             ck.save_checkpoint(ckpt.slim(), self.run_dir / "best.pt")
@@ -233,6 +238,7 @@ class RunState:
                 "skipped": len(b.skipped), "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
                 "total": sum(p.numel() for p in m.parameters()), "start_epoch": self.start_epoch,
                 "epochs": cfg.train.epochs, "source": b.source, "world_size": self.dd.world_size,
+                "strategy": "FSDP2" if strategy.uses_fsdp(cfg, self.dd) else "DDP",
                 "global_batch": cfg.train.batch_size * self.dd.world_size, "feature_cache": self.feats_info,
                 "compile": cfg.train.compile, "recipe": cfg.name, "description": cfg.description}
 
@@ -249,7 +255,7 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     load, or Ctrl-C) removes its directory: nothing in it could be resumed, and keeping it would make the same
     command fail with "already exists".
     """
-    made: dict[str, Any] = {"lock": ck.RunLock()}  # the run directory's lock, held until the run ends
+    made: dict[str, Any] = {"lock": ck.RunLock(), "reporter": reporter}  # the lock is held until the run ends
     try:
         if resume is not None:
             st = resume_run(Path(resume), epochs, made)
@@ -325,21 +331,42 @@ def start_run(recipe: Recipe, out, overwrite: bool, made: dict) -> RunState:
     seed_everything(cfg.train.seed)
     dd, device, precision = _runtime(cfg)
     out_dir = Path(out) if out else ck.default_run_dir(canonical(*parse_name(cfg.model.name)))
-    existed = out_dir.is_dir()
-    run_dir = _prepare_shared_run_dir(dd, out_dir, overwrite, made["lock"])
+    existed = bool(out) and out_dir.is_dir()  # a default name is always a new directory (claimed, below)
+    run_dir = _prepare_shared_run_dir(dd, out_dir, overwrite, made["lock"], claim=not out)
     if dd.is_main:
         made["run_dir"], made["existed"] = run_dir, existed  # removed if the run stops before its first checkpoint
-    return _build(cfg, None, dd, device, precision, run_dir)
+    cfg, found = _auto_lr(cfg, dd, made.get("reporter"))  # optimizer.lr: auto -> the LR range test's suggestion
+    st = _build(cfg, None, dd, device, precision, run_dir)
+    if found is not None:
+        found.save(run_dir)  # lr_find.png / lr_find.json: the curve behind --lr auto
+    return st
 
 
-def _prepare_shared_run_dir(dd: dist_.Dist, out_dir: Path, overwrite: bool, lock: ck.RunLock) -> Path:
-    """Rank 0 picks, prepares and locks the run directory; every rank gets the same path, or the same error."""
+def _auto_lr(cfg: Recipe, dd: dist_.Dist, reporter):
+    """``optimizer.lr: auto``: rank 0 runs the LR range test (finetune/lr_find.py), every rank trains with its
+    suggestion (broadcast), so the processes of a DDP run agree; returns the recipe and the test (rank 0) or None."""
+    if cfg.optimizer.lr != "auto":
+        return cfg, None
+    from finetune.lr_find import resolve_auto_lr
+
+    cfg, found = resolve_auto_lr(cfg, reporter) if dd.is_main else (cfg, None)
+    lr = dist_.broadcast_object(cfg.optimizer.lr, dd)
+    return dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=lr)), found
+
+
+def _prepare_shared_run_dir(dd: dist_.Dist, out_dir: Path, overwrite: bool, lock: ck.RunLock,
+                            claim: bool = False) -> Path:
+    """Rank 0 picks, prepares and locks the run directory; every rank gets the same path, or the same error.
+    ``claim``: a default name, made unique (``-2``, ``-3``, ...) when another run took it in the same second."""
+    def prepare() -> Path:
+        return ck.prepare_run_dir(ck.claim_run_dir(out_dir) if claim else out_dir, overwrite=overwrite, lock=lock)
+
     if not dd.enabled:
-        return ck.prepare_run_dir(out_dir, overwrite=overwrite, lock=lock)
+        return prepare()
     result: tuple[str, str | None] = (str(out_dir), None)
     if dd.is_main:
         try:
-            ck.prepare_run_dir(out_dir, overwrite=overwrite, lock=lock)
+            result = (str(prepare()), None)
         except FinetuneError as e:
             result = (str(out_dir), str(e))
     path, error = dist_.broadcast_object(result, dd)
@@ -399,7 +426,8 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
     if saved is not None:  # the same val images, or the recorded best compares different things
         provenance.check_resume(saved.to_dict(), bundle, run_dir, dd.world_size, cfg.train.batch_size)
     classes = _check_classes(cfg, list(bundle.class_names), saved)
-    bb = build_model(cfg.model.name, num_classes=len(classes), weights="none" if saved else cfg.model.weights)
+    bb = build_model(cfg.model.name, num_classes=len(classes), weights="none" if saved else cfg.model.weights,
+                     drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
     plan = F.apply_freeze(bb, cfg.freeze)
     _warn_plan(cfg, bb, plan, resumed=saved is not None)
     channels_last = wants_channels_last(bb.model, cfg.train.channels_last)
@@ -425,7 +453,7 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
             "processes": dd.world_size, "classes": classes}))
     if cfg.train.sync_bn and dd.enabled:
         st.model = dist_.sync_batchnorm(model, device)  # same Parameters: optimizer and state_dict unchanged
-    st.train_model = dist_.wrap(st.model, dd, device)
+    st.train_model = strategy.wrap(st)  # DDP, or FSDP2 sharding the model in place (finetune/strategy.py)
     st.step = _make_step(st)
     _make_loaders(st)
     st.run_model = maybe_compile(st.train_model, cfg.train.compile)  # checkpoints save `model`'s own state_dict
@@ -484,7 +512,8 @@ def _make_step(st: RunState) -> Step:
     reduce = (lambda t: dist_.all_reduce_sum(t, st.dd)) if st.dd.enabled else None
     mix, mix_loss = make_mixup(cfg, len(st.classes))
     ema_update = (lambda n: st.ema.update(st.model, step=n)) if st.ema is not None else None
-    return Step(optimizer=opt, loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
+    loss_fn = imbalance.loss_fn(cfg, st.bundle.train.targets, st.classes, st.device)  # + train.class_weights
+    return Step(optimizer=opt, loss_fn=loss_fn,
                 device=st.device, precision=st.precision, channels_last=st.channels_last,
                 accumulate=cfg.train.accumulate, clip_grad=cfg.train.clip_grad, scaler=st.scaler,
                 after_train_mode=lambda m: F.apply_bn_policy(m, cfg.freeze.bn),
@@ -494,8 +523,8 @@ def _make_step(st: RunState) -> Step:
 
 def _make_loaders(st: RunState) -> None:
     """The image loaders (sharded per rank; batch_size is per process), then the frozen-feature cache: while it
-    serves, the epochs train the head alone on features computed once. Under DDP every rank computes and trains on
-    all of them (same data, same seed: the same weights on every rank)."""
+    serves, the epochs train the head alone on features computed once. Under DDP each rank computes its shard, and
+    every rank trains on all of them (same data, same seed: the same weights on every rank)."""
     from finetune import data as D
     from finetune.features import plan_cache
 
@@ -503,9 +532,11 @@ def _make_loaders(st: RunState) -> None:
     kw = dict(seed=cfg.train.seed, device=st.device.type, workers=cfg.data.workers,
               num_replicas=st.dd.world_size, rank=st.dd.rank)
     st.val_loader = D.make_loader(b.val, cfg.train.batch_size, shuffle=False, **kw) if b.val is not None else None
-    st.train_loader = D.make_loader(b.train, cfg.train.batch_size, shuffle=True, **kw)
+    st.train_loader = D.make_loader(b.train, cfg.train.batch_size, shuffle=True, **kw,
+                                    weights=imbalance.sample_weights(cfg.data.sampler, b.train.targets,
+                                                                     len(st.classes)))
     st.feats, st.feats_info = plan_cache(cfg, st.bb, b, st.step, device=st.device, precision=st.precision,
-                                         channels_last=st.channels_last, start_epoch=st.start_epoch)
+                                         channels_last=st.channels_last, start_epoch=st.start_epoch, dd=st.dd)
     if st.feats is not None:  # the head on cached features: no mixing of features; each rank has all of them
         st.feats.step = dataclasses.replace(st.feats.step, mix=None, mix_loss=None,
                                             reduce=None if st.dd.enabled else st.feats.step.reduce)
@@ -531,6 +562,8 @@ def fit(st: RunState, events) -> RunResult:
             if st.cfg.train.early_stop and st.since_best >= st.cfg.train.early_stop:
                 events.on_note(st, f"early stop: no better {st.monitor.key} for {st.since_best} epochs")
                 break
+        if st.dd.is_main:  # data with a test/ folder: best.pt on it, once, never used for selection
+            st.test = holdout.evaluate_best(st.run_dir, st.cfg, st.device, st.reporter)
         events.on_run_end(st)
     except NonFiniteLoss as e:
         kept = (f"; the last good checkpoint is in '{st.run_dir}'" if (st.run_dir / "last.pt").is_file()
@@ -544,7 +577,7 @@ def fit(st: RunState, events) -> RunResult:
     finally:
         events.on_close(st)
         dist_.barrier(st.dd)  # no rank leaves (or reads a checkpoint) before rank 0 has written it
-    return RunResult(st.run_dir, st.best["epoch"], st.best["val_acc"], st.history, st.classes)
+    return RunResult(st.run_dir, st.best["epoch"], st.best["val_acc"], st.history, st.classes, st.test)
 
 
 def _unfreeze_due(st: RunState, epoch: int, resuming, events) -> None:
@@ -573,45 +606,28 @@ def _run_epoch(st: RunState, phase: Phase, epoch: int, resuming) -> tuple[dict[s
             R.set_numpy_rng_state(resuming["np_rng"])
     D.set_epoch(phase.train_loader, epoch, int(resuming["batches"]) if resuming else 0)
     reporter = st.reporter
-    saver = _mid_epoch_saver(st.cfg, st.run_dir, lambda: st.checkpoint(epoch, None).to_dict())
-    tr = train_one_epoch(phase.model, phase.train_loader, phase.step, epoch, reporter, resume=resuming,
-                         on_step=saver if st.dd.is_main else None)
+    saver = midepoch.saver(st.cfg, st.run_dir, lambda: st.checkpoint(epoch, None).to_dict(), st.dd, st.device)
+    tr = train_one_epoch(phase.model, phase.train_loader, phase.step, epoch, reporter, on_step=saver,
+                         resume=midepoch.for_rank(resuming, st.dd, summed=phase.step.reduce is not None))
     # val runs in the run's precision even on cached features (the head trains in fp32 there): the recorded
     # accuracy is what `finetune eval best.pt` computes with the full model
     ev = (evaluate(phase.eval_model, phase.val_loader, len(st.classes), device=st.device, precision=st.precision,
                    channels_last=phase.step.channels_last, label_smoothing=0.0, reporter=reporter,
-                   reduce=phase.step.reduce)
+                   reduce=phase.step.reduce, fast=st.cfg.train.fast_inference)
           if phase.val_loader is not None else None)
     row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
            "val_loss": ev["loss"] if ev else None, "val_acc": ev["accuracy"] if ev else None,
            "lr": tr["lr"], "lrs": tr["lrs"], "seconds": tr["seconds"], "images_per_sec": tr["images_per_sec"]}
-    if ev:
-        row["val_f1"] = ev["macro_f1"]
+    if ev:  # beside accuracy: what a majority-class guess can't inflate (finetune/imbalance.py)
+        row.update(val_f1=ev["macro_f1"], val_balanced_acc=ev["balanced_accuracy"])
     if ev and ev["top5"] is not None:
         row["val_top5"] = ev["top5"]
     if st.ema is not None and st.val_loader is not None:  # the average of the full model, on the val images
         ee = evaluate(st.ema.module, st.val_loader, len(st.classes), device=st.device, precision=st.precision,
-                      channels_last=st.channels_last, reporter=reporter, reduce=st.step.reduce)
+                      channels_last=st.channels_last, reporter=reporter, reduce=st.step.reduce,
+                      fast=st.cfg.train.fast_inference)
         row.update(ema_val_loss=ee["loss"], ema_val_acc=ee["accuracy"], ema_val_f1=ee["macro_f1"])
     return row, ev
-
-
-def _mid_epoch_saver(cfg: Recipe, run_dir: Path, make_ckpt):
-    """``on_step`` for :func:`train_one_epoch`: every ``train.save_every_steps`` optimizer steps, write last.pt
-    with ``"epoch"`` = completed epochs and ``"partial"`` = where this epoch is (batches done, running sums, the
-    torch RNG state), so a resume continues exactly there. None when mid-epoch saving is off."""
-    every = cfg.train.save_every_steps
-    if not every:
-        return None
-    acc = cfg.train.accumulate
-
-    def on_step(progress: dict[str, Any]) -> None:
-        if (progress["batches"] // acc) % every == 0:
-            np_rng = R.numpy_rng_state() if cfg.train.mixup or cfg.train.cutmix else None
-            ck.save_checkpoint({**make_ckpt(), "partial": {**progress, "rng": torch.get_rng_state(),
-                                                           "np_rng": np_rng}}, run_dir / "last.pt")
-
-    return on_step
 
 
 def _resolved_recipe(cfg: Recipe, bb, resumed: bool = False) -> Recipe:

@@ -44,6 +44,7 @@ def base(tmp_path_factory) -> Path:
         for i in range(3):
             (root / "corrupt" / c / f"{c}{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (root / "notes.txt").write_text("not an image\n")
+    (root / "cw.json").write_text('{"a": 1, "zebra": 2}')
     (root / "notes.html").write_text("<p>my notes</p>\n")
     (root / "afile").write_text("a regular file\n")
     (root / "fake.tar").write_text("not a tar file\n")
@@ -134,7 +135,7 @@ case("bad-yaml", "train --recipe {B}/bad.yaml --out {B}/o15", "recipe '{B}/bad.y
 case("unknown-recipe-key", "train --recipe {B}/unknown_key.yaml --out {B}/o16",
      "recipe '{B}/unknown_key.yaml', line 3: unknown key 'train.epocs' (did you mean 'epochs'?)")
 case("wrong-type-in-recipe", "train --recipe {B}/wrong_type.yaml --out {B}/o17",
-     "recipe '{B}/wrong_type.yaml', line 2: optimizer.lr must be a number, got 'fast'")
+     "recipe '{B}/wrong_type.yaml', line 2: optimizer.lr must be a number or 'auto', got 'fast'")
 case("unknown-recipe-name", "train --recipe linear-prob --out {B}/o18", "unknown recipe 'linear-prob' (did you mean")
 case("out-dir-exists", "train --data {B}/data --out {R}", "output directory '{R}' already exists", True)
 case("resume-without-checkpoint", "train --resume {B}/empty", "cannot resume: '{B}/empty/last.pt' not found")
@@ -158,8 +159,20 @@ case("save-every-steps-0", "train --save-every-steps 0 --out {B}/o21",
      "train.save_every_steps must be greater than 0, got 0")
 case("export-over-existing", "export {R}/last.pt --out {R}/best.pt --format state-dict",
      "'{R}/best.pt' already exists; pass --overwrite", True)
-case("export-bad-format", "export {R}/last.pt --format onnx", "--format must be safetensors or state-dict, got 'onnx'",
-     True)
+case("lr-not-a-number", "train --lr fast --out {B}/o40", "--lr: optimizer.lr must be a number or 'auto', got 'fast'")
+case("lr-find-resume", "lr-find --resume {R}", "lr-find takes the flags of a new run; drop --resume and --nproc")
+case("class-weights-no-file", "train --data {B}/data --class-weights {B}/nope.json --out {B}/o41",
+     "--class-weights: '{B}/nope.json' is neither auto, none nor a file")
+case("class-weights-unknown-class", "train --data {B}/data --class-weights {B}/cw.json --out {B}/o42",
+     "--class-weights: '{B}/cw.json' has unknown class 'zebra'; classes: a, b, c")
+case("sampler-unknown", "train --sampler uniform --out {B}/o43",
+     "--sampler: data.sampler must be one of random, balanced, got 'uniform'")
+case("export-bad-format", "export {R}/last.pt --format tflite",
+     "--format must be one of safetensors, state-dict, onnx, torchscript, got 'tflite'", True)
+case("export-opset-not-onnx", "export {R}/last.pt --format torchscript --opset 17",
+     "--opset applies to --format onnx only, not torchscript", True)
+case("export-opset-too-low", "export {R}/last.pt --format onnx --opset 11 --out {B}/x.onnx",
+     "--opset must be >= 18", True)
 case("eval-plain-state-dict", "eval {B}/resnet.pth", "'{B}/resnet.pth' is not a finetune checkpoint")
 case("eval-report-not-html", "eval {R}/best.pt --report {R}/last.pt", "report file '{R}/last.pt' must end in .html",
      True)
@@ -169,6 +182,18 @@ case("report-not-a-run", "report {B}", "'{B}' has no best.pt; finetune report ta
 case("compare-one-run", "compare {R}", "finetune compare takes at least two run directories")
 case("runs-folder-missing", "runs {B}/nope", "folder '{B}/nope' not found")
 case("unfreeze-bad-syntax", "train --unfreeze seq.8@soon --out {B}/o22", "--unfreeze 'seq.8@soon' must be LAYERS")
+case("strategy-unknown", "train --strategy zero3 --out {B}/o44",
+     "--strategy: train.strategy must be one of ddp, fsdp, got 'zero3'")
+case("nnodes-without-master", "train --nnodes 2 --node-rank 1 --out {B}/o45",
+     "--nnodes 2 needs --master-addr HOST[:PORT], node 0's address (the same on every node)")
+case("node-rank-out-of-range", "train --nnodes 2 --node-rank 2 --master-addr localhost --out {B}/o46",
+     "--nnodes must be at least 1 and --node-rank in 0..nnodes-1, got --nnodes 2 --node-rank 2")
+case("fast-inference-typo", "train --fast-inference fast --out {B}/o37",
+     "train.fast_inference must be one of auto, off, got 'fast'")
+case("eval-fast-inference-typo", "eval {R}/best.pt --fast-inference yes", "--fast-inference must be auto or off, "
+     "got 'yes'", True)
+case("predict-fast-inference-typo", "predict {R}/best.pt {B}/data --fast-inference on",
+     "--fast-inference must be auto or off, got 'on'", True)
 case("fp16-on-cpu", "train --precision fp16 --device cpu --out {B}/o23", "--precision fp16 needs a GPU")
 case("val-split-out-of-range", "train --val-split 1.5 --out {B}/o24", "data.val_split must be in [0, 1), got 1.5")
 case("image-size-0", "train --image-size 0 --out {B}/o25",
@@ -232,6 +257,13 @@ case("missing-shard", "train --data {B}/sh-{000..001}.tar --out {B}/o40", "shard
 case("not-a-tar-shard", "train --data {B}/fake.tar --out {B}/o41", "cannot read shard '{B}/fake.tar': ")
 case("min-lr-above-lr", "train --recipe {B}/minlr.yaml --out {B}/o34", "recipe '{B}/minlr.yaml', line 5: "
      "scheduler.min_lr (0.1) must not be above optimizer.lr (0.01): the schedule would raise the LR")
+
+case("seed-overflow", "train --seed 9300000000000 --data {B}/data --epochs 1 --out {B}/o44",
+     "--seed: train.seed must be an integer from 0 to 4294967295 (2**32 - 1: NumPy's seed range, as in Lightning's "
+     "seed_everything), got 9300000000000")  # was an OverflowError traceback from the sampler's generator
+case("warmup-longer-than-run", "train --warmup-epochs 1e308 --epochs 2 --data {B}/data --out {B}/o45",
+     "--warmup-epochs: scheduler.warmup_epochs (1e+308) must not be more than train.epochs (2): the LR would never "
+     "reach optimizer.lr")
 
 
 def _fill(s: str, b: Path, r: Path) -> str:
@@ -304,6 +336,25 @@ def test_write_error_while_saving_keeps_previous_checkpoint(base, tmp_path, cli,
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_full_disk_at_config_yaml_leaves_no_run_folder(base, tmp_path, cli, monkeypatch):
+    """The disk is full when a new run writes config.yaml (its first file after the marker): one error line, and
+    the new run directory is removed (an empty one would make the same command fail with "already exists")."""
+    import finetune.checkpoint as C
+
+    real_replace = os.replace
+
+    def replace(src, dst, *a, **k):
+        if Path(dst).name == "config.yaml":
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(C.os, "replace", replace)
+    out = tmp_path / "o"
+    r = cli("train", "--data", base / "data", "--out", out, "--model", "smallcnn", "--weights", "none", *FAST)
+    check_one_error(r, f"cannot write '{out / 'config.yaml'}': No space left on device")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_real_process_errors_have_no_traceback(base):
     """One row in a real process: the exit code and stderr a shell sees (CliRunner could hide a traceback)."""
     p = run_cli("eval", base / "truncated.pt")
@@ -311,3 +362,46 @@ def test_real_process_errors_have_no_traceback(base):
     assert p.returncode == 1
     assert p.stderr.splitlines() == [p.stderr.strip()] and p.stderr.startswith(fragment)
     assert "Traceback" not in p.stderr
+    p = run_cli("eval", base / "whole.pth")  # a pickle refusal: no torch warning printed before the line
+    assert p.returncode == 1
+    assert p.stderr.splitlines() == [f"Error: '{base / 'whole.pth'}' holds pickled Python objects (e.g. a whole model "
+                                     "saved with torch.save(model)), which can run code when loaded; re-save the "
+                                     "weights with torch.save(model.state_dict(), PATH), or pass --trust-checkpoint "
+                                     "if you trust where the file came from"]
+
+
+def test_nproc_worker_error_is_one_line_from_the_launcher(tmp_path):
+    """A mistake found only inside the --nproc workers (a corrupt image under --strict): one Error line, printed once
+    by the launcher (not once per rank), exit 1, no torchrun log lines or ChildFailedError traceback; the new run
+    directory is gone."""
+    data = tiny_tree(tmp_path / "data", per_class=4)
+    (data / "a" / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    p = run_cli("train", "--nproc", "2", "--strict", "--data", data, "--out", out, "--model", "smallcnn",
+                "--weights", "none", *FAST, timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert p.stderr.splitlines() == [f"Error: cannot read image '{data / 'a' / 'bad.png'}': not an image (unknown "
+                                     "format) (--strict; remove the file, or drop --strict to skip it)"]
+    assert not out.exists()
+
+
+def test_launcher_shows_the_first_real_worker_error(tmp_path):
+    """Rank 1 failed first; torchrun then stopped rank 0, which says "interrupted": the launcher shows rank 1's
+    error. With only "interrupted" lines (Ctrl-C), rank 0's; with none, the agent's summary of the crash."""
+    import json
+
+    from finetune.launcher import pick_error
+
+    def rec(rank, message, code, t):
+        (tmp_path / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "message": message,
+                                                                "exit_code": code, "time": t}))
+
+    assert pick_error(tmp_path) is None
+    (tmp_path / "agent.json").write_text(json.dumps({"message": "training process 1 ... killed", "exit_code": 1}))
+    assert pick_error(tmp_path)["message"] == "training process 1 ... killed"
+    rec(1, "interrupted; one", 130, 5.0)
+    rec(0, "interrupted; zero", 130, 6.0)
+    assert pick_error(tmp_path)["message"] == "interrupted; zero"
+    rec(2, "bad image", 1, 7.0)
+    rec(3, "bad value", 1, 4.0)
+    assert pick_error(tmp_path) == {"rank": 3, "message": "bad value", "exit_code": 1, "time": 4.0}

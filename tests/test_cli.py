@@ -169,3 +169,28 @@ def test_model_without_recipe_random_init_uses_generic_defaults():
     assert _base_recipe(None, "resnet18", {"model.weights": "default"}).name == "lp-ft"
     assert _base_recipe(None, "resnet18", {"model.weights": "default", "freeze.bn": "train"}).name == "lp-ft"
     assert _base_recipe(None, None, {}).name == "default"
+
+
+def test_loop_flags_reach_the_recipe(cli, tmp_path):
+    """Issue 17: the monitor/top-k, EMA, mixup/cutmix and per-step logging keys are also train flags, recorded in
+    config.yaml; a bad value names the flag."""
+    import yaml
+
+    out = tmp_path / "run"
+    r = cli("train", "--epochs", "1", "--model", "smallcnn", "--weights", "none", "--device", "cpu", "--quiet",
+            "--no-report", "--monitor", "val_f1", "--monitor-mode", "max", "--save-top-k", "2", "--ema",
+            "--ema-decay", "0.9", "--mixup", "0.2", "--cutmix", "0.5", "--log-every", "3", "--strategy", "fsdp",
+            "--out", out)
+    assert r.exit_code == 0, r.stderr
+    t = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert {k: t[k] for k in ("monitor", "monitor_mode", "save_top_k", "ema", "ema_decay", "mixup", "cutmix",
+                              "log_every")} == {"monitor": "val_f1", "monitor_mode": "max", "save_top_k": 2,
+                                                "ema": True, "ema_decay": 0.9, "mixup": 0.2, "cutmix": 0.5,
+                                                "log_every": 3}
+    assert t["strategy"] == "fsdp"  # recorded; one process has nothing to shard (tests/test_fsdp.py runs two)
+    assert (out / "best_ema.pt").is_file()
+    r = cli("train", "--monitor", "val_top1", "--out", tmp_path / "x")
+    assert r.exit_code == 1 and r.stderr == ("Error: --monitor: train.monitor must be one of val_acc, val_loss, "
+                                             "val_f1, got 'val_top1' (did you mean 'val_f1', 'val_loss'?)\n")
+    r = cli("train", "--ema-decay", "1", "--out", tmp_path / "y")
+    assert r.exit_code == 1 and r.stderr == "Error: --ema-decay: train.ema_decay must be in (0, 1), got 1.0\n"

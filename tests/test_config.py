@@ -31,10 +31,11 @@ def test_unknown_key_names_path_and_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         config.load_recipe(p)
     assert str(e.value) == (f"recipe '{p}', line 4: unknown key 'train.epoch' (did you mean 'epochs'?); valid keys "
-                            "in train: epochs, batch_size, accumulate, clip_grad, label_smoothing, seed, device, "
-                            "precision, channels_last, compile, early_stop, cache_features, tensorboard, report, "
-                            "graph, save_every_steps, sync_bn, monitor, monitor_mode, save_top_k, ema, ema_decay, "
-                            "mixup, cutmix, log_every, dist_timeout")
+                            "in train: epochs, batch_size, accumulate, clip_grad, label_smoothing, class_weights, "
+                            "seed, device, precision, channels_last, compile, early_stop, cache_features, "
+                            "fast_inference, tensorboard, report, graph, save_every_steps, sync_bn, monitor, "
+                            "monitor_mode, save_top_k, ema, ema_decay, mixup, cutmix, log_every, dist_timeout, "
+                            "strategy")
 
 
 def test_wrong_type_and_bad_value(tmp_path):
@@ -127,7 +128,7 @@ def test_yaml_1_1_spellings_of_numbers_and_words(tmp_path):
     r = config.load_recipe(p)
     assert (r.optimizer.lr, r.optimizer.weight_decay, r.data.cache, r.train.cache_features) == \
         (0.001, 0.0005, "off", "on")
-    with pytest.raises(ConfigError, match=r"line 2: optimizer.lr must be a number, got '1e-3x'"):
+    with pytest.raises(ConfigError, match=r"line 2: optimizer.lr must be a number or 'auto', got '1e-3x'"):
         config.load_recipe(write(tmp_path, "optimizer:\n  lr: 1e-3x\n"))
     with pytest.raises(ConfigError, match=r"line 2: data.augment must be one of none, light, strong, got 'False'"):
         config.load_recipe(write(tmp_path, "data:\n  augment: off\n"))

@@ -334,9 +334,12 @@ def test_transforms_take_pil_or_uint8_tensor_and_augment_levels():
     assert is_deterministic("none") and not is_deterministic("light") and not is_deterministic("strong")
     assert torch.equal(train_transform(tf, "none")(t), ev(t))
     names = lambda a: [type(s).__name__ for s in train_transform(tf, a).transforms]  # noqa: E731
-    assert names("light") == ["ToImage", "Resize", "CenterCrop", "RandomCrop", "RandomHorizontalFlip", "ToDtype",
-                              "Normalize", "ToPureTensor"]  # 16 px: CIFAR's pad + crop (RandomResizedCrop > 64 px)
-    assert names("strong")[2:5] == ["RandomResizedCrop", "RandomHorizontalFlip", "TrivialAugmentWide"]
+    assert names("light") == ["ToImage", "AspectCappedResize", "CenterCrop", "RandomCrop", "RandomHorizontalFlip",
+                              "ToDtype", "Normalize", "ToPureTensor"]  # 16 px: CIFAR's pad + crop (RRC > 64 px)
+    assert names("strong") == ["ToImage", "AspectCappedResize", "RandomResizedCrop", "RandomHorizontalFlip",
+                               "TrivialAugmentWide", "ToDtype", "Normalize", "RandomErasing", "ToPureTensor"]
+    erase = train_transform(tf, "strong").transforms[7]
+    assert (erase.p, erase.scale, erase.ratio, erase.value) == (0.25, (0.02, 0.33), (0.3, 3.3), [0.0])
     assert train_transform(tf, "strong")(t).shape == (3, 16, 16)
     with pytest.raises(DataError) as e:
         train_transform(tf, "heavy")
@@ -769,3 +772,22 @@ def test_malformed_cifar_files_are_one_clear_line(tmp_path, content, why):
     with pytest.raises(DataError) as e:
         build_data(DataCfg(path=f"cifar10:{tmp_path}"), SMALL)
     assert str(e.value) == f"CIFAR file '{bad}' is malformed: {why}; re-extract cifar-10-python.tar.gz"
+
+
+def test_an_extreme_aspect_ratio_is_cropped_to_16_to_1_before_the_resize():
+    """A 100000x1 PNG used to become a 3,200,000x32 image before its 32 px crop (750 MB in predict): the resize now
+    sees at most 16:1 (its centre, where the crops come from); images up to 16:1 are resized exactly as before."""
+    from torchvision.transforms import v2
+
+    from finetune.data.transforms import pre_resize
+
+    tf = transform_config(DataCfg(image_size=32), {**SMALL})
+    r = int(tf["resize"])
+    wide = torch.zeros(3, 1, 100_000, dtype=torch.uint8)
+    assert tuple(pre_resize(tf)(wide).shape) == (3, r, 16 * r)
+    assert tuple(pre_resize(tf)(wide.transpose(1, 2)).shape) == (3, 16 * r, r)
+    assert eval_transform(tf)(wide).shape == (3, 32, 32)
+    plain = v2.Resize(r, interpolation=v2.InterpolationMode(tf["interpolation"]), antialias=True)
+    for h, w in ((20, 24), (10, 160), (300, 19)):  # up to 16:1: bitwise the plain resize
+        x = torch.from_numpy(np.random.default_rng(h).integers(0, 256, (3, h, w), dtype=np.uint8))
+        assert torch.equal(pre_resize(tf)(x), plain(x))

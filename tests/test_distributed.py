@@ -179,3 +179,163 @@ def test_dist_timeout_is_a_positive_number_of_minutes():
     assert Recipe().train.dist_timeout == 10.0
     with pytest.raises(ConfigError, match=r"^train.dist_timeout must be greater than 0, got 0"):
         apply_overrides(Recipe(), {"train.dist_timeout": 0})
+
+
+class _Stop(Exception):
+    """Raised on both ranks right after a mid-epoch save: the run stops there, as a kill would."""
+
+
+def _midepoch_worker(rank: int, port: int, data: str, out: str) -> None:
+    """One rank: an uninterrupted 1-epoch run A; run B stopped right after its mid-epoch save at batch 2, then
+    resumed. Rank 0 records both runs' metrics rows and B's saved partial sums."""
+    from finetune import config, midepoch
+    from finetune.runner import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    r = config.apply_overrides(config.load_recipe("default"), {
+        "data.path": data, "model.weights": "none", "data.image_size": 32, "train.epochs": 1, "train.batch_size": 4,
+        "train.precision": "fp32", "train.device": "cpu", "train.tensorboard": False, "train.report": False,
+        "train.save_every_steps": 1, "train.seed": 7})
+    train(r, out=Path(out) / "A")
+    real = midepoch.saver
+
+    def stopping_saver(*a, **k):
+        on_step = real(*a, **k)
+
+        def wrapped(progress):
+            on_step(progress)
+            if progress["batches"] == 2:
+                raise _Stop
+        return wrapped
+
+    midepoch.saver = stopping_saver
+    with pytest.raises(_Stop):
+        train(r, out=Path(out) / "B")
+    midepoch.saver = real
+    saved = load_checkpoint(Path(out) / "B" / "last.pt")["partial"]
+    train(None, resume=Path(out) / "B")
+    if rank == 0:
+        rows = {k: json.loads((Path(out) / k / "metrics.json").read_text())["epochs"] for k in "AB"}
+        Path(out, "result.json").write_text(json.dumps({**rows, "ranks": saved["ranks"]}))
+    os._exit(0)
+
+
+def test_ddp_mid_epoch_resume_restores_every_ranks_own_sums(tmp_path):
+    """2 gloo processes: an epoch stopped after its mid-epoch save at batch 2 and resumed reports exactly the
+    uninterrupted epoch's train loss and accuracy (each rank continues from its own saved sums; before, every rank
+    restarted from rank 0's, and the epoch counted rank 0's first batches twice and rank 1's never)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from helpers import tiny_tree
+
+    data = tiny_tree(tmp_path / "data", per_class=10)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_midepoch_worker, args=(port, str(data), str(tmp_path)), nprocs=2, join=True)
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert [r[2] for r in res["ranks"]] == [8, 8]  # 2 batches of 4 on each rank
+    assert res["ranks"][0] != res["ranks"][1]  # two shards, two different sums
+    a, b = res["A"][0], res["B"][0]
+    assert (b["train_loss"], b["train_acc"]) == (a["train_loss"], a["train_acc"])
+    assert (b["val_loss"], b["val_acc"]) == (a["val_loss"], a["val_acc"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PROBE = {"train.epochs": 1, "train.batch_size": 32, "train.precision": "fp32", "scheduler.name": "constant",
+         "data.augment": "none", "train.tensorboard": False, "freeze.backbone": True, "train.cache_features": "on"}
+
+
+def _sharded_features_worker(rank: int, port: int, out: str) -> None:
+    """One rank of a 2-process run on cached features, run twice (the second reads the store): counts the images
+    whose features this rank computes."""
+    import finetune.featstore as S
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    seen: list[list[int]] = [[], []]
+    real = S.stream_features
+
+    def counting(*a, **kw):
+        for f, y in real(*a, **kw):
+            seen[-1].append(len(f))
+            yield f, y
+
+    S.stream_features = counting
+    recipe = config.apply_overrides(config.load_recipe("default"), PROBE)
+    seen.clear()
+    for run in ("a", "b"):
+        seen.append([])
+        train(recipe, out=Path(out) / run)
+    Path(out, f"{rank}.json").write_text(json.dumps([sum(s) for s in seen]))
+
+
+def test_sharded_feature_extraction_computes_each_image_once(tmp_path, monkeypatch):
+    """2 processes on cached features: each rank computes its shard (640 train + 160 val images, once across
+    ranks, not once per rank); a second run finds them in the store on both ranks (0 computed); the head equals a
+    single process's (same per-process batch: every rank trains the head on all the features)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_features_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    counts = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert counts == [[400, 0], [400, 0]]  # 320 train + 80 val images per rank; then all from the store
+    monkeypatch.setenv("FINETUNE_CACHE", "off")  # computed afresh here, by one process
+    train(config.apply_overrides(config.load_recipe("default"), PROBE), out=tmp_path / "one")
+    one = load_checkpoint(tmp_path / "one" / "last.pt")["model"]
+    for run in ("a", "b"):
+        two = load_checkpoint(tmp_path / run / "last.pt")["model"]
+        assert two.keys() == one.keys()
+        for k in one:
+            assert torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-6), (run, k)
+
+
+def test_two_nodes_equal_nproc_2(ddp_run, tmp_path):
+    """Multi-node as documented in the README: two torchrun launchers ("nodes" on 127.0.0.1, one process each; one
+    started as plain torchrun, one by ``finetune train --nnodes 2 --node-rank 1 --master-addr``) meeting at a c10d
+    rendezvous finish the same run as ``--nproc 2``: weights within 1e-5 (each "node" has 1 local
+    process, so it takes both cores where --nproc 2 gives each process one: other conv kernels' summation order)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1"}
+    port = _free_port()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "0",
+                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m",
+                "finetune", "train"]
+    thin = [sys.executable, "-m", "finetune", "train", "--nnodes", "2", "--node-rank", "1", "--master-addr",
+            f"127.0.0.1:{port}"]  # the convenience flags launch the same torchrun command
+    nodes = [subprocess.Popen([*cmd, "--out", str(out), *ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for cmd in (torchrun, thin)]
+    results = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    a = load_checkpoint(ddp_run / "last.pt")
+    b = load_checkpoint(out / "last.pt")
+    assert b["world_size"] == 2
+    diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+    assert diff < 1e-5, diff
+    rows = [json.loads((d / "metrics.json").read_text())["epochs"][0] for d in (ddp_run, out)]
+    assert rows[1]["train_loss"] == pytest.approx(rows[0]["train_loss"], rel=1e-5)
+    assert rows[1]["val_acc"] == rows[0]["val_acc"]
+
+
+def test_node_flags_become_a_c10d_rendezvous_and_are_not_passed_on(monkeypatch):
+    from finetune import distributed, stop
+
+    seen = {}
+    monkeypatch.setattr(stop, "run_launcher", lambda cmd, env=None: seen.update(cmd=cmd) or 0)
+    argv = ["train", "--nproc", "2", "--nnodes=2", "--node-rank", "1", "--master-addr", "node0", "--out", "r"]
+    assert distributed.strip_nproc(argv) == ["train", "--out", "r"]
+    assert distributed.launch(2, ["train"], (2, 1, "node0")) == 0
+    assert seen["cmd"][1:] == ["-m", "torch.distributed.run", "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d",
+                               "--rdzv-endpoint=node0:29500", "--nproc_per_node=2", "-m", "finetune", "train"]
+    distributed.launch(2, ["train"])
+    assert seen["cmd"][3:5] == ["--standalone", "--nproc_per_node=2"]

@@ -167,3 +167,42 @@ def test_device_and_precision_errors(monkeypatch):
     for native, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda native=native: native)
         assert resolve_precision("auto", torch.device("cpu")) == expected
+
+
+def test_the_step_reads_nothing_back_from_the_device_and_the_epoch_sums_are_those_of_per_step_items(monkeypatch):
+    """The running loss/accuracy sums stay on the device (on CUDA every .item() waits for the GPU): over 16 batches,
+    values are read back only at the first and last batch and at the epoch end (3 x 2 reads), not 2-3 per step; the
+    epoch's loss is bitwise the per-step ``loss.item() * n`` Python sum the loop used to compute."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monkeypatch.setattr("finetune.engine.PROGRESS_EVERY", 1e9)  # not a slow machine's extra refreshes
+    reads = []
+    for name in ("item", "__float__", "__int__"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _o=orig, _n=name: (_read_by_engine(reads, _n),
+                                                                                 _o(self))[1])
+    out = train_one_epoch(model, DataLoader(TensorDataset(x, y), batch_size=4),
+                          Step(opt, nn.CrossEntropyLoss(), torch.device("cpu")), 0)
+    monkeypatch.undo()
+    assert len(reads) == 6, reads  # (the DataLoader's own seed .item() is not the loop's)
+    torch.manual_seed(0)
+    model2 = nn.Sequential(nn.Linear(4, 3))
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    loss_sum = 0.0
+    for xb, yb in DataLoader(TensorDataset(x, y), batch_size=4):
+        loss = nn.CrossEntropyLoss()(model2(xb).float(), yb)
+        opt2.zero_grad()
+        loss.backward()
+        opt2.step()
+        loss_sum = loss_sum + loss.item() * yb.numel()
+    assert out["loss"] == loss_sum / 64 and out["n"] == 64
+
+
+def _read_by_engine(reads: list, name: str) -> None:
+    import traceback
+
+    frames = traceback.extract_stack()[:-2]
+    if frames and frames[-1].filename.replace("\\", "/").endswith("finetune/engine.py"):
+        reads.append((name, frames[-1].lineno))

@@ -113,11 +113,15 @@ def test_checkpoint_dict_round_trip_keeps_unknown_keys(tmp_path):
 
 
 def _long_functions(limit=60):
+    """Functions whose body (docstring included) is over ``limit`` lines. The signature is not counted: a Typer
+    command declares one option per parameter line (``train`` has ~60 flags and a 2-line body)."""
     out = []
     for p in sorted(PKG.rglob("*.py")):
         for n in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > limit:
-                out.append(f"{p.relative_to(PKG.parent)}:{n.name} ({n.end_lineno - n.lineno + 1} lines)")
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                size = n.end_lineno - n.body[0].lineno + 1
+                if size > limit:
+                    out.append(f"{p.relative_to(PKG.parent)}:{n.name} ({size} lines)")
     return out
 
 

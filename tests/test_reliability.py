@@ -242,3 +242,58 @@ def test_a_class_without_val_images_says_no_samples(tmp_path, cli):
     assert r.exit_code == 0, r.stderr
     row_c = [line for line in r.stdout.splitlines() if line.strip("│┃ ").startswith("c ")]
     assert len(row_c) == 1 and "no samples" in row_c[0] and "%" not in row_c[0], r.stdout
+
+
+def test_two_runs_without_out_in_the_same_second_get_their_own_directories(data, tmp_path, monkeypatch, cli):
+    """The default name (runs/<date>-<time>-<model>) has one-second resolution: the second run of that second takes
+    `-2` (claimed with mkdir, atomic), and neither run touches the other's files."""
+    import time
+
+    import finetune.checkpoint as ck
+
+    monkeypatch.chdir(tmp_path)
+    real = time.strftime
+    monkeypatch.setattr(ck.time, "strftime", lambda fmt, *a: "20260101-120000" if fmt == "%Y%m%d-%H%M%S"
+                        else real(fmt, *a))
+    args = ("train", "--model", "smallcnn", "--weights", "none", "--data", data, "--image-size", "32", *FAST)
+    first = cli(*args)
+    assert first.exit_code == 0, first.stderr
+    a = tmp_path / "runs" / "20260101-120000-smallcnn"
+    before = {p.name: p.read_bytes() for p in a.iterdir() if p.is_file()}
+    second = cli(*args, "--seed", "9")
+    assert second.exit_code == 0, second.stderr
+    b = tmp_path / "runs" / "20260101-120000-smallcnn-2"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [a.name, b.name]
+    assert {p.name: p.read_bytes() for p in a.iterdir() if p.is_file()} == before  # the first run is untouched
+    assert load_checkpoint(a / "last.pt")["recipe"]["train"]["seed"] == 0
+    assert load_checkpoint(b / "last.pt")["recipe"]["train"]["seed"] == 9
+
+
+def test_racing_claims_of_one_run_name_get_distinct_directories(tmp_path):
+    """Eight threads claim the same name at once: eight different new directories (mkdir is the atomic claim)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from finetune.checkpoint import claim_run_dir
+
+    base = tmp_path / "runs" / "20260101-120000-smallcnn"
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: claim_run_dir(base), range(8)))
+    assert sorted(p.name for p in got) == sorted([base.name] + [f"{base.name}-{n}" for n in range(2, 9)])
+    assert all(p.is_dir() and not any(p.iterdir()) for p in got)
+
+
+def test_resume_honours_trust_checkpoint(data, tmp_path, cli):
+    """A last.pt holding a pickled object (written by other code) is refused by --resume with the usual line, and
+    --resume --trust-checkpoint loads it (the flag used to be ignored there, so it could not be resumed at all)."""
+    import fractions
+
+    out = tmp_path / "run"
+    assert cli("train", "--model", "smallcnn", "--weights", "none", "--data", data, "--out", out, *FAST).exit_code == 0
+    state = torch.load(out / "last.pt", weights_only=True)
+    torch.save({**state, "note": fractions.Fraction(1, 3)}, out / "last.pt")
+    r = cli("train", "--resume", out, "--epochs", "2", "--quiet")
+    assert r.exit_code == 1 and r.stderr.startswith(f"Error: '{out / 'last.pt'}' holds pickled Python objects")
+    assert "pass --trust-checkpoint if you trust where the file came from" in r.stderr
+    r = cli("train", "--resume", out, "--epochs", "2", "--quiet", "--trust-checkpoint")
+    assert r.exit_code == 0, r.stderr
+    assert [e["epoch"] for e in load_checkpoint(out / "last.pt")["metrics"]] == [1, 2]

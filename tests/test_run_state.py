@@ -204,3 +204,68 @@ def test_resuming_a_ddp_run_in_one_process_says_the_global_batch_changes(tmp_pat
     assert "resuming a run trained with 2 processes in 1: the global batch changes from 128 to 64 (--batch-size is " \
         "per process), so the result differs from an uninterrupted run; resume with --nproc 2 to keep it" in \
         [r.getMessage() for r in caplog.records]
+
+
+def _tiny_run(tmp_path, name, classes, epochs=1):
+    from helpers import tiny_tree
+
+    data = tiny_tree(tmp_path / f"data-{name}", classes=classes, per_class=6)
+    train(recipe(**{"data.path": str(data), "train.epochs": epochs, "train.batch_size": 8}), out=tmp_path / name)
+    return tmp_path / name
+
+
+def test_a_best_pt_of_another_model_is_replaced_or_refused(tmp_path, cli):
+    """last.pt copied in from another run (other classes): when last.pt's epoch is its best, best.pt is rewritten
+    from it (before, the other model's best.pt stayed, and `eval best.pt` evaluated it); when its best is an older
+    epoch, best.pt cannot be rebuilt: resume is one error line and nothing changes."""
+    a = _tiny_run(tmp_path, "a", ("a", "b", "c"))  # best.pt: epoch 1
+    b1 = _tiny_run(tmp_path, "b1", ("x", "y"))
+    (a / "last.pt").write_bytes((b1 / "last.pt").read_bytes())  # epoch 1, the best: best.pt follows from it
+    assert ck.repair_run(a) == ["best.pt", "metrics.json"]
+    assert ck.load_checkpoint(a / "best.pt")["class_names"] == ["x", "y"]
+
+    b = _tiny_run(tmp_path, "b", ("x", "y"), epochs=2)
+    state = ck.load_checkpoint(b / "last.pt")
+    a2 = _tiny_run(tmp_path, "a2", ("a", "b", "c"))
+    state["best"] = {"epoch": 1, "val_acc": state["metrics"][0]["val_acc"]}
+    ck.save_checkpoint(state, a2 / "last.pt")  # its best is epoch 1, whose weights it no longer has
+    before = {p.name: p.read_bytes() for p in a2.iterdir() if p.is_file()}
+    r = cli("train", "--resume", a2, "--epochs", 3, "--quiet")
+    assert r.exit_code == 1
+    assert r.stderr == (f"Error: '{a2 / 'best.pt'}' holds another model (smallcnn, classes ['a', 'b', 'c']) than "
+                        "last.pt (smallcnn, classes ['x', 'y']), and its best epoch cannot be rebuilt from last.pt; "
+                        "move best.pt away, then resume\n")
+    assert {p.name: p.read_bytes() for p in a2.iterdir() if p.is_file()} == before
+
+
+def test_a_kill_during_the_very_first_write_leaves_a_run_that_overwrite_replaces(tmp_path, cli):
+    """SIGKILL inside the first atomic write of a new run (config.yaml, after the marker): what is left is a run
+    that saved no checkpoint: --out says to pass --overwrite, --resume says there is no last.pt, and --overwrite
+    replaces it (before the marker, the folder held only a hidden temp file and all three refused)."""
+    from helpers import ROOT, cli_env, tiny_tree
+
+    data = tiny_tree(tmp_path / "data", per_class=6)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(run), "--model", "smallcnn", "--weights", "none", "--epochs",
+            "1", "--batch-size", "8", "--no-tensorboard", "--no-report", "--quiet"]
+    kill_in_first_write = (
+        "import os, signal, sys\nimport finetune.checkpoint as ck\nreal = ck.atomic_write_bytes\n"
+        "def hooked(path, write):\n"
+        "    real(path, lambda f: (f.write(b'partial'), f.flush(), os.kill(os.getpid(), signal.SIGKILL)))\n"
+        "ck.atomic_write_bytes = hooked\nfrom finetune.cli.app import main\nsys.argv = ['finetune', *sys.argv[1:]]\n"
+        "main()\n")
+    p = subprocess.run([sys.executable, "-c", kill_in_first_write, *args], cwd=ROOT, env=cli_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == -9, p.stderr
+    left = sorted(x.name for x in run.iterdir())
+    assert ".finetune-run" in left and [n for n in left if n.startswith(".config.yaml.") and n.endswith(".tmp")], left
+    r = cli(*args[:-1])
+    assert r.exit_code == 1 and r.stderr == (f"Error: output directory '{run}' holds a run that saved no checkpoint; "
+                                             "pass --overwrite to replace it or choose another --out\n")
+    r = cli("train", "--resume", run)
+    assert r.exit_code == 1 and r.stderr == (f"Error: cannot resume: '{run / 'last.pt'}' not found; --resume takes a "
+                                             "run directory that holds last.pt\n")
+    r = cli(*args, "--overwrite")
+    assert r.exit_code == 0, r.stderr
+    assert ck.load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert not [n.name for n in run.iterdir() if n.name.endswith(".tmp")]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from finetune import config
-from finetune.engine import Reporter, macro_f1
+from finetune.engine import Reporter
+from finetune.imbalance import confusion_metrics
 from finetune.runner import Interrupted, train
 from finetune.selection import Monitor, update_top_k
 
@@ -26,7 +27,7 @@ def weights(path):
 def test_macro_f1_by_hand():
     c = torch.tensor([[2, 1, 0, 0], [0, 3, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
     # class 0: P 2/3 R 2/3 -> 2/3; class 1: P 3/4 R 1 -> 6/7; class 2: no hit -> 0; class 3: never seen -> left out
-    assert macro_f1(c) == pytest.approx((2 / 3 + 6 / 7 + 0) / 3, abs=1e-12)
+    assert confusion_metrics(c)["macro_f1"] == pytest.approx((2 / 3 + 6 / 7 + 0) / 3, abs=1e-12)
 
 
 def test_top_k_keeps_the_best_and_ties_keep_the_earlier_epoch():

@@ -32,7 +32,7 @@ def test_run_directory_contents(run):
     m = json.loads((out / "metrics.json").read_text())
     assert [e["epoch"] for e in m["epochs"]] == [1, 2]
     assert set(m["epochs"][0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "lrs",
-                                   "seconds", "images_per_sec", "val_f1"}
+                                   "seconds", "images_per_sec", "val_f1", "val_balanced_acc"}
     assert m["epochs"][0]["lr"] == 0.02 and m["epochs"][0]["lrs"] == {"all": 0.02}  # cosine: update 0 = base LR
     best = max(m["epochs"], key=lambda e: e["val_acc"])
     assert m["best"] == {"epoch": best["epoch"], "val_acc": best["val_acc"]}

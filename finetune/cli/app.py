@@ -14,7 +14,7 @@ try:  # typer >= 0.20 vendors click as typer._click; older typer uses click itse
 except ImportError:  # pragma: no cover
     from click import exceptions as _cx
 
-from finetune.api import FinetuneError, shown
+from finetune.api import FinetuneError, report_worker_error, shown
 
 _ABORT = tuple(c for c in (getattr(_cx, "Abort", None), getattr(typer, "Abort", None))
                if isinstance(c, type) and issubclass(c, BaseException))
@@ -39,7 +39,8 @@ class FinetuneGroup(TyperGroup):
             typer.echo(f"Error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
         except FinetuneError as e:
-            typer.echo(f"Error: {shown(e)}", err=True)  # one line, whatever the message quotes
+            if not report_worker_error(shown(e), e.exit_code):  # a --nproc worker: its launcher prints it, once
+                typer.echo(f"Error: {shown(e)}", err=True)  # one line, whatever the message quotes
             sys.exit(e.exit_code)
         except _ABORT + (KeyboardInterrupt,):
             typer.echo("Aborted.", err=True)
@@ -100,8 +101,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Fine-tune pretrained image classifiers: pick a backbone, freeze what stays fixed, train the rest."""
 
 
-from finetune.cli import (cache_cmd, eval_cmd, export_cmd, inspect_cmd, models_cmd, predict_cmd,  # noqa: E402
-                          probe_cmd, recipes_cmd, report_cmd, runs_cmd, train_cmd)
+from finetune.cli import (cache_cmd, eval_cmd, export_cmd, inspect_cmd, lr_find_cmd, models_cmd,  # noqa: E402
+                          predict_cmd, probe_cmd, recipes_cmd, report_cmd, runs_cmd, train_cmd)
 
 app.command("train", help=train_cmd.HELP)(train_cmd.train)
 app.command("eval", help=eval_cmd.HELP)(eval_cmd.eval_)
@@ -111,6 +112,7 @@ app.command("models", help=models_cmd.HELP)(models_cmd.models)
 app.command("recipes", help=recipes_cmd.HELP)(recipes_cmd.recipes)
 app.command("export", help=export_cmd.HELP)(export_cmd.export)
 app.command("probe", help=probe_cmd.HELP)(probe_cmd.probe)
+app.command("lr-find", help=lr_find_cmd.HELP)(lr_find_cmd.lr_find)
 app.command("report", help=report_cmd.HELP)(report_cmd.report)
 app.command("runs", help=runs_cmd.RUNS_HELP)(runs_cmd.runs)
 app.command("compare", help=runs_cmd.COMPARE_HELP)(runs_cmd.compare)

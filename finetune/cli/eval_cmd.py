@@ -17,7 +17,8 @@ def eval_(
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Data to evaluate on (default: the run's data)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="prefix:A=x,=y | regex:PATTERN | csv:FILE "
                                          "(default: the run's, when --data is the run's data)."),
-    split: str = typer.Option("val", "--split", help="val | train | test (ROOT/test/, or CIFAR's test set)."),
+    split: str = typer.Option("val", "--split", help="val | train | test (ROOT/test/, or CIFAR's test set) | all "
+                       "(each split the data has, one after another)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per batch (no effect on the result)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu) | cpu | cuda | mps."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 (default: the "
@@ -25,12 +26,14 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write this HTML report: confusion heat "
                                           "map, per-class precision/recall/F1, the most confidently wrong images."),
+    fast_inference: Optional[str] = typer.Option(None, "--fast-inference", help="auto | off: run a conv+BN-folded "
+                                                 "copy of the model (default: the checkpoint's setting)."),
     trust_checkpoint: bool = O.TRUST,
 ) -> None:
     from finetune.api import ConfigError
 
-    if split not in ("val", "train", "test"):
-        raise ConfigError(f"--split must be val, train or test, got '{split}'")
+    if split not in ("val", "train", "test", "all"):
+        raise ConfigError(f"--split must be val, train, test or all, got '{split}'")
     if precision is not None and precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision must be fp32, bf16 or fp16, got '{precision}'")
     if batch_size < 1:
@@ -39,18 +42,29 @@ def eval_(
 
     with trusted(trust_checkpoint):
         res = evaluate_checkpoint(checkpoint, data, split, device=device, batch_size=batch_size,
-                                  precision=precision, labels=labels, report=report)
+                                  precision=precision, labels=labels, report=report,
+                                  fast_inference=fast_inference)
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "top5", "loss", "n", "per_class", "confusion")
+    results = res if split == "all" else {split: res}
     if as_json:
-        keys = ("accuracy", "top5", "loss", "n", "per_class", "confusion")
-        typer.echo(json.dumps(finite_json({k: res[k] for k in keys}), allow_nan=False))  # NaN -> null: strict JSON
+        pick = {s: {k: r[k] for k in keys} for s, r in results.items()}
+        out = pick if split == "all" else pick[split]
+        typer.echo(json.dumps(finite_json(out), allow_nan=False))  # NaN -> null: strict JSON
         return
+    for name, r in results.items():
+        _show(r, name)
+
+
+def _show(res: dict, split: str) -> None:
     from rich.table import Table
 
     from finetune.cli.render import console
 
     top5 = "" if res["top5"] is None else f"   top-5 {100 * res['top5']:.2f}%"
     console.print(f"{res['checkpoint']} (epoch {res['epoch']}) on {res['data']} ({split} split): {res['n']} images\n"
-                  f"accuracy {100 * res['accuracy']:.2f}%{top5}   loss {res['loss']:.4f}", highlight=False)
+                  f"accuracy {100 * res['accuracy']:.2f}%{top5}   balanced accuracy "
+                  f"{100 * res['balanced_accuracy']:.2f}%   macro-F1 {100 * res['macro_f1']:.2f}%   loss "
+                  f"{res['loss']:.4f}", highlight=False)
     names = res["class_names"]
     t = Table(title="confusion matrix (rows: true class, columns: predicted)", title_justify="left")
     t.add_column("class")

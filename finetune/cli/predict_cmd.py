@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import json
-from typing import List
+from typing import List, Optional
 
 import typer
 
@@ -20,6 +20,8 @@ def predict(
                                 "warning."),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
     as_csv: bool = typer.Option(False, "--csv", help="Print only CSV to stdout: image,label_1,prob_1,..."),
+    fast_inference: Optional[str] = typer.Option(None, "--fast-inference", help="auto | off: run a conv+BN-folded "
+                                                 "copy of the model (default: the checkpoint's setting)."),
     trust_checkpoint: bool = O.TRUST,
 ) -> None:
     from finetune.api import ConfigError
@@ -32,7 +34,8 @@ def predict(
     from finetune.api import finite_json, trusted
 
     with trusted(trust_checkpoint):
-        rows = run_predict(checkpoint, list(paths), top_k=top_k, device=device, strict=strict)
+        rows = run_predict(checkpoint, list(paths), top_k=top_k, device=device, strict=strict,
+                           fast_inference=fast_inference)
     if as_json:
         typer.echo(json.dumps(finite_json(rows), allow_nan=False))  # a NaN probability -> null: strict JSON
         return

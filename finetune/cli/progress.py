@@ -41,7 +41,7 @@ class RichReporter(Reporter):
             f"data: {info['source']}: {info['train_images']} train / {info['val_images']} val images, "
             f"{len(info['classes'])} classes{skipped}\n"
             f"device: {info['device']}, precision: {info['precision']}, channels_last: {info['channels_last']}"
-            + (f"\nprocesses: {info['world_size']} (DDP), global batch {info['global_batch']}"
+            + (f"\nprocesses: {info['world_size']} ({info.get('strategy', 'DDP')}), global batch {info['global_batch']}"
                if info.get("world_size", 1) > 1 else "")
             + (f"\nresuming at epoch {info['start_epoch'] + 1} of {info['epochs']}" if info["start_epoch"] else ""),
             highlight=False, soft_wrap=True)

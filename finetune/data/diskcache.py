@@ -159,7 +159,7 @@ def _fill(paths, tf: dict, data_path: Path, index_path: Path, read_all) -> None:
     without its index is incomplete and is rebuilt)."""
     from finetune.data.datasets import decode
 
-    tmp = data_path.with_name(data_path.name + f".{os.getpid()}.part")
+    tmp = data_path.with_suffix(f".{os.getpid()}{data_path.suffix}")  # in a run dir: .imagecache-K.bin.PID.tmp
     lock = threading.Lock()
     t0 = time.perf_counter()
     with open(tmp, "wb") as f:
@@ -180,7 +180,7 @@ def _fill(paths, tf: dict, data_path: Path, index_path: Path, read_all) -> None:
     os.replace(tmp, data_path)
     index = {"slots": {str(p): list(v) for p, v in slots.items()}, "bad": {str(p): r for p, r in bad.items()},
              "nbytes": nbytes}
-    part = index_path.with_name(index_path.name + f".{os.getpid()}.part")
+    part = index_path.with_suffix(f".{os.getpid()}{index_path.suffix}")
     part.write_text(json.dumps(index))
     os.replace(part, index_path)
     log.info("decoded %d images into the image cache '%s' (%.2f GB) in %.1f s", len(slots), data_path,

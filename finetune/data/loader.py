@@ -50,8 +50,10 @@ class EpochSampler(Sampler):
     """
 
     def __init__(self, n: int, *, shuffle: bool, seed: int = 0, keyed: bool = False, num_replicas: int = 1,
-                 rank: int = 0, pad: bool = True):
+                 rank: int = 0, pad: bool = True, weights: list[float] | None = None):
         self.n, self.shuffle, self.seed, self.keyed = n, shuffle, int(seed), keyed
+        # weights: draw the epoch's n indices with replacement, P(i) ~ weights[i] (WeightedRandomSampler's rule)
+        self.weights = torch.as_tensor(weights, dtype=torch.double) if weights is not None else None
         self.num_replicas, self.rank, self.pad = int(num_replicas), int(rank), pad
         self.epoch = 0
         self.start = 0
@@ -82,13 +84,20 @@ class EpochSampler(Sampler):
         self.epoch += 1  # the next iteration is the next epoch unless set_epoch says otherwise
         self.start = 0
         g = self.generator(epoch)
-        order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+        if self.weights is not None and self.shuffle:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+        else:
+            order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
         if self.num_replicas > 1:
             order = (order + order[: self._total() - self.n])[self.rank::self.num_replicas]
         if not self.keyed:
             yield from order[start:]
             return
         seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()  # drawn for all n: skipping keeps them
+        if self.weights is not None and self.shuffle:  # an index can repeat: seed by position (new augmentation)
+            for pos in range(start, len(order)):
+                yield (order[pos], seeds[pos])
+            return
         for i in order[start:]:
             yield (i, seeds[i])
 
@@ -99,13 +108,14 @@ def _worker_init(_: int) -> None:
 
 def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, seed: int, device: str = "cpu",
                 workers: int | None = None, drop_last: bool = False, num_replicas: int = 1,
-                rank: int = 0) -> DataLoader:
+                rank: int = 0, weights: list[float] | None = None) -> DataLoader:
     """A DataLoader over ``ds`` with an :class:`EpochSampler` (``loader.sampler.set_epoch(e)`` to resume).
 
     With ``num_replicas`` > 1 the loader yields this ``rank``'s shard: padded to equal length when shuffling
     (training), every sample exactly once across ranks otherwise (evaluation). A training epoch whose last batch
     would hold a single image drops it (BatchNorm cannot train on a batch of one; fastai drops every partial
-    training batch); that image is in another batch in other epochs' orders.
+    training batch); that image is in another batch in other epochs' orders. ``weights`` (with ``shuffle``):
+    per-sample draw weights, an epoch draws ``len(ds)`` samples with replacement (a class-balanced sampler).
     """
     n = len(ds)  # type: ignore[arg-type]
     workers = default_workers(n, batch_size) if workers is None else int(workers)
@@ -115,7 +125,7 @@ def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, seed: int, devic
         return make_stream_loader(ds, batch_size, shuffle=shuffle, seed=seed, device=device,  # type: ignore
                                   workers=workers, num_replicas=num_replicas, rank=rank)
     sampler = EpochSampler(n, shuffle=shuffle, seed=seed, keyed=isinstance(ds, _Seeded) and shuffle,
-                           num_replicas=num_replicas, rank=rank, pad=shuffle)
+                           num_replicas=num_replicas, rank=rank, pad=shuffle, weights=weights)
     if shuffle and len(sampler) > 1 and len(sampler) % batch_size == 1:
         drop_last = True  # a training batch of one image: BatchNorm in train mode cannot normalise it
     return DataLoader(

@@ -9,13 +9,17 @@ Every pipeline starts the same way: to a uint8 CHW tensor, then ``Resize(resize)
 ``resize`` are stored as they are and upsampled by this same step), so a cached and an uncached dataset give the
 same tensors bit for bit, and the train crops come from the pre-crop-size image in both cases.
 
-- eval: ``Resize(resize)`` -> ``CenterCrop(size)`` -> float in [0, 1] -> ``Normalize(mean, std)``
+- eval: ``Resize(resize)`` -> ``CenterCrop(size)`` -> float in [0, 1] -> ``Normalize(mean, std)`` (an image beyond
+  16:1 is centre-cropped to 16:1 before the resize: :func:`pre_resize`)
 - ``none``: the eval transform (deterministic; the frozen-feature cache relies on that)
 - ``light``: ``RandomResizedCrop(size, scale=(0.35, 1))`` + ``RandomHorizontalFlip`` (fastai's gentler
   fine-tuning scale: small data sets suffer from ImageNet's 8 % crops); for inputs of 64 px or less, CIFAR's
   augmentation instead: ``RandomCrop(size, padding=size // 8, padding_mode="reflect")`` + flip (a 35 % crop of a
   32 px image, upsampled, keeps little of the object)
-- ``strong``: ``RandomResizedCrop(size, scale=(0.08, 1))`` (the ImageNet recipe) + flip + ``TrivialAugmentWide``
+- ``strong``: ``RandomResizedCrop(size, scale=(0.08, 1))`` (the ImageNet recipe) + ``RandomHorizontalFlip`` +
+  ``TrivialAugmentWide`` (one random op of 14 at a random magnitude per image: RandAugment's quality without its
+  two knobs), then after ``Normalize``: ``RandomErasing(p=0.25, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0)``
+  (DeiT's/timm's ``reprob 0.25``; 0 in normalized space is the mean colour), all torchvision transforms v2
 
 ``--image-size S`` sets the crop to S and the resize to ``floor(S / crop_pct)``, timm's rule (224 -> 256 for
 crop_pct 0.875). Interpolations that tensors don't support map to the nearest one that they do (lanczos ->
@@ -34,6 +38,7 @@ from finetune.errors import DataError
 AUGMENTS = choices("data.augment")  # written once: the type of DataCfg.augment
 LIGHT_SCALE = (0.35, 1.0)
 STRONG_SCALE = (0.08, 1.0)
+ERASE_P = 0.25  # strong: RandomErasing probability (timm/DeiT reprob)
 SMALL = 64  # crops up to this size get CIFAR-style light augmentation (pad + random crop)
 _INTERP = {"nearest": "nearest", "nearest-exact": "nearest-exact", "bilinear": "bilinear", "bicubic": "bicubic",
            "lanczos": "bicubic", "box": "bilinear", "hamming": "bilinear", "random": "bilinear"}
@@ -102,11 +107,35 @@ def _crop_size(tf: dict) -> list[int]:
     return [int(tf["input_size"][1]), int(tf["input_size"][2])]
 
 
+MAX_ASPECT = 16  # pre_resize caps the longer side at this many times the shorter one's target
+
+
 def pre_resize(tf: dict):
-    """The first geometric step of every pipeline: the shorter side to ``tf["resize"]``."""
+    """The first geometric step of every pipeline: the shorter side to ``tf["resize"]``. An image longer than
+    ``MAX_ASPECT``:1 is first centre-cropped to that ratio: a 100000x1 PNG would otherwise become a 3,200,000x32
+    image (750 MB as floats) on its way to a 32 px crop. The centre, which the crops take, stays as it was; images
+    up to 16:1 are resized exactly as before."""
     from torchvision.transforms import v2
 
-    return v2.Resize(int(tf["resize"]), interpolation=_mode(tf), antialias=True)
+    return AspectCappedResize(v2.Resize(int(tf["resize"]), interpolation=_mode(tf), antialias=True))
+
+
+class AspectCappedResize:
+    def __init__(self, resize):
+        self.resize = resize
+
+    def __call__(self, img):
+        from torchvision.transforms.v2 import functional as TF
+
+        h, w = TF.get_size(img)
+        if w > MAX_ASPECT * h:
+            img = TF.center_crop(img, [h, MAX_ASPECT * h])
+        elif h > MAX_ASPECT * w:
+            img = TF.center_crop(img, [MAX_ASPECT * w, w])
+        return self.resize(img)
+
+    def __repr__(self) -> str:
+        return f"AspectCappedResize({self.resize!r}, max {MAX_ASPECT}:1)"
 
 
 def _head(tf: dict) -> list:
@@ -146,4 +175,6 @@ def train_transform(tf: dict, augment: str = "light") -> Callable:
              v2.RandomHorizontalFlip()]
     if augment == "strong":
         steps.append(v2.TrivialAugmentWide(interpolation=_mode(tf)))
+        *tail, pure = _tail(tf)  # erase on the normalized tensor (as torchvision's and timm's references do)
+        return v2.Compose([*_head(tf), *steps, *tail, v2.RandomErasing(p=ERASE_P, value=0), pure])
     return v2.Compose([*_head(tf), *steps, *_tail(tf)])

@@ -62,18 +62,26 @@ def canonical(source: str, arch: str) -> str:
     return {"smallcnn": "smallcnn", "torchvision": arch, "timm": f"timm:{arch}"}[source]
 
 
-def build_model(name: str, num_classes: int | None = None, weights: str | None = "none") -> Backbone:
+def build_model(name: str, num_classes: int | None = None, weights: str | None = "none", *,
+                drop_rate: float | None = None, drop_path_rate: float | None = None) -> Backbone:
     """Build ``name`` with ``weights`` and a head of ``num_classes`` outputs.
 
     ``weights``: ``"none"`` (random init), ``"default"`` (the backbone's own pretrained weights: torchvision
     ``DEFAULT``, timm pretrained, none for smallcnn), a torchvision weights name, ``pretrained`` or a timm tag,
     or a path to a ``.pth``/``.pt``/``.safetensors`` file or a finetune checkpoint. ``num_classes=None`` keeps
-    the source's own class count (1000 for ImageNet models, 10 for smallcnn).
+    the source's own class count (1000 for ImageNet models, 10 for smallcnn). ``drop_rate`` (dropout before the
+    classifier) and ``drop_path_rate`` (stochastic depth, rising linearly over the blocks) go to timm's
+    ``create_model``; None keeps the model's own default. Other sources refuse them.
     """
 
     if num_classes is not None and num_classes < 1:
         raise ModelError(f"num_classes must be at least 1, got {num_classes}")
     source, arch = parse_name(name)
+    rates = {k: v for k, v in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)) if v is not None}
+    if rates and source != "timm":
+        key = next(iter(rates))
+        raise ModelError(f"model.{key} is passed to timm's create_model; '{name}' is not a timm model (use "
+                         f"timm:<name>, or drop --{key.replace('_', '-')})")
     spec = W.parse_spec(weights, source, arch)
     if source == "smallcnn":
         from finetune.models import smallcnn
@@ -88,7 +96,7 @@ def build_model(name: str, num_classes: int | None = None, weights: str | None =
     else:
         from finetune.models import timm_models
 
-        bb = timm_models.build(arch, num_classes, spec)
+        bb = timm_models.build(arch, num_classes, spec, **rates)
     if spec.kind == "file":  # pretrained values from a file: the head starts neutral unless the file's head fits
         init_new_head(bb.model, bb.head)
         W.load_file_into(bb, spec.path)

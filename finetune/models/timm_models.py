@@ -52,12 +52,14 @@ def head_paths(model) -> list[str]:
     return found
 
 
-def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
+def build(arch: str, num_classes: int | None, spec: WeightsSpec, **rates: float) -> Backbone:
+    """``rates``: ``drop_rate`` / ``drop_path_rate`` for ``create_model`` (models that lack one raise a TypeError,
+    reported as a one-line error)."""
     import timm
 
     from finetune.weights import fetch_timm
 
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs = {**rates} if num_classes is None else {"num_classes": num_classes, **rates}
     name = arch
     if spec.kind == "timm":
         name = spec.tag_name
@@ -67,6 +69,10 @@ def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
             model = timm.create_model(arch, pretrained=False, **kwargs)
         except RuntimeError as e:  # e.g. an unknown pretrained tag
             raise ModelError(f"cannot build timm model '{arch}': {e}") from None
+        except TypeError as e:  # a rate the architecture's constructor doesn't take
+            if not rates:
+                raise
+            raise ModelError(f"timm model '{arch}' does not take {', '.join(rates)}: {e}") from None
     from finetune.models.backbone import init_new_head
 
     head = head_paths(model)
