@@ -61,10 +61,14 @@ def test_a_run_through_the_disk_cache_trains_the_same_weights_and_cleans_up(tmp_
     from finetune import config
     from finetune.api import train
 
+    from helpers import tiny_tree
+
+    data = tiny_tree(tmp_path / "data", per_class=8)
+
     def run(name, cache):
         r = config.apply_overrides(config.load_recipe("default"), {
-            "train.epochs": 1, "train.batch_size": 32, "train.precision": "fp32", "train.tensorboard": False,
-            "train.report": False, "data.cache": cache})
+            "data.path": str(data), "data.val_split": 0.25, "train.epochs": 1, "train.batch_size": 8,
+            "train.precision": "fp32", "train.tensorboard": False, "train.report": False, "data.cache": cache})
         train(r, out=tmp_path / name)
         return torch.load(tmp_path / name / "last.pt", weights_only=True)["model"], sorted(os.listdir(tmp_path / name))
 

@@ -374,6 +374,9 @@ def check_recipe(cfg):
     if cfg.train.cache_features == "on":
         raise ConfigError("--cache-features on needs indexed images; tar shards are streamed: use "
                           "--cache-features off (or an image folder)")
+    if getattr(cfg.data, "sampler", "random") != "random":
+        raise ConfigError("data.sampler balanced draws images by index; tar shards are streamed: use --sampler "
+                          "random (or train.class_weights auto for imbalanced classes)")
     cfg.train.cache_features = "off"
     return cfg
 
