@@ -121,8 +121,10 @@ def folded_copy(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, int]:
 
 def _unwrapped(model: nn.Module) -> nn.Module | None:
     """The module to fold: DDP's ``.module`` (eval needs no gradient sync); None for a ``torch.compile`` wrapper
-    (run as compiled)."""
-    if hasattr(model, "_orig_mod"):
+    (run as compiled) and for an FSDP2-sharded model (its shards cannot be copied; finetune/strategy.py)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if hasattr(model, "_orig_mod") or isinstance(model, FSDPModule):
         return None
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 

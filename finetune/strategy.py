@@ -104,6 +104,9 @@ def shard(model: nn.Module, optimizer: torch.optim.Optimizer, precision: str) ->
     optimizer.state.clear()
     if full["state"]:
         set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+    for g in optimizer.param_groups:  # DTensor has no sharding rule for the fused kernels (aten._fused_sgd_)
+        if g.get("fused"):
+            g["fused"] = False
     _eval_unsharded(model)
     return names
 

@@ -328,14 +328,14 @@ def test_two_nodes_equal_nproc_2(ddp_run, tmp_path):
 
 
 def test_node_flags_become_a_c10d_rendezvous_and_are_not_passed_on(monkeypatch):
-    from finetune import distributed, stop
+    from finetune import distributed, launcher
 
     seen = {}
-    monkeypatch.setattr(stop, "run_launcher", lambda cmd, env=None: seen.update(cmd=cmd) or 0)
+    monkeypatch.setattr(launcher, "run", lambda cmd, env=None: seen.update(cmd=cmd) or 0)
     argv = ["train", "--nproc", "2", "--nnodes=2", "--node-rank", "1", "--master-addr", "node0", "--out", "r"]
     assert distributed.strip_nproc(argv) == ["train", "--out", "r"]
     assert distributed.launch(2, ["train"], (2, 1, "node0")) == 0
-    assert seen["cmd"][1:] == ["-m", "torch.distributed.run", "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d",
+    assert seen["cmd"][1:] == ["-m", "finetune.launcher", "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d",
                                "--rdzv-endpoint=node0:29500", "--nproc_per_node=2", "-m", "finetune", "train"]
     distributed.launch(2, ["train"])
     assert seen["cmd"][3:5] == ["--standalone", "--nproc_per_node=2"]
