@@ -11,7 +11,7 @@ from finetune.config import DataCfg
 from finetune.data import build_data, make_loader
 from finetune.data import datasets as datasets_mod
 from finetune.data.diskcache import DiskImages
-from tests.test_data import SMALL, tree
+from test_data import SMALL, tree
 
 
 def cfg(root, **kw) -> DataCfg:
