@@ -22,14 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared")
-WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.safetensors"
-DATA = SHARED / "data" / "flowers12"
-MODEL = "timm:tf_efficientnet_lite0"
+from real import DATA, MODEL, ROOT, SHARED, WEIGHTS  # noqa: E402,F401 - ../shared paths; puts the checkout on sys.path
 
 
 def main() -> None:
