@@ -7,9 +7,10 @@ All start from the same real ImageNet weights (../shared/weights/tf_efficientnet
 script, one after the other (never side by side):
 
 - finetune's default for a pretrained model (the ``lp-ft`` recipe: head on cached features for 1 epoch, then
-  everything at 0.1x LR) and the ``linear-probe`` recipe, through ``finetune.train``; the wall clock starts before
-  the call (data set construction, model build and the feature pass included) and is read at every epoch end by a
-  listener.
+  everything at 0.1x LR), the ``linear-probe`` recipe and the ``full-finetune`` recipe (everything trains from the
+  first step, as in timm's run: the like-for-like row for wall time at equal epochs), through ``finetune.train``;
+  the wall clock starts before the call (data set construction, model build and the feature pass included) and is
+  read at every epoch end by a listener.
 - timm's ``train.py`` (not in timm's sdist on PyPI: ``pip download --no-deps timm==<version> --no-binary :all:``
   holds only the package and tests; take it from the GitHub repository at the installed version), run as a
   subprocess with its best CPU flags: ``--device cpu --amp --amp-dtype bfloat16 --channels-last --pretrained
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--timm-train", default=None, help="timm's train.py (skipped when not given)")
-    ap.add_argument("--only", default="lp-ft,linear-probe,timm,hand")
+    ap.add_argument("--only", default="lp-ft,linear-probe,full-finetune,timm,hand")
     ap.add_argument("--note", default="", help="a line about the machine's load, printed with the table")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "time_to_acc.json"))
     args = ap.parse_args(argv)
@@ -152,6 +153,7 @@ def main(argv=None) -> int:
             "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}"}
     todo = [("finetune default (lp-ft)", "lp-ft", lambda: run_finetune("lp-ft", args.epochs, tmp)),
             ("finetune linear-probe", "linear-probe", lambda: run_finetune("linear-probe", args.epochs, tmp)),
+            ("finetune full-finetune", "full-finetune", lambda: run_finetune("full-finetune", args.epochs, tmp)),
             ("timm train.py (bf16, channels_last)", "timm",
              lambda: run_timm(Path(args.timm_train), args.epochs, tmp) if args.timm_train else []),
             ("hand loop (bf16, channels_last)", "hand", lambda: run_hand(args.epochs))]

@@ -23,7 +23,7 @@ from finetune.errors import CheckpointError, shown
 RUN_FILES = ("config.yaml", "metrics.json", "last.pt", "best.pt")
 MARKER = ".finetune-run"  # written first in every run directory: the proof that --overwrite may empty it
 LOCK = ".lock"  # flock'd by the process that writes the run (rank 0) for the whole run
-_OWN_DIRS = ("hparams",)  # TensorBoard's add_hparams sub-run
+_OWN_DIRS = ("hparams", "shards")  # TensorBoard's add_hparams sub-run; FSDP's sharded last.pt (finetune/sharded.py)
 
 
 def _run_owned(name: str) -> bool:
@@ -158,9 +158,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise CheckpointError(f"cannot write '{path}': {e.strerror or e}") from None
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, materialize: bool = True) -> dict[str, Any]:
     """Read a finetune checkpoint safely (``weights_only=True``; pickled objects only inside
-    :func:`finetune.serialization.trusted`); errors name the file and what to do."""
+    :func:`finetune.serialization.trusted`); errors name the file and what to do. An FSDP run's ``last.pt`` names
+    its weights as DCP shards: ``materialize`` reads them into ``"model"`` (in this process; a resume loads them
+    sharded instead)."""
     from finetune.serialization import torch_load
 
     p = Path(path)
@@ -183,6 +185,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"'{p}' is not a valid finetune checkpoint: {problem}; it is damaged or was not "
                               "written by finetune")
     ckpt["_path"] = str(p)
+    if materialize and ckpt.get("sharded"):
+        from finetune import sharded
+
+        ckpt["model"] = sharded.materialize(p.parent, ckpt["sharded"])
     return ckpt
 
 
@@ -253,12 +259,13 @@ class Checkpoint:
     ema: dict[str, Any] | None = None  # resume only: the EMA weights (train.ema)
     best_ema: dict[str, Any] | None = None  # the EMA's best epoch (train.ema)
     top_k: list[dict[str, Any]] | None = None  # the K best epochs, best first (train.save_top_k > 1)
+    sharded: dict[str, Any] | None = None  # resume only: FSDP's weights + optimizer state as DCP shards (model {})
     extra: dict[str, Any] = field(default_factory=dict)
 
     _ORDER = ("model", "class_names", "model_name", "num_classes", "transform", "precision", "channels_last",
               "epoch_base", "data", "epoch", "plan", "trainable", "recipe", "optimizer", "scaler", "metrics", "best",
-              "val", "finetune_version", "world_size", "partial", "ema", "best_ema", "top_k")
-    _OPTIONAL = ("partial", "ema", "best_ema", "top_k")  # written only when the run uses them
+              "val", "finetune_version", "world_size", "partial", "ema", "best_ema", "top_k", "sharded")
+    _OPTIONAL = ("partial", "ema", "best_ema", "top_k", "sharded")  # written only when the run uses them
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self._ORDER if k not in self._OPTIONAL or getattr(self, k) is not None}
@@ -276,7 +283,7 @@ class Checkpoint:
         return slim(self.to_dict())
 
 
-RESUME_ONLY = ("optimizer", "scaler", "partial", "ema", "_path")  # in last.pt for a resume, not in best.pt
+RESUME_ONLY = ("optimizer", "scaler", "partial", "ema", "sharded", "_path")  # in last.pt for a resume, not in best.pt
 
 
 def slim(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -393,6 +400,10 @@ def _repair_epoch_files(run_dir: Path, last: dict[str, Any], epoch: int) -> list
     for name, own in wanted.items():
         current = _peek(run_dir / name) if own else None
         if own and (current is None or int(current.get("epoch", -1)) != epoch or not _same_model(current, last)):
+            if last.get("sharded") and not last.get("model"):  # FSDP's last.pt: its weights are DCP shards
+                from finetune import sharded
+
+                last = {**last, "model": sharded.materialize(run_dir, last["sharded"])}
             content = slim(dict(last))
             if name == "best_ema.pt":
                 content = {**content, "model": last["ema"], "ema_weights": True}

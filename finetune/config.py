@@ -162,6 +162,7 @@ class TrainCfg:
     log_every: Annotated[int, POS] | None = None  # TensorBoard scalars every N optimizer steps (besides per epoch)
     dist_timeout: Annotated[float, POS] = 10.0  # DDP: minutes a collective may wait for the other processes
     strategy: Literal["ddp", "fsdp"] = "ddp"  # N processes: DDP replicas, or FSDP2 (fully_shard per block)
+    checkpoint_format: Literal["auto", "full"] = "auto"  # last.pt under FSDP: auto = sharded (DCP), full = one file
 
 
 @dataclass

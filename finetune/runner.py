@@ -33,7 +33,7 @@ from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_comp
                              resolve_precision, set_lr, train_one_epoch, wants_channels_last)
 from finetune.errors import CheckpointError, ConfigError, FinetuneError
 from finetune import holdout, imbalance, midepoch, regularization as R
-from finetune import strategy
+from finetune import sharded, strategy
 from finetune.selection import Monitor, file_for, update_top_k
 
 log = logging.getLogger("finetune")
@@ -209,11 +209,16 @@ class RunState:
         """The end-of-epoch writes (rank 0): last.pt first, the commit point (see ``checkpoint.repair_run``), then
         best.pt (weights + metadata: the optimizer state, 2x the weights for Adam, is for resuming), best_ema.pt,
         the top-k file, and metrics.json."""
-        full = strategy.full_state(self)  # FSDP: every rank joins the gather of the consolidated state
+        full = strategy.full_state(self, v)  # FSDP: every rank joins the gather of the consolidated state
+        shards = strategy.save_shards(self, epochs_done)  # FSDP: every rank writes its shards (finetune/sharded.py)
         if not self.dd.is_main:
             return
         ckpt = self.checkpoint(epochs_done, val, full)
-        ck.save_checkpoint(ckpt.to_dict(), self.run_dir / "last.pt")
+        ck.save_checkpoint({**ckpt.to_dict(), "model": {}, "sharded": shards} if shards else ckpt.to_dict(),
+                           self.run_dir / "last.pt")
+        # the previous epoch's shards, now that last.pt is committed (all of them once a resume at 1 process or
+        # with DDP wrote a consolidated last.pt)
+        sharded.remove_stale(self.run_dir, shards["path"] if shards else None)
         if v.improved:
             ck.save_checkpoint(ckpt.slim(), self.run_dir / "best.pt")
         if v.ema_improved:
@@ -388,7 +393,9 @@ def resume_run(run_dir: Path, epochs: int | None, made: dict) -> RunState:
         if fixed:
             log.warning(f"repaired {' and '.join(fixed)} from last.pt: a stop between the writes at the end of "
                         "an epoch had left them behind")
-    saved = ck.Checkpoint.from_dict(ck.load_checkpoint(last))
+    saved = ck.Checkpoint.from_dict(ck.load_checkpoint(last, materialize=False))  # shards: loaded sharded
+    if saved.sharded and dist_.from_env().is_main:  # the shards of an epoch a kill kept from being committed
+        sharded.remove_stale(run_dir, saved.sharded["path"])
     data = saved.recipe
     if saved.epoch_base != 1 and data["freeze"]["schedule"]:  # written when schedules were 0-based
         data = {**data, "freeze": {**data["freeze"], "schedule": [{**s, "epoch": s["epoch"] + 1}
@@ -454,6 +461,8 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
     if cfg.train.sync_bn and dd.enabled:
         st.model = dist_.sync_batchnorm(model, device)  # same Parameters: optimizer and state_dict unchanged
     st.train_model = strategy.wrap(st)  # DDP, or FSDP2 sharding the model in place (finetune/strategy.py)
+    if saved is not None and saved.sharded:  # each rank reads its part, at this run's world size
+        sharded.load_into(st.model, st.optimizer, run_dir, saved.sharded)
     st.step = _make_step(st)
     _make_loaders(st)
     st.run_model = maybe_compile(st.train_model, cfg.train.compile)  # checkpoints save `model`'s own state_dict
@@ -485,13 +494,15 @@ def _restore(st: RunState, saved: ck.Checkpoint) -> None:
     """Weights, the unfreeze steps already taken, optimizer/scaler state, history and best from ``last.pt``."""
     from finetune import optim as O
 
-    st.model.load_state_dict(saved.model)
+    if not saved.sharded:  # sharded weights and optimizer state load after the model is sharded (_build)
+        st.model.load_state_dict(saved.model)
     st.start_epoch = int(saved.epoch)
     st.partial = saved.partial
     for stp in sorted(st.cfg.freeze.schedule, key=lambda s: s.epoch):
         if stp.epoch - 1 < st.start_epoch or (st.partial and stp.epoch - 1 == st.start_epoch):  # 1-based steps
             O.unfreeze_step(st.bb, st.optimizer, stp, st.cfg.optimizer)
-    st.optimizer.load_state_dict(saved.optimizer)
+    if not saved.sharded:
+        st.optimizer.load_state_dict(saved.optimizer)
     if st.scaler is not None and saved.scaler:
         st.scaler.load_state_dict(saved.scaler)
     st.history = list(saved.metrics)

@@ -13,10 +13,12 @@ FSDP2 here (``train.strategy: fsdp``, ``--strategy fsdp``; only with more than o
   ``set_optimizer_state_dict``);
 - evaluation: every unit is all-gathered once (``unshard``) and kept whole for the pass, so ranks whose val shards
   have different batch counts never wait for each other; resharded when training resumes;
-- checkpoints: every rank joins ``get_model_state_dict`` / ``get_optimizer_state_dict`` (full, CPU), rank 0 writes
-  ``last.pt``/``best.pt`` exactly as a DDP run does (plain tensors, the optimizer state in ``Optimizer.state_dict``
-  form), so they load in one process with ``torch.load(weights_only=True)`` and a resume (same world size, or any
-  other: the full state is resharded on load) continues exactly.
+- checkpoints (``train.checkpoint_format: auto``): ``last.pt``'s weights and optimizer state are written as
+  ``torch.distributed.checkpoint`` shards, each rank its own (:mod:`finetune.sharded`), and resume at any world size
+  through DCP's resharding; ``best.pt`` and the top-k files are consolidated (the model is gathered to rank 0 when
+  an epoch improves) and load in one process with ``torch.load(weights_only=True)``. ``full``: every rank joins
+  ``get_model_state_dict`` / ``get_optimizer_state_dict`` (full, CPU) and rank 0 writes ``last.pt`` exactly as a
+  DDP run does (the optimizer state in ``Optimizer.state_dict`` form); a resume reshards the full state on load.
 
 Not with fsdp (each is one error line): an unfreeze schedule (FSDP fixes what trains when it shards), ``--ema``,
 ``save_every_steps``, fp16 (GradScaler; use bf16), ``--cache-features on`` (``auto`` leaves the cache off: a probe
@@ -157,6 +159,7 @@ def _eval_unsharded(root: nn.Module) -> None:
 
     def train(mode: bool = True):
         if root.training and not mode:
+            sync_buffers(root)
             for m in fsdp:
                 m.set_reshard_after_forward(False, recurse=False)
                 m.unshard()
@@ -170,6 +173,19 @@ def _eval_unsharded(root: nn.Module) -> None:
     root.train = train  # type: ignore[method-assign]
 
 
+def sync_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank (collective).
+
+    FSDP shards parameters, not buffers: each rank's BatchNorm layers update their running statistics from its own
+    batches, so they drift apart. DDP broadcasts rank 0's before every forward, which leaves every rank with rank
+    0's statistics; this does the same before each evaluation and checkpoint, where the statistics are used or
+    saved (every rank evaluates with the same model, and the shards hold one copy)."""
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        dist.broadcast(b.data, src=0)
+
+
 def wrap(st) -> nn.Module:
     """The module the loop trains (:class:`finetune.runner.RunState` ``st``): DDP around the model, or the model
     sharded in place by FSDP2 (``train.strategy``), or the model itself in a single process."""
@@ -180,9 +196,36 @@ def wrap(st) -> nn.Module:
     return st.model
 
 
-def full_state(st) -> tuple[dict, dict] | None:
+def sharded_checkpoints(cfg, d: dist_.Dist) -> bool:
+    """FSDP with ``train.checkpoint_format: auto``: last.pt's weights and optimizer state are DCP shards
+    (:mod:`finetune.sharded`)."""
+    return uses_fsdp(cfg, d) and getattr(cfg.train, "checkpoint_format", "auto") == "auto"
+
+
+def full_state(st, v) -> tuple[dict, dict | None] | None:
     """FSDP: the consolidated ``(model, optimizer)`` state for the checkpoints (collective: every rank calls it);
-    None otherwise (the model's own ``state_dict`` is whole)."""
+    None otherwise (the model's own ``state_dict`` is whole). With sharded checkpoints only the model is gathered,
+    and only when the epoch's :class:`~finetune.selection.Verdict` ``v`` writes a consolidated file (best.pt, top-k):
+    ``({}, None)`` otherwise."""
     if not uses_fsdp(st.cfg, st.dd):
         return None
+    sync_buffers(st.model)
+    if sharded_checkpoints(st.cfg, st.dd):
+        return (gather_model(st.model) if v.improved or v.in_top_k else {}), None
     return gather(st.model, st.optimizer)
+
+
+def gather_model(model: nn.Module) -> dict:
+    """The full model state on CPU on rank 0 (collective; the other ranks get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_shards(st, epochs_done: int) -> dict | None:
+    """Sharded checkpoints: every rank writes its shards now (collective); the entry last.pt names them by."""
+    if not sharded_checkpoints(st.cfg, st.dd):
+        return None
+    from finetune import sharded
+
+    return sharded.save(st.model, st.optimizer, st.run_dir, epochs_done, st.dd)

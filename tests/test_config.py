@@ -35,7 +35,7 @@ def test_unknown_key_names_path_and_line(tmp_path):
                             "seed, device, precision, channels_last, compile, early_stop, cache_features, "
                             "fast_inference, tensorboard, report, graph, save_every_steps, sync_bn, monitor, "
                             "monitor_mode, save_top_k, ema, ema_decay, mixup, cutmix, log_every, dist_timeout, "
-                            "strategy")
+                            "strategy, checkpoint_format")
 
 
 def test_wrong_type_and_bad_value(tmp_path):

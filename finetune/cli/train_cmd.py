@@ -129,6 +129,10 @@ _MASTER_ADDR = typer.Option(None, "--master-addr", help="HOST[:PORT] of node 0, 
                             "rendezvous; port 29500 by default).", rich_help_panel=_T)
 _STRATEGY = typer.Option(None, "--strategy", help="With --nproc/torchrun: ddp (a replica per process, default) | fsdp "
                          "(FSDP2: parameters, gradients and optimizer state sharded per block).", rich_help_panel=_T)
+_CHECKPOINT_FORMAT = typer.Option(None, "--checkpoint-format", help="With --strategy fsdp: auto (last.pt's weights "
+                                  "and optimizer state as sharded torch.distributed.checkpoint files, each rank "
+                                  "writing its shard; resumes at any world size) | full (one consolidated last.pt, "
+                                  "gathered on rank 0).", rich_help_panel=_T)
 _OUT = typer.Option(None, "--out", "-o", help="Run directory (default runs/<time>-<model>).", rich_help_panel=_T)
 _OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing run directory.", rich_help_panel=_T)
 _RESUME = typer.Option(None, "--resume",
@@ -194,6 +198,7 @@ def train(
     monitor: Optional[str] = _MONITOR, monitor_mode: Optional[str] = _MONITOR_MODE,
     save_top_k: Optional[int] = _SAVE_TOP_K,
     log_every: Optional[int] = _LOG_EVERY, strategy: Optional[str] = _STRATEGY,
+    checkpoint_format: Optional[str] = _CHECKPOINT_FORMAT,
     out: Optional[Path] = _OUT,
     overwrite: bool = _OVERWRITE,
     resume: Optional[Path] = _RESUME,
@@ -290,6 +295,7 @@ KEYS = {  # recipe key -> the parameter of `train` that sets it (the freeze flag
     "train.monitor_mode": "monitor_mode", "train.save_top_k": "save_top_k", "train.ema": "ema",
     "train.ema_decay": "ema_decay", "train.mixup": "mixup", "train.cutmix": "cutmix", "train.log_every": "log_every",
     "train.strategy": "strategy",
+    "train.checkpoint_format": "checkpoint_format",
     "train.fast_inference": "fast_inference",
 }
 
