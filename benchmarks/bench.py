@@ -58,6 +58,14 @@ LR, MOMENTUM, BATCH = 0.01, 0.9, 32
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 TARGETS = {"linear probe": 15.0, "partial freeze": 2.5, "full fine-tune": 2.5, "eval": 2.5}
 PARTIAL = ["conv1", "bn1", "layer1", "layer2", "layer3"]
+LITE0_PARTIAL = ["conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2", "blocks.3"]  # stem + 4 of 7 stages
+
+
+def is_frozen(name: str, frozen: list[str]) -> bool:
+    """``frozen``: module paths (``layer1``, ``blocks.3``); ``["*"]``: everything but the ``fc`` head."""
+    if frozen == ["*"]:
+        return not name.startswith("fc.")
+    return any(name == f or name.startswith(f + ".") for f in frozen)
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -108,14 +116,15 @@ class Capture(Reporter):
 
 def model_only(make_model, *, train: bool, size: int, batch: int, classes: int, frozen: list[str] | None = None,
                precision: str = "bf16", channels_last: bool = True, min_s: float = 3.0, min_steps: int = 4,
-               device: str = "cpu", compile_: bool = False) -> float:
+               device: str = "cpu", compile_: bool = False, autotune: bool = False) -> float:
     """Images/s of the model alone on synthetic tensors: the ceiling for the same model, batch, precision and layout.
 
     ``train``: forward + backward + SGD step with ``frozen`` applied as in :func:`hand_train` (frozen BatchNorm in
     eval mode); else a forward under ``eval()`` + ``inference_mode``. Two warm-up calls, then at least ``min_steps``
     calls and ``min_s`` seconds. No data loading, no decoding, no metrics: what a loop could reach at best.
     ``device`` cuda: the clock waits for the GPU (``synchronize``); ``compile_``: ``torch.compile`` the model (the
-    warm-up calls pay the compile time)."""
+    warm-up calls pay the compile time); ``autotune``: the depthwise convs finetune's ``train.autotune`` switches to
+    an fp32 backward are switched here too (the model-only step with finetune's kernels)."""
     torch.manual_seed(SEED)
     model = make_model().to(device)
     mf = torch.channels_last if channels_last else torch.contiguous_format
@@ -126,10 +135,14 @@ def model_only(make_model, *, train: bool, size: int, batch: int, classes: int, 
     cast = (lambda: torch.autocast(kind, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
     net = torch.compile(model) if compile_ else model
+    if autotune and train:
+        from finetune import dwgrad
+
+        dwgrad.switch(model, dwgrad.tune(model, tuple(x.shape), channels_last)["switched"])
     if train:
         if frozen:
             for name, p in model.named_parameters():
-                p.requires_grad = name.startswith("fc.") if frozen == ["*"] else name.split(".")[0] not in frozen
+                p.requires_grad = not is_frozen(name, frozen)
         still = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)
                  and not any(p.requires_grad for p in m.parameters())]
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM)
@@ -162,7 +175,8 @@ def model_only(make_model, *, train: bool, size: int, batch: int, classes: int, 
 
 
 def ceiling_of(make_model, *, size: int, classes: int, train_images: int, val_images: int, epochs: int,
-               frozen: list[str] | None, probe: bool = False, eval_only: bool = False, quick: bool = False) -> dict:
+               frozen: list[str] | None, probe: bool = False, eval_only: bool = False, quick: bool = False,
+               autotune: bool = False) -> dict:
     """The model-only seconds for a scenario's work: ``epochs`` x (train steps over the train images at batch 32 +
     forward over val at batch 64); a probe's work is ONE forward over train + val (what the feature cache needs);
     eval is one forward over val. ``ceiling_s / finetune wall s`` is finetune's fraction of the ceiling."""
@@ -176,6 +190,9 @@ def ceiling_of(make_model, *, size: int, classes: int, train_images: int, val_im
     else:
         out["train_ips"] = model_only(make_model, train=True, batch=BATCH, frozen=frozen, **kw)
         out["ceiling_s"] = epochs * (train_images / out["train_ips"] + val_images / fwd)
+        if autotune:  # the same step with finetune's per-layer kernel choice (finetune/dwgrad.py)
+            out["train_ips_tuned"] = model_only(make_model, train=True, batch=BATCH, frozen=frozen, autotune=True,
+                                                **kw)
     return out
 
 
@@ -214,8 +231,7 @@ def hand_train(make_model, weights: Path, root: Path, tf, epochs: int, frozen: l
     frozen_mods = []
     if frozen:
         for name, p in model.named_parameters():
-            top = name.split(".")[0]
-            p.requires_grad = name.startswith("fc.") if frozen == ["*"] else top not in frozen
+            p.requires_grad = not is_frozen(name, frozen)
         frozen_mods = [m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
                        and not any(p.requires_grad for p in m.parameters())]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM)
@@ -436,7 +452,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="5 train / 3 val images per class, fewer epochs")
     ap.add_argument("--data", default=None, help="ImageFolder root with train/ and val/ (default: flowers12 or "
                     "the bundled sample)")
-    ap.add_argument("--only", default=None, help="comma-separated scenarios: real,probe,partial,full,eval,smallcnn,"
+    ap.add_argument("--only", default=None, help="comma-separated scenarios: real,probe,partial,full,eval,lite0,"
+                    "smallcnn,"
                     "prec (real: shipped recipes on EfficientNet-Lite0 with real ImageNet weights, when "
                     "../shared/weights has them)")
     ap.add_argument("--recipes", default="linear-probe,lp-ft,full-finetune,gradual-unfreeze,resnet18-freeze-early",
@@ -455,8 +472,8 @@ def main(argv=None) -> int:
     os.environ["FINETUNE_CACHE"] = "off"
     shared = REPO.parent / "shared" / "data" / "flowers12"
     root = Path(args.data) if args.data else (shared if shared.is_dir() else REPO / "data" / "sample")
-    only = set(args.only.split(",")) if args.only else {"real", "probe", "partial", "full", "eval", "smallcnn",
-                                                         "prec"}
+    only = set(args.only.split(",")) if args.only else {"real", "probe", "partial", "full", "eval", "lite0",
+                                                         "smallcnn", "prec"}
     tmp = Path(tempfile.mkdtemp(prefix="ftbench-"))
     if args.quick:
         root = subset_root(root, 5, 3, tmp)
@@ -511,6 +528,8 @@ def main(argv=None) -> int:
             row["ceiling"] = {**c, "of_ceiling": c["ceiling_s"] / f["wall_s"]}
             if c.get("train_ips") and f.get("loop_ips") and f.get("picked", {}).get("feature_cache") != "used":
                 row["ceiling"]["loop_of_ceiling"] = f["loop_ips"] / c["train_ips"]
+                if c.get("train_ips_tuned"):
+                    row["ceiling"]["loop_of_tuned"] = f["loop_ips"] / c["train_ips_tuned"]
         row["acc_ok"] = f["val_acc"] >= h["val_acc"] - 0.01
         row["met"] = None if row["target"] is None else bool(row["ratio"] >= row["target"] and row["acc_ok"])
         rows.append(row)
@@ -561,6 +580,25 @@ def main(argv=None) -> int:
         pair("eval", hand_eval, ft_eval, "resnet18 224px, one pass over val (the full fine-tune's checkpoint)",
              lambda f: ceiling_of(resnet, size=224, classes=classes, train_images=0, val_images=f["images"],
                                   epochs=1, frozen=None, eval_only=True, quick=args.quick))
+    if "lite0" in only:  # the same two training scenarios on a depthwise-conv net (random init, saved once)
+        import timm
+
+        lite0 = lambda: timm.create_model(LITE0, num_classes=classes)  # noqa: E731
+        torch.manual_seed(SEED)
+        w_lite0 = tmp / "lite0_init.pth"
+        torch.save(lite0().state_dict(), w_lite0)
+        for name, frozen, ep, freeze in (
+                ("lite0 full fine-tune", None, ep_full, {}),
+                ("lite0 partial freeze", LITE0_PARTIAL, ep_partial, {"freeze.layers": LITE0_PARTIAL})):
+            pair(name, lambda frozen=frozen, ep=ep: hand_train(lite0, w_lite0, root, tf224, ep, frozen, None),
+                 lambda ep=ep, freeze=freeze, name=name: ft_train(f"timm:{LITE0}", w_lite0, root, 224, ep, freeze,
+                                                                  tmp / name.replace(" ", "-"), None),
+                 f"tf_efficientnet_lite0 224px, {'stem + blocks.0-3 frozen' if frozen else 'all trainable'}, "
+                 f"{ep} epoch{'s' if ep > 1 else ''}",
+                 lambda f, frozen=frozen, ep=ep: ceiling_of(lite0, size=224, classes=classes,
+                                                            train_images=f["n_train"], val_images=f["n_val"],
+                                                            epochs=ep, frozen=frozen, quick=args.quick,
+                                                            autotune=True))
     if "smallcnn" in only:
         pair("smallcnn 32px", lambda: hand_train(lambda: SmallCNN(classes), w_small, root, tf32, ep_small, None,
                                                  None),
@@ -596,7 +634,11 @@ def _ceiling_cells(c: dict | None) -> list[str]:
     if not c:
         return ["-", "-"]
     ips = f"{c['train_ips']:.1f} / {c['forward_ips']:.1f}" if c.get("train_ips") else f"fwd {c['forward_ips']:.1f}"
-    frac = f"{c['of_ceiling']:.2f}x" + (f" (loop {c['loop_of_ceiling']:.2f}x)" if c.get("loop_of_ceiling") else "")
+    if c.get("train_ips_tuned"):
+        ips += f"; with finetune's kernels {c['train_ips_tuned']:.1f} train"
+    frac = f"{c['of_ceiling']:.2f}x" + (f" (loop {c['loop_of_ceiling']:.2f}x" + (
+        f", {c['loop_of_tuned']:.2f}x of the tuned step" if c.get("loop_of_tuned") else "") + ")"
+        if c.get("loop_of_ceiling") else "")
     return [f"{c['ceiling_s']:.1f} ({ips})", frac]
 
 

@@ -260,12 +260,13 @@ class Checkpoint:
     best_ema: dict[str, Any] | None = None  # the EMA's best epoch (train.ema)
     top_k: list[dict[str, Any]] | None = None  # the K best epochs, best first (train.save_top_k > 1)
     sharded: dict[str, Any] | None = None  # resume only: FSDP's weights + optimizer state as DCP shards (model {})
+    autotune: dict[str, Any] | None = None  # the layers train.autotune switched (a resume repeats them, untimed)
     extra: dict[str, Any] = field(default_factory=dict)
 
     _ORDER = ("model", "class_names", "model_name", "num_classes", "transform", "precision", "channels_last",
               "epoch_base", "data", "epoch", "plan", "trainable", "recipe", "optimizer", "scaler", "metrics", "best",
-              "val", "finetune_version", "world_size", "partial", "ema", "best_ema", "top_k", "sharded")
-    _OPTIONAL = ("partial", "ema", "best_ema", "top_k", "sharded")  # written only when the run uses them
+              "val", "finetune_version", "world_size", "partial", "ema", "best_ema", "top_k", "sharded", "autotune")
+    _OPTIONAL = ("partial", "ema", "best_ema", "top_k", "sharded", "autotune")  # written only when the run uses them
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self._ORDER if k not in self._OPTIONAL or getattr(self, k) is not None}
@@ -283,7 +284,8 @@ class Checkpoint:
         return slim(self.to_dict())
 
 
-RESUME_ONLY = ("optimizer", "scaler", "partial", "ema", "sharded", "_path")  # in last.pt for a resume, not in best.pt
+# in last.pt for a resume, not in best.pt
+RESUME_ONLY = ("optimizer", "scaler", "partial", "ema", "sharded", "autotune", "_path")
 
 
 def slim(ckpt: dict[str, Any]) -> dict[str, Any]:

@@ -147,6 +147,7 @@ class TrainCfg:
     early_stop: Annotated[int, NONNEG] | None = None  # stop after N epochs without a better val accuracy
     cache_features: Literal["auto", "on", "off"] = "auto"
     fast_inference: Literal["auto", "off"] = "auto"  # frozen inference on a conv+BN-folded copy (finetune/fastinfer.py)
+    autotune: Literal["auto", "off"] = "auto"  # CPU bf16: depthwise convs get an fp32 backward where faster (dwgrad)
     tensorboard: bool = True
     report: bool = True  # write report.html (curves, confusion, wrong images, freeze plan) at the end of the run
     graph: bool = True  # add the model graph to TensorBoard

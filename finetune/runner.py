@@ -33,7 +33,7 @@ from finetune.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_comp
                              resolve_precision, set_lr, train_one_epoch, wants_channels_last)
 from finetune.errors import CheckpointError, ConfigError, FinetuneError
 from finetune import holdout, imbalance, midepoch, regularization as R
-from finetune import sharded, strategy
+from finetune import dwgrad, sharded, strategy
 from finetune.selection import Monitor, file_for, update_top_k
 
 log = logging.getLogger("finetune")
@@ -147,6 +147,7 @@ class RunState:
     top_k: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the K best epochs, best first
     last_eval: dict[str, Any] | None = None  # the latest epoch's evaluation (per-image results for the pictures)
     test: dict[str, Any] | None = None  # best.pt on the data's test/ folder (holdout.py), after the last epoch
+    autotune: dict[str, Any] | None = None  # depthwise convs with an fp32 backward (finetune/dwgrad.py)
 
     def phase(self, epoch: int) -> Phase:
         if self.feats is not None and not self.feats.serves(epoch):
@@ -175,7 +176,8 @@ class RunState:
             optimizer=full[1] if full else self.optimizer.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler else None,
             ema=self.ema.module.state_dict() if self.ema is not None else None,
-            best_ema=self.best_ema if self.ema is not None else None, top_k=self.top_k or None)
+            best_ema=self.best_ema if self.ema is not None else None, top_k=self.top_k or None,
+            autotune=self.autotune)
 
     def record(self, row: dict[str, Any]) -> Verdict:
         """Append the epoch's row and judge it by the monitored metric (:mod:`finetune.selection`): the best so far
@@ -448,6 +450,7 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
                   model=model, optimizer=optimizer, scaler=scaler, channels_last=channels_last, step=None,
                   train_loader=None, val_loader=None, resumed=saved is not None)
     st.monitor = Monitor(cfg.train.monitor, cfg.train.monitor_mode)
+    st.autotune = dwgrad.setup(st, saved.autotune if saved is not None else None)  # CPU bf16 depthwise backward
     if cfg.train.ema:
         from finetune.regularization import make_ema
 
@@ -457,7 +460,7 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
     if dd.is_main:
         ck.atomic_write_text(run_dir / "config.yaml", _yaml(st.resolved, {
             "device": str(device), "precision": precision, "channels_last": channels_last,
-            "processes": dd.world_size, "classes": classes}))
+            "processes": dd.world_size, "classes": classes, **dwgrad.picked(st.autotune)}))
     if cfg.train.sync_bn and dd.enabled:
         st.model = dist_.sync_batchnorm(model, device)  # same Parameters: optimizer and state_dict unchanged
     st.train_model = strategy.wrap(st)  # DDP, or FSDP2 sharding the model in place (finetune/strategy.py)

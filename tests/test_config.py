@@ -33,7 +33,7 @@ def test_unknown_key_names_path_and_line(tmp_path):
     assert str(e.value) == (f"recipe '{p}', line 4: unknown key 'train.epoch' (did you mean 'epochs'?); valid keys "
                             "in train: epochs, batch_size, accumulate, clip_grad, label_smoothing, class_weights, "
                             "seed, device, precision, channels_last, compile, early_stop, cache_features, "
-                            "fast_inference, tensorboard, report, graph, save_every_steps, sync_bn, monitor, "
+                            "fast_inference, autotune, tensorboard, report, graph, save_every_steps, sync_bn, monitor, "
                             "monitor_mode, save_top_k, ema, ema_decay, mixup, cutmix, log_every, dist_timeout, "
                             "strategy, checkpoint_format")
 

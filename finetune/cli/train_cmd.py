@@ -97,6 +97,10 @@ _FAST_INFERENCE = typer.Option(None, "--fast-inference",
                                help="auto | off: frozen inference (features, val, eval, predict) on a conv+BN-folded "
                                     "copy of the model (auto: when it folds and matches the model).",
                                rich_help_panel=_T)
+_AUTOTUNE = typer.Option(None, "--autotune",
+                         help="auto | off: on the CPU with bf16, time each depthwise convolution's backward in bf16 "
+                              "and fp32 on its real shape at the start and train it with the faster one (auto).",
+                         rich_help_panel=_T)
 _EARLY_STOP = typer.Option(None, "--early-stop",
                            help="Stop after N epochs without a better val accuracy.",
                            rich_help_panel=_T)
@@ -191,6 +195,7 @@ def train(
     compile_: Optional[bool] = _COMPILE,
     cache_features: Optional[str] = _CACHE_FEATURES,
     fast_inference: Optional[str] = _FAST_INFERENCE,
+    autotune: Optional[str] = _AUTOTUNE,
     early_stop: Optional[int] = _EARLY_STOP,
     tensorboard: Optional[bool] = _TENSORBOARD,
     save_every_steps: Optional[int] = _SAVE_EVERY_STEPS,
@@ -297,6 +302,7 @@ KEYS = {  # recipe key -> the parameter of `train` that sets it (the freeze flag
     "train.strategy": "strategy",
     "train.checkpoint_format": "checkpoint_format",
     "train.fast_inference": "fast_inference",
+    "train.autotune": "autotune",
 }
 
 
