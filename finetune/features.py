@@ -172,7 +172,8 @@ class FromBlock(nn.Module):
             return (features, *args[1:])
 
         modules = dict(self.model.named_modules())
-        training = [n for n in self._before if modules[n].training]
+        # (a folded copy for fast inference, finetune/fastinfer.py, has replaced some of them: BN+act -> act)
+        training = [n for n in self._before if n in modules and modules[n].training]
         for n in training:
             modules[n].eval()  # frozen: no BatchNorm statistics updated by the blank image
         handle = self._block[0].register_forward_pre_hook(hook)

@@ -185,3 +185,34 @@ def test_train_flag_is_recorded_and_eval_follows_the_checkpoint(cli, tmp_path):
     from finetune.checkpoint import load_checkpoint
 
     assert mode_of(load_checkpoint(out / "last.pt")) == "off"
+
+
+def test_a_block_cut_cache_with_batchnormact_validates_on_the_folded_copy(tmp_path, monkeypatch):
+    """timm's TF-padding EfficientNets (fx cannot trace them): the feature cache cuts at a block (blocks.2 here) and
+    validation runs the trainable rest
+    fed with cached features; the folded copy replaces each BatchNormAct2d by its activation, so module names the
+    cut held in eval mode (``blocks.0.0.bn1.act``) are gone in the copy: it used to fail there with a KeyError."""
+    monkeypatch.setenv("FINETUNE_CACHE", "off")
+    frozen = {"model.name": "timm:tf_efficientnet_lite0", "freeze.layers": ["conv_stem", "bn1", "blocks.0",
+                                                                            "blocks.1"]}
+    notes = []
+
+    from finetune.engine import Reporter
+
+    class Notes(Reporter):
+        def start(self, info):
+            notes.append(info["feature_cache"])
+
+    data = tmp_path / "d"
+    tiny_tree(data, per_class=8)
+    r = apply_overrides(load_recipe("default"), {
+        "data.path": str(data), "data.image_size": 32, "data.val_split": 0.5, "data.augment": "none",
+        "train.epochs": 1, "train.batch_size": 8, "train.precision": "fp32", "train.tensorboard": False,
+        "train.report": False, "train.graph": False, "train.fast_inference": "auto", "model.weights": "none",
+        **frozen})
+    run = finetune.train(r, out=tmp_path / "auto", reporter=Notes())
+    assert notes and notes[0].startswith("used"), notes
+    # the val pass on the folded copy of the cut model = the full model evaluated eagerly from the checkpoint
+    e = run.epochs[-1]
+    res = finetune.evaluate_checkpoint(run.run_dir / "last.pt", fast_inference="off", batch_size=8)
+    assert res["accuracy"] == e["val_acc"] and res["loss"] == pytest.approx(e["val_loss"], rel=1e-4)
