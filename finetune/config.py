@@ -106,7 +106,7 @@ class FreezeCfg:
     layers: list[str] = field(default_factory=list)  # dotted module paths (tutorial method 3)
     backbone: bool = False  # everything except the head (linear probing)
     unfreeze: list[str] = field(default_factory=list)  # applied last: names/layers made trainable again
-    bn: Literal["frozen", "train"] = "frozen"
+    bn: Literal["frozen", "eval", "train"] = "frozen"  # BatchNorm: frozen layers' stats fixed | all fixed | all train
     schedule: list[UnfreezeStep] = field(default_factory=list)
 
 
@@ -398,7 +398,7 @@ def _build(cls, data: dict, prefix: str, where: _Where):
 
 
 def choices(path: str) -> tuple[str, ...]:
-    """The allowed values of a ``Literal`` recipe key (``choices("freeze.bn")`` -> ``("frozen", "train")``): the
+    """The allowed values of a ``Literal`` recipe key (``choices("freeze.bn")`` -> ``("frozen", "eval", "train")``): the
     field's type is the one place they are written."""
     tp: Any = Recipe
     for part in path.split("."):

@@ -469,11 +469,18 @@ def frozen_bn_layers(model: nn.Module) -> list[str]:
 
 def apply_bn_policy(model: nn.Module, bn: str) -> None:
     """Call right after every ``model.train()``: with ``frozen``, BatchNorm layers whose parameters are all frozen
-    go back to eval mode, so forward passes neither update nor use batch statistics. ``train`` does nothing."""
+    go back to eval mode, so forward passes neither update nor use batch statistics; with ``eval``, every BatchNorm
+    layer does (its scale and shift still train when unfrozen: Keras' advice for fine-tuning on small data).
+    ``train`` does nothing."""
     if bn not in BN_POLICIES:
         raise FreezeError(f"BatchNorm policy must be one of {', '.join(BN_POLICIES)}, got '{bn}'"
                           f"{suggest(bn, BN_POLICIES)}")
     if bn == "train":
+        return
+    if bn == "eval":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
         return
     modules = dict(model.named_modules())
     for name in frozen_bn_layers(model):

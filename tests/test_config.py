@@ -79,7 +79,7 @@ def test_choices_and_ranges_come_from_the_field_types():
     from finetune.optim import OPTIMIZERS
 
     assert config.choices("optimizer.name") == OPTIMIZERS == ("sgd", "adam", "adamw", "rmsprop")
-    assert config.choices("freeze.bn") == BN_POLICIES == ("frozen", "train")
+    assert config.choices("freeze.bn") == BN_POLICIES == ("frozen", "eval", "train")
     assert config.choices("train.cache_features") == MODES == ("auto", "on", "off")
     assert config.choices("data.augment") == AUGMENTS == ("none", "light", "strong")
     assert not hasattr(config, "CHOICES") and not hasattr(config, "POSITIVE")

@@ -137,7 +137,8 @@ def test_plan_summary_and_dict():
     (FreezeCfg(backbone=True, schedule=[UnfreezeStep(2, ["layer44"])]),
      "unfreeze layer 'layer44' matches no module of resnet18 (did you mean 'layer4', 'layer4.1', 'layer4.0'?); "
      "see 'finetune inspect resnet18 --modules'"),
-    (FreezeCfg(bn="frozn"), "BatchNorm policy must be one of frozen, train, got 'frozn' (did you mean 'frozen'?)"),
+    (FreezeCfg(bn="frozn"),
+     "BatchNorm policy must be one of frozen, eval, train, got 'frozn' (did you mean 'frozen'?)"),
 ])
 def test_errors(cfg, message):
     bb = meta("resnet18")
@@ -219,6 +220,23 @@ def test_bn_train_policy_updates_stats():
     train_steps(bb, "train", steps=1)
     assert not torch.equal(before["bn1.running_mean"], bb.model.bn1.running_mean)
     assert bb.model.bn1.training
+
+
+def test_bn_eval_policy_keeps_every_statistic_while_bn_scale_and_shift_train():
+    """bn=eval: nothing frozen, yet every BatchNorm normalises with (and keeps) its running statistics, bitwise;
+    its weight and bias still learn. The same model under bn=frozen moves the statistics (nothing is frozen)."""
+    for bn, stats_move in (("eval", False), ("frozen", True)):
+        torch.manual_seed(0)
+        bb = build_model("resnet18", num_classes=3)
+        apply_freeze(bb, FreezeCfg(bn=bn))
+        before, gamma = bn_state(bb.model), bb.model.layer1[0].bn1.weight.clone()
+        train_steps(bb, bn, steps=2)
+        after = bn_state(bb.model)
+        moved = [k for k in before if not torch.equal(before[k], after[k])]
+        assert bool(moved) == stats_move and (len(moved) == len(before) or not moved)
+        assert not torch.equal(bb.model.layer1[0].bn1.weight, gamma)  # the affine parameters trained
+        assert bb.model.training and any(m.training for m in bb.model.modules()
+                                         if isinstance(m, nn.modules.batchnorm._BatchNorm)) == stats_move
 
 
 def test_partly_frozen_model_keeps_only_frozen_bn_fixed():

@@ -66,7 +66,7 @@ def test_inspect_without_plan_has_no_plan_key(cli):
     (["--unfreeze", "layer4@x"], "Error: --unfreeze 'layer4@x' must be LAYERS or LAYERS@EPOCH[:LR_MULT], e.g. "
                                  "layer4@2:0.1\n"),
     (["--bn", "fronzen"],
-     "Error: --bn: freeze.bn must be one of frozen, train, got 'fronzen' (did you mean 'frozen'?)\n"),
+     "Error: --bn: freeze.bn must be one of frozen, eval, train, got 'fronzen' (did you mean 'frozen'?)\n"),
     (["--freeze-first", "-1"], "Error: --freeze-first: freeze.first must not be negative, got -1\n"),
     (["--freeze-first", "11"], "Error: freeze first N must be between 0 and 10 (the number of parameter tensors in "
                                "smallcnn), got 11\n"),

@@ -28,7 +28,9 @@ UNFREEZE = typer.Option(None, "--unfreeze",
                         help="Repeatable. L1,L2 makes them trainable again now; L1,L2@EPOCH[:LR_MULT] unfreezes at "
                              "the start of epoch EPOCH (1 = the first, as logged) with LR x LR_MULT (e.g. "
                              "stage:-1@2:0.1, all@4:0.01).")
-BN = typer.Option(None, "--bn", help="BatchNorm of frozen layers: frozen (running stats fixed; default) or train.")
+BN = typer.Option(None, "--bn", help="BatchNorm: frozen (the running stats of frozen layers stay fixed; default), "
+                 "eval (every BN layer keeps its running stats, also after an unfreeze; its scale/shift still "
+                 "train) or train.")
 TRUST = typer.Option(False, "--trust-checkpoint",
                      help="Also load files that hold pickled Python objects (a whole model saved with "
                           "torch.save(model)). Unpickling runs any code in the file: use only for files you trust.")
