@@ -396,8 +396,10 @@ def resume_run(run_dir: Path, epochs: int | None, made: dict) -> RunState:
             log.warning(f"repaired {' and '.join(fixed)} from last.pt: a stop between the writes at the end of "
                         "an epoch had left them behind")
     saved = ck.Checkpoint.from_dict(ck.load_checkpoint(last, materialize=False))  # shards: loaded sharded
-    if saved.sharded and dist_.from_env().is_main:  # the shards of an epoch a kill kept from being committed
-        sharded.remove_stale(run_dir, saved.sharded["path"])
+    if saved.sharded:
+        sharded.path_of(run_dir, saved.sharded)  # its shards are there (else one error, before anything is written)
+        if dist_.from_env().is_main:  # the shards of an epoch a kill kept from being committed
+            sharded.remove_stale(run_dir, saved.sharded["path"])
     data = saved.recipe
     if saved.epoch_base != 1 and data["freeze"]["schedule"]:  # written when schedules were 0-based
         data = {**data, "freeze": {**data["freeze"], "schedule": [{**s, "epoch": s["epoch"] + 1}

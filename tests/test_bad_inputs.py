@@ -405,3 +405,22 @@ def test_launcher_shows_the_first_real_worker_error(tmp_path):
     rec(2, "bad image", 1, 7.0)
     rec(3, "bad value", 1, 4.0)
     assert pick_error(tmp_path) == {"rank": 3, "message": "bad value", "exit_code": 1, "time": 4.0}
+
+
+def test_sharded_last_pt_without_its_shards_is_one_error(base, tmp_path, cli):
+    """An FSDP run's last.pt names its weights in RUN/shards/ (finetune/sharded.py): copied without that folder,
+    eval and resume say so in one line, and nothing is written."""
+    run = tmp_path / "run"
+    shutil.copytree(base / "run", run)
+    ck = torch.load(run / "last.pt", weights_only=True)
+    torch.save({**ck, "model": {}, "optimizer": None,
+                "sharded": {"path": "shards/e0001", "format": "torch.distributed.checkpoint", "world_size": 2}},
+               run / "last.pt")
+    before = _snapshot(run)
+    msg = (f"Error: '{run / 'last.pt'}' names sharded weights in '{run / 'shards' / 'e0001'}', which is missing or "
+           "incomplete; resume from a copy of the whole run directory (last.pt with its shards/ folder)")
+    for args in (("eval", run / "last.pt"), ("train", "--resume", run, "--epochs", "2", "--quiet")):
+        r = cli(*args)
+        check_one_error(r, msg)
+        assert r.stderr.strip().splitlines()[-1] == msg
+    assert _snapshot(run) == before
