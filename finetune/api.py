@@ -93,13 +93,13 @@ def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Mo
     """Rebuild the model from a finetune checkpoint alone (no recipe needed); returns (model in eval mode, ckpt)."""
     import torch
 
-    from finetune.checkpoint import load_checkpoint
+    from finetune.checkpoint import load_checkpoint, load_weights
     from finetune.engine import resolve_device
     from finetune.models import build_model
 
     ckpt = load_checkpoint(checkpoint)
     bb = build_model(ckpt["model_name"], num_classes=int(ckpt["num_classes"]), weights="none")
-    bb.model.load_state_dict(ckpt["model"])
+    load_weights(bb.model, ckpt["model"], ckpt)
     model = bb.model.to(resolve_device(device)).eval()
     if ckpt.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)

@@ -146,9 +146,21 @@ def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
 
     try:
         atomic_write_bytes(Path(path), lambda f: torch.save(obj, f))
-    except OSError as e:
-        raise CheckpointError(f"cannot write checkpoint '{path}': {e.strerror or e}; the previous checkpoint "
-                              "is unchanged") from None
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write (a full disk) as RuntimeError
+        raise CheckpointError(f"cannot write checkpoint '{path}': {_write_failure(e, Path(path))}; the previous "
+                              "checkpoint is unchanged") from None
+
+
+def _write_failure(e: BaseException, path: Path) -> str:
+    """Why a write failed, for one line: the OS's reason, or (torch's writer hides it) the free space left."""
+    if isinstance(e, OSError):
+        return str(e.strerror or e)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    where = f"{free / 2**20:.0f} MiB free on its disk" if free is not None else "free space unknown"
+    return f"the write failed ({where}; is the disk full?)"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -156,6 +168,10 @@ def atomic_write_text(path: Path, text: str) -> None:
         atomic_write_bytes(Path(path), lambda f: f.write(text.encode("utf-8")))
     except OSError as e:
         raise CheckpointError(f"cannot write '{path}': {e.strerror or e}") from None
+
+
+class UntrustedRunError(CheckpointError):
+    """A run directory whose ``last.pt`` names files finetune does not write (a crafted or damaged run)."""
 
 
 def load_checkpoint(path: str | Path, *, materialize: bool = True) -> dict[str, Any]:
@@ -171,6 +187,8 @@ def load_checkpoint(path: str | Path, *, materialize: bool = True) -> dict[str, 
     if p.name == "best.pt" and (p.parent / "last.pt").is_file():
         try:  # a kill between the end-of-epoch writes: best.pt follows from last.pt (see repair_run)
             repair_run(p.parent)
+        except UntrustedRunError:
+            raise
         except CheckpointError:
             pass  # a read-only run directory: evaluate what is there
     if not p.is_file():
@@ -207,6 +225,9 @@ def schema_problem(ckpt: dict[str, Any]) -> str | None:
                 f"({len(names)}), got {shown(repr(n))[:40]}")
     if not isinstance(ckpt.get("model_name"), str):
         return "model_name must be a string"
+    problem = model_problem(ckpt) or run_files_problem(ckpt)
+    if problem:
+        return problem
     tf = ckpt.get("transform")
     if not isinstance(tf, dict):
         return f"transform must be a mapping, got {shown(repr(tf))[:40]}"
@@ -226,6 +247,63 @@ def schema_problem(ckpt: dict[str, Any]) -> str | None:
             return f"transform.{key} must be 3 finite numbers, got {shown(repr(v))[:40]}"
     return None
 
+
+
+def model_problem(ckpt: dict[str, Any]) -> str | None:
+    """``model`` must be a state_dict: names to floating-point or integer tensors (``{}`` in an FSDP last.pt, whose
+    weights are shards)."""
+    import torch
+
+    sd = ckpt.get("model")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        return f"'model' must be a state_dict (parameter names to tensors), got {type(sd).__name__}"
+    if not sd and not ckpt.get("sharded"):
+        return "'model' holds no weights"
+    return None
+
+
+def load_weights(module: Any, state_dict: dict[str, Any], ckpt: dict[str, Any], what: str = "weights") -> None:
+    """``module.load_state_dict(state_dict)``, with a state that does not fit (a crafted or damaged checkpoint,
+    another model's weights) as one CheckpointError naming the checkpoint and the first mismatch."""
+    try:
+        module.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if not ln.startswith("Error(s) in loading")), lines[0] if lines else
+                      type(e).__name__)
+        raise CheckpointError(f"'{ckpt.get('_path', 'the checkpoint')}' holds {what} that cannot be loaded into "
+                              f"{shown(ckpt.get('model_name'))}: {shown(detail)[:200]}; it is damaged or was not "
+                              "written by finetune for this model") from None
+
+
+_TOP_K_FILE = re.compile(r"epoch\d{3,}\.pt")
+_SHARD_ENTRY = re.compile(r"shards/e\d{4,}")
+
+
+def _top_k_entry_ok(e: Any) -> bool:
+    epoch = e.get("epoch") if isinstance(e, dict) else None
+    return isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1 and isinstance(e.get("file"), str) \
+        and _TOP_K_FILE.fullmatch(e["file"]) is not None and e["file"] == f"epoch{epoch:03d}.pt"
+
+
+def run_files_problem(ckpt: dict[str, Any]) -> str | None:
+    """The file names a ``last.pt`` gives that eval and resume write, delete or read in its run directory: each
+    must be a name finetune writes, bare, inside the run directory (``top_k[].file``: ``epochNNN.pt`` of its own
+    epoch; ``sharded.path``: ``shards/eNNNN``). A crafted run directory could otherwise name
+    ``../../.ssh/authorized_keys``."""
+    top = ckpt.get("top_k")
+    if top is not None:
+        bad = [e for e in top if not _top_k_entry_ok(e)] if isinstance(top, list) else [top]
+        if bad:
+            shown_bad = bad[0].get("file") if isinstance(bad[0], dict) else bad[0]
+            return (f"top_k must list the run's epochNNN.pt files by their bare names, got "
+                    f"{shown(repr(shown_bad))[:80]}")
+    sh = ckpt.get("sharded")
+    if sh is not None and not (isinstance(sh, dict) and isinstance(sh.get("path"), str)
+                               and _SHARD_ENTRY.fullmatch(sh["path"])):
+        path = sh.get("path") if isinstance(sh, dict) else sh
+        return f"sharded.path must name a shards/eNNNN folder of the run, got {shown(repr(path))[:80]}"
+    return None
 
 
 @dataclass
@@ -346,6 +424,10 @@ def repair_run(run_dir: str | Path) -> list[str]:
     last = _peek(run_dir / "last.pt")
     if last is None or "epoch" not in last:
         return []
+    problem = run_files_problem(last)
+    if problem:  # before anything is written or deleted on its word
+        raise UntrustedRunError(f"'{run_dir / 'last.pt'}' is not a valid finetune checkpoint: {problem}; it is "
+                                "damaged or was not written by finetune")
     best = last.get("best") or {}
     epoch = int(last["epoch"])
     _check_best_is_this_runs(run_dir, last, rebuildable=best.get("epoch") == epoch and not last.get("partial"))

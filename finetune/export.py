@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finetune.checkpoint import EXPORT_SUFFIX, atomic_write_bytes, export_weights, load_checkpoint
+from finetune.checkpoint import EXPORT_SUFFIX, atomic_write_bytes, export_weights, load_checkpoint, load_weights
 from finetune.errors import CheckpointError
 
 GRAPH_SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -101,7 +101,7 @@ def _eval_model(ckpt: dict[str, Any]):
     from finetune.models import build_model
 
     bb = build_model(str(ckpt["model_name"]), num_classes=int(ckpt["num_classes"]), weights="none")
-    bb.model.load_state_dict(ckpt["model"])
+    load_weights(bb.model, ckpt["model"], ckpt)
     model = bb.model.float().eval()
     example = torch.zeros(2, *(int(v) for v in ckpt["transform"]["input_size"]))
     return model, example

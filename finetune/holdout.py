@@ -56,7 +56,7 @@ def evaluate_best(run_dir: Path, cfg, device, reporter=None, batch_size: int = 6
     import json
 
     from finetune import data as D
-    from finetune.checkpoint import atomic_write_text, load_checkpoint
+    from finetune.checkpoint import atomic_write_text, load_checkpoint, load_weights
     from finetune.engine import evaluate
     from finetune.models import build_model
 
@@ -65,7 +65,7 @@ def evaluate_best(run_dir: Path, cfg, device, reporter=None, batch_size: int = 6
     ckpt = load_checkpoint(Path(run_dir) / "best.pt")
     names = list(ckpt["class_names"])
     bb = build_model(str(ckpt["model_name"]), num_classes=len(names), weights="none")
-    bb.model.load_state_dict(ckpt["model"])
+    load_weights(bb.model, ckpt["model"], ckpt)
     model = bb.model.to(device).eval()
     channels_last = bool(ckpt.get("channels_last"))
     if channels_last:

@@ -284,14 +284,14 @@ def _predict_samples(ckpt_path: Path, dataset) -> dict:
     """Per-image predictions of a checkpoint on ``dataset`` (a forward pass, for reports of older checkpoints)."""
     import torch
 
-    from finetune.checkpoint import load_checkpoint
+    from finetune.checkpoint import load_checkpoint, load_weights
     from finetune.data import make_loader
     from finetune.engine import evaluate, resolve_device
     from finetune.models import build_model
 
     ckpt = load_checkpoint(ckpt_path)
     bb = build_model(ckpt["model_name"], num_classes=int(ckpt["num_classes"]), weights="none")
-    bb.model.load_state_dict(ckpt["model"])
+    load_weights(bb.model, ckpt["model"], ckpt)
     dev = resolve_device("auto")
     model = bb.model.to(dev).eval()
     cl = bool(ckpt.get("channels_last"))

@@ -459,15 +459,15 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
         st.ema = make_ema(model, cfg.train.ema_decay)
     if saved is not None:
         _restore(st, saved)
-    if dd.is_main:
-        ck.atomic_write_text(run_dir / "config.yaml", _yaml(st.resolved, {
-            "device": str(device), "precision": precision, "channels_last": channels_last,
-            "processes": dd.world_size, "classes": classes, **dwgrad.picked(st.autotune)}))
     if cfg.train.sync_bn and dd.enabled:
         st.model = dist_.sync_batchnorm(model, device)  # same Parameters: optimizer and state_dict unchanged
     st.train_model = strategy.wrap(st)  # DDP, or FSDP2 sharding the model in place (finetune/strategy.py)
     if saved is not None and saved.sharded:  # each rank reads its part, at this run's world size
         sharded.load_into(st.model, st.optimizer, run_dir, saved.sharded)
+    if dd.is_main:  # once last.pt's state has loaded: a failed resume leaves the run as it was
+        ck.atomic_write_text(run_dir / "config.yaml", _yaml(st.resolved, {
+            "device": str(device), "precision": precision, "channels_last": channels_last,
+            "processes": dd.world_size, "classes": classes, **dwgrad.picked(st.autotune)}))
     st.step = _make_step(st)
     _make_loaders(st)
     st.run_model = maybe_compile(st.train_model, cfg.train.compile)  # checkpoints save `model`'s own state_dict
@@ -499,15 +499,16 @@ def _restore(st: RunState, saved: ck.Checkpoint) -> None:
     """Weights, the unfreeze steps already taken, optimizer/scaler state, history and best from ``last.pt``."""
     from finetune import optim as O
 
+    meta = {"_path": str(st.run_dir / "last.pt"), "model_name": saved.model_name}
     if not saved.sharded:  # sharded weights and optimizer state load after the model is sharded (_build)
-        st.model.load_state_dict(saved.model)
+        ck.load_weights(st.model, saved.model, meta)
     st.start_epoch = int(saved.epoch)
     st.partial = saved.partial
     for stp in sorted(st.cfg.freeze.schedule, key=lambda s: s.epoch):
         if stp.epoch - 1 < st.start_epoch or (st.partial and stp.epoch - 1 == st.start_epoch):  # 1-based steps
             O.unfreeze_step(st.bb, st.optimizer, stp, st.cfg.optimizer)
     if not saved.sharded:
-        st.optimizer.load_state_dict(saved.optimizer)
+        ck.load_weights(st.optimizer, saved.optimizer, meta, "an optimizer state")
     if st.scaler is not None and saved.scaler:
         st.scaler.load_state_dict(saved.scaler)
     st.history = list(saved.metrics)

@@ -22,6 +22,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -29,6 +32,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from finetune.errors import CheckpointError, FinetuneError, shown
 
 SHARDS = "shards"  # the folder in the run directory
 FORMAT = "torch.distributed.checkpoint"
@@ -77,47 +82,173 @@ def load_into(model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path,
 
     msd, osd = get_state_dict(model, optimizer)  # (an empty optimizer state is initialised by a step at lr 0)
     state = {"model": msd, "optim": osd}
-    with _quiet():
-        dcp.load(state, checkpoint_id=str(path_of(run_dir, entry)), no_dist=_no_dist())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    path = path_of(run_dir, entry)
+    md = read_metadata(path)  # checked before DCP sees it (DCP logs its reader's errors with tracebacks)
+    with _quiet(), _damaged(path):
+        dcp.load(state, storage_reader=_safe_reader(path, md), planner=_safe_planner(), no_dist=_no_dist())
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def path_of(run_dir: Path, entry: dict[str, Any]) -> Path:
-    from finetune.errors import CheckpointError
-
-    rel = str(entry.get("path", ""))
+    """The shard folder ``entry`` (from an untrusted ``last.pt``) names: ``shards/eNNNN`` inside ``run_dir``, a real
+    folder (no symbolic link on the way: reading or writing through one leaves the run directory) with its
+    ``.metadata``."""
+    rel = str(entry.get("path", "")) if isinstance(entry, dict) else ""
     p = Path(run_dir) / rel
-    if not rel.startswith(f"{SHARDS}/") or ".." in Path(rel).parts or not (p / ".metadata").is_file():
+    if not _ENTRY.fullmatch(rel) or not (p / ".metadata").is_file():
         raise CheckpointError(f"'{Path(run_dir) / 'last.pt'}' names sharded weights in '{p}', which is missing or "
                               "incomplete; resume from a copy of the whole run directory (last.pt with its "
                               f"{SHARDS}/ folder)")
+    for q in (p.parent, p, p / ".metadata"):
+        if q.is_symlink():
+            raise CheckpointError(f"'{q}' is a symbolic link; sharded weights are read only from real files inside "
+                                  f"the run directory; replace the link by a copy of what it points to")
     return p
 
 
 def materialize(run_dir: Path, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The whole model state_dict from the shards, in this process (no process group needed; the optimizer state
     is not read). What ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` does, for one key."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    path = path_of(run_dir, entry)
+    md = read_metadata(path)
     state: dict[str, Any] = {}
-    with _quiet():
-        _load_state_dict(state, storage_reader=FileSystemReader(str(path_of(run_dir, entry))),
-                         planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
-    return state["model"]
+    with _quiet(), _damaged(path):
+        _load_state_dict(state, storage_reader=_safe_reader(path, md),
+                         planner=_safe_planner(empty=True, keys={"model"}), no_dist=True)
+    model = state.get("model")
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise CheckpointError(f"the sharded weights in '{path}' hold no model state_dict; they are damaged or were "
+                              "not written by finetune")
+    return model
+
+
+# What a shard folder may hold, as the toolkit names it (``folder()``; DCP's files): anything else is not read.
+_ENTRY = re.compile(rf"{SHARDS}/e\d{{4,}}")
+_DATA_FILE = re.compile(r"__\d+_\d+\.distcp")
+
+# The classes DCP's ``.metadata`` pickle is made of (torch 2.1 - 2.x): ``FileSystemReader.read_metadata`` reads it
+# with plain ``pickle.load``, so a crafted file would run code. Only these are resolved; anything else is refused.
+_DCP_METADATA = {"Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties", "TensorStorageMetadata",
+                 "BytesStorageMetadata", "StorageMeta", "_MEM_FORMAT_ENCODING"}
+_ALLOWED = {("torch.distributed.checkpoint.metadata", n) for n in _DCP_METADATA} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    *(("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"'{module}.{name}' is not part of torch.distributed.checkpoint's metadata")
+
+
+def read_metadata(path: Path) -> Any:
+    """A shard folder's ``.metadata``, unpickled with only DCP's metadata classes, and checked: every tensor or
+    byte record it lists lives in a ``__R_N.distcp`` file of that folder."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    meta_file = Path(path) / ".metadata"
+    try:
+        with open(meta_file, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, AttributeError, ImportError, EOFError, TypeError, ValueError, IndexError,
+            KeyError, RecursionError, MemoryError) as e:
+        raise CheckpointError(f"refusing to read '{meta_file}': it is not torch.distributed.checkpoint metadata "
+                              f"({shown(e)[:120]}); it is damaged or was not written by finetune") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read '{meta_file}': {e.strerror or e}") from None
+    data = getattr(md, "storage_data", None)
+    if not isinstance(md, Metadata) or not isinstance(data, dict) or not all(
+            isinstance(v, _StorageInfo) and isinstance(v.relative_path, str) and _DATA_FILE.fullmatch(v.relative_path)
+            and not (Path(path) / v.relative_path).is_symlink() for v in data.values()):
+        raise CheckpointError(f"refusing to read '{meta_file}': its records do not name shard files of that folder "
+                              "(__R_N.distcp); it is damaged or was not written by finetune")
+    if getattr(md, "storage_meta", None) is None:
+        md.storage_meta = StorageMeta()
+    return md
+
+
+def _safe_reader(path: Path, md: Any):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        """DCP's file reader, with the metadata that :func:`read_metadata` read instead of ``pickle.load``."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return SafeReader(str(path))
+
+
+def _safe_planner(empty: bool = False, keys: set[str] | None = None):
+    """DCP's load planner with non-tensor records (the optimizer's param_groups) read by ``torch.load`` with
+    ``weights_only=True``: DCP's own planner unpickles them freely."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+
+    base = _EmptyStateDictLoadPlanner if empty else DefaultLoadPlanner
+
+    class SafePlanner(base):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:  # DefaultLoadPlanner's, weights_only
+            from torch.distributed.checkpoint._traverse import set_element
+
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafePlanner(keys=keys) if empty else SafePlanner()
+
+
+@contextlib.contextmanager
+def _damaged(path: Path):
+    """DCP's errors on a damaged shard folder (a missing or truncated ``.distcp``, a record that does not fit) as one
+    CheckpointError line. DCP raises ``CheckpointException``, a ``BaseException``, holding each rank's error."""
+    try:
+        yield
+    except (FinetuneError, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - see above
+        raise CheckpointError(f"cannot read the sharded weights in '{path}': {_reason(e)}; they are damaged or "
+                              "incomplete: resume from a whole copy of the run directory") from None
+
+
+def _reason(e: BaseException) -> str:
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:  # DCP's CheckpointException: {rank: (exception, traceback)}
+        first = next(iter(failures.values()))
+        e = first[0] if isinstance(first, tuple) and first and isinstance(first[0], BaseException) else e
+    if isinstance(e, pickle.UnpicklingError):
+        return "a record holds objects other than plain data (not loaded: unpickling them could run code)"
+    if isinstance(e, FileNotFoundError):
+        return f"'{Path(e.filename).name if e.filename else e}' is missing"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return shown(f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__)[:160]
 
 
 def remove_stale(run_dir: Path, keep: str | None) -> list[str]:
-    """Remove the ``shards/`` folders ``last.pt`` does not name (``keep``): the previous epoch's, or what a kill
-    left. Returns their names."""
+    """Remove the ``shards/eNNNN`` entries ``last.pt`` does not name (``keep``): the previous epoch's, or what a kill
+    left. Returns their names. Only entries named as :func:`folder` names them are touched, and no symbolic link is
+    followed: a link is removed itself, never what it points to; a ``shards`` that is a link is left alone."""
     root = Path(run_dir) / SHARDS
     removed = []
-    if root.is_dir():
-        for p in sorted(root.iterdir()):
-            if f"{SHARDS}/{p.name}" != keep:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                removed.append(f"{SHARDS}/{p.name}")
-        if keep is None:
-            shutil.rmtree(root, ignore_errors=True)
+    if root.is_symlink() or not root.is_dir():
+        return removed
+    for p in sorted(root.iterdir()):
+        rel = f"{SHARDS}/{p.name}"
+        if rel == keep or not _ENTRY.fullmatch(rel):
+            continue
+        if p.is_symlink() or not p.is_dir():
+            p.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(p, ignore_errors=True)  # (rmtree does not follow the links inside)
+        removed.append(rel)
+    if keep is None:
+        with contextlib.suppress(OSError):
+            root.rmdir()  # when empty
     return removed
