@@ -28,7 +28,9 @@ Applied on the CPU with bf16 only, and not with ``torch.compile`` or FSDP; ``off
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -145,30 +147,69 @@ def _tune_remembered(model: nn.Module, shape, channels_last: bool) -> dict[str, 
     """:func:`tune` with the decisions kept on disk beside the feature store (``$FINETUNE_CACHE/autotune.json``, per
     CPU, torch version and thread count): the next run on this machine reuses them (no timing, and the same layers
     as before: runs of one command stay bitwise reproducible). ``FINETUNE_CACHE=off``: this process only."""
-    import json
-
-    from finetune import checkpoint as ck
     from finetune.featstore import cache_root
 
     root = cache_root()
     path = root / "autotune.json" if root is not None else None
     machine = _machine()
-    try:
-        disk = json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
-        known = {k: bool(v) for k, v in disk.get(machine, {}).items()} if isinstance(disk, dict) else {}
-    except (OSError, ValueError, AttributeError):
-        disk, known = {}, {}
+    disk, sound = read_decisions(path) if path is not None else ({}, True)
+    known = disk.get(machine, {})
     for k, v in known.items():
         _DECIDED.setdefault(k, v)
     out = tune(model, shape, channels_last)
     fresh = {k: v for k, v in _DECIDED.items() if k not in known}
-    if fresh and path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            ck.atomic_write_text(path, json.dumps({**disk, machine: {**known, **fresh}}, indent=1, sort_keys=True))
-        except Exception as e:  # noqa: BLE001 - a read-only cache costs a timing next time, nothing else
-            log.debug(f"autotune decisions not saved to {path}: {e}")
+    if path is not None and (fresh or not sound):
+        remember(path, machine, fresh)
     return out
+
+
+def read_decisions(path: Path) -> tuple[dict[str, dict[str, bool]], bool]:
+    """``autotune.json`` as ``{machine: {layer key: adopt}}`` and whether the file is sound. A missing file is
+    empty; a file of another shape (not JSON, nested too deeply, a list, a machine whose entry is not an object of
+    booleans) counts as empty for the parts that are wrong (they are rewritten by the next :func:`remember`)."""
+    import json
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}, True
+    except (OSError, UnicodeDecodeError):
+        return {}, False
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}, False
+    if not isinstance(doc, dict):
+        return {}, False
+    good = {m: dict(v) for m, v in doc.items()
+            if isinstance(v, dict) and all(isinstance(k, str) and isinstance(b, bool) for k, b in v.items())}
+    return good, len(good) == len(doc)
+
+
+def remember(path: Path, machine: str, fresh: dict[str, bool]) -> None:
+    """Add ``fresh`` decisions of ``machine`` to ``path``: under an exclusive ``flock`` on ``path.lock``, re-read
+    the file, merge, write atomically (two runs tuning at the same time both keep their entries; a damaged file is
+    replaced by what was sound in it plus ``fresh``). A read-only cache costs a timing next time, nothing else."""
+    import fcntl
+    import json
+
+    from finetune import checkpoint as ck
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        log.debug(f"autotune decisions not saved to {path}: {e}")
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        disk, _ = read_decisions(path)
+        disk[machine] = {**disk.get(machine, {}), **fresh}
+        ck.atomic_write_text(path, json.dumps(disk, indent=1, sort_keys=True))
+    except Exception as e:  # noqa: BLE001 - see above
+        log.debug(f"autotune decisions not saved to {path}: {e}")
+    finally:
+        os.close(fd)  # (drops the lock)
 
 
 def _machine() -> str:

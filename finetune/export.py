@@ -13,10 +13,12 @@ in: a deployment runtime picks its own precision. Writes are atomic and never re
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from finetune.checkpoint import EXPORT_SUFFIX, atomic_write_bytes, export_weights, load_checkpoint, load_weights
+from finetune import checkpoint as ck
 from finetune.errors import CheckpointError
 
 GRAPH_SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -32,6 +34,8 @@ def export(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | N
     if fmt in EXPORT_SUFFIX:
         if opset is not None:
             raise CheckpointError(f"--opset applies to --format onnx only, not {fmt}")
+        if out is not None:
+            refuse_run_file(Path(out))
         return [export_weights(checkpoint, fmt, out, overwrite=overwrite)]
     if fmt not in GRAPH_SUFFIX:
         raise CheckpointError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
@@ -47,6 +51,7 @@ def export(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | N
     dest = Path(out) if out is not None else src.with_suffix(GRAPH_SUFFIX[fmt])
     side = dest.with_name(dest.name + ".json")
     for p in (dest, side):
+        refuse_run_file(p)
         if p.resolve() == src.resolve():
             raise CheckpointError(f"refusing to export '{src}' onto itself; choose another --out")
         if p.is_dir():
@@ -65,12 +70,39 @@ def export(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | N
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
         pass  # the write below fails with its own one-line error
+    new = not dest.exists()
     try:
         atomic_write_bytes(dest, write)
-        atomic_write_bytes(side, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+        try:
+            atomic_write_bytes(side, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM between the two: no graph without its sidecar
+            if new:
+                dest.unlink(missing_ok=True)
+            raise
     except OSError as e:
         raise CheckpointError(f"cannot write '{dest}': {e.strerror or e}") from None
     return [dest, side]
+
+
+def run_file_owner(path: Path) -> Path | None:
+    """The run directory that owns ``path`` (a name a finetune run writes -- last.pt, best.pt, best_ema.pt,
+    epochNNN.pt, metrics.json, config.yaml, report.html, ... -- in a folder holding a run: last.pt, metrics.json,
+    config.yaml or the run marker), else None. Checked for the path as given and for where a symlink leads."""
+    for p in dict.fromkeys((Path(path), Path(os.path.realpath(path)))):
+        folder = p.parent
+        if ck._run_owned(p.name) and any((folder / n).is_file() for n in ("last.pt", "metrics.json", "config.yaml",
+                                                                          ck.MARKER)):
+            return folder
+    return None
+
+
+def refuse_run_file(path: Path) -> None:
+    """An export must never replace (or add) a file of a run directory: ``--out RUN/last.pt --overwrite`` would
+    turn the run's checkpoint into an exported graph."""
+    folder = run_file_owner(path)
+    if folder is not None:
+        raise CheckpointError(f"refusing to write the export to '{path}': '{Path(path).name}' is a file of the run "
+                              f"directory '{folder}'; choose another --out (a name the run does not use)")
 
 
 def sidecar(ckpt: dict[str, Any], fmt: str) -> dict[str, Any]:

@@ -364,49 +364,79 @@ def probe(models: list[str], *, weights: str = "default", data: str = "sample", 
     for d in targets.values():  # an --out that cannot be used fails before the backbone runs, not after
         if write and d.is_dir() and any(d.iterdir()):
             prepare_run_dir(d, overwrite=overwrite)
-    results = []
-    for name in models:
-        cfg = probe_recipe(name, weights=weights, data=data, **recipe_kw)
-        if progress:
-            progress(f"{name}: features")
-        prep = prepare(cfg, cache_dir=cache_dir, need_val=True)
-        C = len(prep.bundle.class_names)
-        t0 = time.perf_counter()
-        heads, st = sweep(prep.train, prep.val, C, [g[0] for g in grid], [g[1] for g in grid],
-                          epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                          scheduler=cfg.scheduler, label_smoothing=cfg.train.label_smoothing,
-                          reporter=((lambda e, n, name=name: progress(f"{name}: epoch {e + 1}/{n}"))
-                                    if progress else None),
-                          device=prep.device, init=(prep.head.weight, prep.head.bias))
-        t_sweep = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        kn = knn_accuracy(prep.train, prep.val, C, list(DEFAULT_KNN if knn is None else knn))
-        t_knn = time.perf_counter() - t0
-        best = max(range(len(heads)), key=lambda h: (heads[h].val_acc, -heads[h].val_loss))
-        res = ProbeResult(prep.bb.name, prep.bb.weights, heads, kn, best, list(prep.bundle.class_names),
-                          int(prep.train[0][0].numel()), len(prep.train[1]), len(prep.val[1]), prep.seconds,
-                          t_sweep, t_knn, prep.from_store)
-        if write:
-            res.run_dir = write_run(prep, st, best, res, targets[name], overwrite=overwrite)
-        results.append(res)
+    results: list[ProbeResult] = []
+    try:
+        for name in models:
+            results.append(_probe_one(name, weights, data, lrs, wds, grid, knn, targets[name], overwrite, cache_dir,
+                                      write, progress, recipe_kw))
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM under the CLI: the feature store removed its temp entry
+        from finetune.runner import Interrupted
+
+        done = [str(r.run_dir) for r in results if r.run_dir]
+        raise Interrupted("interrupted; " + (f"the finished models' runs are in {', '.join(done)}" if done else
+                                             "nothing was written")) from None
     return results
+
+
+def _probe_one(name, weights, data, lrs, wds, grid, knn, target, overwrite, cache_dir, write, progress, recipe_kw):
+    """One model of :func:`probe`: features, the sweep, k-NN, and (``write``) its run directory."""
+    cfg = probe_recipe(name, weights=weights, data=data, **recipe_kw)
+    if progress:
+        progress(f"{name}: features")
+    prep = prepare(cfg, cache_dir=cache_dir, need_val=True)
+    C = len(prep.bundle.class_names)
+    t0 = time.perf_counter()
+    heads, st = sweep(prep.train, prep.val, C, [g[0] for g in grid], [g[1] for g in grid],
+                      epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                      scheduler=cfg.scheduler, label_smoothing=cfg.train.label_smoothing,
+                      reporter=((lambda e, n, name=name: progress(f"{name}: epoch {e + 1}/{n}"))
+                                if progress else None),
+                      device=prep.device, init=(prep.head.weight, prep.head.bias))
+    t_sweep = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kn = knn_accuracy(prep.train, prep.val, C, list(DEFAULT_KNN if knn is None else knn))
+    t_knn = time.perf_counter() - t0
+    best = max(range(len(heads)), key=lambda h: (heads[h].val_acc, -heads[h].val_loss))
+    res = ProbeResult(prep.bb.name, prep.bb.weights, heads, kn, best, list(prep.bundle.class_names),
+                      int(prep.train[0][0].numel()), len(prep.train[1]), len(prep.val[1]), prep.seconds,
+                      t_sweep, t_knn, prep.from_store)
+    if write:
+        res.run_dir = write_run(prep, st, best, res, target, overwrite=overwrite)
+    return res
 
 
 def write_run(prep: Prepared, st: SweepState, h: int, res: ProbeResult, run_dir: Path, *, overwrite: bool) -> Path:
     """Write head ``h`` as a normal run directory: the checkpoint ``train --recipe linear-probe --lr LR
     --weight-decay WD`` would have written after its last epoch (so eval/predict/export, ``--weights`` and
-    ``train --resume --epochs N`` work on it), plus ``probe.json`` with the whole table."""
-    from finetune import __version__
+    ``train --resume --epochs N`` work on it), plus ``probe.json`` with the whole table. Interrupted or failed
+    half-way, the run directory is removed (a new one) or emptied (one it replaced)."""
     from finetune import checkpoint as ck
-    from finetune import optim as O
     from finetune.config import from_dict
-    from finetune.runner import _resolved_recipe, _yaml
 
     cfg = from_dict(prep.cfg.to_dict())
     head_res = res.heads[h]
     cfg.optimizer.lr, cfg.optimizer.weight_decay = head_res.lr, head_res.weight_decay
-    bb = prep.bb
+    new = not Path(run_dir).exists()
     run_dir = ck.prepare_run_dir(Path(run_dir), overwrite=overwrite)
+    try:
+        return _write_run(prep, st, h, res, run_dir, cfg, head_res)
+    except BaseException:  # Ctrl-C/SIGTERM or a failed write: no half-written run directory stays
+        import shutil
+
+        if new and not run_dir.is_symlink():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            ck.clear_run_dir(run_dir)
+        raise
+
+
+def _write_run(prep: Prepared, st: SweepState, h: int, res: ProbeResult, run_dir: Path, cfg, head_res) -> Path:
+    from finetune import __version__
+    from finetune import checkpoint as ck
+    from finetune import optim as O
+    from finetune.runner import _resolved_recipe, _yaml
+
+    bb = prep.bb
     with torch.no_grad():
         prep.head.weight.copy_(st.weight[h])
         prep.head.bias.copy_(st.bias[h])

@@ -1,7 +1,9 @@
 """Stopping a run from outside (no torch import; a leaf module).
 
 - SIGTERM (``kill``, systemd, a batch scheduler's pre-emption) takes the same path as Ctrl-C: the run stops, the
-  last checkpoint stays, one line says how to resume (:func:`sigterm_as_interrupt`).
+  last checkpoint stays, one line says how to resume (:func:`sigterm_as_interrupt`). ``probe``, ``lr-find`` and
+  ``export`` do the same: their temp files and partial output are removed, one line, exit 130
+  (:func:`interrupted_as`).
 - ``finetune train --nproc N`` runs torchrun in its own session and forwards SIGINT/SIGTERM/SIGHUP to it; torchrun
   passes them to its workers. If the launcher dies without a word (SIGKILL), the kernel sends torchrun SIGTERM
   (``PR_SET_PDEATHSIG``), and every worker gets SIGKILL when torchrun itself dies, so no process keeps training
@@ -70,6 +72,21 @@ def sigterm_as_interrupt() -> Iterator[None]:
     finally:
         for s in mine:
             signal.signal(s, old[s])
+
+
+@contextlib.contextmanager
+def interrupted_as(message: str) -> Iterator[None]:
+    """For the commands that write their output at the end (``probe``, ``lr-find``, ``export``): SIGTERM takes
+    Ctrl-C's path (:func:`sigterm_as_interrupt`; what the block wrote so far is cleaned up on the way out, as for
+    any exception), and either one ends the command as ``train``'s does: one line ``Error: <message>``, exit 130.
+    A more precise :class:`~finetune.runner.Interrupted` raised inside the block passes through."""
+    try:
+        with sigterm_as_interrupt():
+            yield
+    except KeyboardInterrupt:
+        from finetune.runner import Interrupted
+
+        raise Interrupted(message) from None
 
 
 def run_launcher(cmd: list[str], env: dict[str, str]) -> int:

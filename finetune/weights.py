@@ -223,6 +223,24 @@ def load_file_into(bb: Backbone, path: Path) -> None:
             sd.pop(k, None)
         bb.notes.append(f"loaded '{path}' without the head ({shapes or ', '.join(head_bad)} does not fit "
                         f"{bb.num_classes} classes); the new head starts at zero")
+    check_dtypes(sd, own, path)
     bb.model.load_state_dict(sd, strict=False)
     bb.weights = str(path)
+
+
+def check_dtypes(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: Path) -> None:
+    """A floating-point tensor of the model stored as an integer, bool or complex tensor in the file would be cast
+    by ``load_state_dict`` without a word (int64 weights truncated to whole numbers, complex ones lose their
+    imaginary part): an error naming the key and both dtypes. Integer buffers (BatchNorm's num_batches_tracked)
+    and float-to-float (fp16/bf16/fp64 files) load as before."""
+    for k, v in sd.items():
+        mine = own.get(k)
+        if mine is None or not mine.is_floating_point() or (v.is_floating_point() and not v.is_complex()):
+            continue
+        from finetune.errors import shown
+
+        raise WeightsError(f"weights file '{path}': '{shown(k)}' is stored as {str(v.dtype).replace('torch.', '')} "
+                           f"but {str(mine.dtype).replace('torch.', '')} in the model (loading would cast it silently"
+                           f"{', dropping the imaginary part' if v.is_complex() else ''}); save the "
+                           "weights as floating point (e.g. {k: v.float() for k, v in state_dict.items()})")
 

@@ -158,7 +158,7 @@ case("whole-pickled-model", "train --model smallcnn --weights {B}/whole.pth --da
 case("save-every-steps-0", "train --save-every-steps 0 --out {B}/o21",
      "train.save_every_steps must be greater than 0, got 0")
 case("export-over-existing", "export {R}/last.pt --out {R}/best.pt --format state-dict",
-     "'{R}/best.pt' already exists; pass --overwrite", True)
+     "refusing to write the export to '{R}/best.pt': 'best.pt' is a file of the run directory '{R}'", True)
 case("lr-not-a-number", "train --lr fast --out {B}/o40", "--lr: optimizer.lr must be a number or 'auto', got 'fast'")
 case("lr-find-resume", "lr-find --resume {R}", "lr-find takes the flags of a new run; drop --resume and --nproc")
 case("class-weights-no-file", "train --data {B}/data --class-weights {B}/nope.json --out {B}/o41",

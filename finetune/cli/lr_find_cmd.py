@@ -15,8 +15,11 @@ HELP = ("Run the LR range test (fastai's lr_find): ~100 steps with the LR growin
 
 @functools.wraps(train_cmd.train)
 def lr_find(*args, **kwargs) -> None:
+    from finetune.stop import interrupted_as
+
     train_cmd.LR_FIND["on"] = True
     try:
-        train_cmd.train(*args, **kwargs)
+        with interrupted_as("interrupted; nothing was written"):  # SIGTERM as Ctrl-C; the curve is written last
+            train_cmd.train(*args, **kwargs)
     finally:
         train_cmd.LR_FIND["on"] = False

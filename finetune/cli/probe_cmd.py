@@ -58,11 +58,13 @@ def probe(
             typer.echo(msg, err=True)
 
     from finetune.api import probe as run_probe
+    from finetune.stop import interrupted_as
 
-    results = run_probe(models, weights=weights, data=data, lrs=lr_list or None, wds=wd_list or None,
-                        knn=ks if knn is not None else None, out=out, overwrite=overwrite, cache_dir=cache_dir,
-                        progress=progress, labels=labels, val_split=val_split, image_size=image_size, epochs=epochs,
-                        batch_size=batch_size, seed=seed, device=device, precision=precision)
+    with interrupted_as("interrupted; nothing was written"):  # SIGTERM as Ctrl-C (probe names what it wrote)
+        results = run_probe(models, weights=weights, data=data, lrs=lr_list or None, wds=wd_list or None,
+                            knn=ks if knn is not None else None, out=out, overwrite=overwrite, cache_dir=cache_dir,
+                            progress=progress, labels=labels, val_split=val_split, image_size=image_size,
+                            epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision)
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in results]))
         return

@@ -8,6 +8,11 @@ a ``numpy.memmap`` would do for every page it touches (benchmarks/ram_bench.py: 
 data through a memmap, 1.01x with pread), though the kernel could drop those pages. Cached and RAM-cached items
 are bitwise equal (the same bytes).
 
+Each fill has a random id, written both into the index and into a trailer after the data file's last record; the
+index also records the data size and the crc32 of a sample of records. On open (once, not per read) the data file
+is checked against its index: an index paired with another fill's data (two runs filling one ``--cache-dir`` at
+once), a truncated or damaged file is decoded again, with one warning, instead of serving wrong images.
+
 Where: ``data.cache_dir`` (kept after the run, and reused by a later run with the same files and pre-crop size: the
 file name carries a hash of the paths, sizes, mtimes and the resize settings), else the run directory (or the
 system temp folder outside a run), where the files are unlinked as soon as every process has opened them (Linux):
@@ -21,12 +26,14 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +43,10 @@ import torch
 from finetune.errors import DataError
 
 log = logging.getLogger("finetune")
-VERSION = 1
+VERSION = 2  # 2: the data file ends with a trailer holding the fill id the index records
+TRAILER_MAGIC = b"finetune-imagecache-fill:"
+TRAILER_BYTES = 64
+CHECKED = 8  # records whose crc32 is compared on open
 PREFIX = ".imagecache-"  # in a run directory: ".NAME.tmp" files are the run's own temp files (--overwrite)
 
 
@@ -60,10 +70,39 @@ class DiskStore:
 
     def __init__(self, data_path: Path, index: dict, *, kept: bool):
         self.data_path, self.kept = Path(data_path), kept
-        self.slots: dict[str, tuple[int, int, int, int]] = {p: tuple(v) for p, v in index["slots"].items()}
-        self.bad: dict[str, str] = dict(index["bad"])
+        self.slots: dict[str, tuple[int, int, int, int]] = {str(p): tuple(int(x) for x in v)
+                                                             for p, v in index["slots"].items()}
+        if any(len(v) != 4 for v in self.slots.values()):
+            raise ValueError("slot of the wrong length")
+        self.bad: dict[str, str] = {str(p): str(r) for p, r in index["bad"].items()}
         self.nbytes = int(index.get("nbytes", 0))
+        self.fill = str(index.get("fill", ""))
+        self.check = [tuple(int(x) for x in c) for c in index.get("check", [])]
         self.fd = os.open(self.data_path, os.O_RDONLY)
+
+    def mismatch(self) -> str:
+        """Why the open data file is not the one this index was written with ("" when it is): the data size, the
+        fill id in the file's trailer and the crc32 of a sample of records must match (read once, on open: the
+        trailer and a few records, not the whole file)."""
+        if not self.fill:
+            return "the index has no fill id"
+        size = os.fstat(self.fd).st_size
+        if size != self.nbytes + TRAILER_BYTES:
+            return f"the data file has {size:,} bytes, the index expects {self.nbytes + TRAILER_BYTES:,}"
+        try:
+            if bytes(self.pread(self.nbytes, TRAILER_BYTES)) != trailer(self.fill):
+                return "the data file comes from another fill"
+            for off, n, crc in self.check:
+                if zlib.crc32(self.pread(off, n)) != crc:
+                    return f"the record at byte {off:,} fails its checksum"
+        except DataError:
+            return "the data file is truncated"
+        return ""
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
     def pread(self, offset: int, n: int) -> bytearray:
         buf = bytearray(n)
@@ -148,10 +187,51 @@ def open_store(paths: Sequence[Path], tf: dict, *, cache_dir: str | None, scratc
             _wait_for(index_path)
     else:
         log.info("reusing the image cache '%s'", data_path)
-    store = DiskStore(data_path, json.loads(index_path.read_text()), kept=kept)
+    store, why = _load(data_path, index_path, kept)
+    while store is None:
+        if rank == 0:  # an index paired with another fill's data (two runs filling one --cache-dir), a damaged file
+            log.warning("the image cache '%s' does not match its index (%s); decoding the images again",
+                        data_path, why)
+            _fill(paths, tf, data_path, index_path, read_all)
+            store, why = _load(data_path, index_path, kept)
+            if store is None:
+                raise DataError(f"the image cache '{data_path}' was just written and does not match its index "
+                                f"({why}); is another process writing it? delete it and run again")
+        else:  # local rank 0 refills it
+            time.sleep(0.2)
+            store, why = _load(data_path, index_path, kept)
     if not kept:
         _unlink_when_opened(data_path, index_path, rank, shared)
     return store
+
+
+def _load(data_path: Path, index_path: Path, kept: bool) -> tuple[DiskStore | None, str]:
+    """The store, verified against its data file (see :meth:`DiskStore.mismatch`), or None and why not."""
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, "the index is missing"
+    except (OSError, ValueError, RecursionError):
+        return None, "the index cannot be read"
+    try:
+        store = DiskStore(data_path, index, kept=kept)
+    except FileNotFoundError:
+        return None, "the data file is missing"
+    except OSError as e:
+        raise DataError(f"cannot read the image cache '{data_path}': {e.strerror or e}; pass another --cache-dir "
+                        "(or data.cache: off)") from None
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError):
+        return None, "the index is damaged"
+    why = store.mismatch()
+    if why:
+        store.close()
+        return None, why
+    return store, ""
+
+
+def trailer(fill: str) -> bytes:
+    """The bytes after the last record of a data file: they tie it to the index written with it."""
+    return (TRAILER_MAGIC + fill.encode("ascii")).ljust(TRAILER_BYTES, b"\0")[:TRAILER_BYTES]
 
 
 def _fill(paths, tf: dict, data_path: Path, index_path: Path, read_all) -> None:
@@ -162,24 +242,34 @@ def _fill(paths, tf: dict, data_path: Path, index_path: Path, read_all) -> None:
     tmp = data_path.with_suffix(f".{os.getpid()}{data_path.suffix}")  # in a run dir: .imagecache-K.bin.PID.tmp
     lock = threading.Lock()
     t0 = time.perf_counter()
+    fill = secrets.token_hex(16)
+    crcs: dict[int, int] = {}
     with open(tmp, "wb") as f:
         def write(p: Path):
             img = decode(p, tf).numpy()
+            data = img.tobytes()
+            crc = zlib.crc32(data)
             with lock:
                 off = f.tell()
-                f.write(img.tobytes())
+                f.write(data)
+                crcs[off] = crc
             return (off, *img.shape)
 
         try:
             slots, bad = read_all(paths, write)
+            nbytes = f.tell()
+            f.write(trailer(fill))
         except OSError as e:
+            f.close()
             tmp.unlink(missing_ok=True)
             raise DataError(f"cannot write the image cache '{data_path}': {e.strerror}; free space or pass "
                             "another --cache-dir (or data.cache: off)") from None
-        nbytes = f.tell()
     os.replace(tmp, data_path)
+    order = sorted(slots.values())
+    sample = order[::max(1, -(-len(order) // CHECKED))][:CHECKED]  # evenly over the file
     index = {"slots": {str(p): list(v) for p, v in slots.items()}, "bad": {str(p): r for p, r in bad.items()},
-             "nbytes": nbytes}
+             "nbytes": nbytes, "fill": fill,
+             "check": [[int(v[0]), int(v[1] * v[2] * v[3]), crcs[v[0]]] for v in sample]}
     part = index_path.with_suffix(f".{os.getpid()}{index_path.suffix}")
     part.write_text(json.dumps(index))
     os.replace(part, index_path)

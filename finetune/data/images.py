@@ -14,11 +14,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +107,9 @@ def _reason(e: BaseException, path: Path) -> str:
         return "file not found"
     if isinstance(e, Image.DecompressionBombError):  # PIL's limit: 2 x Image.MAX_IMAGE_PIXELS (~179 megapixels)
         m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
-        return (f"image too large ({int(m.group(1)):,} pixels; the limit is {int(m.group(2)):,})" if m
-                else "image too large")
+        return (f"image too large ({int(m.group(1)):,} pixels; the limit is {int(m.group(2)):,}), a possible "
+                f"decompression bomb; if you trust the file, raise PIL's limit with {PIXELS_ENV}=N (pixels; 0: "
+                "none) or downscale the image" if m else "image too large")
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     return msg.replace(f"'{path}'", "").replace(str(path), "").strip(" :") or type(e).__name__
 
@@ -153,7 +156,7 @@ def load_image_bytes(data: bytes, name: str, min_side: int | None = None) -> Ima
     import io
 
     try:
-        return open_rgb(io.BytesIO(data), min_side)
+        return open_rgb(io.BytesIO(data), min_side, name=name)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         why = "empty file" if not data else _reason(e, Path(name))
         raise DataError(f"cannot read image '{name}': {why}") from None
@@ -174,10 +177,44 @@ def _tar_member(path: Path) -> bytes:
     raise DataError(f"cannot read image '{path}': file not found")
 
 
-def open_rgb(src, min_side: int | None = None) -> Image.Image:
+def _pixel_limit() -> None:
+    """``FINETUNE_MAX_IMAGE_PIXELS=N``: PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``; it warns above N
+    pixels and refuses above 2N). Read when this module is imported (DataLoader workers inherit it)."""
+    v = os.environ.get(PIXELS_ENV, "").strip()
+    if v:
+        try:
+            Image.MAX_IMAGE_PIXELS = int(float(v)) if float(v) > 0 else None
+        except (ValueError, OverflowError):
+            logging.getLogger("finetune").warning("ignoring %s='%s': not a number of pixels (e.g. 300000000; 0: no "
+                                                  "limit)", PIXELS_ENV, v)
+
+
+PIXELS_ENV = "FINETUNE_MAX_IMAGE_PIXELS"
+_pixel_limit()
+_warned: set[str] = set()
+
+
+@contextlib.contextmanager
+def _bomb_warning(name) -> Iterator[None]:
+    """PIL's ``DecompressionBombWarning`` (an image over ``Image.MAX_IMAGE_PIXELS``, under twice that) as the
+    toolkit's own one-line warning naming the file (once per file and process); other PIL warnings (palette/EXIF
+    chatter) are dropped: the result is what matters."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if issubclass(w.category, Image.DecompressionBombWarning) and str(name) not in _warned:
+            _warned.add(str(name))
+            m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(w.message))
+            size = f" ({int(m.group(1)):,} pixels; PIL's limit is {int(m.group(2)):,})" if m else ""
+            logging.getLogger("finetune").warning(
+                "image '%s' is very large%s: a possible decompression bomb; it is read anyway (set %s=N to "
+                "change the limit)", name, size, PIXELS_ENV)
+
+
+def open_rgb(src, min_side: int | None = None, name=None) -> Image.Image:
     """Decode ``src`` (a path or a binary file object) to RGB, with draft scaling and EXIF orientation."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PIL's palette/EXIF chatter; the result is what matters
+    with _bomb_warning(src if name is None else name):
         with Image.open(src) as im:
             if min_side and im.format == "JPEG" and min(im.size) >= 2 * min_side:
                 w, h = im.size
@@ -193,7 +230,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) from the header only; :class:`DataError` for an empty or non-image file."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with _bomb_warning(path), Image.open(path) as im:
             return im.size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image '{path}': {_reason(e, path)}") from None
