@@ -60,7 +60,7 @@ def cli_reference() -> str:
     return "\n".join(out)
 
 
-def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 (mkdocs hook signature)
+def on_page_markdown(markdown: str, page, config, files) -> str:  # mkdocs hook signature
     if MARKER in markdown:
         markdown = markdown.replace(MARKER, cli_reference())
     return markdown
