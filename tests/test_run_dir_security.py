@@ -54,8 +54,8 @@ def base(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("sec")
     data = tiny_tree(root / "data", per_class=8)
-    common = ["--data", str(data), "--model", "smallcnn", "--weights", "none", "--recipe", "full-finetune", "--image-size", "32",
-              *FAST]
+    common = ["--data", str(data), "--model", "smallcnn", "--weights", "none", "--recipe", "full-finetune",
+              "--image-size", "32", *FAST]
     r = CliRunner().invoke(app, ["train", "--out", str(root / "run"), "--epochs", "2", "--save-top-k", "2", *common])
     assert r.exit_code == 0, r.stderr
     r = CliRunner().invoke(app, ["train", "--out", str(root / "sharded"), "--epochs", "1", *common])
@@ -344,7 +344,8 @@ def test_weights_that_do_not_fit_the_model_name(base, tmp_path, cli):
         torch.save({**ck, "model": sd}, run / name)
     before = snapshot(run)
     for args in (("eval", run / "best.pt"), ("predict", run / "best.pt", base / "data" / "a"),
-                 ("export", run / "best.pt", "--format", "torchscript", "--out", tmp_path / "m.pt"), ("train", "--resume", run, "--epochs", "3")):
+                 ("export", run / "best.pt", "--format", "torchscript", "--out", tmp_path / "m.pt"),
+                 ("train", "--resume", run, "--epochs", "3")):
         line = one_error(cli(*args))
         path = run / ("last.pt" if args[0] == "train" else "best.pt")
         assert line.startswith(f"Error: '{path}' holds weights that cannot be loaded into smallcnn: size mismatch "
