@@ -296,8 +296,9 @@ def test_api_predict_takes_one_path_as_one_input(run, pics, monkeypatch):
     assert finetune.predict(run / "best.pt", (p for p in ["pics/=cmd.png"]), top_k=2, device="cpu") == [one]
 
 
-@pytest.mark.parametrize("bad,what", [(b"pics", "bytes; decode it: os.fsdecode(path)"), (5, "int"), (None, "NoneType"),
-                                      (["pics", 5], "a list holding int 5"), ([b"pics"], "a list holding bytes b'pics'")])
+@pytest.mark.parametrize("bad,what", [(b"pics", "bytes; decode it: os.fsdecode(path)"), (5, "int"),
+                                      (None, "NoneType"), (["pics", 5], "a list holding int 5"),
+                                      ([b"pics"], "a list holding bytes b'pics'")])
 def test_api_predict_rejects_what_is_not_a_path(run, bad, what):
     import finetune
 
@@ -305,3 +306,13 @@ def test_api_predict_rejects_what_is_not_a_path(run, bad, what):
         finetune.predict(run / "best.pt", bad)
     assert str(e.value) == ("predict() takes a path (str or os.PathLike: an image file or a folder) or a list of "
                             f"paths, got {what}")
+
+
+def test_a_warning_naming_a_hostile_file_escapes_it(run, pics, cli):
+    (pics / "\x1b]8;;http:" / "bad\x1b[2J.png").write_bytes(b"not an image")
+    r = cli("predict", run / "best.pt", pics, "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    _no_controls(r.stdout, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: skipping unreadable image ") and \
+        "\\x1b]8;;http:/bad\\x1b[2J.png" in lines[0], r.stderr
