@@ -13,6 +13,8 @@ errors and the trust switch are plain imports; what needs torch is imported on f
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -196,12 +198,21 @@ def _evaluate_all(checkpoint, data, **kw) -> dict[str, dict[str, Any]]:
             for s in splits(str(path), info.get("val_split", 0.2) if own else 0.0)}
 
 
-def predict(checkpoint: str | Path, paths: list[str], top_k: int = 5, *, device: str = "auto",
-            batch_size: int = 32, strict: bool = False, fast_inference: str | None = None) -> list[dict[str, Any]]:
+def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os.PathLike], top_k: int = 5, *,
+            device: str = "auto", batch_size: int = 32, strict: bool = False,
+            fast_inference: str | None = None) -> dict[str, Any] | list[dict[str, Any]]:
     """Top-k labels and probabilities for each image (files or folders) with the checkpoint's eval transform.
 
-    Rows: ``{"path", "name", "top": [{"label", "prob"}]}``; ``name`` is relative to the folder given (or the file
-    as given). An unreadable file is skipped with a warning, as in train and eval (``strict=True``: an error);
+    ``paths``: one path (a ``str`` or ``os.PathLike``: an image file or a folder of images, as the CLI takes) or a
+    list (any iterable) of them. What comes back:
+
+    - one image file, ``predict(ckpt, "img.png")``: its row, a dict;
+    - one folder, ``predict(ckpt, "photos/")``, or a list, ``predict(ckpt, ["a.png", "photos/"])``: a list of rows,
+      one per image found, in the order found.
+
+    A row: ``{"path", "name", "top": [{"label", "prob"}]}``, ``top`` best first; ``name`` is relative to the folder
+    given (or the file as given). ``bytes`` or anything that is neither a path nor an iterable of paths is a
+    ``TypeError``. An unreadable file is skipped with a warning, as in train and eval (``strict=True``: an error);
     when no file is readable, that is an error naming the first.
     """
     import logging
@@ -211,12 +222,14 @@ def predict(checkpoint: str | Path, paths: list[str], top_k: int = 5, *, device:
     from finetune import data as D
     from finetune.engine import autocast, resolve_device
 
+    items, single_file = _predict_inputs(paths)
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, device=str(dev))
     class_names = list(ckpt["class_names"])
-    named = D.named_images(paths)
+    named = D.named_images(items)
     if not named:
-        raise DataError(f"no images found in {', '.join(paths)}; pass image files or folders of images")
+        raise DataError(f"no images found in {', '.join(shown(p) for p in items) or 'an empty list'}; pass image "
+                        "files or folders of images")
     tf_cfg = ckpt["transform"]
     tf = D.eval_transform(tf_cfg)
     k = max(1, min(top_k, len(class_names)))
@@ -254,4 +267,23 @@ def predict(checkpoint: str | Path, paths: list[str], top_k: int = 5, *, device:
     log = logging.getLogger("finetune")
     for msg in skipped:
         log.warning(msg.replace("cannot read image", "skipping unreadable image", 1))
-    return out
+    return out[0] if single_file else out
+
+
+def _predict_inputs(paths: Any) -> tuple[list[str | os.PathLike], bool]:
+    """:func:`predict`'s ``paths`` as a list, and whether it was one image file (then one row comes back). A
+    string is one path, never its characters (``"/"`` must not become a scan of the whole file system)."""
+    what = ("predict() takes a path (str or os.PathLike: an image file or a folder) or a list of paths, got "
+            "{}")
+    if isinstance(paths, (str, os.PathLike)) and isinstance(os.fspath(paths), str):
+        return [paths], not Path(os.fspath(paths)).expanduser().is_dir()
+    if isinstance(paths, (bytes, bytearray, memoryview, os.PathLike)):
+        raise TypeError(what.format(f"{type(paths).__name__}; decode it: os.fsdecode(path)"))
+    try:
+        items = list(paths)
+    except TypeError:
+        raise TypeError(what.format(type(paths).__name__)) from None
+    for p in items:
+        if not isinstance(p, (str, os.PathLike)) or isinstance(os.fspath(p), bytes):
+            raise TypeError(what.format(f"a list holding {type(p).__name__} {p!r:.60}"))
+    return items, False

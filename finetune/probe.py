@@ -66,10 +66,14 @@ class ProbeResult:
     run_dir: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """As JSON data (``probe --json``, ``probe.json``): a non-finite number (a diverging head's NaN loss) is
+        None, written as null as in metrics.json: strict JSON, never a bare NaN."""
+        from finetune.checkpoint import finite_json
+
         d = dataclasses.asdict(self)
         d["run_dir"] = str(self.run_dir) if self.run_dir else None
         d["knn"] = {str(k): v for k, v in self.knn.items()}
-        return d
+        return finite_json(d)
 
 
 def parse_floats(text: str | None, what: str, default: tuple[float, ...]) -> list[float]:
@@ -474,5 +478,6 @@ def _write_run(prep: Prepared, st: SweepState, h: int, res: ProbeResult, run_dir
     ck.save_checkpoint(ckpt, run_dir / "last.pt")
     ck.save_checkpoint(ck.slim(ckpt), run_dir / "best.pt")
     ck.atomic_write_text(run_dir / "metrics.json", ck.metrics_text(best, history))
-    ck.atomic_write_text(run_dir / "probe.json", json.dumps({**res.to_dict(), "run_dir": str(run_dir)}, indent=1))
+    ck.atomic_write_text(run_dir / "probe.json", json.dumps({**res.to_dict(), "run_dir": str(run_dir)}, indent=1,
+                                                               allow_nan=False))
     return run_dir

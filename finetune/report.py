@@ -105,6 +105,16 @@ def _plt():
     return plt
 
 
+def _mpl(text: Any) -> str:
+    """User text (a class, run, layer or group name) as matplotlib draws it literally: every ``$`` escaped, so
+    "a$b" or "$x^2$" is not mathtext (an unbalanced or invalid formula made the whole figure fail to draw);
+    matplotlib shows ``\\$`` in plain text as ``$``. Control characters are escaped visibly, as in the terminal
+    (the font has no glyph for them)."""
+    from finetune.errors import shown
+
+    return shown(text).replace("$", r"\$")
+
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)  # layout by tight_layout: bbox "tight" would draw twice
@@ -126,8 +136,8 @@ def confusion_figure(confusion: list[list[int]], names: list[str]):
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ticks = list(range(n)) if n <= 40 else []
-        ax.set_xticks(ticks, [names[i][:14] for i in ticks], rotation=90, fontsize=8)
-        ax.set_yticks(ticks, [names[i][:14] for i in ticks], fontsize=8)
+        ax.set_xticks(ticks, [_mpl(names[i][:14]) for i in ticks], rotation=90, fontsize=8)
+        ax.set_yticks(ticks, [_mpl(names[i][:14]) for i in ticks], fontsize=8)
         if n <= 20:
             hi = max((max(r) for r in data), default=0) or 1
             for t in range(n):
@@ -165,7 +175,7 @@ def curves_figure(epochs: list[dict], unfreeze: list[tuple[int, str]]):
     groups = list(dict.fromkeys(g for r in epochs for g in (r.get("lrs") or {})))
     for g in groups:
         pts = [(e, r["lrs"][g]) for e, r in zip(x, epochs) if g in (r.get("lrs") or {})]
-        axes[1, 0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=g)
+        axes[1, 0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=_mpl(g))
     if not groups:
         line(axes[1, 0], "lr", "lr")
     axes[1, 0].set_title("learning rate per group (first update of the epoch)")
@@ -179,7 +189,7 @@ def curves_figure(epochs: list[dict], unfreeze: list[tuple[int, str]]):
         for ep, what in unfreeze:
             ax.axvline(ep - 0.5, color="tab:red", ls="--", lw=1)
             if ax is axes[0, 0]:
-                ax.annotate(f"unfreeze {what}", (ep - 0.5, 1), xycoords=("data", "axes fraction"), fontsize=7,
+                ax.annotate(_mpl(f"unfreeze {what}"), (ep - 0.5, 1), xycoords=("data", "axes fraction"), fontsize=7,
                             color="tab:red", rotation=90, va="top", ha="right")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -196,7 +206,7 @@ def freeze_figure(rows: list[dict]):
     """Horizontal stacked bars per top-level module: trainable, unfrozen by a schedule, frozen (parameters)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 0.9 + 0.32 * len(rows)))
-    names = [r["module"] for r in rows][::-1]
+    names = [_mpl(r["module"]) for r in rows][::-1]
     left = [0] * len(rows)
     for key, colour in (("trainable", "tab:green"), ("unfrozen", "tab:orange"), ("frozen", "tab:gray")):
         vals = [r[key] for r in rows][::-1]

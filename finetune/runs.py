@@ -8,13 +8,23 @@ folder of hundreds of runs takes a moment.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, shown
 
 MARKER = ".finetune-run"  # finetune.checkpoint.MARKER (that module imports torch)
+log = logging.getLogger("finetune")
+
+# the numbers of an epoch row in metrics.json that runs/compare/the curves read (each a number or null)
+_NUMBERS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_sec")
+
+
+class MalformedRun(ConfigError):
+    """A run directory whose config.yaml or metrics.json cannot be read as finetune writes them; ``runs`` and
+    ``compare`` skip it with a warning."""
 
 
 def is_run(path: Path) -> bool:
@@ -29,23 +39,82 @@ def read_run(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     if not is_run(path):
-        raise ConfigError(f"'{path}' is not a finetune run directory (no config.yaml and metrics.json); see "
+        raise ConfigError(f"'{shown(path)}' is not a finetune run directory (no config.yaml and metrics.json); see "
                           "finetune runs")
-    cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
     metrics_file = path / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {"best": {}, "epochs": []}
+    what = path / "config.yaml"
+    try:  # both files are untrusted input: a wrong type anywhere is one MalformedRun naming the file
+        cfg = yaml.safe_load(what.read_text()) or {}
+        _check_config(cfg)
+        config = flatten(cfg)
+        what = metrics_file
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {"best": {}, "epochs": []}
+        epochs, best = _check_metrics(metrics)
+    except MalformedRun as e:
+        raise MalformedRun(f"'{shown(what)}' {e}") from None
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        kind = "cannot be read" if isinstance(e, OSError) else (
+            f"is not valid {'JSON' if what == metrics_file else 'YAML'}")
+        why = (e.strerror or type(e).__name__) if isinstance(e, OSError) else (
+            str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise MalformedRun(f"'{shown(what)}' {kind} ({shown(why)})") from None
+    except RecursionError:
+        raise MalformedRun(f"'{shown(what)}' is nested too deeply to be a finetune file") from None
     marker = path / MARKER
     started = marker.stat().st_mtime if marker.is_file() else (path / "config.yaml").stat().st_mtime
     ended = metrics_file.stat().st_mtime if metrics_file.is_file() else None
-    epochs = metrics.get("epochs", [])
-    best = metrics.get("best") or {}
-    return {"name": path.name, "path": str(path), "model": (cfg.get("model") or {}).get("name"),
-            "recipe": cfg.get("name", ""), "best_val_acc": best.get("val_acc"), "best_epoch": best.get("epoch"),
-            "epochs": len(epochs), "epochs_planned": (cfg.get("train") or {}).get("epochs"),
+    model, name = (cfg.get("model") or {}).get("name"), cfg.get("name")
+    return {"name": path.name, "path": str(path), "model": None if model is None else str(model),
+            "recipe": "" if name is None else str(name), "best_val_acc": best.get("val_acc"),
+            "best_epoch": best.get("epoch"), "epochs": len(epochs),
+            "epochs_planned": (cfg.get("train") or {}).get("epochs"),
             "wall_seconds": (ended - started) if ended else None,
             "train_seconds": sum(r.get("seconds") or 0 for r in epochs),
             "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
-            "report": (path / "report.html").is_file(), "config": flatten(cfg), "history": epochs}
+            "report": (path / "report.html").is_file(), "config": config, "history": epochs}
+
+
+def _number(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _int(v: Any) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _check_config(cfg: Any) -> None:
+    """config.yaml as runs/compare read it: a mapping; ``model`` and ``train`` mappings; ``train.epochs`` an int."""
+    if not isinstance(cfg, dict):
+        raise MalformedRun(f"holds a {type(cfg).__name__}, not a recipe mapping")
+    for key in ("model", "train"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise MalformedRun(f"has '{key}' as a {type(cfg[key]).__name__}, not a mapping")
+    if not _int((cfg.get("train") or {}).get("epochs")):
+        raise MalformedRun("has train.epochs that is not a whole number")
+
+
+def _check_metrics(metrics: Any) -> tuple[list[dict], dict]:
+    """metrics.json as finetune writes it: ``{"best": {"epoch", "val_acc"}, "epochs": [row, ...]}``, each row's
+    ``epoch`` an int and its numbers numbers or null; returns (epochs, best)."""
+    if not isinstance(metrics, dict):
+        raise MalformedRun(f"holds a JSON {type(metrics).__name__}, not an object")
+    epochs, best = metrics.get("epochs", []), metrics.get("best") or {}
+    if not isinstance(best, dict) or not _number(best.get("val_acc")) or not _int(best.get("epoch")):
+        raise MalformedRun("has a 'best' entry that is not {\"epoch\": int, \"val_acc\": number}")
+    if not isinstance(epochs, list):
+        raise MalformedRun(f"has 'epochs' as a {type(epochs).__name__}, not a list")
+    for i, r in enumerate(epochs):
+        if not isinstance(r, dict):
+            raise MalformedRun(f"has epoch row {i} as a {type(r).__name__}, not an object")
+        bad = [k for k in _NUMBERS if not _number(r.get(k))]
+        if not _int(r.get("epoch")) or r.get("epoch") is None:
+            bad.insert(0, "epoch")
+        lrs = r.get("lrs")
+        if lrs is not None and not (isinstance(lrs, dict) and all(_number(v) for v in lrs.values())):
+            bad.append("lrs")
+        if bad:
+            raise MalformedRun(f"has epoch row {i} with {', '.join(bad)} of the wrong type")
+    return epochs, best
 
 
 def list_runs(root: str | Path = "runs", depth: int = 2) -> list[dict[str, Any]]:
@@ -65,10 +134,22 @@ def list_runs(root: str | Path = "runs", depth: int = 2) -> list[dict[str, Any]]
             else:
                 nxt += sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
         level = nxt
-    rows = [read_run(p) for p in found]
+    rows = _readable(found)
     for r in rows:
         del r["config"], r["history"]
     return sorted(rows, key=lambda r: (r["date"], r["path"]))
+
+
+def _readable(paths: list) -> list[dict[str, Any]]:
+    """:func:`read_run` of each; a run whose config.yaml or metrics.json is malformed is left out with one warning
+    line naming the file (one broken run never hides the others)."""
+    rows = []
+    for p in paths:
+        try:
+            rows.append(read_run(p))
+        except MalformedRun as e:
+            log.warning(f"skipping run {shown(p)}: {e}")
+    return rows
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -88,7 +169,10 @@ def compare_runs(paths: list[str | Path]) -> dict[str, Any]:
     all runs (``name``/``description`` included), as ``{key: [value per run]}`` in key order."""
     if len(paths) < 2:
         raise ConfigError("finetune compare takes at least two run directories (see finetune runs)")
-    runs = [read_run(p) for p in paths]
+    runs = _readable(paths)
+    if len(runs) < 2:
+        raise ConfigError(f"finetune compare needs at least two readable run directories; {len(runs)} of "
+                          f"{len(paths)} could be read (see the warnings above)")
     keys = sorted(set().union(*(r["config"] for r in runs)))
     missing = object()
     diff = {k: [r["config"].get(k, missing) for r in runs] for k in keys}
@@ -99,7 +183,7 @@ def compare_runs(paths: list[str | Path]) -> dict[str, Any]:
 
 def compare_figure(runs: list[dict]):
     """Train/val loss and val accuracy per epoch, one colour per run."""
-    from finetune.report import _plt
+    from finetune.report import _mpl, _plt
 
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -112,7 +196,7 @@ def compare_figure(runs: list[dict]):
             if pts:
                 scale = 100 if key.endswith("acc") else 1
                 ax.plot([p[0] for p in pts], [scale * p[1] for p in pts], style, color=colour, marker="o", ms=3,
-                        label=f"{r['name']}" + (" (val)" if key == "val_loss" else ""))
+                        label=_mpl(r["name"]) + (" (val)" if key == "val_loss" else ""))
     for ax, title in zip(axes, ("loss (solid: train, dashed: val)", "val accuracy (%)", "train accuracy (%)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")

@@ -71,6 +71,8 @@ def _emit_to_current_stderr(handler: logging.StreamHandler):
         msg = handler.format(record)
         if record.levelno == logging.INFO:
             msg = record.getMessage()
+        # warnings name files from disk: an ESC/OSC in a file name is shown escaped, never sent to the terminal
+        msg = "\n".join(shown(line) for line in msg.split("\n"))
         typer.echo(msg.replace("WARNING:", "warning:"), err=True)
 
     return emit

@@ -58,10 +58,11 @@ def eval_(
 def _show(res: dict, split: str) -> None:
     from rich.table import Table
 
-    from finetune.cli.render import console
+    from finetune.cli.render import console, term
 
     top5 = "" if res["top5"] is None else f"   top-5 {100 * res['top5']:.2f}%"
-    console.print(f"{res['checkpoint']} (epoch {res['epoch']}) on {res['data']} ({split} split): {res['n']} images\n"
+    console.print(f"{term(res['checkpoint'])} (epoch {res['epoch']}) on {term(res['data'])} ({split} split): "
+                  f"{res['n']} images\n"
                   f"accuracy {100 * res['accuracy']:.2f}%{top5}   balanced accuracy "
                   f"{100 * res['balanced_accuracy']:.2f}%   macro-F1 {100 * res['macro_f1']:.2f}%   loss "
                   f"{res['loss']:.4f}", highlight=False)
@@ -69,11 +70,11 @@ def _show(res: dict, split: str) -> None:
     t = Table(title="confusion matrix (rows: true class, columns: predicted)", title_justify="left")
     t.add_column("class")
     for n in names:
-        t.add_column(n[:10], justify="right")
+        t.add_column(term(n[:10]), justify="right")
     t.add_column("accuracy", justify="right")
     for n, row in zip(names, res["confusion"]):
         acc = res["per_class"][n]
-        t.add_row(n, *[str(v) for v in row], "no samples" if acc is None else f"{100 * acc:.1f}%")
+        t.add_row(term(n), *[str(v) for v in row], "no samples" if acc is None else f"{100 * acc:.1f}%")
     console.print(t)
     if res.get("report"):
-        console.print(f"report: {res['report']}", highlight=False)
+        console.print(f"report: {term(res['report'])}", highlight=False)

@@ -83,15 +83,15 @@ def _doc(bb, plan, rec) -> dict:
 
 
 def _print(bb, doc: dict, plan, head_note: str | None, depth: int | None) -> None:
-    from finetune.api import module_rows
+    from finetune.api import module_rows, shown
     from finetune.cli import render
 
     render.parameter_table(bb, doc)
     if head_note:
-        typer.echo(head_note)
+        typer.echo(shown(head_note))  # it names the recipe's data path
     typer.echo(f"stages (freeze.stages / --stages N, addresses stage:K; the head {','.join(bb.head)} is apart):")
     for s in doc["stages"]:
-        typer.echo(f"  stage:{s['stage']:<3} stage:{s['from_head']:<4} {'+'.join(s['modules'])} "
+        typer.echo(f"  stage:{s['stage']:<3} stage:{s['from_head']:<4} {shown('+'.join(s['modules']))} "
                    f"({s['tensors']} tensors)")
     if plan is not None:
         render.plan_summary(plan, doc["plan"])

@@ -31,7 +31,7 @@ def predict(
     if as_json and as_csv:
         raise ConfigError("--json and --csv both print to stdout; pass one of them")
     from finetune.api import predict as run_predict
-    from finetune.api import finite_json, trusted
+    from finetune.api import finite_json, shown, trusted
 
     with trusted(trust_checkpoint):
         rows = run_predict(checkpoint, list(paths), top_k=top_k, device=device, strict=strict,
@@ -47,12 +47,29 @@ def predict(
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(["image"] + [f"{c}_{i + 1}" for i in range(k) for c in ("label", "prob")])
         for r in rows:
-            w.writerow([r["path"]] + [v for p in r["top"] for v in (p["label"], f"{p['prob']:.6f}")])
+            w.writerow([csv_cell(r["path"])] + [v for p in r["top"] for v in (csv_cell(p["label"]),
+                                                                               f"{p['prob']:.6f}")])
         return
-    # plain aligned text, never truncated: a narrow terminal wraps lines instead of eliding the file names
+    # plain aligned text, never truncated: a narrow terminal wraps lines instead of eliding the file names;
+    # names from disk with their control characters escaped (an ESC or OSC in a file name never reaches the tty)
     header = ["image"] + [f"#{i + 1}" for i in range(k)]
-    table = [header] + [[r["name"]] + [f"{p['label']} {100 * p['prob']:.1f}%" for p in r["top"]] for r in rows]
+    table = [header] + [[shown(r["name"])] + [f"{shown(p['label'])} {100 * p['prob']:.1f}%" for p in r["top"]]
+                        for r in rows]
     widths = [max(len(row[c]) for row in table) for c in range(len(header))]
     typer.echo(f"{len(rows)} image{'' if len(rows) == 1 else 's'}")
     for row in table:
         typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> str:
+    """A file or class name as a CSV cell that a spreadsheet shows as text: a cell starting with = + - @ tab or
+    carriage return gets a leading single quote (OWASP's rule against formula injection: "=HYPERLINK(...)" stays
+    text), and control characters are escaped visibly (the CSV may be printed to a terminal). ``--json`` is
+    exact."""
+    from finetune.errors import shown
+
+    s = str(value)
+    return shown("'" + s if s.startswith(_FORMULA) else s)

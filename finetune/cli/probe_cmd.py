@@ -53,9 +53,11 @@ def probe(
         if v is not None and v < 1:
             raise ConfigError(f"{flag} must be at least 1, got {v}")
 
+    from finetune.api import shown
+
     def progress(msg: str) -> None:
-        if not quiet:
-            typer.echo(msg, err=True)
+        if not quiet:  # messages name paths and models: control characters escaped, line by line
+            typer.echo("\n".join(shown(line) for line in str(msg).split("\n")), err=True)
 
     from finetune.api import probe as run_probe
     from finetune.stop import interrupted_as
@@ -66,7 +68,7 @@ def probe(
                             progress=progress, labels=labels, val_split=val_split, image_size=image_size,
                             epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision)
     if as_json:
-        typer.echo(json.dumps([r.to_dict() for r in results]))
+        typer.echo(json.dumps([r.to_dict() for r in results], allow_nan=False))  # to_dict: NaN -> null
         return
     render(results)
 
@@ -74,14 +76,15 @@ def probe(
 def render(results) -> None:
     from rich.table import Table
 
-    from finetune.cli.render import console
+    from finetune.cli.render import console, term
 
     def pct(v) -> str:
         return "-" if v is None else f"{100 * v:.2f}%"
 
     for r in results:
         src = "read from the feature cache" if r.from_store else "computed"
-        t = Table(title=f"{r.model} (weights {r.weights}): {r.train_images} train / {r.val_images} val images, "
+        t = Table(title=f"{term(r.model)} (weights {term(r.weights)}): {r.train_images} train / {r.val_images} val "
+                        "images, "
                         f"{r.feature_dim}-d features {src} in {r.features_seconds:.1f} s; {len(r.heads)} heads in "
                         f"{r.sweep_seconds:.1f} s", title_justify="left")
         for col in ("#", "lr", "weight decay", "val acc", "val loss", "train loss"):
@@ -97,8 +100,9 @@ def render(results) -> None:
             console.print("k-NN (cosine): " + "   ".join(f"k={k}: {pct(v)}" for k, v in r.knn.items()),
                           highlight=False)
         if r.run_dir:
-            console.print(f"best head -> {r.run_dir}/best.pt  (finetune eval {r.run_dir}/best.pt; fine-tune from "
-                          f"it: finetune train --model {r.model} --weights {r.run_dir}/best.pt ...)", highlight=False)
+            d, m = term(r.run_dir), term(r.model)
+            console.print(f"best head -> {d}/best.pt  (finetune eval {d}/best.pt; fine-tune from "
+                          f"it: finetune train --model {m} --weights {d}/best.pt ...)", highlight=False)
     if len(results) > 1:
         t = Table(title="backbones on this data (best head each)", title_justify="left")
         ks = sorted({k for r in results for k in r.knn})
@@ -106,6 +110,6 @@ def render(results) -> None:
             t.add_column(col, justify="left" if col == "model" else "right")
         for r in sorted(results, key=lambda r: -r.heads[r.best].val_acc):
             b = r.heads[r.best]
-            t.add_row(r.model, pct(b.val_acc), f"{b.lr:g}", f"{b.weight_decay:g}",
+            t.add_row(term(r.model), pct(b.val_acc), f"{b.lr:g}", f"{b.weight_decay:g}",
                       *[pct(r.knn.get(k)) for k in ks], f"{r.feature_dim}-d")
         console.print(t)

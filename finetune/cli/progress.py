@@ -10,7 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from finetune.api import Reporter
+from finetune.api import Reporter, shown
+from finetune.cli.render import term
 
 
 def _pct(x: float | None) -> str:
@@ -20,7 +21,7 @@ def _pct(x: float | None) -> str:
 class RichReporter(Reporter):
     def __init__(self, quiet: bool = False, console: Console | None = None) -> None:
         self.quiet = quiet
-        self.err = console or Console(stderr=True)
+        self.err = console or Console(stderr=True, emoji=False)  # ":x:" in a name prints as written
         self.live = self.err.is_terminal and not quiet
         self.progress = None
         self.task = None
@@ -33,12 +34,13 @@ class RichReporter(Reporter):
         n_bad = info.get("skipped") or 0
         skipped = f", {n_bad} unreadable file{'s' * (n_bad != 1)} skipped" if n_bad else ""
         self.err.print(
-            f"run: {info['run_dir']}\n"
-            + (f"recipe: {info['recipe']}" + (f" ({info['description']})" if info.get("description") else "") + "\n"
+            f"run: {term(info['run_dir'])}\n"
+            + (f"recipe: {term(info['recipe'])}" + (f" ({term(info['description'])})" if info.get("description")
+                                                    else "") + "\n"
                if info.get("recipe") else "")
-            + f"model: {info['model']} (weights: {info['weights']}), "
+            + f"model: {term(info['model'])} (weights: {term(info['weights'])}), "
             f"{info['trainable']:,} of {info['total']:,} parameters trainable\n"
-            f"data: {info['source']}: {info['train_images']} train / {info['val_images']} val images, "
+            f"data: {term(info['source'])}: {info['train_images']} train / {info['val_images']} val images, "
             f"{len(info['classes'])} classes{skipped}\n"
             f"device: {info['device']}, precision: {info['precision']}, channels_last: {info['channels_last']}"
             + (f"\nprocesses: {info['world_size']} ({info.get('strategy', 'DDP')}), global batch {info['global_batch']}"
@@ -83,8 +85,8 @@ class RichReporter(Reporter):
               f"{row['images_per_sec']:.0f} img/s{star}", file=sys.stderr, flush=True)
 
     def note(self, message: str) -> None:
-        if not self.quiet:
-            print(message, file=sys.stderr, flush=True)
+        if not self.quiet:  # notes name paths: control characters escaped, line by line
+            print("\n".join(shown(line) for line in str(message).split("\n")), file=sys.stderr, flush=True)
 
     def end(self, summary: dict[str, Any]) -> None:
         if self.quiet:
@@ -97,10 +99,10 @@ class RichReporter(Reporter):
             t.add_row(f"{r['epoch']}{mark}", f"{r['train_loss']:.4f}", _pct(r["train_acc"]),
                       "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}", _pct(r["val_acc"]),
                       f"{r['lr']:.3g}", f"{r['seconds']:.1f}", f"{r['images_per_sec']:.0f}")
-        out = Console()
+        out = Console(emoji=False)
         out.print(t)
         best = summary["best"]
         what = (f"val acc {_pct(best['val_acc'])}" if best["val_acc"] is not None
                 else "no val set, so best.pt is the last epoch")
-        out.print(f"best: epoch {best['epoch']}, {what}; checkpoints and TensorBoard logs in {summary['run_dir']}",
-                  highlight=False, soft_wrap=True)
+        out.print(f"best: epoch {best['epoch']}, {what}; checkpoints and TensorBoard logs in "
+                  f"{term(summary['run_dir'])}", highlight=False, soft_wrap=True)

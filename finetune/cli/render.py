@@ -8,7 +8,19 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
-console = Console(soft_wrap=False)
+from finetune.errors import shown
+
+# emoji=False: a file or class name such as ":smile:" prints as written, not as a picture
+console = Console(soft_wrap=False, emoji=False)
+
+
+def term(value: object) -> str:
+    """A name that came from disk or from the user (file, class, run, recipe, model, path) as rich text for the
+    terminal, printed literally: control characters (ESC, OSC, \\r, BEL, C1) escaped visibly as in error lines
+    (:func:`finetune.errors.shown`), and rich markup ("[red]", "[link=...]") escaped."""
+    from rich.markup import escape
+
+    return escape(shown(value))
 
 
 def _n(x: int) -> str:
@@ -17,12 +29,13 @@ def _n(x: int) -> str:
 
 def parameter_table(bb, doc: dict[str, Any]) -> None:
     head = set(bb.head_parameter_names())
-    t = Table(title=f"{doc['model']}  ({bb.num_classes} classes, weights: {bb.weights})", title_justify="left")
+    t = Table(title=f"{term(doc['model'])}  ({bb.num_classes} classes, weights: {term(bb.weights)})",
+              title_justify="left")
     for col, just in (("#", "right"), ("name", "left"), ("shape", "left"), ("numel", "right"),
                       ("trainable", "center")):
         t.add_column(col, justify=just)
     for r in doc["parameters"]:
-        name = r["name"] + ("  [dim](head)[/dim]" if r["name"] in head else "")
+        name = term(r["name"]) + ("  [dim](head)[/dim]" if r["name"] in head else "")
         t.add_row(str(r["index"]), name, str(tuple(r["shape"])), _n(r["numel"]),
                   "[green]yes[/green]" if r["trainable"] else "[red]no[/red]")
     console.print(t)
@@ -31,11 +44,11 @@ def parameter_table(bb, doc: dict[str, Any]) -> None:
 
 
 def module_tree(bb, rows: list[dict[str, Any]]) -> None:
-    tree = Tree(f"[bold]{bb.name}[/bold]  (dotted names for --freeze-layers)")
+    tree = Tree(f"[bold]{term(bb.name)}[/bold]  (dotted names for --freeze-layers)")
     nodes: dict[str, Tree] = {"": tree}
     for r in rows:
         parent = r["name"].rpartition(".")[0]
-        label = f"{r['name']}  [dim]{r['type']}[/dim]"
+        label = f"{term(r['name'])}  [dim]{term(r['type'])}[/dim]"
         if r["numel"]:
             label += f"  {_n(r['numel'])}"
             if r["trainable"] != r["numel"]:
@@ -51,11 +64,11 @@ def plan_summary(plan, doc: dict[str, Any]) -> None:
                       ("frozen", "right")):
         t.add_column(col, justify=just)
     for r in doc["summary"]:
-        t.add_row(r["module"], str(r["tensors"]), _n(r["params"]), _n(r["trainable"]),
+        t.add_row(term(r["module"]), str(r["tensors"]), _n(r["params"]), _n(r["trainable"]),
                   f"[red]{_n(r['frozen'])}[/red]" if r["frozen"] else "0")
     console.print(t)
-    console.print(f"steps: {'; '.join(doc['steps']) or 'none (everything trainable)'}")
+    console.print(f"steps: {term('; '.join(doc['steps'])) or 'none (everything trainable)'}")
     console.print(f"frozen: {len(plan.frozen)} tensors / {_n(sum(r['frozen'] for r in doc['summary']))}   "
                   f"trainable: {len(plan.trainable)} tensors / {_n(sum(r['trainable'] for r in doc['summary']))}")
     for s in doc["schedule"]:
-        console.print(f"epoch {s['epoch']}: unfreeze {','.join(s['layers'])} (LR x {s['lr_mult']:g})")
+        console.print(f"epoch {s['epoch']}: unfreeze {term(','.join(s['layers']))} (LR x {s['lr_mult']:g})")
