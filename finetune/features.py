@@ -457,11 +457,32 @@ def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64,
         f, y = compute_features(split.frozen, dataset, **kw)
         return f, y
 
+    def row_shape():  # what a stored entry's rows must be (checked on a hit): one image through the frozen part
+        return _row_shape(split.frozen, dataset, device, precision)
+
     info = {"model": bb.name, "weights": bb.weights, "split": split.where, "precision": precision, **(describe or {})}
     if dd is not None and dd.enabled:  # each rank computes its shard once; all-gathered (finetune/featshard.py)
         from finetune.featshard import sharded_features
 
         return sharded_features(lambda w, r: stream_features(split.frozen, dataset, **kw, num_replicas=w, rank=r),
-                                len(dataset), parts, dd, cache_dir=cache_dir, info=info)
+                                len(dataset), parts, dd, cache_dir=cache_dir, info=info, row_shape=row_shape)
     return get_features(compute, lambda: stream_features(split.frozen, dataset, **kw), len(dataset), parts,
-                        cache_dir=cache_dir, info=info)
+                        cache_dir=cache_dir, info=info, row_shape=row_shape)
+
+
+def _row_shape(frozen: nn.Module, dataset, device, precision: str) -> tuple[int, ...] | None:
+    """The shape of one feature row: the data set's first image through ``frozen`` (eval mode, no grad); None when
+    there is no readable image (then the shape is not checked)."""
+    from finetune.engine import autocast
+
+    try:
+        x = dataset[(0, 0)][0].unsqueeze(0).to(device)
+        was = frozen.training
+        frozen.eval()
+        try:
+            with torch.inference_mode(), autocast(torch.device(device), precision):
+                return tuple(frozen(x).shape[1:])
+        finally:
+            frozen.train(was)
+    except Exception:  # noqa: BLE001 - a safety net: no image, no check
+        return None
