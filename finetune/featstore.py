@@ -101,41 +101,90 @@ def weights_identity(weights: str, module=None) -> str:
     return "name:" + str(weights)
 
 
-def file_digest(path: str | Path) -> str:
-    """BLAKE2b (128 bit) of a file's bytes, remembered per (path, device, inode, size, mtime, ctime) for the life of
-    the process. The ctime changes on every write and cannot be set back (``cp -p``, ``touch -d`` and archive
-    extraction set the mtime only), so a rewritten file is hashed again; a file changed in the last 2 s is not
-    remembered (its ctime may not have ticked yet)."""
-    p = str(path)
-    st = os.stat(p)
-    k = (p, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+def _hash_file(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest(path: str, st: os.stat_result) -> tuple[str, tuple | None]:
+    """``(digest, memo key)`` of the file at ``path`` (``st`` its stat); the key is None when the file changed
+    while it was read or in the last 2 s (its ctime may not have ticked yet), so the digest is not remembered."""
+    k = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     d = _DIGEST.get(k)
-    if d is None:
-        h = hashlib.blake2b(digest_size=16)
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        d = h.hexdigest()
-        after = os.stat(p)
-        if (after.st_ctime_ns, after.st_size) == (st.st_ctime_ns, st.st_size) and \
-                time.time_ns() - st.st_ctime_ns > 2_000_000_000:
-            _DIGEST[k] = d
-    return d
+    if d is not None:
+        return d, k
+    d = _hash_file(path)
+    after = os.stat(path)
+    if (after.st_ctime_ns, after.st_size) == (st.st_ctime_ns, st.st_size) and \
+            time.time_ns() - st.st_ctime_ns > _RACY_NS:
+        _DIGEST[k] = d
+        return d, k
+    return d, None
+
+
+def file_digest(path: str | Path) -> str:
+    """BLAKE2b (128 bit) of a file's bytes, remembered per (path, device, inode, size, mtime, ctime). The ctime
+    changes on every write and cannot be set back (``cp -p``, ``touch -d`` and archive extraction set the mtime
+    only), so a rewritten file is hashed again."""
+    p = str(Path(path).resolve())
+    return _digest(p, os.stat(p))[0]
 
 
 _DIGEST: dict[tuple, str] = {}
+_RACY_NS = 2_000_000_000
 
 
-def items_identity(dataset) -> list[list[Any]] | None:
+def _memo_file(memo_dir: Path, paths: list[str]) -> Path:
+    return memo_dir / "digests" / (hashlib.sha256("\0".join(paths).encode("utf-8")).hexdigest()[:32] + ".json")
+
+
+def _read_memo(path: Path) -> dict[tuple, str]:
+    """A digest memo written by :func:`items_identity` (untrusted: rows of the wrong form are ignored)."""
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    rows = doc.get("files") if isinstance(doc, dict) and doc.get("format") == 1 else None
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, list) and len(row) == 7 and isinstance(row[0], str) and isinstance(row[6], str) \
+                and all(type(v) is int for v in row[1:6]) and re.fullmatch(r"[0-9a-f]{32}", row[6]):
+            out[tuple(row[:6])] = row[6]
+    return out
+
+
+def items_identity(dataset, memo_dir: str | Path | None = None) -> list[list[Any]] | None:
     """``[path, size, mtime_ns, content digest, label]`` per image of an image-file data set, in order (see
-    :func:`file_digest`); None for other data sets (in-memory CIFAR tensors), which are not stored."""
+    :func:`file_digest`); None for other data sets (in-memory CIFAR tensors), which are not stored.
+
+    ``memo_dir`` (the cache root, above ``features/``): the digests are remembered there too, in
+    ``digests/<hash of the paths>.json``, so that a rerun in a new process hashes only the files whose (device,
+    inode, size, mtime, ctime) changed."""
     samples = getattr(dataset, "samples", None)
     if samples is None:
         return None
-    out = []
-    for p, label in samples:
+    paths = [str(Path(p).resolve()) for p, _ in samples]
+    memo = _memo_file(Path(memo_dir), paths) if memo_dir is not None else None
+    known = _read_memo(memo) if memo is not None else {}
+    _DIGEST.update(known)
+    out, rows = [], []
+    for p, (_, label) in zip(paths, samples):
         st = os.stat(p)
-        out.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns, file_digest(p), int(label)])
+        d, k = _digest(p, st)
+        out.append([p, st.st_size, st.st_mtime_ns, d, int(label)])
+        if k is not None:
+            rows.append([*k, d])
+    if memo is not None and rows and {tuple(r[:6]) for r in rows} != set(known):
+        try:  # best effort: a read-only or full store only costs the next run the hashing
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_name(f".{memo.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps({"format": 1, "files": rows}), "utf-8")
+            os.replace(tmp, memo)
+        except OSError:
+            pass
     return out
 
 
@@ -537,6 +586,10 @@ def clear(cache_dir: str | Path | None = None, older_than: float | None = None) 
             out.unfinished += e.temp
         else:
             out.failed.append((e.path, err))
+    root = features_dir(cache_dir)
+    memo = root.parent / "digests" if root is not None else None
+    if older_than is None and memo is not None and memo.is_dir() and not memo.is_symlink():
+        out.freed += _remove(memo)[1]  # the images' digests (see items_identity): a rerun hashes them again
     return out
 
 

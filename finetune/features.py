@@ -443,7 +443,8 @@ def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64,
 
     kw = dict(batch_size=batch_size, device=device, precision=precision, channels_last=channels_last,
               workers=workers, fast=fast)
-    items = items_identity(dataset) if features_dir(cache_dir) is not None else None
+    store = features_dir(cache_dir)
+    items = items_identity(dataset, store.parent) if store is not None else None
     parts = None
     if items is not None:
         parts = {"model": bb.name, "weights": weights_identity(bb.weights, split.frozen), "split": split.where,

@@ -220,6 +220,32 @@ def test_image_rewritten_with_same_size_and_mtime_is_a_miss(tmp_path, monkeypatc
     assert prep(data).from_store
 
 
+def test_digests_are_remembered_across_processes_until_a_file_changes(tmp_path, monkeypatch):
+    """A cached rerun in a new process hashes nothing (the digests are remembered in <cache>/digests/ per (device,
+    inode, size, mtime, ctime)); a file rewritten with the same size and mtime has a new ctime: hashed again."""
+    from PIL import Image
+
+    data = bmp_tree(tmp_path / "data")
+    monkeypatch.setattr(featstore, "_RACY_NS", -(10 ** 15))  # the files are seconds old: remember them at once
+    hashed = []
+    real = featstore._hash_file
+    monkeypatch.setattr(featstore, "_hash_file", lambda p: hashed.append(p) or real(p))
+    first = prep(data)
+    assert len(hashed) == 24 and len(set(hashed)) == 24  # 19 train + 5 val images, each once
+    assert len(list((featstore.features_dir().parent / "digests").iterdir())) == 2  # one memo per split
+    featstore._DIGEST.clear()  # a new process
+    hashed.clear()
+    again = prep(data)
+    assert again.from_store and hashed == [] and same(again, first)
+    img = sorted(data.rglob("*.bmp"))[0]
+    st = img.stat()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(img)
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    featstore._DIGEST.clear()
+    changed = prep(data)
+    assert hashed == [str(img.resolve())] and not changed.from_store
+
+
 # ----------------------------------------------------------------------------------------------- row 8: tampered
 
 
