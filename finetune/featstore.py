@@ -7,8 +7,9 @@ the model name, the weights' identity (a file's SHA-256, an enum or tag name, or
 init), the versions of torch and of the model's source library, the split point, the eval transform, the precision,
 the memory layout, the device type, and every image's path, size, mtime, label and *content* (a BLAKE2b digest of
 the file's bytes: an image rewritten with the same size and mtime -- a BMP, ``cp -p``, an archive with fixed mtimes
--- is a miss; the digest is remembered per (device, inode, size, mtime, ctime) for the life of the process, so a
-rerun hashes each file once: about 30 ms per 1000 small images). Change any of them and the key changes; nothing
+-- is a miss; the digest is remembered per (device, inode, size, mtime, ctime) in the process and in
+``<root>/digests/``, so a rerun hashes only files written since: measured on 1000 images, the key costs 50 ms where
+size and mtime alone cost 45 ms, and 70-140 ms the first time). Change any of them and the key changes; nothing
 is ever looked up by name.
 
 Writes are atomic: the entry is written into a temporary sibling directory (``.<key>.tmp-<pid>-<n>``) and renamed
@@ -71,10 +72,10 @@ def features_dir(cache_dir: str | Path | None = None) -> Path | None:
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, remembered per (path, size, mtime) for the life of the process."""
+    """SHA-256 of a file, remembered per (path, device, inode, size, mtime, ctime) for the life of the process."""
     p = Path(path)
     st = p.stat()
-    k = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    k = (str(p.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if k not in _SHA:
         h = hashlib.sha256()
         with open(p, "rb") as f:
@@ -84,7 +85,7 @@ def file_sha256(path: str | Path) -> str:
     return _SHA[k]
 
 
-_SHA: dict[tuple[str, int, int], str] = {}
+_SHA: dict[tuple, str] = {}
 
 
 def weights_identity(weights: str, module=None) -> str:

@@ -432,8 +432,8 @@ def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64,
     """The features of ``split.frozen`` over ``dataset`` (``(features, labels, hit)``), through the store.
 
     The key: model, weights identity, the split point, the eval ``transform``, precision, layout, device type and the
-    images (paths, sizes, mtimes, labels). The frozen part's own tensors are part of the weights identity only for
-    random init; with a weights file or a pretrained name the file/name stands for them. ``dd``
+    images (paths, sizes, mtimes, content digests, labels). The frozen part's own tensors are part of the weights
+    identity only for random init; with a weights file or a pretrained name the file/name stands for them. ``dd``
     (:class:`finetune.distributed.Dist`) of a distributed run: each rank computes its shard, all ranks get all.
     """
     import torch

@@ -8,7 +8,10 @@ from typing import Optional
 
 import typer
 
-HELP = "Show or free the feature cache: frozen-backbone features that probe and train reuse."
+HELP = ("Show or free the feature cache: frozen-backbone features that probe and train reuse. An entry is used "
+        "only for the same images (path, size, mtime, label and a hash of the bytes), model, weights, split point, "
+        "transform and precision, and only when it matches the data set (rows, labels, feature shape, finite "
+        "values); otherwise it is recomputed. A full or read-only cache folder: features are kept in memory.")
 
 cache_app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False)
 
