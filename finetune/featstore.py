@@ -222,16 +222,26 @@ class Entry:
     temp: bool = False  # the temporary directory of a write in progress, or of one interrupted by a kill
     pid: int | None = None  # the writing process of a temporary directory
 
+    def _stats(self) -> list[os.stat_result]:
+        """The entry folder's own stat, then its files' (a folder that another process removes meanwhile: none)."""
+        out = []
+        try:
+            out.append(self.path.stat())
+            for f in self.path.iterdir():
+                if f.is_file() and not f.is_symlink():
+                    out.append(f.stat())
+        except OSError:
+            pass
+        return out
+
     @property
     def bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file() and not f.is_symlink())
+        return sum(st.st_size for st in self._stats()[1:])
 
     @property
     def last_used(self) -> float:
-        if self.temp:  # the last write into it
-            return max([self.path.stat().st_mtime] + [f.stat().st_mtime for f in self.path.iterdir()
-                                                        if f.is_file() and not f.is_symlink()])
-        return self.path.stat().st_mtime
+        stats = self._stats() if self.temp else self._stats()[:1]  # a temporary folder: the last write into it
+        return max((st.st_mtime for st in stats), default=time.time())
 
     @property
     def writer_alive(self) -> bool:
@@ -541,6 +551,8 @@ def parse_age(text: str) -> float:
 
 def _remove(path: Path) -> tuple[bool, int, OSError | None]:
     """Delete directory ``path`` (never through a symbolic link): ``(gone, bytes freed, first error)``."""
+    if not path.is_dir() or path.is_symlink():  # removed meanwhile by someone else: not ours to count
+        return False, 0, None
     files = {}
     for d, _, names in os.walk(path):  # does not follow symbolic links
         for name in names:
@@ -585,7 +597,7 @@ def clear(cache_dir: str | Path | None = None, older_than: float | None = None) 
         if gone:
             out.removed += 1
             out.unfinished += e.temp
-        else:
+        elif e.path.exists():
             out.failed.append((e.path, err))
     root = features_dir(cache_dir)
     memo = root.parent / "digests" if root is not None else None

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def same(a, b) -> bool:
 
 def test_too_little_free_space_keeps_features_in_memory_with_one_warning(data, monkeypatch, caplog):
     want = uncached(data, monkeypatch)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, (10 << 30) - 5000, 5000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10 << 30, used=10 << 30, free=5000))
     with caplog.at_level(logging.WARNING, logger="finetune"):
         got = prep(data)
     root = featstore.features_dir()
@@ -98,7 +99,7 @@ def test_linear_probe_train_on_a_full_disk_completes(tmp_path, monkeypatch, capl
             "data.path": str(tiny_tree(tmp_path / "data", per_class=8))}
     off = train(config.apply_overrides(config.load_recipe("default"), {**over, "train.cache_features": "off"}),
                 out=tmp_path / "off")
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 0))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10 << 30, used=10 << 30, free=0))
     with caplog.at_level(logging.WARNING, logger="finetune"):
         res = train(config.apply_overrides(config.load_recipe("default"), over), out=tmp_path / "full")
     assert len(messages(caplog, "feature cache: 0 B free")) == 1
