@@ -42,7 +42,7 @@ def all_hit(hit: bool, d: Dist) -> bool:
 
 
 def sharded_features(stream: Callable[[int, int], Any], n: int, parts: dict[str, Any] | None, d: Dist, *,
-                     cache_dir=None, info: dict[str, Any] | None = None):
+                     cache_dir=None, info: dict[str, Any] | None = None, row_shape=None):
     """``(features, labels, hit)`` as :func:`finetune.featstore.get_features`, computed by shards.
 
     ``stream(num_replicas, rank)`` yields the ``(features, labels)`` batches of one shard (see
@@ -52,7 +52,8 @@ def sharded_features(stream: Callable[[int, int], Any], n: int, parts: dict[str,
 
     root = S.features_dir(cache_dir)
     key = S.make_key(parts) if root is not None and parts is not None else None
-    got = S.load(root, key) if key is not None else None
+    expect = S.expected(parts, n, row_shape)  # a hit must fit the data set (rows, labels, feature shape)
+    got = S.load(root, key, expect) if key is not None else None
     if key is not None and all_hit(got is not None, d):
         return got[0], got[1], True
     batches = list(stream(d.world_size, d.rank))
@@ -60,5 +61,5 @@ def sharded_features(stream: Callable[[int, int], Any], n: int, parts: dict[str,
     feats, labels = gather_rows(mine, n, d)
     if key is not None and d.is_main and got is None:
         meta = {**(info or {}), "parts": {k: v for k, v in parts.items() if k != "items"}, "images": n}
-        feats, labels = S.save(root, key, meta, lambda: iter([(feats, labels)]), n)
+        feats, labels = S.save(root, key, meta, lambda: iter([(feats, labels)]), n, expect)
     return feats, labels, False

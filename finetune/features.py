@@ -432,8 +432,8 @@ def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64,
     """The features of ``split.frozen`` over ``dataset`` (``(features, labels, hit)``), through the store.
 
     The key: model, weights identity, the split point, the eval ``transform``, precision, layout, device type and the
-    images (paths, sizes, mtimes, labels). The frozen part's own tensors are part of the weights identity only for
-    random init; with a weights file or a pretrained name the file/name stands for them. ``dd``
+    images (paths, sizes, mtimes, content digests, labels). The frozen part's own tensors are part of the weights
+    identity only for random init; with a weights file or a pretrained name the file/name stands for them. ``dd``
     (:class:`finetune.distributed.Dist`) of a distributed run: each rank computes its shard, all ranks get all.
     """
     import torch
@@ -443,7 +443,8 @@ def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64,
 
     kw = dict(batch_size=batch_size, device=device, precision=precision, channels_last=channels_last,
               workers=workers, fast=fast)
-    items = items_identity(dataset) if features_dir(cache_dir) is not None else None
+    store = features_dir(cache_dir)
+    items = items_identity(dataset, store.parent) if store is not None else None
     parts = None
     if items is not None:
         parts = {"model": bb.name, "weights": weights_identity(bb.weights, split.frozen), "split": split.where,
@@ -457,11 +458,32 @@ def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64,
         f, y = compute_features(split.frozen, dataset, **kw)
         return f, y
 
+    def row_shape():  # what a stored entry's rows must be (checked on a hit): one image through the frozen part
+        return _row_shape(split.frozen, dataset, device, precision)
+
     info = {"model": bb.name, "weights": bb.weights, "split": split.where, "precision": precision, **(describe or {})}
     if dd is not None and dd.enabled:  # each rank computes its shard once; all-gathered (finetune/featshard.py)
         from finetune.featshard import sharded_features
 
         return sharded_features(lambda w, r: stream_features(split.frozen, dataset, **kw, num_replicas=w, rank=r),
-                                len(dataset), parts, dd, cache_dir=cache_dir, info=info)
+                                len(dataset), parts, dd, cache_dir=cache_dir, info=info, row_shape=row_shape)
     return get_features(compute, lambda: stream_features(split.frozen, dataset, **kw), len(dataset), parts,
-                        cache_dir=cache_dir, info=info)
+                        cache_dir=cache_dir, info=info, row_shape=row_shape)
+
+
+def _row_shape(frozen: nn.Module, dataset, device, precision: str) -> tuple[int, ...] | None:
+    """The shape of one feature row: the data set's first image through ``frozen`` (eval mode, no grad); None when
+    there is no readable image (then the shape is not checked)."""
+    from finetune.engine import autocast
+
+    try:
+        x = dataset[(0, 0)][0].unsqueeze(0).to(device)
+        was = frozen.training
+        frozen.eval()
+        try:
+            with torch.inference_mode(), autocast(torch.device(device), precision):
+                return tuple(frozen(x).shape[1:])
+        finally:
+            frozen.train(was)
+    except Exception:  # noqa: BLE001 - a safety net: no image, no check
+        return None

@@ -8,7 +8,10 @@ from typing import Optional
 
 import typer
 
-HELP = "Show or free the feature cache: frozen-backbone features that probe and train reuse."
+HELP = ("Show or free the feature cache: frozen-backbone features that probe and train reuse. An entry is used "
+        "only for the same images (path, size, mtime, label and a hash of the bytes), model, weights, split point, "
+        "transform and precision, and only when it matches the data set (rows, labels, feature shape, finite "
+        "values); otherwise it is recomputed. A full or read-only cache folder: features are kept in memory.")
 
 cache_app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False)
 
@@ -23,7 +26,8 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-@cache_app.command("list", help="List cached feature sets: model, data, split, images, shape, size, last used.")
+@cache_app.command("list", help="List cached feature sets: model, data, split, images, shape, size, last used; "
+                                 "unfinished writes (interrupted, or in progress) are marked as such.")
 def list_(cache_dir: Optional[str] = CACHE_DIR,
           as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout.")) -> None:
     from finetune.api import featstore
@@ -31,11 +35,13 @@ def list_(cache_dir: Optional[str] = CACHE_DIR,
     entries, features_dir = featstore.entries, featstore.features_dir
 
     rows = []
-    for e in entries(cache_dir):
+    for e in entries(cache_dir, temp=True):
         m = e.meta
         rows.append({"key": e.key, "model": m.get("model"), "weights": m.get("weights"), "data": m.get("data"),
                      "split": m.get("split_of_data"), "images": m.get("images"), "shape": m.get("shape"),
-                     "precision": m.get("precision"), "bytes": e.bytes, "last_used": e.last_used})
+                     "precision": m.get("precision"), "bytes": e.bytes, "last_used": e.last_used,
+                     "unfinished": e.temp, "writer_running": e.writer_alive if e.temp else None,
+                     "path": str(e.path)})
     if as_json:
         typer.echo(json.dumps({"root": str(features_dir(cache_dir)), "entries": rows}))
         return
@@ -47,19 +53,36 @@ def list_(cache_dir: Optional[str] = CACHE_DIR,
     for col in ("key", "model", "data", "split", "images", "features", "precision", "size", "last used"):
         t.add_column(col, justify="right" if col in ("images", "size") else "left")
     for r in rows:
-        t.add_row(r["key"][:12], str(r["model"]), str(r["data"]), str(r["split"]), str(r["images"]),
-                  "x".join(str(s) for s in (r["shape"] or [])[1:]), str(r["precision"]), _size(r["bytes"]),
+        shape = r["shape"] if isinstance(r["shape"], list) else []
+        if r["unfinished"]:  # the temporary directory of a write: no meta.json yet
+            cells = ["unfinished", "being written" if r["writer_running"] else "interrupted", "", "", "", ""]
+        else:
+            cells = [str(r["model"]), str(r["data"]), str(r["split"]), str(r["images"]),
+                     "x".join(str(s) for s in shape[1:]), str(r["precision"])]
+        t.add_row(r["key"][:12], *cells, _size(r["bytes"]),
                   time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"])))
     console.print(t)
-    console.print(f"{len(rows)} entries, {_size(sum(r['bytes'] for r in rows))}", highlight=False)
+    unfinished = sum(r["unfinished"] for r in rows)
+    console.print(f"{len(rows) - unfinished} entries, {_size(sum(r['bytes'] for r in rows))}"
+                  + (f" ({unfinished} unfinished)" if unfinished else ""), highlight=False)
 
 
-@cache_app.command("clear", help="Delete cached features: all, or those not used for --older-than (30m, 12h, 7d).")
+@cache_app.command("clear", help="Delete cached features: all, or those not used for --older-than (30m, 12h, 7d); "
+                                  "also the leftovers of interrupted writes.")
 def clear(cache_dir: Optional[str] = CACHE_DIR,
           older_than: Optional[str] = typer.Option(None, "--older-than", help="Only entries unused for this long: "
                                                                                "30m, 12h, 7d, 2w.")) -> None:
     from finetune.api import featstore
+    from finetune.errors import FinetuneError, shown
 
     age = featstore.parse_age(older_than) if older_than is not None else None
-    n, freed = featstore.clear(cache_dir, age)
-    typer.echo(f"removed {n} entries ({_size(freed)}) from {featstore.features_dir(cache_dir)}")
+    r = featstore.clear(cache_dir, age)
+    extra = f", {r.unfinished} of them unfinished" if r.unfinished else ""
+    typer.echo(f"removed {r.removed} entries ({_size(r.freed)}{extra}) from {featstore.features_dir(cache_dir)}")
+    if r.busy:
+        typer.echo(f"kept {r.busy} unfinished entries that a running process is still writing")
+    if r.failed:
+        path, err = r.failed[0]
+        why = f"{err.strerror or err}" if isinstance(err, OSError) else "it is still there"
+        raise FinetuneError(f"could not delete {len(r.failed)} cache entries, e.g. '{shown(path)}' ({why}); check "
+                              "the permissions of the cache folder (--cache-dir / FINETUNE_CACHE)")
