@@ -136,6 +136,22 @@ def test_probe_and_inspect_print_names_literally(data, tmp_path, cli, wide):
     assert "w[bold]x\\x1b.pth" in "".join(r.stdout.split())  # the title wraps at the table's width
 
 
+def test_cache_list_prints_model_and_data_names_literally(tmp_path, cli, wide):
+    """The feature store records the data path it was computed for: ``cache list`` prints it literally."""
+    import shutil
+
+    hostile = tmp_path / "d[bold]x\x1b]8;;h\x07"
+    shutil.copytree(tiny_tree(tmp_path / "plain", per_class=4), hostile)
+    r = cli("probe", "--model", "smallcnn", "--weights", "none", "--data", hostile, "--image-size", 32, "--epochs", 1,
+            "--precision", "fp32", "--device", "cpu", "--lrs", "1e-2", "--wds", "0", "--knn", "0", "--out",
+            tmp_path / "p")
+    assert r.exit_code == 0, r.stderr
+    r = cli("cache", "list")
+    assert r.exit_code == 0, r.stderr
+    _no_controls(r.stdout)
+    assert "d[bold]x\\x1b]8;;h\\x07" in "".join(r.stdout.split())
+
+
 # ------------------------------------------------------------------------------------------------ row 10
 
 

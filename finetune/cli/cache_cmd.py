@@ -47,9 +47,9 @@ def list_(cache_dir: Optional[str] = CACHE_DIR,
         return
     from rich.table import Table
 
-    from finetune.cli.render import console
+    from finetune.cli.render import console, term
 
-    t = Table(title=f"feature cache: {features_dir(cache_dir)}", title_justify="left")
+    t = Table(title=f"feature cache: {term(features_dir(cache_dir))}", title_justify="left")
     for col in ("key", "model", "data", "split", "images", "features", "precision", "size", "last used"):
         t.add_column(col, justify="right" if col in ("images", "size") else "left")
     for r in rows:
@@ -57,9 +57,9 @@ def list_(cache_dir: Optional[str] = CACHE_DIR,
         if r["unfinished"]:  # the temporary directory of a write: no meta.json yet
             cells = ["unfinished", "being written" if r["writer_running"] else "interrupted", "", "", "", ""]
         else:
-            cells = [str(r["model"]), str(r["data"]), str(r["split"]), str(r["images"]),
-                     "x".join(str(s) for s in shape[1:]), str(r["precision"])]
-        t.add_row(r["key"][:12], *cells, _size(r["bytes"]),
+            cells = [term(r["model"]), term(r["data"]), term(r["split"]), term(r["images"]),
+                     "x".join(term(s) for s in shape[1:]), term(r["precision"])]
+        t.add_row(term(r["key"][:12]), *cells, _size(r["bytes"]),
                   time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"])))
     console.print(t)
     unfinished = sum(r["unfinished"] for r in rows)
