@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 import finetune  # noqa: E402
 from finetune.config import apply_overrides, load_recipe  # noqa: E402
-from finetune.engine import Reporter  # noqa: E402
+from finetune.train.engine import Reporter  # noqa: E402
 from finetune.models.smallcnn import SmallCNN  # noqa: E402
 
 SEED = 0
@@ -136,7 +136,7 @@ def model_only(make_model, *, train: bool, size: int, batch: int, classes: int, 
     sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
     net = torch.compile(model) if compile_ else model
     if autotune and train:
-        from finetune import dwgrad
+        from finetune.speedups import depthwise as dwgrad
 
         dwgrad.switch(model, dwgrad.tune(model, tuple(x.shape), channels_last)["switched"])
     if train:
@@ -190,7 +190,7 @@ def ceiling_of(make_model, *, size: int, classes: int, train_images: int, val_im
     else:
         out["train_ips"] = model_only(make_model, train=True, batch=BATCH, frozen=frozen, **kw)
         out["ceiling_s"] = epochs * (train_images / out["train_ips"] + val_images / fwd)
-        if autotune:  # the same step with finetune's per-layer kernel choice (finetune/dwgrad.py)
+        if autotune:  # the same step with finetune's per-layer kernel choice (finetune/speedups/depthwise.py)
             out["train_ips_tuned"] = model_only(make_model, train=True, batch=BATCH, frozen=frozen, autotune=True,
                                                 **kw)
     return out
@@ -443,7 +443,7 @@ def machine() -> dict:
         pass
     return {"cpu": model, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "torch": torch.__version__, "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
-            "bf16_native": finetune.engine.cpu_has_native_bf16(), "python": platform.python_version(),
+            "bf16_native": finetune.train.engine.cpu_has_native_bf16(), "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 

@@ -27,7 +27,7 @@ import torchvision
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from finetune.fastinfer import folded_copy  # noqa: E402
+from finetune.models.fold import folded_copy  # noqa: E402
 
 WEIGHTS = REPO.parent / "shared" / "weights" / "tf_efficientnet_lite0.safetensors"
 CL = torch.channels_last

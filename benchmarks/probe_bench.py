@@ -47,8 +47,9 @@ def main() -> None:
     logging.getLogger("finetune").setLevel(logging.WARNING)
     import torch
 
-    from finetune import config, probe as P
-    from finetune.runner import train
+    from finetune import config
+    from finetune.tools import probe as P
+    from finetune.run.runner import train
 
     epochs = 2 if args.quick else 5
     lrs = [1e-3, 1e-2, 1e-1, 3e-1] if args.quick else list(P.DEFAULT_LRS)

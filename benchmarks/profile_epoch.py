@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import finetune  # noqa: E402
-from finetune.callbacks import Callback  # noqa: E402
+from finetune.run.callbacks import Callback  # noqa: E402
 from finetune.config import apply_overrides, load_recipe  # noqa: E402
 
 

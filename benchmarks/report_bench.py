@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import finetune
-    from finetune import report as R
+    from finetune.reporting import report as R
 
     timings: dict[str, list[float]] = {"report": [], "tensorboard": []}
 

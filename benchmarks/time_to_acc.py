@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import finetune  # noqa: E402
-from finetune.callbacks import Callback  # noqa: E402
+from finetune.run.callbacks import Callback  # noqa: E402
 from finetune.config import apply_overrides, load_recipe  # noqa: E402
 
 WEIGHTS = REPO.parent / "shared" / "weights" / "tf_efficientnet_lite0.safetensors"

@@ -18,43 +18,47 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.checkpoint import EXPORT_SUFFIX, export_weights, finite_json  # noqa: F401 - torch only inside
-from finetune.export import FORMATS as EXPORT_FORMATS, export as export_model  # noqa: F401 - likewise
+from finetune.run.checkpoint import EXPORT_SUFFIX, export_weights, finite_json  # noqa: F401 - torch only inside
+from finetune.tools.export import FORMATS as EXPORT_FORMATS, export as export_model  # noqa: F401 - likewise
 from finetune.config import (Recipe, apply_overrides, describe, load_recipe, recipe_names,  # noqa: F401
                              recipe_path, recipes_dir)
 from finetune.errors import (CheckpointError, ConfigError, DataError, FinetuneError, FreezeError,  # noqa: F401
                              shown)
-from finetune.lr_find import FILES as LR_FIND_FILES, lr_find  # noqa: F401 - torch only inside the functions
-from finetune.launcher import report_worker_error  # noqa: F401 - --nproc workers: errors reach the user once
-from finetune.serialization import trusted  # noqa: F401
-from finetune.stop import sigterm_as_interrupt  # noqa: F401
+from finetune.run.lr_find import FILES as LR_FIND_FILES, lr_find  # noqa: F401 - torch only inside the functions
+from finetune.parallel.launcher import report_worker_error  # noqa: F401 - --nproc workers: errors reach the user once
+from finetune.files import trusted  # noqa: F401
+from finetune.parallel.signals import interrupted_as, sigterm_as_interrupt  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
 
-    from finetune.distributed import launch, strip_nproc  # noqa: F401
-    from finetune.engine import Reporter  # noqa: F401
+    from finetune.parallel.distributed import launch, strip_nproc  # noqa: F401
+    from finetune.train.engine import Reporter  # noqa: F401
     from finetune.data import resolve_data_path  # noqa: F401
-    from finetune import featstore  # noqa: F401
-    from finetune.freeze import apply_freeze, from_recipe, model_stages  # noqa: F401
-    from finetune.probe import parse_floats, parse_ints, probe  # noqa: F401
+    from finetune.speedups import feature_store as featstore  # noqa: F401
+    from finetune.train.freeze import apply_freeze, from_recipe, model_stages  # noqa: F401
+    from finetune.tools.probe import parse_floats, parse_ints, probe  # noqa: F401
     from finetune.models import Backbone, build_model, build_model_shapes, data_config, list_models  # noqa: F401
-    from finetune.params import inspect_json, module_rows, parameter_rows  # noqa: F401
-    from finetune.runner import RunResult, train  # noqa: F401
-    from finetune.runs import compare_runs, list_runs, write_compare_html  # noqa: F401
+    from finetune.models.params import inspect_json, module_rows, parameter_rows  # noqa: F401
+    from finetune.run.runner import RunResult  # noqa: F401
+    from finetune.reporting.runs import compare_runs, list_runs, write_compare_html  # noqa: F401
 
+_MODULES = {"featstore": "finetune.speedups.feature_store"}
 _LAZY = {
-    "train": "finetune.runner", "RunResult": "finetune.runner",
+    "RunResult": "finetune.run.runner",
     "build_model": "finetune.models", "build_model_shapes": "finetune.models", "data_config": "finetune.models",
     "list_models": "finetune.models", "Backbone": "finetune.models",
-    "apply_freeze": "finetune.freeze", "from_recipe": "finetune.freeze", "model_stages": "finetune.freeze",
+    "apply_freeze": "finetune.train.freeze", "from_recipe": "finetune.train.freeze",
+    "model_stages": "finetune.train.freeze",
     "resolve_data_path": "finetune.data",
-    "probe": "finetune.probe", "parse_floats": "finetune.probe", "parse_ints": "finetune.probe",
+    "probe": "finetune.tools.probe", "parse_floats": "finetune.tools.probe", "parse_ints": "finetune.tools.probe",
     "featstore": None,
-    "inspect_json": "finetune.params", "module_rows": "finetune.params", "parameter_rows": "finetune.params",
-    "Reporter": "finetune.engine",
-    "launch": "finetune.distributed", "strip_nproc": "finetune.distributed",
-    "list_runs": "finetune.runs", "compare_runs": "finetune.runs", "write_compare_html": "finetune.runs",
+    "inspect_json": "finetune.models.params", "module_rows": "finetune.models.params",
+    "parameter_rows": "finetune.models.params",
+    "Reporter": "finetune.train.engine",
+    "launch": "finetune.parallel.distributed", "strip_nproc": "finetune.parallel.distributed",
+    "list_runs": "finetune.reporting.runs", "compare_runs": "finetune.reporting.runs",
+    "write_compare_html": "finetune.reporting.runs",
 }
 
 
@@ -63,9 +67,24 @@ def __getattr__(name: str):
         import importlib
 
         if _LAZY[name] is None:  # a whole module (the feature store: list, clear, parse_age)
-            return importlib.import_module(f"finetune.{name}")
+            return importlib.import_module(_MODULES[name])
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'finetune.api' has no attribute '{name}'")
+
+
+def train(recipe: Recipe | None = None, *, out: str | Path | None = None, overwrite: bool = False,
+          resume: str | Path | None = None, epochs: int | None = None, reporter: Reporter | None = None,
+          callbacks: list | None = None) -> RunResult:
+    """Run ``recipe`` and write the run directory (or continue the run in ``resume`` from its ``last.pt``; ``epochs``
+    may extend it). ``reporter`` receives the batch-level progress (the CLI's :class:`finetune.cli.progress.
+    RichReporter`; silent without one); ``callbacks`` (:class:`finetune.run.callbacks.Callback`) listen beside
+    TensorBoard and the report. Returns the best epoch, its accuracy and the run directory
+    (:class:`finetune.run.runner.RunResult`)."""
+    from finetune.reporting import report
+    from finetune.run import runner
+
+    return runner.train(recipe, out=out, overwrite=overwrite, resume=resume, epochs=epochs, reporter=reporter,
+                        callbacks=[report.ReportCallback(), *(callbacks or [])], figures=report.log_tensorboard)
 
 
 def data_class_count(path: str, labels: str | None = None) -> int:
@@ -81,7 +100,7 @@ def data_class_count(path: str, labels: str | None = None) -> int:
 
 def shutdown_distributed() -> None:
     """Leave the torchrun process group if this process joined one (a no-op otherwise)."""
-    from finetune import distributed
+    from finetune.parallel import distributed
 
     distributed.shutdown(distributed.from_env())
 
@@ -95,8 +114,8 @@ def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Mo
     """Rebuild the model from a finetune checkpoint alone (no recipe needed); returns (model in eval mode, ckpt)."""
     import torch
 
-    from finetune.checkpoint import load_checkpoint, load_weights
-    from finetune.engine import resolve_device
+    from finetune.run.checkpoint import load_checkpoint, load_weights
+    from finetune.train.engine import resolve_device
     from finetune.models import build_model
 
     ckpt = load_checkpoint(checkpoint)
@@ -109,8 +128,8 @@ def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Mo
 
 
 def _fast(ckpt: dict[str, Any], given: str | None) -> str:
-    """eval/predict's fast-inference mode: ``given``, else the checkpoint's (see finetune/fastinfer.py)."""
-    from finetune.fastinfer import mode_of
+    """eval/predict's fast-inference mode: ``given``, else the checkpoint's (see finetune/models/fold.py)."""
+    from finetune.models.fold import mode_of
 
     return mode_of(ckpt, given)
 
@@ -125,7 +144,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
     has (train, val, test). ``report``: also write that HTML file (confusion heat map, per-class
     precision/recall/F1, the most confidently wrong images)."""
     from finetune import data as D
-    from finetune.engine import evaluate, resolve_device
+    from finetune.train.engine import evaluate, resolve_device
 
     if split == "all":  # every split the data has, each on its own: {"train": {...}, "val": {...}, "test": {...}}
         if report is not None:
@@ -133,7 +152,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
         return _evaluate_all(checkpoint, data, device=device, batch_size=batch_size, precision=precision,
                              labels=labels)
     if report is not None:  # a bad report path fails before the evaluation, not after it
-        from finetune.report import check_out
+        from finetune.reporting.report import check_out
 
         check_out(report)
     dev = resolve_device(device)
@@ -161,7 +180,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
            "class_names": names, "checkpoint": ckpt["_path"], "epoch": ckpt.get("epoch"), "split": split,
            "data": str(path)}
     if report is not None:  # the evaluation part of the run report, for any checkpoint and data
-        from finetune.report import write_eval_report
+        from finetune.reporting.report import write_eval_report
 
         out["report"] = str(write_eval_report(report, {**out, "samples": res["samples"]}, ds, ckpt))
     return out
@@ -169,7 +188,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
 
 def check_report_path(out: str | Path) -> Path:
     """Where an HTML report may be written (an .html file, its folder exists, never over a non-report file)."""
-    from finetune.report import check_out
+    from finetune.reporting.report import check_out
 
     return check_out(out)
 
@@ -177,7 +196,7 @@ def check_report_path(out: str | Path) -> Path:
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``RUN_DIR/report.html`` (or ``out``) for a finished or running run: learning curves, confusion
     matrix, per-class metrics, the most confidently wrong val images, the freeze plan, recipe and environment."""
-    from finetune.report import write_run_report
+    from finetune.reporting.report import write_run_report
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -187,9 +206,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def _evaluate_all(checkpoint, data, **kw) -> dict[str, dict[str, Any]]:
-    from finetune.checkpoint import load_checkpoint
+    from finetune.run.checkpoint import load_checkpoint
     from finetune.data import provenance
-    from finetune.holdout import splits
+    from finetune.run.holdout import splits
 
     info = load_checkpoint(checkpoint).get("data") or {}
     own = data is None or data == info.get("path") or provenance.absolute(data) == info.get("root")
@@ -220,7 +239,7 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
     import torch
 
     from finetune import data as D
-    from finetune.engine import autocast, resolve_device
+    from finetune.train.engine import autocast, resolve_device
 
     items, single_file = _predict_inputs(paths)
     dev = resolve_device(device)
@@ -234,7 +253,7 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
     tf = D.eval_transform(tf_cfg)
     k = max(1, min(top_k, len(class_names)))
     prec = _precision_on(dev, ckpt.get("precision", "fp32"))
-    from finetune.fastinfer import FastInference
+    from finetune.models.fold import FastInference
 
     run = FastInference(model, _fast(ckpt, fast_inference))
     out: list[dict[str, Any]] = []

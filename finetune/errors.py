@@ -15,6 +15,12 @@ class FinetuneError(Exception):
     exit_code = 1
 
 
+class Interrupted(FinetuneError):
+    """Ctrl-C or SIGTERM: the command stopped; the message says what was kept and how to continue."""
+
+    exit_code = 130
+
+
 class ConfigError(FinetuneError):
     """A recipe or command-line value is invalid."""
 

@@ -35,7 +35,7 @@ def _no_run_report(request, monkeypatch):
     """Training runs in tests skip report.html and the TensorBoard pictures (matplotlib figures: about a second a
     run) unless the test is marked ``report``; the report's own tests (tests/test_report.py) run them for real."""
     if request.node.get_closest_marker("report") is None:
-        import finetune.report
+        import finetune.reporting.report
 
-        monkeypatch.setattr(finetune.report, "after_run", lambda *a, **k: None)
-        monkeypatch.setattr(finetune.report, "log_tensorboard", lambda *a, **k: None)
+        monkeypatch.setattr(finetune.reporting.report, "after_run", lambda *a, **k: None)
+        monkeypatch.setattr(finetune.reporting.report, "log_tensorboard", lambda *a, **k: None)

@@ -10,7 +10,7 @@ child runs, then ``exit CODE`` (negative: the signal that ended it). Children's 
 corrupt the protocol), their stderr to this process's stderr.
 
 A kill PLAN makes the child SIGKILL itself at an exact point of its file writes (every run file goes through
-``finetune.checkpoint.atomic_write_bytes``): ``{"kind": "bytes", "n": N, "bytes": B}`` after B bytes of its N-th
+``finetune.run.checkpoint.atomic_write_bytes``): ``{"kind": "bytes", "n": N, "bytes": B}`` after B bytes of its N-th
 write (mid-``torch.save``: a torn temp file; a shorter file: complete, not yet in place), ``{"kind": "replace",
 "n": N}`` right after its N-th write is in
 place (between ``last.pt``, ``best.pt`` and ``metrics.json``).
@@ -24,17 +24,17 @@ import signal
 import sys
 import traceback
 
-import finetune.checkpoint as ck
+import finetune.files as F
 import finetune.cli.app  # noqa: F401 - with what a run imports, below: paid once, not per child
-import finetune.runner  # noqa: F401
+import finetune.run.runner  # noqa: F401
 import finetune.cli.train_cmd  # noqa: F401
 import finetune.data  # noqa: F401
-import finetune.freeze  # noqa: F401
+import finetune.train.freeze  # noqa: F401
 import finetune.models  # noqa: F401
-import finetune.optim  # noqa: F401
-import finetune.callbacks  # noqa: F401
+import finetune.train.optim  # noqa: F401
+import finetune.run.callbacks  # noqa: F401
 import finetune.cli.progress  # noqa: F401
-import finetune.features  # noqa: F401
+import finetune.speedups.feature_cache  # noqa: F401
 import finetune.models.smallcnn  # noqa: F401
 import PIL.Image  # noqa: F401
 import PIL.PngImagePlugin  # noqa: F401
@@ -66,7 +66,7 @@ class _KillAfter:
 
 
 def _install(plan: dict) -> None:
-    real, count = ck.atomic_write_bytes, [0]
+    real, count = F.atomic_write_bytes, [0]
 
     def hooked(path, write):
         count[0] += 1
@@ -77,7 +77,7 @@ def _install(plan: dict) -> None:
         real(path, write)
         _die()
 
-    ck.atomic_write_bytes = hooked
+    F.atomic_write_bytes = hooked
 
 
 def _child(request: dict) -> int:

@@ -299,7 +299,7 @@ def test_catalogue_is_big_enough():
 
 def test_download_needed_offline(base, tmp_path, cli, monkeypatch):
     """Pretrained weights that are not cached, with the network down: fail at once, saying where the file goes."""
-    import finetune.weights as W
+    import finetune.models.weights as W
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setattr(W, "_reachable", lambda host, timeout=3.0: False)
@@ -312,7 +312,7 @@ def test_download_needed_offline(base, tmp_path, cli, monkeypatch):
 
 def test_write_error_while_saving_keeps_previous_checkpoint(base, tmp_path, cli, monkeypatch):
     """The disk fills up while epoch 2's checkpoint is written: one error line, and epoch 1's last.pt intact."""
-    import finetune.checkpoint as C
+    import finetune.run.checkpoint as C
 
     real_replace = os.replace
     seen: dict[str, object] = {}
@@ -330,7 +330,7 @@ def test_write_error_while_saving_keeps_previous_checkpoint(base, tmp_path, cli,
     check_one_error(r, f"cannot write checkpoint '{out / 'last.pt'}': No space left on device; the previous "
                        "checkpoint is unchanged")
     assert (out / "last.pt").read_bytes() == seen["bytes"]
-    from finetune.checkpoint import load_checkpoint
+    from finetune.run.checkpoint import load_checkpoint
 
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -339,7 +339,7 @@ def test_write_error_while_saving_keeps_previous_checkpoint(base, tmp_path, cli,
 def test_full_disk_at_config_yaml_leaves_no_run_folder(base, tmp_path, cli, monkeypatch):
     """The disk is full when a new run writes config.yaml (its first file after the marker): one error line, and
     the new run directory is removed (an empty one would make the same command fail with "already exists")."""
-    import finetune.checkpoint as C
+    import finetune.run.checkpoint as C
 
     real_replace = os.replace
 
@@ -390,7 +390,7 @@ def test_launcher_shows_the_first_real_worker_error(tmp_path):
     error. With only "interrupted" lines (Ctrl-C), rank 0's; with none, the agent's summary of the crash."""
     import json
 
-    from finetune.launcher import pick_error
+    from finetune.parallel.launcher import pick_error
 
     def rec(rank, message, code, t):
         (tmp_path / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "message": message,
@@ -408,7 +408,7 @@ def test_launcher_shows_the_first_real_worker_error(tmp_path):
 
 
 def test_sharded_last_pt_without_its_shards_is_one_error(base, tmp_path, cli):
-    """An FSDP run's last.pt names its weights in RUN/shards/ (finetune/sharded.py): copied without that folder,
+    """An FSDP run's last.pt names its weights in RUN/shards/ (parallel/sharded.py): copied without that folder,
     eval and resume say so in one line, and nothing is written."""
     run = tmp_path / "run"
     shutil.copytree(base / "run", run)

@@ -74,9 +74,9 @@ def test_unknown_recipe():
 
 def test_choices_and_ranges_come_from_the_field_types():
     from finetune.data.transforms import AUGMENTS
-    from finetune.features import MODES
-    from finetune.freeze import BN_POLICIES
-    from finetune.optim import OPTIMIZERS
+    from finetune.speedups.feature_cache import MODES
+    from finetune.train.freeze import BN_POLICIES
+    from finetune.train.optim import OPTIMIZERS
 
     assert config.choices("optimizer.name") == OPTIMIZERS == ("sgd", "adam", "adamw", "rmsprop")
     assert config.choices("freeze.bn") == BN_POLICIES == ("frozen", "eval", "train")
@@ -100,7 +100,7 @@ def test_config_errors_carry_the_key_path(key, value, message):
 
 
 def test_a_recipe_built_in_python_is_validated_by_train(tmp_path):
-    from finetune.runner import train
+    from finetune.run.runner import train
 
     r = config.Recipe()
     r.train.epochs = 0

@@ -4,7 +4,7 @@ function, so `eval` of a run's checkpoint on the run's data sees exactly the run
 
 from finetune import api, config
 from finetune.data import build_data, build_eval_dataset
-from finetune.runner import train
+from finetune.run.runner import train
 from helpers import tiny_tree
 
 

@@ -11,9 +11,9 @@ import torch
 
 from finetune import config
 from finetune.api import evaluate_checkpoint
-from finetune.checkpoint import load_checkpoint
+from finetune.run.checkpoint import load_checkpoint
 from finetune.data.loader import EpochSampler
-from finetune.runner import train
+from finetune.run.runner import train
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--epochs", "1", "--batch-size", "32", "--precision", "fp32", "--scheduler", "constant", "--augment", "none",
@@ -65,7 +65,7 @@ def test_two_by_b_equals_one_by_2b(ddp_run, tmp_path):
 
 
 def test_sync_bn_needs_cuda():
-    from finetune.distributed import sync_batchnorm
+    from finetune.parallel.distributed import sync_batchnorm
     from finetune.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"^--sync-bn needs CUDA \(PyTorch's SyncBatchNorm runs on GPUs only\)"):
@@ -78,7 +78,7 @@ def _accumulate_worker(rank: int, init: str, out: str) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from finetune.engine import Step, train_one_epoch
+    from finetune.train.engine import Step, train_one_epoch
     from finetune.models import build_model
 
     torch.set_num_threads(1)
@@ -117,8 +117,8 @@ def _stop_together_worker(rank: int, port: int, out: str) -> None:
     """Rank 1's second batch has a NaN; then rank 1 freezes (sleeps) while rank 0 waits in an all-reduce."""
     import time
 
-    from finetune import distributed as D
-    from finetune.engine import NonFiniteLoss, Step, train_one_epoch
+    from finetune.parallel import distributed as D
+    from finetune.train.engine import NonFiniteLoss, Step, train_one_epoch
     from finetune.models import build_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
@@ -188,8 +188,9 @@ class _Stop(Exception):
 def _midepoch_worker(rank: int, port: int, data: str, out: str) -> None:
     """One rank: an uninterrupted 1-epoch run A; run B stopped right after its mid-epoch save at batch 2, then
     resumed. Rank 0 records both runs' metrics rows and B's saved partial sums."""
-    from finetune import config, midepoch
-    from finetune.runner import train
+    from finetune import config
+    from finetune.run import midepoch
+    from finetune.run.runner import train
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
@@ -259,7 +260,7 @@ PROBE = {"train.epochs": 1, "train.batch_size": 32, "train.precision": "fp32", "
 def _sharded_features_worker(rank: int, port: int, out: str) -> None:
     """One rank of a 2-process run on cached features, run twice (the second reads the store): counts the images
     whose features this rank computes."""
-    import finetune.featstore as S
+    import finetune.speedups.feature_store as S
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
@@ -328,14 +329,14 @@ def test_two_nodes_equal_nproc_2(ddp_run, tmp_path):
 
 
 def test_node_flags_become_a_c10d_rendezvous_and_are_not_passed_on(monkeypatch):
-    from finetune import distributed, launcher
+    from finetune.parallel import distributed, launcher
 
     seen = {}
     monkeypatch.setattr(launcher, "run", lambda cmd, env=None: seen.update(cmd=cmd) or 0)
     argv = ["train", "--nproc", "2", "--nnodes=2", "--node-rank", "1", "--master-addr", "node0", "--out", "r"]
     assert distributed.strip_nproc(argv) == ["train", "--out", "r"]
     assert distributed.launch(2, ["train"], (2, 1, "node0")) == 0
-    assert seen["cmd"][1:] == ["-m", "finetune.launcher", "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d",
+    assert seen["cmd"][1:] == ["-m", "finetune.parallel.launcher", "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d",
                                "--rdzv-endpoint=node0:29500", "--nproc_per_node=2", "-m", "finetune", "train"]
     distributed.launch(2, ["train"])
     assert seen["cmd"][3:5] == ["--standalone", "--nproc_per_node=2"]

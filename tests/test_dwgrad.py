@@ -1,4 +1,4 @@
-"""train.autotune (finetune/dwgrad.py): depthwise convs with a bf16 forward and an fp32 backward."""
+"""train.autotune (finetune/speedups/depthwise.py): depthwise convs with a bf16 forward and an fp32 backward."""
 
 import copy
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from finetune import config, dwgrad
+from finetune import config
+from finetune.speedups import depthwise as dwgrad
 
 
 def _layers():
@@ -96,7 +97,7 @@ def test_applies_only_to_cpu_bf16_without_compile_or_fsdp():
 
 def test_a_resume_switches_what_the_run_switched_without_timing_again(tmp_path, monkeypatch):
     """timm's test_efficientnet has 2 depthwise convs; the decisions are in last.pt and a resume takes them."""
-    from finetune.runner import train
+    from finetune.run.runner import train
 
     calls = []
     real = dwgrad.tune

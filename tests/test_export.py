@@ -11,8 +11,8 @@ import torch
 
 from finetune import config
 from finetune.api import load_model
-from finetune.checkpoint import load_checkpoint
-from finetune.runner import train
+from finetune.run.checkpoint import load_checkpoint
+from finetune.run.runner import train
 
 from helpers import tiny_tree
 

@@ -1,4 +1,4 @@
-"""Fast frozen inference (finetune/fastinfer.py): a conv+BN-folded copy for features, eval and predict.
+"""Fast frozen inference (finetune/models/fold.py): a conv+BN-folded copy for features, eval and predict.
 
 The copy matches the eager model within a stated tolerance, the model itself (the one that trains and is saved) is
 never changed, and a fold that would change the result is refused."""
@@ -14,7 +14,7 @@ from torch import nn
 import finetune
 from helpers import tiny_tree
 from finetune.config import apply_overrides, load_recipe
-from finetune.fastinfer import FastInference, folded_copy, mode_of
+from finetune.models.fold import FastInference, folded_copy, mode_of
 
 CL = torch.channels_last
 
@@ -160,7 +160,7 @@ class _Images(torch.utils.data.Dataset):
 def test_features_with_folding_match_eager_ones(precision, tol):
     import timm
 
-    from finetune.features import compute_features
+    from finetune.speedups.feature_cache import compute_features
 
     torch.manual_seed(0)
     frozen = _with_stats(timm.create_model("test_resnet", num_classes=0)).to(memory_format=CL)
@@ -182,7 +182,7 @@ def test_train_flag_is_recorded_and_eval_follows_the_checkpoint(cli, tmp_path):
             "--no-report", "--fast-inference", "off", "--out", out)
     assert r.exit_code == 0, r.stderr
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["fast_inference"] == "off"
-    from finetune.checkpoint import load_checkpoint
+    from finetune.run.checkpoint import load_checkpoint
 
     assert mode_of(load_checkpoint(out / "last.pt")) == "off"
 
@@ -197,7 +197,7 @@ def test_a_block_cut_cache_with_batchnormact_validates_on_the_folded_copy(tmp_pa
                                                                             "blocks.1"]}
     notes = []
 
-    from finetune.engine import Reporter
+    from finetune.train.engine import Reporter
 
     class Notes(Reporter):
         def start(self, info):

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import featstore, probe as P
+from finetune.speedups import feature_store as featstore
+from finetune.tools import probe as P
 from helpers import tiny_tree
 
 
@@ -93,7 +94,7 @@ def test_damaged_entry_is_recomputed_never_used(data, caplog, damage):
 
 
 def test_interrupted_write_leaves_no_entry(data, monkeypatch):
-    import finetune.featstore as FS
+    import finetune.speedups.feature_store as FS
 
     def boom(*a, **k):
         raise KeyboardInterrupt

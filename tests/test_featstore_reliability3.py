@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from finetune import featstore
+from finetune.speedups import feature_store as featstore
 from helpers import tiny_tree
 from test_featstore import prep
 
@@ -92,7 +92,7 @@ def test_full_disk_while_reserving_the_file_is_a_warning_not_a_bus_error(data, m
 
 def test_linear_probe_train_on_a_full_disk_completes(tmp_path, monkeypatch, caplog):
     from finetune import config
-    from finetune.runner import train
+    from finetune.run.runner import train
 
     over = {"train.epochs": 1, "train.batch_size": 64, "train.precision": "fp32", "train.tensorboard": False,
             "data.image_size": 32, "data.augment": "none", "freeze.backbone": True, "train.cache_features": "on",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from finetune import config
-from finetune.checkpoint import load_checkpoint
+from finetune.run.checkpoint import load_checkpoint
 from finetune.errors import ConfigError
 
 FROZEN = ["conv1", "bn1", "layer1", "layer2.0.conv1", "layer2.0.bn1"]
@@ -27,7 +27,7 @@ def _recipe(weights: str, strategy: str, epochs: int, precision: str = "fp32", f
 
 
 def _worker(rank: int, port: int, out: str, weights: str) -> None:
-    from finetune.runner import train
+    from finetune.run.runner import train
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
@@ -47,7 +47,7 @@ def _worker(rank: int, port: int, out: str, weights: str) -> None:
     units = None
     if rank == 0:
         from finetune.models import build_model
-        from finetune.strategy import units
+        from finetune.parallel.strategy import units
 
         bb = build_model("timm:test_resnet", num_classes=4, weights="none")
         for n, p in bb.model.named_parameters():
@@ -61,8 +61,8 @@ def _reshard_worker(rank: int, port: int, run: str, out: str) -> None:
     and gather it back: rank 0 saves what came out."""
     import torch.distributed as dist
 
-    from finetune import optim as O
-    from finetune import sharded, strategy
+    from finetune.train import optim as O
+    from finetune.parallel import sharded, strategy
     from finetune.models import build_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -132,8 +132,8 @@ def test_fsdp_matches_ddp_keeps_frozen_weights_and_resumes_exactly(tmp_path):
             moved += not torch.equal(fsdp["model"][k], t)
     assert moved > 20  # the trainable blocks did train
     # the optimizer state, read from the 2 ranks' shards into one process (DCP resharding), equals DDP's
-    from finetune import optim as O
-    from finetune import sharded
+    from finetune.train import optim as O
+    from finetune.parallel import sharded
 
     bb = build_model("timm:test_resnet", num_classes=4, weights="none")
     for n, p in bb.model.named_parameters():
@@ -176,7 +176,7 @@ def test_fsdp_matches_ddp_keeps_frozen_weights_and_resumes_exactly(tmp_path):
     assert [e["val_acc"] for e in a["metrics"]] == [e["val_acc"] for e in b["metrics"]]
     # another world size: the 2 ranks' shards resume in one process as DDP's consolidated last.pt does (same
     # numbers); shards a kill left uncommitted (no last.pt names them) are removed on resume
-    from finetune.runner import train
+    from finetune.run.runner import train
 
     (tmp_path / "fsdp-epoch1" / "shards" / "e0002").mkdir()
     (tmp_path / "fsdp-epoch1" / "shards" / "e0002" / "__0_0.distcp").write_bytes(b"torn")
@@ -197,7 +197,7 @@ def test_fsdp_matches_ddp_keeps_frozen_weights_and_resumes_exactly(tmp_path):
      "which --model with pretrained weights picks when no --recipe or freeze flag is given, has one: pass --recipe "
      "default or a freeze flag)")])
 def test_fsdp_refuses_what_it_does_not_support(key, value, what):
-    from finetune.strategy import check
+    from finetune.parallel.strategy import check
 
     r = config.apply_overrides(config.load_recipe("default"), {"train.strategy": "fsdp", key: value})
     with pytest.raises(ConfigError) as e:

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from finetune import config
-from finetune.runner import train
+from finetune.run.runner import train
 
 from helpers import tiny_tree
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from finetune import config
-from finetune.checkpoint import load_checkpoint
+from finetune.run.checkpoint import load_checkpoint
 from finetune.data.loader import EpochSampler
-from finetune.engine import Reporter
-from finetune.imbalance import class_weights, confusion_metrics, loss_fn, sample_weights
-from finetune.runner import Interrupted, train
+from finetune.train.engine import Reporter
+from finetune.train.imbalance import class_weights, confusion_metrics, loss_fn, sample_weights
+from finetune.run.runner import Interrupted, train
 
 from helpers import tiny_tree
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.checkpoint import load_checkpoint
+from finetune.run.checkpoint import load_checkpoint
 from helpers import ROOT, cli_env, tiny_tree
 
 KILLS = int(os.environ.get("FINETUNE_KILL_TRIALS", "20"))

@@ -13,8 +13,8 @@ import yaml
 from torch import nn
 
 from finetune.data import make_loader
-from finetune.features import FeatureDataset
-from finetune.lr_find import range_test, valley
+from finetune.speedups.feature_cache import FeatureDataset
+from finetune.run.lr_find import range_test, valley
 
 from helpers import tiny_tree
 

@@ -95,7 +95,7 @@ def test_disk_cache_truncated_or_damaged_index_is_refilled(tmp_path, monkeypatch
 
 def _fake_tune(keys: list[str], pause: float = 0.0):
     def tune(model, shape, channels_last):
-        from finetune import dwgrad
+        from finetune.speedups import depthwise as dwgrad
 
         time.sleep(pause)  # (both processes have read the file before either writes)
         for k in keys:
@@ -108,7 +108,7 @@ def _fake_tune(keys: list[str], pause: float = 0.0):
 @pytest.mark.parametrize("content", ["[" * 100000 + "]" * 100000, "[1, 2]", '"text"', '{"M": [1]}', "{not json"],
                          ids=["deep", "list", "string", "wrong-entry", "torn"])
 def test_autotune_json_of_the_wrong_shape_is_treated_as_empty_and_rewritten(tmp_path, monkeypatch, content):
-    from finetune import dwgrad
+    from finetune.speedups import depthwise as dwgrad
 
     path = tmp_path / "autotune.json"
     path.write_text(content.replace('"M"', json.dumps(dwgrad._machine())))
@@ -122,7 +122,7 @@ def test_autotune_json_of_the_wrong_shape_is_treated_as_empty_and_rewritten(tmp_
 def _child(cache: str, keys: list[str]) -> None:
     import os
 
-    from finetune import dwgrad
+    from finetune.speedups import depthwise as dwgrad
 
     os.environ["FINETUNE_CACHE"] = cache
     dwgrad._DECIDED.clear()
@@ -131,7 +131,7 @@ def _child(cache: str, keys: list[str]) -> None:
 
 
 def test_autotune_json_two_concurrent_runs_keep_both_entries(tmp_path):
-    from finetune import dwgrad
+    from finetune.speedups import depthwise as dwgrad
 
     (tmp_path / "autotune.json").write_text(json.dumps({"other machine": {"x": False}}))
     ctx = multiprocessing.get_context("fork")
@@ -206,7 +206,7 @@ def test_sigterm_mid_probe_exits_130_with_one_line_and_leaves_no_temp_feature_di
 
     data = tiny_tree(tmp_path / "data", per_class=6)
     run, cache = tmp_path / "run", Path(os.environ["FINETUNE_CACHE"])
-    r = _sigterm_mid(tmp_path, "finetune.featstore.save", "probe", "--data", data, "--val-split", "0.3",
+    r = _sigterm_mid(tmp_path, "finetune.speedups.feature_store.save", "probe", "--data", data, "--val-split", "0.3",
                      "--out", run, "--quiet", *SMALLCNN)
     assert r.returncode == 130, r.stderr  # Ctrl-C's code, not death by signal (-15)
     assert r.stderr.splitlines() == ["Error: interrupted; nothing was written"]
@@ -218,7 +218,7 @@ def test_sigterm_mid_probe_exits_130_with_one_line_and_leaves_no_temp_feature_di
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from finetune import config
-    from finetune.runner import train
+    from finetune.run.runner import train
 
     root = tmp_path_factory.mktemp("r3")
     data = tiny_tree(root / "data", per_class=4)
@@ -231,7 +231,8 @@ def trained(tmp_path_factory):
 
 def test_sigterm_mid_export_exits_130_and_leaves_no_partial_file(trained, tmp_path):
     out = tmp_path / "exp" / "model.torchscript.pt"
-    r = _sigterm_mid(tmp_path, "finetune.export._jit_save", "export", trained / "best.pt", "--format", "torchscript",
+    r = _sigterm_mid(tmp_path, "finetune.tools.export._jit_save", "export", trained / "best.pt", "--format",
+                     "torchscript",
                      "--out", out)
     assert r.returncode == 130, r.stderr
     assert r.stderr.splitlines() == ["Error: interrupted; nothing was written"] and r.stdout == ""
@@ -241,7 +242,7 @@ def test_sigterm_mid_export_exits_130_and_leaves_no_partial_file(trained, tmp_pa
 def test_sigterm_mid_lr_find_exits_130_and_writes_nothing(tmp_path):
     data = tiny_tree(tmp_path / "data", per_class=4)
     out = tmp_path / "lr"
-    r = _sigterm_mid(tmp_path, "finetune.lr_find.range_test", "lr-find", "--data", data, "--out", out, "--quiet",
+    r = _sigterm_mid(tmp_path, "finetune.run.lr_find.range_test", "lr-find", "--data", data, "--out", out, "--quiet",
                      "--precision", "fp32", *SMALLCNN)
     assert r.returncode == 130, r.stderr
     assert r.stderr.splitlines() == ["Error: interrupted; nothing was written"] and r.stdout == ""

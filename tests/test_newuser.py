@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from finetune import config
-from finetune.checkpoint import load_checkpoint
-from finetune.runner import train
+from finetune.run.checkpoint import load_checkpoint
+from finetune.run.runner import train
 
 
 def recipe(**over):
@@ -95,7 +95,7 @@ def test_feature_cache_cuts_at_a_block_when_fx_cannot_trace(tmp_path):
 
     notes = []
 
-    class Notes(__import__("finetune.engine", fromlist=["Reporter"]).Reporter):
+    class Notes(__import__("finetune.train.engine", fromlist=["Reporter"]).Reporter):
         def note(self, text):
             notes.append(text)
 
@@ -114,8 +114,8 @@ def test_feature_cache_cuts_at_a_block_when_fx_cannot_trace(tmp_path):
 
 
 def test_ctrl_c_while_data_loads_leaves_no_run_dir(tmp_path, monkeypatch):
-    import finetune.features as Fe
-    from finetune.runner import Interrupted
+    import finetune.speedups.feature_cache as Fe
+    from finetune.run.runner import Interrupted
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt  # the user presses Ctrl-C while the frozen features are computed
@@ -147,7 +147,7 @@ def test_small_cli_fixes(small_run, tmp_path, cli):
 
 
 def test_nproc_launch_sets_omp_threads(monkeypatch):
-    from finetune import distributed, stop
+    from finetune.parallel import distributed, signals as stop
 
     seen = {}
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -158,7 +158,7 @@ def test_nproc_launch_sets_omp_threads(monkeypatch):
 
 
 def test_stages_resolve_per_architecture():
-    from finetune.freeze import model_stages
+    from finetune.train.freeze import model_stages
     from finetune.models import build_model_shapes
 
     def mods(name):
@@ -175,7 +175,7 @@ def test_stages_resolve_per_architecture():
 
 
 def test_stage_addresses_in_plans_and_the_gradual_unfreeze_recipe_on_timm(tmp_path, cli):
-    from finetune.freeze import apply_freeze
+    from finetune.train.freeze import apply_freeze
     from finetune.models import build_model
 
     bb = build_model("timm:test_efficientnet", 4)

@@ -14,7 +14,7 @@ import pytest
 
 from finetune import config
 from finetune.errors import shown
-from finetune.runner import train
+from finetune.run.runner import train
 from helpers import tiny_tree
 
 # class folder names: a spreadsheet formula, rich markup, an OSC 8 hyperlink escape, and mathtext
@@ -162,7 +162,7 @@ def _literal(text) -> tuple[str, bool]:
 
 @pytest.mark.report
 def test_dollar_class_names_report_is_written_with_literal_labels(run):
-    from finetune.report import _plt, confusion_figure, write_run_report
+    from finetune.reporting.report import _plt, confusion_figure, write_run_report
 
     out = write_run_report(run)
     page = out.read_text()
@@ -177,8 +177,8 @@ def test_dollar_class_names_report_is_written_with_literal_labels(run):
 
 
 def test_compare_html_with_dollar_run_names(run, tmp_path, cli):
-    from finetune.report import _plt
-    from finetune.runs import compare_figure, compare_runs
+    from finetune.reporting.report import _plt
+    from finetune.reporting.runs import compare_figure, compare_runs
 
     a, b = tmp_path / "run$_$1", tmp_path / "$x^2$"
     shutil.copytree(run, a)
@@ -282,7 +282,7 @@ def test_probe_json_of_a_diverging_head_is_strict(data, tmp_path, cli):
 
 
 def test_probe_result_to_dict_is_finite():
-    from finetune.probe import HeadResult, ProbeResult
+    from finetune.tools.probe import HeadResult, ProbeResult
 
     r = ProbeResult("m", "none", [HeadResult(0.1, 0.0, float("nan"), float("inf"), float("-inf"), [float("nan")])],
                     {10: float("nan")}, 0, ["a"], 8, 1, 1, 0.0, 0.0, 0.0, False)

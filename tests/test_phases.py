@@ -7,11 +7,11 @@ import pathlib
 import pytest
 import torch
 
-from finetune import checkpoint as ck
+from finetune.run import checkpoint as ck
 from finetune import config
-from finetune.callbacks import Callback
+from finetune.run.callbacks import Callback
 from finetune.errors import CheckpointError, DataError
-from finetune.runner import train
+from finetune.run.runner import train
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "finetune"
 

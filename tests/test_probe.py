@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from finetune import config, probe as P
-from finetune.runner import train
+from finetune import config
+from finetune.tools import probe as P
+from finetune.run.runner import train
 from helpers import tiny_tree
 
 KW = dict(weights="none", image_size=32, epochs=3, precision="fp32", device="cpu", seed=0)
@@ -74,7 +75,7 @@ def test_sweep_heads_equal_heads_trained_one_at_a_time(data):
 def test_sweep_head_equals_torch_adamw_on_a_linear(data):
     """One head of the sweep against nn.Linear + torch.optim.AdamW (decay on the weight only) + the same schedule."""
     from finetune.data.loader import EpochSampler
-    from finetune.engine import lr_factor
+    from finetune.train.engine import lr_factor
 
     x = torch.randn(50, 7)
     y = torch.arange(50) % 3

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from finetune import config
-from finetune.freeze import apply_bn_policy, apply_freeze
+from finetune.train.freeze import apply_bn_policy, apply_freeze
 from finetune.models import build_model
-from finetune.optim import build_optimizer, unfreeze_step
+from finetune.train.optim import build_optimizer, unfreeze_step
 
 RECIPES = config.recipe_names()
 

@@ -39,12 +39,12 @@ def test_flags_train_with_the_rates_and_record_them(tmp_path, cli):
 
 
 def test_head_dropout_keeps_the_feature_cache_off_in_auto():
-    from finetune.features import decide
+    from finetune.speedups.feature_cache import decide
 
     cfg = config.apply_overrides(config.load_recipe("linear-probe"), {"model.name": "timm:test_resnet",
                                                                        "model.drop_rate": 0.2})
     bb = build_model("timm:test_resnet", 3, drop_rate=0.2)
-    from finetune.freeze import apply_freeze
+    from finetune.train.freeze import apply_freeze
 
     apply_freeze(bb, cfg.freeze)
     decision, _ = decide(cfg, bb)

@@ -9,12 +9,12 @@ import shutil
 import torch
 
 from finetune import config
-from finetune.checkpoint import load_checkpoint
+from finetune.run.checkpoint import load_checkpoint
 from finetune.data.loader import EpochSampler
-from finetune.runner import Interrupted
-from finetune.engine import Reporter
+from finetune.run.runner import Interrupted
+from finetune.train.engine import Reporter
 from finetune.models import build_model
-from finetune.runner import train
+from finetune.run.runner import train
 import pytest
 
 from helpers import tiny_tree
@@ -185,7 +185,7 @@ def test_divergence_before_any_checkpoint_says_there_is_none(data, tmp_path, cli
 def test_best_is_chosen_among_finite_val_losses_and_metrics_json_is_strict(data, tmp_path, monkeypatch):
     """Epoch 2's val loss is NaN (its accuracy the highest): it is not the best, and metrics.json says null, not
     the bare NaN that JSON parsers reject."""
-    import finetune.runner as R
+    import finetune.run.runner as R
 
     real = R.evaluate
     calls = {"n": 0}
@@ -249,7 +249,7 @@ def test_two_runs_without_out_in_the_same_second_get_their_own_directories(data,
     `-2` (claimed with mkdir, atomic), and neither run touches the other's files."""
     import time
 
-    import finetune.checkpoint as ck
+    import finetune.run.checkpoint as ck
 
     monkeypatch.chdir(tmp_path)
     real = time.strftime
@@ -273,7 +273,7 @@ def test_racing_claims_of_one_run_name_get_distinct_directories(tmp_path):
     """Eight threads claim the same name at once: eight different new directories (mkdir is the atomic claim)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from finetune.checkpoint import claim_run_dir
+    from finetune.run.checkpoint import claim_run_dir
 
     base = tmp_path / "runs" / "20260101-120000-smallcnn"
     with ThreadPoolExecutor(8) as pool:

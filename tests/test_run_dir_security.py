@@ -12,11 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from finetune import config, sharded
+from finetune import config
+from finetune.parallel import sharded
 from finetune.errors import CheckpointError
-from finetune.freeze import apply_freeze
+from finetune.train.freeze import apply_freeze
 from finetune.models import build_model
-from finetune.optim import build_optimizer
+from finetune.train.optim import build_optimizer
 
 from helpers import tiny_tree
 
@@ -95,7 +96,7 @@ class Payload:
 def test_sharded_run_still_evaluates_and_resumes(base, tmp_path, cli):
     """The control for the rows below: the real shards read by the restricted reader give last.pt's weights."""
     run = copy(base, "sharded", tmp_path)
-    from finetune.checkpoint import load_checkpoint
+    from finetune.run.checkpoint import load_checkpoint
 
     ck = load_checkpoint(run / "last.pt")
     ref = torch.load(base / "sharded" / "best.pt", weights_only=True)["model"]
@@ -278,7 +279,7 @@ def test_disk_full_while_writing_last_pt_is_one_error_and_keeps_the_old_file(tmp
     (tmp_path / "last.pt").write_bytes(b"the previous checkpoint")
     code = textwrap.dedent(f"""
         import resource, signal, torch
-        from finetune.checkpoint import save_checkpoint
+        from finetune.run.checkpoint import save_checkpoint
         from finetune.errors import CheckpointError
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))

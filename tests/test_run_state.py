@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from finetune import checkpoint as ck
+from finetune.run import checkpoint as ck
 from finetune import config
 from finetune.errors import CheckpointError
-from finetune.runner import train
+from finetune.run.runner import train
 
 
 def recipe(**over):
@@ -249,10 +249,10 @@ def test_a_kill_during_the_very_first_write_leaves_a_run_that_overwrite_replaces
     args = ["train", "--data", str(data), "--out", str(run), "--model", "smallcnn", "--weights", "none", "--epochs",
             "1", "--batch-size", "8", "--no-tensorboard", "--no-report", "--quiet"]
     kill_in_first_write = (
-        "import os, signal, sys\nimport finetune.checkpoint as ck\nreal = ck.atomic_write_bytes\n"
+        "import os, signal, sys\nimport finetune.files as F\nreal = F.atomic_write_bytes\n"
         "def hooked(path, write):\n"
         "    real(path, lambda f: (f.write(b'partial'), f.flush(), os.kill(os.getpid(), signal.SIGKILL)))\n"
-        "ck.atomic_write_bytes = hooked\nfrom finetune.cli.app import main\nsys.argv = ['finetune', *sys.argv[1:]]\n"
+        "F.atomic_write_bytes = hooked\nfrom finetune.cli.app import main\nsys.argv = ['finetune', *sys.argv[1:]]\n"
         "main()\n")
     p = subprocess.run([sys.executable, "-c", kill_in_first_write, *args], cwd=ROOT, env=cli_env(),
                        capture_output=True, text=True, timeout=120)

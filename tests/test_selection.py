@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from finetune import config
-from finetune.engine import Reporter
-from finetune.imbalance import confusion_metrics
-from finetune.runner import Interrupted, train
-from finetune.selection import Monitor, update_top_k
+from finetune.train.engine import Reporter
+from finetune.train.imbalance import confusion_metrics
+from finetune.run.runner import Interrupted, train
+from finetune.run.selection import Monitor, update_top_k
 
 
 def recipe(**over):

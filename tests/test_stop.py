@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.checkpoint import load_checkpoint
+from finetune.run.checkpoint import load_checkpoint
 from helpers import ROOT, cli_env, finetune_cmd, tiny_tree
 
 ARGS = ("--model", "smallcnn", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--precision", "fp32",

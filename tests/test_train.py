@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from finetune import config
-from finetune.checkpoint import _umask, load_checkpoint
-from finetune.engine import Reporter
-from finetune.runner import Interrupted, train
+from finetune.run.checkpoint import _umask, load_checkpoint
+from finetune.train.engine import Reporter
+from finetune.run.runner import Interrupted, train
 
 
 def recipe(**over):

@@ -93,7 +93,7 @@ def test_weights_names_are_validated_without_download():
 def test_offline_download_fails_fast_naming_the_file(monkeypatch, tmp_path):
     import time
 
-    from finetune import weights
+    from finetune.models import weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(weights, "_reachable", lambda host, timeout=3.0: False)
@@ -111,7 +111,7 @@ def test_offline_download_fails_fast_naming_the_file(monkeypatch, tmp_path):
 
 def test_torchvision_weights_from_torch_home(monkeypatch, tmp_path):
     """A weights file placed where the error says is used without any network access."""
-    from finetune import weights
+    from finetune.models import weights
 
     src = build_model("resnet18")
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)

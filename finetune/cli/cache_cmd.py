@@ -1,4 +1,4 @@
-"""``finetune cache list|clear``: the persistent feature cache (see finetune/featstore.py). No torch import."""
+"""``finetune cache list|clear``: the persistent feature cache (speedups/feature_store.py). No torch import."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def clear(cache_dir: Optional[str] = CACHE_DIR,
           older_than: Optional[str] = typer.Option(None, "--older-than", help="Only entries unused for this long: "
                                                                                "30m, 12h, 7d, 2w.")) -> None:
     from finetune.api import featstore
-    from finetune.errors import FinetuneError, shown
+    from finetune.api import FinetuneError, shown
 
     age = featstore.parse_age(older_than) if older_than is not None else None
     r = featstore.clear(cache_dir, age)

@@ -26,7 +26,7 @@ def export(
 
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got '{fmt}'")
-    from finetune.stop import interrupted_as
+    from finetune.api import interrupted_as
 
     with trusted(trust_checkpoint), interrupted_as("interrupted; nothing was written"):  # SIGTERM as Ctrl-C
         paths = export_model(checkpoint, fmt, out, overwrite=overwrite, opset=opset)

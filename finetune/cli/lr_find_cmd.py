@@ -15,7 +15,7 @@ HELP = ("Run the LR range test (fastai's lr_find): ~100 steps with the LR growin
 
 @functools.wraps(train_cmd.train)
 def lr_find(*args, **kwargs) -> None:
-    from finetune.stop import interrupted_as
+    from finetune.api import interrupted_as
 
     train_cmd.LR_FIND["on"] = True
     try:

@@ -69,7 +69,7 @@ def csv_cell(value: object) -> str:
     carriage return gets a leading single quote (OWASP's rule against formula injection: "=HYPERLINK(...)" stays
     text), and control characters are escaped visibly (the CSV may be printed to a terminal). ``--json`` is
     exact."""
-    from finetune.errors import shown
+    from finetune.api import shown
 
     s = str(value)
     return shown("'" + s if s.startswith(_FORMULA) else s)

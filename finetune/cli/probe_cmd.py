@@ -1,4 +1,4 @@
-"""``finetune probe``: many linear heads at once on cached features, plus k-NN (see finetune/probe.py)."""
+"""``finetune probe``: many linear heads at once on cached features, plus k-NN (see finetune/tools/probe.py)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def probe(
             typer.echo("\n".join(shown(line) for line in str(msg).split("\n")), err=True)
 
     from finetune.api import probe as run_probe
-    from finetune.stop import interrupted_as
+    from finetune.api import interrupted_as
 
     with interrupted_as("interrupted; nothing was written"):  # SIGTERM as Ctrl-C (probe names what it wrote)
         results = run_probe(models, weights=weights, data=data, lrs=lr_list or None, wds=wd_list or None,

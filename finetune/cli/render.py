@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
-from finetune.errors import shown
+from finetune.api import shown
 
 # emoji=False: a file or class name such as ":smile:" prints as written, not as a picture
 console = Console(soft_wrap=False, emoji=False)
@@ -17,7 +17,7 @@ console = Console(soft_wrap=False, emoji=False)
 def term(value: object) -> str:
     """A name that came from disk or from the user (file, class, run, recipe, model, path) as rich text for the
     terminal, printed literally: control characters (ESC, OSC, \\r, BEL, C1) escaped visibly as in error lines
-    (:func:`finetune.errors.shown`), and rich markup ("[red]", "[link=...]") escaped."""
+    (:func:`finetune.api.shown`), and rich markup ("[red]", "[link=...]") escaped."""
     from rich.markup import escape
 
     return escape(shown(value))

@@ -11,7 +11,7 @@ import fnmatch
 import logging
 from typing import Any
 
-from finetune import weights as W
+from finetune.models import weights as W
 from finetune.errors import ModelError, suggest
 from finetune.models.backbone import Backbone, init_new_head, is_under
 

@@ -9,7 +9,7 @@ from finetune.errors import ModelError
 from finetune.models.backbone import Backbone
 
 if TYPE_CHECKING:
-    from finetune.weights import WeightsSpec
+    from finetune.models.weights import WeightsSpec
 
 
 def data_cfg(model) -> dict:
@@ -57,7 +57,7 @@ def build(arch: str, num_classes: int | None, spec: WeightsSpec, **rates: float)
     reported as a one-line error)."""
     import timm
 
-    from finetune.weights import fetch_timm
+    from finetune.models.weights import fetch_timm
 
     kwargs = {**rates} if num_classes is None else {"num_classes": num_classes, **rates}
     name = arch

@@ -11,7 +11,7 @@ from finetune.errors import ModelError
 from finetune.models.backbone import Backbone
 
 if TYPE_CHECKING:
-    from finetune.weights import WeightsSpec
+    from finetune.models.weights import WeightsSpec
 
 # Models whose auxiliary classifiers would change the output type in train mode; torchvision itself drops them
 # when it loads pretrained weights, so a fine-tuned model never has them.
@@ -65,7 +65,7 @@ IMAGENET_CFG = {"input_size": (3, 224, 224), "resize": 256, "crop_pct": 0.875, "
 def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
     import torchvision.models as tvm
 
-    from finetune.weights import fetch_torchvision
+    from finetune.models.weights import fetch_torchvision
 
     # with pretrained weights torchvision already drops the aux heads and skips the slow init
     kwargs = {"aux_logits": False, "init_weights": True} if arch in _NO_AUX and spec.kind != "torchvision" else {}

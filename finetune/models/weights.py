@@ -1,0 +1,253 @@
+"""Resolve and load weights: none | default | torchvision enum name | timm pretrained/tag | local file.
+
+Local files load with ``torch.load(weights_only=True)`` (or safetensors), accept DDP's ``module.`` prefix and
+finetune checkpoints (``{"model": state_dict, ...}``), and load without the head when the head doesn't fit the
+requested class count. Downloads fail within seconds when offline, naming the file to place and where.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from finetune.errors import WeightsError
+from finetune.models.backbone import is_under
+from finetune.files import TRUST_HINT, torch_load, trusted  # noqa: F401 - re-exported
+
+if TYPE_CHECKING:
+    import torch
+
+    from finetune.models.backbone import Backbone
+
+FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
+
+
+@dataclass
+class WeightsSpec:
+    kind: str  # "none" | "torchvision" | "timm" | "file"
+    label: str  # what to record as the loaded weights
+    enum: Any = None  # torchvision WeightsEnum member
+    tag_name: str = ""  # timm "arch.tag"
+    path: Path | None = None
+
+
+def looks_like_path(spec: str) -> bool:
+    return spec.endswith(FILE_SUFFIXES) or os.sep in spec or "/" in spec or Path(spec).exists()
+
+
+def parse_spec(weights: str | None, source: str, arch: str) -> WeightsSpec:
+    """Turn the user's ``--weights`` value into a spec for ``source``/``arch`` (no loading, no download)."""
+    w = "none" if weights is None else str(weights).strip()
+    low = w.lower()
+    if low in ("none", "random", ""):
+        return WeightsSpec("none", "none")
+    if looks_like_path(w):
+        path = Path(w).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"weights file '{w}' not found; pass an existing .pth/.pt/.safetensors file, "
+                               "a weights name, or --weights none")
+        return WeightsSpec("file", str(path), path=path)
+    if source == "smallcnn":
+        if low in ("default", "pretrained"):
+            return WeightsSpec("none", "none")  # smallcnn has no pretrained weights: the default is random init
+        raise WeightsError(f"smallcnn has no pretrained weights named '{w}'; pass --weights none or a weights file")
+    if source == "torchvision":
+        return _torchvision_spec(w, arch)
+    return _timm_spec(w, arch)
+
+
+def _torchvision_spec(w: str, arch: str) -> WeightsSpec:
+    import torchvision.models as tvm
+
+    try:
+        enum = tvm.get_model_weights(arch)
+    except (ValueError, KeyError):
+        raise WeightsError(f"torchvision has no pretrained weights for '{arch}'; pass --weights none or a file") \
+            from None
+    names = [e.name for e in enum]
+    member = w.split(".", 1)[1] if w.startswith(enum.__name__ + ".") else w
+    if member.lower() in ("default", "pretrained"):
+        member = "DEFAULT"
+    if member == "DEFAULT":
+        e = enum.DEFAULT
+    elif member in names:
+        e = enum[member]
+    else:
+        valid = ", ".join(["DEFAULT", *names])
+        raise WeightsError(f"unknown weights '{w}' for {arch}; valid: {valid}, none, or a file path")
+    return WeightsSpec("torchvision", f"{enum.__name__}.{e.name}", enum=e)
+
+
+def _timm_spec(w: str, arch: str) -> WeightsSpec:
+    import timm
+
+    base, _, given_tag = arch.partition(".")
+    if w.lower() in ("default", "pretrained", "true"):
+        cfg = timm.models.get_pretrained_cfg(arch)
+        name = arch if given_tag or not cfg or not cfg.tag else f"{base}.{cfg.tag}"
+    else:
+        tag = w[len(base) + 1:] if w.startswith(base + ".") else w
+        name = f"{base}.{tag}"
+    avail = timm.list_pretrained(base + ".*") + timm.list_pretrained(base)
+    if not avail:
+        raise WeightsError(f"timm has no pretrained weights for '{base}'; pass --weights none or a file")
+    if "." in name and name not in avail:
+        tags = ", ".join(a.partition(".")[2] for a in avail)
+        raise WeightsError(f"unknown timm weights '{w}' for {base}; valid tags: {tags}, or pretrained")
+    return WeightsSpec("timm", f"timm:{name}", tag_name=name)
+
+
+# ----------------------------------------------------------------------------------------------- downloads
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def fetch_torchvision(enum) -> None:
+    """Make sure the torchvision weights file is in TORCH_HOME/hub/checkpoints, or fail fast saying where to put it."""
+    import torch.hub
+    from urllib.parse import urlparse
+
+    fname = os.path.basename(urlparse(enum.url).path)
+    dest = Path(torch.hub.get_dir()) / "checkpoints" / fname
+    if dest.is_file():
+        return
+    host = urlparse(enum.url).hostname or ""
+    msg = (f"cannot download {enum.__class__.__name__}.{enum.name} ({enum.url}): offline or unreachable; "
+           f"place {fname} in {dest.parent} (set TORCH_HOME to move it) or pass --weights PATH")
+    if not _reachable(host):
+        raise WeightsError(msg)
+    try:
+        torch.hub.load_state_dict_from_url(enum.url, progress=True, check_hash=False)
+    except Exception as e:  # noqa: BLE001 - network errors come in many types
+        raise WeightsError(f"{msg} ({type(e).__name__})") from None
+
+
+@contextlib.contextmanager
+def _hf_offline(flag: bool):
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # older timm without the hub
+        yield
+        return
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = flag
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
+def fetch_timm(create: Callable[[], Any], name: str):
+    """Create a pretrained timm model from the local cache, downloading only if the hub answers at once.
+
+    huggingface_hub retries an unreachable host for most of a minute; we look in the cache first and probe the
+    host with a 3-second timeout before letting it try.
+    """
+    try:
+        with _hf_offline(True):
+            return create()
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError and friends)
+        pass
+    hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    msg = (f"cannot download timm weights '{name}': offline or huggingface.co unreachable; put the files in the "
+           f"Hugging Face cache ({hf_home}/hub, e.g. with 'hf download timm/{name}' on a connected machine) "
+           "or pass --weights PATH")
+    if not _reachable("huggingface.co"):
+        raise WeightsError(msg)
+    try:
+        return create()
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"{msg} ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+# ----------------------------------------------------------------------------------------------- local files
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict from a .safetensors file, a .pth/.pt state_dict, or a finetune/Lightning/timm checkpoint
+    (a whole pickled model only inside :func:`trusted`)."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001
+            raise WeightsError(f"cannot read safetensors file '{path}': {str(e)[:200]}") from None
+    obj = torch_load(path)
+    if isinstance(obj, torch.nn.Module):  # a whole pickled model, loaded because the user trusts it
+        obj = obj.state_dict()
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"'{path}' does not contain a state_dict (a dict of tensors)")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def load_file_into(bb: Backbone, path: Path) -> None:
+    """Load a local weights file into ``bb.model``; the head is skipped (with a note) when it doesn't fit."""
+    sd = clean_state_dict(read_state_dict(path))
+    own = bb.model.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+    head_bad = [k for k in (missing + unexpected + mismatched) if is_under(k, bb.head)]
+    other = [k for k in missing + unexpected + mismatched if k not in head_bad]
+    if other:
+        bits = []
+        for k in other[:4]:
+            if k in mismatched:
+                bits.append(f"{k}: {list(sd[k].shape)} in file vs {list(own[k].shape)} in model")
+            elif k in missing:
+                bits.append(f"{k}: missing from file")
+            else:
+                bits.append(f"{k}: not in model")
+        more = f" (and {len(other) - 4} more)" if len(other) > 4 else ""
+        raise WeightsError(f"weights file '{path}' does not fit {bb.name}: " + "; ".join(bits) + more
+                           + "; check --model, or save the weights from the same architecture")
+    if head_bad:
+        shapes = ", ".join(f"{k} {list(sd[k].shape)}" for k in head_bad if k in sd)
+        for k in head_bad:
+            sd.pop(k, None)
+        bb.notes.append(f"loaded '{path}' without the head ({shapes or ', '.join(head_bad)} does not fit "
+                        f"{bb.num_classes} classes); the new head starts at zero")
+    check_dtypes(sd, own, path)
+    bb.model.load_state_dict(sd, strict=False)
+    bb.weights = str(path)
+
+
+def check_dtypes(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: Path) -> None:
+    """A floating-point tensor of the model stored as an integer, bool or complex tensor in the file would be cast
+    by ``load_state_dict`` without a word (int64 weights truncated to whole numbers, complex ones lose their
+    imaginary part): an error naming the key and both dtypes. Integer buffers (BatchNorm's num_batches_tracked)
+    and float-to-float (fp16/bf16/fp64 files) load as before."""
+    for k, v in sd.items():
+        mine = own.get(k)
+        if mine is None or not mine.is_floating_point() or (v.is_floating_point() and not v.is_complex()):
+            continue
+        from finetune.errors import shown
+
+        raise WeightsError(f"weights file '{path}': '{shown(k)}' is stored as {str(v.dtype).replace('torch.', '')} "
+                           f"but {str(mine.dtype).replace('torch.', '')} in the model (loading would cast it silently"
+                           f"{', dropping the imaginary part' if v.is_complex() else ''}); save the "
+                           "weights as floating point (e.g. {k: v.float() for k, v in state_dict.items()})")
+
+
+def clean_state_dict(sd: dict[str, Any]) -> dict[str, Any]:
+    """Keys without the DDP/DataParallel ``module.`` and torch.compile ``_orig_mod.`` wrapper prefixes (timm's
+    ``clean_state_dict``, which strips them in either order)."""
+    from timm.models import clean_state_dict as timm_clean
+
+    return timm_clean(sd)

@@ -1,0 +1,1 @@
+"""Several processes: launch (torchrun), process signals, DDP/FSDP2 wrapping, sharded checkpoints."""

@@ -1,0 +1,1 @@
+"""What a user reads about runs: report.html, figures, runs/compare."""

@@ -1,0 +1,241 @@
+"""The LR range test (Smith 2017; fastai's ``lr_find``, Lightning's ``Tuner.lr_find``): train the recipe's trainable
+parameters for ~100 steps while the LR grows exponentially from ``start_lr`` to ``end_lr``, record the smoothed
+loss, and suggest an LR from the curve.
+
+The suggestion rule is fastai's default, **valley**: the longest stretch over which the smoothed loss keeps falling,
+and the LR a bit past its middle (at ~1/2 of the stretch: ``start + len/3 + len/6``). Chosen over *steepest
+descent* (the LR where d loss / d log(lr) is most negative) because on the small, noisy batches of a fine-tune the
+steepest point is often a single noisy step, early in the curve, and suggests an LR 10-100x too small; the valley
+depends on the whole descending stretch. fastai switched its default from steepest to valley for this reason.
+
+Everything is built with the library's own functions (the same data, model, freeze plan, optimizer and parameter
+groups, loss, precision and BN policy as ``train``), and when only the head trains the frozen part runs once: the
+test runs on cached features (``features.plan_cache``) in seconds. Groups keep their LR ratios (``lr_mult``,
+layer decay): the suggestion is the base LR. Nothing here changes the recipe's model for ``train``: ``--lr auto``
+runs this on its own copy first, then trains from the start with the suggested LR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.config import Recipe, from_dict
+from finetune.errors import ConfigError
+
+log = logging.getLogger("finetune")
+
+RULE = "valley"
+FLAT = 0.02  # a curve whose minimum is within 2% of its start never found a useful LR
+FILES = ("lr_find.png", "lr_find.json")  # what the test writes into a run directory
+
+
+@dataclass
+class LRFind:
+    """The curve (``lrs``, smoothed ``losses``, one per step) and the suggested base LR."""
+
+    lrs: list[float]
+    losses: list[float]
+    suggestion: float
+    index: int  # the step whose LR is suggested
+    rule: str = RULE
+    stopped: str = ""  # why the test ended before ``steps`` (divergence), or ""
+    flat: bool = False  # the loss never fell by FLAT of its start: no LR helped, the suggestion means nothing
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, out_dir: str | Path) -> list[Path]:
+        """Write ``lr_find.json`` (the curve and suggestion) and ``lr_find.png`` (the plot) into ``out_dir``."""
+        from finetune.files import atomic_write_bytes, atomic_write_text
+
+        out = Path(out_dir)
+        atomic_write_text(out / FILES[1], json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_bytes(out / FILES[0], lambda f: f.write(self.png()))
+        return [out / FILES[0], out / FILES[1]]
+
+    def png(self) -> bytes:
+        import io
+
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6, 4), dpi=100)
+        ax = fig.add_subplot()
+        ax.plot(self.lrs, self.losses)
+        lo, start = min(self.losses), self.losses[0]  # fastai's view: a divergence spike doesn't flatten the rest
+        ax.set_ylim(lo - 0.05 * (start - lo + 1e-3), start + 0.5 * (start - lo + 1e-3))
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("loss (smoothed)")
+        ax.axvline(self.suggestion, color="tab:red", linestyle="--")
+        ax.plot([self.suggestion], [self.losses[self.index]], "o", color="tab:red",
+                label=f"{self.rule}: {self.suggestion:.2e}")
+        ax.legend()
+        ax.set_title(self.info.get("title", "LR range test"), fontsize=9)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+
+
+def lr_schedule(step: int, steps: int, start_lr: float, end_lr: float) -> float:
+    """Exponential growth: ``start_lr`` at step 0, ``end_lr`` at step ``steps - 1``."""
+    return start_lr * (end_lr / start_lr) ** (step / max(steps - 1, 1))
+
+
+def valley(lrs: list[float], losses: list[float]) -> int:
+    """fastai's ``valley``: the index of the suggested LR on the longest strictly descending stretch of
+    ``losses`` (a longest decreasing subsequence; O(n^2), n ~ 100)."""
+    n = len(losses)
+    if n < 2:
+        return 0
+    lds = [1] * n
+    start = end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and lds[i] < lds[j] + 1:
+                lds[i] = lds[j] + 1
+        if lds[end] < lds[i]:
+            end, start = i, i - lds[i]
+    sections = (end - start) / 3
+    return max(0, min(n - 1, start + int(sections) + int(sections / 2)))
+
+
+def range_test(model, loader, optimizer, loss_fn, *, steps: int = 100, start_lr: float = 1e-7,
+               end_lr: float = 10.0, device=None, precision: str = "fp32", channels_last: bool = False,
+               after_train_mode=lambda m: None, beta: float = 0.98, diverge: float = 4.0,
+               set_epoch=None) -> LRFind:
+    """Train ``model`` for ``steps`` optimizer steps (cycling through ``loader``'s epochs), step k at
+    ``lr_schedule(k)`` times each group's ratio to the first group's LR; record the bias-corrected exponential moving
+    average of the loss (``beta``, as fastai); stop early once it exceeds ``diverge`` x its minimum (or is not
+    finite). The suggestion ignores the first tenth of the steps and the last five (fastai's trim)."""
+    import torch
+
+    from finetune.train.engine import autocast, to_device
+
+    device = device or torch.device("cpu")
+    base = optimizer.param_groups[0]["lr"]
+    ratios = [g["lr"] / base if base else 1.0 for g in optimizer.param_groups]
+    model.train()
+    after_train_mode(model)
+    lrs: list[float] = []
+    losses: list[float] = []
+    avg, best, stopped, epoch = 0.0, math.inf, "", 0
+    batches = iter(())
+    for k in range(steps):
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            if set_epoch is not None:
+                set_epoch(loader, epoch)
+            epoch += 1
+            batches = iter(loader)
+            x, y = next(batches)
+        lr = lr_schedule(k, steps, start_lr, end_lr)
+        for g, r in zip(optimizer.param_groups, ratios):
+            g["lr"] = lr * r
+        x, y = to_device(x, y, device, channels_last)
+        with autocast(device, precision):
+            loss = loss_fn(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            stopped = f"loss became {value} at lr {lr:.2e}"
+            break
+        loss.backward()
+        optimizer.step()
+        avg = beta * avg + (1 - beta) * value
+        smooth = avg / (1 - beta ** (k + 1))
+        lrs.append(lr)
+        losses.append(smooth)
+        best = min(best, smooth)
+        if k > steps // 10 and smooth > diverge * best:
+            stopped = f"loss diverged (> {diverge:g}x its minimum) at lr {lr:.2e}"
+            break
+    if len(lrs) < 3:
+        raise ConfigError(f"the LR range test stopped after {len(lrs)} steps ({stopped or 'no data'}); "
+                          "lower its start LR")
+    lo, hi = len(lrs) // 10, max(len(lrs) - 5, len(lrs) // 10 + 2)
+    idx = lo + valley(lrs[lo:hi], losses[lo:hi])
+    flat = min(losses) > (1 - FLAT) * losses[0]
+    return LRFind(lrs, losses, lrs[idx], idx, stopped=stopped, flat=flat)
+
+
+def lr_find(recipe: Recipe, *, steps: int = 100, start_lr: float = 1e-7, end_lr: float = 10.0,
+            reporter=None) -> LRFind:
+    """The range test for ``recipe``: its data, model, freeze plan, optimizer (with ``lr`` replaced by the test's),
+    loss and precision, on cached features when only a head (or a cut-off trailing block) trains."""
+    import torch
+
+    from finetune import data as D
+    from finetune.train import freeze as F
+    from finetune.train import optim as O
+    from finetune.train.engine import Step, resolve_device, resolve_precision, wants_channels_last
+    from finetune.speedups.feature_cache import plan_cache
+    from finetune.models import build_model, data_config
+
+    if not (0 < start_lr < end_lr):
+        raise ConfigError(f"the LR range test needs 0 < start_lr < end_lr, got {start_lr:g} and {end_lr:g}")
+    if steps < 10:
+        raise ConfigError(f"the LR range test needs at least 10 steps, got {steps}")
+    cfg = from_dict({**recipe.to_dict(), "optimizer": {**recipe.to_dict()["optimizer"], "lr": 1.0}})
+    torch.manual_seed(cfg.train.seed)  # the new head's init and dropout: as train seeds them
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    bundle = D.build_data(cfg.data, data_config(cfg.model.name, cfg.model.weights), seed=cfg.train.seed)
+    bb = build_model(cfg.model.name, num_classes=len(bundle.class_names), weights=cfg.model.weights,
+                     drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
+    F.apply_freeze(bb, cfg.freeze)
+    channels_last = wants_channels_last(bb.model, cfg.train.channels_last)
+    model = bb.model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = O.build_optimizer(bb, cfg.optimizer)
+    from finetune.train import imbalance
+
+    loss_fn = imbalance.loss_fn(cfg, bundle.train.targets, list(bundle.class_names), device)
+    step = Step(optimizer=optimizer, loss_fn=loss_fn, device=device, precision=precision,
+                channels_last=channels_last, after_train_mode=lambda m: F.apply_bn_policy(m, cfg.freeze.bn))
+    loader = D.make_loader(bundle.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                           device=device.type, workers=cfg.data.workers,
+                           weights=imbalance.sample_weights(cfg.data.sampler, bundle.train.targets,
+                                                            len(bundle.class_names)))
+    feats, _ = plan_cache(cfg, bb, bundle, step, device=device, precision=precision, channels_last=channels_last)
+    m, tl, st = (feats.model, feats.train_loader, feats.step) if feats is not None else (model, loader, step)
+    res = range_test(m, tl, optimizer, loss_fn, steps=steps, start_lr=start_lr, end_lr=end_lr, device=device,
+                     precision=st.precision, channels_last=st.channels_last, after_train_mode=st.after_train_mode,
+                     set_epoch=D.set_epoch)
+    res.info = {"model": bb.name, "weights": bb.weights, "optimizer": cfg.optimizer.name,
+                "batch_size": cfg.train.batch_size, "steps": steps, "start_lr": start_lr, "end_lr": end_lr,
+                "on_cached_features": feats is not None, "trainable": sum(p.numel() for p in model.parameters()
+                                                                          if p.requires_grad),
+                "title": f"{bb.name}, {cfg.optimizer.name}, batch {cfg.train.batch_size}"
+                         f"{', cached features' if feats is not None else ''}"}
+    return res
+
+
+def resolve_auto_lr(recipe: Recipe, reporter=None) -> tuple[Recipe, LRFind | None]:
+    """``optimizer.lr: auto``: run the range test and return the recipe with its suggestion (what ``train`` then
+    runs and records in config.yaml) and the test (to save beside the run); any other LR: unchanged, None."""
+    if recipe.optimizer.lr != "auto":
+        return recipe, None
+    found = lr_find(recipe, reporter=reporter)
+    if found.flat:
+        raise ConfigError(f"--lr auto: the LR range test's loss never fell by {FLAT:.0%} (from {found.losses[0]:.4f}, "
+                          f"lowest {min(found.losses):.4f}) over lr {found.lrs[0]:.0e}..{found.lrs[-1]:.0e}, so it "
+                          "suggests nothing (typical from random init: ~100 steps teach it too little); pass --lr")
+    data = recipe.to_dict()
+    data["optimizer"]["lr"] = float(f"{found.suggestion:.3g}")
+    out = from_dict(data)
+    log.info(f"lr auto: the LR range test suggests {out.optimizer.lr:g} ({found.rule} rule, {len(found.lrs)} steps"
+             f"{' on cached features' if found.info.get('on_cached_features') else ''}); training with it")
+    return out, found

@@ -1,0 +1,664 @@
+"""A training run: recipe -> run directory, data, model, freeze plan, optimizer -> epochs.
+
+The run is one :class:`RunState` (model, optimizer, data, loaders, history, best), built by :func:`start_run` (the
+run directory is prepared and locked first, so a clash fails fast) or :func:`resume_run` (from ``last.pt``), then
+advanced by :func:`fit`: per epoch, the unfreeze steps due, the :class:`Phase` (the head on cached features, or the
+full model), one pass and an evaluation, the commit of the run state (``last.pt``, then ``best.pt`` and
+``metrics.json``), and the listeners (:mod:`finetune.run.callbacks`: progress, TensorBoard, the report).
+
+The run directory holds the resolved ``config.yaml`` (a valid recipe that reruns the same thing), ``metrics.json``,
+``last.pt`` and ``best.pt`` (plain-dict checkpoints readable with ``weights_only=True``, see
+:class:`finetune.run.checkpoint.Checkpoint`) and TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune import __version__, files
+from finetune.run import checkpoint as ck
+from finetune.parallel import distributed as dist_
+from finetune.config import Recipe, from_dict, validate
+from finetune.data import provenance
+from finetune.train.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_compile, resolve_device,
+                             resolve_precision, set_lr, train_one_epoch, wants_channels_last)
+from finetune.errors import CheckpointError, ConfigError, FinetuneError, Interrupted  # noqa: F401 - re-exported
+from finetune.run import holdout, midepoch
+from finetune.train import imbalance, regularization as R
+from finetune.speedups import depthwise as dwgrad
+from finetune.parallel import sharded, strategy
+from finetune.run.selection import Monitor, file_for, update_top_k
+
+log = logging.getLogger("finetune")
+
+
+class TrainingDiverged(FinetuneError):
+    """Loss became NaN/inf; the last good checkpoint is kept."""
+
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_epoch: int
+    best_val_acc: float | None
+    epochs: list[dict[str, Any]]
+    class_names: list[str]
+    test: dict[str, Any] | None = None  # best.pt on the data's test/ folder, evaluated once at the end
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Each epoch reseeds from (seed, epoch): augmentation and dropout after a resume match an uninterrupted run."""
+    return (seed * 1_000_003 + epoch * 7919) % 2**63
+
+
+def probe_data_cfg(name: str, weights: str) -> dict[str, Any]:
+    """The backbone's input config (size, mean/std, ...) without building it for real or downloading weights."""
+    from finetune.models import data_config
+
+    return data_config(name, weights)
+
+
+@dataclass
+class Phase:
+    """What trains during an epoch: the model as the loop runs it, its loaders and step, and the module that
+    evaluates (the full model, or the trainable part on cached features)."""
+
+    name: str  # "cached head" (frozen-feature cache) or "full model"
+    model: nn.Module
+    train_loader: Any
+    val_loader: Any
+    step: Step
+    eval_model: nn.Module
+
+
+@dataclass
+class Verdict:
+    """What an epoch's row means for the files to write (see :meth:`RunState.record`)."""
+
+    improved: bool = False
+    ema_improved: bool = False
+    in_top_k: bool = False
+    dropped: list[str] = dataclasses.field(default_factory=list)  # top-k files to remove
+
+
+def _best_value(best: dict[str, Any], m: Monitor) -> float | None:
+    return best.get("val_acc") if m.key == "val_acc" else best.get("value")
+
+
+@dataclass
+class RunState:
+    """One run, built by :func:`start` or :func:`resume`, advanced epoch by epoch by :func:`fit`."""
+
+    cfg: Recipe
+    resolved: Recipe  # the recipe as it ran (config.yaml, the checkpoints)
+    dd: dist_.Dist
+    device: torch.device
+    precision: str
+    run_dir: Path
+    bundle: Any  # finetune.data.DataBundle
+    classes: list[str]
+    bb: Any  # finetune.models.Backbone
+    plan: Any  # finetune.train.freeze.FreezePlan
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    channels_last: bool
+    step: Step
+    train_loader: Any
+    val_loader: Any
+    feats: Any = None  # finetune.speedups.feature_cache.FeatureRun while the frozen-feature cache serves
+    feats_info: str = "off"
+    train_model: nn.Module | None = None  # DDP around `model` (or `model` itself)
+    run_model: nn.Module | None = None  # train_model, compiled when train.compile
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    best: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epoch": 0, "val_acc": None})
+    since_best: int = 0
+    start_epoch: int = 0
+    partial: dict[str, Any] | None = None  # an epoch saved mid-way (save_every_steps)
+    resumed: bool = False
+    reporter: Reporter = dataclasses.field(default_factory=Reporter)  # batch-level progress (rank 0's is the CLI's)
+    monitor: Monitor = dataclasses.field(default_factory=Monitor)  # what "best" means (train.monitor)
+    ema: Any = None  # timm ModelEmaV3 over `model` (train.ema)
+    best_ema: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epoch": 0, "val_acc": None})
+    top_k: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the K best epochs, best first
+    last_eval: dict[str, Any] | None = None  # the latest epoch's evaluation (per-image results for the pictures)
+    test: dict[str, Any] | None = None  # best.pt on the data's test/ folder (holdout.py), after the last epoch
+    autotune: dict[str, Any] | None = None  # depthwise convs with an fp32 backward (finetune/speedups/depthwise.py)
+
+    def phase(self, epoch: int) -> Phase:
+        if self.feats is not None and not self.feats.serves(epoch):
+            self.feats = None  # an unfreeze changed what trains: from here on the full model runs
+        f = self.feats
+        if f is not None:
+            return Phase("cached head", f.model, f.train_loader, f.val_loader, f.step, f.model)
+        return Phase("full model", self.run_model, self.train_loader, self.val_loader, self.step, self.model)
+
+    def rewrap(self) -> None:
+        """DDP registers the parameters that require grad when it is built: rebuild it after an unfreeze."""
+        self.train_model = dist_.wrap(self.model, self.dd, self.device)
+        self.run_model = maybe_compile(self.train_model, self.cfg.train.compile)
+
+    def checkpoint(self, epochs_done: int, val: dict[str, Any] | None, full=None) -> ck.Checkpoint:
+        b = self.bundle
+        return ck.Checkpoint(
+            model=full[0] if full else self.model.state_dict(), class_names=self.classes, model_name=self.bb.name,
+            num_classes=len(self.classes), transform=b.transform, precision=self.precision,
+            channels_last=self.channels_last, epoch=epochs_done, plan=self.plan.to_dict(),
+            trainable=[n for n, p in self.model.named_parameters() if p.requires_grad],
+            recipe=self.resolved.to_dict(), metrics=self.history, best=self.best,
+            data={"path": self.cfg.data.path, "labels": self.cfg.data.labels, "val_split": self.cfg.data.val_split,
+                  "seed": self.cfg.train.seed, **provenance.identity(self.cfg.data, b)},
+            val=val, finetune_version=__version__, world_size=self.dd.world_size,
+            optimizer=full[1] if full else self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler else None,
+            ema=self.ema.module.state_dict() if self.ema is not None else None,
+            best_ema=self.best_ema if self.ema is not None else None, top_k=self.top_k or None,
+            autotune=self.autotune)
+
+    def record(self, row: dict[str, Any]) -> Verdict:
+        """Append the epoch's row and judge it by the monitored metric (:mod:`finetune.run.selection`): the best so far
+        (without a val set: always, best.pt follows the latest epoch and val_acc stays null), the EMA's best, and
+        its place in the top-k."""
+        self.history.append(row)
+        m, v = self.monitor, Verdict()
+        value = m.value(row)
+        finite = row["val_loss"] is None or math.isfinite(row["val_loss"])  # a NaN val loss is never the best
+        v.improved = row["val_acc"] is None or (finite and m.better(value, _best_value(self.best, m)))
+        if v.improved:
+            self.best = {"epoch": row["epoch"], "val_acc": row["val_acc"]}
+            if m.key != "val_acc":
+                self.best.update(monitor=m.key, value=value)
+            self.since_best = 0
+        else:
+            self.since_best += 1
+        row["best"] = v.improved
+        if self.ema is not None and row.get("ema_val_acc") is not None:
+            ema_value = m.value(row, "ema_")
+            v.ema_improved = m.better(ema_value, _best_value(self.best_ema, m))
+            if v.ema_improved:
+                self.best_ema = {"epoch": row["epoch"], "val_acc": row["ema_val_acc"]}
+                if m.key != "val_acc":
+                    self.best_ema.update(monitor=m.key, value=ema_value)
+        self.top_k, v.in_top_k, v.dropped = update_top_k(self.top_k, row["epoch"], value,
+                                                          self.cfg.train.save_top_k, m)
+        return v
+
+    def commit(self, epochs_done: int, val: dict[str, Any] | None, v: Verdict) -> None:
+        """The end-of-epoch writes (rank 0): last.pt first, the commit point (see ``checkpoint.repair_run``), then
+        best.pt (weights + metadata: the optimizer state, 2x the weights for Adam, is for resuming), best_ema.pt,
+        the top-k file, and metrics.json."""
+        full = strategy.full_state(self, v)  # FSDP: every rank joins the gather of the consolidated state
+        shards = strategy.save_shards(self, epochs_done)  # FSDP: every rank writes its shards (parallel/sharded.py)
+        if not self.dd.is_main:
+            return
+        ckpt = self.checkpoint(epochs_done, val, full)
+        ck.save_checkpoint({**ckpt.to_dict(), "model": {}, "sharded": shards} if shards else ckpt.to_dict(),
+                           self.run_dir / "last.pt")
+        # the previous epoch's shards, now that last.pt is committed (all of them once a resume at 1 process or
+        # with DDP wrote a consolidated last.pt)
+        sharded.remove_stale(self.run_dir, shards["path"] if shards else None)
+        if v.improved:
+            ck.save_checkpoint(ckpt.slim(), self.run_dir / "best.pt")
+        if v.ema_improved:
+            ck.save_checkpoint({**ckpt.slim(), "model": ckpt.ema, "ema_weights": True}, self.run_dir / "best_ema.pt")
+        if v.in_top_k:
+            ck.save_checkpoint(ckpt.slim(), self.run_dir / file_for(epochs_done))
+        for name in v.dropped:
+            (self.run_dir / name).unlink(missing_ok=True)
+        files.atomic_write_text(self.run_dir / "metrics.json", self.metrics_text())
+
+    def metrics_text(self) -> str:
+        return ck.metrics_text(self.best, self.history, best_ema=self.best_ema if self.ema is not None else None,
+                               top_k=self.top_k or None)
+
+    def summary(self) -> dict[str, Any]:
+        """The start-up lines (``Reporter.start``)."""
+        cfg, b, m = self.cfg, self.bundle, self.model
+        return {"run_dir": str(self.run_dir), "model": self.bb.name,
+                "weights": self.bb.weights if not self.resumed else f"{cfg.model.weights}, resumed from last.pt",
+                "device": str(self.device), "precision": self.precision, "channels_last": self.channels_last,
+                "classes": self.classes, "train_images": len(b.train), "val_images": len(b.val) if b.val else 0,
+                "skipped": len(b.skipped), "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
+                "total": sum(p.numel() for p in m.parameters()), "start_epoch": self.start_epoch,
+                "epochs": cfg.train.epochs, "source": b.source, "world_size": self.dd.world_size,
+                "strategy": "FSDP2" if strategy.uses_fsdp(cfg, self.dd) else "DDP",
+                "global_batch": cfg.train.batch_size * self.dd.world_size, "feature_cache": self.feats_info,
+                "compile": cfg.train.compile, "recipe": cfg.name, "description": cfg.description}
+
+
+def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bool = False,
+          resume: str | Path | None = None, epochs: int | None = None,
+          reporter: Reporter | None = None, callbacks: list | None = None, figures=None) -> RunResult:
+    """Run ``recipe`` and write the run directory.
+
+    ``resume`` continues the run in that directory from its ``last.pt`` with the recipe stored there (``recipe``
+    is ignored); ``epochs`` may extend it. ``callbacks`` (:class:`finetune.run.callbacks.Callback`) listen beside the
+    reporter and TensorBoard; ``figures`` draws TensorBoard's per-epoch pictures (:func:`finetune.api.train` passes
+    the report's, and adds the report callback). The run directory is prepared (and locked) before anything slow,
+    so a clash on
+    ``out`` is reported at once. A new run that stops before its first checkpoint (an error while data or model
+    load, or Ctrl-C) removes its directory: nothing in it could be resumed, and keeping it would make the same
+    command fail with "already exists".
+    """
+    made: dict[str, Any] = {"lock": ck.RunLock(), "reporter": reporter}  # the lock is held until the run ends
+    try:
+        if resume is not None:
+            st = resume_run(Path(resume), epochs, made)
+        else:
+            if recipe is None:
+                raise ConfigError("no recipe given; pass a Recipe (finetune.load_recipe('default')) or "
+                                  "resume=RUN_DIR")
+            st = start_run(recipe, out, overwrite, made)
+        made["training"] = True
+        if st.dd.is_main and reporter is not None:
+            st.reporter = reporter
+        return fit(st, _listeners(st, st.reporter, callbacks, figures))
+    except KeyboardInterrupt:
+        raise _interrupted(made, resume) from None
+    except BaseException:
+        if not made.get("training"):
+            _remove_new_run_dir(made)
+        raise
+    finally:
+        made["lock"].release()
+
+
+def _interrupted(made: dict, resume) -> Interrupted:
+    run_dir = made.get("run_dir")
+    if resume is not None:
+        return Interrupted(f"interrupted; continue with finetune train --resume {resume}")
+    if run_dir is None:
+        return Interrupted("interrupted before the run directory was created; nothing was written")
+    if _remove_new_run_dir(made):
+        return Interrupted(f"interrupted before the first checkpoint; removed the new run directory '{run_dir}' "
+                           "(nothing to resume); run the same command to start again")
+    return Interrupted(f"interrupted before the first checkpoint; nothing to resume in '{run_dir}'")
+
+
+def _remove_new_run_dir(made: dict) -> bool:
+    """Remove the directory of a new run that saved no checkpoint (only what this run wrote); True if removed."""
+    run_dir = made.get("run_dir")
+    if run_dir is None or (run_dir / "last.pt").exists():
+        return False
+    made["lock"].release()
+    ck.clear_run_dir(run_dir)  # only what this run wrote: it made the directory, or emptied it (a run's, or empty)
+    with contextlib.suppress(OSError):
+        (run_dir / ck.LOCK).unlink()
+        if not made.get("existed"):
+            run_dir.rmdir()
+    return True
+
+
+def _listeners(st: RunState, reporter: Reporter, extra: list | None, figures=None):
+    from finetune.run import callbacks as C
+
+    if not st.dd.is_main:  # only rank 0 prints, writes TensorBoard and saves checkpoints
+        return C.Callbacks([])
+    items: list = [C.ReporterCallback(reporter)]
+    if st.cfg.train.tensorboard:
+        tb = C.TensorBoard(st.run_dir, log_every=st.cfg.train.log_every, figures=figures)
+        items.append(tb)
+        if tb.steps is not None:  # per-update scalars ride on the batch-level reporter
+            st.reporter = C.Fanout([st.reporter, tb.steps])
+    return C.Callbacks(items + list(extra or []))
+
+
+# ----------------------------------------------------------------------------------------------- building a run
+
+
+def start_run(recipe: Recipe, out, overwrite: bool, made: dict) -> RunState:
+    """A new run: its directory first (fail fast), then data, model, freeze plan, optimizer."""
+    from finetune.models import canonical, parse_name
+
+    cfg = validate(recipe)  # a recipe built or edited in Python meets the same rules as a YAML file
+    seed_everything(cfg.train.seed)
+    dd, device, precision = _runtime(cfg)
+    out_dir = Path(out) if out else ck.default_run_dir(canonical(*parse_name(cfg.model.name)))
+    existed = bool(out) and out_dir.is_dir()  # a default name is always a new directory (claimed, below)
+    run_dir = _prepare_shared_run_dir(dd, out_dir, overwrite, made["lock"], claim=not out)
+    if dd.is_main:
+        made["run_dir"], made["existed"] = run_dir, existed  # removed if the run stops before its first checkpoint
+    cfg, found = _auto_lr(cfg, dd, made.get("reporter"))  # optimizer.lr: auto -> the LR range test's suggestion
+    st = _build(cfg, None, dd, device, precision, run_dir)
+    if found is not None:
+        found.save(run_dir)  # lr_find.png / lr_find.json: the curve behind --lr auto
+    return st
+
+
+def _auto_lr(cfg: Recipe, dd: dist_.Dist, reporter):
+    """``optimizer.lr: auto``: rank 0 runs the LR range test (finetune/run/lr_find.py), every rank trains with its
+    suggestion (broadcast), so the processes of a DDP run agree; returns the recipe and the test (rank 0) or None."""
+    if cfg.optimizer.lr != "auto":
+        return cfg, None
+    from finetune.run.lr_find import resolve_auto_lr
+
+    cfg, found = resolve_auto_lr(cfg, reporter) if dd.is_main else (cfg, None)
+    lr = dist_.broadcast_object(cfg.optimizer.lr, dd)
+    return dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=lr)), found
+
+
+def _prepare_shared_run_dir(dd: dist_.Dist, out_dir: Path, overwrite: bool, lock: ck.RunLock,
+                            claim: bool = False) -> Path:
+    """Rank 0 picks, prepares and locks the run directory; every rank gets the same path, or the same error.
+    ``claim``: a default name, made unique (``-2``, ``-3``, ...) when another run took it in the same second."""
+    def prepare() -> Path:
+        return ck.prepare_run_dir(ck.claim_run_dir(out_dir) if claim else out_dir, overwrite=overwrite, lock=lock)
+
+    if not dd.enabled:
+        return prepare()
+    result: tuple[str, str | None] = (str(out_dir), None)
+    if dd.is_main:
+        try:
+            result = (str(prepare()), None)
+        except FinetuneError as e:
+            result = (str(out_dir), str(e))
+    path, error = dist_.broadcast_object(result, dd)
+    if error:
+        raise CheckpointError(error)
+    return Path(path)
+
+
+def resume_run(run_dir: Path, epochs: int | None, made: dict) -> RunState:
+    """Continue ``run_dir`` from its ``last.pt`` with the recipe stored there (``epochs`` may extend it)."""
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        raise CheckpointError(f"cannot resume: '{last}' not found; --resume takes a run directory that holds "
+                              "last.pt")
+    if dist_.from_env().is_main:  # one writer per run directory; then mend what a kill left
+        made["lock"].acquire(run_dir)
+        ck.remove_temp_files(run_dir)  # left by a write that a kill interrupted; last.pt itself is whole
+        fixed = ck.repair_run(run_dir)
+        if fixed:
+            log.warning(f"repaired {' and '.join(fixed)} from last.pt: a stop between the writes at the end of "
+                        "an epoch had left them behind")
+    saved = ck.Checkpoint.from_dict(ck.load_checkpoint(last, materialize=False))  # shards: loaded sharded
+    if saved.sharded:
+        sharded.path_of(run_dir, saved.sharded)  # its shards are there (else one error, before anything is written)
+        if dist_.from_env().is_main:  # the shards of an epoch a kill kept from being committed
+            sharded.remove_stale(run_dir, saved.sharded["path"])
+    data = saved.recipe
+    if saved.epoch_base != 1 and data["freeze"]["schedule"]:  # written when schedules were 0-based
+        data = {**data, "freeze": {**data["freeze"], "schedule": [{**s, "epoch": s["epoch"] + 1}
+                                                                  for s in data["freeze"]["schedule"]]}}
+    if epochs is not None:  # validated with the rest: --epochs 0 is an error, not an empty run
+        data = {**data, "train": {**data["train"], "epochs": epochs}}
+    cfg = from_dict(provenance.resume_recipe(saved.to_dict(), data))  # the run's data by absolute path
+    if saved.epoch >= cfg.train.epochs and saved.partial:  # only --epochs can do that
+        raise CheckpointError(f"cannot resume with --epochs {cfg.train.epochs}: '{run_dir}' has already trained "
+                              f"{saved.epoch} epochs (and part of epoch {saved.epoch + 1}); pass --epochs N with "
+                              f"N > {saved.epoch}")
+    if saved.epoch >= cfg.train.epochs and not saved.partial:
+        raise CheckpointError(f"nothing to resume: '{run_dir}' already finished {saved.epoch} of "
+                              f"{cfg.train.epochs} epochs; pass --epochs N with N > {saved.epoch} to train longer")
+    seed_everything(cfg.train.seed)
+    dd, device, precision = _runtime(cfg)
+    return _build(cfg, saved, dd, device, precision, run_dir)
+
+
+def _runtime(cfg: Recipe) -> tuple[dist_.Dist, torch.device, str]:
+    dd = dist_.from_env()  # torchrun sets RANK/WORLD_SIZE; a plain run is rank 0 of 1
+    device = dist_.init(dd, resolve_device(cfg.train.device), cfg.train.dist_timeout)
+    return dd, device, resolve_precision(cfg.train.precision, device)
+
+
+def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str, run_dir: Path) -> RunState:
+    from finetune import data as D
+    from finetune.train import freeze as F
+    from finetune.train import optim as O
+    from finetune.models import build_model
+
+    cfg = D.check_stream_recipe(cfg)  # tar shards stream: no frozen-feature cache (it indexes images)
+    bundle = D.build_data(cfg.data, probe_data_cfg(cfg.model.name, cfg.model.weights), seed=cfg.train.seed,
+                          scratch=run_dir)  # scratch: a disk image cache that is not kept lives in the run dir
+    if saved is not None:  # the same val images, or the recorded best compares different things
+        provenance.check_resume(saved.to_dict(), bundle, run_dir, dd.world_size, cfg.train.batch_size)
+    classes = _check_classes(cfg, list(bundle.class_names), saved)
+    bb = build_model(cfg.model.name, num_classes=len(classes), weights="none" if saved else cfg.model.weights,
+                     drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
+    plan = F.apply_freeze(bb, cfg.freeze)
+    _warn_plan(cfg, bb, plan, resumed=saved is not None)
+    channels_last = wants_channels_last(bb.model, cfg.train.channels_last)
+    model = bb.model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = O.build_optimizer(bb, cfg.optimizer)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    st = RunState(cfg=cfg, resolved=_resolved_recipe(cfg, bb, resumed=saved is not None), dd=dd, device=device,
+                  precision=precision, run_dir=run_dir, bundle=bundle, classes=classes, bb=bb, plan=plan,
+                  model=model, optimizer=optimizer, scaler=scaler, channels_last=channels_last, step=None,
+                  train_loader=None, val_loader=None, resumed=saved is not None)
+    st.monitor = Monitor(cfg.train.monitor, cfg.train.monitor_mode)
+    st.autotune = dwgrad.setup(st, saved.autotune if saved is not None else None)  # CPU bf16 depthwise backward
+    if cfg.train.ema:
+        from finetune.train.regularization import make_ema
+
+        st.ema = make_ema(model, cfg.train.ema_decay)
+    if saved is not None:
+        _restore(st, saved)
+    if cfg.train.sync_bn and dd.enabled:
+        st.model = dist_.sync_batchnorm(model, device)  # same Parameters: optimizer and state_dict unchanged
+    st.train_model = strategy.wrap(st)  # DDP, or FSDP2 sharding the model in place (finetune/parallel/strategy.py)
+    if saved is not None and saved.sharded:  # each rank reads its part, at this run's world size
+        sharded.load_into(st.model, st.optimizer, run_dir, saved.sharded)
+    if dd.is_main:  # once last.pt's state has loaded: a failed resume leaves the run as it was
+        files.atomic_write_text(run_dir / "config.yaml", _yaml(st.resolved, {
+            "device": str(device), "precision": precision, "channels_last": channels_last,
+            "processes": dd.world_size, "classes": classes, **dwgrad.picked(st.autotune)}))
+    st.step = _make_step(st)
+    _make_loaders(st)
+    st.run_model = maybe_compile(st.train_model, cfg.train.compile)  # checkpoints save `model`'s own state_dict
+    return st
+
+
+def _check_classes(cfg: Recipe, classes: list[str], saved: ck.Checkpoint | None) -> list[str]:
+    if saved is not None and classes != list(saved.class_names):
+        raise ConfigError(f"cannot resume: the data's classes {classes} differ from the run's "
+                          f"{list(saved.class_names)}")
+    if cfg.model.num_classes is not None and cfg.model.num_classes != len(classes):
+        raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but the data has {len(classes)} classes "
+                          f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}); drop num_classes to "
+                          "take it from the data")
+    return classes
+
+
+def _warn_plan(cfg: Recipe, bb, plan, resumed: bool) -> None:
+    if not resumed and bb.weights == "none" and plan.frozen:
+        log.warning(f"{len(plan.frozen)} parameter tensors are frozen at random init (weights: none): they will "
+                    "stay random; pass --weights (pretrained or a file) or drop the freeze plan")
+    for stp in cfg.freeze.schedule:
+        if stp.epoch > cfg.train.epochs:
+            log.warning(f"the unfreeze step at epoch {stp.epoch} ({', '.join(stp.layers)}) never runs: the run has "
+                        f"{cfg.train.epochs} epochs (1..{cfg.train.epochs})")
+
+
+def _restore(st: RunState, saved: ck.Checkpoint) -> None:
+    """Weights, the unfreeze steps already taken, optimizer/scaler state, history and best from ``last.pt``."""
+    from finetune.train import optim as O
+
+    meta = {"_path": str(st.run_dir / "last.pt"), "model_name": saved.model_name}
+    if not saved.sharded:  # sharded weights and optimizer state load after the model is sharded (_build)
+        ck.load_weights(st.model, saved.model, meta)
+    st.start_epoch = int(saved.epoch)
+    st.partial = saved.partial
+    for stp in sorted(st.cfg.freeze.schedule, key=lambda s: s.epoch):
+        if stp.epoch - 1 < st.start_epoch or (st.partial and stp.epoch - 1 == st.start_epoch):  # 1-based steps
+            O.unfreeze_step(st.bb, st.optimizer, stp, st.cfg.optimizer)
+    if not saved.sharded:
+        ck.load_weights(st.optimizer, saved.optimizer, meta, "an optimizer state")
+    if st.scaler is not None and saved.scaler:
+        st.scaler.load_state_dict(saved.scaler)
+    st.history = list(saved.metrics)
+    st.best = dict(saved.best)
+    if st.ema is not None and saved.ema is not None:
+        st.ema.module.load_state_dict(saved.ema)
+        st.best_ema = dict(saved.best_ema or st.best_ema)
+    st.top_k = list(saved.top_k or [])
+    st.since_best = st.history[-1]["epoch"] - st.best["epoch"] if st.history else 0  # early stop spans resumes
+
+
+def _make_step(st: RunState) -> Step:
+    from finetune.train import freeze as F
+
+    from finetune.train.regularization import make_mixup
+
+    cfg, opt = st.cfg, st.optimizer
+    reduce = (lambda t: dist_.all_reduce_sum(t, st.dd)) if st.dd.enabled else None
+    mix, mix_loss = make_mixup(cfg, len(st.classes))
+    ema_update = (lambda n: st.ema.update(st.model, step=n)) if st.ema is not None else None
+    loss_fn = imbalance.loss_fn(cfg, st.bundle.train.targets, st.classes, st.device)  # + train.class_weights
+    return Step(optimizer=opt, loss_fn=loss_fn,
+                device=st.device, precision=st.precision, channels_last=st.channels_last,
+                accumulate=cfg.train.accumulate, clip_grad=cfg.train.clip_grad, scaler=st.scaler,
+                after_train_mode=lambda m: F.apply_bn_policy(m, cfg.freeze.bn),
+                schedule=lambda t, dt: set_lr(opt, cfg.scheduler, t, cfg.train.epochs, dt), reduce=reduce,
+                mix=mix, mix_loss=mix_loss, after_update=ema_update)
+
+
+def _make_loaders(st: RunState) -> None:
+    """The image loaders (sharded per rank; batch_size is per process), then the frozen-feature cache: while it
+    serves, the epochs train the head alone on features computed once. Under DDP each rank computes its shard, and
+    every rank trains on all of them (same data, same seed: the same weights on every rank)."""
+    from finetune import data as D
+    from finetune.speedups.feature_cache import plan_cache
+
+    cfg, b = st.cfg, st.bundle
+    kw = dict(seed=cfg.train.seed, device=st.device.type, workers=cfg.data.workers,
+              num_replicas=st.dd.world_size, rank=st.dd.rank)
+    st.val_loader = D.make_loader(b.val, cfg.train.batch_size, shuffle=False, **kw) if b.val is not None else None
+    st.train_loader = D.make_loader(b.train, cfg.train.batch_size, shuffle=True, **kw,
+                                    weights=imbalance.sample_weights(cfg.data.sampler, b.train.targets,
+                                                                     len(st.classes)))
+    st.feats, st.feats_info = plan_cache(cfg, st.bb, b, st.step, device=st.device, precision=st.precision,
+                                         channels_last=st.channels_last, start_epoch=st.start_epoch, dd=st.dd)
+    if st.feats is not None:  # the head on cached features: no mixing of features; each rank has all of them
+        st.feats.step = dataclasses.replace(st.feats.step, mix=None, mix_loss=None,
+                                            reduce=None if st.dd.enabled else st.feats.step.reduce)
+
+
+# ----------------------------------------------------------------------------------------------- the epoch loop
+
+
+def fit(st: RunState, events) -> RunResult:
+    """Train from ``st.start_epoch`` to ``train.epochs``: per epoch, the unfreeze steps due, the phase, one pass,
+    evaluation, the commit of the run state, the listeners; stop early when asked."""
+    events.on_run_start(st)
+    try:
+        for epoch in range(st.start_epoch, st.cfg.train.epochs):
+            resuming = st.partial if epoch == st.start_epoch else None
+            _unfreeze_due(st, epoch, resuming, events)
+            phase = st.phase(epoch)
+            events.on_epoch_start(st, epoch, phase)
+            row, ev = _run_epoch(st, phase, epoch, resuming)
+            st.last_eval = ev
+            st.commit(epoch + 1, ev, st.record(row))
+            events.on_epoch_end(st, row)
+            if st.cfg.train.early_stop and st.since_best >= st.cfg.train.early_stop:
+                events.on_note(st, f"early stop: no better {st.monitor.key} for {st.since_best} epochs")
+                break
+        if st.dd.is_main:  # data with a test/ folder: best.pt on it, once, never used for selection
+            st.test = holdout.evaluate_best(st.run_dir, st.cfg, st.device, st.reporter)
+        events.on_run_end(st)
+    except NonFiniteLoss as e:
+        kept = (f"; the last good checkpoint is in '{st.run_dir}'" if (st.run_dir / "last.pt").is_file()
+                else ", before the first checkpoint (nothing was saved)")
+        raise TrainingDiverged(f"training diverged: {e}{kept}; lower --lr or use --clip-grad") from None
+    except KeyboardInterrupt:
+        if (st.run_dir / "last.pt").is_file():
+            raise Interrupted(f"interrupted; the last checkpoint is in '{st.run_dir}': continue with "
+                              f"finetune train --resume {st.run_dir}") from None
+        raise  # before the first checkpoint: train() removes a new run's directory
+    finally:
+        events.on_close(st)
+        dist_.barrier(st.dd)  # no rank leaves (or reads a checkpoint) before rank 0 has written it
+    return RunResult(st.run_dir, st.best["epoch"], st.best["val_acc"], st.history, st.classes, st.test)
+
+
+def _unfreeze_due(st: RunState, epoch: int, resuming, events) -> None:
+    """The (1-based) unfreeze steps of this epoch; steps before a resumed start were re-applied by _restore."""
+    from finetune.train import optim as O
+
+    for stp in st.cfg.freeze.schedule:
+        if stp.epoch - 1 == epoch and not resuming:
+            names = O.unfreeze_step(st.bb, st.optimizer, stp, st.cfg.optimizer)
+            st.rewrap()
+            events.on_note(st, f"epoch {epoch + 1}: unfroze {', '.join(stp.layers)} ({len(names)} tensors, "
+                               f"lr x {stp.lr_mult})")
+
+
+def _run_epoch(st: RunState, phase: Phase, epoch: int, resuming) -> tuple[dict[str, Any], dict | None]:
+    """One pass over the phase's training data and one evaluation; returns the metrics row and the evaluation."""
+    from finetune import data as D
+
+    # order, augmentation and dropout are functions of (seed, epoch): a resumed run repeats them exactly
+    torch.manual_seed(epoch_seed(st.cfg.train.seed, epoch))
+    if phase.step.mix is not None:  # timm's Mixup draws from NumPy's global RNG
+        R.seed_numpy(epoch_seed(st.cfg.train.seed, epoch))
+    if resuming:  # mid-epoch: skip the batches already trained, continue the RNG where it was
+        torch.set_rng_state(resuming["rng"])
+        if resuming.get("np_rng") is not None:
+            R.set_numpy_rng_state(resuming["np_rng"])
+    D.set_epoch(phase.train_loader, epoch, int(resuming["batches"]) if resuming else 0)
+    reporter = st.reporter
+    saver = midepoch.saver(st.cfg, st.run_dir, lambda: st.checkpoint(epoch, None).to_dict(), st.dd, st.device)
+    tr = train_one_epoch(phase.model, phase.train_loader, phase.step, epoch, reporter, on_step=saver,
+                         resume=midepoch.for_rank(resuming, st.dd, summed=phase.step.reduce is not None))
+    # val runs in the run's precision even on cached features (the head trains in fp32 there): the recorded
+    # accuracy is what `finetune eval best.pt` computes with the full model
+    ev = (evaluate(phase.eval_model, phase.val_loader, len(st.classes), device=st.device, precision=st.precision,
+                   channels_last=phase.step.channels_last, label_smoothing=0.0, reporter=reporter,
+                   reduce=phase.step.reduce, fast=st.cfg.train.fast_inference)
+          if phase.val_loader is not None else None)
+    row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
+           "val_loss": ev["loss"] if ev else None, "val_acc": ev["accuracy"] if ev else None,
+           "lr": tr["lr"], "lrs": tr["lrs"], "seconds": tr["seconds"], "images_per_sec": tr["images_per_sec"]}
+    if ev:  # beside accuracy: what a majority-class guess can't inflate (finetune/train/imbalance.py)
+        row.update(val_f1=ev["macro_f1"], val_balanced_acc=ev["balanced_accuracy"])
+    if ev and ev["top5"] is not None:
+        row["val_top5"] = ev["top5"]
+    if st.ema is not None and st.val_loader is not None:  # the average of the full model, on the val images
+        ee = evaluate(st.ema.module, st.val_loader, len(st.classes), device=st.device, precision=st.precision,
+                      channels_last=st.channels_last, reporter=reporter, reduce=st.step.reduce,
+                      fast=st.cfg.train.fast_inference)
+        row.update(ema_val_loss=ee["loss"], ema_val_acc=ee["accuracy"], ema_val_f1=ee["macro_f1"])
+    return row, ev
+
+
+def _resolved_recipe(cfg: Recipe, bb, resumed: bool = False) -> Recipe:
+    """``cfg`` as it ran. A resumed run's model was built without weights (last.pt replaces them): its recipe
+    already names the original weights, and keeps naming them through any number of resumes."""
+    r = from_dict(cfg.to_dict())
+    if not resumed:
+        r.model.weights = cfg.model.weights if cfg.model.weights == "default" else bb.weights
+    r.model.num_classes = bb.num_classes
+    return r  # device/precision stay as asked ("auto" travels to a GPU box); config.yaml notes what was picked
+
+
+def _yaml(recipe: Recipe, picked: dict[str, Any]) -> str:
+    import yaml
+
+    notes = "".join(f"#   {k}: {v}\n" for k, v in picked.items())
+    return ("# the resolved configuration of this run: finetune train --recipe THIS_FILE reruns it\n"
+            "# picked on this machine (the 'auto' values below are resolved again where it reruns):\n" + notes
+            + yaml.safe_dump(recipe.to_dict(), sort_keys=False))

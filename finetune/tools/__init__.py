@@ -1,0 +1,1 @@
+"""Commands beside training: the probe lab, export."""

@@ -1,0 +1,1 @@
+"""Training: one step, one epoch, evaluation; optimizers, schedules, freeze plans, losses, precision."""
