@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from finetune import config
-from finetune.run.checkpoint import _umask, load_checkpoint
+from finetune.files import _umask
+from finetune.run.checkpoint import load_checkpoint
 from finetune.train.engine import Reporter
 from finetune.run.runner import Interrupted, train
 
