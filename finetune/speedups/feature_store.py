@@ -422,9 +422,6 @@ def save(root: Path, key: str, meta: dict[str, Any], batches: Callable[[], Any],
     When the entry cannot be written (too little free space, a full disk, a store that cannot be written, features
     that are not finite) the features are returned in memory instead, with one warning, and nothing is left on disk.
     """
-    import numpy as np
-    import torch
-
     stream = iter(batches())
     first = next(stream, None)
     if first is None:
@@ -446,72 +443,95 @@ def save(root: Path, key: str, meta: dict[str, Any], batches: Callable[[], Any],
         _warn_once(f"write:{root}", f"feature cache '{root}' cannot be written ({e}); computing the features that "
                    "are not stored there in memory this run")
         return _in_memory(stream)
-    mm = None
-
-    def give_up(e: Exception | str):
-        """Keep what was computed in memory, drop the temporary directory, warn once."""
-        nonlocal mm
-        feats = torch.from_numpy(np.array(mm)) if mm is not None else None
-        mm = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, str):
-            log.warning(e)
-        else:
-            _warn_once(f"write:{root}", f"feature cache: cannot write to '{root}' ({e}); keeping the features in "
-                       "memory this run (free some space, e.g. 'finetune cache clear', or point --cache-dir / "
-                       "FINETUNE_CACHE elsewhere)")
-        return feats
-
     try:
-        try:
-            mm = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=(n, *row_shape))
-            _preallocate(tmp / "features.npy")
-        except OSError as e:
-            mm = None  # nothing written into it yet
-            give_up(e)
-            return _in_memory(stream)
-        labels, row = np.empty(n, dtype=np.int64), 0
-        for f, y in stream:
-            if row + len(f) > n:
-                raise RuntimeError(f"expected {n} feature rows, got more")
-            mm[row:row + len(f)] = f.float().numpy()
-            labels[row:row + len(f)] = y.numpy()
-            row += len(f)
-        if row != n:
-            raise RuntimeError(f"expected {n} feature rows, got {row}")
-        if not _all_finite(mm):
-            feats = give_up(f"feature cache: the features of {meta.get('data', 'the data')} "
-                            f"({meta.get('split_of_data', '?')}) hold NaN or inf (the backbone overflows at "
-                            f"{meta.get('precision', 'this precision')}?); not storing them")
-            return feats, torch.from_numpy(labels)
-        replaced = []
-        if expect is not None and expect.labels is not None and len(expect.labels) == n:
-            replaced = np.nonzero(labels != np.asarray(expect.labels, dtype=np.int64))[0].tolist()
-        try:
-            mm.flush()
-            np.save(tmp / "labels.npy", labels)
-            for p in (tmp / "features.npy", tmp / "labels.npy"):
-                with open(p, "rb+") as fh:
-                    os.fsync(fh.fileno())
-            meta = {**meta, "key": key, "shape": list(mm.shape), "created": time.time(), "replaced": replaced,
-                    "bytes_features": (tmp / "features.npy").stat().st_size,
-                    "bytes_labels": (tmp / "labels.npy").stat().st_size,
-                    "crc_features": _crc(tmp / "features.npy"), "crc_labels": _crc(tmp / "labels.npy")}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str), "utf-8")
-        except OSError as e:
-            return give_up(e), torch.from_numpy(labels)
-        try:
-            os.rename(tmp, root / key)
-        except OSError:  # another process stored the same entry first: same key, same contents; keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        out = load(root, key, expect)
-        if out is None:  # not readable after all (theirs was damaged, or the disk): this run keeps its own
-            return torch.from_numpy(np.array(mm)), torch.from_numpy(labels)
-        return out
+        return _write_entry(root, key, tmp, meta, stream, n, row_shape, expect)
     except BaseException:
-        mm = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _give_up(root: Path, tmp: Path, mm, e: Exception | str):
+    """Keep what was computed in memory, drop the temporary directory, warn once."""
+    import numpy as np
+    import torch
+
+    feats = torch.from_numpy(np.array(mm)) if mm is not None else None
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, str):
+        log.warning(e)
+    else:
+        _warn_once(f"write:{root}", f"feature cache: cannot write to '{root}' ({e}); keeping the features in "
+                   "memory this run (free some space, e.g. 'finetune cache clear', or point --cache-dir / "
+                   "FINETUNE_CACHE elsewhere)")
+    return feats
+
+
+def _write_entry(root: Path, key: str, tmp: Path, meta: dict[str, Any], stream, n: int, row_shape: tuple,
+                 expect: Expect | None):
+    """:func:`save`'s part once the temporary directory exists: fill the memory map, check, commit by rename."""
+    import numpy as np
+    import torch
+
+    try:
+        mm = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=(n, *row_shape))
+        _preallocate(tmp / "features.npy")
+    except OSError as e:
+        _give_up(root, tmp, None, e)  # nothing written into it yet
+        return _in_memory(stream)
+    labels = _fill(mm, stream, n)
+    if not _all_finite(mm):
+        feats = _give_up(root, tmp, mm, f"feature cache: the features of {meta.get('data', 'the data')} "
+                         f"({meta.get('split_of_data', '?')}) hold NaN or inf (the backbone overflows at "
+                         f"{meta.get('precision', 'this precision')}?); not storing them")
+        return feats, torch.from_numpy(labels)
+    replaced = []
+    if expect is not None and expect.labels is not None and len(expect.labels) == n:
+        replaced = np.nonzero(labels != np.asarray(expect.labels, dtype=np.int64))[0].tolist()
+    try:
+        _commit_files(tmp, mm, labels, {**meta, "key": key, "replaced": replaced})
+    except OSError as e:
+        return _give_up(root, tmp, mm, e), torch.from_numpy(labels)
+    try:
+        os.rename(tmp, root / key)
+    except OSError:  # another process stored the same entry first: same key, same contents; keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = load(root, key, expect)
+    if out is None:  # not readable after all (theirs was damaged, or the disk): this run keeps its own
+        return torch.from_numpy(np.array(mm)), torch.from_numpy(labels)
+    return out
+
+
+def _fill(mm, stream, n: int):
+    """Write the stream's rows into the memory map; returns the labels (exactly ``n`` rows, or RuntimeError)."""
+    import numpy as np
+
+    labels, row = np.empty(n, dtype=np.int64), 0
+    for f, y in stream:
+        if row + len(f) > n:
+            raise RuntimeError(f"expected {n} feature rows, got more")
+        mm[row:row + len(f)] = f.float().numpy()
+        labels[row:row + len(f)] = y.numpy()
+        row += len(f)
+    if row != n:
+        raise RuntimeError(f"expected {n} feature rows, got {row}")
+    return labels
+
+
+def _commit_files(tmp: Path, mm, labels, meta: dict[str, Any]) -> None:
+    """features.npy and labels.npy made durable, then meta.json with their sizes and checksums (the entry is whole
+    once meta.json exists)."""
+    import numpy as np
+
+    mm.flush()
+    np.save(tmp / "labels.npy", labels)
+    for p in (tmp / "features.npy", tmp / "labels.npy"):
+        with open(p, "rb+") as fh:
+            os.fsync(fh.fileno())
+    meta = {**meta, "shape": list(mm.shape), "created": time.time(),
+            "bytes_features": (tmp / "features.npy").stat().st_size,
+            "bytes_labels": (tmp / "labels.npy").stat().st_size,
+            "crc_features": _crc(tmp / "features.npy"), "crc_labels": _crc(tmp / "labels.npy")}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str), "utf-8")
 
 
 def entries(cache_dir: str | Path | None = None, temp: bool = False) -> list[Entry]:
@@ -542,7 +562,7 @@ def parse_age(text: str) -> float:
     try:
         secs = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t) * 86400
     except ValueError:
-        secs = math.nan
+        raise ConfigError(f"--older-than '{text}' is not an age; use e.g. 30m, 12h, 7d or 2w") from None
     if not math.isfinite(secs) or secs <= 0:
         raise ConfigError(f"--older-than '{text}' is not a positive age; use a number and a unit, e.g. 30m, 12h, 7d "
                           "or 2w")
