@@ -310,6 +310,7 @@ def test_download_needed_offline(base, tmp_path, cli, monkeypatch):
                        f"{tmp_path / 'torch_home' / 'hub' / 'checkpoints'}")
 
 
+@pytest.mark.slow
 def test_write_error_while_saving_keeps_previous_checkpoint(base, tmp_path, cli, monkeypatch):
     """The disk fills up while epoch 2's checkpoint is written: one error line, and epoch 1's last.pt intact."""
     import finetune.run.checkpoint as C
@@ -355,6 +356,8 @@ def test_full_disk_at_config_yaml_leaves_no_run_folder(base, tmp_path, cli, monk
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_real_process_errors_have_no_traceback(base):
     """One row in a real process: the exit code and stderr a shell sees (CliRunner could hide a traceback)."""
     p = run_cli("eval", base / "truncated.pt")
@@ -370,6 +373,9 @@ def test_real_process_errors_have_no_traceback(base):
                                      "if you trust where the file came from"]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_nproc_worker_error_is_one_line_from_the_launcher(tmp_path):
     """A mistake found only inside the --nproc workers (a corrupt image under --strict): one Error line, printed once
     by the launcher (not once per rank), exit 1, no torchrun log lines or ChildFailedError traceback; the new run

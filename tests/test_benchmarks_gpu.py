@@ -7,6 +7,9 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.sh"
 
+# bash in a child process; the file imports no pytest (a plain `pytest.mark.subprocess` once it does)
+pytestmark = __import__("pytest").mark.subprocess
+
 
 def test_gpu_sh_parses_and_refuses_an_unknown_argument():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0

@@ -94,6 +94,7 @@ def test_recipes_listing(cli):
     assert r.exit_code == 1 and r.stderr.startswith("Error: unknown recipe 'defualt' (did you mean 'default'?)")
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("args", [["--help"], ["inspect", "--help"], ["train", "--help"], ["models", "--help"],
                                   ["recipes"], ["recipes", "--help"], ["probe", "--help"], ["cache", "--help"],
                                   ["cache", "list", "--help"], ["report", "--help"], ["runs", "--help"],
@@ -142,6 +143,7 @@ def _smallcnn_weights(path):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra,expected", [
     ((), "lp-ft"),                                         # pretrained weights, no recipe: LP-FT
     (("--freeze-backbone",), "smallcnn-cli"),              # a freeze plan of the user's own: generic defaults
@@ -171,6 +173,7 @@ def test_model_without_recipe_random_init_uses_generic_defaults():
     assert _base_recipe(None, None, {}).name == "default"
 
 
+@pytest.mark.slow
 def test_loop_flags_reach_the_recipe(cli, tmp_path):
     """Issue 17: the monitor/top-k, EMA, mixup/cutmix and per-step logging keys are also train flags, recorded in
     config.yaml; a bad value names the flag."""

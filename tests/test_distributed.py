@@ -41,6 +41,9 @@ def ddp_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_two_processes_complete_and_eval_matches(ddp_run):
     m = json.loads((ddp_run / "metrics.json").read_text())
     assert [e["epoch"] for e in m["epochs"]] == [1]
@@ -52,6 +55,9 @@ def test_two_processes_complete_and_eval_matches(ddp_run):
     assert res["accuracy"] == m["best"]["val_acc"]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_two_by_b_equals_one_by_2b(ddp_run, tmp_path):
     r = config.apply_overrides(config.load_recipe("default"), {
         "train.epochs": 1, "train.batch_size": 64, "train.precision": "fp32", "scheduler.name": "constant",
@@ -102,6 +108,9 @@ def _accumulate_worker(rank: int, init: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_accumulation_all_reduces_only_on_optimizer_steps(tmp_path):
     """Under DDP, micro-batches that don't step run in no_sync(): 4 micro-batches, accumulate=2 -> 2 all-reduces
     (smallcnn's gradients fit one bucket), and the ranks still end with bitwise equal parameters."""
@@ -154,6 +163,9 @@ def _stop_together_worker(rank: int, port: int, out: str) -> None:
     os._exit(0)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_nan_on_one_rank_stops_every_rank_and_a_frozen_rank_times_out(tmp_path):
     """A NaN loss on rank 1 only: both ranks raise NonFiniteLoss at the same step (the finite flag is all-reduced),
     instead of rank 0 waiting for rank 1's gradients forever. A rank that stops answering makes the others' next
@@ -222,6 +234,9 @@ def _midepoch_worker(rank: int, port: int, data: str, out: str) -> None:
     os._exit(0)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_ddp_mid_epoch_resume_restores_every_ranks_own_sums(tmp_path):
     """2 gloo processes: an epoch stopped after its mid-epoch save at batch 2 and resumed reports exactly the
     uninterrupted epoch's train loss and accuracy (each rank continues from its own saved sums; before, every rank
@@ -282,6 +297,9 @@ def _sharded_features_worker(rank: int, port: int, out: str) -> None:
     Path(out, f"{rank}.json").write_text(json.dumps([sum(s) for s in seen]))
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_sharded_feature_extraction_computes_each_image_once(tmp_path, monkeypatch):
     """2 processes on cached features: each rank computes its shard (640 train + 160 val images, once across
     ranks, not once per rank); a second run finds them in the store on both ranks (0 computed); the head equals a
@@ -301,6 +319,9 @@ def test_sharded_feature_extraction_computes_each_image_once(tmp_path, monkeypat
             assert torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-6), (run, k)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_two_nodes_equal_nproc_2(ddp_run, tmp_path):
     """Multi-node as documented in the README: two torchrun launchers ("nodes" on 127.0.0.1, one process each; one
     started as plain torchrun, one by ``finetune train --nnodes 2 --node-rank 1 --master-addr``) meeting at a c10d

@@ -19,6 +19,7 @@ def _layers():
             nn.Conv2d(24, 24, 3, 1, padding=1, groups=24, bias=True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("i", [0, 1, 2])
 def test_mixed_layer_forward_is_autocasts_and_backward_is_fp32_of_the_same_inputs(i):
     ref = _layers()[i].to(memory_format=torch.channels_last)
@@ -95,6 +96,7 @@ def test_applies_only_to_cpu_bf16_without_compile_or_fsdp():
     assert not dwgrad.applies(config.apply_overrides(r, {"train.autotune": "off"}), cpu, "bf16", fsdp=False)
 
 
+@pytest.mark.slow
 def test_a_resume_switches_what_the_run_switched_without_timing_again(tmp_path, monkeypatch):
     """timm's test_efficientnet has 2 depthwise convs; the decisions are in last.pt and a resume takes them."""
     from finetune.run.runner import train

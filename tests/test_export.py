@@ -34,6 +34,7 @@ def _reference(run, x):
         return model(x.contiguous(memory_format=torch.channels_last)).float().numpy()
 
 
+@pytest.mark.slow
 def test_onnx_matches_pytorch_with_dynamic_batch(run, cli):
     import onnx
     import onnxruntime as ort

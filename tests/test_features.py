@@ -36,6 +36,7 @@ def run(tmp_path, name, **over):
     return res, ckpt, cap
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["smallcnn", "timm:test_resnet"])
 def test_cached_and_uncached_runs_train_the_same_head(tmp_path, model):
     over = {"model.name": model, "model.weights": "none"}
@@ -56,6 +57,7 @@ def test_cached_and_uncached_runs_train_the_same_head(tmp_path, model):
     assert not torch.equal(ck_on["model"][sorted(head)[0]], build_model(model, 4).model.state_dict()[sorted(head)[0]])
 
 
+@pytest.mark.slow
 def test_trailing_block_is_cached_too(tmp_path):
     """smallcnn with its convs frozen: the features are the flattened conv output, seq.7 and seq.8 train on them."""
     over = {"freeze.backbone": False, "freeze.layers": ["seq.0", "seq.2", "seq.4"]}
@@ -68,6 +70,7 @@ def test_trailing_block_is_cached_too(tmp_path):
         assert torch.allclose(v, ck_off["model"][k], atol=1e-5), k
 
 
+@pytest.mark.slow
 def test_unfreeze_schedule_uses_the_cache_until_the_first_unfreeze(tmp_path):
     sched = {"freeze.schedule": [{"epoch": 2, "layers": ["all"], "lr_mult": 0.5}], "optimizer.lr": 0.02}
     res_on, ck_on, cap_on = run(tmp_path, "cached", **sched)
@@ -81,6 +84,7 @@ def test_unfreeze_schedule_uses_the_cache_until_the_first_unfreeze(tmp_path):
     assert abs(res_on.epochs[-1]["val_acc"] - res_off.epochs[-1]["val_acc"]) <= 0.02
 
 
+@pytest.mark.slow
 def test_cache_on_with_random_augment_uses_the_eval_transform_and_says_so(tmp_path):
     _, _, cap = run(tmp_path, "on", **{"data.augment": "light", "train.cache_features": "on", "train.epochs": 1})
     assert cap.info["feature_cache"] == "used"

@@ -192,6 +192,7 @@ def features(bb, x):
         return nn.Sequential(*list(bb.model.children())[:-1])(x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "timm:test_resnet"])
 def test_frozen_backbone_bn_stats_and_outputs_do_not_move(name):
     torch.manual_seed(0)

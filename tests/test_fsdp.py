@@ -88,6 +88,9 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_fsdp_matches_ddp_keeps_frozen_weights_and_resumes_exactly(tmp_path):
     import socket
 

@@ -94,6 +94,8 @@ def _plan(trial: int, rng: random.Random) -> dict | None:
     return plan
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
     data = tiny_tree(tmp_path / "data", per_class=16)
     server = ForkServer(tmp_path / "server.err")

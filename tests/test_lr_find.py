@@ -46,6 +46,7 @@ def _fit(x, y, lr: float, epochs: int = 3) -> float:
     return v if math.isfinite(v) else math.inf
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [1.0, 10.0])
 def test_suggestion_lands_in_the_measured_good_range(scale):
     x, y = _blobs(scale)
@@ -101,6 +102,7 @@ def test_lr_find_cli_prints_the_suggestion_and_writes_the_curve(data, tmp_path, 
                                                "--overwrite to replace it or choose another --out\n")
 
 
+@pytest.mark.slow
 def test_train_lr_auto_records_and_uses_the_suggestion(data, tmp_path, cli):
     r = cli("train", "--data", data, *PROBE, "--lr", "auto", "--epochs", "1", "--out", tmp_path / "run",
             "--no-tensorboard", "--quiet")

@@ -22,6 +22,7 @@ def test_smallcnn_is_the_tutorial_network():
 _META_FAIL = {n for n in torchvision_names() if n.startswith("regnet")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(set(torchvision_names()) - _META_FAIL))
 def test_every_torchvision_model_gets_a_new_head(name):
     with torch.device("meta"):

@@ -20,6 +20,7 @@ def recipe(**over):
     return config.apply_overrides(config.load_recipe("default"), {**base, **over})
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_weights_identity(tmp_path):
     from finetune.models import build_model
 
@@ -34,6 +35,7 @@ def test_resume_keeps_the_weights_identity(tmp_path):
             assert load_checkpoint(out / name)["recipe"]["model"]["weights"] == str(init), (total, name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("freeze", [{"freeze.backbone": True}, {"freeze.layers": ["seq.0", "seq.2"]}])
 def test_eval_of_a_cached_run_reproduces_the_recorded_val(tmp_path, freeze):
     """The run trains on frozen features in bf16; eval rebuilds the full model: same loss and accuracy."""
@@ -54,6 +56,7 @@ def small_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_predict_skips_unreadable_images_and_shows_whole_names(small_run, tmp_path, cli):
     import shutil
 
@@ -89,6 +92,7 @@ def test_gif_files_are_images(tmp_path):
     assert load_image(tmp_path / "x.gif").mode == "RGB"
 
 
+@pytest.mark.slow
 def test_feature_cache_cuts_at_a_block_when_fx_cannot_trace(tmp_path):
     """timm's ViT does not fx-trace; the cache cuts at blocks.4 (the first trainable block) instead."""
     from finetune.cli.progress import RichReporter  # noqa: F401 - the note is what a user reads
@@ -129,6 +133,7 @@ def test_ctrl_c_while_data_loads_leaves_no_run_dir(tmp_path, monkeypatch):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_small_cli_fixes(small_run, tmp_path, cli):
     import finetune
 
@@ -174,6 +179,7 @@ def test_stages_resolve_per_architecture():
     assert mods("vgg16")[-3:] == ["features.28", "classifier.0", "classifier.3"]
 
 
+@pytest.mark.slow
 def test_stage_addresses_in_plans_and_the_gradual_unfreeze_recipe_on_timm(tmp_path, cli):
     from finetune.train.freeze import apply_freeze
     from finetune.models import build_model
@@ -202,6 +208,7 @@ def test_freeze_errors_from_a_recipe_say_so(tmp_path, cli):
                         "the head); see 'finetune inspect smallcnn'\n")
 
 
+@pytest.mark.slow
 def test_epochs_count_from_1_everywhere(tmp_path, cli):
     r = cli("train", "--freeze-backbone", "--unfreeze", "all@2:0.5", "--epochs", "2", "--precision", "fp32",
             "--no-tensorboard", "--out", tmp_path / "e")
@@ -226,6 +233,7 @@ def test_model_override_is_recorded_and_inspect_previews_the_datas_head(tmp_path
     assert next(p for p in doc["parameters"] if p["name"] == "fc.weight")["shape"] == [4, 512]  # sample: 4 classes
 
 
+@pytest.mark.slow
 def test_warnings_for_random_frozen_layers_and_no_op_unfreezes(tmp_path, cli):
     r = cli("train", "--freeze-layers", "seq.0", "--unfreeze", "seq.8", "--epochs", "1", "--precision", "fp32",
             "--no-tensorboard", "--quiet", "--out", tmp_path / "w")
@@ -248,6 +256,7 @@ def test_help_is_whole_at_80_columns(cli):
         assert flag in out, flag
 
 
+@pytest.mark.slow
 def test_eval_split_test_precision_and_labels(small_run, tmp_path, cli):
     import shutil
 

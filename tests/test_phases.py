@@ -69,6 +69,7 @@ class Recorder(Callback):
         self.events.append(("close",))
 
 
+@pytest.mark.slow
 def test_listeners_see_the_phases_in_order(tmp_path):
     """Head on cached features for epoch 1, the unfreeze note, then the full model; each epoch_end comes after
     its checkpoint was committed."""
@@ -84,6 +85,7 @@ def test_listeners_see_the_phases_in_order(tmp_path):
         ("end", res.best_epoch), ("close",)]
 
 
+@pytest.mark.slow
 def test_close_runs_when_the_run_fails(tmp_path):
     class Boom(Callback):
         def on_epoch_end(self, run, row):
@@ -95,6 +97,7 @@ def test_close_runs_when_the_run_fails(tmp_path):
     assert rec.events[-1] == ("close",) and ("end", 1) not in rec.events
 
 
+@pytest.mark.slow
 def test_checkpoint_dict_round_trip_keeps_unknown_keys(tmp_path):
     train(recipe(**{"train.epochs": 1}), out=tmp_path / "run")
     raw = torch.load(tmp_path / "run" / "last.pt", weights_only=True)

@@ -35,6 +35,7 @@ def snapshot(bb):
     return {k: v.clone() for k, v in bb.model.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_validates_previews_and_trains(name, cli):
     r = config.apply_overrides(config.load_recipe(name), {"model.weights": "none", "model.num_classes": 3,

@@ -212,6 +212,8 @@ def browser():
     return open_page
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_report_in_chromium(run, browser, tmp_path):
     shot = tmp_path / "report.png"
     page = browser(run / "report.html", shot)
@@ -227,6 +229,8 @@ def test_report_in_chromium(run, browser, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[20:24], "big") > 1000  # full page: tall
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_browser_check_sees_errors_and_broken_images(browser, tmp_path):
     """The driver is not blind: a console error, a script error and an undecodable image are all reported."""
     bad = tmp_path / "bad.html"
@@ -296,6 +300,8 @@ def test_runs_lists_run_directories(run, cli, tmp_path):
                                              "writes them)\n")
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_compare_shows_differences_and_writes_html(run, cli, tmp_path, browser):
     _copy_run(run, tmp_path / "b", 0.05, 0.75)
     r = cli("compare", run, tmp_path / "b", "--json", "--html", tmp_path / "cmp.html")

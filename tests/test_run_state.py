@@ -37,6 +37,7 @@ def test_overwrite_refuses_a_folder_with_config_yaml_and_other_files(tmp_path, c
     assert (out / "src" / "main.py").read_text() == "print(1)"
 
 
+@pytest.mark.slow
 def test_overwrite_empties_a_real_run_and_marks_new_ones(tmp_path):
     out = tmp_path / "run"
     train(recipe(**{"train.epochs": 1}), out=out)
@@ -88,6 +89,7 @@ def _same_metrics(a, b):
         [[e[k] for k in keys] for e in jb["epochs"]]
 
 
+@pytest.mark.slow
 def test_resume_repairs_best_and_metrics_after_a_kill_between_writes(killed_between_writes):
     out, ref = killed_between_writes
     with pytest.raises(CheckpointError, match="nothing to resume: .* already finished 1 of 1 epochs"):
@@ -101,6 +103,7 @@ def test_resume_repairs_best_and_metrics_after_a_kill_between_writes(killed_betw
     assert [e["epoch"] for e in res.epochs] == [1, 2]
 
 
+@pytest.mark.slow
 def test_eval_of_best_pt_repairs_it_too(killed_between_writes, cli):
     out, ref = killed_between_writes
     r = cli("eval", out / "best.pt", "--json")
@@ -109,6 +112,8 @@ def test_eval_of_best_pt_repairs_it_too(killed_between_writes, cli):
     assert _same_metrics(out / "metrics.json", ref / "metrics.json")
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
     """While a run trains, --overwrite (or --resume) of its directory from another process is an error."""
     out = tmp_path / "run"
@@ -175,6 +180,7 @@ def test_eval_and_resume_use_the_runs_data_from_any_folder(tmp_path, monkeypatch
         [rec.getMessage() for rec in caplog.records]
 
 
+@pytest.mark.slow
 def test_resume_with_fewer_epochs_than_done_is_an_error(tmp_path, cli):
     """A run stopped mid-epoch 3 (2 epochs done, a partial third): ``--resume --epochs 2`` (or 1) would train
     nothing and exit 0; it is an error, and nothing in the run changes."""
@@ -193,6 +199,7 @@ def test_resume_with_fewer_epochs_than_done_is_an_error(tmp_path, cli):
     assert last.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resuming_a_ddp_run_in_one_process_says_the_global_batch_changes(tmp_path, caplog):
     import logging
 
@@ -238,6 +245,8 @@ def test_a_best_pt_of_another_model_is_replaced_or_refused(tmp_path, cli):
     assert {p.name: p.read_bytes() for p in a2.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_kill_during_the_very_first_write_leaves_a_run_that_overwrite_replaces(tmp_path, cli):
     """SIGKILL inside the first atomic write of a new run (config.yaml, after the marker): what is left is a run
     that saved no checkpoint: --out says to pass --overwrite, --resume says there is no last.pt, and --overwrite

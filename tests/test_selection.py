@@ -46,6 +46,7 @@ def test_top_k_keeps_the_best_and_ties_keep_the_earlier_epoch():
     assert Monitor("val_acc", "min").better(0.3, 0.4)
 
 
+@pytest.mark.slow
 def test_monitor_val_loss_with_top_k(tmp_path):
     out = tmp_path / "run"
     train(recipe(**{"train.monitor": "val_loss", "train.save_top_k": 2, "train.epochs": 4}), out=out)
@@ -62,6 +63,7 @@ def test_monitor_val_loss_with_top_k(tmp_path):
     assert all(0.0 <= e["val_f1"] <= 1.0 for e in m["epochs"])
 
 
+@pytest.mark.slow
 def test_early_stop_follows_the_monitor(tmp_path):
     notes = []
 
@@ -91,6 +93,7 @@ class StopAt(Reporter):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_ema_is_evaluated_saved_and_resumes_exactly(tmp_path):
     over = {"train.ema": True, "train.ema_decay": 0.9}
     full = train(recipe(**over), out=tmp_path / "full")
@@ -117,6 +120,7 @@ def test_ema_is_evaluated_saved_and_resumes_exactly(tmp_path):
     assert full.best_val_acc == json.loads((tmp_path / "part" / "metrics.json").read_text())["best"]["val_acc"]
 
 
+@pytest.mark.slow
 def test_mixup_cutmix_change_training_and_resume_exactly_mid_epoch(tmp_path):
     over = {"train.mixup": 0.4, "train.cutmix": 1.0, "train.epochs": 2, "train.save_every_steps": 1}
     plain = train(recipe(**{"train.epochs": 2}), out=tmp_path / "plain")
@@ -131,6 +135,7 @@ def test_mixup_cutmix_change_training_and_resume_exactly_mid_epoch(tmp_path):
     assert [e["train_loss"] for e in a["metrics"]] == [e["train_loss"] for e in b["metrics"]]
 
 
+@pytest.mark.slow
 def test_log_every_writes_per_update_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

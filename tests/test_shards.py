@@ -87,6 +87,7 @@ def test_labels_counts_and_held_out_val(tmp_path):
     assert c.class_names == ["0", "1", "2"] and [int(t) for t in c.train.targets] == [i % 3 for i in cls[:8]]
 
 
+@pytest.mark.slow
 def test_each_sample_once_per_epoch_across_two_workers_and_a_fixed_order(tmp_path):
     ids = make_shards(tmp_path, [9, 8, 7, 10, 3])  # 4 train shards (34 samples) + val
     _, ds = stream(tmp_path, 5)
@@ -132,6 +133,7 @@ def test_unreadable_sample_is_skipped_or_strict(tmp_path, caplog):
         list(make_loader(strict.train, 8, shuffle=True, seed=0, workers=0))
 
 
+@pytest.mark.slow
 def test_a_run_on_shards_resumes_at_an_epoch_boundary_bitwise(tmp_path):
     from finetune import config
     from finetune.api import train

@@ -54,6 +54,8 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has stopped running; only its parent's wait() is missing
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigterm_saves_and_exits_like_ctrl_c(tmp_path):
     data = tiny_tree(tmp_path / "data", per_class=16)
     run = tmp_path / "run"
@@ -74,6 +76,9 @@ def test_sigterm_saves_and_exits_like_ctrl_c(tmp_path):
     assert ck["epoch"] < 200
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_stopping_the_nproc_launcher_stops_every_worker(tmp_path, sig):
     data = tiny_tree(tmp_path / "data", per_class=16)
@@ -102,6 +107,9 @@ def test_stopping_the_nproc_launcher_stops_every_worker(tmp_path, sig):
                 os.kill(p, signal.SIGKILL)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_nproc_from_a_folder_holding_a_finetune_subfolder(tmp_path):
     """The launcher runs from a folder that has its own ``finetune/`` (a checkout, a user's package of that name):
     the workers import the same finetune as the launcher, not the folder's."""

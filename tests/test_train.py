@@ -25,6 +25,7 @@ def run(tmp_path_factory):
     return out, res
 
 
+@pytest.mark.slow
 def test_run_directory_contents(run):
     out, res = run
     files = sorted(p.name for p in out.iterdir())
@@ -43,6 +44,7 @@ def test_run_directory_contents(run):
     assert "#   device: cpu\n#   precision: fp32\n#   channels_last: True\n#   processes: 1\n" in text
 
 
+@pytest.mark.slow
 def test_checkpoint_is_self_contained(run):
     out, _ = run
     ck = torch.load(out / "best.pt", weights_only=True)
@@ -56,6 +58,7 @@ def test_checkpoint_is_self_contained(run):
     assert last["optimizer"]["state"] and set(last) - set(ck) == {"optimizer", "scaler"}
 
 
+@pytest.mark.slow
 def test_eval_reproduces_recorded_val_acc(run, cli):
     out, _ = run
     m = json.loads((out / "metrics.json").read_text())
@@ -68,6 +71,7 @@ def test_eval_reproduces_recorded_val_acc(run, cli):
     assert doc["accuracy"] == sum(doc["confusion"][i][i] for i in range(4)) / 160
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_read_back(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -83,6 +87,7 @@ def test_tensorboard_scalars_read_back(run):
     assert acc.Graph() is not None
 
 
+@pytest.mark.slow
 def test_predict_json(run, cli):
     out, _ = run
     r = cli("predict", out / "best.pt", "data/sample/val/circle/circle_0000.png", "data/sample/val/cross",
@@ -97,6 +102,7 @@ def test_predict_json(run, cli):
                                                                                         "triangle")
 
 
+@pytest.mark.slow
 def test_frozen_parameters_are_bitwise_unchanged(tmp_path):
     from finetune.models import build_model
 
@@ -112,6 +118,7 @@ def test_frozen_parameters_are_bitwise_unchanged(tmp_path):
     assert not torch.equal(after["seq.8.weight"], init["seq.8.weight"])
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
     r = recipe(**{"train.epochs": 3, "model.name": "timm:test_resnet", "model.weights": "none",
                   "data.image_size": 32, "freeze.layers": ["conv1", "bn1", "layer1"], "freeze.schedule": [
@@ -137,6 +144,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert [e["val_acc"] for e in full.epochs] == [e["val_acc"] for e in res.epochs]
 
 
+@pytest.mark.slow
 def test_out_dir_rules(tmp_path, cli):
     out = tmp_path / "keep"
     out.mkdir()
@@ -156,6 +164,7 @@ def test_out_dir_rules(tmp_path, cli):
                         "replace it, --resume to continue it, or choose another --out\n")
 
 
+@pytest.mark.slow
 def test_train_cli_quiet_prints_nothing(tmp_path, cli):
     r = cli("train", "--epochs", "1", "--out", tmp_path / "q", "--quiet", "--no-tensorboard")
     assert r.exit_code == 0, r.stderr
@@ -164,6 +173,7 @@ def test_train_cli_quiet_prints_nothing(tmp_path, cli):
     assert not any(p.name.startswith("events") for p in (tmp_path / "q").iterdir())
 
 
+@pytest.mark.slow
 def test_train_cli_summary_table(tmp_path, cli):
     r = cli("train", "--epochs", "1", "--out", tmp_path / "s", "--precision", "fp32")
     assert r.exit_code == 0, r.stderr
