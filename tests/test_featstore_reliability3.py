@@ -112,6 +112,7 @@ def _dead_pid() -> int:
     return int(p.stdout)
 
 
+@pytest.mark.subprocess
 def test_unfinished_entries_are_listed_and_cleared(data, cli):
     prep(data)
     root = featstore.features_dir()

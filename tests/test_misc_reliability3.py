@@ -201,6 +201,8 @@ def _sigterm_mid(tmp_path, target: str, *args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigterm_mid_probe_exits_130_with_one_line_and_leaves_no_temp_feature_dir(tmp_path):
     import os
 
@@ -229,6 +231,8 @@ def trained(tmp_path_factory):
     return root / "run"
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigterm_mid_export_exits_130_and_leaves_no_partial_file(trained, tmp_path):
     out = tmp_path / "exp" / "model.torchscript.pt"
     r = _sigterm_mid(tmp_path, "finetune.tools.export._jit_save", "export", trained / "best.pt", "--format",
@@ -239,6 +243,8 @@ def test_sigterm_mid_export_exits_130_and_leaves_no_partial_file(trained, tmp_pa
     assert sorted(p.name for p in out.parent.iterdir()) == []
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigterm_mid_lr_find_exits_130_and_writes_nothing(tmp_path):
     data = tiny_tree(tmp_path / "data", per_class=4)
     out = tmp_path / "lr"

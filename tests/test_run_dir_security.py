@@ -21,6 +21,9 @@ from finetune.train.optim import build_optimizer
 
 from helpers import tiny_tree
 
+# the shared fixture trains two runs (a few seconds): the quick loop (-m "not slow") leaves this file out
+pytestmark = pytest.mark.slow
+
 FAST = ("--batch-size", "8", "--precision", "fp32", "--device", "cpu", "--no-tensorboard", "--quiet")
 
 
@@ -269,6 +272,7 @@ def test_symlinked_shard_folder_is_not_read(base, tmp_path, cli):
 # row 9: a full disk, damaged shards, weights that are not a state_dict or do not fit the model
 
 
+@pytest.mark.subprocess
 def test_disk_full_while_writing_last_pt_is_one_error_and_keeps_the_old_file(tmp_path):
     """torch's zip writer reports a failed write as RuntimeError ("unexpected pos ..."): a process whose file size
     limit is 64 KiB meets it as on a full disk."""
