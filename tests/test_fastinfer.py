@@ -215,4 +215,6 @@ def test_a_block_cut_cache_with_batchnormact_validates_on_the_folded_copy(tmp_pa
     # the val pass on the folded copy of the cut model = the full model evaluated eagerly from the checkpoint
     e = run.epochs[-1]
     res = finetune.evaluate_checkpoint(run.run_dir / "last.pt", fast_inference="off", batch_size=8)
-    assert res["accuracy"] == e["val_acc"] and res["loss"] == pytest.approx(e["val_loss"], rel=1e-4)
+    # rel 1e-3: the folded convs round differently, and a random-init Lite0's logits are large (loss ~29), so the
+    # difference depends on the thread count's summation order (1.4e-4 with 2 threads); a wrong cut is off by far more
+    assert res["accuracy"] == e["val_acc"] and res["loss"] == pytest.approx(e["val_loss"], rel=1e-3)
