@@ -42,7 +42,7 @@ def _train(v: dict[str, Any]) -> None:
     from finetune import api
     from finetune.cli.progress import RichReporter
 
-    _launch_if_asked(v["nproc"], v["resume"], (v["nnodes"], v["node_rank"], v["master_addr"]))
+    _launch_if_asked(v)
     typed = typed_keys(v)
     reporter = RichReporter(quiet=v["quiet"])
     if v["resume"] is not None:
@@ -59,7 +59,7 @@ def _train(v: dict[str, Any]) -> None:
 train = O.command(_train, run_options)
 
 
-def _launch_if_asked(nproc: int, resume: Optional[Path], nodes: tuple = (1, 0, None)) -> None:
+def _launch_if_asked(v: dict[str, Any]) -> None:
     """``--nproc N`` (N > 1) or ``--nnodes M`` (M > 1) outside torchrun: relaunch this command under torchrun with
     N processes here (one of M machines)."""
     import os
@@ -67,6 +67,7 @@ def _launch_if_asked(nproc: int, resume: Optional[Path], nodes: tuple = (1, 0, N
 
     from finetune.api import ConfigError
 
+    nproc, nodes = v["nproc"], (v["nnodes"], v["node_rank"], v["master_addr"])
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     nnodes, node_rank, master = nodes
