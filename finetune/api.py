@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.run.checkpoint import EXPORT_SUFFIX, export_weights, finite_json  # noqa: F401 - torch only inside
 from finetune.tools.export import FORMATS as EXPORT_FORMATS, export as export_model  # noqa: F401 - likewise
-from finetune.config import (Recipe, apply_overrides, describe, load_recipe, recipe_names,  # noqa: F401
+from finetune.config import (Recipe, apply_overrides, describe, load_recipe, recipe_flags, recipe_names,  # noqa: F401
                              recipe_path, recipes_dir)
 from finetune.errors import (CheckpointError, ConfigError, DataError, FinetuneError, FreezeError,  # noqa: F401
                              shown)

@@ -110,9 +110,9 @@ def test_a_recipe_built_in_python_is_validated_by_train(tmp_path):
 
 
 def test_every_flag_maps_to_a_recipe_key_and_back():
-    from finetune.cli import train_cmd
+    from finetune.cli import options
 
-    flags = train_cmd.flag_map()
+    flags = options.flag_map()
     assert flags["train.batch_size"] == "--batch-size" and flags["train.compile"] == "--compile"
     assert flags["freeze.backbone"] == "--freeze-backbone" and flags["freeze.schedule"] == "--unfreeze"
     for key in flags:  # each names a real recipe field

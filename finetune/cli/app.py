@@ -106,18 +106,14 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 from finetune.cli import (cache_cmd, eval_cmd, export_cmd, inspect_cmd, lr_find_cmd, models_cmd,  # noqa: E402
                           predict_cmd, probe_cmd, recipes_cmd, report_cmd, runs_cmd, train_cmd)
 
-app.command("train", help=train_cmd.HELP)(train_cmd.train)
-app.command("eval", help=eval_cmd.HELP)(eval_cmd.eval_)
-app.command("predict", help=predict_cmd.HELP)(predict_cmd.predict)
-app.command("inspect", help=inspect_cmd.HELP)(inspect_cmd.inspect)
-app.command("models", help=models_cmd.HELP)(models_cmd.models)
-app.command("recipes", help=recipes_cmd.HELP)(recipes_cmd.recipes)
-app.command("export", help=export_cmd.HELP)(export_cmd.export)
-app.command("probe", help=probe_cmd.HELP)(probe_cmd.probe)
-app.command("lr-find", help=lr_find_cmd.HELP)(lr_find_cmd.lr_find)
-app.command("report", help=report_cmd.HELP)(report_cmd.report)
-app.command("runs", help=runs_cmd.RUNS_HELP)(runs_cmd.runs)
-app.command("compare", help=runs_cmd.COMPARE_HELP)(runs_cmd.compare)
+for _name, _fn, _help in (  # in the order of `finetune --help`
+        ("train", train_cmd.train, train_cmd.HELP), ("eval", eval_cmd.eval_, eval_cmd.HELP),
+        ("predict", predict_cmd.predict, predict_cmd.HELP), ("inspect", inspect_cmd.inspect, inspect_cmd.HELP),
+        ("models", models_cmd.models, models_cmd.HELP), ("recipes", recipes_cmd.recipes, recipes_cmd.HELP),
+        ("export", export_cmd.export, export_cmd.HELP), ("probe", probe_cmd.probe, probe_cmd.HELP),
+        ("lr-find", lr_find_cmd.lr_find, lr_find_cmd.HELP), ("report", report_cmd.report, report_cmd.HELP),
+        ("runs", runs_cmd.runs, runs_cmd.RUNS_HELP), ("compare", runs_cmd.compare, runs_cmd.COMPARE_HELP)):
+    app.command(_name, help=_help)(_fn)
 app.add_typer(cache_cmd.cache_app, name="cache", help=cache_cmd.HELP)
 
 

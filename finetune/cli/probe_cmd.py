@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from finetune.cli import options as O
+
 HELP = ("Probe pretrained backbones on your data in seconds: a grid of linear heads (LR x weight decay, AdamW, the "
         "linear-probe recipe) trained simultaneously on frozen features computed once (and kept in the feature "
         "cache), plus k-NN accuracy; prints a table sorted by val accuracy and writes the best head as a normal "
@@ -19,9 +21,9 @@ def probe(
     weights: str = typer.Option("default", "--weights", "-w",
                                 help="default (each model's pretrained weights), a tag/enum, or a local file."),
     data: str = typer.Option("sample", "--data", "-d", help="Image folder (same layouts as train)."),
-    labels: Optional[str] = typer.Option(None, "--labels", help="Label spec, as for train."),
-    val_split: Optional[float] = typer.Option(None, "--val-split", help="Val fraction when there is no val folder."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size (default: the backbone's)."),
+    labels: Optional[str] = O.option_of("data.labels"),  # train's flags where they mean the same
+    val_split: Optional[float] = O.option_of("data.val_split"),
+    image_size: Optional[int] = O.option_of("data.image_size"),
     lrs: Optional[str] = typer.Option(None, "--lrs", help="Learning rates, comma-separated (default: 8 from 1e-4 to "
                                                           "3e-1, half a decade apart)."),
     wds: Optional[str] = typer.Option(None, "--wds", help="Weight decays, comma-separated (default: 1e-4,1e-2)."),
@@ -29,7 +31,7 @@ def probe(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Batch size (default 32)."),
     knn: Optional[str] = typer.Option(None, "--knn", help="k values for k-NN accuracy (default 10,20; 0: none)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (batch order; the data split)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | mps."),
+    device: Optional[str] = O.option_of("train.device"),
     precision: Optional[str] = typer.Option(None, "--precision", help="Precision of the backbone pass: auto | fp32 | "
                                                                       "bf16 | fp16."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory for the best head (several models: "

@@ -63,32 +63,69 @@ SEED = Range(ge=0, le=2**32 - 1, msg="must be an integer from 0 to 4294967295 (2
 EPOCH = Range(ge=1, msg="must be at least 1 (epochs count from 1, as the logs do), got {v}")
 
 
+@dataclass(frozen=True)
+class Flag:
+    """The command-line flag that sets a recipe key, declared on the key's field (``flag(...)``) so that the key,
+    its type, its checks and its flag are written once; the CLI builds the options of ``train`` and ``lr-find``
+    (and ``inspect``'s freeze options) from :func:`recipe_flags`. ``name``: click's declaration
+    (``--strict/--no-strict`` for an on/off pair); ``short``: an alias (``-e``); ``panel``: the help section
+    (default: the section's, PANELS); ``repeat``: the flag may be given several times."""
+
+    name: str
+    help: str
+    short: str = ""
+    panel: str = ""
+    repeat: bool = False
+
+
+def flag(default: Any, name: str, help: str, **kw: Any) -> Any:
+    """A dataclass field set by flag ``name`` (see Flag); a list default is a new list per recipe."""
+    meta = {"flag": Flag(name, help, **kw)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+OPT = "Optimization"  # the help panel of the train keys that tune the optimization (loss, EMA, mixup, gradients)
+
+
 @dataclass
 class ModelCfg:
-    name: str = "smallcnn"
-    weights: str = "default"  # default = the backbone's own pretrained weights (none for smallcnn)
+    name: str = flag("smallcnn", "--model", "smallcnn, a torchvision name, or timm:<name>.", short="-m")
+    weights: str = flag("default", "--weights", "default (the backbone's pretrained), none, a weights name, or a "
+                        "file.", short="-w")  # none for smallcnn
     num_classes: int | None = None  # None = from the data
-    drop_rate: Annotated[float, FRACTION] | None = None  # timm create_model(drop_rate=): dropout before the head
-    drop_path_rate: Annotated[float, FRACTION] | None = None  # timm create_model(drop_path_rate=): stochastic depth
+    drop_rate: Annotated[float, FRACTION] | None = flag(None, "--drop-rate", "timm models: dropout before the "
+                                                        "classifier (create_model's drop_rate).")
+    drop_path_rate: Annotated[float, FRACTION] | None = flag(None, "--drop-path-rate", "timm models: stochastic depth "
+                                                             "(create_model's drop_path_rate).")
 
 
 @dataclass
 class DataCfg:
-    path: str = "sample"  # "sample" = the bundled data (config.SAMPLE_DIR)
-    val_path: str | None = None  # tar shards: the val shards' pattern (None: the last shard is held out)
-    labels: str | None = None  # prefix:..., regex:..., csv:FILE; None = class subfolders
-    val_split: Annotated[float, FRACTION] = 0.2  # used when the folder has no val/ split
-    image_size: Annotated[int, SIZE] | None = None  # None = the backbone's own input size
-    augment: Literal["none", "light", "strong"] = "light"
-    sampler: Literal["random", "balanced"] = "random"  # balanced: each class equally likely per draw (imbalance.py)
+    path: str = flag("sample", "--data", "Image folder, 'sample', cifar10:ROOT, or tar shards "
+                     "('shards/train-{000..099}.tar', streamed).", short="-d")  # sample: config.SAMPLE_DIR
+    val_path: str | None = flag(None, "--val-data", "Tar shards: the val shards (train-{000..099}.tar style; "
+                                "default: the last shard of --data is held out).")
+    labels: str | None = flag(None, "--labels", "prefix:A=x,=y | regex:PATTERN | csv:FILE.")  # None: subfolders
+    val_split: Annotated[float, FRACTION] = flag(0.2, "--val-split", "Fraction held out when there is no val/.")
+    image_size: Annotated[int, SIZE] | None = flag(None, "--image-size", "Input size (default: the backbone's).")
+    augment: Literal["none", "light", "strong"] = flag("light", "--augment", "none | light | strong (default: the "
+                                                       "recipe's).")
+    sampler: Literal["random", "balanced"] = flag("random", "--sampler", "random | balanced (draw classes with equal "
+                                                  "odds, with replacement; deterministic per seed and epoch).")
     mean: list[float] | None = None
     std: list[float] | None = None
     cache: Literal["auto", "on", "off", "ram", "disk"] = "auto"  # decoded-image cache (auto/on: RAM or disk by size)
     cache_gb: Annotated[float, POS] = 2.0  # RAM budget of the cache; larger data goes to the disk cache
-    cache_dir: str | None = None  # disk cache folder, kept and reused (None: in the run directory, removed)
+    cache_dir: str | None = flag(None, "--cache-dir", "Keep the decoded-image disk cache in this folder and reuse "
+                                 "it in later runs (default: in the run directory, removed; used when the images "
+                                 "exceed data.cache_gb).")
     workers: Annotated[int, NONNEG] | None = None  # None = sized for the machine
-    strict: bool = False  # fail on unreadable images instead of skipping them
-    allow_outside: bool = False  # csv labels: allow paths outside the data folder (../x, /abs/x)
+    strict: bool = flag(False, "--strict/--no-strict", "Fail on an unreadable image instead of skipping it with a "
+                        "warning.")
+    allow_outside: bool = flag(False, "--allow-outside", "CSV labels may name files outside the data folder (../x, "
+                               "/abs/x).")
 
 
 @dataclass
@@ -100,23 +137,36 @@ class UnfreezeStep:
 
 @dataclass
 class FreezeCfg:
-    names: list[str] = field(default_factory=list)  # parameter-name substrings or globs (tutorial method 1)
-    first: Annotated[int, NONNEG] | None = None  # the first N parameter tensors (tutorial method 2)
-    stages: int | None = None  # fastai freeze_to: -2 = all but the last 2 stages frozen (the head trains)
-    layers: list[str] = field(default_factory=list)  # dotted module paths (tutorial method 3)
-    backbone: bool = False  # everything except the head (linear probing)
-    unfreeze: list[str] = field(default_factory=list)  # applied last: names/layers made trainable again
-    bn: Literal["frozen", "eval", "train"] = "frozen"  # BatchNorm: frozen layers' stats fixed | all fixed | all train
+    names: list[str] = flag([], "--freeze-names", "Freeze parameters whose name contains A or B (globs match whole "
+                            "names): A,B.")  # tutorial method 1
+    first: Annotated[int, NONNEG] | None = flag(None, "--freeze-first", "Freeze the first N parameter tensors "
+                                                "(YOLOv5's --freeze N).")  # tutorial method 2
+    stages: int | None = flag(None, "--stages", "fastai's freeze_to: -N trains the last N stages and the head, N "
+                              "freezes the first N stages (stages per architecture: see 'finetune inspect MODEL').")
+    layers: list[str] = flag([], "--freeze-layers", "Freeze modules by dotted path (conv1,bn1,layer1) or stage "
+                             "address (stage:0, stage:-1).")  # tutorial method 3
+    backbone: bool = flag(False, "--freeze-backbone/--no-freeze-backbone", "Freeze everything except the head "
+                          "(linear probing).")
+    unfreeze: list[str] = flag([], "--unfreeze", "Repeatable. L1,L2 makes them trainable again now; "
+                               "L1,L2@EPOCH[:LR_MULT] unfreezes at the start of epoch EPOCH (1 = the first, as "
+                               "logged) with LR x LR_MULT (e.g. stage:-1@2:0.1, all@4:0.01).", repeat=True)
+    # applied last; --unfreeze L@EPOCH also sets `schedule`
+    bn: Literal["frozen", "eval", "train"] = flag("frozen", "--bn", "BatchNorm: frozen (the running stats of frozen "
+                                                  "layers stay fixed; default), eval (every BN layer keeps its "
+                                                  "running stats, also after an unfreeze; its scale/shift still "
+                                                  "train) or train.")
     schedule: list[UnfreezeStep] = field(default_factory=list)
 
 
 @dataclass
 class OptimizerCfg:
-    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
-    lr: Annotated[float, POS, F32] | Literal["auto"] = 0.01  # auto: the LR range test picks it (lr_find.py)
-    momentum: Annotated[float, NONNEG] = 0.9
-    nesterov: bool = False
-    weight_decay: Annotated[float, NONNEG] = 0.0  # never applied to biases and norm weights
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = flag("sgd", "--optimizer", "sgd | adam | adamw | rmsprop.")
+    lr: Annotated[float, POS, F32] | Literal["auto"] = flag(0.01, "--lr", "Base learning rate, or 'auto': run the LR "
+                                                            "range test first (see 'finetune lr-find') and train "
+                                                            "with its suggestion.")
+    momentum: Annotated[float, NONNEG] = flag(0.9, "--momentum", "SGD/RMSprop momentum (recipe default 0.9).")
+    nesterov: bool = flag(False, "--nesterov/--no-nesterov", "Nesterov momentum for SGD.")
+    weight_decay: Annotated[float, NONNEG] = flag(0.0, "--weight-decay", "Not applied to biases and norm weights.")
     lr_mult: dict[str, Annotated[float, Range(ge=0, msg="must not be negative")]] = field(default_factory=dict)
     # layer path -> LR multiplier
     layer_decay: Annotated[float, DECAY] | None = None  # layer-wise LR decay for what is trainable from the start
@@ -124,8 +174,10 @@ class OptimizerCfg:
 
 @dataclass
 class SchedulerCfg:
-    name: Literal["constant", "step", "cosine", "onecycle"] = "constant"
-    warmup_epochs: Annotated[float, NONNEG] = 0.0
+    name: Literal["constant", "step", "cosine", "onecycle"] = flag("constant", "--scheduler", "constant | step | "
+                                                                   "cosine | onecycle.")
+    warmup_epochs: Annotated[float, NONNEG] = flag(0.0, "--warmup-epochs", "Linear LR warmup, in epochs (fractions "
+                                                   "allowed).")
     step_size: Annotated[int, NONNEG] = 1  # step: epochs between decays
     gamma: Annotated[float, NONNEG] = 0.1
     min_lr: Annotated[float, NONNEG] = 0.0
@@ -133,38 +185,70 @@ class SchedulerCfg:
 
 @dataclass
 class TrainCfg:
-    epochs: Annotated[int, POS] = 5
-    batch_size: Annotated[int, POS] = 32
-    accumulate: Annotated[int, POS] = 1
-    clip_grad: Annotated[float, NONNEG] | None = None
-    label_smoothing: Annotated[float, NONNEG, Range(lt=1, msg="must be below 1")] = 0.0
-    class_weights: str = "none"  # none | auto (inverse frequency) | FILE (.json/.yaml: class -> weight)
-    seed: Annotated[int, SEED] = 0
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool | None = None  # None = auto (conv nets)
-    compile: bool = False
-    early_stop: Annotated[int, NONNEG] | None = None  # stop after N epochs without a better val accuracy
-    cache_features: Literal["auto", "on", "off"] = "auto"
-    fast_inference: Literal["auto", "off"] = "auto"  # frozen inference on a conv+BN-folded copy (models/fold.py)
-    autotune: Literal["auto", "off"] = "auto"  # CPU bf16: depthwise convs get an fp32 backward where faster (dwgrad)
-    tensorboard: bool = True
-    report: bool = True  # write report.html (curves, confusion, wrong images, freeze plan) at the end of the run
+    epochs: Annotated[int, POS] = flag(5, "--epochs", "Epochs to train (with --resume: the new total).", short="-e")
+    batch_size: Annotated[int, POS] = flag(32, "--batch-size", "Images per batch (per process under DDP).",
+                                           short="-b")
+    accumulate: Annotated[int, POS] = flag(1, "--accumulate", "Gradient accumulation steps.", panel=OPT)
+    clip_grad: Annotated[float, NONNEG] | None = flag(None, "--clip-grad", "Clip the gradient norm to this value.",
+                                                      panel=OPT)
+    label_smoothing: Annotated[float, NONNEG, Range(lt=1, msg="must be below 1")] = flag(
+        0.0, "--label-smoothing", "CrossEntropyLoss label smoothing (0-1).", panel=OPT)
+    class_weights: str = flag("none", "--class-weights", "none | auto (inverse class frequency in the loss) | FILE "
+                              "(.json/.yaml: class -> weight).", panel=OPT)
+    seed: Annotated[int, SEED] = flag(0, "--seed", "Seed for init, data order and augmentation.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = flag("auto", "--device", "auto (cuda > mps > cpu) | cpu | cuda | "
+                                                         "mps.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = flag("auto", "--precision", "auto | fp32 | bf16 | fp16.")
+    channels_last: bool | None = flag(None, "--channels-last/--no-channels-last", "Memory layout (default: "
+                                      "channels_last for conv nets).")  # None = auto (conv nets)
+    compile: bool = flag(False, "--compile/--no-compile", "torch.compile the model (opt-in; the first batches pay "
+                         "the compile time).")
+    early_stop: Annotated[int, NONNEG] | None = flag(None, "--early-stop", "Stop after N epochs without a better val "
+                                                     "accuracy.")
+    cache_features: Literal["auto", "on", "off"] = flag("auto", "--cache-features", "auto | on | off: train the head "
+                                                        "on frozen features computed once (auto: when that is the "
+                                                        "same computation).")
+    fast_inference: Literal["auto", "off"] = flag("auto", "--fast-inference", "auto | off: frozen inference "
+                                                  "(features, val, eval, predict) on a conv+BN-folded copy of the "
+                                                  "model (auto: when it folds and matches the model).")
+    autotune: Literal["auto", "off"] = flag("auto", "--autotune", "auto | off: on the CPU with bf16, time each "
+                                            "depthwise convolution's backward in bf16 and fp32 on its real shape at "
+                                            "the start and train it with the faster one (auto).")  # dwgrad
+    tensorboard: bool = flag(True, "--tensorboard/--no-tensorboard", "Write TensorBoard event files to the run "
+                             "directory.")
+    report: bool = flag(True, "--report/--no-report", "Write RUN_DIR/report.html at the end (curves, confusion "
+                        "matrix, wrong images, freeze plan); on by default.")
     graph: bool = True  # add the model graph to TensorBoard
-    save_every_steps: Annotated[int, POS] | None = None  # also save last.pt every N steps in an epoch (resumable)
-    sync_bn: bool = False  # DDP: SyncBatchNorm for BN layers that train (statistics over the global batch)
-    monitor: Literal["val_acc", "val_loss", "val_f1"] = "val_acc"  # what picks best.pt, top-k and early stop
-    monitor_mode: Literal["auto", "max", "min"] = "auto"  # auto: min for val_loss, else max
-    save_top_k: Annotated[int, POS] = 1  # keep the K best epochs (K > 1: also epochNNN.pt files)
-    ema: bool = False  # keep an exponential moving average of the weights (timm ModelEmaV3), saved as best_ema.pt
-    ema_decay: Annotated[float, UNIT] = 0.999  # with timm's warm-up: min(decay, 1 - (1 + step) ** -2/3)
-    mixup: Annotated[float, NONNEG] = 0.0  # mixup alpha (timm Mixup); 0 = off
-    cutmix: Annotated[float, NONNEG] = 0.0  # cutmix alpha; 0 = off (with both: one of them per batch)
-    log_every: Annotated[int, POS] | None = None  # TensorBoard scalars every N optimizer steps (besides per epoch)
+    save_every_steps: Annotated[int, POS] | None = flag(None, "--save-every-steps", "Also save last.pt every N "
+                                                        "optimizer steps inside an epoch; --resume continues from "
+                                                        "there.")
+    sync_bn: bool = flag(False, "--sync-bn/--no-sync-bn", "With --nproc/torchrun: SyncBatchNorm, so BN that trains "
+                         "sees the global batch (CUDA).")
+    monitor: Literal["val_acc", "val_loss", "val_f1"] = flag("val_acc", "--monitor", "val_acc | val_loss | val_f1 "
+                                                             "(macro-F1): picks best.pt, the top-k files and early "
+                                                             "stopping (default val_acc).")
+    monitor_mode: Literal["auto", "max", "min"] = flag("auto", "--monitor-mode", "auto (min for val_loss, else max) | "
+                                                       "max | min.")
+    save_top_k: Annotated[int, POS] = flag(1, "--save-top-k", "Keep the K best epochs (K > 1: also epochNNN.pt "
+                                           "files).")
+    ema: bool = flag(False, "--ema/--no-ema", "Keep an EMA of the weights (timm ModelEmaV3): evaluated each epoch, "
+                     "best_ema.pt when better.", panel=OPT)
+    ema_decay: Annotated[float, UNIT] = flag(0.999, "--ema-decay", "EMA decay (recipe default 0.999; timm's warm-up "
+                                             "applies).", panel=OPT)  # min(decay, 1 - (1 + step) ** -2/3)
+    mixup: Annotated[float, NONNEG] = flag(0.0, "--mixup", "Mixup alpha (timm Mixup; 0 = off).", panel=OPT)
+    cutmix: Annotated[float, NONNEG] = flag(0.0, "--cutmix", "CutMix alpha (0 = off; with --mixup each batch picks "
+                                            "one).", panel=OPT)
+    log_every: Annotated[int, POS] | None = flag(None, "--log-every", "TensorBoard scalars (loss, LR per group, "
+                                                 "images/s) every N optimizer steps, beside the per-epoch ones.")
     dist_timeout: Annotated[float, POS] = 10.0  # DDP: minutes a collective may wait for the other processes
-    strategy: Literal["ddp", "fsdp"] = "ddp"  # N processes: DDP replicas, or FSDP2 (fully_shard per block)
-    checkpoint_format: Literal["auto", "full"] = "auto"  # last.pt under FSDP: auto = sharded (DCP), full = one file
-
+    strategy: Literal["ddp", "fsdp"] = flag("ddp", "--strategy", "With --nproc/torchrun: ddp (a replica per process, "
+                                            "default) | fsdp (FSDP2: parameters, gradients and optimizer state "
+                                            "sharded per block).")
+    checkpoint_format: Literal["auto", "full"] = flag("auto", "--checkpoint-format", "With --strategy fsdp: auto "
+                                                      "(last.pt's weights and optimizer state as sharded "
+                                                      "torch.distributed.checkpoint files, each rank writing its "
+                                                      "shard; resumes at any world size) | full (one consolidated "
+                                                      "last.pt, gathered on rank 0).")
 
 @dataclass
 class Recipe:
@@ -179,6 +263,26 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+PANELS = {"model": "Model", "data": "Data", "freeze": "Freezing", "optimizer": OPT, "scheduler": OPT, "train": "Run"}
+
+
+def recipe_flags() -> list[tuple[str, Any, Flag]]:
+    """``(recipe key, field type, Flag)`` for every key that a command-line flag sets, in schema order (the panel
+    filled in from PANELS)."""
+    out = []
+    for section in dataclasses.fields(Recipe):
+        cls = typing.get_type_hints(Recipe)[section.name]
+        if not dataclasses.is_dataclass(cls):
+            continue  # name, description
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for f in dataclasses.fields(cls):
+            if "flag" in f.metadata:
+                fl = f.metadata["flag"]
+                out.append((f"{section.name}.{f.name}", hints[f.name],
+                            dataclasses.replace(fl, panel=fl.panel or PANELS[section.name])))
+    return out
 
 
 # a recipe is a few KB of YAML; these bounds stop "billion laughs" alias bombs, self-referencing aliases and deep
