@@ -108,6 +108,7 @@ class FreezeCfg:
     unfreeze: list[str] = field(default_factory=list)  # applied last: names/layers made trainable again
     bn: Literal["frozen", "eval", "train"] = "frozen"  # BatchNorm: frozen layers' stats fixed | all fixed | all train
     schedule: list[UnfreezeStep] = field(default_factory=list)
+    kinds: dict[str, Any] = field(default_factory=dict)  # kinds added by register_freeze_kind: name -> value it checks
 
 
 @dataclass
@@ -302,6 +303,8 @@ _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 def _convert(value: Any, tp, path: str, where: _Where) -> Any:
     """``value`` as type ``tp``, checked against what the type carries: ``Literal`` choices, ``Annotated`` ranges."""
+    if tp is Any:  # a registered freeze kind's value (freeze.kinds): the kind checks it
+        return value
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
