@@ -69,8 +69,8 @@ class FreezeKind:
     match nothing); ``describe(targets) -> str`` (the plan's step line: ``freeze every other tensor``);
     ``check(value) -> targets`` turns the recipe's value into targets, or raises ``FreezeError`` (None: taken
     as is); ``unfreezes``: the step makes its parameters trainable (applied after every freezing step).
-    ``value(cfg)``: where the recipe gives it, None when unused; a registered kind leaves it None and is given
-    as ``freeze.kinds.NAME`` (None or false there: unused). ``key``: that recipe key, for error messages."""
+    ``value(cfg)``: where the recipe gives it (the built-ins: their own key, ``freeze.names``), None when unused;
+    a registered kind leaves it None and is given as ``freeze.kinds.NAME`` (None or false there: unused)."""
 
     name: str
     select: Callable[[Backbone, Any], list[str]]
@@ -78,10 +78,10 @@ class FreezeKind:
     check: Callable[[Any], Any] | None = None
     unfreezes: bool = False
     value: Callable[[FreezeCfg], Any] | None = None
-    key: str = ""
 
     def recipe_key(self) -> str:
-        return self.key or (f"freeze.{self.name}" if self.value else f"freeze.kinds.{self.name}")
+        """Where a recipe gives this kind (errors name it, and the flag that set it)."""
+        return f"freeze.{self.name}" if self.value else f"freeze.kinds.{self.name}"
 
 
 _KINDS: dict[str, FreezeKind] = {}
@@ -502,7 +502,7 @@ def _describe_stages(n: Any) -> str:
     return f"freeze stages (all but the last {-n} stages)" if n < 0 else f"freeze stages (the first {n})"
 
 
-for _kind in (
+BUILT_INS = (
     FreezeKind("names", lambda bb, t: select_names(bb, list(t)), lambda t: f"freeze names {','.join(t)}",
                value=lambda cfg: list(cfg.names) or None),
     FreezeKind("first", select_first, lambda t: f"freeze first {t}", value=lambda cfg: cfg.first or None),
@@ -513,7 +513,8 @@ for _kind in (
                value=lambda cfg: True if cfg.backbone else None),
     FreezeKind("unfreeze", lambda bb, t: select_unfreeze(bb, list(t)), lambda t: f"unfreeze {','.join(t)}",
                unfreezes=True, value=lambda cfg: list(cfg.unfreeze) or None),
-):
+)
+for _kind in BUILT_INS:
     register_freeze_kind(_kind)
 
 
