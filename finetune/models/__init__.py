@@ -19,7 +19,7 @@ from finetune.models.backbone import Backbone, init_new_head, is_under
 from finetune.models.sources import BackboneSource, canonical, get_source, register_source, resolve, sources, \
     unregister_source
 # the built-in sources register themselves on import, in this order (a bare name goes to the first that has it)
-from finetune.models import smallcnn, tv, timm_models  # noqa: F401, E402
+from finetune.models import smallcnn, tv, timm_models  # noqa: F401
 
 log = logging.getLogger("finetune")
 
