@@ -156,6 +156,7 @@ class FreezeCfg:
                                                   "running stats, also after an unfreeze; its scale/shift still "
                                                   "train) or train.")
     schedule: list[UnfreezeStep] = field(default_factory=list)
+    kinds: dict[str, Any] = field(default_factory=dict)  # kinds added by register_freeze_kind: name -> value it checks
 
 
 @dataclass
@@ -406,6 +407,8 @@ _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 def _convert(value: Any, tp, path: str, where: _Where) -> Any:
     """``value`` as type ``tp``, checked against what the type carries: ``Literal`` choices, ``Annotated`` ranges."""
+    if tp is Any:  # a registered freeze kind's value (freeze.kinds): the kind checks it
+        return value
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)

@@ -3,7 +3,14 @@ are the ones the tutorial's freezing examples use."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
+
+from finetune.errors import ModelError, WeightsError
+from finetune.models.backbone import Backbone
+from finetune.models.sources import BackboneSource, register_source
+from finetune.models.weights import WeightsSpec
 
 
 class SmallCNN(nn.Module):
@@ -36,3 +43,28 @@ DEFAULT_CFG = {
     "mean": (0.5, 0.5, 0.5),
     "std": (0.5, 0.5, 0.5),
 }
+
+
+def parse(arch: str) -> str:
+    if arch != "smallcnn":
+        raise ModelError(f"unknown model 'smallcnn:{arch}'; the smallcnn source has one model, 'smallcnn'")
+    return arch
+
+
+def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
+    return Backbone(SmallCNN(num_classes or 10), "smallcnn", "smallcnn", arch, num_classes or 10, list(HEAD),
+                    data_cfg=dict(DEFAULT_CFG))
+
+
+def data_config(arch: str, spec: WeightsSpec) -> dict[str, Any]:
+    return dict(DEFAULT_CFG)
+
+
+def weights(value: str, arch: str) -> WeightsSpec:
+    if value.lower() in ("default", "pretrained"):
+        return WeightsSpec("none", "none")  # smallcnn has no pretrained weights: the default is random init
+    raise WeightsError(f"smallcnn has no pretrained weights named '{value}'; pass --weights none or a weights file")
+
+
+register_source("smallcnn", BackboneSource(parse, build, data_config, lambda: {"smallcnn": []}, weights,
+                                           bare=lambda arch: arch == "smallcnn", title="smallcnn"))

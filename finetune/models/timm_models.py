@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-from finetune.errors import ModelError
-from finetune.models.backbone import Backbone
-
-if TYPE_CHECKING:
-    from finetune.models.weights import WeightsSpec
+from finetune.errors import ModelError, WeightsError, suggest
+from finetune.models.backbone import Backbone, init_new_head
+from finetune.models.sources import BackboneSource, register_source
+from finetune.models.weights import WeightsSpec, fetch_timm
 
 
 def data_cfg(model) -> dict:
@@ -57,8 +56,6 @@ def build(arch: str, num_classes: int | None, spec: WeightsSpec, **rates: float)
     reported as a one-line error)."""
     import timm
 
-    from finetune.models.weights import fetch_timm
-
     kwargs = {**rates} if num_classes is None else {"num_classes": num_classes, **rates}
     name = arch
     if spec.kind == "timm":
@@ -73,10 +70,59 @@ def build(arch: str, num_classes: int | None, spec: WeightsSpec, **rates: float)
             if not rates:
                 raise
             raise ModelError(f"timm model '{arch}' does not take {', '.join(rates)}: {e}") from None
-    from finetune.models.backbone import init_new_head
-
     head = head_paths(model)
     pretrained_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes", 1000)
     if spec.kind == "timm" and model.num_classes != pretrained_classes:  # timm's head init suits scratch training
         init_new_head(model, head)  # (a file: build_model zeroes the head before loading it)
     return Backbone(model, f"timm:{arch}", "timm", arch, model.num_classes, head, data_cfg=data_cfg(model))
+
+
+def parse(arch: str) -> str:
+    """``arch`` or ``arch.tag`` when timm has the architecture (the tag is checked with the weights)."""
+    import timm
+
+    base = arch.split(".", 1)[0]
+    if not timm.is_model(base):
+        raise ModelError(f"unknown timm model '{arch}'{suggest(base, timm.list_models(), n=3)}; "
+                         "see 'finetune models timm:PATTERN'")
+    return arch
+
+
+def weights_spec(w: str, arch: str) -> WeightsSpec:
+    """``pretrained``/``default`` (the arch's default tag, or the one in the name) or a tag, checked against
+    timm's pretrained list."""
+    import timm
+
+    base, _, given_tag = arch.partition(".")
+    if w.lower() in ("default", "pretrained", "true"):
+        cfg = timm.models.get_pretrained_cfg(arch)
+        name = arch if given_tag or not cfg or not cfg.tag else f"{base}.{cfg.tag}"
+    else:
+        tag = w[len(base) + 1:] if w.startswith(base + ".") else w
+        name = f"{base}.{tag}"
+    avail = timm.list_pretrained(base + ".*") + timm.list_pretrained(base)
+    if not avail:
+        raise WeightsError(f"timm has no pretrained weights for '{base}'; pass --weights none or a file")
+    if "." in name and name not in avail:
+        tags = ", ".join(a.partition(".")[2] for a in avail)
+        raise WeightsError(f"unknown timm weights '{w}' for {base}; valid tags: {tags}, or pretrained")
+    return WeightsSpec("timm", f"timm:{name}", tag_name=name)
+
+
+def data_config(arch: str, spec: WeightsSpec) -> dict[str, Any] | None:
+    return data_cfg_of(spec.tag_name or arch)
+
+
+def listing() -> dict[str, list[str]]:
+    """Every timm architecture with its pretrained tags."""
+    import timm
+
+    tags: dict[str, list[str]] = {}
+    for full in timm.list_pretrained():
+        base, _, tag = full.partition(".")
+        tags.setdefault(base, []).append(tag)
+    return {arch: tags.get(arch, []) for arch in timm.list_models()}
+
+
+register_source("timm", BackboneSource(parse, build, data_config, listing, weights_spec, packages=("timm",),
+                                       group_matcher=True, rates=True, title="timm"))

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
 
-from finetune.errors import ModelError
-from finetune.models.backbone import Backbone
-
-if TYPE_CHECKING:
-    from finetune.models.weights import WeightsSpec
+from finetune.errors import ModelError, WeightsError
+from finetune.models.backbone import Backbone, init_new_head
+from finetune.models.sources import BackboneSource, register_source
+from finetune.models.weights import WeightsSpec, fetch_torchvision
 
 # Models whose auxiliary classifiers would change the output type in train mode; torchvision itself drops them
 # when it loads pretrained weights, so a fine-tuned model never has them.
@@ -65,8 +64,6 @@ IMAGENET_CFG = {"input_size": (3, 224, 224), "resize": 256, "crop_pct": 0.875, "
 def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
     import torchvision.models as tvm
 
-    from finetune.models.weights import fetch_torchvision
-
     # with pretrained weights torchvision already drops the aux heads and skips the slow init
     kwargs = {"aux_logits": False, "init_weights": True} if arch in _NO_AUX and spec.kind != "torchvision" else {}
     if spec.kind == "torchvision":
@@ -82,8 +79,6 @@ def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
         fixed = getattr(model, "image_size", None)  # ViTs: the architecture's size, not the weights' (vit_h_14)
         if isinstance(fixed, int) and fixed != data_cfg["input_size"][-1]:
             data_cfg.update(input_size=(3, fixed, fixed), resize=int(fixed / 0.875), crop_pct=0.875)
-    from finetune.models.backbone import init_new_head
-
     head_name, head = find_head(model)
     out = head.out_features if isinstance(head, nn.Linear) else head.out_channels
     if num_classes is not None and num_classes != out:
@@ -93,3 +88,59 @@ def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
         if spec.kind == "torchvision":  # a new head on pretrained weights (a file: build_model zeroes it)
             init_new_head(model, [head_name])
     return Backbone(model, arch, "torchvision", arch, out, [head_name], data_cfg=data_cfg)
+
+
+def names() -> list[str]:
+    """torchvision's image-classification models (not detection/segmentation/video)."""
+    import torchvision.models as tvm
+
+    return tvm.list_models(module=tvm)
+
+
+def parse(arch: str) -> str:
+    """Only reached for an arch that :func:`names` holds (the registry words the error for the others)."""
+    if arch not in names():
+        raise ModelError(f"unknown model 'torchvision:{arch}'; 'finetune models' lists the available names")
+    return arch
+
+
+def weights_names(arch: str) -> list[str]:
+    import torchvision.models as tvm
+
+    try:
+        return [f"{e.__class__.__name__}.{e.name}" for e in tvm.get_model_weights(arch)]
+    except (ValueError, KeyError):
+        return []
+
+
+def weights_spec(w: str, arch: str) -> WeightsSpec:
+    """A torchvision weights name (``DEFAULT``, ``IMAGENET1K_V1``, ``ResNet18_Weights.IMAGENET1K_V1``) as a spec."""
+    import torchvision.models as tvm
+
+    try:
+        enum = tvm.get_model_weights(arch)
+    except (ValueError, KeyError):
+        raise WeightsError(f"torchvision has no pretrained weights for '{arch}'; pass --weights none or a file") \
+            from None
+    names = [e.name for e in enum]
+    member = w.split(".", 1)[1] if w.startswith(enum.__name__ + ".") else w
+    if member.lower() in ("default", "pretrained"):
+        member = "DEFAULT"
+    if member == "DEFAULT":
+        e = enum.DEFAULT
+    elif member in names:
+        e = enum[member]
+    else:
+        valid = ", ".join(["DEFAULT", *names])
+        raise WeightsError(f"unknown weights '{w}' for {arch}; valid: {valid}, none, or a file path")
+    return WeightsSpec("torchvision", f"{enum.__name__}.{e.name}", enum=e)
+
+
+def data_config(arch: str, spec: WeightsSpec) -> dict[str, Any] | None:
+    """From the weights' own transforms; None without weights (the architecture may fix its size: build it)."""
+    return data_cfg_from_weights(spec.enum) if spec.kind == "torchvision" else None
+
+
+register_source("torchvision", BackboneSource(
+    parse, build, data_config, lambda: {a: weights_names(a) for a in names()}, weights_spec,
+    bare=lambda arch: arch in names(), packages=("torchvision",), title="torchvision"))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from finetune.errors import WeightsError
 from finetune.models.backbone import is_under
+from finetune.models.sources import get_source
 from finetune.files import TRUST_HINT, torch_load, trusted  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
@@ -28,10 +29,10 @@ FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
 
 @dataclass
 class WeightsSpec:
-    kind: str  # "none" | "torchvision" | "timm" | "file"
+    kind: str  # "none" | "file" | a source's own ("torchvision", "timm")
     label: str  # what to record as the loaded weights
     enum: Any = None  # torchvision WeightsEnum member
-    tag_name: str = ""  # timm "arch.tag"
+    tag_name: str = ""  # the arch the weights name (timm "arch.tag"): what data_config builds when it must
     path: Path | None = None
 
 
@@ -40,7 +41,8 @@ def looks_like_path(spec: str) -> bool:
 
 
 def parse_spec(weights: str | None, source: str, arch: str) -> WeightsSpec:
-    """Turn the user's ``--weights`` value into a spec for ``source``/``arch`` (no loading, no download)."""
+    """Turn the user's ``--weights`` value into a spec for ``source``/``arch`` (no loading, no download): none and
+    files the same way for every source, the rest by the source's own ``weights`` (its weights names)."""
     w = "none" if weights is None else str(weights).strip()
     low = w.lower()
     if low in ("none", "random", ""):
@@ -51,54 +53,7 @@ def parse_spec(weights: str | None, source: str, arch: str) -> WeightsSpec:
             raise WeightsError(f"weights file '{w}' not found; pass an existing .pth/.pt/.safetensors file, "
                                "a weights name, or --weights none")
         return WeightsSpec("file", str(path), path=path)
-    if source == "smallcnn":
-        if low in ("default", "pretrained"):
-            return WeightsSpec("none", "none")  # smallcnn has no pretrained weights: the default is random init
-        raise WeightsError(f"smallcnn has no pretrained weights named '{w}'; pass --weights none or a weights file")
-    if source == "torchvision":
-        return _torchvision_spec(w, arch)
-    return _timm_spec(w, arch)
-
-
-def _torchvision_spec(w: str, arch: str) -> WeightsSpec:
-    import torchvision.models as tvm
-
-    try:
-        enum = tvm.get_model_weights(arch)
-    except (ValueError, KeyError):
-        raise WeightsError(f"torchvision has no pretrained weights for '{arch}'; pass --weights none or a file") \
-            from None
-    names = [e.name for e in enum]
-    member = w.split(".", 1)[1] if w.startswith(enum.__name__ + ".") else w
-    if member.lower() in ("default", "pretrained"):
-        member = "DEFAULT"
-    if member == "DEFAULT":
-        e = enum.DEFAULT
-    elif member in names:
-        e = enum[member]
-    else:
-        valid = ", ".join(["DEFAULT", *names])
-        raise WeightsError(f"unknown weights '{w}' for {arch}; valid: {valid}, none, or a file path")
-    return WeightsSpec("torchvision", f"{enum.__name__}.{e.name}", enum=e)
-
-
-def _timm_spec(w: str, arch: str) -> WeightsSpec:
-    import timm
-
-    base, _, given_tag = arch.partition(".")
-    if w.lower() in ("default", "pretrained", "true"):
-        cfg = timm.models.get_pretrained_cfg(arch)
-        name = arch if given_tag or not cfg or not cfg.tag else f"{base}.{cfg.tag}"
-    else:
-        tag = w[len(base) + 1:] if w.startswith(base + ".") else w
-        name = f"{base}.{tag}"
-    avail = timm.list_pretrained(base + ".*") + timm.list_pretrained(base)
-    if not avail:
-        raise WeightsError(f"timm has no pretrained weights for '{base}'; pass --weights none or a file")
-    if "." in name and name not in avail:
-        tags = ", ".join(a.partition(".")[2] for a in avail)
-        raise WeightsError(f"unknown timm weights '{w}' for {base}; valid tags: {tags}, or pretrained")
-    return WeightsSpec("timm", f"timm:{name}", tag_name=name)
+    return get_source(source).weights(w, arch)
 
 
 # ----------------------------------------------------------------------------------------------- downloads

@@ -190,17 +190,20 @@ def items_identity(dataset, memo_dir: str | Path | None = None) -> list[list[Any
 
 
 def _versions(source: str) -> dict[str, str]:
-    """torch's version (its kernels make the numbers) and the model source's (timm/torchvision define the
-    architecture): an upgrade recomputes rather than trusting features from other code."""
+    """torch's version (its kernels make the numbers) and the model source's packages (``BackboneSource.packages``:
+    timm/torchvision define the architecture): an upgrade recomputes rather than trusting features from other
+    code."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from finetune.models.sources import sources  # here: the package's __init__ loads torch ('cache list' does not)
+
+    src = sources().get(source)
     out = {}
-    for pkg in ("torch", "timm" if source == "timm" else "torchvision" if source == "torchvision" else None):
-        if pkg:
-            try:
-                out[pkg] = version(pkg)
-            except PackageNotFoundError:
-                out[pkg] = "?"
+    for pkg in ("torch", *(src.packages if src else ())):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "?"
     return out
 
 

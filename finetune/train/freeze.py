@@ -10,8 +10,11 @@ Strategies (each selects parameter tensors; all start from "everything trainable
 - ``backbone``: everything except the head (linear probing).
 - ``unfreeze``: the inverse; ``all``, a module path, or a parameter-name pattern.
 
-Composition: strategies are a list applied in order (:func:`apply_strategies`). :func:`apply_freeze` builds that
-list from a :class:`~finetune.config.FreezeCfg` as names, first, layers, backbone, then unfreeze; the freezing
+Each kind is a :class:`FreezeKind` in a registry by name (``select``, ``describe``, its recipe key); the six above
+are registered here, and :func:`register_freeze_kind` adds one from anywhere, given in a recipe as
+``freeze.kinds.NAME`` (a value the kind checks). Composition: strategies are a list applied in order
+(:func:`apply_strategies`). :func:`apply_freeze` builds that list from a :class:`~finetune.config.FreezeCfg` in
+registration order (names, first, stages, layers, backbone, registered kinds), unfreezing kinds last; the freezing
 steps are a union, so only "unfreeze comes last" matters. A selector that matches nothing is a
 :class:`~finetune.errors.FreezeError` naming it with the closest real names; so is a plan that trains nothing.
 
@@ -27,41 +30,80 @@ from __future__ import annotations
 import fnmatch
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
 from finetune.config import choices
 from finetune.errors import FreezeError, suggest
+from finetune.models.sources import uses_group_matcher
 
 if TYPE_CHECKING:
     from finetune.config import FreezeCfg
     from finetune.models.backbone import Backbone
 
 BN_POLICIES = choices("freeze.bn")  # written once: the type of FreezeCfg.bn
-KINDS = ("names", "first", "stages", "layers", "backbone", "unfreeze")
+KINDS = ("names", "first", "stages", "layers", "backbone", "unfreeze")  # the built-in kinds; freeze_kinds(): all
 STAGE = "stage:"  # a layer address: stage:K is the K-th stage (0 = the stem; -1 = the last before the head)
 _GLOB = "*?["
 
 
 @dataclass
 class Strategy:
-    """One step of a freeze plan: ``kind`` in :data:`KINDS`; ``targets`` is a list of patterns/paths, an int for
-    ``first``, ignored for ``backbone``."""
+    """One step of a freeze plan: ``kind`` names a registered :class:`FreezeKind`; ``targets`` is what that kind
+    takes (a list of patterns/paths, an int for ``first``/``stages``, ignored for ``backbone``)."""
 
     kind: str
     targets: Any = None
 
     def describe(self) -> str:
-        if self.kind == "backbone":
-            return "freeze backbone"
-        if self.kind == "first":
-            return f"freeze first {self.targets}"
-        if self.kind == "stages":
-            n = int(self.targets)
-            return f"freeze stages (all but the last {-n} stages)" if n < 0 else f"freeze stages (the first {n})"
-        verb = "unfreeze" if self.kind == "unfreeze" else f"freeze {self.kind}"
-        return f"{verb} {','.join(self.targets)}"
+        kind = _KINDS.get(self.kind)
+        return kind.describe(self.targets) if kind else f"{self.kind} {self.targets}"
+
+
+@dataclass(frozen=True)
+class FreezeKind:
+    """A way to choose parameters, registered by ``name`` (:func:`register_freeze_kind`).
+
+    ``select(bb, targets) -> [parameter names]`` (raise :class:`~finetune.errors.FreezeError` for targets that
+    match nothing); ``describe(targets) -> str`` (the plan's step line: ``freeze every other tensor``);
+    ``check(value) -> targets`` turns the recipe's value into targets, or raises ``FreezeError`` (None: taken
+    as is); ``unfreezes``: the step makes its parameters trainable (applied after every freezing step).
+    ``value(cfg)``: where the recipe gives it (the built-ins: their own key, ``freeze.names``), None when unused;
+    a registered kind leaves it None and is given as ``freeze.kinds.NAME`` (None or false there: unused)."""
+
+    name: str
+    select: Callable[[Backbone, Any], list[str]]
+    describe: Callable[[Any], str]
+    check: Callable[[Any], Any] | None = None
+    unfreezes: bool = False
+    value: Callable[[FreezeCfg], Any] | None = None
+
+    def recipe_key(self) -> str:
+        """Where a recipe gives this kind (errors name it, and the flag that set it)."""
+        return f"freeze.{self.name}" if self.value else f"freeze.kinds.{self.name}"
+
+
+_KINDS: dict[str, FreezeKind] = {}
+
+
+def register_freeze_kind(kind: FreezeKind) -> FreezeKind:
+    """Add a freeze kind: recipes may then give ``freeze.kinds.NAME``, and ``Strategy(NAME, targets)`` works.
+    Registering a name twice is an error (call :func:`unregister_freeze_kind` first)."""
+    if kind.name in _KINDS:
+        raise ValueError(f"freeze kind '{kind.name}' is already registered")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def unregister_freeze_kind(name: str) -> FreezeKind:
+    """Remove a registered kind (a test's clean-up); returns it."""
+    return _KINDS.pop(name)
+
+
+def freeze_kinds() -> dict[str, FreezeKind]:
+    """The registered kinds by name, in the order a recipe's steps are applied (a copy)."""
+    return dict(_KINDS)
 
 
 @dataclass
@@ -194,20 +236,12 @@ def select_unfreeze(bb: Backbone, targets: list[str]) -> list[str]:
 
 
 def select(bb: Backbone, s: Strategy) -> list[str]:
-    """The parameter names one strategy step addresses."""
-    if s.kind == "names":
-        return select_names(bb, list(s.targets))
-    if s.kind == "first":
-        return select_first(bb, s.targets)
-    if s.kind == "stages":
-        return select_stages(bb, int(s.targets))
-    if s.kind == "layers":
-        return select_layers(bb, list(s.targets))
-    if s.kind == "backbone":
-        return select_backbone(bb)
-    if s.kind == "unfreeze":
-        return select_unfreeze(bb, list(s.targets))
-    raise FreezeError(f"unknown freeze strategy '{s.kind}'{suggest(s.kind, KINDS)}; use one of {', '.join(KINDS)}")
+    """The parameter names one strategy step addresses (its kind's ``select``)."""
+    kind = _KINDS.get(s.kind)
+    if kind is None:
+        raise FreezeError(f"unknown freeze strategy '{s.kind}'{suggest(s.kind, _KINDS)}; use one of "
+                          f"{', '.join(_KINDS)}")
+    return kind.select(bb, s.targets)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -232,7 +266,7 @@ def model_stages(bb: Backbone) -> list[Stage]:
     """
     head = set(bb.head_parameter_names())
     keep = [n for n in _param_names(bb.model) if n not in head]
-    groups = _timm_groups(bb, keep, head) if getattr(bb, "source", "") == "timm" else None
+    groups = _timm_groups(bb, keep, head) if uses_group_matcher(bb) else None
     if groups is None:
         groups = _module_groups(bb.model, keep)
     return [Stage(i, mods, params) for i, (mods, params) in enumerate(groups)]
@@ -348,21 +382,35 @@ def select_stage(bb: Backbone, address: str, verb: str = "freeze") -> list[str]:
 # ----------------------------------------------------------------------------------------------- plans
 
 def strategies_from_cfg(cfg: FreezeCfg) -> list[Strategy]:
-    """The documented order: names, first, layers, backbone (freezing, a union), then unfreeze."""
+    """The recipe's steps in registration order (names, first, stages, layers, backbone, registered kinds),
+    unfreezing kinds last; a registered kind's value checked by the kind."""
+    _check_kind_names(cfg)
     steps: list[Strategy] = []
-    if cfg.names:
-        steps.append(Strategy("names", list(cfg.names)))
-    if cfg.first:
-        steps.append(Strategy("first", cfg.first))
-    if cfg.stages is not None:
-        steps.append(Strategy("stages", cfg.stages))
-    if cfg.layers:
-        steps.append(Strategy("layers", list(cfg.layers)))
-    if cfg.backbone:
-        steps.append(Strategy("backbone"))
-    if cfg.unfreeze:
-        steps.append(Strategy("unfreeze", list(cfg.unfreeze)))
-    return steps
+    last: list[Strategy] = []
+    for kind in _KINDS.values():
+        value = kind.value(cfg) if kind.value else getattr(cfg, "kinds", {}).get(kind.name)
+        if value is None or (value is False and not kind.value):
+            continue
+        if kind.check is not None:
+            try:
+                value = kind.check(value)
+            except FreezeError as e:
+                e.key = kind.recipe_key()
+                raise
+        (last if kind.unfreezes else steps).append(Strategy(kind.name, value))
+    return steps + last
+
+
+def _check_kind_names(cfg: FreezeCfg) -> None:
+    for name in getattr(cfg, "kinds", {}):
+        kind = _KINDS.get(name)
+        if kind is None or kind.value:
+            extra = [k for k, v in _KINDS.items() if not v.value]
+            hint = f"; it has its own key, freeze.{name}" if kind else \
+                f"{suggest(name, extra)}; registered: {', '.join(extra) or 'none'}"
+            e = FreezeError(f"freeze.kinds: unknown freeze kind '{name}'{hint}")
+            e.key = f"freeze.kinds.{name}"
+            raise e
 
 
 def current_plan(model: nn.Module, bn: str = "frozen", steps: list[str] | None = None) -> FreezePlan:
@@ -387,17 +435,19 @@ def apply_strategies(bb: Backbone, strategies: list[Strategy], bn: str = "frozen
         try:
             selected.append((s, set(select(bb, s))))
         except FreezeError as e:
-            e.key = getattr(e, "key", None) or f"freeze.{s.kind}"  # the recipe key it came from, for the caller
+            kind = _KINDS.get(s.kind)
+            e.key = getattr(e, "key", None) or (kind.recipe_key() if kind else f"freeze.{s.kind}")  # for the caller
             raise
     trainable = {n: True for n in _param_names(bb.model)}
     for s, names in selected:
-        if s.kind == "unfreeze" and all(trainable[n] for n in names):
+        unfreezes = _KINDS[s.kind].unfreezes
+        if unfreezes and all(trainable[n] for n in names):
             import logging
 
             logging.getLogger("finetune").warning(f"{s.describe()} changes nothing: those parameters are already "
                                                   "trainable")
         for n in names:
-            trainable[n] = s.kind == "unfreeze"
+            trainable[n] = unfreezes
     if trainable and not any(trainable.values()):
         head = ",".join(getattr(bb, "head", []) or []) or "LAYER"
         raise FreezeError(f"the freeze plan leaves nothing to train: all {len(trainable)} parameter tensors of "
@@ -443,6 +493,29 @@ def unfreeze_layers(bb: Backbone, layers: list[str]) -> list[str]:
             p.requires_grad_(True)
             newly.append(n)
     return newly
+
+
+# ------------------------------------------------------------------------------------------------ built-ins
+
+def _describe_stages(n: Any) -> str:
+    n = int(n)
+    return f"freeze stages (all but the last {-n} stages)" if n < 0 else f"freeze stages (the first {n})"
+
+
+BUILT_INS = (
+    FreezeKind("names", lambda bb, t: select_names(bb, list(t)), lambda t: f"freeze names {','.join(t)}",
+               value=lambda cfg: list(cfg.names) or None),
+    FreezeKind("first", select_first, lambda t: f"freeze first {t}", value=lambda cfg: cfg.first or None),
+    FreezeKind("stages", lambda bb, t: select_stages(bb, int(t)), _describe_stages, value=lambda cfg: cfg.stages),
+    FreezeKind("layers", lambda bb, t: select_layers(bb, list(t)), lambda t: f"freeze layers {','.join(t)}",
+               value=lambda cfg: list(cfg.layers) or None),
+    FreezeKind("backbone", lambda bb, t: select_backbone(bb), lambda t: "freeze backbone",
+               value=lambda cfg: True if cfg.backbone else None),
+    FreezeKind("unfreeze", lambda bb, t: select_unfreeze(bb, list(t)), lambda t: f"unfreeze {','.join(t)}",
+               unfreezes=True, value=lambda cfg: list(cfg.unfreeze) or None),
+)
+for _kind in BUILT_INS:
+    register_freeze_kind(_kind)
 
 
 # ------------------------------------------------------------------------------------------------ BatchNorm

@@ -28,6 +28,7 @@ from torch import nn
 
 from finetune.config import choices
 from finetune.errors import ConfigError, FreezeError, suggest
+from finetune.models.sources import uses_group_matcher
 from finetune.train.freeze import unfreeze_layers
 
 if TYPE_CHECKING:
@@ -73,12 +74,13 @@ def _lr_mult(bb: Backbone, cfg: OptimizerCfg, name: str, head: set[str]) -> tupl
 def layer_ids(bb: Backbone) -> tuple[dict[str, int], dict[str, str]]:
     """Each parameter's layer for layer-wise LR decay (0 = the stem) and its unit label.
 
-    timm models with a ``group_matcher`` use timm's own grouping (``param_groups_layer_decay`` semantics: one layer
-    per block, ``blocks.3`` or ``layer2.1``; what the matcher leaves out joins the last layer). Other models: the
-    top-level modules in order, then the head. The head is labelled by its module paths (``fc``, ``head``)."""
+    Models whose source has ``group_matcher`` (timm) use timm's own grouping (``param_groups_layer_decay``
+    semantics: one layer per block, ``blocks.3`` or ``layer2.1``; what the matcher leaves out joins the last layer).
+    Other models: the top-level modules in order, then the head. The head is labelled by its module paths (``fc``,
+    ``head``)."""
     head = set(bb.head_parameter_names())
     names = [n for n, _ in bb.model.named_parameters()]
-    matcher = getattr(bb.model, "group_matcher", None) if bb.source == "timm" else None
+    matcher = getattr(bb.model, "group_matcher", None) if uses_group_matcher(bb) else None
     if matcher is not None:
         from timm.models import group_parameters
 
