@@ -89,6 +89,7 @@ def test_lr_find_refuses_the_flags_of_a_resume_or_a_launch(cli, tmp_path):
                                                 "--nproc\n"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("command", ["train", "lr-find", "probe"])
 def test_help_imports_no_torch(command):
     code = ("import sys\nfrom finetune.cli.app import app\n"
