@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from finetune.parallel.distributed import launch, strip_nproc  # noqa: F401
     from finetune.train.engine import Reporter  # noqa: F401
+    from finetune.train.events import Callback  # noqa: F401
     from finetune.data import resolve_data_path  # noqa: F401
     from finetune.speedups import feature_store as featstore  # noqa: F401
     from finetune.train.freeze import apply_freeze, from_recipe, model_stages  # noqa: F401
@@ -55,7 +56,7 @@ _LAZY = {
     "featstore": None,
     "inspect_json": "finetune.models.params", "module_rows": "finetune.models.params",
     "parameter_rows": "finetune.models.params",
-    "Reporter": "finetune.train.engine",
+    "Reporter": "finetune.train.engine", "Callback": "finetune.train.events",
     "launch": "finetune.parallel.distributed", "strip_nproc": "finetune.parallel.distributed",
     "list_runs": "finetune.reporting.runs", "compare_runs": "finetune.reporting.runs",
     "write_compare_html": "finetune.reporting.runs",
@@ -73,12 +74,14 @@ def __getattr__(name: str):
 
 
 def train(recipe: Recipe | None = None, *, out: str | Path | None = None, overwrite: bool = False,
-          resume: str | Path | None = None, epochs: int | None = None, reporter: Reporter | None = None,
-          callbacks: list | None = None) -> RunResult:
+          resume: str | Path | None = None, epochs: int | None = None, reporter: Reporter | Callback | None = None,
+          callbacks: list[Callback] | None = None) -> RunResult:
     """Run ``recipe`` and write the run directory (or continue the run in ``resume`` from its ``last.pt``; ``epochs``
-    may extend it). ``reporter`` receives the batch-level progress (the CLI's :class:`finetune.cli.progress.
-    RichReporter`; silent without one); ``callbacks`` (:class:`finetune.run.callbacks.Callback`) listen beside
-    TensorBoard and the report. Returns the best epoch, its accuracy and the run directory
+    may extend it). ``reporter`` shows the progress: a :class:`Callback` (the CLI's :class:`finetune.cli.progress.
+    RichReporter`) or, the older shape, a :class:`Reporter` (adapted onto the same hooks); silent without one. Its
+    ``note(message)``, where it has one, also prints the test split's and the report's lines. ``callbacks``
+    (:class:`Callback`: run, epoch and batch hooks, see :mod:`finetune.train.events`) listen after it,
+    TensorBoard and the report's writer. Returns the best epoch, its accuracy and the run directory
     (:class:`finetune.run.runner.RunResult`)."""
     from finetune.reporting import report
     from finetune.run import runner

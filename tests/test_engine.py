@@ -6,6 +6,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.config import SchedulerCfg
+from finetune.train.events import Callback
 from finetune.train.engine import Step, evaluate, lr_factor, resolve_device, resolve_precision, set_lr, train_one_epoch
 from finetune.errors import ConfigError
 
@@ -183,10 +184,20 @@ def test_the_step_reads_nothing_back_from_the_device_and_the_epoch_sums_are_thos
         orig = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, _o=orig, _n=name: (_read_by_engine(reads, _n),
                                                                                  _o(self))[1])
+
+    class Bar(Callback):  # a progress bar: the running values are what it reads
+        def on_train_batch_end(self, i, batches, loss, acc, images_per_sec):
+            pass
+
     out = train_one_epoch(model, DataLoader(TensorDataset(x, y), batch_size=4),
-                          Step(opt, nn.CrossEntropyLoss(), torch.device("cpu")), 0)
-    monkeypatch.undo()
+                          Step(opt, nn.CrossEntropyLoss(), torch.device("cpu")), 0, callbacks=[Bar()])
     assert len(reads) == 6, reads  # (the DataLoader's own seed .item() is not the loop's)
+    reads.clear()  # with no listener of the batches, only the epoch end reads
+    other = nn.Sequential(nn.Linear(4, 3))
+    train_one_epoch(other, DataLoader(TensorDataset(x, y), batch_size=4),
+                    Step(torch.optim.SGD(other.parameters(), lr=0.1), nn.CrossEntropyLoss(), torch.device("cpu")), 0)
+    monkeypatch.undo()
+    assert len(reads) == 2, reads
     torch.manual_seed(0)
     model2 = nn.Sequential(nn.Linear(4, 3))
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)

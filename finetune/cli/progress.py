@@ -1,5 +1,6 @@
-"""The CLI's Reporter: rich progress bars on a terminal, plain lines otherwise, nothing with --quiet.
-Everything goes to stderr; the final table of epochs goes to stdout (it is the command's result)."""
+"""The CLI's progress, a run listener (:class:`finetune.api.Callback`): rich progress bars on a terminal, plain
+lines otherwise, nothing with --quiet. Everything goes to stderr; the final table of epochs goes to stdout (it is
+the command's result)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from finetune.api import Reporter, shown
+from finetune.api import Callback, shown
 from finetune.cli.render import term
 
 
@@ -18,7 +19,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-class RichReporter(Reporter):
+class RichReporter(Callback):
+    """The run's hooks as the CLI's output. ``note(message)`` is also what the run's other writers (the test split,
+    the report) print their one line with."""
+
     def __init__(self, quiet: bool = False, console: Console | None = None) -> None:
         self.quiet = quiet
         self.err = console or Console(stderr=True, emoji=False)  # ":x:" in a name prints as written
@@ -28,6 +32,13 @@ class RichReporter(Reporter):
         self._last_line = 0.0
 
     # -- lifecycle
+    def on_run_start(self, run: Any) -> None:
+        self.start(run.summary())
+        if run.feats is not None:
+            self.note(run.feats.note)
+        elif run.cfg.train.cache_features != "off":
+            self.note(f"frozen-feature cache {run.feats_info}")
+
     def start(self, info: dict[str, Any]) -> None:
         if self.quiet:
             return
@@ -48,8 +59,8 @@ class RichReporter(Reporter):
             + (f"\nresuming at epoch {info['start_epoch'] + 1} of {info['epochs']}" if info["start_epoch"] else ""),
             highlight=False, soft_wrap=True)
 
-    def epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
-        self.epoch, self.epochs = epoch, epochs
+    def on_epoch_start(self, run: Any, epoch: int, phase: Any) -> None:
+        self.epoch, self.epochs, batches = epoch, run.cfg.train.epochs, len(phase.train_loader)
         if self.live:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
@@ -58,9 +69,9 @@ class RichReporter(Reporter):
                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                                      TextColumn("eta"), TimeRemainingColumn(), console=self.err, transient=True)
             self.progress.start()
-            self.task = self.progress.add_task("train", total=batches, epoch=f"{epoch + 1}/{epochs}", info="")
+            self.task = self.progress.add_task("train", total=batches, epoch=f"{epoch + 1}/{self.epochs}", info="")
 
-    def batch(self, i: int, batches: int, loss: float, acc: float, images_per_sec: float) -> None:
+    def on_train_batch_end(self, i: int, batches: int, loss: float, acc: float, images_per_sec: float) -> None:
         info = f"loss {loss:.4f} acc {_pct(acc)} {images_per_sec:.0f} img/s"
         if self.progress is not None:
             self.progress.update(self.task, completed=i + 1, info=info)
@@ -68,11 +79,11 @@ class RichReporter(Reporter):
             self._last_line = time.monotonic()
             print(f"epoch {self.epoch + 1}/{self.epochs} batch {i + 1}/{batches} {info}", file=sys.stderr)
 
-    def eval_start(self, batches: int) -> None:
+    def on_eval_start(self, batches: int) -> None:
         if self.progress is not None:
             self.progress.update(self.task, info="validating...")
 
-    def epoch_end(self, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, run: Any, row: dict[str, Any]) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
@@ -84,13 +95,18 @@ class RichReporter(Reporter):
               f"  val loss {val} acc {_pct(row['val_acc'])}  lr {row['lr']:.3g}  {row['seconds']:.1f}s "
               f"{row['images_per_sec']:.0f} img/s{star}", file=sys.stderr, flush=True)
 
+    def on_note(self, run: Any, message: str) -> None:
+        self.note(message)
+
     def note(self, message: str) -> None:
         if not self.quiet:  # notes name paths: control characters escaped, line by line
             print("\n".join(shown(line) for line in str(message).split("\n")), file=sys.stderr, flush=True)
 
-    def end(self, summary: dict[str, Any]) -> None:
-        if self.quiet:
-            return
+    def on_run_end(self, run: Any) -> None:
+        if not self.quiet:
+            self.table({"run_dir": str(run.run_dir), "best": run.best, "epochs": run.history})
+
+    def table(self, summary: dict[str, Any]) -> None:
         t = Table(title="epochs", title_justify="left")
         for col in ("epoch", "train loss", "train acc", "val loss", "val acc", "lr", "s", "img/s"):
             t.add_column(col, justify="right")

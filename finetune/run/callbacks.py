@@ -1,20 +1,10 @@
-"""Listeners of a training run: progress, TensorBoard (the report is the reporting layer's callback).
+"""The run's listeners: the progress adapter, TensorBoard (the report is the reporting layer's callback).
 
-The epoch loop (:mod:`finetune.run.runner`) announces what happens through a handful of hooks, each called with the
-run's state (a :class:`finetune.run.runner.RunState`: model, optimizer, data, history, best) — Lightning's and fastai's
-callback shape, without their weight. A listener overrides the hooks it needs:
-
-- ``on_run_start(run)``: everything is built; nothing trained yet this session (also after a resume)
-- ``on_epoch_start(run, epoch, phase)``: before the epoch's RNG is seeded (0-based ``epoch``; ``phase`` says
-  what trains: the cached head or the full model)
-- ``on_note(run, message)``: a line the user should read (an unfreeze, an early stop)
-- ``on_epoch_end(run, row)``: the epoch's metrics row, after its checkpoint was committed
-- ``on_run_end(run)``: the run finished (not called when it fails)
-- ``on_close(run)``: always, last: flush what is buffered
-
-Batch-level progress goes to a :class:`finetune.train.engine.Reporter` (the CLI's rich bars); :class:`ReporterCallback`
-turns the run-level hooks into its ``start``/``note``/``epoch_end``/``end`` calls. Only rank 0 of a distributed run
-gets listeners.
+Every listener is a :class:`Callback` (:mod:`finetune.train.events`: the hooks, and when each is called), called by
+name through a :class:`Callbacks` dispatcher: the epoch loop (:mod:`finetune.run.runner`) calls the run-level hooks
+with the run's state, ``train_one_epoch`` and ``evaluate`` the batch-level ones. A :class:`Reporter` (the older
+progress shape) is adapted by :class:`ReporterCallback`. Only rank 0 of a distributed run gets these listeners;
+the mid-epoch saves (:class:`finetune.run.midepoch.MidEpochSaves`) listen on every rank.
 """
 
 from __future__ import annotations
@@ -25,59 +15,15 @@ from typing import Any
 
 import torch
 
-from finetune.train.engine import Reporter
 from finetune.parallel.strategy import uses_fsdp
+from finetune.train.events import Callback, Callbacks, Reporter, ReporterHooks  # noqa: F401 - re-exported
 
 log = logging.getLogger("finetune")
 
 
-class Callback:
-    """A run listener; every hook is optional."""
-
-    def on_run_start(self, run: Any) -> None: ...
-    def on_epoch_start(self, run: Any, epoch: int, phase: Any) -> None: ...
-    def on_note(self, run: Any, message: str) -> None: ...
-    def on_epoch_end(self, run: Any, row: dict[str, Any]) -> None: ...
-    def on_run_end(self, run: Any) -> None: ...
-    def on_close(self, run: Any) -> None: ...
-
-
-class Callbacks(Callback):
-    """Several listeners called in order."""
-
-    def __init__(self, items: list[Callback]):
-        self.items = list(items)
-
-    def on_run_start(self, run):
-        for c in self.items:
-            c.on_run_start(run)
-
-    def on_epoch_start(self, run, epoch, phase):
-        for c in self.items:
-            c.on_epoch_start(run, epoch, phase)
-
-    def on_note(self, run, message):
-        for c in self.items:
-            c.on_note(run, message)
-
-    def on_epoch_end(self, run, row):
-        for c in self.items:
-            c.on_epoch_end(run, row)
-
-    def on_run_end(self, run):
-        for c in self.items:
-            c.on_run_end(run)
-
-    def on_close(self, run):
-        for c in self.items:
-            c.on_close(run)
-
-
-class ReporterCallback(Callback):
-    """The run-level hooks as :class:`~finetune.train.engine.Reporter` calls (the summary lines, notes, epoch rows)."""
-
-    def __init__(self, reporter: Reporter):
-        self.reporter = reporter
+class ReporterCallback(ReporterHooks):
+    """A :class:`~finetune.train.events.Reporter` as a listener: the run-level hooks become its ``start``/``note``/
+    ``epoch_start``/``epoch_end``/``end`` calls, the batch-level ones its ``batch``/``update``/``eval_*`` methods."""
 
     def on_run_start(self, run):
         self.reporter.start(run.summary())
@@ -183,14 +129,14 @@ class TensorBoard(Callback):
             model.train(was)
 
 
-class StepScalars(Reporter):
+class StepScalars(Callback):
     """``train.log_every`` N: every N-th optimizer update (counted over the run), the update's loss, each group's LR
     and the epoch's images/s so far, under ``step/`` with the update count as the step."""
 
     def __init__(self, writer, every: int):
         self.writer, self.every = writer, every
 
-    def update(self, info: dict[str, Any]) -> None:
+    def on_update(self, info: dict[str, Any]) -> None:
         n = info["update"]
         if n % self.every:
             return
@@ -198,21 +144,3 @@ class StepScalars(Reporter):
         self.writer.add_scalar("step/images_per_sec", info["images_per_sec"], n)
         for name, lr in info["lrs"].items():
             self.writer.add_scalar("step/lr_group/" + name.replace(" ", "_"), lr, n)
-
-
-class Fanout(Reporter):
-    """One :class:`~finetune.train.engine.Reporter` that forwards every call to several."""
-
-    def __init__(self, items: list[Reporter]):
-        self.items = items
-
-    def __getattribute__(self, name: str):
-        if name.startswith("_") or name == "items":
-            return object.__getattribute__(self, name)
-        items = object.__getattribute__(self, "items")
-
-        def call(*args, **kwargs):
-            for r in items:
-                getattr(r, name)(*args, **kwargs)
-
-        return call

@@ -5,6 +5,10 @@ step's LR, the RNG states, and ``"ranks"``: every process's own ``[loss_sum, cor
 sums only its shard, so rank 0's sums alone are not the epoch's: the save gathers all of them (one small
 all-reduce at the save points, which every rank reaches at the same step), and a resumed rank continues from its
 own (:func:`for_rank`), so the epoch's train loss/accuracy equal an uninterrupted run's.
+
+The bookkeeping is two small pieces: :class:`MidEpochSaves`, the listener that writes those saves (on every rank:
+the gather is a collective), and :func:`enter_epoch`, which puts a (resumed) epoch's randomness and data where the
+save left them.
 """
 
 from __future__ import annotations
@@ -14,16 +18,50 @@ from typing import Any, Callable
 
 import torch
 
-from finetune.run import checkpoint as ck
+from finetune import data as D
 from finetune.parallel import distributed as dist_
+from finetune.run import checkpoint as ck
 from finetune.train import regularization as R
+from finetune.train.events import Callback
+
+
+class MidEpochSaves(Callback):
+    """``train.save_every_steps``: the save points of each epoch go to that epoch's :func:`saver` (add it only when
+    saving is on: a save point reads the exact sums from the device)."""
+
+    def __init__(self):
+        self.save: Callable[[dict[str, Any]], None] | None = None
+
+    def on_epoch_start(self, run, epoch, phase):
+        self.save = saver(run.cfg, run.run_dir, lambda: run.checkpoint(epoch, None).to_dict(), run.dd, run.device)
+
+    def on_save_point(self, progress):
+        if self.save is not None:
+            self.save(progress)
+
+
+def enter_epoch(loader, epoch: int, seed: int, partial: dict[str, Any] | None, mixing: bool, dd: dist_.Dist,
+                summed: bool) -> dict[str, Any] | None:
+    """Seed the epoch (order, augmentation and dropout are functions of the epoch's ``seed``: a resumed run repeats
+    them exactly; timm's Mixup draws from NumPy's global RNG), or, resuming mid-epoch (``partial``), continue the
+    RNG where the save was and skip the batches already trained. Returns this rank's ``resume`` for
+    :func:`finetune.train.engine.train_one_epoch` (:func:`for_rank`)."""
+    torch.manual_seed(seed)
+    if mixing:
+        R.seed_numpy(seed)
+    if partial:
+        torch.set_rng_state(partial["rng"])
+        if partial.get("np_rng") is not None:
+            R.set_numpy_rng_state(partial["np_rng"])
+    D.set_epoch(loader, epoch, int(partial["batches"]) if partial else 0)
+    return for_rank(partial, dd, summed)
 
 
 def saver(cfg, run_dir: Path, make_ckpt: Callable[[], dict], dd: dist_.Dist,
           device: torch.device) -> Callable[[dict[str, Any]], None] | None:
-    """``on_step`` for :func:`finetune.train.engine.train_one_epoch`, on every rank: every ``train.save_every_steps``
-    optimizer steps, rank 0 writes last.pt with ``"epoch"`` = completed epochs and ``"partial"`` = where this epoch
-    is, so a resume continues exactly there. None when mid-epoch saving is off."""
+    """What :class:`MidEpochSaves` does at a save point (``on_save_point(progress)``), on every rank: every
+    ``train.save_every_steps`` optimizer steps, rank 0 writes last.pt with ``"epoch"`` = completed epochs and
+    ``"partial"`` = where this epoch is, so a resume continues exactly there. None when mid-epoch saving is off."""
     every = cfg.train.save_every_steps
     if not every:
         return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -30,11 +31,12 @@ from finetune.run import checkpoint as ck
 from finetune.parallel import distributed as dist_
 from finetune.config import Recipe, from_dict, validate
 from finetune.data import provenance
-from finetune.train.engine import (NonFiniteLoss, Reporter, Step, evaluate, maybe_compile, resolve_device,
-                             resolve_precision, set_lr, train_one_epoch, wants_channels_last)
+from finetune.train.engine import (BNPolicy, EmaUpdate, LRSchedule, NonFiniteLoss, Step, evaluate, maybe_compile,
+                                   resolve_device, resolve_precision, train_one_epoch, wants_channels_last)
+from finetune.train.events import Callback, Callbacks, Reporter
 from finetune.errors import CheckpointError, ConfigError, FinetuneError, Interrupted  # noqa: F401 - re-exported
 from finetune.run import holdout, midepoch
-from finetune.train import imbalance, regularization as R
+from finetune.train import imbalance
 from finetune.speedups import depthwise as dwgrad
 from finetune.parallel import sharded, strategy
 from finetune.run.selection import Monitor, file_for, update_top_k
@@ -311,18 +313,25 @@ def _remove_new_run_dir(made: dict) -> bool:
     return True
 
 
-def _listeners(st: RunState, reporter: Reporter, extra: list | None, figures=None):
+def _listeners(st: RunState, reporter, extra: list | None, figures=None) -> Callbacks:
+    """The run's listeners, called in this order. Rank 0: the progress (``reporter``: a Callback such as the CLI's,
+    or a :class:`Reporter`, adapted), TensorBoard with its per-update scalars, the caller's ``extra``. Every rank:
+    the mid-epoch saves (their gather is a collective)."""
     from finetune.run import callbacks as C
 
-    if not st.dd.is_main:  # only rank 0 prints, writes TensorBoard and saves checkpoints
-        return C.Callbacks([])
-    items: list = [C.ReporterCallback(reporter)]
-    if st.cfg.train.tensorboard:
-        tb = C.TensorBoard(st.run_dir, log_every=st.cfg.train.log_every, figures=figures)
-        items.append(tb)
-        if tb.steps is not None:  # per-update scalars ride on the batch-level reporter
-            st.reporter = C.Fanout([st.reporter, tb.steps])
-    return C.Callbacks(items + list(extra or []))
+    cfg, items = st.cfg, []
+    if st.dd.is_main:  # only rank 0 prints, writes TensorBoard and the report
+        if isinstance(reporter, Callback):
+            items.append(reporter)
+        elif reporter is not None and type(reporter) is not Reporter:  # the default Reporter() says nothing
+            items.append(C.ReporterCallback(reporter))
+        if cfg.train.tensorboard:
+            tb = C.TensorBoard(st.run_dir, log_every=cfg.train.log_every, figures=figures)
+            items += [tb] if tb.steps is None else [tb, tb.steps]
+        items += list(extra or [])
+    if cfg.train.save_every_steps:
+        items.append(midepoch.MidEpochSaves())
+    return Callbacks(items)
 
 
 # ----------------------------------------------------------------------------------------------- building a run
@@ -519,21 +528,19 @@ def _restore(st: RunState, saved: ck.Checkpoint) -> None:
 
 
 def _make_step(st: RunState) -> Step:
-    from finetune.train import freeze as F
-
+    """The full model's step, with its named collaborators: the BN policy, the LR schedule, the DDP sum, Mixup,
+    the EMA update."""
     from finetune.train.regularization import make_mixup
 
     cfg, opt = st.cfg, st.optimizer
-    reduce = (lambda t: dist_.all_reduce_sum(t, st.dd)) if st.dd.enabled else None
     mix, mix_loss = make_mixup(cfg, len(st.classes))
-    ema_update = (lambda n: st.ema.update(st.model, step=n)) if st.ema is not None else None
     loss_fn = imbalance.loss_fn(cfg, st.bundle.train.targets, st.classes, st.device)  # + train.class_weights
     return Step(optimizer=opt, loss_fn=loss_fn,
                 device=st.device, precision=st.precision, channels_last=st.channels_last,
                 accumulate=cfg.train.accumulate, clip_grad=cfg.train.clip_grad, scaler=st.scaler,
-                after_train_mode=lambda m: F.apply_bn_policy(m, cfg.freeze.bn),
-                schedule=lambda t, dt: set_lr(opt, cfg.scheduler, t, cfg.train.epochs, dt), reduce=reduce,
-                mix=mix, mix_loss=mix_loss, after_update=ema_update)
+                after_train_mode=BNPolicy(cfg.freeze.bn), schedule=LRSchedule(opt, cfg.scheduler, cfg.train.epochs),
+                reduce=functools.partial(dist_.all_reduce_sum, d=st.dd) if st.dd.enabled else None,
+                mix=mix, mix_loss=mix_loss, after_update=EmaUpdate(st) if st.ema is not None else None)
 
 
 def _make_loaders(st: RunState) -> None:
@@ -560,26 +567,26 @@ def _make_loaders(st: RunState) -> None:
 # ----------------------------------------------------------------------------------------------- the epoch loop
 
 
-def fit(st: RunState, events) -> RunResult:
+def fit(st: RunState, events: Callbacks) -> RunResult:
     """Train from ``st.start_epoch`` to ``train.epochs``: per epoch, the unfreeze steps due, the phase, one pass,
-    evaluation, the commit of the run state, the listeners; stop early when asked."""
-    events.on_run_start(st)
+    evaluation, the commit of the run state, the listeners (``events``, called by hook name); stop early when
+    asked."""
+    events.call("on_run_start", st)
     try:
         for epoch in range(st.start_epoch, st.cfg.train.epochs):
             resuming = st.partial if epoch == st.start_epoch else None
             _unfreeze_due(st, epoch, resuming, events)
             phase = st.phase(epoch)
-            events.on_epoch_start(st, epoch, phase)
-            row, ev = _run_epoch(st, phase, epoch, resuming)
-            st.last_eval = ev
-            st.commit(epoch + 1, ev, st.record(row))
-            events.on_epoch_end(st, row)
+            events.call("on_epoch_start", st, epoch, phase)
+            row, st.last_eval = _run_epoch(st, phase, epoch, resuming, events)
+            st.commit(epoch + 1, st.last_eval, st.record(row))
+            events.call("on_epoch_end", st, row)
             if st.cfg.train.early_stop and st.since_best >= st.cfg.train.early_stop:
-                events.on_note(st, f"early stop: no better {st.monitor.key} for {st.since_best} epochs")
+                events.call("on_note", st, f"early stop: no better {st.monitor.key} for {st.since_best} epochs")
                 break
         if st.dd.is_main:  # data with a test/ folder: best.pt on it, once, never used for selection
             st.test = holdout.evaluate_best(st.run_dir, st.cfg, st.device, st.reporter)
-        events.on_run_end(st)
+        events.call("on_run_end", st)
     except NonFiniteLoss as e:
         kept = (f"; the last good checkpoint is in '{st.run_dir}'" if (st.run_dir / "last.pt").is_file()
                 else ", before the first checkpoint (nothing was saved)")
@@ -590,7 +597,7 @@ def fit(st: RunState, events) -> RunResult:
                               f"finetune train --resume {st.run_dir}") from None
         raise  # before the first checkpoint: train() removes a new run's directory
     finally:
-        events.on_close(st)
+        events.call("on_close", st)
         dist_.barrier(st.dd)  # no rank leaves (or reads a checkpoint) before rank 0 has written it
     return RunResult(st.run_dir, st.best["epoch"], st.best["val_acc"], st.history, st.classes, st.test)
 
@@ -603,31 +610,20 @@ def _unfreeze_due(st: RunState, epoch: int, resuming, events) -> None:
         if stp.epoch - 1 == epoch and not resuming:
             names = O.unfreeze_step(st.bb, st.optimizer, stp, st.cfg.optimizer)
             st.rewrap()
-            events.on_note(st, f"epoch {epoch + 1}: unfroze {', '.join(stp.layers)} ({len(names)} tensors, "
-                               f"lr x {stp.lr_mult})")
+            events.call("on_note", st, f"epoch {epoch + 1}: unfroze {', '.join(stp.layers)} ({len(names)} "
+                                       f"tensors, lr x {stp.lr_mult})")
 
 
-def _run_epoch(st: RunState, phase: Phase, epoch: int, resuming) -> tuple[dict[str, Any], dict | None]:
+def _run_epoch(st: RunState, phase: Phase, epoch: int, resuming, events: Callbacks
+               ) -> tuple[dict[str, Any], dict | None]:
     """One pass over the phase's training data and one evaluation; returns the metrics row and the evaluation."""
-    from finetune import data as D
-
-    # order, augmentation and dropout are functions of (seed, epoch): a resumed run repeats them exactly
-    torch.manual_seed(epoch_seed(st.cfg.train.seed, epoch))
-    if phase.step.mix is not None:  # timm's Mixup draws from NumPy's global RNG
-        R.seed_numpy(epoch_seed(st.cfg.train.seed, epoch))
-    if resuming:  # mid-epoch: skip the batches already trained, continue the RNG where it was
-        torch.set_rng_state(resuming["rng"])
-        if resuming.get("np_rng") is not None:
-            R.set_numpy_rng_state(resuming["np_rng"])
-    D.set_epoch(phase.train_loader, epoch, int(resuming["batches"]) if resuming else 0)
-    reporter = st.reporter
-    saver = midepoch.saver(st.cfg, st.run_dir, lambda: st.checkpoint(epoch, None).to_dict(), st.dd, st.device)
-    tr = train_one_epoch(phase.model, phase.train_loader, phase.step, epoch, reporter, on_step=saver,
-                         resume=midepoch.for_rank(resuming, st.dd, summed=phase.step.reduce is not None))
+    resume = midepoch.enter_epoch(phase.train_loader, epoch, epoch_seed(st.cfg.train.seed, epoch), resuming,
+                                  mixing=phase.step.mix is not None, dd=st.dd, summed=phase.step.reduce is not None)
+    tr = train_one_epoch(phase.model, phase.train_loader, phase.step, epoch, callbacks=events, resume=resume)
     # val runs in the run's precision even on cached features (the head trains in fp32 there): the recorded
     # accuracy is what `finetune eval best.pt` computes with the full model
     ev = (evaluate(phase.eval_model, phase.val_loader, len(st.classes), device=st.device, precision=st.precision,
-                   channels_last=phase.step.channels_last, label_smoothing=0.0, reporter=reporter,
+                   channels_last=phase.step.channels_last, label_smoothing=0.0, reporter=events,
                    reduce=phase.step.reduce, fast=st.cfg.train.fast_inference)
           if phase.val_loader is not None else None)
     row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
@@ -639,7 +635,7 @@ def _run_epoch(st: RunState, phase: Phase, epoch: int, resuming) -> tuple[dict[s
         row["val_top5"] = ev["top5"]
     if st.ema is not None and st.val_loader is not None:  # the average of the full model, on the val images
         ee = evaluate(st.ema.module, st.val_loader, len(st.classes), device=st.device, precision=st.precision,
-                      channels_last=st.channels_last, reporter=reporter, reduce=st.step.reduce,
+                      channels_last=st.channels_last, reporter=events, reduce=st.step.reduce,
                       fast=st.cfg.train.fast_inference)
         row.update(ema_val_loss=ee["loss"], ema_val_acc=ee["accuracy"], ema_val_f1=ee["macro_f1"])
     return row, ev

@@ -2,12 +2,14 @@
 
 ``model.train()`` then the BN policy, forward, CrossEntropyLoss, ``zero_grad``, backward, step — over the
 trainable parameters only; evaluation under ``model.eval()`` and ``torch.inference_mode()``, accuracy by argmax.
-Nothing here prints: progress goes to a ``Reporter`` (the CLI's draws rich bars; the default is silent).
+Nothing here prints: progress goes to the callbacks' batch-level hooks (:mod:`finetune.train.events`; the CLI's
+draw rich bars; none: silent).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from torch import nn
 
 from finetune.config import SchedulerCfg
 from finetune.errors import ConfigError
+from finetune.train.events import Callback, Callbacks, Reporter, as_callbacks  # noqa: F401 - Reporter: its old home
+from finetune.train.freeze import apply_bn_policy
 from finetune.train.imbalance import confusion_metrics
 from finetune.models.fold import FastInference
 
@@ -136,24 +140,18 @@ def updates_per_epoch(n_batches: int, accumulate: int) -> int:
 # ----------------------------------------------------------------------------------------------- loops
 
 
-class Reporter:
-    """Progress sink; the CLI's implementation draws rich bars. All methods are optional no-ops."""
-
-    def start(self, info: dict[str, Any]) -> None: ...
-    def epoch_start(self, epoch: int, epochs: int, batches: int) -> None: ...
-    def batch(self, i: int, batches: int, loss: float, acc: float, images_per_sec: float) -> None: ...
-    def eval_start(self, batches: int) -> None: ...
-    def eval_batch(self, i: int, batches: int) -> None: ...
-    # after each optimizer update: update, loss (a 0-dim tensor: float() reads it, a device sync on CUDA), lrs
-    def update(self, info: dict[str, Any]) -> None: ...
-    def epoch_end(self, row: dict[str, Any]) -> None: ...
-    def note(self, message: str) -> None: ...
-    def end(self, summary: dict[str, Any]) -> None: ...
-
-
 @dataclass
 class Step:
-    """What the train loop needs besides the model and data."""
+    """What the train loop needs besides the model and data: the optimizer and loss, where and how it runs, and the
+    loop's named collaborators, each optional:
+
+    - ``after_train_mode(model)``: the BN policy, applied after every ``.train()`` (:class:`BNPolicy`)
+    - ``schedule(t, dt)``: sets every group's LR for the update starting at ``t`` epochs, of length ``dt``; returns
+      the largest (:class:`LRSchedule`)
+    - ``reduce(tensor)``: sums a tensor over the DDP ranks (``all_reduce``)
+    - ``mix(x, y)`` and ``mix_loss``: timm's Mixup/CutMix and the loss on its soft targets
+    - ``after_update(n)``: after each optimizer update, with the run's update count (:class:`EmaUpdate`)
+    """
 
     optimizer: torch.optim.Optimizer
     loss_fn: nn.Module
@@ -163,12 +161,44 @@ class Step:
     accumulate: int = 1
     clip_grad: float | None = None
     scaler: Any = None  # torch.amp.GradScaler for fp16
-    after_train_mode: Callable[[nn.Module], None] = lambda m: None  # the BN policy, applied after .train()
-    schedule: Callable[[float, float], float] | None = None  # (update start in epochs, update length) -> sets LRs
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # sums a tensor over DDP ranks (all_reduce)
-    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None  # timm Mixup
-    mix_loss: nn.Module | None = None  # the loss on mixed (soft) targets
-    after_update: Callable[[int], None] | None = None  # called with the run's update count after each step (EMA)
+    after_train_mode: Callable[[nn.Module], None] = lambda m: None
+    schedule: Callable[[float, float], float] | None = None
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    mix_loss: nn.Module | None = None
+    after_update: Callable[[int], None] | None = None
+
+
+@dataclass
+class LRSchedule:
+    """``scheduler`` over a run of ``total`` epochs, applied to ``optimizer``'s groups (:func:`set_lr`)."""
+
+    optimizer: torch.optim.Optimizer
+    cfg: SchedulerCfg
+    total: float
+
+    def __call__(self, t: float, dt: float) -> float:
+        return set_lr(self.optimizer, self.cfg, t, self.total, dt)
+
+
+@dataclass
+class BNPolicy:
+    """``freeze.bn`` applied after ``model.train()`` (:func:`finetune.train.freeze.apply_bn_policy`)."""
+
+    policy: str
+
+    def __call__(self, model: nn.Module) -> None:
+        apply_bn_policy(model, self.policy)
+
+
+@dataclass
+class EmaUpdate:
+    """The weight average (timm's ModelEmaV3, ``run.ema``) moves toward ``run.model`` after each update."""
+
+    run: Any
+
+    def __call__(self, n: int) -> None:
+        self.run.ema.update(self.run.model, step=n)
 
 
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
@@ -181,62 +211,72 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_l
 
 def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
                     reporter: Reporter | None = None, *, resume: dict[str, Any] | None = None,
-                    on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, float]:
+                    on_step: Callable[[dict[str, Any]], None] | None = None,
+                    callbacks: Callbacks | Iterable[Callback] | None = None) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss, argmax accuracy, images, seconds, images/s, ``lr``: the LR the
     epoch's first optimizer step applied (the largest across groups, as timm logs it) and ``lrs``: that step's LR
     per parameter group (by group name).
 
-    ``resume`` continues an epoch saved mid-way: ``{"batches", "loss_sum", "correct", "seen"}`` from an
-    ``on_step`` call; the loader must then yield only the remaining batches (``data.set_epoch(loader, e, skip)``),
-    while ``len(loader)`` stays the full epoch's count. ``on_step(progress)`` is called after each optimizer step
-    except the epoch's last, with those same keys, at a point where saving and resuming is exact.
+    ``callbacks`` get the batch-level hooks (:mod:`finetune.train.events`): ``on_train_batch_end``, ``on_update``,
+    ``on_save_point``; ``reporter`` (a :class:`Reporter`) and ``on_step`` (a save-point function) are the older
+    shapes of the same. ``resume`` continues an epoch saved mid-way: ``{"batches", "loss_sum", "correct", "seen"}``
+    from an ``on_save_point`` call; the loader must then yield only the remaining batches
+    (``data.set_epoch(loader, e, skip)``), while ``len(loader)`` stays the full epoch's count.
     """
-    reporter = reporter or Reporter()
+    events = as_callbacks(callbacks, reporter, on_step)
+    batch_end, update_end, save_point = (events.hook(h) for h in ("on_train_batch_end", "on_update", "on_save_point"))
     model.train()
     step.after_train_mode(model)
-    opt = step.optimizer
-    n_batches = len(loader)  # type: ignore[arg-type]
-    resume = resume or {}
-    skip = int(resume.get("batches", 0))
-    sums = RunningSums(float(resume.get("loss_sum", 0.0)), int(resume.get("correct", 0)), int(resume.get("seen", 0)),
-                       step.device)
-    n_updates = updates_per_epoch(n_batches, step.accumulate)
-    lr = max((g["lr"] for g in opt.param_groups), default=0.0)
-    first_lr: float | None = resume.get("first_lr")
-    first_lrs: dict[str, float] = dict(resume.get("first_lrs") or {})
+    n_batches, acc = len(loader), step.accumulate  # type: ignore[arg-type]
+    pos = EpochProgress.resumed(resume, step.device)
+    n_updates = updates_per_epoch(n_batches, acc)
+    lr = max((g["lr"] for g in step.optimizer.param_groups), default=0.0)
     t0 = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    for i, (x, y) in enumerate(loader, start=skip):
+    step.optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(loader, start=pos.batches):
         x, y = to_device(x, y, step.device, step.channels_last)
         last = i + 1 == n_batches
-        sync = (i + 1) % step.accumulate == 0 or last
+        sync = (i + 1) % acc == 0 or last
         logits, loss = forward_backward(model, x, y, step, sync, (epoch, i))
-        if sync:
-            k = i // step.accumulate
-            if step.schedule:  # update k of K in this epoch trains at the schedule's value at epoch + k / K
-                lr = step.schedule(epoch + k / n_updates, 1.0 / n_updates)
-            if first_lr is None:
-                first_lr = lr
-                first_lrs = {g.get("name", str(j)): g["lr"] for j, g in enumerate(opt.param_groups)}
-            optimizer_step(step)
-            if step.after_update is not None:
-                step.after_update(epoch * n_updates + k + 1)
-        sums.add(loss, logits, y)
-        shown_loss, shown_correct, seen = sums.shown(last)  # re-read from the device at most 4 times a second
-        reporter.batch(i, n_batches, shown_loss / seen, shown_correct / seen, seen / (time.perf_counter() - t0))
-        if sync:
-            reporter.update({"update": epoch * n_updates + k + 1, "loss": loss.detach(), "lrs": {
-                g.get("name", str(j)): g["lr"] for j, g in enumerate(opt.param_groups)},
-                "images_per_sec": seen / (time.perf_counter() - t0)})
-        if on_step is not None and not last and (i + 1) % step.accumulate == 0:
-            loss_sum, correct, seen = sums.read()  # mid-epoch saving (opt-in) needs the exact sums every step
-            on_step({"batches": i + 1, "loss_sum": loss_sum, "correct": correct, "seen": seen,
-                     "first_lr": first_lr, "first_lrs": first_lrs})
+        if sync:  # update k of K in this epoch trains at the schedule's value at epoch + k / K
+            k = i // acc
+            lr = _update(step, pos, epoch + k / n_updates, 1.0 / n_updates, epoch * n_updates + k + 1, lr)
+        pos.sums.add(loss, logits, y)
+        if batch_end:
+            shown_loss, shown_correct, seen = pos.sums.shown(last)  # read from the device at most 4 times a second
+            for fn in batch_end:
+                fn(i, n_batches, shown_loss / seen, shown_correct / seen, seen / (time.perf_counter() - t0))
+        if sync and update_end:
+            info = {"update": epoch * n_updates + k + 1, "loss": loss.detach(), "lrs": _group_lrs(step.optimizer),
+                    "images_per_sec": pos.sums.seen / (time.perf_counter() - t0)}
+            for fn in update_end:
+                fn(info)
+        if save_point and not last and (i + 1) % acc == 0:
+            progress = pos.at(i + 1)  # the exact sums: a device read, only when someone saves
+            for fn in save_point:
+                fn(progress)
     secs = time.perf_counter() - t0
-    loss_sum, correct, seen = _sum_over_ranks(step, *sums.read())
+    loss_sum, correct, seen = _sum_over_ranks(step, *pos.sums.read())
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "n": seen, "seconds": secs,
-            "images_per_sec": seen / secs if secs > 0 else 0.0, "lr": lr if first_lr is None else first_lr,
-            "lrs": first_lrs}
+            "images_per_sec": seen / secs if secs > 0 else 0.0, "lr": lr if pos.first_lr is None else pos.first_lr,
+            "lrs": pos.first_lrs}
+
+
+def _group_lrs(opt: torch.optim.Optimizer) -> dict[str, float]:
+    return {g.get("name", str(j)): g["lr"] for j, g in enumerate(opt.param_groups)}
+
+
+def _update(step: Step, pos: EpochProgress, t: float, dt: float, n: int, lr: float) -> float:
+    """One optimizer update, the ``n``-th of the run, starting at ``t`` epochs: the schedule sets the LRs (the
+    epoch's first update's are kept for its row), step, then ``after_update`` (the EMA). Returns the LR applied."""
+    if step.schedule:
+        lr = step.schedule(t, dt)
+    if pos.first_lr is None:
+        pos.first_lr, pos.first_lrs = lr, _group_lrs(step.optimizer)
+    optimizer_step(step)
+    if step.after_update is not None:
+        step.after_update(n)
+    return lr
 
 
 PROGRESS_EVERY = 0.25  # seconds between two reads of the running loss/accuracy for the progress bar
@@ -268,6 +308,29 @@ class RunningSums:
         if force or time.perf_counter() - self._at >= self.every:
             return self.read()
         return self._shown[0], self._shown[1], self.seen
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch is, for a mid-epoch save and its resume: batches done, the running sums (on the device), the
+    LRs of the epoch's first update. ``at(batches)`` is the save point's dict (the ``"partial"`` of ``last.pt``);
+    ``resumed(partial)`` continues from one."""
+
+    sums: RunningSums
+    batches: int = 0
+    first_lr: float | None = None
+    first_lrs: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def resumed(cls, resume: dict[str, Any] | None, device: torch.device) -> EpochProgress:
+        r = resume or {}
+        sums = RunningSums(float(r.get("loss_sum", 0.0)), int(r.get("correct", 0)), int(r.get("seen", 0)), device)
+        return cls(sums, int(r.get("batches", 0)), r.get("first_lr"), dict(r.get("first_lrs") or {}))
+
+    def at(self, batches: int) -> dict[str, Any]:
+        loss_sum, correct, seen = self.sums.read()
+        return {"batches": batches, "loss_sum": loss_sum, "correct": correct, "seen": seen,
+                "first_lr": self.first_lr, "first_lrs": self.first_lrs}
 
 
 def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: Step, sync: bool,
