@@ -419,23 +419,27 @@ def _runtime(cfg: Recipe) -> tuple[dist_.Dist, torch.device, str]:
 
 
 def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str, run_dir: Path) -> RunState:
+    """The run state: :func:`finetune.run.assemble.assemble` in the run directory (``saved``: the checkpoint a resume
+    continues), then the process group's wrapping, the last.pt state, config.yaml, the step and the loaders."""
+
     def check_data(bundle) -> None:  # a resume: the same val images, or the recorded best compares different things
         if saved is not None:
             provenance.check_resume(saved.to_dict(), bundle, run_dir, dd.world_size, cfg.train.batch_size)
 
     # scratch: a disk image cache that is not kept lives in the run dir
-    p = assemble(cfg, device=device, precision=precision, scratch=run_dir, saved=saved, check_data=check_data,
-                 warn=True)
-    cfg, model = p.cfg, p.model
+    parts = assemble(cfg, device=device, precision=precision, scratch=run_dir, saved=saved, check_data=check_data,
+                     warn=True)
+    cfg, model = parts.cfg, parts.model
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    st = RunState(cfg=cfg, resolved=_resolved_recipe(cfg, p.bb, resumed=saved is not None), dd=dd, device=device,
-                  precision=precision, run_dir=run_dir, bundle=p.bundle, classes=p.classes, bb=p.bb, plan=p.plan,
-                  model=model, optimizer=p.optimizer, scaler=scaler, channels_last=p.channels_last, step=None,
-                  train_loader=None, val_loader=None, resumed=saved is not None)
+    st = RunState(cfg=cfg, resolved=_resolved_recipe(cfg, parts.bb, resumed=saved is not None), dd=dd,
+                  device=device, precision=precision, run_dir=run_dir, bundle=parts.bundle, classes=parts.classes,
+                  bb=parts.bb, plan=parts.plan, model=model, optimizer=parts.optimizer, scaler=scaler,
+                  channels_last=parts.channels_last, step=None, train_loader=None, val_loader=None,
+                  resumed=saved is not None)
     st.monitor = Monitor(cfg.train.monitor, cfg.train.monitor_mode)
     st.autotune = dwgrad.setup(model, saved.autotune if saved is not None else None, cfg=cfg, device=device,
-                               precision=precision, dd=dd, input_size=p.bundle.transform["input_size"],
-                               channels_last=p.channels_last)  # CPU bf16 depthwise backward
+                               precision=precision, dd=dd, input_size=parts.bundle.transform["input_size"],
+                               channels_last=parts.channels_last)  # CPU bf16 depthwise backward
     if cfg.train.ema:
         from finetune.train.regularization import make_ema
 
@@ -450,8 +454,8 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
         sharded.load_into(st.model, st.optimizer, run_dir, saved.sharded)
     if dd.is_main:  # once last.pt's state has loaded: a failed resume leaves the run as it was
         files.atomic_write_text(run_dir / "config.yaml", _yaml(st.resolved, {
-            "device": str(device), "precision": precision, "channels_last": p.channels_last,
-            "processes": dd.world_size, "classes": p.classes, **dwgrad.picked(st.autotune)}))
+            "device": str(device), "precision": precision, "channels_last": parts.channels_last,
+            "processes": dd.world_size, "classes": parts.classes, **dwgrad.picked(st.autotune)}))
     st.step = _make_step(st)
     _make_loaders(st)
     st.run_model = maybe_compile(st.train_model, cfg.train.compile)  # checkpoints save `model`'s own state_dict
