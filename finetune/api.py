@@ -248,15 +248,7 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
     skipped: list[str] = []
     files = list(named)
     for i in range(0, len(files), batch_size):
-        chunk, xs = [], []
-        for f in files[i:i + batch_size]:
-            try:
-                xs.append(tf(D.decode(f, tf_cfg)))  # exactly what eval sees
-                chunk.append(f)
-            except DataError as e:
-                if strict:
-                    raise DataError(f"{e} (--strict; without it the file is skipped)") from None
-                skipped.append(str(e))
+        chunk, xs = _decode_batch(files[i:i + batch_size], tf, tf_cfg, strict, skipped)
         if not xs:
             continue
         x = torch.stack(xs).to(dev)
@@ -275,6 +267,23 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
     for msg in skipped:
         log.warning(msg.replace("cannot read image", "skipping unreadable image", 1))
     return out[0] if single_file else out
+
+
+def _decode_batch(files: list, tf, tf_cfg: dict[str, Any], strict: bool, skipped: list[str]) -> tuple[list, list]:
+    """The files of one batch that decode, and their tensors (exactly what eval sees); an unreadable file's error is
+    added to ``skipped`` (``strict``: raised)."""
+    from finetune import data as D
+
+    chunk, xs = [], []
+    for f in files:
+        try:
+            xs.append(tf(D.decode(f, tf_cfg)))
+            chunk.append(f)
+        except DataError as e:
+            if strict:
+                raise DataError(f"{e} (--strict; without it the file is skipped)") from None
+            skipped.append(str(e))
+    return chunk, xs
 
 
 def _predict_inputs(paths: Any) -> tuple[list[str | os.PathLike], bool]:
