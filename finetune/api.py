@@ -108,26 +108,12 @@ def shutdown_distributed() -> None:
     distributed.shutdown(distributed.from_env())
 
 
-def _precision_on(dev: torch.device, precision: str) -> str:
-    """The checkpoint's precision where ``dev`` can run it (fp16 autocast has no CPU path: fp32 there)."""
-    return "fp32" if precision == "fp16" and dev.type == "cpu" else precision
-
-
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model from a finetune checkpoint alone (no recipe needed); returns (model in eval mode, ckpt)."""
-    import torch
-
-    from finetune.run.checkpoint import load_checkpoint, load_weights
+    from finetune.run.restore import restore_model
     from finetune.train.engine import resolve_device
-    from finetune.models import build_model
 
-    ckpt = load_checkpoint(checkpoint)
-    bb = build_model(ckpt["model_name"], num_classes=int(ckpt["num_classes"]), weights="none")
-    load_weights(bb.model, ckpt["model"], ckpt)
-    model = bb.model.to(resolve_device(device)).eval()
-    if ckpt.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)
-    return model, ckpt
+    return restore_model(checkpoint, resolve_device(device))
 
 
 def _fast(ckpt: dict[str, Any], given: str | None) -> str:
@@ -147,6 +133,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
     has (train, val, test). ``report``: also write that HTML file (confusion heat map, per-class
     precision/recall/F1, the most confidently wrong images)."""
     from finetune import data as D
+    from finetune.run.restore import eval_precision
     from finetune.train.engine import evaluate, resolve_device
 
     if split == "all":  # every split the data has, each on its own: {"train": {...}, "val": {...}, "test": {...}}
@@ -155,7 +142,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
         return _evaluate_all(checkpoint, data, device=device, batch_size=batch_size, precision=precision,
                              labels=labels)
     if report is not None:  # a bad report path fails before the evaluation, not after it
-        from finetune.reporting.report import check_out
+        from finetune.reporting.html import check_out
 
         check_out(report)
     dev = resolve_device(device)
@@ -174,7 +161,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
         provenance.check_eval(info, ds, path)
     loader = D.make_loader(ds, batch_size, shuffle=False, seed=0, device=dev.type)
     res = evaluate(model, loader, int(ckpt["num_classes"]), device=dev,
-                   precision=_precision_on(dev, precision or ckpt.get("precision", "fp32")),
+                   precision=eval_precision(ckpt, dev, precision),
                    channels_last=bool(ckpt.get("channels_last")), fast=_fast(ckpt, fast_inference))
     names = list(ckpt["class_names"])
     out = {"accuracy": res["accuracy"], "balanced_accuracy": res["balanced_accuracy"], "macro_f1": res["macro_f1"],
@@ -191,7 +178,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
 
 def check_report_path(out: str | Path) -> Path:
     """Where an HTML report may be written (an .html file, its folder exists, never over a non-report file)."""
-    from finetune.reporting.report import check_out
+    from finetune.reporting.html import check_out
 
     return check_out(out)
 
@@ -242,6 +229,7 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
     import torch
 
     from finetune import data as D
+    from finetune.run.restore import eval_precision
     from finetune.train.engine import autocast, resolve_device
 
     items, single_file = _predict_inputs(paths)
@@ -255,7 +243,7 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
     tf_cfg = ckpt["transform"]
     tf = D.eval_transform(tf_cfg)
     k = max(1, min(top_k, len(class_names)))
-    prec = _precision_on(dev, ckpt.get("precision", "fp32"))
+    prec = eval_precision(ckpt, dev)
     from finetune.models.fold import FastInference
 
     run = FastInference(model, _fast(ckpt, fast_inference))
@@ -263,15 +251,7 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
     skipped: list[str] = []
     files = list(named)
     for i in range(0, len(files), batch_size):
-        chunk, xs = [], []
-        for f in files[i:i + batch_size]:
-            try:
-                xs.append(tf(D.decode(f, tf_cfg)))  # exactly what eval sees
-                chunk.append(f)
-            except DataError as e:
-                if strict:
-                    raise DataError(f"{e} (--strict; without it the file is skipped)") from None
-                skipped.append(str(e))
+        chunk, xs = _decode_batch(files[i:i + batch_size], tf, tf_cfg, strict, skipped)
         if not xs:
             continue
         x = torch.stack(xs).to(dev)
@@ -290,6 +270,23 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
     for msg in skipped:
         log.warning(msg.replace("cannot read image", "skipping unreadable image", 1))
     return out[0] if single_file else out
+
+
+def _decode_batch(files: list, tf, tf_cfg: dict[str, Any], strict: bool, skipped: list[str]) -> tuple[list, list]:
+    """The files of one batch that decode, and their tensors (exactly what eval sees); an unreadable file's error is
+    added to ``skipped`` (``strict``: raised)."""
+    from finetune import data as D
+
+    chunk, xs = [], []
+    for f in files:
+        try:
+            xs.append(tf(D.decode(f, tf_cfg)))
+            chunk.append(f)
+        except DataError as e:
+            if strict:
+                raise DataError(f"{e} (--strict; without it the file is skipped)") from None
+            skipped.append(str(e))
+    return chunk, xs
 
 
 def _predict_inputs(paths: Any) -> tuple[list[str | os.PathLike], bool]:

@@ -162,7 +162,8 @@ def _literal(text) -> tuple[str, bool]:
 
 @pytest.mark.report
 def test_dollar_class_names_report_is_written_with_literal_labels(run):
-    from finetune.reporting.report import _plt, confusion_figure, write_run_report
+    from finetune.reporting.html import pyplot
+    from finetune.reporting.report import confusion_figure, write_run_report
 
     out = write_run_report(run)
     page = out.read_text()
@@ -173,11 +174,11 @@ def test_dollar_class_names_report_is_written_with_literal_labels(run):
     for ax in fig.axes[:2]:
         assert [_literal(t) for t in ax.get_xticklabels()] == [(shown(n[:14]), False) for n in names]
         assert [_literal(t) for t in ax.get_yticklabels()] == [(shown(n[:14]), False) for n in names]
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def test_compare_html_with_dollar_run_names(run, tmp_path, cli):
-    from finetune.reporting.report import _plt
+    from finetune.reporting.html import pyplot
     from finetune.reporting.runs import compare_figure, compare_runs
 
     a, b = tmp_path / "run$_$1", tmp_path / "$x^2$"
@@ -189,7 +190,7 @@ def test_compare_html_with_dollar_run_names(run, tmp_path, cli):
     fig = compare_figure(compare_runs([a, b])["runs"])
     labels = [_literal(t) for t in fig.axes[1].get_legend().get_texts()]
     assert labels == [("run$_$1", False), ("$x^2$", False)]
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 # ------------------------------------------------------------------------------------------------ row 11

@@ -12,6 +12,7 @@ import torch
 
 import finetune
 from finetune.reporting import report as R
+from finetune.train import metrics as M
 
 from browser import chromium, open_page, required
 from helpers import tiny_tree
@@ -26,7 +27,7 @@ C = [0.9, 0.8, 0.4, 0.6, 0.95, 0.7, 0.8, 0.5, 0.3]
 
 
 def test_confusion_counts_and_row_normalised():
-    m = R.confusion_counts(T, P, 3)
+    m = M.confusion_counts(T, P, 3)
     assert m == [[2, 1, 0], [0, 1, 1], [1, 1, 2]]
     assert R.row_normalised(m) == [[2 / 3, 1 / 3, 0.0], [0.0, 0.5, 0.5], [0.25, 0.25, 0.5]]
     assert R.row_normalised([[0, 0], [1, 1]]) == [[0.0, 0.0], [0.5, 0.5]]  # a class without images
@@ -34,7 +35,7 @@ def test_confusion_counts_and_row_normalised():
 
 def test_per_class_precision_recall_f1_support():
     m = [[2, 1, 0], [0, 1, 1], [1, 1, 2]]
-    got = R.per_class_metrics(m)
+    got = M.per_class_metrics(m)
     # class 0: tp 2, predicted 3 (2+0+1), support 3 -> p 2/3, r 2/3; class 1: tp 1, predicted 3, support 2;
     # class 2: tp 2, predicted 3, support 4
     want = [(2 / 3, 2 / 3, 3), (1 / 3, 1 / 2, 2), (2 / 3, 1 / 2, 4)]
@@ -42,7 +43,7 @@ def test_per_class_precision_recall_f1_support():
         assert g["precision"] == pytest.approx(p) and g["recall"] == pytest.approx(r) and g["support"] == s
         assert g["f1"] == pytest.approx(2 * p * r / (p + r))
     # never predicted and no images: zeros, not a division error (scikit-learn's zero_division=0)
-    assert R.per_class_metrics([[1, 0], [1, 0]])[1] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert M.per_class_metrics([[1, 0], [1, 0]])[1] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
 
 
 def test_top_wrong_and_most_uncertain_correct():

@@ -9,7 +9,7 @@ import torch
 
 from finetune import config
 from finetune.train.engine import Reporter
-from finetune.train.imbalance import confusion_metrics
+from finetune.train.metrics import confusion_metrics
 from finetune.run.runner import Interrupted, train
 from finetune.run.selection import Monitor, update_top_k
 

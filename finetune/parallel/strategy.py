@@ -186,14 +186,15 @@ def sync_buffers(model: nn.Module) -> None:
         dist.broadcast(b.data, src=0)
 
 
-def wrap(st) -> nn.Module:
-    """The module the loop trains (:class:`finetune.run.runner.RunState` ``st``): DDP around the model, or the model
-    sharded in place by FSDP2 (``train.strategy``), or the model itself in a single process."""
-    if not uses_fsdp(st.cfg, st.dd):
-        return dist_.wrap(st.model, st.dd, st.device)
-    check(st.cfg, st.precision)
-    shard(st.model, st.optimizer, st.precision)
-    return st.model
+def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, cfg, d: dist_.Dist, device: torch.device,
+         precision: str) -> nn.Module:
+    """The module the loop trains: DDP around ``model``, or ``model`` sharded in place by FSDP2 (``train.strategy``;
+    ``optimizer`` then points at the shards), or ``model`` itself in a single process."""
+    if not uses_fsdp(cfg, d):
+        return dist_.wrap(model, d, device)
+    check(cfg, precision)
+    shard(model, optimizer, precision)
+    return model
 
 
 def sharded_checkpoints(cfg, d: dist_.Dist) -> bool:
@@ -202,17 +203,17 @@ def sharded_checkpoints(cfg, d: dist_.Dist) -> bool:
     return uses_fsdp(cfg, d) and getattr(cfg.train, "checkpoint_format", "auto") == "auto"
 
 
-def full_state(st, v) -> tuple[dict, dict | None] | None:
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, cfg, d: dist_.Dist,
+               consolidated: bool) -> tuple[dict, dict | None] | None:
     """FSDP: the consolidated ``(model, optimizer)`` state for the checkpoints (collective: every rank calls it);
     None otherwise (the model's own ``state_dict`` is whole). With sharded checkpoints only the model is gathered,
-    and only when the epoch's ``Verdict`` ``v`` writes a consolidated file (best.pt, top-k):
-    ``({}, None)`` otherwise."""
-    if not uses_fsdp(st.cfg, st.dd):
+    and only when the epoch writes a ``consolidated`` file (best.pt, top-k): ``({}, None)`` otherwise."""
+    if not uses_fsdp(cfg, d):
         return None
-    sync_buffers(st.model)
-    if sharded_checkpoints(st.cfg, st.dd):
-        return (gather_model(st.model) if v.improved or v.in_top_k else {}), None
-    return gather(st.model, st.optimizer)
+    sync_buffers(model)
+    if sharded_checkpoints(cfg, d):
+        return (gather_model(model) if consolidated else {}), None
+    return gather(model, optimizer)
 
 
 def gather_model(model: nn.Module) -> dict:
@@ -222,10 +223,12 @@ def gather_model(model: nn.Module) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_shards(st, epochs_done: int) -> dict | None:
-    """Sharded checkpoints: every rank writes its shards now (collective); the entry last.pt names them by."""
-    if not sharded_checkpoints(st.cfg, st.dd):
+def save_shards(model: nn.Module, optimizer: torch.optim.Optimizer, cfg, d: dist_.Dist, run_dir,
+                epochs_done: int) -> dict | None:
+    """Sharded checkpoints: every rank writes its shards into ``run_dir`` now (collective); the entry last.pt names
+    them by."""
+    if not sharded_checkpoints(cfg, d):
         return None
     from finetune.parallel import sharded
 
-    return sharded.save(st.model, st.optimizer, st.run_dir, epochs_done, st.dd)
+    return sharded.save(model, optimizer, run_dir, epochs_done, d)

@@ -3,16 +3,17 @@ learning curves, the confusion matrix as a heat map, per-class precision/recall/
 the most uncertain correct val images, the freeze plan as a picture, the resolved recipe, environment, data summary
 and wall times; plus ``report.json``, the numbers that feed the pictures.
 
-The numbers (``confusion_counts``, ``per_class_metrics``, ``top_wrong``, ...) are plain functions of lists, tested
-against hand-computed values. The figures use matplotlib (Agg backend, imported on first use). A run's report reads
-the run directory: ``metrics.json``, ``config.yaml`` and ``best.pt``, whose ``val`` holds the per-image
-predictions of the best epoch (``engine.evaluate``'s ``samples``), so writing it needs no forward pass.
+The numbers (``top_wrong``, ``confused_pairs``, ...) are plain functions of lists, tested against hand-computed
+values; the confusion matrix and per-class precision/recall/F1 come from :mod:`finetune.train.metrics`, as the
+training loop's. The page's pieces shared with ``finetune compare --html`` are in :mod:`.html`. The figures use
+matplotlib (Agg backend, imported on first use). A run's report reads the run directory: ``metrics.json``,
+``config.yaml`` and ``best.pt``, whose ``val`` holds the per-image predictions of the best epoch
+(``engine.evaluate``'s ``samples``), so writing it needs no forward pass.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import logging
@@ -22,8 +23,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import CheckpointError, ConfigError, FinetuneError
+from finetune.errors import CheckpointError, FinetuneError
+from finetune.reporting.html import CSS, MARK, check_out, esc, mpl_text, pct, png, pyplot, table
 from finetune.run.callbacks import Callback
+from finetune.train.metrics import accuracy, per_class_metrics
 
 log = logging.getLogger("finetune")
 
@@ -34,32 +37,9 @@ THUMB = 112  # thumbnail side in pixels (JPEG, inline)
 # ------------------------------------------------------------------------------------------------ the numbers
 
 
-def confusion_counts(targets: list[int], preds: list[int], num_classes: int) -> list[list[int]]:
-    """``m[t][p]`` = how many images of true class ``t`` were predicted ``p`` (rows = true classes)."""
-    m = [[0] * num_classes for _ in range(num_classes)]
-    for t, p in zip(targets, preds):
-        m[int(t)][int(p)] += 1
-    return m
-
-
 def row_normalised(confusion: list[list[int]]) -> list[list[float]]:
     """Each row divided by its sum (the recall view); a class without images is a row of zeros."""
     return [[v / sum(row) if sum(row) else 0.0 for v in row] for row in confusion]
-
-
-def per_class_metrics(confusion: list[list[int]]) -> list[dict[str, float | int]]:
-    """Per class: precision (of the images predicted as it, how many are it), recall, F1 and support.
-    Zero when undefined (no predictions, no images), as scikit-learn's ``zero_division=0``."""
-    n = len(confusion)
-    out = []
-    for c in range(n):
-        tp = confusion[c][c]
-        predicted = sum(confusion[r][c] for r in range(n))
-        support = sum(confusion[c])
-        p = tp / predicted if predicted else 0.0
-        r = tp / support if support else 0.0
-        out.append({"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "support": support})
-    return out
 
 
 def top_wrong(targets: list[int], preds: list[int], conf: list[float], k: int) -> list[int]:
@@ -97,35 +77,9 @@ def freeze_rows(numel: dict[str, int], frozen_at_start: list[str], trainable_at_
 # ------------------------------------------------------------------------------------------------ figures
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _mpl(text: Any) -> str:
-    """User text (a class, run, layer or group name) as matplotlib draws it literally: every ``$`` escaped, so
-    "a$b" or "$x^2$" is not mathtext (an unbalanced or invalid formula made the whole figure fail to draw);
-    matplotlib shows ``\\$`` in plain text as ``$``. Control characters are escaped visibly, as in the terminal
-    (the font has no glyph for them)."""
-    from finetune.errors import shown
-
-    return shown(text).replace("$", r"\$")
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)  # layout by tight_layout: bbox "tight" would draw twice
-    _plt().close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def confusion_figure(confusion: list[list[int]], names: list[str]):
     """Counts and row-normalised heat maps side by side (a matplotlib Figure; also what TensorBoard gets)."""
-    plt = _plt()
+    plt = pyplot()
     n = len(names)
     side = min(6.5, 2.0 + 0.42 * n)
     fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
@@ -137,8 +91,8 @@ def confusion_figure(confusion: list[list[int]], names: list[str]):
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ticks = list(range(n)) if n <= 40 else []
-        ax.set_xticks(ticks, [_mpl(names[i][:14]) for i in ticks], rotation=90, fontsize=8)
-        ax.set_yticks(ticks, [_mpl(names[i][:14]) for i in ticks], fontsize=8)
+        ax.set_xticks(ticks, [mpl_text(names[i][:14]) for i in ticks], rotation=90, fontsize=8)
+        ax.set_yticks(ticks, [mpl_text(names[i][:14]) for i in ticks], fontsize=8)
         if n <= 20:
             hi = max((max(r) for r in data), default=0) or 1
             for t in range(n):
@@ -154,7 +108,7 @@ def confusion_figure(confusion: list[list[int]], names: list[str]):
 
 def curves_figure(epochs: list[dict], unfreeze: list[tuple[int, str]]):
     """Loss, accuracy, LR per group and images/s per epoch; dashed lines where an unfreeze step starts."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5))
     x = [r["epoch"] for r in epochs]
 
@@ -176,7 +130,7 @@ def curves_figure(epochs: list[dict], unfreeze: list[tuple[int, str]]):
     groups = list(dict.fromkeys(g for r in epochs for g in (r.get("lrs") or {})))
     for g in groups:
         pts = [(e, r["lrs"][g]) for e, r in zip(x, epochs) if g in (r.get("lrs") or {})]
-        axes[1, 0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=_mpl(g))
+        axes[1, 0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=mpl_text(g))
     if not groups:
         line(axes[1, 0], "lr", "lr")
     axes[1, 0].set_title("learning rate per group (first update of the epoch)")
@@ -190,7 +144,7 @@ def curves_figure(epochs: list[dict], unfreeze: list[tuple[int, str]]):
         for ep, what in unfreeze:
             ax.axvline(ep - 0.5, color="tab:red", ls="--", lw=1)
             if ax is axes[0, 0]:
-                ax.annotate(_mpl(f"unfreeze {what}"), (ep - 0.5, 1), xycoords=("data", "axes fraction"), fontsize=7,
+                ax.annotate(mpl_text(f"unfreeze {what}"), (ep - 0.5, 1), xycoords=("data", "axes fraction"), fontsize=7,
                             color="tab:red", rotation=90, va="top", ha="right")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -205,9 +159,9 @@ def curves_figure(epochs: list[dict], unfreeze: list[tuple[int, str]]):
 
 def freeze_figure(rows: list[dict]):
     """Horizontal stacked bars per top-level module: trainable, unfrozen by a schedule, frozen (parameters)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 0.9 + 0.32 * len(rows)))
-    names = [_mpl(r["module"]) for r in rows][::-1]
+    names = [mpl_text(r["module"]) for r in rows][::-1]
     left = [0] * len(rows)
     for key, colour in (("trainable", "tab:green"), ("unfrozen", "tab:orange"), ("frozen", "tab:gray")):
         vals = [r[key] for r in rows][::-1]
@@ -270,9 +224,9 @@ def evaluation_part(confusion: list[list[int]], names: list[str], samples: dict 
     metrics = per_class_metrics(confusion)
     part: dict[str, Any] = {
         "class_names": names, "confusion": confusion, "per_class": [{"class": n, **m} for n, m in zip(names, metrics)],
-        "accuracy": sum(confusion[i][i] for i in range(len(names))) / max(1, sum(map(sum, confusion))),
+        "accuracy": accuracy(confusion),
         "confused_pairs": [list(p) for p in confused_pairs(confusion, names)],
-        "figure_confusion": _png(confusion_figure(confusion, names)), "wrong": [], "unsure": [],
+        "figure_confusion": png(confusion_figure(confusion, names)), "wrong": [], "unsure": [],
     }
     if samples is None or dataset is None:
         part["images_note"] = "no per-image predictions for this evaluation (thumbnails left out)"
@@ -293,25 +247,15 @@ def _samples_match(samples: dict | None, dataset) -> bool:
 
 def _predict_samples(ckpt_path: Path, dataset) -> dict:
     """Per-image predictions of a checkpoint on ``dataset`` (a forward pass, for reports of older checkpoints)."""
-    import torch
-
-    from finetune.run.checkpoint import load_checkpoint, load_weights
     from finetune.data import make_loader
+    from finetune.run.restore import eval_precision, restore_model
     from finetune.train.engine import evaluate, resolve_device
-    from finetune.models import build_model
 
-    ckpt = load_checkpoint(ckpt_path)
-    bb = build_model(ckpt["model_name"], num_classes=int(ckpt["num_classes"]), weights="none")
-    load_weights(bb.model, ckpt["model"], ckpt)
     dev = resolve_device("auto")
-    model = bb.model.to(dev).eval()
+    model, ckpt = restore_model(ckpt_path, dev)
     cl = bool(ckpt.get("channels_last"))
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
-    prec = ckpt.get("precision", "fp32")
-    prec = "fp32" if prec == "fp16" and dev.type == "cpu" else prec
     return evaluate(model, make_loader(dataset, 64, shuffle=False, seed=0, device=dev.type),
-                    int(ckpt["num_classes"]), device=dev, precision=prec, channels_last=cl)
+                    int(ckpt["num_classes"]), device=dev, precision=eval_precision(ckpt, dev), channels_last=cl)
 
 
 # ------------------------------------------------------------------------------------------------ TensorBoard
@@ -467,8 +411,8 @@ def build_run_report(run_dir: str | Path, *, val_dataset=None, data: dict | None
         "wall": {"run_started": _iso(created), "run_ended": _iso(ended),
                  "run_seconds": (ended - created) if created and ended else None,
                  "epoch_seconds": sum(r.get("seconds") or 0 for r in metrics.get("epochs", []))},
-        "figure_curves": _png(curves_figure(metrics.get("epochs", []), schedule)) if metrics.get("epochs") else "",
-        "figure_freeze": _png(freeze_figure(rows)) if rows else "",
+        "figure_curves": png(curves_figure(metrics.get("epochs", []), schedule)) if metrics.get("epochs") else "",
+        "figure_freeze": png(freeze_figure(rows)) if rows else "",
         "eval": evaluation_part(confusion, names, samples, val_dataset) if has_val else None,
         "class_names": names,
     }
@@ -540,22 +484,6 @@ def write_eval_report(out: str | Path, result: dict, dataset, ckpt: dict) -> Pat
     return out
 
 
-def check_out(out: str | Path) -> Path:
-    """Where a report may go: an .html file whose folder exists, and never over a file that is not a report
-    (``--report best.pt`` must not replace a checkpoint)."""
-    out = Path(out)
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise ConfigError(f"report file '{out}' must end in .html (it is one HTML page); e.g. --report "
-                          f"{out.with_suffix('.html').name}")
-    if not out.parent.is_dir():
-        raise ConfigError(f"cannot write the report to '{out}': folder '{out.parent}' does not exist; create it "
-                          "first")
-    if out.is_dir() or (out.exists() and _MARK not in out.read_bytes()[:400].decode("utf-8", "replace")):
-        raise ConfigError(f"'{out}' exists and is not a finetune report; pick another file name (reports are "
-                          "only written over earlier reports)")
-    return out
-
-
 def _numbers(rep: dict) -> dict:
     """report.json: the report without its pictures."""
     if rep["eval"] is None:
@@ -568,58 +496,29 @@ def _numbers(rep: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ HTML
 
-_MARK = '<meta name="generator" content="finetune report">'  # what lets a later report replace this file
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#222;
-padding:0 16px}
-h1{font-size:1.5em;margin-bottom:4px}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
-.sub{color:#666}table{border-collapse:collapse;font-size:.9em;margin:8px 0}
-td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f4f4f4}
-td:first-child,th:first-child{text-align:left}img.fig{max-width:100%;height:auto}
-.grid{display:flex;flex-wrap:wrap;gap:10px}.card{width:124px;font-size:.75em;line-height:1.25;overflow-wrap:anywhere}
-.card img{width:112px;height:112px;display:block;border:3px solid #c0392b;border-radius:3px}
-.card.ok img{border-color:#e0a800}.muted{color:#777}pre{background:#f7f7f7;padding:10px;overflow:auto;
-font-size:.8em}.kpi{font-size:1.15em}.warn{color:#c0392b}
-"""
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def _table(head: list[str], rows: list[list[Any]]) -> str:
-    th = "".join(f"<th>{_e(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{th}</tr>{body}</table>"
-
-
 def _cards(items: list[dict], cls: str) -> str:
     out = []
     for w in items:
-        img = (f'<img src="{w["src"]}" alt="{_e(w["name"])}" width="112" height="112">' if w["src"]
+        img = (f'<img src="{w["src"]}" alt="{esc(w["name"])}" width="112" height="112">' if w["src"]
                else '<div class="muted">(unreadable)</div>')
-        out.append(f'<div class="card {cls}">{img}<b>true</b> {_e(w["true"])}<br><b>pred</b> {_e(w["pred"])} '
+        out.append(f'<div class="card {cls}">{img}<b>true</b> {esc(w["true"])}<br><b>pred</b> {esc(w["pred"])} '
                    f'({100 * w["conf"]:.1f}%)<br><span class="muted">p(true) {100 * w["p_true"]:.1f}%<br>'
-                   f'{_e(w["name"])}</span></div>')
+                   f'{esc(w["name"])}</span></div>')
     return '<div class="grid">' + "".join(out) + "</div>"
 
 
 def _eval_html(ev: dict) -> str:
     names = ev["class_names"]
-    pairs = ", ".join(f"<b>{_e(t)}</b> &rarr; <b>{_e(p)}</b> ({n})" for t, p, n in ev["confused_pairs"])
-    s = [f'<p class="kpi">accuracy {_pct(ev["accuracy"])} on {sum(map(sum, ev["confusion"]))} images</p>',
+    pairs = ", ".join(f"<b>{esc(t)}</b> &rarr; <b>{esc(p)}</b> ({n})" for t, p, n in ev["confused_pairs"])
+    s = [f'<p class="kpi">accuracy {pct(ev["accuracy"])} on {sum(map(sum, ev["confusion"]))} images</p>',
          f"<p>Most confused (true &rarr; predicted): {pairs or 'nothing: no mistakes'}</p>",
          f'<img class="fig" id="fig-confusion" src="{ev["figure_confusion"]}" alt="confusion matrix">',
          "<h3>Per class</h3>",
-         _table(["class", "precision", "recall", "F1", "support"],
+         table(["class", "precision", "recall", "F1", "support"],
                 [[m["class"], f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
                  for m in ev["per_class"]])]
     if ev.get("images_note"):
-        s.append(f'<p class="muted">{_e(ev["images_note"])}</p>')
+        s.append(f'<p class="muted">{esc(ev["images_note"])}</p>')
     else:
         s.append(f"<h3>Most confidently wrong ({len(ev['wrong'])} of {ev.get('n_wrong_total', 0)} mistakes)</h3>"
                  "<p class='muted'>Predicted class with its probability; p(true) = the probability of the true "
@@ -632,49 +531,49 @@ def _eval_html(ev: dict) -> str:
 
 def render_html(rep: dict) -> str:
     """The report as one self-contained HTML page (inline CSS and images; no script, no external reference)."""
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{_MARK}<title>finetune report: "
-             f"{_e(rep['title'])}</title><style>{_CSS}</style></head><body>",
-             f"<h1>{_e(rep['title'])}</h1>"]
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{MARK}<title>finetune report: "
+             f"{esc(rep['title'])}</title><style>{CSS}</style></head><body>",
+             f"<h1>{esc(rep['title'])}</h1>"]
     if rep["kind"] == "run":
         best = rep.get("best") or {}
-        parts.append(f"<p class='sub'>model <b>{_e(rep['model'])}</b> &middot; recipe <b>{_e(rep['recipe_name'])}"
-                     f"</b> &middot; best val accuracy <b>{_pct(best.get('val_acc'))}</b> at epoch "
-                     f"{_e(best.get('epoch'))} of {len(rep['epochs'])} &middot; {_e(rep['wall']['run_started'])}"
+        parts.append(f"<p class='sub'>model <b>{esc(rep['model'])}</b> &middot; recipe <b>{esc(rep['recipe_name'])}"
+                     f"</b> &middot; best val accuracy <b>{pct(best.get('val_acc'))}</b> at epoch "
+                     f"{esc(best.get('epoch'))} of {len(rep['epochs'])} &middot; {esc(rep['wall']['run_started'])}"
                      "</p>")
         parts.append("<h2>Learning curves</h2>")
         parts.append(f'<img class="fig" id="fig-curves" src="{rep["figure_curves"]}" alt="learning curves">'
                      if rep["figure_curves"] else "<p>No epochs recorded.</p>")
         if rep["unfreeze"]:
             parts.append("<p>Unfreeze steps (dashed lines): " + ", ".join(
-                f"epoch {e}: {_e(w)}" for e, w in rep["unfreeze"]) + "</p>")
-        parts.append(f"<h2>Evaluation of best.pt (epoch {_e(rep['best_epoch_in_ckpt'])}) on the val set</h2>")
+                f"epoch {e}: {esc(w)}" for e, w in rep["unfreeze"]) + "</p>")
+        parts.append(f"<h2>Evaluation of best.pt (epoch {esc(rep['best_epoch_in_ckpt'])}) on the val set</h2>")
     else:
-        parts.append(f"<p class='sub'>model <b>{_e(rep['model'])}</b> &middot; checkpoint {_e(rep['checkpoint'])}"
-                     f" &middot; data {_e(rep['data_path'])} ({_e(rep['split'])} split) &middot; loss "
-                     f"{rep['loss']:.4f} &middot; top-5 {_pct(rep['top5'])}</p><h2>Evaluation</h2>")
+        parts.append(f"<p class='sub'>model <b>{esc(rep['model'])}</b> &middot; checkpoint {esc(rep['checkpoint'])}"
+                     f" &middot; data {esc(rep['data_path'])} ({esc(rep['split'])} split) &middot; loss "
+                     f"{rep['loss']:.4f} &middot; top-5 {pct(rep['top5'])}</p><h2>Evaluation</h2>")
     parts.append(_eval_html(rep["eval"]) if rep["eval"] else "<p>No validation set: nothing to evaluate.</p>")
     if rep["kind"] == "run":
         parts.append("<h2>Freeze plan</h2>")
         if rep["figure_freeze"]:
             parts.append(f'<img class="fig" id="fig-freeze" src="{rep["figure_freeze"]}" alt="freeze plan">')
-        parts.append(f"<p>BatchNorm policy: <b>{_e(rep['bn'])}</b> (frozen = BN layers whose parameters are all "
+        parts.append(f"<p>BatchNorm policy: <b>{esc(rep['bn'])}</b> (frozen = BN layers whose parameters are all "
                      "frozen stay in eval mode: running statistics unchanged)</p>")
-        parts.append(_table(["module", "trainable", "unfrozen later", "frozen"],
+        parts.append(table(["module", "trainable", "unfrozen later", "frozen"],
                             [[r["module"], f"{r['trainable']:,}", f"{r['unfrozen']:,}", f"{r['frozen']:,}"]
                              for r in rep["freeze_rows"]]))
     parts.append("<h2>Data</h2>" + _data_html(rep["data"], rep["class_names"]))
-    parts.append("<h2>Environment</h2>" + _table(["", ""], [[k, v] for k, v in rep["environment"].items()]))
+    parts.append("<h2>Environment</h2>" + table(["", ""], [[k, v] for k, v in rep["environment"].items()]))
     if rep["kind"] == "run":
         w = rep["wall"]
         rs = "-" if w["run_seconds"] is None else f"{w['run_seconds']:.1f} s"
-        parts.append("<h2>Wall times</h2>" + _table(["", ""], [
+        parts.append("<h2>Wall times</h2>" + table(["", ""], [
             ["run started", w["run_started"] or "-"], ["last epoch written", w["run_ended"] or "-"],
             ["start to last epoch (with set-up and any resume gaps)", rs],
             ["training epochs (sum)", f"{w['epoch_seconds']:.1f} s"],
             ["building this report", f"{w['report_seconds']:.2f} s"]]))
-        parts.append("<h2>Resolved recipe (config.yaml)</h2><pre>" + _e(rep["config_text"]) + "</pre>")
-    parts.append(f"<p class='muted'>finetune {_e(rep.get('finetune_version', ''))} &middot; written "
-                 f"{_e(time.strftime('%Y-%m-%d %H:%M:%S'))}</p></body></html>")
+        parts.append("<h2>Resolved recipe (config.yaml)</h2><pre>" + esc(rep["config_text"]) + "</pre>")
+    parts.append(f"<p class='muted'>finetune {esc(rep.get('finetune_version', ''))} &middot; written "
+                 f"{esc(time.strftime('%Y-%m-%d %H:%M:%S'))}</p></body></html>")
     return "\n".join(parts)
 
 
@@ -685,12 +584,12 @@ def _data_html(data: dict | None, names: list[str]) -> str:
             for i, n in enumerate(names)]
     tot = lambda k: "-" if data[k] is None else sum(data[k])
     rows.append(["total", tot("train"), tot("val")])
-    s = f"<p>{_e(data.get('source', ''))}</p>" + _table(["class", "train", "val"], rows)
+    s = f"<p>{esc(data.get('source', ''))}</p>" + table(["class", "train", "val"], rows)
     if not data.get("recorded"):
         s += "<p class='muted'>Skipped files: not recorded (this report was made after the run).</p>"
     elif data["skipped"]:
         s += (f"<p class='warn'>{len(data['skipped'])} unreadable files skipped:</p><pre>"
-              + _e("\n".join(data["skipped"][:50])) + "</pre>")
+              + esc("\n".join(data["skipped"][:50])) + "</pre>")
     else:
         s += "<p>No files skipped.</p>"
     if data.get("unlabeled"):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import ConfigError, shown
+from finetune.reporting.html import CSS, MARK, check_out, esc, mpl_text, png, pyplot, table
 
 MARKER = ".finetune-run"  # finetune.run.checkpoint.MARKER (that module imports torch)
 log = logging.getLogger("finetune")
@@ -183,9 +184,7 @@ def compare_runs(paths: list[str | Path]) -> dict[str, Any]:
 
 def compare_figure(runs: list[dict]):
     """Train/val loss and val accuracy per epoch, one colour per run."""
-    from finetune.reporting.report import _mpl, _plt
-
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for i, r in enumerate(runs):
         colour = f"C{i % 10}"
@@ -196,7 +195,7 @@ def compare_figure(runs: list[dict]):
             if pts:
                 scale = 100 if key.endswith("acc") else 1
                 ax.plot([p[0] for p in pts], [scale * p[1] for p in pts], style, color=colour, marker="o", ms=3,
-                        label=_mpl(r["name"]) + (" (val)" if key == "val_loss" else ""))
+                        label=mpl_text(r["name"]) + (" (val)" if key == "val_loss" else ""))
     for ax, title in zip(axes, ("loss (solid: train, dashed: val)", "val accuracy (%)", "train accuracy (%)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
@@ -208,19 +207,18 @@ def compare_figure(runs: list[dict]):
 
 def write_compare_html(result: dict[str, Any], out: str | Path) -> Path:
     """The comparison as one self-contained HTML page (curves overlaid, inline)."""
-    from finetune.reporting.report import _CSS, _MARK, _e, _png, _table, check_out
 
     out = check_out(out)
     runs = result["runs"]
-    fig = _png(compare_figure(runs))
-    metrics = _table(["run", "model", "recipe", "best val acc", "best epoch", "epochs", "train s", "date"],
+    fig = png(compare_figure(runs))
+    metrics = table(["run", "model", "recipe", "best val acc", "best epoch", "epochs", "train s", "date"],
                      [[r["name"], r["model"], r["recipe"], _acc(r["best_val_acc"]), r["best_epoch"],
                        f"{r['epochs']}/{r['epochs_planned']}", f"{r['train_seconds']:.1f}", r["date"]]
                       for r in runs])
-    diff = _table(["key", *[r["name"] for r in runs]],
+    diff = table(["key", *[r["name"] for r in runs]],
                   [[k, *[_short(v) for v in vs]] for k, vs in result["differences"].items()])
-    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{_MARK}<title>finetune compare: "
-            f"{_e(', '.join(r['name'] for r in runs))}</title><style>{_CSS}</style></head><body>"
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{MARK}<title>finetune compare: "
+            f"{esc(', '.join(r['name'] for r in runs))}</title><style>{CSS}</style></head><body>"
             f"<h1>Comparison of {len(runs)} runs</h1><h2>Metrics</h2>{metrics}<h2>Curves</h2>"
             f'<img class="fig" id="fig-compare" src="{fig}" alt="curves of the runs"><h2>Configuration differences'
             f"</h2>{diff if result['differences'] else '<p>None: the runs have the same configuration.</p>'}"

@@ -57,28 +57,19 @@ def evaluate_best(run_dir: Path, cfg, device, reporter=None, batch_size: int = 6
 
     from finetune import data as D
     from finetune.files import atomic_write_text
-    from finetune.run.checkpoint import load_checkpoint, load_weights
+    from finetune.run.restore import eval_precision, restore_model
     from finetune.train.engine import evaluate
-    from finetune.models import build_model
 
     if test_folder(cfg.data.path) is None or not (Path(run_dir) / "best.pt").is_file():
         return None
-    ckpt = load_checkpoint(Path(run_dir) / "best.pt")
+    model, ckpt = restore_model(Path(run_dir) / "best.pt", device)
     names = list(ckpt["class_names"])
-    bb = build_model(str(ckpt["model_name"]), num_classes=len(names), weights="none")
-    load_weights(bb.model, ckpt["model"], ckpt)
-    model = bb.model.to(device).eval()
     channels_last = bool(ckpt.get("channels_last"))
-    if channels_last:
-        import torch
-
-        model = model.to(memory_format=torch.channels_last)
     ds = D.build_eval_dataset(cfg.data.path, "test", names, ckpt["transform"], labels=cfg.data.labels)
     loader = D.make_loader(ds, batch_size, shuffle=False, seed=0, device=device.type,
                            workers=0)
-    prec = ckpt.get("precision", "fp32")
-    res = evaluate(model, loader, len(names), device=device, precision="fp32" if prec == "fp16" and
-                   device.type == "cpu" else prec, channels_last=channels_last)
+    res = evaluate(model, loader, len(names), device=device, precision=eval_precision(ckpt, device),
+                   channels_last=channels_last)
     test = {"checkpoint": "best.pt", "epoch": ckpt.get("epoch"), "accuracy": res["accuracy"],
             "balanced_accuracy": res["balanced_accuracy"], "macro_f1": res["macro_f1"], "top5": res["top5"],
             "loss": res["loss"], "n": res["n"]}

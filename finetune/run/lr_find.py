@@ -177,11 +177,11 @@ def lr_find(recipe: Recipe, *, steps: int = 100, start_lr: float = 1e-7, end_lr:
     import torch
 
     from finetune import data as D
-    from finetune.train import freeze as F
-    from finetune.train import optim as O
-    from finetune.train.engine import Step, resolve_device, resolve_precision, wants_channels_last
+    from finetune.run.assemble import assemble
     from finetune.speedups.feature_cache import plan_cache
-    from finetune.models import build_model, data_config
+    from finetune.train import freeze as F
+    from finetune.train import imbalance
+    from finetune.train.engine import Step
 
     if not (0 < start_lr < end_lr):
         raise ConfigError(f"the LR range test needs 0 < start_lr < end_lr, got {start_lr:g} and {end_lr:g}")
@@ -189,19 +189,9 @@ def lr_find(recipe: Recipe, *, steps: int = 100, start_lr: float = 1e-7, end_lr:
         raise ConfigError(f"the LR range test needs at least 10 steps, got {steps}")
     cfg = from_dict({**recipe.to_dict(), "optimizer": {**recipe.to_dict()["optimizer"], "lr": 1.0}})
     torch.manual_seed(cfg.train.seed)  # the new head's init and dropout: as train seeds them
-    device = resolve_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    bundle = D.build_data(cfg.data, data_config(cfg.model.name, cfg.model.weights), seed=cfg.train.seed)
-    bb = build_model(cfg.model.name, num_classes=len(bundle.class_names), weights=cfg.model.weights,
-                     drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
-    F.apply_freeze(bb, cfg.freeze)
-    channels_last = wants_channels_last(bb.model, cfg.train.channels_last)
-    model = bb.model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = O.build_optimizer(bb, cfg.optimizer)
-    from finetune.train import imbalance
-
+    parts = assemble(cfg)  # as train assembles it, without a run directory
+    cfg, bundle, bb, model, optimizer = parts.cfg, parts.bundle, parts.bb, parts.model, parts.optimizer
+    device, precision, channels_last = parts.device, parts.precision, parts.channels_last
     loss_fn = imbalance.loss_fn(cfg, bundle.train.targets, list(bundle.class_names), device)
     step = Step(optimizer=optimizer, loss_fn=loss_fn, device=device, precision=precision,
                 channels_last=channels_last, after_train_mode=lambda m: F.apply_bn_policy(m, cfg.freeze.bn))

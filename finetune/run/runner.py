@@ -32,10 +32,11 @@ from finetune.parallel import distributed as dist_
 from finetune.config import Recipe, from_dict, validate
 from finetune.data import provenance
 from finetune.train.engine import (BNPolicy, EmaUpdate, LRSchedule, NonFiniteLoss, Step, evaluate, maybe_compile,
-                                   resolve_device, resolve_precision, train_one_epoch, wants_channels_last)
+                                   resolve_device, resolve_precision, train_one_epoch)
 from finetune.train.events import Callback, Callbacks, Reporter
 from finetune.errors import CheckpointError, ConfigError, FinetuneError, Interrupted  # noqa: F401 - re-exported
 from finetune.run import holdout, midepoch
+from finetune.run.assemble import assemble
 from finetune.train import imbalance
 from finetune.speedups import depthwise as dwgrad
 from finetune.parallel import sharded, strategy
@@ -73,13 +74,6 @@ def seed_everything(seed: int) -> None:
 def epoch_seed(seed: int, epoch: int) -> int:
     """Each epoch reseeds from (seed, epoch): augmentation and dropout after a resume match an uninterrupted run."""
     return (seed * 1_000_003 + epoch * 7919) % 2**63
-
-
-def probe_data_cfg(name: str, weights: str) -> dict[str, Any]:
-    """The backbone's input config (size, mean/std, ...) without building it for real or downloading weights."""
-    from finetune.models import data_config
-
-    return data_config(name, weights)
 
 
 @dataclass
@@ -211,8 +205,9 @@ class RunState:
         """The end-of-epoch writes (rank 0): last.pt first, the commit point (see ``checkpoint.repair_run``), then
         best.pt (weights + metadata: the optimizer state, 2x the weights for Adam, is for resuming), best_ema.pt,
         the top-k file, and metrics.json."""
-        full = strategy.full_state(self, v)  # FSDP: every rank joins the gather of the consolidated state
-        shards = strategy.save_shards(self, epochs_done)  # FSDP: every rank writes its shards (parallel/sharded.py)
+        # FSDP: every rank joins the gather of the consolidated state, and writes its shards (parallel/sharded.py)
+        full = strategy.full_state(self.model, self.optimizer, self.cfg, self.dd, v.improved or v.in_top_k)
+        shards = strategy.save_shards(self.model, self.optimizer, self.cfg, self.dd, self.run_dir, epochs_done)
         if not self.dd.is_main:
             return
         ckpt = self.checkpoint(epochs_done, val, full)
@@ -433,33 +428,27 @@ def _runtime(cfg: Recipe) -> tuple[dist_.Dist, torch.device, str]:
 
 
 def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str, run_dir: Path) -> RunState:
-    from finetune import data as D
-    from finetune.train import freeze as F
-    from finetune.train import optim as O
-    from finetune.models import build_model
+    """The run state: :func:`finetune.run.assemble.assemble` in the run directory (``saved``: the checkpoint a resume
+    continues), then the process group's wrapping, the last.pt state, config.yaml, the step and the loaders."""
 
-    cfg = D.check_stream_recipe(cfg)  # tar shards stream: no frozen-feature cache (it indexes images)
-    bundle = D.build_data(cfg.data, probe_data_cfg(cfg.model.name, cfg.model.weights), seed=cfg.train.seed,
-                          scratch=run_dir)  # scratch: a disk image cache that is not kept lives in the run dir
-    if saved is not None:  # the same val images, or the recorded best compares different things
-        provenance.check_resume(saved.to_dict(), bundle, run_dir, dd.world_size, cfg.train.batch_size)
-    classes = _check_classes(cfg, list(bundle.class_names), saved)
-    bb = build_model(cfg.model.name, num_classes=len(classes), weights="none" if saved else cfg.model.weights,
-                     drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
-    plan = F.apply_freeze(bb, cfg.freeze)
-    _warn_plan(cfg, bb, plan, resumed=saved is not None)
-    channels_last = wants_channels_last(bb.model, cfg.train.channels_last)
-    model = bb.model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = O.build_optimizer(bb, cfg.optimizer)
+    def check_data(bundle) -> None:  # a resume: the same val images, or the recorded best compares different things
+        if saved is not None:
+            provenance.check_resume(saved.to_dict(), bundle, run_dir, dd.world_size, cfg.train.batch_size)
+
+    # scratch: a disk image cache that is not kept lives in the run dir
+    parts = assemble(cfg, device=device, precision=precision, scratch=run_dir, saved=saved, check_data=check_data,
+                     warn=True)
+    cfg, model = parts.cfg, parts.model
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    st = RunState(cfg=cfg, resolved=_resolved_recipe(cfg, bb, resumed=saved is not None), dd=dd, device=device,
-                  precision=precision, run_dir=run_dir, bundle=bundle, classes=classes, bb=bb, plan=plan,
-                  model=model, optimizer=optimizer, scaler=scaler, channels_last=channels_last, step=None,
-                  train_loader=None, val_loader=None, resumed=saved is not None)
+    st = RunState(cfg=cfg, resolved=_resolved_recipe(cfg, parts.bb, resumed=saved is not None), dd=dd,
+                  device=device, precision=precision, run_dir=run_dir, bundle=parts.bundle, classes=parts.classes,
+                  bb=parts.bb, plan=parts.plan, model=model, optimizer=parts.optimizer, scaler=scaler,
+                  channels_last=parts.channels_last, step=None, train_loader=None, val_loader=None,
+                  resumed=saved is not None)
     st.monitor = Monitor(cfg.train.monitor, cfg.train.monitor_mode)
-    st.autotune = dwgrad.setup(st, saved.autotune if saved is not None else None)  # CPU bf16 depthwise backward
+    st.autotune = dwgrad.setup(model, saved.autotune if saved is not None else None, cfg=cfg, device=device,
+                               precision=precision, dd=dd, input_size=parts.bundle.transform["input_size"],
+                               channels_last=parts.channels_last)  # CPU bf16 depthwise backward
     if cfg.train.ema:
         from finetune.train.regularization import make_ema
 
@@ -468,38 +457,18 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
         _restore(st, saved)
     if cfg.train.sync_bn and dd.enabled:
         st.model = dist_.sync_batchnorm(model, device)  # same Parameters: optimizer and state_dict unchanged
-    st.train_model = strategy.wrap(st)  # DDP, or FSDP2 sharding the model in place (finetune/parallel/strategy.py)
+    # DDP, or FSDP2 sharding the model in place (finetune/parallel/strategy.py)
+    st.train_model = strategy.wrap(st.model, st.optimizer, cfg, dd, device, precision)
     if saved is not None and saved.sharded:  # each rank reads its part, at this run's world size
         sharded.load_into(st.model, st.optimizer, run_dir, saved.sharded)
     if dd.is_main:  # once last.pt's state has loaded: a failed resume leaves the run as it was
         files.atomic_write_text(run_dir / "config.yaml", _yaml(st.resolved, {
-            "device": str(device), "precision": precision, "channels_last": channels_last,
-            "processes": dd.world_size, "classes": classes, **dwgrad.picked(st.autotune)}))
+            "device": str(device), "precision": precision, "channels_last": parts.channels_last,
+            "processes": dd.world_size, "classes": parts.classes, **dwgrad.picked(st.autotune)}))
     st.step = _make_step(st)
     _make_loaders(st)
     st.run_model = maybe_compile(st.train_model, cfg.train.compile)  # checkpoints save `model`'s own state_dict
     return st
-
-
-def _check_classes(cfg: Recipe, classes: list[str], saved: ck.Checkpoint | None) -> list[str]:
-    if saved is not None and classes != list(saved.class_names):
-        raise ConfigError(f"cannot resume: the data's classes {classes} differ from the run's "
-                          f"{list(saved.class_names)}")
-    if cfg.model.num_classes is not None and cfg.model.num_classes != len(classes):
-        raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but the data has {len(classes)} classes "
-                          f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}); drop num_classes to "
-                          "take it from the data")
-    return classes
-
-
-def _warn_plan(cfg: Recipe, bb, plan, resumed: bool) -> None:
-    if not resumed and bb.weights == "none" and plan.frozen:
-        log.warning(f"{len(plan.frozen)} parameter tensors are frozen at random init (weights: none): they will "
-                    "stay random; pass --weights (pretrained or a file) or drop the freeze plan")
-    for stp in cfg.freeze.schedule:
-        if stp.epoch > cfg.train.epochs:
-            log.warning(f"the unfreeze step at epoch {stp.epoch} ({', '.join(stp.layers)}) never runs: the run has "
-                        f"{cfg.train.epochs} epochs (1..{cfg.train.epochs})")
 
 
 def _restore(st: RunState, saved: ck.Checkpoint) -> None:

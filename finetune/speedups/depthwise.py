@@ -111,20 +111,22 @@ def applies(cfg, device: torch.device, precision: str, fsdp: bool) -> bool:
             and not cfg.train.compile and not fsdp)
 
 
-def setup(st, saved: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The run's hook (:class:`finetune.run.runner.RunState` ``st``): tune, or on resume switch the layers the run
-    switched before (``saved``, from last.pt: a resume repeats the run's numerics, not a new timing). Under DDP rank
-    0 decides and every rank follows. None when it does not apply."""
+def setup(model: nn.Module, saved: dict[str, Any] | None, *, cfg, device: torch.device, precision: str, dd,
+          input_size, channels_last: bool) -> dict[str, Any] | None:
+    """A run's hook: tune ``model``'s depthwise convs for ``cfg.train.batch_size`` images of ``input_size``, or on
+    resume switch the layers the run switched before (``saved``, from last.pt: a resume repeats the run's numerics,
+    not a new timing). Under DDP (``dd``, the process group) rank 0 decides and every rank follows. None when it
+    does not apply."""
     from finetune.parallel import distributed as dist_
     from finetune.parallel import strategy
 
-    if not applies(st.cfg, st.device, st.precision, strategy.uses_fsdp(st.cfg, st.dd)):
+    if not applies(cfg, device, precision, strategy.uses_fsdp(cfg, dd)):
         return None
     if saved is None:
-        shape = (st.cfg.train.batch_size, *st.bundle.transform["input_size"])
-        saved = _tune_remembered(st.model, shape, st.channels_last) if st.dd.is_main else None
-        saved = dist_.broadcast_object(saved, st.dd) if st.dd.enabled else saved
-    switch(st.model, saved["switched"])
+        shape = (cfg.train.batch_size, *input_size)
+        saved = _tune_remembered(model, shape, channels_last) if dd.is_main else None
+        saved = dist_.broadcast_object(saved, dd) if dd.enabled else saved
+    switch(model, saved["switched"])
     return saved
 
 

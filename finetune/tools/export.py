@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.files import atomic_write_bytes
-from finetune.run.checkpoint import EXPORT_SUFFIX, export_weights, load_checkpoint, load_weights
+from finetune.run.checkpoint import EXPORT_SUFFIX, export_weights, load_checkpoint
 from finetune.run import checkpoint as ck
 from finetune.errors import CheckpointError
 
@@ -131,11 +131,9 @@ def _eval_model(ckpt: dict[str, Any]):
     """The checkpoint's model in eval mode, fp32, channels-first, on the CPU, and an example batch of 2."""
     import torch
 
-    from finetune.models import build_model
+    from finetune.run.restore import restore_model
 
-    bb = build_model(str(ckpt["model_name"]), num_classes=int(ckpt["num_classes"]), weights="none")
-    load_weights(bb.model, ckpt["model"], ckpt)
-    model = bb.model.float().eval()
+    model = restore_model(ckpt, "cpu", channels_last=False)[0].float()
     example = torch.zeros(2, *(int(v) for v in ckpt["transform"]["input_size"]))
     return model, example
 

@@ -124,26 +124,19 @@ class Prepared:
 def prepare(cfg, *, cache_dir: str | Path | None = None, need_val: bool = False) -> Prepared:
     """Build ``cfg``'s model and data as ``train`` does and get the head's input features (store or backbone)."""
     from finetune import data as D
-    from finetune.train import freeze as Fz
-    from finetune.train.engine import resolve_device, resolve_precision, wants_channels_last
-    from finetune.speedups.feature_cache import split_features
-    from finetune.speedups.feature_cache import _sample, check_split, split_frozen_prefix
-    from finetune.models import build_model
-    from finetune.run.runner import probe_data_cfg, seed_everything
+    from finetune.run.assemble import assemble
+    from finetune.run.runner import seed_everything
+    from finetune.speedups.feature_cache import _sample, check_split, split_features, split_frozen_prefix
+
+    def check_data(bundle) -> None:
+        if need_val and bundle.val is None:
+            raise ConfigError(f"probe needs validation images to compare heads, but '{cfg.data.path}' has none; "
+                              "add a val folder or pass --val-split 0.2")
 
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    bundle = D.build_data(cfg.data, probe_data_cfg(cfg.model.name, cfg.model.weights), seed=cfg.train.seed)
-    if need_val and bundle.val is None:
-        raise ConfigError(f"probe needs validation images to compare heads, but '{cfg.data.path}' has none; add a "
-                          "val folder or pass --val-split 0.2")
-    bb = build_model(cfg.model.name, num_classes=len(bundle.class_names), weights=cfg.model.weights)
-    plan = Fz.apply_freeze(bb, cfg.freeze)
-    channels_last = wants_channels_last(bb.model, cfg.train.channels_last)
-    bb.model.to(device)
-    if channels_last:
-        bb.model.to(memory_format=torch.channels_last)
+    parts = assemble(cfg, check_data=check_data, optimizer=False)  # the heads train on their own (sweep)
+    cfg, bundle, bb, device, precision = parts.cfg, parts.bundle, parts.bb, parts.device, parts.precision
+    plan, channels_last = parts.plan, parts.channels_last
     split = split_frozen_prefix(bb)
     head = dict(bb.model.named_modules()).get(bb.head[0]) if len(bb.head) == 1 else None
     if split is None or not isinstance(head, nn.Linear) or split.trainable is not head:

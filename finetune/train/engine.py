@@ -22,7 +22,7 @@ from finetune.config import SchedulerCfg
 from finetune.errors import ConfigError
 from finetune.train.events import Callback, Callbacks, Reporter, as_callbacks  # noqa: F401 - Reporter: its old home
 from finetune.train.freeze import apply_bn_policy
-from finetune.train.imbalance import confusion_metrics
+from finetune.train.metrics import confusion_metrics, confusion_update
 from finetune.models.fold import FastInference
 
 # ----------------------------------------------------------------------------------------------- device, precision
@@ -420,8 +420,7 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         logits = logits.float()
         loss_sum += loss_fn(logits, y).item()
         pred = logits.argmax(dim=1)
-        confusion += torch.bincount((y * num_classes + pred).cpu(), minlength=num_classes ** 2).view(
-            num_classes, num_classes)
+        confusion_update(confusion, y, pred)
         if num_classes >= 5:
             top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum().item()
         n += y.numel()

@@ -1,5 +1,5 @@
 """Imbalanced data: class weights for the loss, a class-balanced sampler's weights, and the metrics that don't
-reward predicting the majority class (balanced accuracy, macro-F1), from a confusion matrix.
+reward predicting the majority class (balanced accuracy, macro-F1, computed in :mod:`finetune.train.metrics`).
 
 - ``train.class_weights: auto`` is scikit-learn's ``class_weight="balanced"``: ``w_c = n / (C * n_c)`` from the
   train split's counts (inverse frequency, scaled so that the mean weight over the training *samples* is 1: the loss
@@ -12,7 +12,8 @@ reward predicting the majority class (balanced accuracy, macro-F1), from a confu
   same for any number of workers and exact on resume. Use one or the other: both together over-correct.
 - Balanced accuracy = the mean per-class recall (classes present in the data); macro-F1 = the mean per-class F1
   (``2PR / (P + R)``; 0 for a class never predicted right), as scikit-learn's ``balanced_accuracy_score`` and
-  ``f1_score(average="macro")`` compute them.
+  ``f1_score(average="macro")`` compute them: :func:`finetune.train.metrics.confusion_metrics`, which every
+  evaluation records (``val_balanced_acc``, ``val_f1``) and ``train.monitor`` may select by.
 """
 
 from __future__ import annotations
@@ -102,20 +103,3 @@ def loss_fn(cfg, targets: Sequence[int], class_names: list[str], device=None):
     weight = torch.tensor(w, dtype=torch.float32, device=device) if w is not None else None
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
 
-
-def confusion_metrics(confusion) -> dict[str, float]:
-    """Balanced accuracy and macro-F1 from a confusion matrix (rows = true class, columns = predicted)."""
-    import torch
-
-    cm = torch.as_tensor(confusion, dtype=torch.float64)
-    tp = cm.diag()
-    support, predicted = cm.sum(dim=1), cm.sum(dim=0)
-    present = support > 0  # balanced accuracy: classes in the data; F1: classes in the data or predicted
-    recall = tp / support.clamp(min=1)
-    precision = tp / predicted.clamp(min=1)
-    denom = precision + recall
-    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-300), torch.zeros_like(denom))
-    if not bool(present.any()):
-        return {"balanced_accuracy": 0.0, "macro_f1": 0.0}
-    return {"balanced_accuracy": float(recall[present].mean()),
-            "macro_f1": float(f1[present | (predicted > 0)].mean())}

@@ -1,0 +1,110 @@
+"""Assembling what a recipe trains: data -> model -> freeze plan -> memory format -> optimizer, the one way that
+``train`` (:mod:`finetune.run.runner`), the LR range test (:mod:`finetune.run.lr_find`) and the probe lab
+(:mod:`finetune.tools.probe`) build it, so that what they measure is what ``train`` then runs.
+
+What differs between them is a parameter, not a copy: a run gives its device and precision (from the process
+group), a scratch folder for a disk image cache (its run directory), the checkpoint it resumes and the check of its
+data against it, and wants the warnings about its freeze plan; the probe builds no optimizer (it trains its own heads)
+and checks that its data has val images. Seeding stays with the caller (a run seeds before choosing ``--lr auto``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from finetune.config import Recipe
+from finetune.errors import ConfigError
+from finetune.train.engine import resolve_device, resolve_precision, wants_channels_last
+
+log = logging.getLogger("finetune")
+
+
+@dataclass
+class Parts:
+    """A recipe assembled: ``cfg`` as assembled (on tar shards the frozen-feature cache is off), where it runs, the
+    data, the backbone (``bb``, whose ``model`` is ``model``), its freeze plan and the optimizer (None when not
+    asked for)."""
+
+    cfg: Recipe
+    device: torch.device
+    precision: str
+    bundle: Any  # finetune.data.DataBundle
+    classes: list[str]
+    bb: Any  # finetune.models.Backbone
+    plan: Any  # finetune.train.freeze.FreezePlan
+    model: nn.Module
+    channels_last: bool
+    optimizer: torch.optim.Optimizer | None
+
+
+def data_cfg(name: str, weights: str) -> dict[str, Any]:
+    """The backbone's input config (size, mean/std, ...) without building it for real or downloading weights."""
+    from finetune.models import data_config
+
+    return data_config(name, weights)
+
+
+def assemble(cfg: Recipe, *, device: torch.device | None = None, precision: str | None = None,
+             scratch: Path | None = None, saved: Any = None, check_data: Callable[[Any], None] | None = None,
+             optimizer: bool = True, warn: bool = False) -> Parts:
+    """Build ``cfg``'s data, model (with its dropout and stochastic depth), freeze plan, memory format and optimizer.
+
+    ``device``/``precision``: where it runs (default: the recipe's, resolved on this machine). ``scratch``: where a
+    disk image cache that is not kept lives. ``saved``: the checkpoint a run resumes (its model is built without
+    weights, which the checkpoint replaces, and the data's classes must be its). ``check_data(bundle)`` runs once
+    the data are read, before the model is built (and its weights perhaps downloaded). ``optimizer``: build it.
+    ``warn``: log what the freeze plan will not do (a run's start-up; the LR test before it stays quiet)."""
+    from finetune import data as D
+    from finetune.models import build_model
+    from finetune.train import freeze as F
+    from finetune.train import optim as O
+
+    device = device if device is not None else resolve_device(cfg.train.device)
+    precision = precision if precision is not None else resolve_precision(cfg.train.precision, device)
+    cfg = D.check_stream_recipe(cfg)  # tar shards stream: no frozen-feature cache (it indexes images)
+    bundle = D.build_data(cfg.data, data_cfg(cfg.model.name, cfg.model.weights), seed=cfg.train.seed,
+                          scratch=scratch)
+    if check_data is not None:
+        check_data(bundle)
+    classes = check_classes(cfg, list(bundle.class_names), saved)
+    bb = build_model(cfg.model.name, num_classes=len(classes), weights="none" if saved else cfg.model.weights,
+                     drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
+    plan = F.apply_freeze(bb, cfg.freeze)
+    if warn:
+        warn_plan(cfg, bb, plan, resumed=saved is not None)
+    channels_last = wants_channels_last(bb.model, cfg.train.channels_last)
+    model = bb.model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = O.build_optimizer(bb, cfg.optimizer) if optimizer else None
+    return Parts(cfg=cfg, device=device, precision=precision, bundle=bundle, classes=classes, bb=bb, plan=plan,
+                 model=model, channels_last=channels_last, optimizer=opt)
+
+
+def check_classes(cfg: Recipe, classes: list[str], saved: Any = None) -> list[str]:
+    """The data's classes, when they are the resumed run's and as many as ``model.num_classes`` asks for."""
+    if saved is not None and classes != list(saved.class_names):
+        raise ConfigError(f"cannot resume: the data's classes {classes} differ from the run's "
+                          f"{list(saved.class_names)}")
+    if cfg.model.num_classes is not None and cfg.model.num_classes != len(classes):
+        raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but the data has {len(classes)} classes "
+                          f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}); drop num_classes to "
+                          "take it from the data")
+    return classes
+
+
+def warn_plan(cfg: Recipe, bb, plan, resumed: bool) -> None:
+    """Warn about parameters frozen at random init and unfreeze steps after the last epoch."""
+    if not resumed and bb.weights == "none" and plan.frozen:
+        log.warning(f"{len(plan.frozen)} parameter tensors are frozen at random init (weights: none): they will "
+                    "stay random; pass --weights (pretrained or a file) or drop the freeze plan")
+    for stp in cfg.freeze.schedule:
+        if stp.epoch > cfg.train.epochs:
+            log.warning(f"the unfreeze step at epoch {stp.epoch} ({', '.join(stp.layers)}) never runs: the run has "
+                        f"{cfg.train.epochs} epochs (1..{cfg.train.epochs})")
