@@ -161,12 +161,12 @@ def wait():
     time.sleep(120)
 
 if attr == "save":  # the feature store: hold inside the write, with its temp entry on disk
-    def patched(root, key, meta, batches, n):
+    def patched(root, key, meta, batches, n, *rest, **kw):
         def slow():
             for b in batches():
                 yield b
                 wait()
-        return real(root, key, meta, slow, n)
+        return real(root, key, meta, slow, n, *rest, **kw)
 elif attr == "_jit_save":  # export: hold inside the atomic write, half the file written
     def patched(traced, f):
         f.write(b"partial")
