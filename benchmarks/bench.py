@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 import finetune  # noqa: E402
 from finetune.config import apply_overrides, load_recipe  # noqa: E402
-from finetune.train.engine import Reporter  # noqa: E402
+from finetune.training.engine import Reporter  # noqa: E402
 from finetune.models.smallcnn import SmallCNN  # noqa: E402
 
 SEED = 0
@@ -443,7 +443,7 @@ def machine() -> dict:
         pass
     return {"cpu": model, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "torch": torch.__version__, "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
-            "bf16_native": finetune.train.engine.cpu_has_native_bf16(), "python": platform.python_version(),
+            "bf16_native": finetune.training.engine.cpu_has_native_bf16(), "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 

@@ -31,7 +31,7 @@ LINKS = {"NVLink": 360e9, "PCIe4": 20e9, "100GbE": 11e9}
 
 def counts(name: str, num_classes: int) -> dict[str, int]:
     """Total parameters and the trainable ones of a full fine-tune and of a linear probe (head only)."""
-    from finetune.train.freeze import apply_freeze
+    from finetune.training.freeze import apply_freeze
     from finetune.config import FreezeCfg
     from finetune.models import build_model
 

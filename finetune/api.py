@@ -33,11 +33,11 @@ if TYPE_CHECKING:
     import torch
 
     from finetune.parallel.distributed import launch, strip_nproc  # noqa: F401
-    from finetune.train.engine import Reporter  # noqa: F401
-    from finetune.train.events import Callback  # noqa: F401
+    from finetune.training.engine import Reporter  # noqa: F401
+    from finetune.training.events import Callback  # noqa: F401
     from finetune.data import resolve_data_path  # noqa: F401
     from finetune.speedups import feature_store as featstore  # noqa: F401
-    from finetune.train.freeze import apply_freeze, from_recipe, model_stages  # noqa: F401
+    from finetune.training.freeze import apply_freeze, from_recipe, model_stages  # noqa: F401
     from finetune.tools.probe import parse_floats, parse_ints, probe  # noqa: F401
     from finetune.models import Backbone, build_model, build_model_shapes, data_config, list_models  # noqa: F401
     from finetune.models.params import inspect_json, module_rows, parameter_rows  # noqa: F401
@@ -49,14 +49,14 @@ _LAZY = {
     "RunResult": "finetune.run.runner",
     "build_model": "finetune.models", "build_model_shapes": "finetune.models", "data_config": "finetune.models",
     "list_models": "finetune.models", "Backbone": "finetune.models",
-    "apply_freeze": "finetune.train.freeze", "from_recipe": "finetune.train.freeze",
-    "model_stages": "finetune.train.freeze",
+    "apply_freeze": "finetune.training.freeze", "from_recipe": "finetune.training.freeze",
+    "model_stages": "finetune.training.freeze",
     "resolve_data_path": "finetune.data",
     "probe": "finetune.tools.probe", "parse_floats": "finetune.tools.probe", "parse_ints": "finetune.tools.probe",
     "featstore": None,
     "inspect_json": "finetune.models.params", "module_rows": "finetune.models.params",
     "parameter_rows": "finetune.models.params",
-    "Reporter": "finetune.train.engine", "Callback": "finetune.train.events",
+    "Reporter": "finetune.training.engine", "Callback": "finetune.training.events",
     "launch": "finetune.parallel.distributed", "strip_nproc": "finetune.parallel.distributed",
     "list_runs": "finetune.reporting.runs", "compare_runs": "finetune.reporting.runs",
     "write_compare_html": "finetune.reporting.runs",
@@ -80,7 +80,7 @@ def train(recipe: Recipe | None = None, *, out: str | Path | None = None, overwr
     may extend it). ``reporter`` shows the progress: a :class:`Callback` (the CLI's :class:`finetune.cli.progress.
     RichReporter`) or, the older shape, a :class:`Reporter` (adapted onto the same hooks); silent without one. Its
     ``note(message)``, where it has one, also prints the test split's and the report's lines. ``callbacks``
-    (:class:`Callback`: run, epoch and batch hooks, see :mod:`finetune.train.events`) listen after it,
+    (:class:`Callback`: run, epoch and batch hooks, see :mod:`finetune.training.events`) listen after it,
     TensorBoard and the report's writer. Returns the best epoch, its accuracy and the run directory
     (:class:`finetune.run.runner.RunResult`)."""
     from finetune.reporting import report
@@ -111,7 +111,7 @@ def shutdown_distributed() -> None:
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model from a finetune checkpoint alone (no recipe needed); returns (model in eval mode, ckpt)."""
     from finetune.run.restore import restore_model
-    from finetune.train.engine import resolve_device
+    from finetune.training.engine import resolve_device
 
     return restore_model(checkpoint, resolve_device(device))
 
@@ -134,7 +134,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
     precision/recall/F1, the most confidently wrong images)."""
     from finetune import data as D
     from finetune.run.restore import eval_precision
-    from finetune.train.engine import evaluate, resolve_device
+    from finetune.training.engine import evaluate, resolve_device
 
     if split == "all":  # every split the data has, each on its own: {"train": {...}, "val": {...}, "test": {...}}
         if report is not None:
@@ -230,7 +230,7 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
 
     from finetune import data as D
     from finetune.run.restore import eval_precision
-    from finetune.train.engine import autocast, resolve_device
+    from finetune.training.engine import autocast, resolve_device
 
     items, single_file = _predict_inputs(paths)
     dev = resolve_device(device)

@@ -29,9 +29,9 @@ import finetune.cli.app  # noqa: F401 - with what a run imports, below: paid onc
 import finetune.run.runner  # noqa: F401
 import finetune.cli.train_cmd  # noqa: F401
 import finetune.data  # noqa: F401
-import finetune.train.freeze  # noqa: F401
+import finetune.training.freeze  # noqa: F401
 import finetune.models  # noqa: F401
-import finetune.train.optim  # noqa: F401
+import finetune.training.optim  # noqa: F401
 import finetune.run.callbacks  # noqa: F401
 import finetune.cli.progress  # noqa: F401
 import finetune.speedups.feature_cache  # noqa: F401

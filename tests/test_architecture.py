@@ -68,7 +68,7 @@ LAYERS = [
     {"finetune.files"},
     {"finetune.config"},
     {"finetune.models", "finetune.data"},
-    {"finetune.train"},
+    {"finetune.training"},
     {"finetune.parallel"},
     {"finetune.speedups"},
     {"finetune.run"},

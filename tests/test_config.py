@@ -75,8 +75,8 @@ def test_unknown_recipe():
 def test_choices_and_ranges_come_from_the_field_types():
     from finetune.data.transforms import AUGMENTS
     from finetune.speedups.feature_cache import MODES
-    from finetune.train.freeze import BN_POLICIES
-    from finetune.train.optim import OPTIMIZERS
+    from finetune.training.freeze import BN_POLICIES
+    from finetune.training.optim import OPTIMIZERS
 
     assert config.choices("optimizer.name") == OPTIMIZERS == ("sgd", "adam", "adamw", "rmsprop")
     assert config.choices("freeze.bn") == BN_POLICIES == ("frozen", "eval", "train")

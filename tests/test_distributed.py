@@ -84,7 +84,7 @@ def _accumulate_worker(rank: int, init: str, out: str) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from finetune.train.engine import Step, train_one_epoch
+    from finetune.training.engine import Step, train_one_epoch
     from finetune.models import build_model
 
     torch.set_num_threads(1)
@@ -127,7 +127,7 @@ def _stop_together_worker(rank: int, port: int, out: str) -> None:
     import time
 
     from finetune.parallel import distributed as D
-    from finetune.train.engine import NonFiniteLoss, Step, train_one_epoch
+    from finetune.training.engine import NonFiniteLoss, Step, train_one_epoch
     from finetune.models import build_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",

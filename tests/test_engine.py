@@ -6,8 +6,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.config import SchedulerCfg
-from finetune.train.events import Callback
-from finetune.train.engine import Step, evaluate, lr_factor, resolve_device, resolve_precision, set_lr, train_one_epoch
+from finetune.training.events import Callback
+from finetune.training.engine import (Step, evaluate, lr_factor, resolve_device, resolve_precision, set_lr,
+                                      train_one_epoch)
 from finetune.errors import ConfigError
 
 
@@ -163,7 +164,7 @@ def test_device_and_precision_errors(monkeypatch):
     with pytest.raises(ConfigError, match=r"^--precision fp16 needs a GPU; on the CPU use bf16 or fp32$"):
         resolve_precision("fp16", torch.device("cpu"))
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
-    from finetune.train import engine
+    from finetune.training import engine
 
     for native, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda native=native: native)
@@ -178,7 +179,7 @@ def test_the_step_reads_nothing_back_from_the_device_and_the_epoch_sums_are_thos
     model = nn.Sequential(nn.Linear(4, 3))
     x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    monkeypatch.setattr("finetune.train.engine.PROGRESS_EVERY", 1e9)  # not a slow machine's extra refreshes
+    monkeypatch.setattr("finetune.training.engine.PROGRESS_EVERY", 1e9)  # not a slow machine's extra refreshes
     reads = []
     for name in ("item", "__float__", "__int__"):
         orig = getattr(torch.Tensor, name)
@@ -215,5 +216,5 @@ def _read_by_engine(reads: list, name: str) -> None:
     import traceback
 
     frames = traceback.extract_stack()[:-2]
-    if frames and frames[-1].filename.replace("\\", "/").endswith("finetune/train/engine.py"):
+    if frames and frames[-1].filename.replace("\\", "/").endswith("finetune/training/engine.py"):
         reads.append((name, frames[-1].lineno))

@@ -16,7 +16,7 @@ from finetune.errors import FreezeError, ModelError, WeightsError
 from finetune.models import Backbone, BackboneSource, build_model, data_config, list_models, parse_name, \
     register_source, sources, unregister_source
 from finetune.models.weights import WeightsSpec
-from finetune.train import freeze as F
+from finetune.training import freeze as F
 from tests.helpers import tiny_tree
 
 TOY_CFG = {"input_size": (3, 16, 16), "resize": 16, "crop_pct": 1.0, "interpolation": "bilinear",

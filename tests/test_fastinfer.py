@@ -197,7 +197,7 @@ def test_a_block_cut_cache_with_batchnormact_validates_on_the_folded_copy(tmp_pa
                                                                             "blocks.1"]}
     notes = []
 
-    from finetune.train.engine import Reporter
+    from finetune.training.engine import Reporter
 
     class Notes(Reporter):
         def start(self, info):

@@ -6,7 +6,7 @@ from torch import nn
 
 from finetune import config
 from finetune.speedups import feature_cache as features
-from finetune.train.engine import Reporter
+from finetune.training.engine import Reporter
 from finetune.errors import ConfigError
 from finetune.models import build_model
 from finetune.run.runner import train
@@ -95,7 +95,7 @@ def test_cache_on_with_random_augment_uses_the_eval_transform_and_says_so(tmp_pa
 def decide(model="smallcnn", **over):
     cfg = recipe(**over)
     bb = build_model(model, 4)
-    from finetune.train.freeze import apply_freeze
+    from finetune.training.freeze import apply_freeze
 
     apply_freeze(bb, cfg.freeze)
     return features.decide(cfg, bb, 0, torch.randn(2, 3, 32, 32))[0]

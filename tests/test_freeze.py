@@ -6,7 +6,7 @@ from torch import nn
 
 from finetune.config import FreezeCfg, UnfreezeStep
 from finetune.errors import FreezeError
-from finetune.train.freeze import Strategy, apply_bn_policy, apply_freeze, apply_strategies, frozen_bn_layers, \
+from finetune.training.freeze import Strategy, apply_bn_policy, apply_freeze, apply_strategies, frozen_bn_layers, \
     unfreeze_layers
 from finetune.models import build_model
 

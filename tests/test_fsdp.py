@@ -61,7 +61,7 @@ def _reshard_worker(rank: int, port: int, run: str, out: str) -> None:
     and gather it back: rank 0 saves what came out."""
     import torch.distributed as dist
 
-    from finetune.train import optim as O
+    from finetune.training import optim as O
     from finetune.parallel import sharded, strategy
     from finetune.models import build_model
 
@@ -135,7 +135,7 @@ def test_fsdp_matches_ddp_keeps_frozen_weights_and_resumes_exactly(tmp_path):
             moved += not torch.equal(fsdp["model"][k], t)
     assert moved > 20  # the trainable blocks did train
     # the optimizer state, read from the 2 ranks' shards into one process (DCP resharding), equals DDP's
-    from finetune.train import optim as O
+    from finetune.training import optim as O
     from finetune.parallel import sharded
 
     bb = build_model("timm:test_resnet", num_classes=4, weights="none")

@@ -12,9 +12,9 @@ import torch
 from finetune import config
 from finetune.run.checkpoint import load_checkpoint
 from finetune.data.loader import EpochSampler
-from finetune.train.engine import Reporter
-from finetune.train.imbalance import class_weights, loss_fn, sample_weights
-from finetune.train.metrics import confusion_metrics
+from finetune.training.engine import Reporter
+from finetune.training.imbalance import class_weights, loss_fn, sample_weights
+from finetune.training.metrics import confusion_metrics
 from finetune.run.runner import Interrupted, train
 
 from helpers import tiny_tree

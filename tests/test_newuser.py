@@ -99,7 +99,7 @@ def test_feature_cache_cuts_at_a_block_when_fx_cannot_trace(tmp_path):
 
     notes = []
 
-    class Notes(__import__("finetune.train.engine", fromlist=["Reporter"]).Reporter):
+    class Notes(__import__("finetune.training.engine", fromlist=["Reporter"]).Reporter):
         def note(self, text):
             notes.append(text)
 
@@ -163,7 +163,7 @@ def test_nproc_launch_sets_omp_threads(monkeypatch):
 
 
 def test_stages_resolve_per_architecture():
-    from finetune.train.freeze import model_stages
+    from finetune.training.freeze import model_stages
     from finetune.models import build_model_shapes
 
     def mods(name):
@@ -181,7 +181,7 @@ def test_stages_resolve_per_architecture():
 
 @pytest.mark.slow
 def test_stage_addresses_in_plans_and_the_gradual_unfreeze_recipe_on_timm(tmp_path, cli):
-    from finetune.train.freeze import apply_freeze
+    from finetune.training.freeze import apply_freeze
     from finetune.models import build_model
 
     bb = build_model("timm:test_efficientnet", 4)

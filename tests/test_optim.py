@@ -5,9 +5,9 @@ import torch
 
 from finetune.config import FreezeCfg, OptimizerCfg, UnfreezeStep
 from finetune.errors import ConfigError, FreezeError
-from finetune.train.freeze import apply_freeze
+from finetune.training.freeze import apply_freeze
 from finetune.models import build_model
-from finetune.train.optim import add_param_groups, build_optimizer, layer_units, unfreeze_step
+from finetune.training.optim import add_param_groups, build_optimizer, layer_units, unfreeze_step
 
 
 def meta(name, n=3):

@@ -75,7 +75,7 @@ def test_sweep_heads_equal_heads_trained_one_at_a_time(data):
 def test_sweep_head_equals_torch_adamw_on_a_linear(data):
     """One head of the sweep against nn.Linear + torch.optim.AdamW (decay on the weight only) + the same schedule."""
     from finetune.data.loader import EpochSampler
-    from finetune.train.engine import lr_factor
+    from finetune.training.engine import lr_factor
 
     x = torch.randn(50, 7)
     y = torch.arange(50) % 3

@@ -141,7 +141,7 @@ unfreeze_items = st.one_of(lists, st.builds(lambda ls, e, m: f"{ls}@{e}{m}", lis
 def test_freeze_flags_give_a_plan_or_a_user_error(names_, first, layers, backbone, unfreeze, bn):
     import torch
 
-    from finetune.train.freeze import FreezePlan, apply_freeze
+    from finetune.training.freeze import FreezePlan, apply_freeze
 
     def plan():
         over = freeze_overrides(names_, first, layers, backbone, unfreeze, bn)

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from finetune import config
-from finetune.train.freeze import apply_bn_policy, apply_freeze
+from finetune.training.freeze import apply_bn_policy, apply_freeze
 from finetune.models import build_model
-from finetune.train.optim import build_optimizer, unfreeze_step
+from finetune.training.optim import build_optimizer, unfreeze_step
 
 RECIPES = config.recipe_names()
 

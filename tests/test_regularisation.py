@@ -44,7 +44,7 @@ def test_head_dropout_keeps_the_feature_cache_off_in_auto():
     cfg = config.apply_overrides(config.load_recipe("linear-probe"), {"model.name": "timm:test_resnet",
                                                                        "model.drop_rate": 0.2})
     bb = build_model("timm:test_resnet", 3, drop_rate=0.2)
-    from finetune.train.freeze import apply_freeze
+    from finetune.training.freeze import apply_freeze
 
     apply_freeze(bb, cfg.freeze)
     decision, _ = decide(cfg, bb)

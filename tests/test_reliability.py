@@ -12,7 +12,7 @@ from finetune import config
 from finetune.run.checkpoint import load_checkpoint
 from finetune.data.loader import EpochSampler
 from finetune.run.runner import Interrupted
-from finetune.train.engine import Reporter
+from finetune.training.engine import Reporter
 from finetune.models import build_model
 from finetune.run.runner import train
 import pytest

@@ -12,7 +12,7 @@ import torch
 
 import finetune
 from finetune.reporting import report as R
-from finetune.train import metrics as M
+from finetune.training import metrics as M
 
 from browser import chromium, open_page, required
 from helpers import tiny_tree
@@ -69,7 +69,7 @@ def test_confused_pairs_and_freeze_rows():
 def test_evaluate_returns_each_images_prediction():
     from torch.utils.data import DataLoader, TensorDataset
 
-    from finetune.train.engine import evaluate
+    from finetune.training.engine import evaluate
 
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [1.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
     ds = TensorDataset(torch.arange(4).float()[:, None], torch.tensor([0, 1, 1, 2]))

@@ -15,9 +15,9 @@ import torch
 from finetune import config
 from finetune.parallel import sharded
 from finetune.errors import CheckpointError
-from finetune.train.freeze import apply_freeze
+from finetune.training.freeze import apply_freeze
 from finetune.models import build_model
-from finetune.train.optim import build_optimizer
+from finetune.training.optim import build_optimizer
 
 from helpers import tiny_tree
 

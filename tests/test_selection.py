@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from finetune import config
-from finetune.train.engine import Reporter
-from finetune.train.metrics import confusion_metrics
+from finetune.training.engine import Reporter
+from finetune.training.metrics import confusion_metrics
 from finetune.run.runner import Interrupted, train
 from finetune.run.selection import Monitor, update_top_k
 

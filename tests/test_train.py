@@ -8,7 +8,7 @@ import torch
 from finetune import config
 from finetune.files import _umask
 from finetune.run.checkpoint import load_checkpoint
-from finetune.train.engine import Reporter
+from finetune.training.engine import Reporter
 from finetune.run.runner import Interrupted, train
 
 

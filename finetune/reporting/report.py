@@ -4,7 +4,7 @@ the most uncertain correct val images, the freeze plan as a picture, the resolve
 and wall times; plus ``report.json``, the numbers that feed the pictures.
 
 The numbers (``top_wrong``, ``confused_pairs``, ...) are plain functions of lists, tested against hand-computed
-values; the confusion matrix and per-class precision/recall/F1 come from :mod:`finetune.train.metrics`, as the
+values; the confusion matrix and per-class precision/recall/F1 come from :mod:`finetune.training.metrics`, as the
 training loop's. The page's pieces shared with ``finetune compare --html`` are in :mod:`.html`. The figures use
 matplotlib (Agg backend, imported on first use). A run's report reads the run directory: ``metrics.json``,
 ``config.yaml`` and ``best.pt``, whose ``val`` holds the per-image predictions of the best epoch
@@ -26,7 +26,7 @@ from typing import Any
 from finetune.errors import CheckpointError, FinetuneError
 from finetune.reporting.html import CSS, MARK, check_out, esc, mpl_text, pct, png, pyplot, table
 from finetune.run.callbacks import Callback
-from finetune.train.metrics import accuracy, per_class_metrics
+from finetune.training.metrics import accuracy, per_class_metrics
 
 log = logging.getLogger("finetune")
 
@@ -249,7 +249,7 @@ def _predict_samples(ckpt_path: Path, dataset) -> dict:
     """Per-image predictions of a checkpoint on ``dataset`` (a forward pass, for reports of older checkpoints)."""
     from finetune.data import make_loader
     from finetune.run.restore import eval_precision, restore_model
-    from finetune.train.engine import evaluate, resolve_device
+    from finetune.training.engine import evaluate, resolve_device
 
     dev = resolve_device("auto")
     model, ckpt = restore_model(ckpt_path, dev)

@@ -20,7 +20,7 @@ from torch import nn
 
 from finetune.config import Recipe
 from finetune.errors import ConfigError
-from finetune.train.engine import resolve_device, resolve_precision, wants_channels_last
+from finetune.training.engine import resolve_device, resolve_precision, wants_channels_last
 
 log = logging.getLogger("finetune")
 
@@ -37,7 +37,7 @@ class Parts:
     bundle: Any  # finetune.data.DataBundle
     classes: list[str]
     bb: Any  # finetune.models.Backbone
-    plan: Any  # finetune.train.freeze.FreezePlan
+    plan: Any  # finetune.training.freeze.FreezePlan
     model: nn.Module
     channels_last: bool
     optimizer: torch.optim.Optimizer | None
@@ -62,8 +62,8 @@ def assemble(cfg: Recipe, *, device: torch.device | None = None, precision: str 
     ``warn``: log what the freeze plan will not do (a run's start-up; the LR test before it stays quiet)."""
     from finetune import data as D
     from finetune.models import build_model
-    from finetune.train import freeze as F
-    from finetune.train import optim as O
+    from finetune.training import freeze as F
+    from finetune.training import optim as O
 
     device = device if device is not None else resolve_device(cfg.train.device)
     precision = precision if precision is not None else resolve_precision(cfg.train.precision, device)

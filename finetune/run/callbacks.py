@@ -1,6 +1,6 @@
 """The run's listeners: the progress adapter, TensorBoard (the report is the reporting layer's callback).
 
-Every listener is a :class:`Callback` (:mod:`finetune.train.events`: the hooks, and when each is called), called by
+Every listener is a :class:`Callback` (:mod:`finetune.training.events`: the hooks, and when each is called), called by
 name through a :class:`Callbacks` dispatcher: the epoch loop (:mod:`finetune.run.runner`) calls the run-level hooks
 with the run's state, ``train_one_epoch`` and ``evaluate`` the batch-level ones. A :class:`Reporter` (the older
 progress shape) is adapted by :class:`ReporterCallback`. Only rank 0 of a distributed run gets these listeners;
@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from finetune.parallel.strategy import uses_fsdp
-from finetune.train.events import Callback, Callbacks, Reporter, ReporterHooks  # noqa: F401 - re-exported
+from finetune.training.events import Callback, Callbacks, Reporter, ReporterHooks  # noqa: F401 - re-exported
 
 log = logging.getLogger("finetune")
 
 
 class ReporterCallback(ReporterHooks):
-    """A :class:`~finetune.train.events.Reporter` as a listener: the run-level hooks become its ``start``/``note``/
+    """A :class:`~finetune.training.events.Reporter` as a listener: the run-level hooks become its ``start``/``note``/
     ``epoch_start``/``epoch_end``/``end`` calls, the batch-level ones its ``batch``/``update``/``eval_*`` methods."""
 
     def on_run_start(self, run):

@@ -58,7 +58,7 @@ def evaluate_best(run_dir: Path, cfg, device, reporter=None, batch_size: int = 6
     from finetune import data as D
     from finetune.files import atomic_write_text
     from finetune.run.restore import eval_precision, restore_model
-    from finetune.train.engine import evaluate
+    from finetune.training.engine import evaluate
 
     if test_folder(cfg.data.path) is None or not (Path(run_dir) / "best.pt").is_file():
         return None

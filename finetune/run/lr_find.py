@@ -120,7 +120,7 @@ def range_test(model, loader, optimizer, loss_fn, *, steps: int = 100, start_lr:
     finite). The suggestion ignores the first tenth of the steps and the last five (fastai's trim)."""
     import torch
 
-    from finetune.train.engine import autocast, to_device
+    from finetune.training.engine import autocast, to_device
 
     device = device or torch.device("cpu")
     base = optimizer.param_groups[0]["lr"]
@@ -179,9 +179,9 @@ def lr_find(recipe: Recipe, *, steps: int = 100, start_lr: float = 1e-7, end_lr:
     from finetune import data as D
     from finetune.run.assemble import assemble
     from finetune.speedups.feature_cache import plan_cache
-    from finetune.train import freeze as F
-    from finetune.train import imbalance
-    from finetune.train.engine import Step
+    from finetune.training import freeze as F
+    from finetune.training import imbalance
+    from finetune.training.engine import Step
 
     if not (0 < start_lr < end_lr):
         raise ConfigError(f"the LR range test needs 0 < start_lr < end_lr, got {start_lr:g} and {end_lr:g}")

@@ -21,8 +21,8 @@ import torch
 from finetune import data as D
 from finetune.parallel import distributed as dist_
 from finetune.run import checkpoint as ck
-from finetune.train import regularization as R
-from finetune.train.events import Callback
+from finetune.training import regularization as R
+from finetune.training.events import Callback
 
 
 class MidEpochSaves(Callback):
@@ -45,7 +45,7 @@ def enter_epoch(loader, epoch: int, seed: int, partial: dict[str, Any] | None, m
     """Seed the epoch (order, augmentation and dropout are functions of the epoch's ``seed``: a resumed run repeats
     them exactly; timm's Mixup draws from NumPy's global RNG), or, resuming mid-epoch (``partial``), continue the
     RNG where the save was and skip the batches already trained. Returns this rank's ``resume`` for
-    :func:`finetune.train.engine.train_one_epoch` (:func:`for_rank`)."""
+    :func:`finetune.training.engine.train_one_epoch` (:func:`for_rank`)."""
     torch.manual_seed(seed)
     if mixing:
         R.seed_numpy(seed)

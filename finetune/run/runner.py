@@ -31,13 +31,13 @@ from finetune.run import checkpoint as ck
 from finetune.parallel import distributed as dist_
 from finetune.config import Recipe, from_dict, validate
 from finetune.data import provenance
-from finetune.train.engine import (BNPolicy, EmaUpdate, LRSchedule, NonFiniteLoss, Step, evaluate, maybe_compile,
+from finetune.training.engine import (BNPolicy, EmaUpdate, LRSchedule, NonFiniteLoss, Step, evaluate, maybe_compile,
                                    resolve_device, resolve_precision, train_one_epoch)
-from finetune.train.events import Callback, Callbacks, Reporter
+from finetune.training.events import Callback, Callbacks, Reporter
 from finetune.errors import CheckpointError, ConfigError, FinetuneError, Interrupted  # noqa: F401 - re-exported
 from finetune.run import holdout, midepoch
 from finetune.run.assemble import assemble
-from finetune.train import imbalance
+from finetune.training import imbalance
 from finetune.speedups import depthwise as dwgrad
 from finetune.parallel import sharded, strategy
 from finetune.run.selection import Monitor, file_for, update_top_k
@@ -116,7 +116,7 @@ class RunState:
     bundle: Any  # finetune.data.DataBundle
     classes: list[str]
     bb: Any  # finetune.models.Backbone
-    plan: Any  # finetune.train.freeze.FreezePlan
+    plan: Any  # finetune.training.freeze.FreezePlan
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: Any
@@ -450,7 +450,7 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
                                precision=precision, dd=dd, input_size=parts.bundle.transform["input_size"],
                                channels_last=parts.channels_last)  # CPU bf16 depthwise backward
     if cfg.train.ema:
-        from finetune.train.regularization import make_ema
+        from finetune.training.regularization import make_ema
 
         st.ema = make_ema(model, cfg.train.ema_decay)
     if saved is not None:
@@ -473,7 +473,7 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
 
 def _restore(st: RunState, saved: ck.Checkpoint) -> None:
     """Weights, the unfreeze steps already taken, optimizer/scaler state, history and best from ``last.pt``."""
-    from finetune.train import optim as O
+    from finetune.training import optim as O
 
     meta = {"_path": str(st.run_dir / "last.pt"), "model_name": saved.model_name}
     if not saved.sharded:  # sharded weights and optimizer state load after the model is sharded (_build)
@@ -499,7 +499,7 @@ def _restore(st: RunState, saved: ck.Checkpoint) -> None:
 def _make_step(st: RunState) -> Step:
     """The full model's step, with its named collaborators: the BN policy, the LR schedule, the DDP sum, Mixup,
     the EMA update."""
-    from finetune.train.regularization import make_mixup
+    from finetune.training.regularization import make_mixup
 
     cfg, opt = st.cfg, st.optimizer
     mix, mix_loss = make_mixup(cfg, len(st.classes))
@@ -573,7 +573,7 @@ def fit(st: RunState, events: Callbacks) -> RunResult:
 
 def _unfreeze_due(st: RunState, epoch: int, resuming, events) -> None:
     """The (1-based) unfreeze steps of this epoch; steps before a resumed start were re-applied by _restore."""
-    from finetune.train import optim as O
+    from finetune.training import optim as O
 
     for stp in st.cfg.freeze.schedule:
         if stp.epoch - 1 == epoch and not resuming:
@@ -598,7 +598,7 @@ def _run_epoch(st: RunState, phase: Phase, epoch: int, resuming, events: Callbac
     row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
            "val_loss": ev["loss"] if ev else None, "val_acc": ev["accuracy"] if ev else None,
            "lr": tr["lr"], "lrs": tr["lrs"], "seconds": tr["seconds"], "images_per_sec": tr["images_per_sec"]}
-    if ev:  # beside accuracy: what a majority-class guess can't inflate (finetune/train/imbalance.py)
+    if ev:  # beside accuracy: what a majority-class guess can't inflate (finetune/training/imbalance.py)
         row.update(val_f1=ev["macro_f1"], val_balanced_acc=ev["balanced_accuracy"])
     if ev and ev["top5"] is not None:
         row["val_top5"] = ev["top5"]

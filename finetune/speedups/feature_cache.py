@@ -396,7 +396,7 @@ def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, c
         hit = hit and hit_val
         val_loader = make_loader(FeatureDataset(fva, yva), cfg.train.batch_size, shuffle=False, seed=cfg.train.seed,
                                  workers=0)
-    from finetune.train.imbalance import sample_weights
+    from finetune.training.imbalance import sample_weights
 
     weights = sample_weights(cfg.data.sampler, ytr.tolist(), len(bundle.class_names))  # data.sampler: balanced
     train_loader = make_loader(FeatureDataset(ftr, ytr), cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
@@ -474,7 +474,7 @@ def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64,
 def _row_shape(frozen: nn.Module, dataset, device, precision: str) -> tuple[int, ...] | None:
     """The shape of one feature row: the data set's first image through ``frozen`` (eval mode, no grad); None when
     there is no readable image (then the shape is not checked)."""
-    from finetune.train.engine import autocast
+    from finetune.training.engine import autocast
 
     try:
         x = dataset[(0, 0)][0].unsqueeze(0).to(device)

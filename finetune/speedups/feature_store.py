@@ -662,7 +662,7 @@ def stream_features(frozen, dataset, *, batch_size: int = 64, device="cpu", prec
     import torch
 
     from finetune.data import make_loader
-    from finetune.train.engine import autocast, to_device
+    from finetune.training.engine import autocast, to_device
     from finetune.models.fold import FastInference
 
     device = torch.device(device)

@@ -202,7 +202,7 @@ def sweep(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, tor
 def _sweep(train, val, num_classes, lrs, wds, *, epochs, batch_size, seed, scheduler, betas, eps, label_smoothing,
            reporter, dev, init=None):
     from finetune.data.loader import EpochSampler
-    from finetune.train.engine import lr_factor
+    from finetune.training.engine import lr_factor
 
     feats, labels = train
     n = len(labels)
@@ -279,7 +279,7 @@ def _adamw(p: torch.Tensor, st: dict[str, torch.Tensor], lr: torch.Tensor, wd: t
 @torch.no_grad()
 def evaluate_heads(W: torch.Tensor, b: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor], num_classes: int,
                    chunk: int = 4096) -> dict[str, torch.Tensor]:
-    """Per-head val accuracy and mean loss (argmax, as :func:`finetune.train.engine.evaluate`), in row chunks."""
+    """Per-head val accuracy and mean loss (argmax, as :func:`finetune.training.engine.evaluate`), in row chunks."""
     feats, labels = val
     n = len(labels)
     H, dev = W.shape[0], W.device
@@ -430,7 +430,7 @@ def write_run(prep: Prepared, st: SweepState, h: int, res: ProbeResult, run_dir:
 def _write_run(prep: Prepared, st: SweepState, h: int, res: ProbeResult, run_dir: Path, cfg, head_res) -> Path:
     from finetune import __version__, files
     from finetune.run import checkpoint as ck
-    from finetune.train import optim as O
+    from finetune.training import optim as O
     from finetune.run.runner import _resolved_recipe, _yaml
 
     bb = prep.bb
@@ -439,7 +439,7 @@ def _write_run(prep: Prepared, st: SweepState, h: int, res: ProbeResult, run_dir
         prep.head.bias.copy_(st.bias[h])
     model = bb.model
     opt = O.build_optimizer(bb, cfg.optimizer)
-    from finetune.train.engine import set_lr
+    from finetune.training.engine import set_lr
 
     set_lr(opt, cfg.scheduler, cfg.train.epochs - 1 / max(1, -(-res.train_images // cfg.train.batch_size)),
            cfg.train.epochs)  # the group LRs of the last update, as train leaves them

@@ -29,7 +29,7 @@ from torch import nn
 from finetune.config import choices
 from finetune.errors import ConfigError, FreezeError, suggest
 from finetune.models.sources import uses_group_matcher
-from finetune.train.freeze import unfreeze_layers
+from finetune.training.freeze import unfreeze_layers
 
 if TYPE_CHECKING:
     from finetune.config import OptimizerCfg, UnfreezeStep

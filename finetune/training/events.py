@@ -12,7 +12,7 @@ The loops announce what happens by hook name (Lightning Fabric's ``fabric.call``
 - ``on_run_end(run)``: the run finished (not called when it fails)
 - ``on_close(run)``: always, last: flush what is buffered
 
-Batch-level hooks come from :func:`finetune.train.engine.train_one_epoch` and ``evaluate`` (no ``run``: a listener
+Batch-level hooks come from :func:`finetune.training.engine.train_one_epoch` and ``evaluate`` (no ``run``: a listener
 keeps what it needs from ``on_run_start``):
 
 - ``on_train_batch_end(i, batches, loss, acc, images_per_sec)``: the running loss and accuracy, re-read from the

@@ -2,7 +2,7 @@
 
 ``model.train()`` then the BN policy, forward, CrossEntropyLoss, ``zero_grad``, backward, step — over the
 trainable parameters only; evaluation under ``model.eval()`` and ``torch.inference_mode()``, accuracy by argmax.
-Nothing here prints: progress goes to the callbacks' batch-level hooks (:mod:`finetune.train.events`; the CLI's
+Nothing here prints: progress goes to the callbacks' batch-level hooks (:mod:`finetune.training.events`; the CLI's
 draw rich bars; none: silent).
 """
 
@@ -20,9 +20,9 @@ from torch import nn
 
 from finetune.config import SchedulerCfg
 from finetune.errors import ConfigError
-from finetune.train.events import Callback, Callbacks, Reporter, as_callbacks  # noqa: F401 - Reporter: its old home
-from finetune.train.freeze import apply_bn_policy
-from finetune.train.metrics import confusion_metrics, confusion_update
+from finetune.training.events import Callback, Callbacks, Reporter, as_callbacks  # noqa: F401 - Reporter: its old home
+from finetune.training.freeze import apply_bn_policy
+from finetune.training.metrics import confusion_metrics, confusion_update
 from finetune.models.fold import FastInference
 
 # ----------------------------------------------------------------------------------------------- device, precision
@@ -183,7 +183,7 @@ class LRSchedule:
 
 @dataclass
 class BNPolicy:
-    """``freeze.bn`` applied after ``model.train()`` (:func:`finetune.train.freeze.apply_bn_policy`)."""
+    """``freeze.bn`` applied after ``model.train()`` (:func:`finetune.training.freeze.apply_bn_policy`)."""
 
     policy: str
 
@@ -217,7 +217,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
     epoch's first optimizer step applied (the largest across groups, as timm logs it) and ``lrs``: that step's LR
     per parameter group (by group name).
 
-    ``callbacks`` get the batch-level hooks (:mod:`finetune.train.events`): ``on_train_batch_end``, ``on_update``,
+    ``callbacks`` get the batch-level hooks (:mod:`finetune.training.events`): ``on_train_batch_end``, ``on_update``,
     ``on_save_point``; ``reporter`` (a :class:`Reporter`) and ``on_step`` (a save-point function) are the older
     shapes of the same. ``resume`` continues an epoch saved mid-way: ``{"batches", "loss_sum", "correct", "seen"}``
     from an ``on_save_point`` call; the loader must then yield only the remaining batches

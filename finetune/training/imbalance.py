@@ -1,5 +1,5 @@
 """Imbalanced data: class weights for the loss, a class-balanced sampler's weights, and the metrics that don't
-reward predicting the majority class (balanced accuracy, macro-F1, computed in :mod:`finetune.train.metrics`).
+reward predicting the majority class (balanced accuracy, macro-F1, computed in :mod:`finetune.training.metrics`).
 
 - ``train.class_weights: auto`` is scikit-learn's ``class_weight="balanced"``: ``w_c = n / (C * n_c)`` from the
   train split's counts (inverse frequency, scaled so that the mean weight over the training *samples* is 1: the loss
@@ -12,7 +12,7 @@ reward predicting the majority class (balanced accuracy, macro-F1, computed in :
   same for any number of workers and exact on resume. Use one or the other: both together over-correct.
 - Balanced accuracy = the mean per-class recall (classes present in the data); macro-F1 = the mean per-class F1
   (``2PR / (P + R)``; 0 for a class never predicted right), as scikit-learn's ``balanced_accuracy_score`` and
-  ``f1_score(average="macro")`` compute them: :func:`finetune.train.metrics.confusion_metrics`, which every
+  ``f1_score(average="macro")`` compute them: :func:`finetune.training.metrics.confusion_metrics`, which every
   evaluation records (``val_balanced_acc``, ``val_f1``) and ``train.monitor`` may select by.
 """
 

@@ -1,6 +1,6 @@
 """Classification metrics from a confusion matrix (rows = true class, columns = predicted): the counts, per-class
 precision / recall / F1 / support, and the two summaries that a majority-class guess can't inflate, balanced accuracy
-and macro-F1. One place for them: the evaluation loop (:func:`finetune.train.engine.evaluate`), the report and the
+and macro-F1. One place for them: the evaluation loop (:func:`finetune.training.engine.evaluate`), the report and the
 imbalance options all read these.
 
 - Precision of class ``c``: of the images predicted as ``c``, how many are ``c``; recall: of the images of ``c``, how

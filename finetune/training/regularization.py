@@ -23,7 +23,7 @@ from torch import nn
 
 
 def make_mixup(cfg, num_classes: int):
-    """``(mix, loss)`` for :class:`finetune.train.engine.Step`, or ``(None, None)`` when mixup and cutmix are off."""
+    """``(mix, loss)`` for :class:`finetune.training.engine.Step`, or ``(None, None)`` when mixup and cutmix are off."""
     if not (cfg.train.mixup or cfg.train.cutmix):
         return None, None
     from timm.data import Mixup
