@@ -18,14 +18,6 @@ cache_app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False)
 CACHE_DIR = typer.Option(None, "--cache-dir", help="Cache root (default $FINETUNE_CACHE or ~/.cache/finetune).")
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 @cache_app.command("list", help="List cached feature sets: model, data, split, images, shape, size, last used; "
                                  "unfinished writes (interrupted, or in progress) are marked as such.")
 def list_(cache_dir: Optional[str] = CACHE_DIR,
@@ -59,11 +51,11 @@ def list_(cache_dir: Optional[str] = CACHE_DIR,
         else:
             cells = [term(r["model"]), term(r["data"]), term(r["split"]), term(r["images"]),
                      "x".join(term(s) for s in shape[1:]), term(r["precision"])]
-        t.add_row(term(r["key"][:12]), *cells, _size(r["bytes"]),
+        t.add_row(term(r["key"][:12]), *cells, featstore.size_text(r["bytes"]),
                   time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"])))
     console.print(t)
     unfinished = sum(r["unfinished"] for r in rows)
-    console.print(f"{len(rows) - unfinished} entries, {_size(sum(r['bytes'] for r in rows))}"
+    console.print(f"{len(rows) - unfinished} entries, {featstore.size_text(sum(r['bytes'] for r in rows))}"
                   + (f" ({unfinished} unfinished)" if unfinished else ""), highlight=False)
 
 
@@ -78,7 +70,8 @@ def clear(cache_dir: Optional[str] = CACHE_DIR,
     age = featstore.parse_age(older_than) if older_than is not None else None
     r = featstore.clear(cache_dir, age)
     extra = f", {r.unfinished} of them unfinished" if r.unfinished else ""
-    typer.echo(f"removed {r.removed} entries ({_size(r.freed)}{extra}) from {featstore.features_dir(cache_dir)}")
+    freed = featstore.size_text(r.freed)
+    typer.echo(f"removed {r.removed} entries ({freed}{extra}) from {featstore.features_dir(cache_dir)}")
     if r.busy:
         typer.echo(f"kept {r.busy} unfinished entries that a running process is still writing")
     if r.failed:

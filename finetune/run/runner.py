@@ -36,7 +36,7 @@ from finetune.training.engine import (BNPolicy, EmaUpdate, LRSchedule, NonFinite
 from finetune.training.events import Callback, Callbacks, Reporter
 from finetune.errors import CheckpointError, ConfigError, FinetuneError, Interrupted  # noqa: F401 - re-exported
 from finetune.run import holdout, midepoch
-from finetune.run.assemble import assemble
+from finetune.run.assemble import Parts, assemble
 from finetune.training import imbalance
 from finetune.speedups import depthwise as dwgrad
 from finetune.parallel import sharded, strategy
@@ -103,24 +103,16 @@ def _best_value(best: dict[str, Any], m: Monitor) -> float | None:
     return best.get("val_acc") if m.key == "val_acc" else best.get("value")
 
 
-@dataclass
-class RunState:
-    """One run, built by :func:`start` or :func:`resume`, advanced epoch by epoch by :func:`fit`."""
+@dataclass(kw_only=True)
+class RunState(Parts):
+    """One run, built by :func:`start` or :func:`resume`, advanced epoch by epoch by :func:`fit`: the assembled
+    :class:`~finetune.run.assemble.Parts` (data, model, freeze plan, optimizer, where it runs) and what the run
+    adds to them."""
 
-    cfg: Recipe
     resolved: Recipe  # the recipe as it ran (config.yaml, the checkpoints)
     dd: dist_.Dist
-    device: torch.device
-    precision: str
     run_dir: Path
-    bundle: Any  # finetune.data.DataBundle
-    classes: list[str]
-    bb: Any  # finetune.models.Backbone
-    plan: Any  # finetune.training.freeze.FreezePlan
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
     scaler: Any
-    channels_last: bool
     step: Step
     train_loader: Any
     val_loader: Any
@@ -440,11 +432,9 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
                      warn=True)
     cfg, model = parts.cfg, parts.model
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    st = RunState(cfg=cfg, resolved=_resolved_recipe(cfg, parts.bb, resumed=saved is not None), dd=dd,
-                  device=device, precision=precision, run_dir=run_dir, bundle=parts.bundle, classes=parts.classes,
-                  bb=parts.bb, plan=parts.plan, model=model, optimizer=parts.optimizer, scaler=scaler,
-                  channels_last=parts.channels_last, step=None, train_loader=None, val_loader=None,
-                  resumed=saved is not None)
+    st = RunState(**{f.name: getattr(parts, f.name) for f in dataclasses.fields(Parts)},
+                  resolved=_resolved_recipe(cfg, parts.bb, resumed=saved is not None), dd=dd, run_dir=run_dir,
+                  scaler=scaler, step=None, train_loader=None, val_loader=None, resumed=saved is not None)
     st.monitor = Monitor(cfg.train.monitor, cfg.train.monitor_mode)
     st.autotune = dwgrad.setup(model, saved.autotune if saved is not None else None, cfg=cfg, device=device,
                                precision=precision, dd=dd, input_size=parts.bundle.transform["input_size"],

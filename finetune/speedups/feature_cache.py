@@ -372,7 +372,7 @@ class FeatureRun:
 def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, channels_last: bool,
                start_epoch: int = 0, reporter=None, dd=None) -> tuple[FeatureRun | None, str]:
     """Decide, and when the cache is used compute the features: ``(FeatureRun or None, a line for the summary)``."""
-    from finetune.data import eval_transform, make_loader
+    from finetune.data import make_loader
 
     sample = _sample(bundle.train, device)
     from finetune.parallel.strategy import uses_fsdp
@@ -381,20 +381,11 @@ def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, c
     if not decision.use or split is None:
         return None, decision.reason
     t0 = time.perf_counter()
-    bs = max(cfg.train.batch_size, 64)  # inference only: a bigger batch is faster on CPUs and costs no accuracy
-    kw = dict(batch_size=bs, device=device, precision=precision, channels_last=channels_last,
-              workers=cfg.data.workers, dd=dd, fast=cfg.train.fast_inference)
-    tr_ds = bundle.train.with_transform(eval_transform(bundle.transform))
-    # through the persistent store (speedups/feature_store.py): a later run on the same data and backbone reads them
-
-    ftr, ytr, hit = split_features(split, bb, tr_ds, bundle.transform, **kw,
-                                   describe={"data": cfg.data.path, "split_of_data": "train"})
+    (ftr, ytr), val, hit = bundle_features(split, bb, bundle, cfg, device=device, precision=precision,
+                                           channels_last=channels_last, dd=dd)
     val_loader = None
-    if bundle.val is not None:
-        fva, yva, hit_val = split_features(split, bb, bundle.val, bundle.transform, **kw,
-                                           describe={"data": cfg.data.path, "split_of_data": "val"})
-        hit = hit and hit_val
-        val_loader = make_loader(FeatureDataset(fva, yva), cfg.train.batch_size, shuffle=False, seed=cfg.train.seed,
+    if val is not None:
+        val_loader = make_loader(FeatureDataset(*val), cfg.train.batch_size, shuffle=False, seed=cfg.train.seed,
                                  workers=0)
     from finetune.training.imbalance import sample_weights
 
@@ -414,6 +405,26 @@ def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, c
     for f in decision.forced:
         note += f"; --cache-features on: {f}"
     return FeatureRun(split.trainable, train_loader, val_loader, part_step, until, secs, note), "used"
+
+
+def bundle_features(split, bb, bundle, cfg, *, device: torch.device, precision: str, channels_last: bool,
+                    dd=None, cache_dir=None):
+    """The frozen part's features of the data's train images (eval transform) and val images, through the
+    persistent store (speedups/feature_store.py: a later run on the same data and backbone reads them):
+    ``((train features, labels), (val features, labels) or None, whether every split was a store hit)``."""
+    from finetune.data import eval_transform
+
+    bs = max(cfg.train.batch_size, 64)  # inference only: a bigger batch is faster on CPUs and costs no accuracy
+    kw = dict(batch_size=bs, device=device, precision=precision, channels_last=channels_last,
+              workers=cfg.data.workers, dd=dd, fast=cfg.train.fast_inference, cache_dir=cache_dir)
+    tr_ds = bundle.train.with_transform(eval_transform(bundle.transform))
+    ftr, ytr, hit = split_features(split, bb, tr_ds, bundle.transform, **kw,
+                                   describe={"data": cfg.data.path, "split_of_data": "train"})
+    if bundle.val is None:
+        return (ftr, ytr), None, hit
+    fva, yva, hit_val = split_features(split, bb, bundle.val, bundle.transform, **kw,
+                                       describe={"data": cfg.data.path, "split_of_data": "val"})
+    return (ftr, ytr), (fva, yva), hit and hit_val
 
 
 def _sample(ds, device: torch.device) -> torch.Tensor | None:

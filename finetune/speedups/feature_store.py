@@ -409,7 +409,8 @@ def _in_memory(batches) -> tuple[Any, Any]:
     return torch.cat(feats).clone(), torch.cat(labels).clone()
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
+    """A byte count for people: ``512 B``, ``1.5 KB``, ... ``2.0 GB``."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -434,9 +435,9 @@ def save(root: Path, key: str, meta: dict[str, Any], batches: Callable[[], Any],
     need = n * math.prod(row_shape) * 4 + n * 8 + 4096
     free = _free_bytes(root)
     if free < need + MARGIN:
-        _warn_once(f"space:{root}", f"feature cache: {_size(free)} free on the disk of '{root}', the features need "
-                   f"{_size(need)} (+ {_size(MARGIN)} spare); keeping them in memory this run (free some space, "
-                   "e.g. 'finetune cache clear', or point --cache-dir / FINETUNE_CACHE elsewhere)")
+        _warn_once(f"space:{root}", f"feature cache: {size_text(free)} free on the disk of '{root}', the features "
+                   f"need {size_text(need)} (+ {size_text(MARGIN)} spare); keeping them in memory this run (free some "
+                   "space, e.g. 'finetune cache clear', or point --cache-dir / FINETUNE_CACHE elsewhere)")
         return _in_memory(stream)
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -123,10 +123,9 @@ class Prepared:
 
 def prepare(cfg, *, cache_dir: str | Path | None = None, need_val: bool = False) -> Prepared:
     """Build ``cfg``'s model and data as ``train`` does and get the head's input features (store or backbone)."""
-    from finetune import data as D
     from finetune.run.assemble import assemble
     from finetune.run.runner import seed_everything
-    from finetune.speedups.feature_cache import _sample, check_split, split_features, split_frozen_prefix
+    from finetune.speedups.feature_cache import _sample, bundle_features, check_split, split_frozen_prefix
 
     def check_data(bundle) -> None:
         if need_val and bundle.val is None:
@@ -146,18 +145,9 @@ def prepare(cfg, *, cache_dir: str | Path | None = None, need_val: bool = False)
         raise ConfigError(f"probe cannot cut {bb.name} at the input of '{split.where}' (the model does more than "
                           "head(features) after it); use finetune train --recipe linear-probe --cache-features off")
     t0 = time.perf_counter()
-    kw = dict(batch_size=max(cfg.train.batch_size, 64), device=device, precision=precision,
-              channels_last=channels_last, workers=cfg.data.workers, cache_dir=cache_dir,
-              fast=cfg.train.fast_inference)
-    tr_ds = bundle.train.with_transform(D.eval_transform(bundle.transform))
-    ftr, ytr, hit = split_features(split, bb, tr_ds, bundle.transform, **kw,
-                                   describe={"data": cfg.data.path, "split_of_data": "train"})
-    val = None
-    if bundle.val is not None:
-        fva, yva, hit_val = split_features(split, bb, bundle.val, bundle.transform, **kw,
-                                           describe={"data": cfg.data.path, "split_of_data": "val"})
-        val, hit = (fva, yva), hit and hit_val
-    return Prepared(cfg, bb, bundle, precision, device, (ftr, ytr), val, time.perf_counter() - t0, hit, head,
+    train, val, hit = bundle_features(split, bb, bundle, cfg, device=device, precision=precision,
+                                      channels_last=channels_last, cache_dir=cache_dir)
+    return Prepared(cfg, bb, bundle, precision, device, train, val, time.perf_counter() - t0, hit, head,
                     plan, channels_last)
 
 
