@@ -32,6 +32,7 @@ from finetune.data.images import IMG_EXTENSIONS, image_size
 from finetune.data.loader import usable_cpus
 from finetune.data.transforms import check_augment, eval_transform, train_transform, transform_config
 from finetune.errors import DataError
+from finetune.data.diskcache import free_bytes
 
 log = logging.getLogger("finetune")
 
@@ -104,7 +105,6 @@ def cache_mode(cfg: DataCfg, paths: Sequence[Path], tf: dict, scratch: Path | No
     need = estimate_bytes(paths, tf)
     if need <= cfg.cache_gb * 1e9:
         return "ram"
-    from finetune.data.diskcache import free_bytes
 
     folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else scratch or Path(tempfile.gettempdir())
     while not folder.exists() and folder != folder.parent:

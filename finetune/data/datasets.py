@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from finetune.data.images import load_image
 from finetune.errors import DataError
+from finetune.data.transforms import _mode
 
 log = logging.getLogger("finetune")
 
@@ -40,8 +41,6 @@ def decode(path: str | Path, tf: dict) -> torch.Tensor:
 def to_precrop(img: torch.Tensor, tf: dict) -> torch.Tensor:
     """A decoded uint8 CHW image with its shorter side brought down to ``tf["resize"]`` (the cached form)."""
     from torchvision.transforms.v2 import functional as F
-
-    from finetune.data.transforms import _mode
 
     if min(img.shape[-2:]) > int(tf["resize"]):
         img = F.resize(img, [int(tf["resize"])], interpolation=_mode(tf), antialias=True)

@@ -41,6 +41,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from finetune.data.datasets import ImageDataset, to_precrop
 from finetune.data.images import is_image_file, load_image_bytes
 from finetune.errors import DataError
+from finetune.errors import ConfigError
+from finetune.data.images import walk_images
 
 log = logging.getLogger("finetune")
 SHUFFLE_BUFFER = 1000  # encoded samples per worker (WebDataset's usual size): ~100 MB of JPEGs at 256 px
@@ -367,7 +369,6 @@ def build_shard_data(cfg, tf: dict, train_tf, eval_tf) -> tuple[ShardStream, Tar
 def check_recipe(cfg):
     """A recipe on shards: the frozen-feature cache indexes images, which a stream cannot do: turn ``auto`` off,
     refuse ``on``. Returns the recipe."""
-    from finetune.errors import ConfigError
 
     if not is_shard_spec(cfg.data.path):
         return cfg
@@ -384,7 +385,6 @@ def check_recipe(cfg):
 def write_shards(root: Path, pattern: str, per_shard: int = 1000) -> list[Path]:
     """Write the images of ``root`` (``root/<class>/...``, recursively) as shards ``pattern % i`` with ``.txt``
     class names, in a shuffled order (seed 0) so each shard mixes the classes."""
-    from finetune.data.images import walk_images
 
     root = Path(root)
     items = [(p, p.relative_to(root).parts[0]) for p in walk_images(root) if len(p.relative_to(root).parts) > 1]

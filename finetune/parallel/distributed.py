@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from finetune.errors import ConfigError
+from finetune.parallel import signals as stop, launcher
 
 
 @dataclass
@@ -76,7 +78,6 @@ def wrap(model: torch.nn.Module, d: Dist, device: torch.device) -> torch.nn.Modu
 
 def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """BatchNorm -> SyncBatchNorm (statistics over all processes' batches); PyTorch implements it for CUDA only."""
-    from finetune.errors import ConfigError
 
     if device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only); drop it on the CPU")
@@ -97,7 +98,6 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
 def barrier(d: Dist) -> None:
     """Wait for every rank; skipped once a stop was requested (SIGTERM/Ctrl-C: the other ranks are stopping too, at
     other points of their loop, and would never reach it)."""
-    from finetune.parallel import signals as stop
 
     if d.enabled and not stop.requested():
         dist.barrier()
@@ -118,8 +118,6 @@ def launch(nproc: int, args: list[str], nodes: tuple[int, int, str | None] = (1,
     ``nodes`` = (nnodes, node_rank, master HOST[:PORT]): this machine is one of several, which meet at a c10d
     rendezvous on the master (``torchrun --nnodes ... --rdzv-backend c10d --rdzv-endpoint HOST:PORT``)."""
     import sys
-
-    from finetune.parallel import launcher
 
     nnodes, node_rank, master = nodes
     where = ["--standalone"] if nnodes == 1 else [

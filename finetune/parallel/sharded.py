@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from finetune.errors import CheckpointError, FinetuneError, shown
+from finetune.parallel import distributed as dist_
 
 SHARDS = "shards"  # the folder in the run directory
 FORMAT = "torch.distributed.checkpoint"
@@ -62,8 +63,6 @@ def save(model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path, epoc
     names them by."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from finetune.parallel import distributed as dist_
 
     rel = folder(epochs_done)
     if dd.is_main:  # what a killed earlier write of the same epoch left (last.pt never named it)

@@ -35,6 +35,7 @@ from torch import nn
 
 from finetune.parallel import distributed as dist_
 from finetune.errors import ConfigError
+from finetune.parallel import sharded
 
 CONTAINERS = ("blocks", "stages", "layers", "features")  # timm / torchvision stage and block containers
 
@@ -229,6 +230,5 @@ def save_shards(model: nn.Module, optimizer: torch.optim.Optimizer, cfg, d: dist
     them by."""
     if not sharded_checkpoints(cfg, d):
         return None
-    from finetune.parallel import sharded
 
     return sharded.save(model, optimizer, run_dir, epochs_done, d)

@@ -21,6 +21,9 @@ from torch import nn
 from finetune.config import Recipe
 from finetune.errors import ConfigError
 from finetune.training.engine import resolve_device, resolve_precision, wants_channels_last
+from finetune.models import data_config, build_model
+from finetune import data as D
+from finetune.training import freeze as F, optim as O
 
 log = logging.getLogger("finetune")
 
@@ -45,7 +48,6 @@ class Parts:
 
 def data_cfg(name: str, weights: str) -> dict[str, Any]:
     """The backbone's input config (size, mean/std, ...) without building it for real or downloading weights."""
-    from finetune.models import data_config
 
     return data_config(name, weights)
 
@@ -60,10 +62,6 @@ def assemble(cfg: Recipe, *, device: torch.device | None = None, precision: str 
     weights, which the checkpoint replaces, and the data's classes must be its). ``check_data(bundle)`` runs once
     the data are read, before the model is built (and its weights perhaps downloaded). ``optimizer``: build it.
     ``warn``: log what the freeze plan will not do (a run's start-up; the LR test before it stays quiet)."""
-    from finetune import data as D
-    from finetune.models import build_model
-    from finetune.training import freeze as F
-    from finetune.training import optim as O
 
     device = device if device is not None else resolve_device(cfg.train.device)
     precision = precision if precision is not None else resolve_precision(cfg.train.precision, device)

@@ -17,6 +17,7 @@ import torch
 
 from finetune.parallel.strategy import uses_fsdp
 from finetune.training.events import Callback, Callbacks, Reporter, ReporterHooks  # noqa: F401 - re-exported
+from finetune import data as D
 
 log = logging.getLogger("finetune")
 
@@ -69,7 +70,6 @@ class TensorBoard(Callback):
     def on_epoch_start(self, run, epoch, phase):
         if self.first_batch_logged:
             return
-        from finetune import data as D
 
         D.set_epoch(run.train_loader, epoch)
         self.log_first_batch(run)

@@ -41,6 +41,13 @@ from finetune.training import imbalance
 from finetune.speedups import depthwise as dwgrad
 from finetune.parallel import sharded, strategy
 from finetune.run.selection import Monitor, file_for, update_top_k
+from finetune.run import callbacks as C
+from finetune.models import canonical, parse_name
+from finetune.run.lr_find import resolve_auto_lr
+from finetune.training import optim as O
+from finetune.training.regularization import make_mixup
+from finetune import data as D
+from finetune.speedups.feature_cache import plan_cache
 
 log = logging.getLogger("finetune")
 
@@ -304,7 +311,6 @@ def _listeners(st: RunState, reporter, extra: list | None, figures=None) -> Call
     """The run's listeners, called in this order. Rank 0: the progress (``reporter``: a Callback such as the CLI's,
     or a :class:`Reporter`, adapted), TensorBoard with its per-update scalars, the caller's ``extra``. Every rank:
     the mid-epoch saves (their gather is a collective)."""
-    from finetune.run import callbacks as C
 
     cfg, items = st.cfg, []
     if st.dd.is_main:  # only rank 0 prints, writes TensorBoard and the report
@@ -326,7 +332,6 @@ def _listeners(st: RunState, reporter, extra: list | None, figures=None) -> Call
 
 def start_run(recipe: Recipe, out, overwrite: bool, made: dict) -> RunState:
     """A new run: its directory first (fail fast), then data, model, freeze plan, optimizer."""
-    from finetune.models import canonical, parse_name
 
     cfg = validate(recipe)  # a recipe built or edited in Python meets the same rules as a YAML file
     seed_everything(cfg.train.seed)
@@ -348,7 +353,6 @@ def _auto_lr(cfg: Recipe, dd: dist_.Dist, reporter):
     suggestion (broadcast), so the processes of a DDP run agree; returns the recipe and the test (rank 0) or None."""
     if cfg.optimizer.lr != "auto":
         return cfg, None
-    from finetune.run.lr_find import resolve_auto_lr
 
     cfg, found = resolve_auto_lr(cfg, reporter) if dd.is_main else (cfg, None)
     lr = dist_.broadcast_object(cfg.optimizer.lr, dd)
@@ -463,7 +467,6 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
 
 def _restore(st: RunState, saved: ck.Checkpoint) -> None:
     """Weights, the unfreeze steps already taken, optimizer/scaler state, history and best from ``last.pt``."""
-    from finetune.training import optim as O
 
     meta = {"_path": str(st.run_dir / "last.pt"), "model_name": saved.model_name}
     if not saved.sharded:  # sharded weights and optimizer state load after the model is sharded (_build)
@@ -489,7 +492,6 @@ def _restore(st: RunState, saved: ck.Checkpoint) -> None:
 def _make_step(st: RunState) -> Step:
     """The full model's step, with its named collaborators: the BN policy, the LR schedule, the DDP sum, Mixup,
     the EMA update."""
-    from finetune.training.regularization import make_mixup
 
     cfg, opt = st.cfg, st.optimizer
     mix, mix_loss = make_mixup(cfg, len(st.classes))
@@ -506,8 +508,6 @@ def _make_loaders(st: RunState) -> None:
     """The image loaders (sharded per rank; batch_size is per process), then the frozen-feature cache: while it
     serves, the epochs train the head alone on features computed once. Under DDP each rank computes its shard, and
     every rank trains on all of them (same data, same seed: the same weights on every rank)."""
-    from finetune import data as D
-    from finetune.speedups.feature_cache import plan_cache
 
     cfg, b = st.cfg, st.bundle
     kw = dict(seed=cfg.train.seed, device=st.device.type, workers=cfg.data.workers,
@@ -563,7 +563,6 @@ def fit(st: RunState, events: Callbacks) -> RunResult:
 
 def _unfreeze_due(st: RunState, epoch: int, resuming, events) -> None:
     """The (1-based) unfreeze steps of this epoch; steps before a resumed start were re-applied by _restore."""
-    from finetune.training import optim as O
 
     for stp in st.cfg.freeze.schedule:
         if stp.epoch - 1 == epoch and not resuming:

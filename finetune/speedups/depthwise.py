@@ -37,6 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from finetune.parallel import distributed as dist_, strategy
+from finetune.speedups.feature_store import cache_root
+from finetune import files
 
 REPEATS = 2
 TIMING_BATCH = 8  # layers are timed on up to this many images
@@ -117,8 +120,6 @@ def setup(model: nn.Module, saved: dict[str, Any] | None, *, cfg, device: torch.
     resume switch the layers the run switched before (``saved``, from last.pt: a resume repeats the run's numerics,
     not a new timing). Under DDP (``dd``, the process group) rank 0 decides and every rank follows. None when it
     does not apply."""
-    from finetune.parallel import distributed as dist_
-    from finetune.parallel import strategy
 
     if not applies(cfg, device, precision, strategy.uses_fsdp(cfg, dd)):
         return None
@@ -149,7 +150,6 @@ def _tune_remembered(model: nn.Module, shape, channels_last: bool) -> dict[str, 
     """:func:`tune` with the decisions kept on disk beside the feature store (``$FINETUNE_CACHE/autotune.json``, per
     CPU, torch version and thread count): the next run on this machine reuses them (no timing, and the same layers
     as before: runs of one command stay bitwise reproducible). ``FINETUNE_CACHE=off``: this process only."""
-    from finetune.speedups.feature_store import cache_root
 
     root = cache_root()
     path = root / "autotune.json" if root is not None else None
@@ -194,8 +194,6 @@ def remember(path: Path, machine: str, fresh: dict[str, bool]) -> None:
     replaced by what was sound in it plus ``fresh``). A read-only cache costs a timing next time, nothing else."""
     import fcntl
     import json
-
-    from finetune import files
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

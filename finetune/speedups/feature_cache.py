@@ -34,6 +34,12 @@ from torch.utils.data import Dataset
 
 from finetune.config import choices
 from finetune.errors import ConfigError
+from finetune.models.backbone import is_under
+from finetune.data import is_deterministic, make_loader, eval_transform
+from finetune.speedups.feature_store import stream_features
+from finetune.parallel.strategy import uses_fsdp
+from finetune.training.imbalance import sample_weights
+from finetune.training.engine import autocast
 
 log = logging.getLogger("finetune")
 
@@ -93,7 +99,6 @@ def split_frozen_prefix(bb, sample: torch.Tensor | None = None) -> Split | None:
     one tensor alone crosses the cut. When fx cannot trace the model, :func:`split_at_block` cuts at a block of a
     sequential stage instead (needs ``sample``, one input batch).
     """
-    from finetune.models.backbone import is_under
 
     trainable = [n for n, p in bb.model.named_parameters() if p.requires_grad]
     if not trainable:
@@ -191,8 +196,6 @@ def split_trailing(model: nn.Module, trainable: list[str]) -> Split | None:
     """Cut ``model``'s fx graph before the first node that uses a trainable parameter (see split_frozen_prefix)."""
     import torch.fx as fx
 
-    from finetune.models.backbone import is_under
-
     try:
         gm = fx.symbolic_trace(model)
     except Exception:  # noqa: BLE001 - data-dependent control flow etc.: no trailing split
@@ -265,7 +268,6 @@ class Decision:
 def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None,
            sharded: bool = False) -> tuple[Decision, Split | None]:
     """Whether the run can train on cached frozen features (see the module docstring for the rules)."""
-    from finetune.data import is_deterministic
 
     mode = cfg.train.cache_features
     if mode not in MODES:
@@ -342,7 +344,6 @@ def compute_features(frozen: nn.Module, dataset: Dataset, *, batch_size: int = 6
 
     Labels come from the data set's items (an unreadable file is replaced by the next readable one, as in training).
     """
-    from finetune.speedups.feature_store import stream_features
 
     feats, labels = [], []
     for f, y in stream_features(frozen, dataset, batch_size=batch_size, device=device, precision=precision,
@@ -372,10 +373,8 @@ class FeatureRun:
 def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, channels_last: bool,
                start_epoch: int = 0, reporter=None, dd=None) -> tuple[FeatureRun | None, str]:
     """Decide, and when the cache is used compute the features: ``(FeatureRun or None, a line for the summary)``."""
-    from finetune.data import make_loader
 
     sample = _sample(bundle.train, device)
-    from finetune.parallel.strategy import uses_fsdp
 
     decision, split = decide(cfg, bb, start_epoch, sample, sharded=dd is not None and uses_fsdp(cfg, dd))
     if not decision.use or split is None:
@@ -387,7 +386,6 @@ def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, c
     if val is not None:
         val_loader = make_loader(FeatureDataset(*val), cfg.train.batch_size, shuffle=False, seed=cfg.train.seed,
                                  workers=0)
-    from finetune.training.imbalance import sample_weights
 
     weights = sample_weights(cfg.data.sampler, ytr.tolist(), len(bundle.class_names))  # data.sampler: balanced
     train_loader = make_loader(FeatureDataset(ftr, ytr), cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
@@ -412,7 +410,6 @@ def bundle_features(split, bb, bundle, cfg, *, device: torch.device, precision: 
     """The frozen part's features of the data's train images (eval transform) and val images, through the
     persistent store (speedups/feature_store.py: a later run on the same data and backbone reads them):
     ``((train features, labels), (val features, labels) or None, whether every split was a store hit)``."""
-    from finetune.data import eval_transform
 
     bs = max(cfg.train.batch_size, 64)  # inference only: a bigger batch is faster on CPUs and costs no accuracy
     kw = dict(batch_size=bs, device=device, precision=precision, channels_last=channels_last,
@@ -485,7 +482,6 @@ def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64,
 def _row_shape(frozen: nn.Module, dataset, device, precision: str) -> tuple[int, ...] | None:
     """The shape of one feature row: the data set's first image through ``frozen`` (eval mode, no grad); None when
     there is no readable image (then the shape is not checked)."""
-    from finetune.training.engine import autocast
 
     try:
         x = dataset[(0, 0)][0].unsqueeze(0).to(device)

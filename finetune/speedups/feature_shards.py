@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 
 from finetune.parallel.distributed import Dist
+from finetune.parallel.distributed import all_reduce_sum
+from finetune.speedups import feature_store as S
 
 
 def gather_rows(part: tuple[torch.Tensor, torch.Tensor] | None, n: int, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +38,6 @@ def gather_rows(part: tuple[torch.Tensor, torch.Tensor] | None, n: int, d: Dist)
 
 def all_hit(hit: bool, d: Dist) -> bool:
     """True when every rank found the store entry."""
-    from finetune.parallel.distributed import all_reduce_sum
 
     return int(all_reduce_sum(torch.tensor([int(hit)]), d).item()) == d.world_size
 
@@ -48,7 +49,6 @@ def sharded_features(stream: Callable[[int, int], Any], n: int, parts: dict[str,
     ``stream(num_replicas, rank)`` yields the ``(features, labels)`` batches of one shard (see
     :func:`finetune.speedups.feature_store.stream_features`).
     """
-    from finetune.speedups import feature_store as S
 
     root = S.features_dir(cache_dir)
     key = S.make_key(parts) if root is not None and parts is not None else None

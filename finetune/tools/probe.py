@@ -31,6 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.errors import ConfigError
+from finetune.run.assemble import assemble
+from finetune.run.runner import seed_everything, _resolved_recipe, _yaml
+from finetune.speedups.feature_cache import _sample, bundle_features, check_split, split_frozen_prefix
+from finetune.data.loader import EpochSampler
+from finetune.training.engine import lr_factor, set_lr
+from finetune import config, __version__, files
+from finetune.run.checkpoint import default_run_dir, prepare_run_dir, finite_json
+from finetune.run import checkpoint as ck
+from finetune.config import from_dict
+from finetune.training import optim as O
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # 8 LRs, half a decade apart
 DEFAULT_WDS = (1e-4, 1e-2)
@@ -68,7 +78,6 @@ class ProbeResult:
     def to_dict(self) -> dict[str, Any]:
         """As JSON data (``probe --json``, ``probe.json``): a non-finite number (a diverging head's NaN loss) is
         None, written as null as in metrics.json: strict JSON, never a bare NaN."""
-        from finetune.run.checkpoint import finite_json
 
         d = dataclasses.asdict(self)
         d["run_dir"] = str(self.run_dir) if self.run_dir else None
@@ -123,9 +132,6 @@ class Prepared:
 
 def prepare(cfg, *, cache_dir: str | Path | None = None, need_val: bool = False) -> Prepared:
     """Build ``cfg``'s model and data as ``train`` does and get the head's input features (store or backbone)."""
-    from finetune.run.assemble import assemble
-    from finetune.run.runner import seed_everything
-    from finetune.speedups.feature_cache import _sample, bundle_features, check_split, split_frozen_prefix
 
     def check_data(bundle) -> None:
         if need_val and bundle.val is None:
@@ -191,9 +197,6 @@ def sweep(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, tor
 
 def _sweep(train, val, num_classes, lrs, wds, *, epochs, batch_size, seed, scheduler, betas, eps, label_smoothing,
            reporter, dev, init=None):
-    from finetune.data.loader import EpochSampler
-    from finetune.training.engine import lr_factor
-
     feats, labels = train
     n = len(labels)
     x_all = feats.reshape(n, -1)
@@ -323,7 +326,6 @@ def probe_recipe(model: str, *, weights: str = "default", data: str = "sample", 
                  batch_size: int | None = None, seed: int | None = None, device: str | None = None,
                  precision: str | None = None):
     """The ``linear-probe`` recipe with the command's values: what ``finetune train --recipe linear-probe`` runs."""
-    from finetune import config
 
     over: dict[str, Any] = {"model.name": model, "model.weights": weights, "data.path": data}
     for key, v in (("data.labels", labels), ("data.val_split", val_split), ("data.image_size", image_size),
@@ -340,7 +342,6 @@ def probe(models: list[str], *, weights: str = "default", data: str = "sample", 
           **recipe_kw) -> list[ProbeResult]:
     """Probe each of ``models`` (see the module docstring); one result per model, the best head's run written under
     ``out`` (one model: ``out`` itself; several: ``out/<model>``)."""
-    from finetune.run.checkpoint import default_run_dir, prepare_run_dir
 
     lrs = list(lrs or DEFAULT_LRS)
     wds = list(DEFAULT_WDS if wds is None else wds)
@@ -397,8 +398,6 @@ def write_run(prep: Prepared, st: SweepState, h: int, res: ProbeResult, run_dir:
     --weight-decay WD`` would have written after its last epoch (so eval/predict/export, ``--weights`` and
     ``train --resume --epochs N`` work on it), plus ``probe.json`` with the whole table. Interrupted or failed
     half-way, the run directory is removed (a new one) or emptied (one it replaced)."""
-    from finetune.run import checkpoint as ck
-    from finetune.config import from_dict
 
     cfg = from_dict(prep.cfg.to_dict())
     head_res = res.heads[h]
@@ -418,18 +417,12 @@ def write_run(prep: Prepared, st: SweepState, h: int, res: ProbeResult, run_dir:
 
 
 def _write_run(prep: Prepared, st: SweepState, h: int, res: ProbeResult, run_dir: Path, cfg, head_res) -> Path:
-    from finetune import __version__, files
-    from finetune.run import checkpoint as ck
-    from finetune.training import optim as O
-    from finetune.run.runner import _resolved_recipe, _yaml
-
     bb = prep.bb
     with torch.no_grad():
         prep.head.weight.copy_(st.weight[h])
         prep.head.bias.copy_(st.bias[h])
     model = bb.model
     opt = O.build_optimizer(bb, cfg.optimizer)
-    from finetune.training.engine import set_lr
 
     set_lr(opt, cfg.scheduler, cfg.train.epochs - 1 / max(1, -(-res.train_images // cfg.train.batch_size)),
            cfg.train.epochs)  # the group LRs of the last update, as train leaves them
