@@ -57,6 +57,10 @@ _LAZY = {
     "inspect_json": "finetune.models.params", "module_rows": "finetune.models.params",
     "parameter_rows": "finetune.models.params",
     "Reporter": "finetune.training.engine", "Callback": "finetune.training.events",
+    # the extension points: a backbone source by prefix, a freeze kind by name (docs/architecture.md)
+    "BackboneSource": "finetune.models.sources", "register_source": "finetune.models.sources",
+    "unregister_source": "finetune.models.sources", "FreezeKind": "finetune.training.freeze",
+    "register_freeze_kind": "finetune.training.freeze", "unregister_freeze_kind": "finetune.training.freeze",
     "launch": "finetune.parallel.distributed", "strip_nproc": "finetune.parallel.distributed",
     "list_runs": "finetune.reporting.runs", "compare_runs": "finetune.reporting.runs",
     "write_compare_html": "finetune.reporting.runs",

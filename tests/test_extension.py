@@ -14,10 +14,10 @@ from torch import nn
 from finetune import api, config
 from finetune.errors import FreezeError, ModelError, WeightsError
 from finetune.models import Backbone, BackboneSource, build_model, data_config, list_models, parse_name, \
-    register_source, sources, unregister_source
+    register_source, registered_sources, unregister_source
 from finetune.models.weights import WeightsSpec
 from finetune.training import freeze as F
-from tests.helpers import tiny_tree
+from helpers import tiny_tree
 
 TOY_CFG = {"input_size": (3, 16, 16), "resize": 16, "crop_pct": 1.0, "interpolation": "bilinear",
            "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
@@ -76,14 +76,14 @@ EVERY_OTHER = F.FreezeKind(
 @pytest.fixture
 def toy():
     """The toy source and freeze kind, registered for one test and removed after it (even when it fails)."""
-    before, kinds_before = sources(), F.freeze_kinds()
+    before, kinds_before = registered_sources(), F.freeze_kinds()
     register_source("toy", TOY)
     F.register_freeze_kind(EVERY_OTHER)
     BUILT.clear()
     yield
     unregister_source("toy")
     F.unregister_freeze_kind("every_other")
-    assert sources() == before and F.freeze_kinds() == kinds_before
+    assert registered_sources() == before and F.freeze_kinds() == kinds_before
 
 
 def toy_recipe(tmp_path, every_other=0):
@@ -165,7 +165,7 @@ def test_the_toy_source_answers_like_the_built_in_ones(toy):
 
 
 def test_unregistering_restores_the_registries():
-    assert "toy" not in sources() and "every_other" not in F.freeze_kinds()
+    assert "toy" not in registered_sources() and "every_other" not in F.freeze_kinds()
     assert list(F.freeze_kinds()) == list(F.KINDS)
     with pytest.raises(ModelError):
         parse_name("toy:tiny")
@@ -176,11 +176,11 @@ def test_unregistering_restores_the_registries():
 CHEAP = {"smallcnn": "smallcnn", "torchvision": "resnet18", "timm": "test_resnet"}  # no downloads, < 1 s each
 
 
-@pytest.mark.parametrize("prefix", list(sources()))
+@pytest.mark.parametrize("prefix", list(registered_sources()))
 def test_every_registered_source_keeps_the_contract(prefix):
     """Each source lists names, parses its own, builds with weights "none" and a 3-class head, and answers the
     data config the built model records."""
-    src = sources()[prefix]
+    src = registered_sources()[prefix]
     listed = src.list()
     assert listed and all(isinstance(w, list) for w in listed.values())
     arch = CHEAP.get(prefix, next(iter(listed)))
@@ -191,3 +191,13 @@ def test_every_registered_source_keeps_the_contract(prefix):
     assert (bb.source, bb.arch, bb.name, bb.num_classes, bb.weights) == (prefix, arch, name, 3, "none")
     assert bb.head_parameter_names() and bb.model(torch.zeros(1, *bb.data_cfg["input_size"])).shape == (1, 3)
     assert data_config(name) == bb.data_cfg
+
+
+def test_the_extension_points_are_on_the_front_door():
+    from finetune.models import sources
+    from finetune.training import freeze
+
+    assert (api.register_source, api.unregister_source, api.BackboneSource) == (
+        sources.register_source, sources.unregister_source, sources.BackboneSource)
+    assert (api.register_freeze_kind, api.unregister_freeze_kind, api.FreezeKind) == (
+        freeze.register_freeze_kind, freeze.unregister_freeze_kind, freeze.FreezeKind)

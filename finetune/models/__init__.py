@@ -16,8 +16,8 @@ from typing import Any
 from finetune.models import weights as W
 from finetune.errors import ModelError
 from finetune.models.backbone import Backbone, init_new_head, is_under
-from finetune.models.sources import BackboneSource, canonical, get_source, register_source, resolve, sources, \
-    unregister_source
+from finetune.models.sources import BackboneSource, canonical, get_source, register_source, resolve, \
+    registered_sources, unregister_source
 # the built-in sources register themselves on import, in this order (a bare name goes to the first that has it)
 from finetune.models import smallcnn, tv, timm_models  # noqa: F401
 
@@ -107,7 +107,7 @@ def list_models(pattern: str | None = None, pretrained_only: bool = False) -> li
     ``pattern`` is a glob (``resnet*``, ``timm:vit_*``) or, without glob characters, a substring; a pattern
     without a ``timm:``/``torchvision:`` prefix matches models of every source.
     """
-    prefixes = tuple(f"{p}:" for p in sources())
+    prefixes = tuple(f"{p}:" for p in registered_sources())
 
     def match(name: str) -> bool:
         if not pattern:
@@ -117,7 +117,7 @@ def list_models(pattern: str | None = None, pretrained_only: bool = False) -> li
         return pattern in name
 
     rows: list[dict[str, Any]] = []
-    for prefix, src in sources().items():
+    for prefix, src in registered_sources().items():
         for arch, weights in src.list().items():
             bare = src.bare is not None and src.bare(arch)
             if match(f"{prefix}:{arch}") or ((bare or not (pattern or "").startswith(prefixes)) and match(arch)):

@@ -83,7 +83,7 @@ def get_source(prefix: str) -> BackboneSource:
                          f"{', '.join(_SOURCES)}") from None
 
 
-def sources() -> dict[str, BackboneSource]:
+def registered_sources() -> dict[str, BackboneSource]:
     """The registered sources by prefix, in registration order (a copy)."""
     return dict(_SOURCES)
 

@@ -195,9 +195,10 @@ def _versions(source: str) -> dict[str, str]:
     code."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from finetune.models.sources import sources  # here: the package's __init__ loads torch ('cache list' does not)
+    # imported here: the models package's __init__ loads torch ('cache list' does not)
+    from finetune.models.sources import registered_sources
 
-    src = sources().get(source)
+    src = registered_sources().get(source)
     out = {}
     for pkg in ("torch", *(src.packages if src else ())):
         try:
