@@ -118,10 +118,10 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
     """While a run trains, --overwrite (or --resume) of its directory from another process is an error."""
     out = tmp_path / "run"
     train(recipe(**{"train.epochs": 1}), out=out)
-    code = ("import sys, time; from finetune import checkpoint as ck; l = ck.RunLock(); l.acquire(sys.argv[1]); "
+    code = ("import sys, time; from finetune.run import checkpoint as ck; l = ck.RunLock(); l.acquire(sys.argv[1]); "
             "print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ck.Path(ck.__file__).parent.parent)})
+                              env={**os.environ, "PYTHONPATH": str(ck.Path(ck.__file__).parents[2])})
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(CheckpointError) as e:
