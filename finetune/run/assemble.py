@@ -46,12 +46,6 @@ class Parts:
     optimizer: torch.optim.Optimizer | None
 
 
-def data_cfg(name: str, weights: str) -> dict[str, Any]:
-    """The backbone's input config (size, mean/std, ...) without building it for real or downloading weights."""
-
-    return data_config(name, weights)
-
-
 def assemble(cfg: Recipe, *, device: torch.device | None = None, precision: str | None = None,
              scratch: Path | None = None, saved: Any = None, check_data: Callable[[Any], None] | None = None,
              optimizer: bool = True, warn: bool = False) -> Parts:
@@ -66,7 +60,7 @@ def assemble(cfg: Recipe, *, device: torch.device | None = None, precision: str 
     device = device if device is not None else resolve_device(cfg.train.device)
     precision = precision if precision is not None else resolve_precision(cfg.train.precision, device)
     cfg = D.check_stream_recipe(cfg)  # tar shards stream: no frozen-feature cache (it indexes images)
-    bundle = D.build_data(cfg.data, data_cfg(cfg.model.name, cfg.model.weights), seed=cfg.train.seed,
+    bundle = D.build_data(cfg.data, data_config(cfg.model.name, cfg.model.weights), seed=cfg.train.seed,
                           scratch=scratch)
     if check_data is not None:
         check_data(bundle)
