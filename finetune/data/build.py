@@ -220,12 +220,14 @@ def select_items(root: Path, labels: str | None, *, val_split: float, seed: int,
 
 
 def build_data(cfg: DataCfg, model_data_cfg: dict, *, seed: int = 0, download: bool = False,
-               scratch: Path | None = None) -> DataBundle:
+               scratch: Path | None = None, listing_only: bool = False) -> DataBundle:
     """Datasets, class names and the eval transform config for ``cfg`` and a backbone's ``data_cfg``.
 
     ``seed`` fixes the train/val split of a folder without a val folder (and nothing else: loader order and
     augmentation take their own seed in :func:`make_loader`). ``download`` lets CIFAR download when missing.
     ``scratch``: where a disk cache that is not kept (no ``data.cache_dir``) goes: the run directory.
+    ``listing_only``: the caller expects every feature from the store: the images are listed and their headers
+    checked, none is decoded or cached (``data.cache`` is not applied).
     """
     check_augment(cfg.augment)
     tf = transform_config(cfg, model_data_cfg)
@@ -238,7 +240,7 @@ def build_data(cfg: DataCfg, model_data_cfg: dict, *, seed: int = 0, download: b
         return cifar_bundle(spec, tf, train_tf, eval_tf, download=download)
     root = check_root(spec, cfg.path)
     found = sources.find(root, cfg.labels, cfg.allow_outside)
-    mode = cache_mode(cfg, [p for p, _ in found.train + (found.val or [])], tf, scratch)
+    mode = "off" if listing_only else cache_mode(cfg, [p for p, _ in found.train + (found.val or [])], tf, scratch)
     read: Callable[[Path], Any] = {"ram": lambda p: decode(p, tf), "off": image_size}.get(mode)  # type: ignore
     store = None
     if mode == "disk":

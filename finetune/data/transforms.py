@@ -151,20 +151,55 @@ def _tail(tf: dict) -> list:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(tf["mean"], tf["std"]), v2.ToPureTensor()]
 
 
+class LazyTransform:
+    """A torchvision transform built on first use. Building one imports torchvision (~1.7 s on a 2-core CPU, since
+    torchvision imports ``torch._dynamo``), which a run whose features all come from the feature store never needs:
+    it lists its images but decodes none. Calls and attributes (``.transforms``) go to the built transform."""
+
+    def __init__(self, build: Callable, *args):
+        self._build, self._args, self._built = build, args, None
+
+    def _get(self):
+        if self._built is None:
+            self._built = self._build(*self._args)
+        return self._built
+
+    def __call__(self, x):
+        return self._get()(x)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # pickling and copying look for dunders before __dict__ is set
+            raise AttributeError(name)
+        return getattr(self._get(), name)
+
+    def __repr__(self) -> str:
+        return repr(self._get())
+
+
 def eval_transform(tf: dict) -> Callable:
-    """PIL image or uint8 CHW tensor -> normalized float32 CHW tensor of ``tf["input_size"]``."""
+    """PIL image or uint8 CHW tensor -> normalized float32 CHW tensor of ``tf["input_size"]`` (built on first use:
+    :class:`LazyTransform`)."""
+    return LazyTransform(_eval_compose, tf)
+
+
+def train_transform(tf: dict, augment: str = "light") -> Callable:
+    """Like :func:`eval_transform` plus ``augment`` (none | light | strong); randomness from torch's global RNG (at
+    call time; building it draws nothing). Built on first use."""
+    check_augment(augment)
+    return LazyTransform(_train_compose, tf, augment)
+
+
+def _eval_compose(tf: dict) -> Callable:
     from torchvision.transforms import v2
 
     return v2.Compose([*_head(tf), v2.CenterCrop(_crop_size(tf)), *_tail(tf)])
 
 
-def train_transform(tf: dict, augment: str = "light") -> Callable:
-    """Like :func:`eval_transform` plus ``augment`` (none | light | strong); randomness from torch's global RNG."""
+def _train_compose(tf: dict, augment: str) -> Callable:
     from torchvision.transforms import v2
 
-    check_augment(augment)
     if augment == "none":
-        return eval_transform(tf)
+        return _eval_compose(tf)
     size = _crop_size(tf)
     if augment == "light" and max(size) <= SMALL:
         steps = [v2.CenterCrop(size), v2.RandomCrop(size, padding=max(1, max(size) // 8), padding_mode="reflect"),

@@ -24,6 +24,7 @@ from finetune.training.engine import resolve_device, resolve_precision, wants_ch
 from finetune.models import data_config, build_model
 from finetune import data as D
 from finetune.training import freeze as F, optim as O
+from finetune.speedups import backbone_store
 
 log = logging.getLogger("finetune")
 
@@ -48,25 +49,39 @@ class Parts:
 
 def assemble(cfg: Recipe, *, device: torch.device | None = None, precision: str | None = None,
              scratch: Path | None = None, saved: Any = None, check_data: Callable[[Any], None] | None = None,
-             optimizer: bool = True, warn: bool = False) -> Parts:
+             optimizer: bool = True, warn: bool = False, stand_in: bool = False,
+             cache_dir: str | Path | None = None) -> Parts:
     """Build ``cfg``'s data, model (with its dropout and stochastic depth), freeze plan, memory format and optimizer.
 
     ``device``/``precision``: where it runs (default: the recipe's, resolved on this machine). ``scratch``: where a
     disk image cache that is not kept lives. ``saved``: the checkpoint a run resumes (its model is built without
     weights, which the checkpoint replaces, and the data's classes must be its). ``check_data(bundle)`` runs once
     the data are read, before the model is built (and its weights perhaps downloaded). ``optimizer``: build it.
-    ``warn``: log what the freeze plan will not do (a run's start-up; the LR test before it stays quiet)."""
+    ``warn``: log what the freeze plan will not do (a run's start-up; the LR test before it stays quiet).
+    ``stand_in``: the caller trains only the head on stored features: a backbone kept in the cache
+    (:mod:`finetune.speedups.backbone_store`) stands in for the model when there is one (the caller builds the real
+    model if it turns out to need it: :class:`~finetune.models.stand_in.NeedsBackbone`), and the real model, when
+    built, is kept there for the next such run (``cache_dir``: the cache root, default ``$FINETUNE_CACHE``). The
+    stand-in's build warnings are the caller's to show (``bb.notes``) once it is sure not to build the model."""
 
     device = device if device is not None else resolve_device(cfg.train.device)
     precision = precision if precision is not None else resolve_precision(cfg.train.precision, device)
     cfg = D.check_stream_recipe(cfg)  # tar shards stream: no frozen-feature cache (it indexes images)
-    bundle = D.build_data(cfg.data, data_config(cfg.model.name, cfg.model.weights), seed=cfg.train.seed,
-                          scratch=scratch)
+    stand_in = stand_in and saved is None
+    dc = (stand_in and backbone_store.find_data_config(cfg, cache_dir)) or data_config(cfg.model.name,
+                                                                                         cfg.model.weights)
+    bundle = D.build_data(cfg.data, dc, seed=cfg.train.seed, scratch=scratch, listing_only=stand_in)
     if check_data is not None:
         check_data(bundle)
     classes = check_classes(cfg, list(bundle.class_names), saved)
-    bb = build_model(cfg.model.name, num_classes=len(classes), weights="none" if saved else cfg.model.weights,
-                     drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
+    kept = backbone_store.load(cfg, len(classes), cache_dir) if stand_in else None
+    if kept is not None and kept[1] == dc:
+        bb = kept[0]
+    else:
+        bb = build_model(cfg.model.name, num_classes=len(classes), weights="none" if saved else cfg.model.weights,
+                         drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
+        if stand_in:
+            backbone_store.save(cfg, bb, dc, cache_dir)
     plan = F.apply_freeze(bb, cfg.freeze)
     if warn:
         warn_plan(cfg, bb, plan, resumed=saved is not None)

@@ -48,6 +48,7 @@ from finetune.training import optim as O
 from finetune.training.regularization import make_mixup
 from finetune import data as D
 from finetune.speedups.feature_cache import plan_cache
+from finetune.models.stand_in import NeedsBackbone, is_stand_in
 
 log = logging.getLogger("finetune")
 
@@ -342,7 +343,14 @@ def start_run(recipe: Recipe, out, overwrite: bool, made: dict) -> RunState:
     if dd.is_main:
         made["run_dir"], made["existed"] = run_dir, existed  # removed if the run stops before its first checkpoint
     cfg, found = _auto_lr(cfg, dd, made.get("reporter"))  # optimizer.lr: auto -> the LR range test's suggestion
-    st = _build(cfg, None, dd, device, precision, run_dir)
+    st = None
+    if found is None and head_only_on_stored_features(cfg, dd):
+        try:  # a backbone kept beside its stored features stands in for the model (speedups/backbone_store.py)
+            st = _build(cfg, None, dd, device, precision, run_dir, stand_in=True)
+        except NeedsBackbone:  # some features are not stored: the real model computes them, as without it
+            seed_everything(cfg.train.seed)
+    if st is None:
+        st = _build(cfg, None, dd, device, precision, run_dir)
     if found is not None:
         found.save(run_dir)  # lr_find.png / lr_find.json: the curve behind --lr auto
     return st
@@ -423,9 +431,27 @@ def _runtime(cfg: Recipe) -> tuple[dist_.Dist, torch.device, str]:
     return dd, device, resolve_precision(cfg.train.precision, device)
 
 
-def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str, run_dir: Path) -> RunState:
+def head_only_on_stored_features(cfg: Recipe, dd) -> bool:
+    """Whether a new run of ``cfg`` may start on a stand-in for its backbone (:mod:`finetune.models.stand_in`): it
+    trains only the head, every epoch on cached features, in one process, and nothing else runs the backbone (no
+    EMA copy, no compile, no TensorBoard graph, no timm layer grouping); its weights are pretrained (random init is
+    not kept) and the feature store persists. When some features turn out not to be stored, the run builds the real
+    model (:class:`~finetune.models.stand_in.NeedsBackbone`) and goes on as it always did."""
+    from finetune.data import is_deterministic
+    from finetune.speedups.feature_store import features_dir
+
+    t, f = cfg.train, cfg.freeze
+    return (not dd.enabled and f.backbone and not f.schedule and t.cache_features in ("auto", "on")
+            and (t.cache_features == "on" or (is_deterministic(cfg.data.augment) and not t.mixup and not t.cutmix))
+            and not t.ema and not t.compile and not t.graph and cfg.optimizer.layer_decay is None
+            and cfg.model.weights not in ("none", "random", "") and features_dir() is not None)
+
+
+def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str, run_dir: Path,
+           stand_in: bool = False) -> RunState:
     """The run state: :func:`finetune.run.assemble.assemble` in the run directory (``saved``: the checkpoint a resume
-    continues), then the process group's wrapping, the last.pt state, config.yaml, the step and the loaders."""
+    continues), then the process group's wrapping, the last.pt state, config.yaml, the step and the loaders.
+    ``stand_in``: see :func:`head_only_on_stored_features` (raises NeedsBackbone when the model must be built)."""
 
     def check_data(bundle) -> None:  # a resume: the same val images, or the recorded best compares different things
         if saved is not None:
@@ -433,7 +459,7 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
 
     # scratch: a disk image cache that is not kept lives in the run dir
     parts = assemble(cfg, device=device, precision=precision, scratch=run_dir, saved=saved, check_data=check_data,
-                     warn=True)
+                     warn=True, stand_in=stand_in)
     cfg, model = parts.cfg, parts.model
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     st = RunState(**{f.name: getattr(parts, f.name) for f in dataclasses.fields(Parts)},
@@ -461,6 +487,9 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
             "processes": dd.world_size, "classes": parts.classes, **dwgrad.picked(st.autotune)}))
     st.step = _make_step(st)
     _make_loaders(st)
+    if is_stand_in(model):  # the features were all stored: say what building the backbone said
+        for note in parts.bb.notes:
+            log.warning(note)
     st.run_model = maybe_compile(st.train_model, cfg.train.compile)  # checkpoints save `model`'s own state_dict
     return st
 

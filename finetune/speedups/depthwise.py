@@ -123,6 +123,9 @@ def setup(model: nn.Module, saved: dict[str, Any] | None, *, cfg, device: torch.
 
     if not applies(cfg, device, precision, strategy.uses_fsdp(cfg, dd)):
         return None
+    if not cfg.freeze.schedule and not any(p.requires_grad for m in model.modules() if is_depthwise(m)
+                                           for p in m.parameters()):
+        return None  # no depthwise conv ever trains (a linear probe): their backward never runs
     if saved is None:
         shape = (cfg.train.batch_size, *input_size)
         saved = _tune_remembered(model, shape, channels_last) if dd.is_main else None

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 from finetune.config import choices
 from finetune.errors import ConfigError
 from finetune.models.backbone import is_under
+from finetune.models.stand_in import NeedsBackbone, is_stand_in
 from finetune.data import is_deterministic, make_loader, eval_transform
 from finetune.speedups.feature_store import stream_features
 from finetune.parallel.strategy import uses_fsdp
@@ -286,6 +287,8 @@ def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None,
                               "backbone (--freeze-backbone) or use --cache-features auto/off")
         return Decision(False, "not used: nothing is frozen"), None
     split = split_frozen_prefix(bb, sample)
+    if is_stand_in(bb.model) and (split is None or not isinstance(split.frozen, UpToHead)):
+        raise NeedsBackbone("a cut other than the head's input is found by tracing the model")
     if split is not None and sample is not None and not check_split(split, bb.model, sample):
         split = None
     if split is None:
@@ -301,7 +304,10 @@ def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None,
         forced.append(f"augment {cfg.data.augment} is random; the cache uses the eval transform")
     if getattr(cfg.train, "mixup", 0) or getattr(cfg.train, "cutmix", 0):
         forced.append("mixup/cutmix mixes the images; the cached head trains unmixed")
-    effects = train_mode_effects(split.frozen, cfg.freeze.bn)
+    if is_stand_in(bb.model):  # what the real model's modules said, recorded when it was kept
+        effects = list(bb.model.train_effects["train" if cfg.freeze.bn == "train" else "other"])
+    else:
+        effects = train_mode_effects(split.frozen, cfg.freeze.bn)
     rate = float(getattr(bb.model, "drop_rate", 0.0) or 0.0)  # timm: F.dropout before the classifier (no module)
     if rate > 0:
         effects.append(f"dropout p={rate:g} before the classifier (model.drop_rate)")
@@ -374,7 +380,7 @@ def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, c
                start_epoch: int = 0, reporter=None, dd=None) -> tuple[FeatureRun | None, str]:
     """Decide, and when the cache is used compute the features: ``(FeatureRun or None, a line for the summary)``."""
 
-    sample = _sample(bundle.train, device)
+    sample = None if is_stand_in(bb.model) else _sample(bundle.train, device)  # a stand-in: nothing to check
 
     decision, split = decide(cfg, bb, start_epoch, sample, sharded=dd is not None and uses_fsdp(cfg, dd))
     if not decision.use or split is None:
@@ -462,12 +468,23 @@ def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64,
         if fast != "off":  # folded features differ from eager ones in the last bits: a key of their own
             parts["fast_inference"] = fast
 
+    stand_in = is_stand_in(bb.model)
+
     def compute():
+        if stand_in:  # the features are not stored: the real backbone must run (the caller builds it)
+            raise NeedsBackbone(f"the features of {bb.name} on this data are not in the feature store")
         f, y = compute_features(split.frozen, dataset, **kw)
         return f, y
 
-    def row_shape():  # what a stored entry's rows must be (checked on a hit): one image through the frozen part
-        return _row_shape(split.frozen, dataset, device, precision)
+    def batches():
+        if stand_in:
+            raise NeedsBackbone(f"the features of {bb.name} on this data are not in the feature store")
+        return stream_features(split.frozen, dataset, **kw)
+
+    def row_shape():  # what a stored entry's rows must be (checked on a hit)
+        if isinstance(split.frozen, UpToHead) and isinstance(split.trainable, nn.Linear):
+            return (split.trainable.in_features,)  # a Linear head's input: no image decoded, no backbone run
+        return _row_shape(split.frozen, dataset, device, precision)  # one image through the frozen part
 
     info = {"model": bb.name, "weights": bb.weights, "split": split.where, "precision": precision, **(describe or {})}
     if dd is not None and dd.enabled:  # each rank computes its shard once; all-gathered (feature_shards.py)
@@ -475,8 +492,7 @@ def split_features(split, bb, dataset, transform: dict, *, batch_size: int = 64,
 
         return sharded_features(lambda w, r: stream_features(split.frozen, dataset, **kw, num_replicas=w, rank=r),
                                 len(dataset), parts, dd, cache_dir=cache_dir, info=info, row_shape=row_shape)
-    return get_features(compute, lambda: stream_features(split.frozen, dataset, **kw), len(dataset), parts,
-                        cache_dir=cache_dir, info=info, row_shape=row_shape)
+    return get_features(compute, batches, len(dataset), parts, cache_dir=cache_dir, info=info, row_shape=row_shape)
 
 
 def _row_shape(frozen: nn.Module, dataset, device, precision: str) -> tuple[int, ...] | None:

@@ -18,6 +18,7 @@ weights ``exp(sim / 0.07)``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import json
 import math
 import re
@@ -34,6 +35,7 @@ from finetune.errors import ConfigError
 from finetune.run.assemble import assemble
 from finetune.run.runner import seed_everything, _resolved_recipe, _yaml
 from finetune.speedups.feature_cache import _sample, bundle_features, check_split, split_frozen_prefix
+from finetune.models.stand_in import NeedsBackbone, is_stand_in
 from finetune.data.loader import EpochSampler
 from finetune.training.engine import lr_factor, set_lr
 from finetune import config, __version__, files
@@ -41,6 +43,8 @@ from finetune.run.checkpoint import default_run_dir, prepare_run_dir, finite_jso
 from finetune.run import checkpoint as ck
 from finetune.config import from_dict
 from finetune.training import optim as O
+
+log = logging.getLogger("finetune")
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # 8 LRs, half a decade apart
 DEFAULT_WDS = (1e-4, 1e-2)
@@ -139,7 +143,16 @@ def prepare(cfg, *, cache_dir: str | Path | None = None, need_val: bool = False)
                               "add a val folder or pass --val-split 0.2")
 
     seed_everything(cfg.train.seed)
-    parts = assemble(cfg, check_data=check_data, optimizer=False)  # the heads train on their own (sweep)
+    try:  # all features in the store: a stand-in for the backbone (nothing runs it; best.pt needs its tensors)
+        return _prepare(cfg, check_data, cache_dir, stand_in=True)
+    except NeedsBackbone:
+        seed_everything(cfg.train.seed)
+        return _prepare(cfg, check_data, cache_dir, stand_in=False)
+
+
+def _prepare(cfg, check_data, cache_dir, stand_in: bool) -> Prepared:
+    parts = assemble(cfg, check_data=check_data, optimizer=False, stand_in=stand_in,  # the heads: their own sweep
+                     cache_dir=cache_dir)
     cfg, bundle, bb, device, precision = parts.cfg, parts.bundle, parts.bb, parts.device, parts.precision
     plan, channels_last = parts.plan, parts.channels_last
     split = split_frozen_prefix(bb)
@@ -147,12 +160,15 @@ def prepare(cfg, *, cache_dir: str | Path | None = None, need_val: bool = False)
     if split is None or not isinstance(head, nn.Linear) or split.trainable is not head:
         raise ConfigError(f"probe needs a model whose classifier is one Linear layer on the backbone's features; "
                           f"{bb.name}'s head is {', '.join(bb.head)} ({type(head).__name__ if head else 'several'})")
-    if not check_split(split, bb.model, _sample(bundle.train, device)):
+    if not is_stand_in(bb.model) and not check_split(split, bb.model, _sample(bundle.train, device)):
         raise ConfigError(f"probe cannot cut {bb.name} at the input of '{split.where}' (the model does more than "
                           "head(features) after it); use finetune train --recipe linear-probe --cache-features off")
     t0 = time.perf_counter()
     train, val, hit = bundle_features(split, bb, bundle, cfg, device=device, precision=precision,
                                       channels_last=channels_last, cache_dir=cache_dir)
+    if is_stand_in(bb.model):
+        for note in bb.notes:  # what building the backbone said ("loaded ... without the head")
+            log.warning(note)
     return Prepared(cfg, bb, bundle, precision, device, train, val, time.perf_counter() - t0, hit, head,
                     plan, channels_last)
 

@@ -79,6 +79,8 @@ def wants_channels_last(model: nn.Module, setting: bool | None) -> bool:
     """Conv nets run faster in channels_last on modern CPUs and GPUs; transformers don't care."""
     if setting is not None:
         return setting
+    if hasattr(model, "has_conv"):  # a stand-in for a stored backbone (finetune/models/stand_in.py)
+        return bool(model.has_conv)
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
