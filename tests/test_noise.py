@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,15 @@ def test_eval_prints_and_returns_the_interval(tiny_run, cli, monkeypatch):
     line = next(x for x in r.stdout.splitlines() if x.startswith("accuracy "))
     assert line.startswith(f"accuracy {accuracy_text(ev['accuracy'], ev['n'])}   balanced accuracy")
     assert f"(95%, {n_val} images)" in line
+
+
+@pytest.mark.subprocess
+def test_runs_and_compare_with_intervals_import_no_torch(runs):
+    a, b = (runs / name for name, *_ in LONG[:2])
+    code = ("import sys\nfrom finetune.cli.app import app\n"
+            f"for args in (['runs', {str(runs)!r}], ['compare', {str(a)!r}, {str(b)!r}]):\n"
+            "    try:\n        app(args)\n    except SystemExit as e:\n        assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env())
+    assert r.returncode == 0, r.stderr
+    assert "≈ tie" in r.stdout and "86.67% ± 4.3" in r.stdout
