@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from finetune.models.params import inspect_json, module_rows, parameter_rows  # noqa: F401
     from finetune.run.runner import RunResult  # noqa: F401
     from finetune.reporting.runs import compare_runs, list_runs, write_compare_html  # noqa: F401
+    from finetune.training.stats import half_width, pm_text, tied, wilson  # noqa: F401
 
 _MODULES = {"featstore": "finetune.speedups.feature_store"}
 _LAZY = {
@@ -64,6 +65,9 @@ _LAZY = {
     "launch": "finetune.parallel.distributed", "strip_nproc": "finetune.parallel.distributed",
     "list_runs": "finetune.reporting.runs", "compare_runs": "finetune.reporting.runs",
     "write_compare_html": "finetune.reporting.runs",
+    # the noise of an accuracy (torch-free: runs/compare use it): the Wilson interval, "± x", within-noise ties
+    "wilson": "finetune.training.stats", "half_width": "finetune.training.stats", "pm_text": "finetune.training.stats",
+    "tied": "finetune.training.stats",
 }
 
 

@@ -47,12 +47,30 @@ def eval_(
     keys = ("accuracy", "balanced_accuracy", "macro_f1", "top5", "loss", "n", "per_class", "confusion")
     results = res if split == "all" else {split: res}
     if as_json:
-        pick = {s: {k: r[k] for k in keys} for s, r in results.items()}
+        pick = {s: {**{k: r[k] for k in keys}, "accuracy_ci": accuracy_ci(r)} for s, r in results.items()}
         out = pick if split == "all" else pick[split]
         typer.echo(json.dumps(finite_json(out), allow_nan=False))  # NaN -> null: strict JSON
         return
     for name, r in results.items():
         _show(r, name)
+
+
+def accuracy_ci(res: dict) -> list[float] | None:
+    """The accuracy's 95% Wilson interval on the split's images, [low, high] (``--json``'s ``accuracy_ci``)."""
+    from finetune.api import wilson
+
+    ci = wilson(res["accuracy"], res["n"])
+    return None if ci is None else [ci[0], ci[1]]
+
+
+def accuracy_text(acc: float | None, n: int | None) -> str:
+    """``"86.67% ± 4.2 (95%, 240 images)"``: the accuracy and how far the noise of ``n`` images reaches."""
+    from finetune.api import pm_text
+
+    if acc is None:
+        return "-"
+    pm = pm_text(acc, n)
+    return f"{100 * acc:.2f}%" + (f" {pm} (95%, {n} images)" if pm else "")
 
 
 def _show(res: dict, split: str) -> None:
@@ -63,7 +81,7 @@ def _show(res: dict, split: str) -> None:
     top5 = "" if res["top5"] is None else f"   top-5 {100 * res['top5']:.2f}%"
     console.print(f"{term(res['checkpoint'])} (epoch {res['epoch']}) on {term(res['data'])} ({split} split): "
                   f"{res['n']} images\n"
-                  f"accuracy {100 * res['accuracy']:.2f}%{top5}   balanced accuracy "
+                  f"accuracy {accuracy_text(res['accuracy'], res['n'])}{top5}   balanced accuracy "
                   f"{100 * res['balanced_accuracy']:.2f}%   macro-F1 {100 * res['macro_f1']:.2f}%   loss "
                   f"{res['loss']:.4f}", highlight=False)
     names = res["class_names"]

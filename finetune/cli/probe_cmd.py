@@ -11,8 +11,9 @@ from finetune.cli import options as O
 
 HELP = ("Probe pretrained backbones on your data in seconds: a grid of linear heads (LR x weight decay, AdamW, the "
         "linear-probe recipe) trained simultaneously on frozen features computed once (and kept in the feature "
-        "cache), plus k-NN accuracy; prints a table sorted by val accuracy and writes the best head as a normal "
-        "run directory (eval/predict/export it, or fine-tune from it with train --weights RUN/best.pt). "
+        "cache), plus k-NN accuracy; prints a table sorted by val accuracy, each with its 95% interval (heads within "
+        "noise of the top marked ≈), and writes the best head (of those within noise, the lowest val loss) as a "
+        "normal run directory (eval/predict/export it, or fine-tune from it with train --weights RUN/best.pt). "
         "--model a,b,c compares backbones.")
 
 
@@ -78,7 +79,8 @@ def probe(
 def render(results) -> None:
     from rich.table import Table
 
-    from finetune.cli.render import console, term
+    from finetune.cli.render import console, pct_pm, term
+    from finetune.api import tied
 
     def pct(v) -> str:
         return "-" if v is None else f"{100 * v:.2f}%"
@@ -89,18 +91,19 @@ def render(results) -> None:
                         "images, "
                         f"{r.feature_dim}-d features {src} in {r.features_seconds:.1f} s; {len(r.heads)} heads in "
                         f"{r.sweep_seconds:.1f} s", title_justify="left")
-        for col in ("#", "lr", "weight decay", "val acc", "val loss", "train loss"):
-            t.add_column(col, justify="right")
+        for col in ("#", "lr", "weight decay", "val acc (95%)", "", "val loss", "train loss"):
+            t.add_column(col, justify="left" if col == "" else "right")
         order = sorted(range(len(r.heads)), key=lambda h: (-r.heads[h].val_acc, r.heads[h].val_loss))
         for rank, h in enumerate(order, 1):
             x = r.heads[h]
-            mark = " [green](best)[/green]" if h == r.best else ""
-            t.add_row(str(rank), f"{x.lr:g}", f"{x.weight_decay:g}", pct(x.val_acc) + mark, f"{x.val_loss:.4f}",
-                      f"{x.train_loss:.4f}")
+            mark = "[green]≈ best[/green]" if h == r.best else "≈" if x.within_noise else ""
+            t.add_row(str(rank), f"{x.lr:g}", f"{x.weight_decay:g}", pct_pm(x.val_acc, r.val_images), mark,
+                      f"{x.val_loss:.4f}", f"{x.train_loss:.4f}")
         console.print(t)
+        console.print(noise_line(r), highlight=False)
         if r.knn:
-            console.print("k-NN (cosine): " + "   ".join(f"k={k}: {pct(v)}" for k, v in r.knn.items()),
-                          highlight=False)
+            console.print("k-NN (cosine): " + "   ".join(f"k={k}: {pct_pm(v, r.val_images)}"
+                                                         for k, v in r.knn.items()), highlight=False)
         if r.run_dir:
             d, m = term(r.run_dir), term(r.model)
             console.print(f"best head -> {d}/best.pt  (finetune eval {d}/best.pt; fine-tune from "
@@ -108,10 +111,28 @@ def render(results) -> None:
     if len(results) > 1:
         t = Table(title="backbones on this data (best head each)", title_justify="left")
         ks = sorted({k for r in results for k in r.knn})
-        for col in ["model", "val acc", "lr", "weight decay"] + [f"k-NN k={k}" for k in ks] + ["features"]:
-            t.add_column(col, justify="left" if col == "model" else "right")
-        for r in sorted(results, key=lambda r: -r.heads[r.best].val_acc):
+        for col in ["model", "val acc (95%)", "", "lr", "weight decay"] + [f"k-NN k={k}" for k in ks] + ["features"]:
+            t.add_column(col, justify="left" if col in ("model", "") else "right")
+        ranked = sorted(results, key=lambda r: -r.heads[r.best].val_acc)
+        first = ranked[0].heads[ranked[0].best].val_acc
+        for r in ranked:
             b = r.heads[r.best]
-            t.add_row(term(r.model), pct(b.val_acc), f"{b.lr:g}", f"{b.weight_decay:g}",
-                      *[pct(r.knn.get(k)) for k in ks], f"{r.feature_dim}-d")
+            same_n = r.val_images == ranked[0].val_images
+            mark = "top" if r is ranked[0] else "≈" if same_n and tied(b.val_acc, first, r.val_images) else ""
+            t.add_row(term(r.model), pct_pm(b.val_acc, r.val_images), mark, f"{b.lr:g}", f"{b.weight_decay:g}",
+                      *[pct_pm(r.knn.get(k), r.val_images) for k in ks], f"{r.feature_dim}-d")
         console.print(t)
+        console.print("≈: within noise of the top backbone (each inside the other's 95% Wilson interval on "
+                      f"{ranked[0].val_images} val images): a tie, not a ranking", highlight=False)
+
+
+def noise_line(r) -> str:
+    """The lines under a probe table: how big the noise is and how the best head was chosen."""
+    top = r.heads[r.top if r.top is not None else r.best]
+    pm = "" if r.val_acc_pm is None else f", ± {100 * r.val_acc_pm:.1f} points (95%) at the top"
+    ties = sum(h.within_noise for h in r.heads)
+    best = r.heads[r.best]
+    why = ("the lowest val loss of them, and the top accuracy" if r.best == r.top else
+           f"the lowest val loss of them ({best.val_loss:.4f}; the top accuracy's head has {top.val_loss:.4f})")
+    return (f"val: {r.val_images} images{pm}; ≈: within noise of the top ({ties} of {len(r.heads)} heads)\n"
+            f"best: {why}")

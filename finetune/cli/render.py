@@ -23,6 +23,69 @@ def term(value: object) -> str:
     return escape(shown(value))
 
 
+def pct_pm(acc: float | None, n: int | None) -> str:
+    """``"86.67% ± 4.3"``: an accuracy with the half width of its 95% Wilson interval on ``n`` images (percentage
+    points); just the accuracy when ``n`` is unknown, "-" when the accuracy is."""
+    from finetune.api import pm_text
+
+    if acc is None:
+        return "-"
+    pm = pm_text(acc, n)
+    return f"{100 * acc:.2f}%" + (f" {pm}" if pm else "")
+
+
+FOLD_MIN = 12  # a foldable column (a run name) keeps at least this many characters a line
+
+
+def cell_width(cell: str) -> int:
+    """The terminal columns of a cell (rich markup; its longest line)."""
+    from rich.text import Text
+
+    return max((line.cell_len for line in Text.from_markup(cell).split("\n")), default=0)
+
+
+def fitted_table(title: str, cells: dict[str, list[str]], width: int, *, fold: str, right: tuple[str, ...] = (),
+                 stack: tuple[str, str] | None = None, drop: tuple[str, ...] = ()) -> tuple[Table, list[str]]:
+    """A table of ``cells`` (column -> one markup cell per row) that fits ``width`` terminal columns with every
+    cell readable: rich alone squeezes no-wrap columns to nothing in a narrow terminal or a pipe (80 columns),
+    printing blank cells. Every column but ``fold`` shows its cells whole; ``fold`` (a long name) folds across
+    lines, at least :data:`FOLD_MIN` characters wide. While the table is too wide: first the two ``stack``
+    columns share one (two lines a row: "model / recipe"), then the ``drop`` columns go, lowest value first.
+    Returns the table and the columns left out (for a footer line). Below ~50 columns everything may fold."""
+    cols = dict(cells)
+
+    def natural(k: str) -> int:
+        return max([cell_width(k)] + [cell_width(c) for c in cols[k]])
+
+    def fits() -> bool:  # a boxed table: each column's padding and left rule (3), and the right edge (1)
+        need = sum(natural(k) for k in cols if k != fold) + min(natural(fold), FOLD_MIN)
+        return need + 3 * len(cols) + 1 <= width
+
+    steps: list[str | None] = [None] + (["stack"] if stack else []) + list(drop)
+    dropped: list[str] = []
+    for step in steps:
+        if step == "stack":
+            a, b = stack
+            merged = [f"{x}\n[dim]{y}[/dim]" for x, y in zip(cols[a], cols[b])]
+            cols = {(f"{a} / {b}" if k == a else k): (merged if k == a else v) for k, v in cols.items() if k != b}
+        elif step is not None:
+            del cols[step]
+            dropped.append(step)
+        if fits():
+            break
+    squeezed = not fits()  # even the fewest columns are too wide: let everything fold
+    t = Table(title=title, title_justify="left")
+    for k in cols:
+        just = "right" if k in right else "left"
+        if k == fold or squeezed:
+            t.add_column(k, justify=just, overflow="fold", min_width=min(natural(k), FOLD_MIN) if k == fold else None)
+        else:
+            t.add_column(k, justify=just, no_wrap=True, min_width=natural(k))
+    for i in range(len(next(iter(cols.values())))):
+        t.add_row(*[v[i] for v in cols.values()])
+    return t, dropped
+
+
 def _n(x: int) -> str:
     return f"{x:,}"
 

@@ -9,14 +9,22 @@ from typing import Optional
 
 import typer
 
-RUNS_HELP = ("List the runs under DIR (default runs/): model, recipe, best val accuracy, epochs, training time, "
-             "date. Reads config.yaml and metrics.json only (fast).")
-COMPARE_HELP = ("Compare runs: the recipe keys whose values differ, and best val accuracy, epochs and time side by "
-                "side; --html OUT writes the same with the learning curves overlaid.")
+RUNS_HELP = ("List the runs under DIR (default runs/): model, recipe, best val accuracy ± its 95% interval, epochs, "
+             "training time, date. Reads config.yaml and metrics.json only (fast). In a narrow terminal the "
+             "least useful columns are left out (a footer line names them).")
+COMPARE_HELP = ("Compare runs: the recipe keys whose values differ, and best val accuracy (± its 95% interval; "
+                "differences within noise marked as ties), epochs and time side by side; --html OUT writes the same "
+                "with the learning curves overlaid.")
 
 
 def _acc(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _acc_pm(v, n) -> str:
+    from finetune.cli.render import pct_pm
+
+    return pct_pm(v, n)
 
 
 def _loss(v) -> str:
@@ -42,21 +50,26 @@ def runs(
 
         typer.echo(f"no runs under '{shown(folder)}' (finetune train writes them to runs/)", err=True)
         return
-    from rich.table import Table
+    from finetune.cli.render import console, fitted_table, term
 
-    from finetune.cli.render import console, term
-
-    t = Table(title=f"runs under {term(folder)}", title_justify="left")
-    for col, just in (("run", "left"), ("model", "left"), ("recipe", "left"), ("best val acc", "right"),
-                      ("epochs", "right"), ("train time", "right"), ("date", "left"), ("report", "left")):
-        t.add_column(col, justify=just, overflow="fold", no_wrap=col in ("run", "best val acc", "epochs", "date"))
-    for r in rows:
-        t.add_row(term(Path(r["path"]).relative_to(folder) if r["path"] != str(folder) else r["name"]),
-                  term(r["model"]), term(r["recipe"]),
-                  _acc(r["best_val_acc"]) + (f" @{r['best_epoch']}" if r["best_val_acc"] is not None else ""),
-                  term(f"{r['epochs']}/{r['epochs_planned']}"), _secs(r["train_seconds"]), r["date"],
-                  "yes" if r["report"] else "")
+    cells = {"run": [term(Path(r["path"]).relative_to(folder) if r["path"] != str(folder) else r["name"])
+                     for r in rows],
+             "model": [term(r["model"]) for r in rows], "recipe": [term(r["recipe"]) or "-" for r in rows],
+             "best val acc": [_acc_pm(r["best_val_acc"], r.get("val_images"))
+                              + (f" @{r['best_epoch']}" if r["best_val_acc"] is not None else "") for r in rows],
+             "epochs": [term(f"{r['epochs']}/{r['epochs_planned']}") for r in rows],
+             "train time": [_secs(r["train_seconds"]) for r in rows], "date": [r["date"] for r in rows],
+             "report": ["yes" if r["report"] else "-" for r in rows]}
+    t, dropped = fitted_table(f"runs under {term(folder)}", cells, console.width, fold="run",
+                              right=("best val acc", "epochs", "train time"), stack=("model", "recipe"),
+                              drop=("report", "date", "train time", "epochs"))
     console.print(t)
+    if any(r.get("val_images") for r in rows):
+        console.print("best val acc: ± the 95% interval (Wilson) on the run's val images; @N: its epoch",
+                      highlight=False)
+    if dropped:
+        console.print(f"columns left out to fit {console.width}: {', '.join(dropped)}; --json has them",
+                      highlight=False)
 
 
 def compare(
@@ -86,14 +99,36 @@ def compare(
     m.add_column("")
     for n in names:
         m.add_column(term(n), justify="right", overflow="fold")
+    top, index = res.get("top"), {id(r): i for i, r in enumerate(res["runs"])}
+    top_acc = None if top is None else res["runs"][top]["best_val_acc"]
+
+    def versus(i: int, r: dict) -> str:  # the difference from the top run, or that it is within noise
+        if top is None or r["best_val_acc"] is None:
+            return "-"
+        if i == top:
+            return "top"
+        diff = f"{100 * (r['best_val_acc'] - top_acc):+.2f}"
+        return {True: f"≈ tie ({diff}, within noise)", False: f"{diff} points"}.get(r["tie_with_top"],
+                                                                                  f"{diff} (noise unknown)")
+
     for label, fn in (("model", lambda r: term(r["model"])), ("recipe", lambda r: term(r["recipe"])),
-                      ("best val acc", lambda r: _acc(r["best_val_acc"])),
+                      ("best val acc (95%)", lambda r: _acc_pm(r["best_val_acc"], r.get("val_images"))),
+                      ("val images", lambda r: "-" if not r.get("val_images") else str(r["val_images"])),
+                      ("vs the top", lambda r: versus(index[id(r)], r)),
                       ("best epoch", lambda r: str(r["best_epoch"])),
                       ("epochs", lambda r: term(f"{r['epochs']}/{r['epochs_planned']}")),
                       ("final train loss", lambda r: _loss((r["history"] or [{}])[-1].get("train_loss"))),
                       ("train time", lambda r: _secs(r["train_seconds"])), ("date", lambda r: r["date"])):
         m.add_row(label, *[fn(r) for r in res["runs"]])
     console.print(m)
+    if len(res["runs"]) > 1 and top is not None:
+        console.print("≈: within noise of the top run (95% Wilson intervals on the val images): the difference is "
+                      "no evidence either way", highlight=False)
+        counts = {r.get("val_images") for r in res["runs"]}
+        if len(counts) > 1:
+            console.print("the runs' val sets differ (" + ", ".join("?" if n is None else str(n) for n in
+                                                                  (r.get("val_images") for r in res["runs"]))
+                          + " images): their accuracies measure different things", highlight=False)
     d = Table(title="configuration differences", title_justify="left")
     d.add_column("key")
     for n in names:

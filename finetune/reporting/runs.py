@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 from finetune.errors import ConfigError, shown
 from finetune.reporting.html import CSS, MARK, check_out, esc, mpl_text, png, pyplot, table
+from finetune.training.stats import half_width, pm_text, tied, wilson
 
 MARKER = ".finetune-run"  # finetune.run.checkpoint.MARKER (that module imports torch)
 log = logging.getLogger("finetune")
@@ -34,8 +36,9 @@ def is_run(path: Path) -> bool:
 
 
 def read_run(path: str | Path) -> dict[str, Any]:
-    """One run as a row: name, path, model, recipe, best val acc/epoch, epochs done / planned, wall time, date,
-    the flattened resolved recipe (``config``) and the per-epoch metrics."""
+    """One run as a row: name, path, model, recipe, best val acc/epoch, the val images it was measured on and its
+    95% Wilson interval (``best_val_acc_ci``: [low, high], None when the run did not record its val count), epochs
+    done / planned, wall time, date, the flattened resolved recipe (``config``) and the per-epoch metrics."""
     import yaml
 
     path = Path(path)
@@ -65,8 +68,12 @@ def read_run(path: str | Path) -> dict[str, Any]:
     started = marker.stat().st_mtime if marker.is_file() else (path / "config.yaml").stat().st_mtime
     ended = metrics_file.stat().st_mtime if metrics_file.is_file() else None
     model, name = (cfg.get("model") or {}).get("name"), cfg.get("name")
+    n_val = metrics.get("val_images")
+    n_val = n_val if isinstance(n_val, int) and not isinstance(n_val, bool) and n_val > 0 else None
+    ci = wilson(best.get("val_acc"), n_val)
     return {"name": path.name, "path": str(path), "model": None if model is None else str(model),
             "recipe": "" if name is None else str(name), "best_val_acc": best.get("val_acc"),
+            "val_images": n_val, "best_val_acc_ci": None if ci is None else [ci[0], ci[1]],
             "best_epoch": best.get("epoch"), "epochs": len(epochs),
             "epochs_planned": (cfg.get("train") or {}).get("epochs"),
             "wall_seconds": (ended - started) if ended else None,
@@ -165,9 +172,25 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def within_noise(a: dict, b: dict) -> bool | None:
+    """Whether runs ``a`` and ``b`` (rows of :func:`read_run`) reached best val accuracies within noise of each
+    other. On the same number of val images: :func:`finetune.training.stats.tied` (each inside the other's 95%
+    Wilson interval). On different counts (different val sets, so independent measurements): the difference is
+    at most the two half widths combined, sqrt(ha² + hb²). None when either run lacks an accuracy or its count."""
+    na, nb = a.get("val_images"), b.get("val_images")
+    ha, hb = half_width(a["best_val_acc"], na), half_width(b["best_val_acc"], nb)
+    if ha is None or hb is None:
+        return None
+    if na == nb:
+        return tied(a["best_val_acc"], b["best_val_acc"], na)
+    return abs(a["best_val_acc"] - b["best_val_acc"]) <= math.hypot(ha, hb)
+
+
 def compare_runs(paths: list[str | Path]) -> dict[str, Any]:
     """``runs`` (rows as :func:`read_run`) and ``differences``: every recipe key whose value is not the same in
-    all runs (``name``/``description`` included), as ``{key: [value per run]}`` in key order."""
+    all runs (``name``/``description`` included), as ``{key: [value per run]}`` in key order. ``top``: the index of
+    the run with the highest best val accuracy (None if none has one); each run's ``tie_with_top``: whether its
+    accuracy is within noise of the top one's (:func:`within_noise`; None when unknown, True for the top run)."""
     if len(paths) < 2:
         raise ConfigError("finetune compare takes at least two run directories (see finetune runs)")
     runs = _readable(paths)
@@ -179,7 +202,11 @@ def compare_runs(paths: list[str | Path]) -> dict[str, Any]:
     diff = {k: [r["config"].get(k, missing) for r in runs] for k in keys}
     diff = {k: [None if v is missing else v for v in vs] for k, vs in diff.items()
             if any(v != vs[0] for v in vs[1:])}
-    return {"runs": runs, "differences": diff}
+    scored = [i for i, r in enumerate(runs) if r["best_val_acc"] is not None]
+    top = max(scored, key=lambda i: runs[i]["best_val_acc"]) if scored else None
+    for i, r in enumerate(runs):
+        r["tie_with_top"] = None if top is None else True if i == top else within_noise(r, runs[top])
+    return {"runs": runs, "differences": diff, "top": top}
 
 
 def compare_figure(runs: list[dict]):
@@ -211,10 +238,10 @@ def write_compare_html(result: dict[str, Any], out: str | Path) -> Path:
     out = check_out(out)
     runs = result["runs"]
     fig = png(compare_figure(runs))
-    metrics = table(["run", "model", "recipe", "best val acc", "best epoch", "epochs", "train s", "date"],
-                     [[r["name"], r["model"], r["recipe"], _acc(r["best_val_acc"]), r["best_epoch"],
+    metrics = table(["run", "model", "recipe", "best val acc (95%)", "best epoch", "epochs", "train s", "date"],
+                     [[r["name"], r["model"], r["recipe"], _acc_pm(r, i == result.get("top")), r["best_epoch"],
                        f"{r['epochs']}/{r['epochs_planned']}", f"{r['train_seconds']:.1f}", r["date"]]
-                      for r in runs])
+                      for i, r in enumerate(runs)])
     diff = table(["key", *[r["name"] for r in runs]],
                   [[k, *[_short(v) for v in vs]] for k, vs in result["differences"].items()])
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{MARK}<title>finetune compare: "
@@ -231,6 +258,13 @@ def write_compare_html(result: dict[str, Any], out: str | Path) -> Path:
 
 def _acc(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _acc_pm(r: dict, top: bool) -> str:
+    """A run's best val accuracy with its interval, and "top" or "≈ top" (within noise of it)."""
+    pm = pm_text(r["best_val_acc"], r.get("val_images"))
+    tie = " (top)" if top else " (≈ top: within noise)" if r.get("tie_with_top") else ""
+    return _acc(r["best_val_acc"]) + (f" {pm}" if pm else "") + tie
 
 
 def _short(v: Any) -> str:

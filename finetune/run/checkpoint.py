@@ -324,11 +324,14 @@ def finite_json(obj: Any) -> Any:
 
 
 def metrics_text(best: dict, history: list[dict], *, best_ema: dict | None = None,
-                 top_k: list[dict] | None = None, test: dict | None = None) -> str:
-    """``metrics.json``: the best epoch, every epoch's row, and (when used) the EMA's best and the top-k list.
+                 top_k: list[dict] | None = None, test: dict | None = None, val_images: int | None = None) -> str:
+    """``metrics.json``: the best epoch, every epoch's row, and (when used) the EMA's best and the top-k list;
+    ``val_images``: how many images the val accuracies are measured on (``runs``/``compare`` show their noise).
     Non-finite numbers are written as null (JSON has no NaN)."""
     rows = [{k: v for k, v in r.items() if k != "best"} for r in history]
     doc: dict[str, Any] = {"best": best}
+    if val_images:
+        doc["val_images"] = int(val_images)
     if best_ema is not None:
         doc["best_ema"] = best_ema
     if top_k:
@@ -378,12 +381,21 @@ def repair_run(run_dir: str | Path) -> list[str]:
     except OSError:
         old = None
     text = metrics_text(best, list(last.get("metrics") or []), best_ema=last.get("best_ema"),
-                        top_k=last.get("top_k"), test=_kept_test(old, best))
+                        top_k=last.get("top_k"), test=_kept_test(old, best), val_images=_kept_val_images(old))
     same = old == text
     if not same and last.get("metrics"):
         files.atomic_write_text(mp, text)
         fixed.append("metrics.json")
     return fixed
+
+
+def _kept_val_images(text: str | None) -> int | None:
+    """metrics.json's ``val_images`` (the val set does not change within a run), or None."""
+    try:
+        n = json.loads(text).get("val_images") if text else None
+    except (ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def _kept_test(text: str | None, best: dict) -> dict | None:

@@ -228,7 +228,7 @@ class RunState(Parts):
 
     def metrics_text(self) -> str:
         return ck.metrics_text(self.best, self.history, best_ema=self.best_ema if self.ema is not None else None,
-                               top_k=self.top_k or None)
+                               top_k=self.top_k or None, val_images=len(self.bundle.val) if self.bundle.val else None)
 
     def summary(self) -> dict[str, Any]:
         """The start-up lines (``Reporter.start``)."""

@@ -7,8 +7,9 @@ heads *simultaneously*: the heads are one ``[H, C, D]`` tensor, each step is one
 (DINOv2's linear evaluation), and AdamW is applied per head with that head's LR and decay. Every head sees the same
 batches in the same order as ``finetune train --recipe linear-probe`` would (``EpochSampler`` with the run's seed),
 with the same schedule per update and no decay on the bias, so head ``h`` of the sweep is the head that ``train``
-with ``--lr lrs[h] --weight-decay wds[h]`` trains (equal up to float rounding; tested). The best head by final val
-accuracy is written as a normal run directory (``best.pt``/``last.pt`` with the full model, class names, the
+with ``--lr lrs[h] --weight-decay wds[h]`` trains (equal up to float rounding; tested). The best head
+(:func:`choose_best`: among the heads whose final val accuracy is within noise of the top one, the lowest val loss)
+is written as a normal run directory (``best.pt``/``last.pt`` with the full model, class names, the
 resolved recipe and the AdamW state, ``config.yaml``, ``metrics.json``, ``probe.json``).
 
 k-NN (DINOv2's ``knn.py``): cosine similarity between L2-normalised val and train features, the k nearest vote with
@@ -43,6 +44,7 @@ from finetune.run.checkpoint import default_run_dir, prepare_run_dir, finite_jso
 from finetune.run import checkpoint as ck
 from finetune.config import from_dict
 from finetune.training import optim as O
+from finetune.training import stats
 
 log = logging.getLogger("finetune")
 
@@ -60,6 +62,8 @@ class HeadResult:
     val_loss: float | None
     train_loss: float
     val_accs: list[float] = field(default_factory=list)  # per epoch
+    val_acc_ci: list[float] | None = None  # the Wilson 95% interval of val_acc on the val images, [low, high]
+    within_noise: bool = False  # val_acc is within noise of the top head's (stats.tied): a candidate for best
 
 
 @dataclass
@@ -68,7 +72,7 @@ class ProbeResult:
     weights: str
     heads: list[HeadResult]
     knn: dict[int, float]
-    best: int  # index into heads
+    best: int  # index into heads: the lowest val loss among the heads within noise of the top accuracy
     classes: list[str]
     feature_dim: int
     train_images: int
@@ -78,6 +82,8 @@ class ProbeResult:
     knn_seconds: float
     from_store: bool
     run_dir: Path | None = None
+    top: int | None = None  # index of the head with the highest val accuracy (it may differ from best)
+    val_acc_pm: float | None = None  # the noise: half the Wilson 95% interval of the top accuracy (a fraction)
 
     def to_dict(self) -> dict[str, Any]:
         """As JSON data (``probe --json``, ``probe.json``): a non-finite number (a diverging head's NaN loss) is
@@ -334,6 +340,40 @@ def knn_accuracy(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tens
     return {k: correct[k] / max(len(yva), 1) for k in ks}
 
 
+# ----------------------------------------------------------------------------------------------- the best head
+
+
+def choose_best(heads: list[HeadResult], n: int) -> int:
+    """The head to keep, by val on ``n`` images: of the heads whose accuracy is within noise of the top accuracy
+    (:func:`finetune.training.stats.tied`: each inside the other's 95% Wilson interval), the one with the lowest
+    val loss (the best calibrated; a diverging head's NaN loss counts as infinite), then the higher accuracy, then
+    the first. A head one image ahead but with a val loss of 7 no longer wins. Also fills each head's
+    ``val_acc_ci`` and ``within_noise``."""
+    accs = [h.val_acc for h in heads if h.val_acc is not None and math.isfinite(h.val_acc)]
+    top = max(accs) if accs else None
+    for h in heads:
+        ci = stats.wilson(h.val_acc, n)
+        h.val_acc_ci = None if ci is None else [ci[0], ci[1]]
+        h.within_noise = top is not None and h.val_acc is not None and (h.val_acc == top or
+                                                                           stats.tied(h.val_acc, top, n))
+
+    def loss(h: HeadResult) -> float:
+        return h.val_loss if h.val_loss is not None and math.isfinite(h.val_loss) else math.inf
+
+    pool = [i for i, h in enumerate(heads) if h.within_noise] or list(range(len(heads)))
+    return min(pool, key=lambda i: (loss(heads[i]), -(heads[i].val_acc or 0.0), i))
+
+
+def top_head(heads: list[HeadResult]) -> int:
+    """The head with the highest val accuracy (ties: lower val loss, then the first)."""
+    def key(i: int):
+        h = heads[i]
+        loss = h.val_loss if h.val_loss is not None and math.isfinite(h.val_loss) else math.inf
+        return (-(h.val_acc if h.val_acc is not None else -1.0), loss, i)
+
+    return min(range(len(heads)), key=key)
+
+
 # ----------------------------------------------------------------------------------------------- the command
 
 
@@ -400,10 +440,12 @@ def _probe_one(name, weights, data, lrs, wds, grid, knn, target, overwrite, cach
     t0 = time.perf_counter()
     kn = knn_accuracy(prep.train, prep.val, C, list(DEFAULT_KNN if knn is None else knn))
     t_knn = time.perf_counter() - t0
-    best = max(range(len(heads)), key=lambda h: (heads[h].val_acc, -heads[h].val_loss))
+    n_val = len(prep.val[1])
+    best, top = choose_best(heads, n_val), top_head(heads)
     res = ProbeResult(prep.bb.name, prep.bb.weights, heads, kn, best, list(prep.bundle.class_names),
-                      int(prep.train[0][0].numel()), len(prep.train[1]), len(prep.val[1]), prep.seconds,
-                      t_sweep, t_knn, prep.from_store)
+                      int(prep.train[0][0].numel()), len(prep.train[1]), n_val, prep.seconds,
+                      t_sweep, t_knn, prep.from_store, top=top,
+                      val_acc_pm=stats.half_width(heads[top].val_acc, n_val))
     if write:
         res.run_dir = write_run(prep, st, best, res, target, overwrite=overwrite)
     return res
@@ -469,7 +511,7 @@ def _write_run(prep: Prepared, st: SweepState, h: int, res: ProbeResult, run_dir
                                                                         "weight_decay": head_res.weight_decay}}
     ck.save_checkpoint(ckpt, run_dir / "last.pt")
     ck.save_checkpoint(ck.slim(ckpt), run_dir / "best.pt")
-    files.atomic_write_text(run_dir / "metrics.json", ck.metrics_text(best, history))
+    files.atomic_write_text(run_dir / "metrics.json", ck.metrics_text(best, history, val_images=res.val_images))
     files.atomic_write_text(run_dir / "probe.json", json.dumps({**res.to_dict(), "run_dir": str(run_dir)}, indent=1,
                                                                allow_nan=False))
     return run_dir
