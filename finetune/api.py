@@ -229,13 +229,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def _evaluate_all(checkpoint, data, **kw) -> dict[str, dict[str, Any]]:
+    preflight.checkpoint_file(checkpoint)  # before torch is imported
+    if data is not None:
+        preflight.check_data(data)
     from finetune.run.checkpoint import load_checkpoint
     from finetune.data import provenance
     from finetune.run.holdout import splits
 
-    preflight.checkpoint_file(checkpoint)
-    if data is not None:
-        preflight.check_data(data)
     info = load_checkpoint(checkpoint).get("data") or {}
     own = data is None or data == info.get("path") or provenance.absolute(data) == info.get("root")
     path = data if data is not None else info.get("root") or info.get("path", "sample")
