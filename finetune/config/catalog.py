@@ -18,6 +18,7 @@ Also here: how a name resolves over a set of sources (:func:`resolve_in`, :func:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 import sys
@@ -33,8 +34,10 @@ _MEMO: dict[str, dict[str, dict[str, list[str]]]] = {}  # cache file name -> lis
 
 # ----------------------------------------------------------------------------------------------- the name cache
 
+@functools.lru_cache(maxsize=1)
 def versions() -> dict[str, str | None]:
-    """The installed timm and torchvision versions, from package metadata (None: not installed)."""
+    """The installed timm and torchvision versions, from package metadata (None: not installed); read once per
+    process (each read parses the package's METADATA file)."""
     from importlib import metadata  # ~30 ms: only when a name is looked up, not for --help
 
     out: dict[str, str | None] = {}
@@ -62,7 +65,7 @@ def cache_file() -> Path | None:
     root = cache_root()
     if root is None:
         return None
-    v = versions()
+    v = dict(versions())
     return root / "models" / f"names-timm{v['timm'] or 'none'}-tv{v['torchvision'] or 'none'}.json"
 
 

@@ -105,16 +105,16 @@ def weights_spec(w: str, arch: str) -> WeightsSpec:
     except (ValueError, KeyError):
         raise WeightsError(f"torchvision has no pretrained weights for '{arch}'; pass --weights none or a file") \
             from None
-    names = [e.name for e in enum]
+    members = [e.name for e in enum]
     member = w.split(".", 1)[1] if w.startswith(enum.__name__ + ".") else w
     if member.lower() in ("default", "pretrained"):
         member = "DEFAULT"
     if member == "DEFAULT":
         e = enum.DEFAULT
-    elif member in names:
+    elif member in members:
         e = enum[member]
     else:
-        valid = ", ".join(["DEFAULT", *names])
+        valid = ", ".join(["DEFAULT", *members])
         raise WeightsError(f"unknown weights '{w}' for {arch}; valid: {valid}, none, or a file path")
     return WeightsSpec("torchvision", f"{enum.__name__}.{e.name}", enum=e)
 
