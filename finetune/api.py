@@ -22,6 +22,7 @@ from finetune.run.checkpoint import EXPORT_SUFFIX, export_weights, finite_json  
 from finetune.tools.export import FORMATS as EXPORT_FORMATS, export as export_model  # noqa: F401 - likewise
 from finetune.config import (Recipe, apply_overrides, describe, load_recipe, recipe_flags, recipe_names,  # noqa: F401
                              recipe_path, recipes_dir)
+from finetune.config import catalog, preflight  # noqa: F401 - torch-free: names and the checks before a run
 from finetune.errors import (CheckpointError, ConfigError, DataError, FinetuneError, FreezeError,  # noqa: F401
                              shown)
 from finetune.run.lr_find import FILES as LR_FIND_FILES, lr_find  # noqa: F401 - torch only inside the functions
@@ -38,8 +39,8 @@ if TYPE_CHECKING:
     from finetune.data import resolve_data_path  # noqa: F401
     from finetune.speedups import feature_store as featstore  # noqa: F401
     from finetune.training.freeze import apply_freeze, from_recipe, model_stages  # noqa: F401
-    from finetune.tools.probe import parse_floats, parse_ints, probe  # noqa: F401
-    from finetune.models import Backbone, build_model, build_model_shapes, data_config, list_models  # noqa: F401
+    from finetune.tools.probe import ProbeResult, parse_floats, parse_ints  # noqa: F401
+    from finetune.models import Backbone, build_model, build_model_shapes, data_config  # noqa: F401
     from finetune.models.params import inspect_json, module_rows, parameter_rows  # noqa: F401
     from finetune.run.runner import RunResult  # noqa: F401
     from finetune.reporting.runs import compare_runs, list_runs, write_compare_html  # noqa: F401
@@ -49,11 +50,11 @@ _MODULES = {"featstore": "finetune.speedups.feature_store"}
 _LAZY = {
     "RunResult": "finetune.run.runner",
     "build_model": "finetune.models", "build_model_shapes": "finetune.models", "data_config": "finetune.models",
-    "list_models": "finetune.models", "Backbone": "finetune.models",
+    "Backbone": "finetune.models",
     "apply_freeze": "finetune.training.freeze", "from_recipe": "finetune.training.freeze",
     "model_stages": "finetune.training.freeze",
     "resolve_data_path": "finetune.data",
-    "probe": "finetune.tools.probe", "parse_floats": "finetune.tools.probe", "parse_ints": "finetune.tools.probe",
+    "parse_floats": "finetune.tools.probe", "parse_ints": "finetune.tools.probe",
     "featstore": None,
     "inspect_json": "finetune.models.params", "module_rows": "finetune.models.params",
     "parameter_rows": "finetune.models.params",
@@ -91,6 +92,8 @@ def train(recipe: Recipe | None = None, *, out: str | Path | None = None, overwr
     (:class:`Callback`: run, epoch and batch hooks, see :mod:`finetune.training.events`) listen after it,
     TensorBoard and the report's writer. Returns the best epoch, its accuracy and the run directory
     (:class:`finetune.run.runner.RunResult`)."""
+    if resume is None and recipe is not None:
+        preflight.check_recipe(recipe)  # a missing path or unknown model: the error before torch is imported
     from finetune.reporting import report
     from finetune.run import runner
 
@@ -109,8 +112,30 @@ def data_class_count(path: str, labels: str | None = None) -> int:
     return len({c for _, c in find(root, labels).train})
 
 
+def list_models(pattern: str | None = None, pretrained_only: bool = False) -> list[dict[str, Any]]:
+    """Rows ``{"source", "name", "weights": [...]}`` for every model whose name matches ``pattern`` (a glob,
+    ``resnet*``, ``timm:vit_*``, or a substring; without a prefix it matches every source). Answered from the cached
+    name list without importing torch while only the built-in sources are registered
+    (:mod:`finetune.config.catalog`)."""
+    return catalog.list_models(pattern, pretrained_only)
+
+
+def probe(models: list[str], *, weights: str = "default", data: str = "sample", **kw: Any) -> list[ProbeResult]:
+    """Probe each of ``models`` on ``data``: a grid of linear heads on frozen features, plus k-NN
+    (:func:`finetune.tools.probe.probe`, which takes the other keywords). Every model name, the data and a weights
+    file are checked first, before torch is imported."""
+    preflight.check_run(list(models), weights, data)
+    from finetune.tools.probe import probe as run_probe
+
+    return run_probe(list(models), weights=weights, data=data, **kw)
+
+
 def shutdown_distributed() -> None:
     """Leave the torchrun process group if this process joined one (a no-op otherwise)."""
+    import sys
+
+    if "finetune.parallel.distributed" not in sys.modules:  # never loaded: no group joined (and no torch to import)
+        return
     from finetune.parallel import distributed
 
     distributed.shutdown(distributed.from_env())
@@ -118,6 +143,7 @@ def shutdown_distributed() -> None:
 
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model from a finetune checkpoint alone (no recipe needed); returns (model in eval mode, ckpt)."""
+    preflight.checkpoint_file(checkpoint)
     from finetune.run.restore import restore_model
     from finetune.training.engine import resolve_device
 
@@ -140,10 +166,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
     that training recorded for that epoch. ``split="all"``: a mapping split -> that result for every split the data
     has (train, val, test). ``report``: also write that HTML file (confusion heat map, per-class
     precision/recall/F1, the most confidently wrong images)."""
-    from finetune import data as D
-    from finetune.run.restore import eval_precision
-    from finetune.training.engine import evaluate, resolve_device
-
     if split == "all":  # every split the data has, each on its own: {"train": {...}, "val": {...}, "test": {...}}
         if report is not None:
             raise ConfigError("--report describes one split; pass --split val, train or test with it")
@@ -153,6 +175,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
         from finetune.reporting.html import check_out
 
         check_out(report)
+    preflight.checkpoint_file(checkpoint)  # the errors the evaluation would meet first, before torch is imported
+    if data is not None:
+        preflight.check_data(data)
+    from finetune import data as D
+    from finetune.run.restore import eval_precision
+    from finetune.training.engine import evaluate, resolve_device
+
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, device=str(dev))
     from finetune.data import provenance
@@ -204,6 +233,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def _evaluate_all(checkpoint, data, **kw) -> dict[str, dict[str, Any]]:
+    preflight.checkpoint_file(checkpoint)  # before torch is imported
+    if data is not None:
+        preflight.check_data(data)
     from finetune.run.checkpoint import load_checkpoint
     from finetune.data import provenance
     from finetune.run.holdout import splits
@@ -234,13 +266,14 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
     """
     import logging
 
+    items, single_file = _predict_inputs(paths)
+    preflight.checkpoint_file(checkpoint)  # before torch is imported
     import torch
 
     from finetune import data as D
     from finetune.run.restore import eval_precision
     from finetune.training.engine import autocast, resolve_device
 
-    items, single_file = _predict_inputs(paths)
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, device=str(dev))
     class_names = list(ckpt["class_names"])

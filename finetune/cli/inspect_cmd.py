@@ -34,13 +34,17 @@ def inspect(
     bn: Optional[str] = O.BN,
     trust_checkpoint: bool = O.TRUST,
 ) -> None:
-    from finetune.api import module_rows
-
     overrides = O.freeze_overrides(freeze_names, freeze_first, freeze_layers, freeze_backbone, unfreeze, bn, stages)
     rec = _recipe(recipe, overrides)
     head_note = None
     if rec is not None and recipe:
         model = model or rec.model.name
+    if model:  # an unknown name or a missing weights file: the error before torch is imported
+        from finetune.api import preflight
+
+        preflight.check_model(model)
+        preflight.weights_file(weights)
+    if rec is not None and recipe:
         num_classes = num_classes if num_classes is not None else rec.model.num_classes
         if num_classes is None:
             num_classes, head_note = _data_classes(rec)
@@ -63,6 +67,8 @@ def inspect(
     doc = _doc(bb, plan, rec)
     if as_json:
         if modules:
+            from finetune.api import module_rows
+
             doc["modules"] = module_rows(bb.model, depth)
         typer.echo(json.dumps(doc))
         return

@@ -43,13 +43,16 @@ def probe(
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."),
 ) -> None:
-    from finetune.api import ConfigError, parse_floats, parse_ints
+    from finetune.api import ConfigError, preflight
 
     models = [m.strip() for m in model.split(",") if m.strip()]
     if not models:
         raise ConfigError("--model is empty; name one or more backbones: --model resnet18,timm:convnext_tiny")
     if len(set(models)) != len(models):
         raise ConfigError(f"--model names a backbone twice: {model}")
+    preflight.check_run(models, weights, data)  # names, data, weights file: before torch is imported
+    from finetune.api import parse_floats, parse_ints
+
     lr_list, wd_list = parse_floats(lrs, "lrs", ()), parse_floats(wds, "wds", ())
     ks = parse_ints(knn, ())
     for flag, v in (("--epochs", epochs), ("--batch-size", batch_size)):

@@ -15,7 +15,6 @@ at most ``READ_CHUNK`` files in flight.
 from __future__ import annotations
 
 import logging
-import re
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,9 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from finetune.config import SAMPLE_DIR, DataCfg
+from finetune.config import DataCfg
+# the torch-free path rules (also what the pre-run check uses): re-exported here
+from finetune.config.preflight import CIFAR, check_root, resolve_data_path  # noqa: F401
 from finetune.data import cifar, shards, sources
 from finetune.data.datasets import ImageDataset, TensorImageDataset, decode
 from finetune.data.images import IMG_EXTENSIONS, image_size
@@ -36,7 +37,7 @@ from finetune.data.diskcache import free_bytes
 
 log = logging.getLogger("finetune")
 
-_CIFAR = re.compile(r"^(cifar10|cifar100):(.+)$")
+_CIFAR = CIFAR
 READ_CHUNK = 256
 STRICT_HINT = "(--strict; remove the file, or drop --strict to skip it)"
 
@@ -54,28 +55,6 @@ class DataBundle:
     cached: bool = False  # the decoded-image cache holds the images
     cache_kind: str = "off"  # ram | disk | off
     unlabeled: list[str] = field(default_factory=list)  # images no --labels rule named (left out)
-
-
-def resolve_data_path(path: str) -> str | Path:
-    """``sample`` -> the bundled sample data (package data); ``cifar10:ROOT`` / ``cifar100:ROOT`` stay specs;
-    else a Path."""
-    path = str(path).strip()
-    if path == "sample":
-        return SAMPLE_DIR
-    if _CIFAR.match(path):
-        return path
-    if path in ("cifar10", "cifar100"):
-        raise DataError(f"--data {path} needs a folder: --data {path}:ROOT (ROOT holds or will hold "
-                        f"{cifar.LAYOUT[path]['folder']}/)")
-    return Path(path).expanduser()
-
-
-def check_root(root: Path, given: str) -> Path:
-    if not root.exists():
-        raise DataError(f"data path '{given}' does not exist; pass a folder of images, 'sample', or cifar10:ROOT")
-    if not root.is_dir():
-        raise DataError(f"data path '{given}' is a file, not a folder; pass the folder that holds the images")
-    return root
 
 
 # ------------------------------------------------------------------------------------------------- reading

@@ -40,44 +40,13 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from finetune.data.datasets import ImageDataset, to_precrop
 from finetune.data.images import is_image_file, load_image_bytes
+from finetune.config.preflight import expand, is_shard_spec, shard_paths  # noqa: F401 - torch-free, re-exported
 from finetune.errors import DataError
 from finetune.errors import ConfigError
 from finetune.data.images import walk_images
 
 log = logging.getLogger("finetune")
 SHUFFLE_BUFFER = 1000  # encoded samples per worker (WebDataset's usual size): ~100 MB of JPEGs at 256 px
-_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
-_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
-
-
-def is_shard_spec(path: str) -> bool:
-    return str(path).strip().endswith(".tar")
-
-
-def expand(pattern: str) -> list[str]:
-    """Brace expansion: ``a-{000..002}.tar`` -> a-000.tar, a-001.tar, a-002.tar (zero padding kept); ``{x,y}``."""
-    found = [m for m in (_RANGE.search(pattern), _LIST.search(pattern)) if m is not None]
-    if not found:
-        return [pattern]
-    m = min(found, key=lambda x: x.start())  # leftmost first, as the shell does
-    if m.re is _RANGE:
-        lo, hi = m.group(1), m.group(2)
-        width = len(lo) if lo.startswith("0") and len(lo) > 1 else 0
-        parts = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        parts = m.group(1).split(",")
-    return [x for part in parts for x in expand(pattern[:m.start()] + part + pattern[m.end():])]
-
-
-def shard_paths(pattern: str) -> list[Path]:
-    paths = [Path(p).expanduser() for p in expand(str(pattern).strip())]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise DataError(f"shard '{missing[0]}' does not exist ({len(missing)} of the {len(paths)} shards of "
-                        f"'{pattern}' are missing); check the pattern (brace ranges like train-{{000..099}}.tar)")
-    return paths
-
-
 # ------------------------------------------------------------------------------------------------- scanning
 
 @dataclass

@@ -9,10 +9,10 @@ name (``resnet18``, ``vgg16``; ``torchvision:resnet18`` also works), any timm mo
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from typing import Any
 
+from finetune.config.catalog import list_in
 from finetune.models import weights as W
 from finetune.errors import ModelError
 from finetune.models.backbone import Backbone, init_new_head, is_under
@@ -105,23 +105,8 @@ def list_models(pattern: str | None = None, pretrained_only: bool = False) -> li
     """Rows ``{"source", "name", "weights": [...]}`` for every model whose name matches ``pattern``.
 
     ``pattern`` is a glob (``resnet*``, ``timm:vit_*``) or, without glob characters, a substring; a pattern
-    without a ``timm:``/``torchvision:`` prefix matches models of every source.
+    without a ``timm:``/``torchvision:`` prefix matches models of every source. (``finetune.api.list_models``
+    answers the same without importing torch while only the built-in sources exist:
+    :func:`finetune.config.catalog.list_models`.)
     """
-    prefixes = tuple(f"{p}:" for p in registered_sources())
-
-    def match(name: str) -> bool:
-        if not pattern:
-            return True
-        if any(c in pattern for c in "*?["):
-            return fnmatch.fnmatch(name, pattern)
-        return pattern in name
-
-    rows: list[dict[str, Any]] = []
-    for prefix, src in registered_sources().items():
-        for arch, weights in src.list().items():
-            bare = src.bare is not None and src.bare(arch)
-            if match(f"{prefix}:{arch}") or ((bare or not (pattern or "").startswith(prefixes)) and match(arch)):
-                rows.append({"source": prefix, "name": arch if bare else f"{prefix}:{arch}", "weights": weights})
-    if pretrained_only:
-        rows = [r for r in rows if r["weights"]]
-    return rows
+    return list_in(registered_sources(), pattern, pretrained_only)

@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from finetune.errors import ModelError, WeightsError
+from finetune.config.catalog import smallcnn_parse as parse
+from finetune.errors import WeightsError
 from finetune.models.backbone import Backbone
 from finetune.models.sources import BackboneSource, register_source
 from finetune.models.weights import WeightsSpec
@@ -43,12 +44,6 @@ DEFAULT_CFG = {
     "mean": (0.5, 0.5, 0.5),
     "std": (0.5, 0.5, 0.5),
 }
-
-
-def parse(arch: str) -> str:
-    if arch != "smallcnn":
-        raise ModelError(f"unknown model 'smallcnn:{arch}'; the smallcnn source has one model, 'smallcnn'")
-    return arch
 
 
 def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:

@@ -11,7 +11,8 @@ mine? the arch as I spell it, or a ``ModelError``), ``build`` (the model with a 
 Each source registers itself in its own module (``smallcnn.py``, ``tv.py``, ``timm_models.py``); a new one is one
 file plus one :func:`register_source` call, from inside the package or outside it. Names are ``PREFIX:ARCH``;
 a source with ``bare`` also answers to the arch alone (``resnet18``, ``smallcnn``), tried in registration order.
-A leaf: imports nothing of finetune but the errors and the Backbone type, so every source module can use it.
+A leaf: imports nothing of finetune but the errors, the torch-free name logic (:mod:`finetune.config.catalog`) and
+the Backbone type, so every source module can use it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from finetune.config.catalog import bare_owner, resolve_in
 from finetune.errors import ModelError, suggest
 
 if TYPE_CHECKING:
@@ -97,43 +99,12 @@ def uses_group_matcher(bb: Backbone) -> bool:
 def canonical(prefix: str, arch: str) -> str:
     """The name a model is recorded under: the arch alone where its source answers to it bare and is the first
     source to do so (``resnet18``, ``smallcnn``), else ``PREFIX:ARCH`` (``timm:resnet18``)."""
-    return arch if _bare_owner(arch) == prefix else f"{prefix}:{arch}"
-
-
-def _bare_owner(arch: str) -> str | None:
-    for prefix, src in _SOURCES.items():
-        if src.bare is not None and src.bare(arch):
-            return prefix
-    return None
+    return arch if bare_owner(arch, _SOURCES) == prefix else f"{prefix}:{arch}"
 
 
 def resolve(name: str) -> tuple[str, str]:
     """``(prefix, arch)`` for a model name, checked by its source: ``PREFIX:ARCH``, or a bare arch that a source
     with ``bare`` claims. An unknown name is a ``ModelError`` that points to a source that has it under its
-    prefix, or to the closest names; a source without ``bare`` words its own (``parse``)."""
-    name = name.strip()
-    prefix, sep, arch = name.partition(":")
-    if sep and prefix in _SOURCES and _SOURCES[prefix].bare is None:
-        return prefix, _SOURCES[prefix].parse(arch)
-    bare = arch if sep and prefix in _SOURCES else name
-    owner = _bare_owner(bare)
-    if owner is not None and (owner == prefix or bare == name):
-        return owner, _SOURCES[owner].parse(bare)
-    for other, src in _SOURCES.items():
-        if src.bare is None and _has(src, bare):
-            return _unknown(name, f" ('{bare}' is a {src.title or other} model: use '{other}:{bare}')")
-    every = [a if src.bare is not None and src.bare(a) else f"{p}:{a}" for p, src in _SOURCES.items()
-             for a in src.list()]
-    return _unknown(name, suggest(bare, every, n=3))
-
-
-def _has(src: BackboneSource, arch: str) -> bool:
-    try:
-        src.parse(arch)
-    except ModelError:
-        return False
-    return True
-
-
-def _unknown(name: str, hint: str) -> tuple[str, str]:
-    raise ModelError(f"unknown model '{name}'{hint}; 'finetune models' lists the available names")
+    prefix, or to the closest names; a source without ``bare`` words its own (``parse``). The algorithm is
+    :func:`finetune.config.catalog.resolve_in`, which the torch-free check runs over the built-in sources."""
+    return resolve_in(name, _SOURCES)

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune.errors import ModelError, WeightsError, suggest
+from finetune.config import catalog
+from finetune.config.catalog import timm_parse as parse
+from finetune.errors import ModelError, WeightsError
 from finetune.models.backbone import Backbone, init_new_head
 from finetune.models.sources import BackboneSource, register_source
 from finetune.models.weights import WeightsSpec, fetch_timm
+
+
+def listing() -> dict[str, list[str]]:
+    """Every timm architecture with its pretrained tags."""
+    return catalog.listing("timm")
 
 
 def data_cfg(model) -> dict:
@@ -77,17 +84,6 @@ def build(arch: str, num_classes: int | None, spec: WeightsSpec, **rates: float)
     return Backbone(model, f"timm:{arch}", "timm", arch, model.num_classes, head, data_cfg=data_cfg(model))
 
 
-def parse(arch: str) -> str:
-    """``arch`` or ``arch.tag`` when timm has the architecture (the tag is checked with the weights)."""
-    import timm
-
-    base = arch.split(".", 1)[0]
-    if not timm.is_model(base):
-        raise ModelError(f"unknown timm model '{arch}'{suggest(base, timm.list_models(), n=3)}; "
-                         "see 'finetune models timm:PATTERN'")
-    return arch
-
-
 def weights_spec(w: str, arch: str) -> WeightsSpec:
     """``pretrained``/``default`` (the arch's default tag, or the one in the name) or a tag, checked against
     timm's pretrained list."""
@@ -113,16 +109,6 @@ def data_config(arch: str, spec: WeightsSpec) -> dict[str, Any] | None:
     return data_cfg_of(spec.tag_name or arch)
 
 
-def listing() -> dict[str, list[str]]:
-    """Every timm architecture with its pretrained tags."""
-    import timm
-
-    tags: dict[str, list[str]] = {}
-    for full in timm.list_pretrained():
-        base, _, tag = full.partition(".")
-        tags.setdefault(base, []).append(tag)
-    return {arch: tags.get(arch, []) for arch in timm.list_models()}
-
-
+# the names (parse, listing) come from the torch-free catalog: cached per timm version, no import of timm
 register_source("timm", BackboneSource(parse, build, data_config, listing, weights_spec, packages=("timm",),
                                        group_matcher=True, rates=True, title="timm"))

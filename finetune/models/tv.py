@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune.config import catalog
+from finetune.config.catalog import tv_bare, tv_names as names, tv_parse as parse  # noqa: F401 - names: API
 from finetune.errors import ModelError, WeightsError
 from finetune.models.backbone import Backbone, init_new_head
 from finetune.models.sources import BackboneSource, register_source
@@ -90,27 +92,8 @@ def build(arch: str, num_classes: int | None, spec: WeightsSpec) -> Backbone:
     return Backbone(model, arch, "torchvision", arch, out, [head_name], data_cfg=data_cfg)
 
 
-def names() -> list[str]:
-    """torchvision's image-classification models (not detection/segmentation/video)."""
-    import torchvision.models as tvm
-
-    return tvm.list_models(module=tvm)
-
-
-def parse(arch: str) -> str:
-    """Only reached for an arch that :func:`names` holds (the registry words the error for the others)."""
-    if arch not in names():
-        raise ModelError(f"unknown model 'torchvision:{arch}'; 'finetune models' lists the available names")
-    return arch
-
-
 def weights_names(arch: str) -> list[str]:
-    import torchvision.models as tvm
-
-    try:
-        return [f"{e.__class__.__name__}.{e.name}" for e in tvm.get_model_weights(arch)]
-    except (ValueError, KeyError):
-        return []
+    return list(catalog.listing("torchvision").get(arch, []))
 
 
 def weights_spec(w: str, arch: str) -> WeightsSpec:
@@ -122,16 +105,16 @@ def weights_spec(w: str, arch: str) -> WeightsSpec:
     except (ValueError, KeyError):
         raise WeightsError(f"torchvision has no pretrained weights for '{arch}'; pass --weights none or a file") \
             from None
-    names = [e.name for e in enum]
+    members = [e.name for e in enum]
     member = w.split(".", 1)[1] if w.startswith(enum.__name__ + ".") else w
     if member.lower() in ("default", "pretrained"):
         member = "DEFAULT"
     if member == "DEFAULT":
         e = enum.DEFAULT
-    elif member in names:
+    elif member in members:
         e = enum[member]
     else:
-        valid = ", ".join(["DEFAULT", *names])
+        valid = ", ".join(["DEFAULT", *members])
         raise WeightsError(f"unknown weights '{w}' for {arch}; valid: {valid}, none, or a file path")
     return WeightsSpec("torchvision", f"{enum.__name__}.{e.name}", enum=e)
 
@@ -141,6 +124,7 @@ def data_config(arch: str, spec: WeightsSpec) -> dict[str, Any] | None:
     return data_cfg_from_weights(spec.enum) if spec.kind == "torchvision" else None
 
 
+# the names (parse, bare, the listing) come from the torch-free catalog: cached per torchvision version
 register_source("torchvision", BackboneSource(
-    parse, build, data_config, lambda: {a: weights_names(a) for a in names()}, weights_spec,
-    bare=lambda arch: arch in names(), packages=("torchvision",), title="torchvision"))
+    parse, build, data_config, lambda: catalog.listing("torchvision"), weights_spec,
+    bare=tv_bare, packages=("torchvision",), title="torchvision"))

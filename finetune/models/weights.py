@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from finetune.config.preflight import FILE_SUFFIXES, looks_like_path, weights_file  # noqa: F401 - torch-free
 from finetune.errors import WeightsError
 from finetune.models.backbone import is_under
 from finetune.models.sources import get_source
@@ -24,9 +25,6 @@ if TYPE_CHECKING:
 
     from finetune.models.backbone import Backbone
 
-FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
-
-
 @dataclass
 class WeightsSpec:
     kind: str  # "none" | "file" | a source's own ("torchvision", "timm")
@@ -36,10 +34,6 @@ class WeightsSpec:
     path: Path | None = None
 
 
-def looks_like_path(spec: str) -> bool:
-    return spec.endswith(FILE_SUFFIXES) or os.sep in spec or "/" in spec or Path(spec).exists()
-
-
 def parse_spec(weights: str | None, source: str, arch: str) -> WeightsSpec:
     """Turn the user's ``--weights`` value into a spec for ``source``/``arch`` (no loading, no download): none and
     files the same way for every source, the rest by the source's own ``weights`` (its weights names)."""
@@ -47,11 +41,8 @@ def parse_spec(weights: str | None, source: str, arch: str) -> WeightsSpec:
     low = w.lower()
     if low in ("none", "random", ""):
         return WeightsSpec("none", "none")
-    if looks_like_path(w):
-        path = Path(w).expanduser()
-        if not path.is_file():
-            raise WeightsError(f"weights file '{w}' not found; pass an existing .pth/.pt/.safetensors file, "
-                               "a weights name, or --weights none")
+    path = weights_file(w)  # a file path (checked: it exists), or None
+    if path is not None:
         return WeightsSpec("file", str(path), path=path)
     return get_source(source).weights(w, arch)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.config import Recipe, from_dict
+from finetune.config import Recipe, from_dict, preflight
 from finetune.errors import ConfigError
 
 log = logging.getLogger("finetune")
@@ -174,6 +174,7 @@ def lr_find(recipe: Recipe, *, steps: int = 100, start_lr: float = 1e-7, end_lr:
             reporter=None) -> LRFind:
     """The range test for ``recipe``: its data, model, freeze plan, optimizer (with ``lr`` replaced by the test's),
     loss and precision, on cached features when only a head (or a cut-off trailing block) trains."""
+    preflight.check_recipe(recipe)  # a missing path or unknown model: the error before torch is imported
     import torch
 
     from finetune import data as D

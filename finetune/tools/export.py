@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from finetune.config.preflight import checkpoint_file
 from finetune.files import atomic_write_bytes
 from finetune.run.checkpoint import EXPORT_SUFFIX, export_weights, load_checkpoint
 from finetune.run import checkpoint as ck
@@ -37,6 +38,7 @@ def export(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | N
             raise CheckpointError(f"--opset applies to --format onnx only, not {fmt}")
         if out is not None:
             refuse_run_file(Path(out))
+        checkpoint_file(checkpoint)  # a missing checkpoint: the error before torch is imported
         return [export_weights(checkpoint, fmt, out, overwrite=overwrite)]
     if fmt not in GRAPH_SUFFIX:
         raise CheckpointError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
@@ -47,6 +49,7 @@ def export(checkpoint: str | Path, fmt: str = "safetensors", out: str | Path | N
             raise CheckpointError(f"--opset must be >= {DEFAULT_OPSET} (the torch.export-based ONNX exporter's "
                                   f"lowest), got {opset}")
         _need_onnx()
+    checkpoint_file(checkpoint)
     ckpt = load_checkpoint(checkpoint)
     src = Path(ckpt["_path"])
     dest = Path(out) if out is not None else src.with_suffix(GRAPH_SUFFIX[fmt])

@@ -1,0 +1,158 @@
+"""The mistakes a run's inputs can be checked for before torch is imported (2-5 s): a model name that no source
+has, a data path or tar shard that does not exist, a weights file or checkpoint that is not there. Each check raises
+the error the run would raise later, word for word; the later checks stay where they are (a library caller may skip
+this), and this module only answers sooner. ``finetune.api`` calls it first thing in train, lr_find, probe,
+evaluate_checkpoint, predict, load_model and export.
+
+Also the torch-free part of the data path rules (``sample``, ``cifar10:ROOT``, tar shard patterns, folders) and of
+the weights rules (which ``--weights`` values are files), which :mod:`finetune.data` and :mod:`finetune.models`
+import from here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from finetune.config import SAMPLE_DIR
+from finetune.errors import CheckpointError, DataError, WeightsError
+
+# ----------------------------------------------------------------------------------------------- data paths
+
+CIFAR = re.compile(r"^(cifar10|cifar100):(.+)$")
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}  # data/cifar.py LAYOUT's
+_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
+
+
+def resolve_data_path(path: str) -> str | Path:
+    """``sample`` -> the bundled sample data (package data); ``cifar10:ROOT`` / ``cifar100:ROOT`` stay specs;
+    else a Path."""
+    path = str(path).strip()
+    if path == "sample":
+        return SAMPLE_DIR
+    if CIFAR.match(path):
+        return path
+    if path in ("cifar10", "cifar100"):
+        raise DataError(f"--data {path} needs a folder: --data {path}:ROOT (ROOT holds or will hold "
+                        f"{CIFAR_FOLDERS[path]}/)")
+    return Path(path).expanduser()
+
+
+def check_root(root: Path, given: str) -> Path:
+    if not root.exists():
+        raise DataError(f"data path '{given}' does not exist; pass a folder of images, 'sample', or cifar10:ROOT")
+    if not root.is_dir():
+        raise DataError(f"data path '{given}' is a file, not a folder; pass the folder that holds the images")
+    return root
+
+
+def is_shard_spec(path: str) -> bool:
+    return str(path).strip().endswith(".tar")
+
+
+def expand(pattern: str) -> list[str]:
+    """Brace expansion: ``a-{000..002}.tar`` -> a-000.tar, a-001.tar, a-002.tar (zero padding kept); ``{x,y}``."""
+    found = [m for m in (_RANGE.search(pattern), _LIST.search(pattern)) if m is not None]
+    if not found:
+        return [pattern]
+    m = min(found, key=lambda x: x.start())  # leftmost first, as the shell does
+    if m.re is _RANGE:
+        lo, hi = m.group(1), m.group(2)
+        width = len(lo) if lo.startswith("0") and len(lo) > 1 else 0
+        parts = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        parts = m.group(1).split(",")
+    return [x for part in parts for x in expand(pattern[:m.start()] + part + pattern[m.end():])]
+
+
+def shard_paths(pattern: str) -> list[Path]:
+    paths = [Path(p).expanduser() for p in expand(str(pattern).strip())]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"shard '{missing[0]}' does not exist ({len(missing)} of the {len(paths)} shards of "
+                        f"'{pattern}' are missing); check the pattern (brace ranges like train-{{000..099}}.tar)")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
+
+
+def looks_like_path(spec: str) -> bool:
+    """Whether a ``--weights`` value names a file (rather than none, default or a weights name)."""
+    return spec.endswith(FILE_SUFFIXES) or os.sep in spec or "/" in spec or Path(spec).exists()
+
+
+def weights_file(weights: str | None) -> Path | None:
+    """The file a ``--weights`` value names (None: not a file); a ``WeightsError`` when it is not there."""
+    w = "none" if weights is None else str(weights).strip()
+    if w.lower() in ("none", "random", "") or not looks_like_path(w):
+        return None
+    path = Path(w).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"weights file '{w}' not found; pass an existing .pth/.pt/.safetensors file, "
+                           "a weights name, or --weights none")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The file ``load_checkpoint`` reads for ``path`` (a run directory: its best.pt, else last.pt); a
+    ``CheckpointError`` when there is none (a best.pt that a run's last.pt can restore counts as there)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "best.pt" if (p / "best.pt").is_file() else p / "last.pt"
+    if not p.is_file() and not (p.name == "best.pt" and (p.parent / "last.pt").is_file()):
+        raise CheckpointError(f"checkpoint '{path}' not found; pass a .pt file from a run directory "
+                              "(runs/<run>/best.pt or last.pt)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- the checks
+
+def check_model(name: str) -> None:
+    """A ``ModelError`` (with the closest names) for a name no source has; torch-free while only the built-in
+    sources exist (:mod:`finetune.config.catalog`)."""
+    from finetune.config import catalog
+
+    catalog.resolve(name)
+
+
+def check_data(path: str, val_path: str | None = None) -> None:
+    """A ``DataError`` for data that is not there: a folder, tar shards (and ``val_path``'s), ``cifar10`` without
+    a root. ``sample`` and ``cifar10:ROOT`` pass (CIFAR may still be downloaded)."""
+    if is_shard_spec(path):
+        shard_paths(path)
+        if val_path:
+            shard_paths(val_path)
+        return
+    spec = resolve_data_path(path)
+    if isinstance(spec, Path):
+        check_root(spec, path)
+
+
+def check_recipe(recipe: Any) -> None:
+    """The model name, the data and the weights file of a recipe, in the order a run meets them (values of the
+    wrong type are left to the recipe's own validation)."""
+    model, data = recipe.model, recipe.data
+    if isinstance(model.name, str):
+        check_model(model.name)
+    if isinstance(data.path, str):
+        val_path = getattr(data, "val_path", None)
+        check_data(data.path, val_path if isinstance(val_path, str) else None)
+    if isinstance(model.weights, str):
+        weights_file(model.weights)
+
+
+def check_run(models: list[str], weights: str | None, data: str) -> None:
+    """Several models on one data set and weights value (``probe``): every name first, then the data, the
+    weights."""
+    for m in models:
+        check_model(m)
+    check_data(data)
+    weights_file(weights)
