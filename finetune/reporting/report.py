@@ -205,7 +205,7 @@ def curves_svg(epochs: list[dict], unfreeze: list[tuple[int, str]], n_head: int 
     head = [r for r in epochs if r["epoch"] <= k]
     rest = [r for r in epochs if r["epoch"] > k]
     speed = [(lab, pts("images_per_sec", rows=rows)) for lab, rows in
-             (("head alone", head), ("all trainable layers" if n_head else "train", rest)) if rows]
+             (("head alone", head), ("fine-tuning" if n_head else "train", rest)) if rows]
     if len(speed) == 1:
         speed = [("train", speed[0][1])]
     ips = [y for _, p in speed for _, y in p if y and y > 0]
