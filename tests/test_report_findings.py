@@ -6,7 +6,6 @@ TensorBoard model graph off by default (``--graph`` turns it on)."""
 from __future__ import annotations
 
 import base64
-import json
 
 import pytest
 
@@ -42,7 +41,7 @@ def test_overfitting_is_flagged_with_its_numbers():
     h = half_width(0.867, 300)
     assert f["facts"][0] == (f"Val accuracy 86.7% ± {100 * h:.1f} points (95% Wilson interval on 300 images): "
                              f"differences smaller than about {100 * h:.1f} points between epochs or runs are noise.")
-    assert f["facts"][1] == ("Overfitting: at the best epoch (3) train accuracy is 99.3% vs val 86.7%, a 12.6-point "
+    assert f["facts"][1] == ("Overfitting: at the last epoch (3) train accuracy is 99.3% vs val 86.7%, a 12.6-point "
                              "gap (beyond the val noise): the model fits its training images much better than new "
                              "ones.")
     assert f["facts"][2] == ("The best epoch was the last (3 of 3) (+0.7 points over epoch 2): accuracy may still "
@@ -50,7 +49,7 @@ def test_overfitting_is_flagged_with_its_numbers():
     assert f["next"].startswith("Regularise: stronger augmentation (`--augment strong`)")
     # a gap inside the val noise is not overfitting
     g = R.findings([row(1, 0.90, 0.88)], {"epoch": 1, "val_acc": 0.88}, FULL, 100)
-    assert g["facts"][1] == "No sign of overfitting: train accuracy 90.0% vs val 88.0% at the best epoch (1)."
+    assert g["facts"][1] == "No sign of overfitting: train accuracy 90.0% vs val 88.0% at the last epoch (1)."
 
 
 def test_lp_ft_says_what_fine_tuning_added_and_at_what_cost():

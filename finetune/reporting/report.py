@@ -348,18 +348,19 @@ def findings(epochs: list[dict], best: dict, recipe: dict, n_val: int | None, te
     if h is not None:
         facts.append(f"Val accuracy {_p(brow['val_acc'])} ± {_pts(h)} points (95% Wilson interval on {n_val} "
                      f"images): differences smaller than about {_pts(h)} points between epochs or runs are noise.")
-    # overfitting, at the epoch that was kept
+    # overfitting, at the last epoch (a first epoch's train accuracy is a running mean from a random head)
     overfit = False
-    if brow.get("train_acc") is not None:
-        gap = brow["train_acc"] - brow["val_acc"]
-        if gap > max(OVERFIT_GAP, h or 0):
+    lrow = rows[-1]
+    if lrow.get("train_acc") is not None:
+        gap = lrow["train_acc"] - lrow["val_acc"]
+        if gap > max(OVERFIT_GAP, half_width(lrow["val_acc"], n_val) or 0):
             overfit = True
-            facts.append(f"Overfitting: at the best epoch ({best_ep}) train accuracy is {_p(brow['train_acc'])} vs "
-                         f"val {_p(brow['val_acc'])}, a {_pts(gap)}-point gap (beyond the val noise): the model "
-                         "fits its training images much better than new ones.")
+            facts.append(f"Overfitting: at the last epoch ({lrow['epoch']}) train accuracy is "
+                         f"{_p(lrow['train_acc'])} vs val {_p(lrow['val_acc'])}, a {_pts(gap)}-point gap (beyond "
+                         "the val noise): the model fits its training images much better than new ones.")
         else:
-            facts.append(f"No sign of overfitting: train accuracy {_p(brow['train_acc'])} vs val "
-                         f"{_p(brow['val_acc'])} at the best epoch ({best_ep}).")
+            facts.append(f"No sign of overfitting: train accuracy {_p(lrow['train_acc'])} vs val "
+                         f"{_p(lrow['val_acc'])} at the last epoch ({lrow['epoch']}).")
     # LP-FT: the head-alone phase against the rest
     k = head_epochs(recipe)
     two_phase = bool(k) and any(r["epoch"] > k for r in rows) and any(r["epoch"] <= k for r in rows)

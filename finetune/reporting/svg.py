@@ -100,7 +100,7 @@ class Panel:
         self.series = [(lab, pts) for lab, pts in self.series if pts]
 
     def draw(self, x0: float, y0: float, w: float, h: float, xr: tuple[float, float]) -> list[str]:
-        L, R, T, B = 58, 10, 22, 34  # margins: tick labels left, title above, x label below
+        L, R, T, B = 58, 104, 22, 34  # margins: tick labels left, legend right, title above, x label below
         pw, ph = w - L - R, h - T - B
         out = [f"<text x='{x0 + L + pw / 2:.1f}' y='{y0 + 14:.1f}' text-anchor='middle' font-size='12'>"
                f"{text(self.title)}</text>"]
@@ -154,13 +154,13 @@ class Panel:
             ly = y0 + T + 12
             for i, (lab, _) in enumerate(self.series):
                 c = COLOURS[i % len(COLOURS)]
-                out.append(f"<rect x='{x0 + L + pw - 110}' y='{ly - 8 + 13 * i:.1f}' width='10' height='3' "
-                           f"fill='{c}'/><text x='{x0 + L + pw - 96}' y='{ly - 3 + 13 * i:.1f}' font-size='10'>"
-                           f"{text(str(lab)[:18])}</text>")
+                out.append(f"<rect x='{x0 + L + pw + 6}' y='{ly - 8 + 13 * i:.1f}' width='10' height='3' "
+                           f"fill='{c}'/><text x='{x0 + L + pw + 20}' y='{ly - 3 + 13 * i:.1f}' font-size='10'>"
+                           f"{text(str(lab)[:15])}</text>")
         return out
 
 
-def panels(grid: list[Panel], xr: tuple[float, float], cols: int = 2, w: float = 440, h: float = 260) -> str:
+def panels(grid: list[Panel], xr: tuple[float, float], cols: int = 2, w: float = 520, h: float = 260) -> str:
     """Panels in a grid of ``cols`` columns sharing the x range ``xr``; one SVG document."""
     rows = math.ceil(len(grid) / cols)
     body: list[str] = []
