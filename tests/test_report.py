@@ -192,6 +192,37 @@ def test_report_failure_is_a_warning_and_no_report_skips_it(tmp_path, monkeypatc
     assert not (tmp_path / "b" / "report.html").exists()
 
 
+def test_report_leads_with_test_accuracy_and_says_what_the_run_says(run, tmp_path):
+    """Issue #30 items 4 and 10: with best.pt's test accuracy in metrics.json, the header and the evaluation lead
+    with it (± its Wilson interval), val beside it as the set that selected best.pt; a stale test entry (another
+    epoch's) is not shown; the findings block is there either way."""
+    import shutil
+
+    from finetune.training.stats import pm_text
+
+    d = tmp_path / "run"
+    shutil.copytree(run, d)
+    m = json.loads((d / "metrics.json").read_text())
+    best = m["best"]
+    m["test"] = {"checkpoint": "best.pt", "epoch": best["epoch"], "accuracy": 0.75, "balanced_accuracy": 0.75,
+                 "macro_f1": 0.7, "top5": 1.0, "loss": 0.8, "n": 40}
+    (d / "metrics.json").write_text(json.dumps(m))
+    page = R.write_run_report(d).read_text()
+    n_val = json.loads((d / "report.json").read_text())["n_val"]
+    assert n_val == 12
+    assert (f"test accuracy <b>75.00% {pm_text(0.75, 40)}</b> (40 held-out images) &middot; val "
+            f"{100 * best['val_acc']:.2f}% {pm_text(best['val_acc'], 12)} (the set that selected best.pt)") in page
+    assert f"<h2>Evaluation of best.pt (epoch {best['epoch']}) on the test set</h2>" in page
+    assert page.index("on the test set</h2>") < page.index("on the val set (which selected it)</h2>")
+    assert f"test accuracy 75.00% {pm_text(0.75, 40)} on 40 images" in page
+    assert "<h2>What this run says</h2><ul id='findings'>" in page and "Test accuracy 75.0%" in page
+    m["test"]["epoch"] = best["epoch"] + 1  # stale: describes another best.pt
+    (d / "metrics.json").write_text(json.dumps(m))
+    page = R.write_run_report(d).read_text()
+    assert "test accuracy" not in page and f"best val accuracy <b>{100 * best['val_acc']:.2f}% " in page
+    assert "<h2>What this run says</h2>" in page and "Next step:" in page
+
+
 def test_report_of_a_folder_that_is_not_a_run(cli, tmp_path):
     r = cli("report", tmp_path)
     assert r.exit_code == 1 and r.stderr == (f"Error: '{tmp_path}' has no best.pt; finetune report takes a run "

@@ -219,7 +219,8 @@ class TrainCfg:
                              "directory.")
     report: bool = flag(True, "--report/--no-report", "Write RUN_DIR/report.html at the end (curves, confusion "
                         "matrix, wrong images, freeze plan); on by default.")
-    graph: bool = True  # add the model graph to TensorBoard
+    graph: bool = flag(False, "--graph/--no-graph", "Add the model graph to TensorBoard (a torch.jit trace: "
+                       "seconds per run, so off by default).")
     save_every_steps: Annotated[int, POS] | None = flag(None, "--save-every-steps", "Also save last.pt every N "
                                                         "optimizer steps inside an epoch; --resume continues from "
                                                         "there.")

@@ -1,14 +1,17 @@
 """The run report: one self-contained ``report.html`` (figures and thumbnails inline, no network, no script) with
-learning curves, the confusion matrix as a heat map, per-class precision/recall/F1, the most confidently wrong and
-the most uncertain correct val images, the freeze plan as a picture, the resolved recipe, environment, data summary
-and wall times; plus ``report.json``, the numbers that feed the pictures.
+a short "what this run says" (overfitting, LP-FT's two phases, where the best epoch fell, test vs val, a next step:
+facts computed from the run), learning curves, the confusion matrix as a heat map, per-class precision/recall/F1,
+the most confidently wrong and the most uncertain correct val images, the freeze plan as a picture, the resolved
+recipe, environment, data summary and wall times; plus ``report.json``, the numbers that feed the pictures.
 
-The numbers (``top_wrong``, ``confused_pairs``, ...) are plain functions of lists, tested against hand-computed
-values; the confusion matrix and per-class precision/recall/F1 come from :mod:`finetune.training.metrics`, as the
-training loop's. The page's pieces shared with ``finetune compare --html`` are in :mod:`.html`. The figures use
-matplotlib (Agg backend, imported on first use). A run's report reads the run directory: ``metrics.json``,
-``config.yaml`` and ``best.pt``, whose ``val`` holds the per-image predictions of the best epoch
-(``engine.evaluate``'s ``samples``), so writing it needs no forward pass.
+The numbers (``top_wrong``, ``confused_pairs``, ``findings``, ...) are plain functions of lists, tested against
+hand-computed values; the confusion matrix and per-class precision/recall/F1 come from
+:mod:`finetune.training.metrics`, as the training loop's, and every accuracy shown carries its Wilson interval
+(:mod:`finetune.training.stats`). The page's pieces shared with ``finetune compare --html`` are in :mod:`.html`. The
+figures are hand-written SVG (:mod:`.svg`: milliseconds, no matplotlib); TensorBoard's confusion image is drawn with
+numpy and PIL. A run's report reads the run directory: ``metrics.json``, ``config.yaml`` and ``best.pt``, whose
+``val`` holds the per-image predictions of the best epoch (``engine.evaluate``'s ``samples``), so writing it needs
+no forward pass.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import CheckpointError, FinetuneError
-from finetune.reporting.html import CSS, MARK, check_out, esc, mpl_text, pct, png, pyplot, table
+from finetune.errors import CheckpointError, FinetuneError, shown
+from finetune.reporting import svg
+from finetune.reporting.html import CSS, MARK, check_out, esc, pct, table
 from finetune.run.callbacks import Callback
 from finetune.training.metrics import accuracy, per_class_metrics
+from finetune.training.stats import half_width, pm_text, tied
 
 log = logging.getLogger("finetune")
 
@@ -77,103 +82,151 @@ def freeze_rows(numel: dict[str, int], frozen_at_start: list[str], trainable_at_
 # ------------------------------------------------------------------------------------------------ figures
 
 
-def confusion_figure(confusion: list[list[int]], names: list[str]):
-    """Counts and row-normalised heat maps side by side (a matplotlib Figure; also what TensorBoard gets)."""
-    plt = pyplot()
-    n = len(names)
-    side = min(6.5, 2.0 + 0.42 * n)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
-    norm = row_normalised(confusion)
-    for ax, data, title, fmt in ((axes[0], confusion, "counts", "{:d}"), (axes[1], norm, "row-normalised (recall)",
-                                                                           "{:.2f}")):
-        im = ax.imshow(data, cmap="Blues", vmin=0)
-        ax.set_title(title)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ticks = list(range(n)) if n <= 40 else []
-        ax.set_xticks(ticks, [mpl_text(names[i][:14]) for i in ticks], rotation=90, fontsize=8)
-        ax.set_yticks(ticks, [mpl_text(names[i][:14]) for i in ticks], fontsize=8)
-        if n <= 20:
-            hi = max((max(r) for r in data), default=0) or 1
-            for t in range(n):
-                for p in range(n):
-                    v = data[t][p]
+def confusion_svg(confusion: list[list[int]], names: list[str]) -> str:
+    """Counts and row-normalised (recall) heat maps side by side, as an SVG document (the report's figure)."""
+    return svg.heatmaps([("counts", confusion, "{:d}"), ("row-normalised (recall)", row_normalised(confusion),
+                                                          "{:.2f}")], names)
+
+
+_FONTS: dict[int, Any] = {}
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    if size not in _FONTS:
+        try:
+            _FONTS[size] = ImageFont.load_default(size=size)  # Pillow's built-in scalable font (FreeType)
+        except (TypeError, OSError, ImportError):  # pragma: no cover - Pillow without FreeType: the bitmap font
+            _FONTS[size] = ImageFont.load_default()
+    return _FONTS[size]
+
+
+def _blues_lut():
+    if "lut" not in _FONTS:
+        import numpy as np
+
+        _FONTS["lut"] = np.array([svg.blues(i / 255) for i in range(256)], dtype=np.uint8)
+    return _FONTS["lut"]
+
+
+def add_png(writer, tag: str, image, step: int) -> None:
+    """An HWC uint8 RGB image as a TensorBoard image summary (what ``add_image`` writes), PNG-encoded at zlib level
+    1: ``add_image``'s default level took 3x as long on a flat-coloured heat map for a file ~25% smaller."""
+    from PIL import Image
+
+    try:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+        h, w, c = image.shape
+        summary = Summary(value=[Summary.Value(tag=tag, image=Summary.Image(
+            height=h, width=w, colorspace=c, encoded_image_string=buf.getvalue()))])
+        writer._get_file_writer().add_summary(summary, step)
+    except (ImportError, AttributeError):  # pragma: no cover - another SummaryWriter: its own encoder
+        writer.add_image(tag, image, step, dataformats="HWC")
+
+
+def confusion_image(confusion: list[list[int]], names: list[str]):
+    """The same two heat maps as :func:`confusion_svg`, drawn with numpy and PIL as an HWC uint8 array (what
+    TensorBoard gets at each evaluation: a few milliseconds where a matplotlib figure took ~0.8 s)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    n = max(len(names), 1)
+    cell = max(4, min(26, 360 // n))
+    side = cell * n
+    show_names, show_values = n <= 40, n <= 20
+    labels = [shown(x)[:14] for x in names]
+    longest = int(max((_font(10).getlength(x) for x in labels), default=0)) + 8 if show_names else 8
+    lm = longest + 4  # row labels (and, rotated, column labels below)
+    top, bottom, gap = 24, longest + 22, 30
+    w, h = 2 * (lm + side) + gap + 10, top + side + bottom
+    canvas = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(canvas)
+    lut = _blues_lut()
+    font, small = _font(12), _font(max(7, min(11, int(cell * 0.38))))
+    if show_names:  # the column labels: drawn once as rows of a strip, the strip turned 90 degrees
+        strip = Image.new("RGB", (bottom - 22, side), "white")
+        sd = ImageDraw.Draw(strip)
+        for i, lab in enumerate(labels):
+            sd.text((bottom - 26, i * cell + cell / 2), lab, fill="black", font=_font(10), anchor="rm")
+        strip = strip.transpose(Image.Transpose.ROTATE_90)
+    for k, (title, m, fmt) in enumerate((("counts", confusion, "{:d}"),
+                                         ("row-normalised (recall)", row_normalised(confusion), "{:.2f}"))):
+        ox = k * (lm + side + gap)
+        a = np.asarray(m, dtype=np.float64).reshape(len(names), len(names))
+        hi = float(a.max()) if a.size and a.max() > 0 else 1.0
+        idx = np.clip(np.rint(a / hi * 255), 0, 255).astype(np.uint8)
+        block = lut[np.repeat(np.repeat(idx, cell, axis=0), cell, axis=1)]
+        canvas.paste(Image.fromarray(block), (ox + lm, top))
+        draw.rectangle((ox + lm - 1, top - 1, ox + lm + side, top + side), outline=(136, 136, 136))
+        draw.text((ox + lm + side / 2, 4), title, fill="black", font=font, anchor="mt")
+        if show_values:
+            for t in range(len(names)):
+                for p in range(len(names)):
+                    v = m[t][p]
                     if v:
-                        ax.text(p, t, fmt.format(v), ha="center", va="center", fontsize=7,
-                                color="white" if v > hi / 2 else "black")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    return fig
+                        draw.text((ox + lm + p * cell + cell / 2, top + t * cell + cell / 2), fmt.format(v),
+                                  fill="white" if v > hi / 2 else "black", font=small, anchor="mm")
+        if show_names:
+            for i, lab in enumerate(labels):
+                draw.text((ox + lm - 4, top + i * cell + cell / 2), lab, fill="black", font=_font(10), anchor="rm")
+            canvas.paste(strip, (ox + lm, top + side + 4))
+        draw.text((ox + lm + side / 2, h - 4), "predicted", fill="black", font=_font(11), anchor="mb")
+    return np.asarray(canvas)
 
 
-def curves_figure(epochs: list[dict], unfreeze: list[tuple[int, str]]):
-    """Loss, accuracy, LR per group and images/s per epoch; dashed lines where an unfreeze step starts."""
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5))
+def head_epochs(recipe: dict) -> int | None:
+    """How many leading epochs train the new head alone (LP-FT's linear-probe phase, on cached features where the
+    recipe asks): the epochs before the first unfreeze step when the backbone starts frozen; None when every epoch
+    does (a linear probe); 0 when the backbone trains from the start."""
+    fr = recipe.get("freeze") or {}
+    if not fr.get("backbone"):
+        return 0
+    steps = [int(s["epoch"]) for s in fr.get("schedule") or [] if s.get("epoch")]
+    return min(steps) - 1 if steps else None
+
+
+def curves_svg(epochs: list[dict], unfreeze: list[tuple[int, str]], n_head: int | None = 0) -> str:
+    """Loss, accuracy, LR per group and images/s per epoch (SVG); dashed lines where an unfreeze step starts. The
+    images/s panel splits the head-alone epochs from the rest and turns logarithmic when they differ by more than
+    5x (a 680 img/s epoch on cached features beside 5 img/s fine-tuning epochs)."""
     x = [r["epoch"] for r in epochs]
 
-    def line(ax, key, label, **kw):
-        pts = [(e, r[key]) for e, r in zip(x, epochs) if r.get(key) is not None]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label, **kw)
+    def pts(key, scale=1.0, rows=epochs):
+        return [(r["epoch"], scale * r[key]) for r in rows if r.get(key) is not None]
 
-    line(axes[0, 0], "train_loss", "train")
-    line(axes[0, 0], "val_loss", "val")
-    axes[0, 0].set_title("loss")
-    for r in epochs:
-        for key in ("train_acc", "val_acc"):
-            if r.get(key) is not None:
-                r.setdefault("_" + key, 100 * r[key])
-    line(axes[0, 1], "_train_acc", "train")
-    line(axes[0, 1], "_val_acc", "val")
-    axes[0, 1].set_title("accuracy (%)")
     groups = list(dict.fromkeys(g for r in epochs for g in (r.get("lrs") or {})))
-    for g in groups:
-        pts = [(e, r["lrs"][g]) for e, r in zip(x, epochs) if g in (r.get("lrs") or {})]
-        axes[1, 0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=mpl_text(g))
-    if not groups:
-        line(axes[1, 0], "lr", "lr")
-    axes[1, 0].set_title("learning rate per group (first update of the epoch)")
-    if any((r.get("lr") or 0) > 0 for r in epochs):
-        axes[1, 0].set_yscale("log")
-    line(axes[1, 1], "images_per_sec", "train")
-    axes[1, 1].set_title("images/s (training)")
-    for ax in axes.flat:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        for ep, what in unfreeze:
-            ax.axvline(ep - 0.5, color="tab:red", ls="--", lw=1)
-            if ax is axes[0, 0]:
-                ax.annotate(mpl_text(f"unfreeze {what}"), (ep - 0.5, 1), xycoords=("data", "axes fraction"), fontsize=7,
-                            color="tab:red", rotation=90, va="top", ha="right")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    if x:
-        for ax in axes.flat:
-            ax.set_xlim(min(x) - 0.7, max(x) + 0.7)
-    fig.tight_layout()
-    for r in epochs:
-        r.pop("_train_acc", None), r.pop("_val_acc", None)
-    return fig
+    lr_series = ([(g, [(r["epoch"], r["lrs"][g]) for r in epochs if g in (r.get("lrs") or {})]) for g in groups]
+                 or [("lr", pts("lr"))])
+    k = len(epochs) if n_head is None else n_head
+    head = [r for r in epochs if r["epoch"] <= k]
+    rest = [r for r in epochs if r["epoch"] > k]
+    speed = [(lab, pts("images_per_sec", rows=rows)) for lab, rows in
+             (("head alone", head), ("fine-tuning" if n_head else "train", rest)) if rows]
+    if len(speed) == 1:
+        speed = [("train", speed[0][1])]
+    ips = [y for _, p in speed for _, y in p if y and y > 0]
+    vlines = [(ep - 0.5, f"unfreeze {what}") for ep, what in unfreeze]
+    grid = [svg.Panel("loss", [("train", pts("train_loss")), ("val", pts("val_loss"))], vlines=vlines, vlabels=True),
+            svg.Panel("accuracy (%)", [("train", pts("train_acc", 100)), ("val", pts("val_acc", 100))],
+                      vlines=vlines),
+            svg.Panel("learning rate per group (first update of the epoch)", lr_series, vlines=vlines,
+                      log=any((r.get("lr") or 0) > 0 for r in epochs)),
+            svg.Panel("images/s (training)" + (", log scale" if ips and max(ips) > 5 * min(ips) else ""), speed,
+                      vlines=vlines, log=bool(ips) and max(ips) > 5 * min(ips))]
+    xr = (min(x) - 0.7, max(x) + 0.7) if x else (0.0, 1.0)
+    return svg.panels(grid, xr)
 
 
-def freeze_figure(rows: list[dict]):
-    """Horizontal stacked bars per top-level module: trainable, unfrozen by a schedule, frozen (parameters)."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 0.9 + 0.32 * len(rows)))
-    names = [mpl_text(r["module"]) for r in rows][::-1]
-    left = [0] * len(rows)
-    for key, colour in (("trainable", "tab:green"), ("unfrozen", "tab:orange"), ("frozen", "tab:gray")):
-        vals = [r[key] for r in rows][::-1]
-        if any(vals):
-            ax.barh(names, vals, left=left, color=colour, label=key)
-            left = [a + b for a, b in zip(left, vals)]
-    ax.set_xlabel("parameters")
-    ax.set_xscale("symlog", linthresh=1000)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("freeze plan per top-level module")
-    fig.tight_layout()
-    return fig
+def freeze_svg(rows: list[dict]) -> str:
+    """Stacked bars per top-level module: trainable, unfrozen by a schedule, frozen (parameters; SVG)."""
+    return svg.stacked_bars([r["module"] for r in rows], [
+        (key, colour, [r[key] for r in rows]) for key, colour in
+        (("trainable", "#2ca02c"), ("unfrozen", "#ff7f0e"), ("frozen", "#7f7f7f"))],
+        "freeze plan per top-level module", "parameters (linear to 1,000, then logarithmic)")
 
 
 # ------------------------------------------------------------------------------------------------ thumbnails
@@ -226,7 +279,7 @@ def evaluation_part(confusion: list[list[int]], names: list[str], samples: dict 
         "class_names": names, "confusion": confusion, "per_class": [{"class": n, **m} for n, m in zip(names, metrics)],
         "accuracy": accuracy(confusion),
         "confused_pairs": [list(p) for p in confused_pairs(confusion, names)],
-        "figure_confusion": png(confusion_figure(confusion, names)), "wrong": [], "unsure": [],
+        "figure_confusion": svg.uri(confusion_svg(confusion, names)), "wrong": [], "unsure": [],
     }
     if samples is None or dataset is None:
         part["images_note"] = "no per-image predictions for this evaluation (thumbnails left out)"
@@ -258,6 +311,130 @@ def _predict_samples(ckpt_path: Path, dataset) -> dict:
                     int(ckpt["num_classes"]), device=dev, precision=eval_precision(ckpt, dev), channels_last=cl)
 
 
+# ------------------------------------------------------------------------------------------------ what the run says
+
+OVERFIT_GAP = 0.05  # train minus val accuracy (at the best epoch) above which, and above the val noise, we say so
+
+
+def _p(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _secs(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def findings(epochs: list[dict], best: dict, recipe: dict, n_val: int | None, test: dict | None = None,
+             run_dir: str = "RUN") -> dict[str, Any]:
+    """What the run's numbers say, as sentences computed from them (``facts``) and one concrete ``next`` step:
+    the val noise, an overfitting flag (train vs val accuracy at the best epoch), LP-FT's two phases (what the
+    linear probe reached and in how long, what fine-tuning added, within the noise or not, and at how many times
+    the time), where the best epoch fell (the last: more epochs may help; early: the rest was wasted), and test vs
+    val. ``n_val``: the val images (the intervals' n)."""
+    facts: list[str] = []
+    nxt: list[str] = []
+    rows = [r for r in epochs if r.get("val_acc") is not None]
+    if not rows:
+        return {"facts": ["No val accuracy was recorded, so there is nothing to judge the run by."],
+                "next": "Give the data a val/ folder (or --val-split 0.2) so every epoch is measured."}
+    n_ep = max(r["epoch"] for r in epochs)
+    best_ep = best.get("epoch") or max(rows, key=lambda r: r["val_acc"])["epoch"]
+    brow = next((r for r in rows if r["epoch"] == best_ep), rows[-1])
+    h = half_width(brow["val_acc"], n_val)
+    if h is not None:
+        facts.append(f"Val accuracy {_p(brow['val_acc'])} ± {_pts(h)} points (95% Wilson interval on {n_val} "
+                     f"images): differences smaller than about {_pts(h)} points between epochs or runs are noise.")
+    # overfitting, at the last epoch (a first epoch's train accuracy is a running mean from a random head)
+    overfit = False
+    lrow = rows[-1]
+    if lrow.get("train_acc") is not None:
+        gap = lrow["train_acc"] - lrow["val_acc"]
+        if gap > max(OVERFIT_GAP, half_width(lrow["val_acc"], n_val) or 0):
+            overfit = True
+            facts.append(f"Overfitting: at the last epoch ({lrow['epoch']}) train accuracy is "
+                         f"{_p(lrow['train_acc'])} vs val {_p(lrow['val_acc'])}, a {_pts(gap)}-point gap (beyond "
+                         "the val noise): the model fits its training images much better than new ones.")
+        else:
+            facts.append(f"No sign of overfitting: train accuracy {_p(lrow['train_acc'])} vs val "
+                         f"{_p(lrow['val_acc'])} at the last epoch ({lrow['epoch']}).")
+    # LP-FT: the head-alone phase against the rest
+    k = head_epochs(recipe)
+    two_phase = bool(k) and any(r["epoch"] > k for r in rows) and any(r["epoch"] <= k for r in rows)
+    ft_tied = False
+    if two_phase:
+        head = [r for r in epochs if r["epoch"] <= k]
+        ft = [r for r in epochs if r["epoch"] > k]
+        hb = max((r for r in head if r.get("val_acc") is not None), key=lambda r: r["val_acc"])
+        fb = max((r for r in ft if r.get("val_acc") is not None), key=lambda r: r["val_acc"])
+        th, tf = sum(r.get("seconds") or 0 for r in head), sum(r.get("seconds") or 0 for r in ft)
+        gain = fb["val_acc"] - hb["val_acc"]
+        ft_tied = tied(hb["val_acc"], fb["val_acc"], n_val)
+        hw = half_width(fb["val_acc"], n_val)
+        span = f"epoch {k}" if k == 1 else f"epochs 1-{k}"
+        times = f" at {tf / th:.0f}x the time ({_secs(tf)} vs {_secs(th)})" if th > 0 else ""
+        facts.append(f"The linear probe (head alone, {span}) reached {_p(hb['val_acc'])} in {_secs(th)}; "
+                     f"fine-tuning added {100 * gain:+.1f}" + (f" ± {_pts(hw)}" if hw is not None else "")
+                     + f" points{times}" + (": within the noise, so no measurable gain." if ft_tied else "."))
+    # where the best epoch fell
+    if n_ep > 1:
+        if best_ep == n_ep:
+            prev = next((r for r in rows if r["epoch"] == n_ep - 1), None)
+            rise = (f" (+{_pts(brow['val_acc'] - prev['val_acc'])} points over epoch {n_ep - 1})"
+                    if prev and brow["val_acc"] > prev["val_acc"] else "")
+            facts.append(f"The best epoch was the last ({best_ep} of {n_ep}){rise}: accuracy may still be rising, "
+                         "so more epochs may help.")
+        elif best_ep <= 0.6 * n_ep:
+            after = [r for r in epochs if r["epoch"] > best_ep]
+            wasted = sum(r.get("seconds") or 0 for r in after)
+            last = rows[-1]
+            vl = [r.get("val_loss") for r in (brow, after[-1])]
+            loss = (f"; val loss went from {vl[0]:.3f} to {vl[1]:.3f}" if None not in vl and vl[1] > vl[0] else "")
+            early_worse = not tied(brow["val_acc"], last["val_acc"], n_val)
+            facts.append(f"The best epoch was early ({best_ep} of {n_ep}): the {len(after)} epochs after it "
+                         f"({_secs(wasted)}) did not beat it" + (
+                             f"{loss}; the last one ({_p(last['val_acc'])}) is worse beyond the noise: "
+                             "over-training." if early_worse else
+                             f"; the last one ({_p(last['val_acc'])}) is within the noise of it: a plateau."))
+        else:
+            facts.append(f"The best epoch was {best_ep} of {n_ep}.")
+    if test and test.get("accuracy") is not None:
+        ht = half_width(test["accuracy"], test.get("n"))
+        diff = test["accuracy"] - brow["val_acc"]
+        same = tied(test["accuracy"], brow["val_acc"], min(test.get("n") or 0, n_val or 0) or None)
+        facts.append(f"Test accuracy {_p(test['accuracy'])}" + (f" ± {_pts(ht)}" if ht is not None else "")
+                     + f" on {test.get('n')} held-out images (never used to choose best.pt) vs val "
+                     f"{_p(brow['val_acc'])}: " + ("within the noise of each other." if same else
+                                                  f"{100 * diff:+.1f} points; the val number "
+                                                  f"{'flatters' if diff < 0 else 'understates'} the model."))
+    # one concrete next step, the most useful first
+    if two_phase and ft_tied:
+        nxt.append("The linear probe alone is as accurate within the noise: `--recipe linear-probe` gets it in a "
+                   "fraction of the time; to make fine-tuning pay, try a lower LR or more epochs.")
+    if overfit:
+        nxt.append("Regularise: stronger augmentation (`--augment strong`), `--label-smoothing 0.1`, more weight "
+                   "decay (`--weight-decay`), or fewer trainable layers.")
+    if n_ep > 1 and best_ep == n_ep and not overfit:
+        nxt.append(f"Train longer: `finetune train --resume {run_dir} --epochs {2 * n_ep}` continues this run "
+                   "to twice the epochs.")
+    if n_ep > 1 and best_ep <= 0.6 * n_ep:
+        nxt.append(f"Stop sooner: `--early-stop 2` ends a run 2 epochs after its last improvement (here: "
+                   f"epoch {min(best_ep + 2, n_ep)} instead of {n_ep}); best.pt stays the best epoch either way.")
+    if k is None and not overfit and not (n_ep > 1 and best_ep == n_ep):
+        nxt.append("Fine-tune: `--recipe lp-ft` also trains the backbone after the head (slower per epoch; "
+                   "often a few points better on images unlike ImageNet's).")
+    if not nxt and h is not None and h > 0.03:
+        nxt.append(f"More val images: with {n_val} the interval is ± {_pts(h)} points; a bigger val set would "
+                   "tell smaller differences apart.")
+    if not nxt:
+        nxt.append("Compare backbones on the same data: `finetune probe --model A --model B` ranks them in one "
+                   "pass of cached features.")
+    return {"facts": facts, "next": nxt[0]}
+
+
 # ------------------------------------------------------------------------------------------------ TensorBoard
 
 TB_WRONG = 16  # misclassified images per evaluation in TensorBoard
@@ -274,7 +451,7 @@ def log_tensorboard(writer, ev: dict | None, dataset, names: list[str], step: in
         import torch
         from PIL import Image, ImageOps
 
-        writer.add_figure("val/confusion_matrix", confusion_figure(ev["confusion"], names), step)  # closes it
+        add_png(writer, "val/confusion_matrix", confusion_image(ev["confusion"], names), step)
         s = ev.get("samples")
         if not _samples_match(s, dataset):
             return
@@ -358,10 +535,12 @@ def environment(picked: dict[str, str], ckpt: dict) -> dict[str, str]:
     return env
 
 
-def build_run_report(run_dir: str | Path, *, val_dataset=None, data: dict | None = None) -> dict[str, Any]:
+def build_run_report(run_dir: str | Path, *, val_dataset=None, data: dict | None = None,
+                     fresh: bool = False) -> dict[str, Any]:
     """Everything the run report shows, as data (figures as data URIs). ``val_dataset``/``data``: the run's own
     (at the end of a run); otherwise rebuilt from the checkpoint's data record, or taken from an earlier
-    report.json."""
+    report.json. ``fresh``: the end of the run that just wrote best.pt (read memory-mapped, without the repair
+    and checks that `finetune report` of any run directory does)."""
     from finetune import __version__
     from finetune.run.checkpoint import load_checkpoint
 
@@ -371,7 +550,12 @@ def build_run_report(run_dir: str | Path, *, val_dataset=None, data: dict | None
         raise CheckpointError(f"'{run_dir}' has no best.pt; finetune report takes a run directory written by "
                               "finetune train (or finetune probe)")
     t0 = time.perf_counter()
-    ckpt = load_checkpoint(best_pt)
+    if fresh:  # written by this process a moment ago: nothing to repair or check; the tensors stay on disk
+        import torch
+
+        ckpt = torch.load(best_pt, map_location="cpu", weights_only=True, mmap=True)
+    if not fresh or not isinstance(ckpt, dict) or ckpt.get("sharded") or "model" not in ckpt:
+        ckpt = load_checkpoint(best_pt)
     names = list(ckpt["class_names"])
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {"best": {}, "epochs": []}
@@ -411,13 +595,26 @@ def build_run_report(run_dir: str | Path, *, val_dataset=None, data: dict | None
         "wall": {"run_started": _iso(created), "run_ended": _iso(ended),
                  "run_seconds": (ended - created) if created and ended else None,
                  "epoch_seconds": sum(r.get("seconds") or 0 for r in metrics.get("epochs", []))},
-        "figure_curves": png(curves_figure(metrics.get("epochs", []), schedule)) if metrics.get("epochs") else "",
-        "figure_freeze": png(freeze_figure(rows)) if rows else "",
+        "figure_curves": (svg.uri(curves_svg(metrics.get("epochs", []), schedule, head_epochs(recipe)))
+                          if metrics.get("epochs") else ""),
+        "figure_freeze": svg.uri(freeze_svg(rows)) if rows else "",
         "eval": evaluation_part(confusion, names, samples, val_dataset) if has_val else None,
-        "class_names": names,
+        "class_names": names, "test": _kept_test(metrics),
+        "monitor": (recipe.get("train") or {}).get("monitor", "val_acc"),
     }
+    n_val = sum(map(sum, confusion)) if has_val else None
+    report["n_val"] = n_val or None
+    report["findings"] = findings(report["epochs"], report["best"], recipe, report["n_val"], report["test"],
+                                  str(run_dir))
     report["wall"]["report_seconds"] = time.perf_counter() - t0
     return report
+
+
+def _kept_test(metrics: dict) -> dict | None:
+    """metrics.json's test result while it describes the best epoch's best.pt (a stale one is not shown)."""
+    test = metrics.get("test")
+    best = metrics.get("best") or {}
+    return test if isinstance(test, dict) and test.get("epoch") == best.get("epoch") else None
 
 
 def _previous(run_dir: Path) -> dict:
@@ -439,12 +636,13 @@ def _iso(ts: float | None) -> str | None:
 
 
 def write_run_report(run_dir: str | Path, out: str | Path | None = None, *, val_dataset=None,
-                     data: dict | None = None) -> Path:
-    """Write ``RUN_DIR/report.html`` (or ``out``) and ``RUN_DIR/report.json``; returns the HTML's path."""
+                     data: dict | None = None, fresh: bool = False) -> Path:
+    """Write ``RUN_DIR/report.html`` (or ``out``) and ``RUN_DIR/report.json``; returns the HTML's path
+    (``fresh``: see :func:`build_run_report`)."""
     from finetune.files import atomic_write_text
 
     run_dir = Path(run_dir)
-    rep = build_run_report(run_dir, val_dataset=val_dataset, data=data)
+    rep = build_run_report(run_dir, val_dataset=val_dataset, data=data, fresh=fresh)
     out = check_out(out) if out else run_dir / "report.html"
     atomic_write_text(out, render_html(rep))
     atomic_write_text(run_dir / "report.json", json.dumps(_numbers(rep), indent=1))
@@ -457,7 +655,7 @@ def after_run(run_dir: Path, bundle, reporter=None) -> Path | None:
         data = data_summary(list(bundle.class_names), bundle.train, bundle.val, bundle.skipped, bundle.source,
                             len(bundle.unlabeled))
         t0 = time.perf_counter()
-        path = write_run_report(run_dir, val_dataset=bundle.val, data=data)
+        path = write_run_report(run_dir, val_dataset=bundle.val, data=data, fresh=True)
         if reporter is not None:
             reporter.note(f"report: {path} ({time.perf_counter() - t0:.1f} s)")
         return path
@@ -510,7 +708,9 @@ def _cards(items: list[dict], cls: str) -> str:
 def _eval_html(ev: dict) -> str:
     names = ev["class_names"]
     pairs = ", ".join(f"<b>{esc(t)}</b> &rarr; <b>{esc(p)}</b> ({n})" for t, p, n in ev["confused_pairs"])
-    s = [f'<p class="kpi">accuracy {pct(ev["accuracy"])} on {sum(map(sum, ev["confusion"]))} images</p>',
+    n = sum(map(sum, ev["confusion"]))
+    s = [f'<p class="kpi">accuracy {pct(ev["accuracy"])} {pm_text(ev["accuracy"], n)} on {n} images'
+         + (" <span class='muted'>(95% Wilson interval)</span>" if n else "") + "</p>",
          f"<p>Most confused (true &rarr; predicted): {pairs or 'nothing: no mistakes'}</p>",
          f'<img class="fig" id="fig-confusion" src="{ev["figure_confusion"]}" alt="confusion matrix">',
          "<h3>Per class</h3>",
@@ -529,6 +729,32 @@ def _eval_html(ev: dict) -> str:
     return "\n".join(s)
 
 
+def _md(text: str) -> str:
+    """A finding as HTML: escaped, `code` spans as <code>."""
+    parts = esc(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _findings_html(f: dict) -> str:
+    return ("<h2>What this run says</h2><ul id='findings'>" + "".join(f"<li>{_md(x)}</li>" for x in f["facts"])
+            + f"</ul><p><b>Next step:</b> {_md(f['next'])}</p>")
+
+
+def _test_html(test: dict, monitor: str, run_dir: str) -> str:
+    n = test.get("n")
+    rows = [["accuracy", f"{pct(test['accuracy'])} {pm_text(test['accuracy'], n)}".strip()]]
+    for key, label in (("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"), ("top5", "top-5"),
+                       ("loss", "loss")):
+        if test.get(key) is not None:
+            rows.append([label, f"{test[key]:.4f}" if key == "loss" else pct(test[key])])
+    return (f'<p class="kpi">test accuracy {pct(test["accuracy"])} {pm_text(test["accuracy"], n)} on {esc(n)} '
+            "images <span class='muted'>(95% Wilson interval)</span></p>"
+            f"<p>The test split was held out: evaluated once, after the last epoch, never used to pick best.pt, "
+            f"which the val set selected (monitor <b>{esc(monitor)}</b>). Its heat map and mistakes: "
+            f"<code>finetune eval {esc(run_dir)}/best.pt --split test --report test.html</code>.</p>"
+            + table(["test split", ""], rows))
+
+
 def render_html(rep: dict) -> str:
     """The report as one self-contained HTML page (inline CSS and images; no script, no external reference)."""
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{MARK}<title>finetune report: "
@@ -536,17 +762,30 @@ def render_html(rep: dict) -> str:
              f"<h1>{esc(rep['title'])}</h1>"]
     if rep["kind"] == "run":
         best = rep.get("best") or {}
+        test, n_val = rep.get("test"), rep.get("n_val")
+        val = f"{pct(best.get('val_acc'))} {pm_text(best.get('val_acc'), n_val)}".strip()
+        if test and test.get("accuracy") is not None:
+            lead = (f"test accuracy <b>{pct(test['accuracy'])} {pm_text(test['accuracy'], test.get('n'))}</b> "
+                    f"({esc(test.get('n'))} held-out images) &middot; val {val} (the set that selected best.pt)")
+        else:
+            lead = f"best val accuracy <b>{val}</b>"
         parts.append(f"<p class='sub'>model <b>{esc(rep['model'])}</b> &middot; recipe <b>{esc(rep['recipe_name'])}"
-                     f"</b> &middot; best val accuracy <b>{pct(best.get('val_acc'))}</b> at epoch "
-                     f"{esc(best.get('epoch'))} of {len(rep['epochs'])} &middot; {esc(rep['wall']['run_started'])}"
-                     "</p>")
+                     f"</b> &middot; {lead} at epoch {esc(best.get('epoch'))} of {len(rep['epochs'])} &middot; "
+                     f"{esc(rep['wall']['run_started'])}</p>")
+        if rep.get("findings"):
+            parts.append(_findings_html(rep["findings"]))
         parts.append("<h2>Learning curves</h2>")
         parts.append(f'<img class="fig" id="fig-curves" src="{rep["figure_curves"]}" alt="learning curves">'
                      if rep["figure_curves"] else "<p>No epochs recorded.</p>")
         if rep["unfreeze"]:
             parts.append("<p>Unfreeze steps (dashed lines): " + ", ".join(
                 f"epoch {e}: {esc(w)}" for e, w in rep["unfreeze"]) + "</p>")
-        parts.append(f"<h2>Evaluation of best.pt (epoch {esc(rep['best_epoch_in_ckpt'])}) on the val set</h2>")
+        if test and test.get("accuracy") is not None:
+            parts.append(f"<h2>Evaluation of best.pt (epoch {esc(rep['best_epoch_in_ckpt'])}) on the test set</h2>"
+                         + _test_html(test, rep.get("monitor") or "val_acc", rep["run_dir"]))
+            parts.append("<h2>Evaluation of best.pt on the val set (which selected it)</h2>")
+        else:
+            parts.append(f"<h2>Evaluation of best.pt (epoch {esc(rep['best_epoch_in_ckpt'])}) on the val set</h2>")
     else:
         parts.append(f"<p class='sub'>model <b>{esc(rep['model'])}</b> &middot; checkpoint {esc(rep['checkpoint'])}"
                      f" &middot; data {esc(rep['data_path'])} ({esc(rep['split'])} split) &middot; loss "

@@ -124,7 +124,7 @@ class TensorBoard(Callback):
                 self.writer.add_graph(model, sample)
         except Exception as e:  # noqa: BLE001 - some models don't trace; the graph is optional
             log.warning(f"TensorBoard graph skipped: the model does not trace ({type(e).__name__}); "
-                        "set train.graph: false to silence this")
+                        "leave --graph off (train.graph: false) to silence this")
         finally:
             model.train(was)
 
