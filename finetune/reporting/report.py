@@ -527,10 +527,12 @@ def environment(picked: dict[str, str], ckpt: dict) -> dict[str, str]:
            "processes": picked.get("processes", str(ckpt.get("world_size", 1))),
            "finetune (run)": str(ckpt.get("finetune_version", "?")), "python": platform.python_version(),
            "torch": torch.__version__, "platform": platform.platform(terse=True)}
-    for mod in ("torchvision", "timm"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for mod in ("torchvision", "timm"):  # the installed versions, without importing them (timm: ~2 s)
         try:
-            env[mod] = __import__(mod).__version__
-        except ImportError:  # pragma: no cover
+            env[mod] = version(mod)
+        except PackageNotFoundError:  # pragma: no cover
             pass
     return env
 
