@@ -202,3 +202,19 @@ print(r.from_store, "timm" in sys.modules, "torchvision" in sys.modules, len(dec
     assert [o.returncode for o in outs] == [0, 0], outs[1].stderr[-2000:]
     assert outs[0].stdout.split()[:3] == ["False", "True", "True"]
     assert outs[1].stdout.split() == ["True", "False", "False", "0"]
+
+
+def test_cache_clear_removes_kept_backbones(data, weights, tmp_path, cli):
+    P.probe(["smallcnn"], weights=weights, data=str(data), out=tmp_path / "p1", **KW)
+    entry = next(p for p in _root().iterdir() if p.is_dir())
+    size = sum(f.stat().st_size for f in entry.iterdir())
+    assert cli("cache", "clear", "--older-than", "1d").stdout.startswith("removed 0 entries (0 B)")
+    assert entry.is_dir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    (_root() / ("f" * 64)).symlink_to(outside)  # a link in the store is never followed
+    r = cli("cache", "clear")
+    assert r.stdout.startswith("removed 2 entries and 1 kept backbones (") and not entry.exists()
+    assert (outside / "keep.txt").read_text() == "mine"
+    assert size > 10_000  # the smallcnn's tensors

@@ -8,8 +8,9 @@ from typing import Optional
 
 import typer
 
-HELP = ("Show or free the feature cache: frozen-backbone features that probe and train reuse. An entry is used "
-        "only for the same images (path, size, mtime, label and a hash of the bytes), model, weights, split point, "
+HELP = ("Show or free the feature cache: frozen-backbone features that probe and train reuse (and the backbones "
+        "kept beside them, so that a head-only rerun need not build the model). An entry is used only for the same "
+        "images (path, size, mtime, label and a hash of the bytes), model, weights, split point, "
         "transform and precision, and only when it matches the data set (rows, labels, feature shape, finite "
         "values); otherwise it is recomputed. A full or read-only cache folder: features are kept in memory.")
 
@@ -70,8 +71,10 @@ def clear(cache_dir: Optional[str] = CACHE_DIR,
     age = featstore.parse_age(older_than) if older_than is not None else None
     r = featstore.clear(cache_dir, age)
     extra = f", {r.unfinished} of them unfinished" if r.unfinished else ""
+
     freed = featstore.size_text(r.freed)
-    typer.echo(f"removed {r.removed} entries ({freed}{extra}) from {featstore.features_dir(cache_dir)}")
+    kept = f" and {r.backbones} kept backbones" if r.backbones else ""
+    typer.echo(f"removed {r.removed} entries{kept} ({freed}{extra}) from {featstore.features_dir(cache_dir)}")
     if r.busy:
         typer.echo(f"kept {r.busy} unfinished entries that a running process is still writing")
     if r.failed:

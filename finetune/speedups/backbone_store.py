@@ -174,24 +174,31 @@ def save(cfg, bb, data_cfg: dict[str, Any], cache_dir=None) -> bool:
 
 
 def clear(cache_dir=None, older_than: float | None = None) -> tuple[int, int]:
-    """Remove stored backbones (those unused for ``older_than`` seconds, or all): ``(entries removed, bytes)``."""
+    """Remove stored backbones (those unused for more than ``older_than`` seconds, or all) and leftovers of
+    interrupted writes: ``(entries removed, bytes freed)``. Never follows a symbolic link."""
+    from finetune.speedups.feature_store import _remove
+
     root = _root(cache_dir)
-    if root is None or not root.is_dir():
+    if root is None or not root.is_dir() or root.is_symlink():
         return 0, 0
     removed = freed = 0
     now = time.time()
-    for p in root.iterdir():
+    for p in sorted(root.iterdir()):
         try:
-            last = (p / "record.json").stat().st_mtime if p.is_dir() else p.stat().st_mtime
-            if older_than is not None and now - last < older_than:
+            if p.is_symlink() or not (p.is_dir() or p.suffix == ".json"):
                 continue
-            size = sum(f.stat().st_size for f in p.iterdir()) if p.is_dir() else p.stat().st_size
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
+            if p.is_dir():
+                stamp = p / "record.json"
+                last = stamp.stat().st_mtime if stamp.is_file() else p.stat().st_mtime
+                if older_than is not None and now - last <= older_than and not p.name.startswith("."):
+                    continue
+                gone, size, _ = _remove(p)
+                removed += gone and not p.name.startswith(".")
+                freed += size
+            elif older_than is None:  # the data-config index: rewritten by the next run that keeps a backbone
+                size = p.stat().st_size
                 p.unlink()
-            removed += p.suffix != ".json"
-            freed += size
+                freed += size
         except OSError:
             continue
     return removed, freed
