@@ -1,0 +1,177 @@
+"""The messages a new user reads (issue #30, items 5, 6 and 9): exact texts."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+
+from finetune.cli.progress import RichReporter, duration
+from finetune.errors import flag_names, how_to_set, option, stopped_line, suggest
+
+# ------------------------------------------------------------------- progress lines without a terminal (item 6)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _reporter(clock: Clock, every: float = 30) -> RichReporter:
+    return RichReporter(console=Console(file=io.StringIO()), every=every, clock=clock)  # not a terminal
+
+
+def _run(epochs: int, until: int | None = None):
+    feats = None if until is None else SimpleNamespace(until=until)
+    return SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(epochs=epochs)), feats=feats)
+
+
+def _epoch(rep, run, clock, epoch, phase="full model", batches=10, per_batch=10.0, val=10.0, first=0,
+           val_batches=2):
+    rep.on_epoch_start(run, epoch, SimpleNamespace(name=phase, train_loader=range(batches)))
+    for i in range(first, batches):
+        clock.t += per_batch
+        rep.on_train_batch_end(i, batches, 0.5 + i / 100, 0.25 + i / 100, 3.14)
+    rep.on_eval_start(val_batches)
+    for i in range(val_batches):
+        clock.t += val / val_batches
+        rep.on_eval_batch(i, val_batches)
+    rep.on_epoch_end(run, {"epoch": epoch + 1, "train_loss": 0.5, "train_acc": 0.5, "val_loss": 0.4, "val_acc": 0.6,
+                           "lr": 0.01, "seconds": per_batch * batches, "images_per_sec": 3.2})
+
+
+def test_without_a_terminal_a_progress_line_with_the_eta_comes_every_30_seconds(capsys):
+    clock = Clock()
+    rep, run = _reporter(clock), _run(3)
+    _epoch(rep, run, clock, 0)
+    _epoch(rep, run, clock, 1, per_batch=5.0)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        # 30 s into epoch 1: 3 of 10 batches in 30 s -> 70 s left; each later epoch like this one (100 s)
+        "epoch 1/3  batch 3/10 (30%)  loss 0.5200  acc 27.0%  3.1 img/s  ETA epoch 1m10s, run 4m30s",
+        "epoch 1/3  batch 6/10 (60%)  loss 0.5500  acc 30.0%  3.1 img/s  ETA epoch 40s, run 4m00s",
+        "epoch 1/3  batch 9/10 (90%)  loss 0.5800  acc 33.0%  3.1 img/s  ETA epoch 10s, run 3m30s",
+        "epoch 1/3  train loss 0.5000 acc 50.0%  val loss 0.4000 acc 60.0%  lr 0.01  100.0s 3 img/s",
+        # epoch 2 at 5 s a batch; the last epoch is counted at epoch 1's measured 110 s (validation included)
+        "epoch 2/3  batch 6/10 (60%)  loss 0.5500  acc 30.0%  3.1 img/s  ETA epoch 20s, run 2m10s",
+        "epoch 2/3  train loss 0.5000 acc 50.0%  val loss 0.4000 acc 60.0%  lr 0.01  50.0s 3 img/s",
+    ]
+
+
+def test_a_long_validation_gets_progress_lines_too_and_short_epochs_print_only_their_row(capsys):
+    clock = Clock()
+    rep, run = _reporter(clock), _run(1)
+    _epoch(rep, run, clock, 0, batches=2, per_batch=1.0, val=80.0, val_batches=4)
+    assert capsys.readouterr().err.splitlines() == [
+        "epoch 1/1  validating: batch 2/4 (50%)",  # 20 s a batch: at 42 s and 82 s, not at the last batch
+        "epoch 1/1  train loss 0.5000 acc 50.0%  val loss 0.4000 acc 60.0%  lr 0.01  2.0s 3 img/s"]
+    _epoch(rep, run, clock, 0, batches=2, per_batch=1.0, val=2.0)
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_the_run_eta_is_left_out_while_the_cached_head_trains_and_a_resumed_epoch_counts_its_own_batches(capsys):
+    clock = Clock()
+    rep = _reporter(clock, every=20)
+    _epoch(rep, _run(3, until=1), clock, 0, phase="cached head", batches=4)  # the full model's epochs: unknown yet
+    _epoch(rep, _run(3, until=1), clock, 1, batches=10, first=6)  # resumed at batch 7 of 10
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln for ln in lines if "train loss" not in ln] == [
+        "epoch 1/3  batch 2/4 (50%)  loss 0.5100  acc 26.0%  3.1 img/s  ETA epoch 20s",
+        "epoch 1/3  validating: batch 1/2 (50%)",
+        # 2 batches in 20 s since the resume: 20 s left, and the last epoch's 10 batches at that pace
+        "epoch 2/3  batch 8/10 (80%)  loss 0.5700  acc 32.0%  3.1 img/s  ETA epoch 20s, run 2m00s",
+        "epoch 2/3  validating: batch 1/2 (50%)"]
+
+
+def test_quiet_prints_nothing_and_the_interval_comes_from_the_environment(capsys, monkeypatch):
+    from finetune.errors import ConfigError
+
+    clock = Clock()
+    rep = RichReporter(quiet=True, console=Console(file=io.StringIO()), every=1, clock=clock)
+    _epoch(rep, _run(1), clock, 0)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("FINETUNE_PROGRESS_SECONDS", "2.5")
+    assert RichReporter(console=Console(file=io.StringIO())).every == 2.5
+    monkeypatch.setenv("FINETUNE_PROGRESS_SECONDS", "soon")
+    with pytest.raises(ConfigError) as e:
+        RichReporter(console=Console(file=io.StringIO()))
+    assert str(e.value) == "FINETUNE_PROGRESS_SECONDS must be a positive number of seconds, got 'soon'"
+
+
+def test_durations():
+    assert [duration(s) for s in (0, 44.6, 60, 250, 3599, 3600, 3900, 90000)] == \
+        ["0s", "45s", "1m00s", "4m10s", "59m59s", "1h00m", "1h05m", "25h00m"]
+
+
+# ------------------------------------------------------------------------------------------ suggestions (item 9f)
+
+
+def test_names_that_complete_the_typed_prefix_come_first():
+    lite = [f"tf_efficientnet_lite{i}" for i in (4, 3, 2, 1, 0)] + ["tf_efficientnet_b0", "efficientnet_lite0"]
+    assert suggest("tf_efficientnet_lite", lite) == (" (did you mean 'tf_efficientnet_lite0', "
+                                                     "'tf_efficientnet_lite1', 'tf_efficientnet_lite2'?)")
+    assert suggest("resnet", ["resnet101", "resnet50", "resnet18", "seresnet50"], n=2) == \
+        " (did you mean 'resnet18', 'resnet50'?)"
+    assert suggest("epoch", ["epochs", "seed"]) == " (did you mean 'epochs'?)"
+    # no prefix match: difflib's ranking, as before
+    assert suggest("layr1", ["layer1", "layer2", "conv1"], n=1) == " (did you mean 'layer1'?)"
+
+
+def test_timm_lite_prefix_suggests_lite0_first():
+    timm = pytest.importorskip("timm")
+    assert suggest("tf_efficientnet_lite", timm.list_models()) == (
+        " (did you mean 'tf_efficientnet_lite0', 'tf_efficientnet_lite1', 'tf_efficientnet_lite2'?)")
+
+
+# ------------------------------------------------------------------------------------ a stop is no error (item 9c)
+
+
+def test_a_stop_reads_as_one_stopped_line():
+    assert stopped_line("interrupted; nothing was written") == "Stopped; nothing was written"
+    assert stopped_line("interrupted before the first checkpoint; nothing to resume in 'r'") == \
+        "Stopped before the first checkpoint; nothing to resume in 'r'"
+    assert stopped_line("the job ended") == "Stopped: the job ended"
+
+
+def test_ctrl_c_in_train_prints_stopped_and_exits_130(cli, monkeypatch, tmp_path):
+    from finetune import api
+    from finetune.errors import Interrupted
+
+    def stop(*a, **k):
+        raise Interrupted(f"interrupted; the last checkpoint is in '{tmp_path}': continue with finetune train "
+                          f"--resume {tmp_path}")
+
+    monkeypatch.setattr(api, "train", stop)
+    r = cli("train", "--quiet", "--out", tmp_path / "o")
+    assert r.exit_code == 130
+    assert r.stderr == (f"Stopped; the last checkpoint is in '{tmp_path}': continue with finetune train --resume "
+                        f"{tmp_path}\n")
+
+
+def test_a_stopped_nproc_worker_reads_as_stopped_too(cli, monkeypatch):
+    from finetune.parallel.launcher import WorkerError
+
+    def stopped(*a, **k):
+        raise WorkerError("interrupted; nothing was written", 130)
+
+    monkeypatch.setattr("finetune.api.train", stopped)
+    r = cli("train", "--quiet")
+    assert r.exit_code == 130 and r.stderr == "Stopped; nothing was written\n"
+
+
+# ------------------------------------------------------------ settings named for the caller: flag or key (item 9h)
+
+
+def test_messages_name_a_key_in_library_use_and_its_flag_under_the_cli():
+    assert option("model.weights") == "model.weights" and option("model.weights", "none") == "model.weights='none'"
+    assert how_to_set("model.weights") == "set model.weights"
+    with flag_names(lambda: {"model.weights": "--weights"}):
+        assert option("model.weights") == "--weights" and option("model.weights", "none") == "--weights none"
+        assert how_to_set("model.weights") == "pass --weights"
+        assert option("train.nothing") == "train.nothing"
+    assert option("model.weights") == "model.weights"
