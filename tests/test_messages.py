@@ -175,3 +175,83 @@ def test_messages_name_a_key_in_library_use_and_its_flag_under_the_cli():
         assert how_to_set("model.weights") == "pass --weights"
         assert option("train.nothing") == "train.nothing"
     assert option("model.weights") == "model.weights"
+
+
+# ------------------------------------------------------ the recipe's description after --model (item 9g)
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """The recipe `finetune train` would run (api.train replaced: nothing trains)."""
+    seen = []
+    monkeypatch.setattr("finetune.api.train", lambda r, **kw: seen.append(r))
+    return seen
+
+
+@pytest.mark.parametrize("args, name, description", [
+    (["--recipe", "full-finetune", "--model", "timm:tf_efficientnet_lite0"], "full-finetune (model overridden)",
+     "timm:tf_efficientnet_lite0 (ImageNet weights), all trainable, backbone at 0.1x the head's LR -- model "
+     "overridden: timm:tf_efficientnet_lite0 instead of resnet18"),
+    (["--recipe", "linear-probe", "--model", "resnet18d"], "linear-probe (model overridden)",
+     "pretrained backbone frozen, only the new head trained (AdamW, on cached features) -- model overridden: "
+     "resnet18d instead of resnet18"),
+    (["--model", "timm:tf_efficientnet_lite0"], "lp-ft",
+     "pretrained backbone; head first on cached features (1 epoch), then all layers at 0.1x LR (LP-FT)"),
+    (["--model", "resnet18", "--freeze-backbone"], "resnet18-cli",
+     "resnet18 from its pretrained weights, configured from the command line"),
+    (["--model", "resnet18", "--weights", "none"], "resnet18-cli",
+     "resnet18 from random init, configured from the command line"),
+    (["--model", "resnet18", "--weights", "w.pth", "--freeze-first", "3"], "resnet18-cli",
+     "resnet18 from weights 'w.pth', configured from the command line"),
+])
+def test_the_description_names_the_model_that_runs(cli, ran, args, name, description):
+    r = cli("train", "--quiet", *args)
+    assert r.exit_code == 0, r.stderr
+    assert (ran[0].model.name, ran[0].name, ran[0].description) == (args[args.index("--model") + 1], name,
+                                                                    description)
+
+
+def _warnings(fn) -> list[str]:
+    import logging
+
+    records: list[str] = []
+
+    class H(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    log = logging.getLogger("finetune")
+    h = H(level=logging.WARNING)
+    log.addHandler(h)
+    try:
+        fn()
+    finally:
+        log.removeHandler(h)
+    return records
+
+
+def test_the_random_init_warning_says_weights_to_a_python_user_and_the_flag_under_the_cli():
+    from finetune.run.assemble import warn_plan
+
+    cfg = SimpleNamespace(freeze=SimpleNamespace(schedule=[]), train=SimpleNamespace(epochs=1))
+    warn = lambda: warn_plan(cfg, SimpleNamespace(weights="none"), SimpleNamespace(frozen=["a", "b"]), False)  # noqa
+    text = "2 parameter tensors are frozen at random init (weights: none): they will stay random; {} (pretrained " \
+           "or a file) or drop the freeze plan"
+    assert _warnings(warn) == [text.format("set model.weights")]
+    with flag_names({"model.weights": "--weights"}):
+        assert _warnings(warn) == [text.format("pass --weights")]
+
+
+def test_the_cache_note_names_the_setting_not_a_flag_the_user_never_typed():
+    """lp-ft sets cache_features: on; the note says so and what changes it, under the CLI by its flag."""
+    from finetune.cli.options import flag_map
+    from finetune.speedups.feature_cache import forced_note
+
+    forced = ["augment light is random; the cache uses the eval transform", "mixup/cutmix mixes the images"]
+    tail = "; ".join(forced)
+    assert forced_note([]) == ""
+    with flag_names(flag_map):
+        assert forced_note(forced) == (f"; {tail} (cache_features: on; with --cache-features auto this run would "
+                                       "train without the cache)")
+    assert forced_note(forced) == (f"; {tail} (cache_features: on; with train.cache_features='auto' this run would "
+                                   "train without the cache)")
