@@ -255,3 +255,15 @@ def test_the_cache_note_names_the_setting_not_a_flag_the_user_never_typed():
                                        "train without the cache)")
     assert forced_note(forced) == (f"; {tail} (cache_features: on; with train.cache_features='auto' this run would "
                                    "train without the cache)")
+
+
+# ------------------------------------------------------------------- a file that is no checkpoint (item 9d)
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"PK\x03\x04 not really a zip", bytes(range(256)) * 4])
+def test_a_file_that_is_no_checkpoint_gets_one_clean_line(cli, tmp_path, content):
+    p = tmp_path / "model.pt"
+    p.write_bytes(content)
+    r = cli("eval", p)
+    assert r.exit_code == 1
+    assert r.stderr == f"Error: cannot read checkpoint '{p}': not a PyTorch file or truncated\n"
