@@ -267,3 +267,52 @@ def test_a_file_that_is_no_checkpoint_gets_one_clean_line(cli, tmp_path, content
     r = cli("eval", p)
     assert r.exit_code == 1
     assert r.stderr == f"Error: cannot read checkpoint '{p}': not a PyTorch file or truncated\n"
+
+
+# ------------------------------------------------------------- every error of a recipe at once (item 9e)
+
+
+def test_a_bad_recipe_reports_all_its_errors_in_one_line_in_file_order(cli, tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  name: resnet18\n  weigths: default\ndata:\n  augment: heavy\noptimizer:\n  lr: -1\n"
+                 "train:\n  epochs: 0\n  batch_size: 32\n", encoding="utf-8")
+    r = cli("train", "--recipe", p)
+    assert r.exit_code == 1
+    assert r.stderr == (
+        f"Error: recipe '{p}' has 4 errors: (1) line 3: unknown key 'model.weigths' (did you mean 'weights'?); "
+        "valid keys in model: name, weights, num_classes, drop_rate, drop_path_rate; (2) line 5: data.augment must "
+        "be one of none, light, strong, got 'heavy'; (3) line 7: optimizer.lr must be greater than 0, got -1.0; "
+        "(4) line 9: train.epochs must be greater than 0, got 0\n")
+
+
+def test_one_error_reads_as_before_and_several_flags_are_each_named(cli, tmp_path):
+    r = cli("train", "--lr", "-1", "--out", tmp_path / "o")
+    assert r.stderr == "Error: --lr: optimizer.lr must be greater than 0, got -1.0\n"
+    r = cli("train", "--lr", "-1", "--epochs", "0", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and r.stderr == ("Error: the command has 2 errors: (1) --lr: optimizer.lr must be greater "
+                                             "than 0, got -1.0; (2) --epochs: train.epochs must be greater than 0, "
+                                             "got 0\n")
+
+
+def test_library_errors_in_lists_sections_and_cross_checks_are_all_reported():
+    from finetune import config
+    from finetune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        config.from_dict({"freeze": {"schedule": [{"epoch": 0, "layers": ["a"]}, {"epoch": 2, "layers": 5}]},
+                          "optimizer": {"momentum": "x"}})
+    assert str(e.value) == ("the recipe has 3 errors: (1) freeze.schedule[0].epoch must be at least 1 (epochs count "
+                            "from 1, as the logs do), got 0; (2) freeze.schedule[1].layers must be a list of strings, "
+                            "got 5; (3) optimizer.momentum must be a number, got 'x'")
+    assert [x.key for x in e.value.errors] == ["freeze.schedule[0].epoch", "freeze.schedule[1].layers",
+                                               "optimizer.momentum"]
+    with pytest.raises(ConfigError) as e:
+        config.from_dict({"optimizer": {"lr": 0.01}, "scheduler": {"min_lr": 0.1, "warmup_epochs": 9},
+                          "train": {"epochs": 2}})
+    assert str(e.value) == ("the recipe has 2 errors: (1) scheduler.min_lr (0.1) must not be above optimizer.lr "
+                            "(0.01): the schedule would raise the LR; (2) scheduler.warmup_epochs (9) must not be "
+                            "more than train.epochs (2): the LR would never reach optimizer.lr")
+    with pytest.raises(ConfigError) as e:
+        config.from_dict({"train": {f"k{i}": 1 for i in range(12)}})
+    assert str(e.value).startswith("the recipe has 12 errors: (1) unknown key 'train.k0'; valid keys in train: ")
+    assert str(e.value).endswith("; and 2 more") and "(10) unknown key 'train.k9'" in str(e.value)
