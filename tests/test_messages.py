@@ -316,3 +316,56 @@ def test_library_errors_in_lists_sections_and_cross_checks_are_all_reported():
         config.from_dict({"train": {f"k{i}": 1 for i in range(12)}})
     assert str(e.value).startswith("the recipe has 12 errors: (1) unknown key 'train.k0'; valid keys in train: ")
     assert str(e.value).endswith("; and 2 more") and "(10) unknown key 'train.k9'" in str(e.value)
+
+
+# ---------------------------------------------------------------------- predict: low confidence (item 5)
+
+
+ROWS = [{"path": "p/bee.jpg", "name": "bee.jpg", "top": [{"label": "lined", "prob": 0.41}, {"label": "dotted",
+                                                                                             "prob": 0.30}]},
+        {"path": "p/zebra.jpg", "name": "zebra.jpg", "top": [{"label": "striped", "prob": 0.93},
+                                                             {"label": "lined", "prob": 0.05}]},
+        {"path": "p/nan.jpg", "name": "nan.jpg", "top": [{"label": "lined", "prob": float("nan")},
+                                                         {"label": "dotted", "prob": float("nan")}]}]
+
+
+@pytest.fixture
+def predicted(monkeypatch):
+    monkeypatch.setattr("finetune.api.predict", lambda *a, **k: [dict(r) for r in ROWS])
+
+
+def test_predict_marks_low_confidence_in_the_table_with_a_closing_line(cli, predicted):
+    r = cli("predict", "run/best.pt", "p", "-k", "2")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "3 images",
+        "image      #1             #2",
+        "bee.jpg    lined 41.0%    dotted 30.0%  low confidence",
+        "zebra.jpg  striped 93.0%  lined 5.0%",
+        "nan.jpg    lined nan%     dotted nan%   low confidence",
+        "2 of 3 predictions marked low confidence: top-1 probability below 50%: the image may belong to none of the "
+        "model's classes, or look like several (--min-confidence sets the threshold, 0 = off)"]
+    r = cli("predict", "run/best.pt", "p", "-k", "2", "--min-confidence", "0.95")
+    assert r.stdout.splitlines()[-1].startswith("3 of 3 predictions marked low confidence: top-1 probability below "
+                                                "95%:")
+    r = cli("predict", "run/best.pt", "p", "-k", "2", "--min-confidence", "0")
+    assert "low confidence" not in r.stdout and len(r.stdout.splitlines()) == 5
+
+
+def test_predict_csv_and_json_say_low_confidence(cli, predicted):
+    import json
+
+    r = cli("predict", "run/best.pt", "p", "--csv", "--min-confidence", "0.4")
+    assert r.stdout.splitlines() == ["image,label_1,prob_1,label_2,prob_2,low_confidence",
+                                     "p/bee.jpg,lined,0.410000,dotted,0.300000,false",
+                                     "p/zebra.jpg,striped,0.930000,lined,0.050000,false",
+                                     "p/nan.jpg,lined,nan,dotted,nan,true"]
+    r = cli("predict", "run/best.pt", "p", "--json")
+    assert [(x["name"], x["low_confidence"]) for x in json.loads(r.stdout)] == [
+        ("bee.jpg", True), ("zebra.jpg", False), ("nan.jpg", True)]
+
+
+def test_min_confidence_is_a_probability(cli, predicted):
+    r = cli("predict", "run/best.pt", "p", "--min-confidence", "50")
+    assert r.exit_code == 1
+    assert r.stderr == "Error: --min-confidence is a probability from 0 to 1 (0 = off), got 50\n"
