@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.run.checkpoint import EXPORT_SUFFIX, export_weights, finite_json  # noqa: F401 - torch only inside
 from finetune.tools.export import FORMATS as EXPORT_FORMATS, export as export_model  # noqa: F401 - likewise
-from finetune.config import (Recipe, apply_overrides, describe, load_recipe, recipe_flags, recipe_names,  # noqa: F401
-                             recipe_path, recipes_dir)
+from finetune.config import (Recipe, apply_overrides, describe, load_recipe, many_errors,  # noqa: F401
+                             recipe_flags, recipe_names, recipe_path, recipes_dir)
 from finetune.config import catalog, preflight  # noqa: F401 - torch-free: names and the checks before a run
 from finetune.errors import (CheckpointError, ConfigError, DataError, FinetuneError, FreezeError,  # noqa: F401
-                             shown)
+                             Interrupted, flag_names, shown, stopped_line)
 from finetune.run.lr_find import FILES as LR_FIND_FILES, lr_find  # noqa: F401 - torch only inside the functions
 from finetune.parallel.launcher import report_worker_error  # noqa: F401 - --nproc workers: errors reach the user once
 from finetune.files import trusted  # noqa: F401

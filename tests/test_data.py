@@ -182,7 +182,7 @@ def test_prefix_longest_match_wins_and_unlabelled_files_are_left_out(tmp_path, l
     assert sorted(labels_of(b.train)) == [("cat_1.png", "cat"), ("catfish_1.png", "fish"),
                                           ("catfish_2.png", "fish"), ("dog_1.png", "dog")]
     assert b.unlabeled == [str(tmp_path / "zebra.png")]
-    assert logs == [f"1 images match no --labels rule and are left out (first: '{tmp_path / 'zebra.png'}')"]
+    assert logs == [f"1 images match no data.labels rule and are left out (first: '{tmp_path / 'zebra.png'}')"]
 
 
 def test_regex_labels_first_group(tmp_path):

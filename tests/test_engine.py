@@ -218,3 +218,27 @@ def _read_by_engine(reads: list, name: str) -> None:
     frames = traceback.extract_stack()[:-2]
     if frames and frames[-1].filename.replace("\\", "/").endswith("finetune/training/engine.py"):
         reads.append((name, frames[-1].lineno))
+
+
+def test_the_running_loss_and_accuracy_shown_are_means_over_the_same_images(monkeypatch):
+    """Between two device reads the bar repeats the latest read: loss and accuracy are both the means over the images
+    of that read (they were the read's sums over the current image count: both shrunk, "loss 0.0467 acc 32.3%")."""
+    monkeypatch.setattr("finetune.training.engine.PROGRESS_EVERY", 1e9)  # read at the first and the last batch only
+    logits = torch.tensor([[4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0], [4.0, 0, 0],
+                           [0, 4.0, 0], [4.0, 0, 0], [0, 0, 4.0], [0, 4.0, 0]])
+    y = torch.tensor([0, 0, 2, 0, 1, 2, 2, 1])  # batches of 2: correct 1, 2, 1, 2
+    model = Fixed(logits)
+    shown = []
+
+    class Bar(Callback):
+        def on_train_batch_end(self, i, batches, loss, acc, images_per_sec):
+            shown.append((loss, acc))
+
+    x = torch.arange(8.0)[:, None]
+    out = train_one_epoch(model, DataLoader(TensorDataset(x, y), batch_size=2),
+                          Step(torch.optim.SGD(model.parameters(), lr=0.0), nn.CrossEntropyLoss(),
+                               torch.device("cpu")), 0, callbacks=[Bar()])
+    first = (nn.functional.cross_entropy(logits[:2], y[:2]).item(), 0.5)
+    assert shown[:3] == [first] * 3
+    assert shown[3] == (out["loss"], out["acc"]) and out["acc"] == 6 / 8
+    assert out["loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item())

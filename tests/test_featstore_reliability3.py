@@ -64,7 +64,7 @@ def test_too_little_free_space_keeps_features_in_memory_with_one_warning(data, m
     root = featstore.features_dir()
     assert messages(caplog, "feature cache") == [
         f"feature cache: 4.9 KB free on the disk of '{root}', the features need 10.2 KB (+ 64.0 MB spare); keeping "
-        "them in memory this run (free some space, e.g. 'finetune cache clear', or point --cache-dir / "
+        "them in memory this run (free some space, e.g. 'finetune cache clear', or point data.cache_dir / "
         "FINETUNE_CACHE elsewhere)"]
     assert not got.from_store and same(got, want)
     assert store_files() == []  # not even the features/ folder's temporary directories
@@ -84,7 +84,7 @@ def test_full_disk_while_reserving_the_file_is_a_warning_not_a_bus_error(data, m
     root = featstore.features_dir()
     assert messages(caplog, "feature cache") == [
         f"feature cache: cannot write to '{root}' ([Errno 28] No space left on device); keeping the features in "
-        "memory this run (free some space, e.g. 'finetune cache clear', or point --cache-dir / FINETUNE_CACHE "
+        "memory this run (free some space, e.g. 'finetune cache clear', or point data.cache_dir / FINETUNE_CACHE "
         "elsewhere)"]
     assert not got.from_store and same(got, want)
     assert store_files() == []  # the temporary entry is gone

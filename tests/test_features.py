@@ -89,7 +89,9 @@ def test_cache_on_with_random_augment_uses_the_eval_transform_and_says_so(tmp_pa
     _, _, cap = run(tmp_path, "on", **{"data.augment": "light", "train.cache_features": "on", "train.epochs": 1})
     assert cap.info["feature_cache"] == "used"
     note = next(n for n in cap.notes if n.startswith("frozen-feature cache"))
-    assert "--cache-features on: augment light is random; the cache uses the eval transform" in note
+    # library use: the setting by its recipe key (the CLI names --cache-features; test_messages.py)
+    assert note.endswith("; augment light is random; the cache uses the eval transform (cache_features: on; with "
+                         "train.cache_features='auto' this run would train without the cache)")
 
 
 def decide(model="smallcnn", **over):

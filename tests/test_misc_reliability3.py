@@ -211,7 +211,7 @@ def test_sigterm_mid_probe_exits_130_with_one_line_and_leaves_no_temp_feature_di
     r = _sigterm_mid(tmp_path, "finetune.speedups.feature_store.save", "probe", "--data", data, "--val-split", "0.3",
                      "--out", run, "--quiet", *SMALLCNN)
     assert r.returncode == 130, r.stderr  # Ctrl-C's code, not death by signal (-15)
-    assert r.stderr.splitlines() == ["Error: interrupted; nothing was written"]
+    assert r.stderr.splitlines() == ["Stopped; nothing was written"]
     assert r.stdout == ""
     assert [p.name for p in cache.rglob("*") if ".tmp" in p.name] == []  # the store's temp entry is gone
     assert not run.exists()
@@ -239,7 +239,7 @@ def test_sigterm_mid_export_exits_130_and_leaves_no_partial_file(trained, tmp_pa
                      "torchscript",
                      "--out", out)
     assert r.returncode == 130, r.stderr
-    assert r.stderr.splitlines() == ["Error: interrupted; nothing was written"] and r.stdout == ""
+    assert r.stderr.splitlines() == ["Stopped; nothing was written"] and r.stdout == ""
     assert sorted(p.name for p in out.parent.iterdir()) == []
 
 
@@ -251,7 +251,7 @@ def test_sigterm_mid_lr_find_exits_130_and_writes_nothing(tmp_path):
     r = _sigterm_mid(tmp_path, "finetune.run.lr_find.range_test", "lr-find", "--data", data, "--out", out, "--quiet",
                      "--precision", "fp32", *SMALLCNN)
     assert r.returncode == 130, r.stderr
-    assert r.stderr.splitlines() == ["Error: interrupted; nothing was written"] and r.stdout == ""
+    assert r.stderr.splitlines() == ["Stopped; nothing was written"] and r.stdout == ""
     assert not out.exists()
 
 

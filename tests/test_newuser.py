@@ -70,13 +70,13 @@ def test_predict_skips_unreadable_images_and_shows_whole_names(small_run, tmp_pa
     assert r.stderr == f"warning: skipping unreadable image '{bad}': not an image (unknown format)\n"
     lines = r.stdout.splitlines()
     assert lines[0] == "40 images" and lines[1].split() == ["image", "#1"]
-    assert [ln.split()[0] for ln in lines[2:]] == [f"bees_with_a_long_folder_name/{n}" for n in names]
+    assert [ln.split()[0] for ln in lines[2:42]] == [f"bees_with_a_long_folder_name/{n}" for n in names]
     r = cli("predict", small_run / "best.pt", folder, "--strict")
     assert r.exit_code == 1 and r.stderr == (f"Error: cannot read image '{bad}': not an image (unknown format) "
                                              "(--strict; without it the file is skipped)\n")
     r = cli("predict", small_run / "best.pt", folder / "bees_with_a_long_folder_name" / names[0], "--csv", "-k", "2")
     rows = r.stdout.splitlines()
-    assert rows[0] == "image,label_1,prob_1,label_2,prob_2" and len(rows) == 2
+    assert rows[0] == "image,label_1,prob_1,label_2,prob_2,low_confidence" and len(rows) == 2
     assert rows[1].startswith(str(folder / "bees_with_a_long_folder_name" / names[0]) + ",")
     r = cli("predict", small_run / "best.pt", folder / "bees_with_a_long_folder_name" / names[0])
     assert r.stdout.splitlines()[0] == "1 image"

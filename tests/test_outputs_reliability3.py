@@ -75,11 +75,11 @@ def test_predict_csv_cells_cannot_be_formulas_and_json_stays_exact(run, pics, cl
     assert r.exit_code == 0, r.stderr
     _no_controls(r.stdout)
     rows = list(csv.reader(io.StringIO(r.stdout)))
-    assert rows[0] == ["image"] + [f"{c}_{i}" for i in range(1, 7) for c in ("label", "prob")]
+    assert rows[0] == ["image"] + [f"{c}_{i}" for i in range(1, 7) for c in ("label", "prob")] + ["low_confidence"]
     assert sorted(row[0] for row in rows[1:]) == sorted(["'=cmd.png", "'+y.png", "'-z.png", "'@x.png",
                                                          "\\x1b]8;;http:/evil\\x07.png"])
     for row in rows[1:]:
-        assert sorted(row[1::2]) == sorted(["'" + FORMULA, MARKUP, OSC_SHOWN, "a$b", "$x^2$", "x$_$y"])
+        assert sorted(row[1:13:2]) == sorted(["'" + FORMULA, MARKUP, OSC_SHOWN, "a$b", "$x^2$", "x$_$y"])
         assert not any(c.startswith(("=", "+", "-", "@", "\t", "\r")) for c in row)
     r = cli("predict", run / "best.pt", ".", "--json", "--top-k", 6, "--device", "cpu")
     doc = json.loads(r.stdout)  # JSON is data: exact names (json.dumps escapes the controls itself)

@@ -70,7 +70,7 @@ def test_sigterm_saves_and_exits_like_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err  # Ctrl-C's code, not death by signal (-15)
-    assert err.splitlines() == [f"Error: interrupted; the last checkpoint is in '{run}': continue with finetune "
+    assert err.splitlines() == [f"Stopped; the last checkpoint is in '{run}': continue with finetune "
                                 f"train --resume {run}"]
     ck = load_checkpoint(run / "last.pt")
     assert ck["epoch"] < 200

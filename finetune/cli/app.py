@@ -14,20 +14,25 @@ try:  # typer >= 0.20 vendors click as typer._click; older typer uses click itse
 except ImportError:  # pragma: no cover
     from click import exceptions as _cx
 
-from finetune.api import FinetuneError, report_worker_error, shown
+from finetune.api import FinetuneError, Interrupted, flag_names, report_worker_error, shown, stopped_line
 
 _ABORT = tuple(c for c in (getattr(_cx, "Abort", None), getattr(typer, "Abort", None))
                if isinstance(c, type) and issubclass(c, BaseException))
 
 
 class FinetuneGroup(TyperGroup):
-    """Turns user errors into one ``Error: ...`` line on stderr: exit 1 for FinetuneError, 2 for usage errors."""
+    """Turns user errors into one ``Error: ...`` line on stderr: exit 1 for FinetuneError, 2 for usage errors; a
+    command the user stopped (Ctrl-C, SIGTERM: exit 130) into one ``Stopped ...`` line. While a command runs, the
+    library's messages name settings by their flags (``--weights``, not ``model.weights``)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         _setup_logging()
         try:
-            rv = super().main(args=args, prog_name=prog_name or "finetune", complete_var=complete_var,
-                              standalone_mode=False, **extra)
+            from finetune.cli.options import flag_map
+
+            with flag_names(flag_map):
+                rv = super().main(args=args, prog_name=prog_name or "finetune", complete_var=complete_var,
+                                  standalone_mode=False, **extra)
         except _cx.NoArgsIsHelpError as e:
             typer.echo(e.ctx.get_help())
             sys.exit(0)
@@ -40,7 +45,10 @@ class FinetuneGroup(TyperGroup):
             sys.exit(e.exit_code)
         except FinetuneError as e:
             if not report_worker_error(shown(e), e.exit_code):  # a --nproc worker: its launcher prints it, once
-                typer.echo(f"Error: {shown(e)}", err=True)  # one line, whatever the message quotes
+                # one line, whatever the message quotes; a stop (also a --nproc worker's, as the launcher's error)
+                # is what the user asked for, not an error
+                stopped = e.exit_code == Interrupted.exit_code
+                typer.echo(stopped_line(shown(e)) if stopped else f"Error: {shown(e)}", err=True)
             sys.exit(e.exit_code)
         except _ABORT + (KeyboardInterrupt,):
             typer.echo("Aborted.", err=True)

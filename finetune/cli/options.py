@@ -20,7 +20,7 @@ from typing import Any, Callable, List, Literal, Optional, Union
 
 import typer
 
-from finetune.api import ConfigError, recipe_flags
+from finetune.api import ConfigError, many_errors, recipe_flags
 
 TRUST = typer.Option(False, "--trust-checkpoint",
                      help="Also load files that hold pickled Python objects (a whole model saved with "
@@ -195,12 +195,24 @@ def command(body: Callable[[dict[str, Any]], None], own: Callable[..., None]) ->
 @contextmanager
 def name_flags(given, flags: dict[str, str]):
     """Prefix a recipe-key error (``ConfigError.key``) with the flag the user typed: ``--lr: optimizer.lr must be
-    greater than 0``. ``given``: the recipe keys the flags set; ``flags``: :func:`flag_map`."""
+    greater than 0``; each of several errors (``.errors``) likewise. ``given``: the recipe keys the flags set;
+    ``flags``: :func:`flag_map`."""
+
+    def flag_of(e: ConfigError) -> str | None:
+        key = getattr(e, "key", None) or ""
+        hit = [k for k in given if key == k or key.startswith((k + ".", k + "["))]
+        return flags[max(hit, key=len)] if hit else None
+
+    def brief(e: ConfigError) -> str:
+        text = getattr(e, "brief", None) or str(e)
+        return f"{flag_of(e)}: {text}" if flag_of(e) else text
+
     try:
         yield
     except ConfigError as e:
-        key = getattr(e, "key", None) or ""
-        hit = [k for k in given if key == k or key.startswith((k + ".", k + "["))]
-        if hit:
-            raise ConfigError(f"{flags[max(hit, key=len)]}: {e}") from None
+        several = getattr(e, "errors", None)
+        if several and any(flag_of(x) for x in several):
+            raise many_errors(several, "the command" if e.subject == "the recipe" else e.subject, brief) from None
+        if flag_of(e):
+            raise ConfigError(f"{flag_of(e)}: {e}") from None
         raise

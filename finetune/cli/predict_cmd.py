@@ -8,7 +8,9 @@ import typer
 from finetune.cli import options as O
 
 HELP = ("Predict labels for images or folders of images with a checkpoint's eval transform: top-k labels and "
-        "probabilities.")
+        "probabilities; a top-1 probability below --min-confidence is marked 'low confidence'.")
+
+MIN_CONFIDENCE = 0.5  # below it the top-1 label is no better than a coin flip between it and the rest
 
 
 def predict(
@@ -19,7 +21,11 @@ def predict(
     strict: bool = typer.Option(False, "--strict", help="Fail on an unreadable image instead of skipping it with a "
                                 "warning."),
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
-    as_csv: bool = typer.Option(False, "--csv", help="Print only CSV to stdout: image,label_1,prob_1,..."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print only CSV to stdout: image,label_1,prob_1,...,"
+                                "low_confidence."),
+    min_confidence: float = typer.Option(MIN_CONFIDENCE, "--min-confidence", help="Mark a prediction whose top-1 "
+                                         "probability is below P as low confidence (the image may belong to none of "
+                                         "the model's classes); 0 = off."),
     fast_inference: Optional[str] = typer.Option(None, "--fast-inference", help="auto | off: run a conv+BN-folded "
                                                  "copy of the model (default: the checkpoint's setting)."),
     trust_checkpoint: bool = O.TRUST,
@@ -30,13 +36,17 @@ def predict(
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     if as_json and as_csv:
         raise ConfigError("--json and --csv both print to stdout; pass one of them")
+    if not 0 <= min_confidence <= 1:
+        raise ConfigError(f"--min-confidence is a probability from 0 to 1 (0 = off), got {min_confidence:g}")
     from finetune.api import predict as run_predict
     from finetune.api import finite_json, shown, trusted
 
     with trusted(trust_checkpoint):
         rows = run_predict(checkpoint, list(paths), top_k=top_k, device=device, strict=strict,
                            fast_inference=fast_inference)
+    low = [low_confidence(r, min_confidence) for r in rows]
     if as_json:
+        rows = [{**r, "low_confidence": lc} for r, lc in zip(rows, low)]
         typer.echo(json.dumps(finite_json(rows), allow_nan=False))  # a NaN probability -> null: strict JSON
         return
     k = len(rows[0]["top"])
@@ -45,20 +55,32 @@ def predict(
         import sys
 
         w = csv.writer(sys.stdout, lineterminator="\n")
-        w.writerow(["image"] + [f"{c}_{i + 1}" for i in range(k) for c in ("label", "prob")])
-        for r in rows:
+        w.writerow(["image"] + [f"{c}_{i + 1}" for i in range(k) for c in ("label", "prob")] + ["low_confidence"])
+        for r, lc in zip(rows, low):
             w.writerow([csv_cell(r["path"])] + [v for p in r["top"] for v in (csv_cell(p["label"]),
-                                                                               f"{p['prob']:.6f}")])
+                                                                               f"{p['prob']:.6f}")]
+                       + [str(lc).lower()])
         return
     # plain aligned text, never truncated: a narrow terminal wraps lines instead of eliding the file names;
     # names from disk with their control characters escaped (an ESC or OSC in a file name never reaches the tty)
-    header = ["image"] + [f"#{i + 1}" for i in range(k)]
+    header = ["image"] + [f"#{i + 1}" for i in range(k)] + [""]
     table = [header] + [[shown(r["name"])] + [f"{shown(p['label'])} {100 * p['prob']:.1f}%" for p in r["top"]]
-                        for r in rows]
+                        + ["low confidence" if lc else ""] for r, lc in zip(rows, low)]
     widths = [max(len(row[c]) for row in table) for c in range(len(header))]
     typer.echo(f"{len(rows)} image{'' if len(rows) == 1 else 's'}")
     for row in table:
         typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    if any(low):
+        n = sum(low)
+        typer.echo(f"{n} of {len(rows)} prediction{'s' * (len(rows) != 1)} marked low confidence: top-1 "
+                   f"probability below {100 * min_confidence:g}%: the image may belong to none of the model's classes, "
+                   "or look like several (--min-confidence sets the threshold, 0 = off)")
+
+
+def low_confidence(row: dict, threshold: float) -> bool:
+    """Whether ``row``'s top-1 probability is below ``threshold`` (a NaN one too; never with threshold 0)."""
+    p = row["top"][0]["prob"]
+    return threshold > 0 and not p >= threshold
 
 
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")

@@ -103,8 +103,18 @@ def recipe_of(v: dict[str, Any], typed: dict[str, Any]):
         r = api.apply_overrides(base, given)
     if recipe is not None and model is not None and model != base.model.name:  # record what ran, not the recipe's
         r.name = f"{base.name or recipe} (model overridden)"
-        r.description = f"{base.description} -- model overridden: {model} instead of {base.model.name}"
+        r.description = (f"{with_model(base.description, base.model.name, model)} -- model overridden: {model} "
+                         f"instead of {base.model.name}")
     return r
+
+
+def with_model(description: str, old: str, new: str) -> str:
+    """``description`` with each mention of the model ``old`` (a whole name: ``resnet18``, not ``resnet18d``)
+    replaced by ``new``: "resnet18 (ImageNet weights), all trainable" describes the run with ``--model new``
+    as "new (ImageNet weights), all trainable"."""
+    import re
+
+    return re.sub(rf"(?<![\w:./-]){re.escape(old)}(?![\w:./-])", lambda _: new, description or "")
 
 
 def _resume(v: dict[str, Any], typed: dict[str, Any], reporter) -> None:
@@ -136,7 +146,9 @@ def _base_recipe(recipe: Optional[str], model: Optional[str], given: dict):
         if pretrained and not any(k.startswith("freeze.") and k != "freeze.bn" for k in given):
             return api.load_recipe("lp-ft")
         r = api.Recipe()
-        r.name, r.description = f"{model}-cli", f"{model} from random init, configured from the command line"
+        init = ("its pretrained weights" if weights in ("default", "pretrained") else f"weights '{weights}'") \
+            if pretrained else "random init"
+        r.name, r.description = f"{model}-cli", f"{model} from {init}, configured from the command line"
         return r
     return api.load_recipe(recipe or "default")
 

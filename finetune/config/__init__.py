@@ -307,6 +307,51 @@ class _Where:
         line = self.lines.get(path)
         return f"recipe '{self.source}'" + (f", line {line}" if line else "") + ": "
 
+    def line(self, path: str) -> str:
+        """``"line N: "`` for one error of several (the file is named once, before them)."""
+        line = self.lines.get(path) if self.source is not None else None
+        return f"line {line}: " if line else ""
+
+
+MAX_ERRORS_SHOWN = 10  # a file of nonsense: the first ten, then how many more
+
+
+def _fail(where: _Where, path: str, text: str, key: bool = True) -> ConfigError:
+    """A ConfigError at key ``path``: ``where(path) + text``; ``.key`` names the key (for the CLI's flag names),
+    ``.brief`` is the text as one error of several (:func:`_raise_all`), ``.at`` the path (for the file order)."""
+    e = ConfigError(f"{where(path)}{text}")
+    e.brief, e.at = f"{where.line(path)}{text}", path
+    if key:
+        e.key = path
+    return e
+
+
+def _errors_of(e: ConfigError) -> list[ConfigError]:
+    return list(getattr(e, "errors", None) or [e])
+
+
+def _raise_all(errors: list[ConfigError], where: _Where) -> None:
+    """Raise the errors found in one recipe as one ConfigError (as a type checker reports every error, not the
+    first): one error as itself; several as ``recipe 'F' has 3 errors: (1) line 4: ...; (2) ...`` with
+    ``.errors`` holding each (the CLI names the flag that set each key)."""
+    if not errors:
+        return
+    if len(errors) == 1:
+        raise errors[0]
+    raise many_errors(errors, f"recipe '{where.source}'" if where.source is not None else "the recipe")
+
+
+def many_errors(errors: list[ConfigError], subject: str, brief=None) -> ConfigError:
+    """One ConfigError for several: ``<subject> has N errors: (1) ...; (2) ...`` (at most MAX_ERRORS_SHOWN, then
+    ``and N more``); ``brief(error)`` is each one's text (default: its ``.brief``, else its message)."""
+    brief = brief or (lambda e: getattr(e, "brief", None) or str(e))
+    shown_ = [f"({i}) {brief(e)}" for i, e in enumerate(errors[:MAX_ERRORS_SHOWN], start=1)]
+    more = len(errors) - MAX_ERRORS_SHOWN
+    e = ConfigError(f"{subject} has {len(errors)} errors: " + "; ".join(shown_) + (f"; and {more} more" if more > 0
+                                                                                   else ""))
+    e.errors, e.subject = errors, subject
+    return e
+
 
 def _key_lines(text: str) -> dict[str, int]:
     import yaml
@@ -387,7 +432,8 @@ def _type_name(tp) -> str:
         words = typing.get_args(tp)
         return f"'{words[0]}'" if len(words) == 1 else "one of " + ", ".join(map(str, words))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+        item = _type_name(typing.get_args(tp)[0])
+        return f"a list of {item.split(' ', 1)[1] if item.startswith(('a ', 'an ')) else item}s"  # of strings
     if origin is dict:
         return "a mapping"
     if dataclasses.is_dataclass(tp):
@@ -398,9 +444,7 @@ def _type_name(tp) -> str:
 def _error(where: _Where, path: str, text: str) -> ConfigError:
     """``ConfigError`` for key ``path``: the message starts with it (after the file and line), ``.key`` holds it so
     the CLI can name the flag that set it."""
-    e = ConfigError(f"{where(path)}{path} {text}")
-    e.key = path
-    return e
+    return _fail(where, path, f"{path} {text}")
 
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -443,13 +487,25 @@ def _convert(value: Any, tp, path: str, where: _Where) -> Any:
         if not isinstance(value, list):
             raise bad
         (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{path}[{i}]", where) for i, v in enumerate(value)]
+        return list(_each({i: (v, item, f"{path}[{i}]") for i, v in enumerate(value)}, where).values())
     if origin is dict:
         if not isinstance(value, dict):
             raise bad
         _, vt = typing.get_args(tp)
-        return {str(k): _convert(v, vt, f"{path}.{k}", where) for k, v in value.items()}
+        return _each({str(k): (v, vt, f"{path}.{k}") for k, v in value.items()}, where)
     return _scalar(value, tp, path, where, bad)
+
+
+def _each(items: dict, where: _Where) -> dict:
+    """Convert every ``{name: (value, type, path)}``, then raise all their errors together."""
+    out, errors = {}, []
+    for name, (value, tp, path) in items.items():
+        try:
+            out[name] = _convert(value, tp, path, where)
+        except ConfigError as e:
+            errors += _errors_of(e)
+    _raise_all(errors, where)
+    return out
 
 
 def _choice(value: Any, choices: tuple, path: str, where: _Where) -> str:
@@ -487,22 +543,32 @@ def _scalar(value: Any, tp, path: str, where: _Where, bad: ConfigError) -> Any:
 
 
 def _build(cls, data: dict, prefix: str, where: _Where):
+    """``cls`` from a mapping; every unknown key, bad value and missing key found, raised together."""
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    known, errors = {}, []
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
-        if key not in fields:
-            raise ConfigError(f"{where(path)}unknown key '{shown(path)}'{suggest(str(key), fields)}; "
-                              f"valid keys{' in ' + prefix if prefix else ''}: {', '.join(fields)}")
-        kwargs[key] = _convert(value, hints[key], path, where)
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-               and f.name not in kwargs]
-    if missing:
-        path = f"{prefix}.{missing[0]}" if prefix else missing[0]
-        raise ConfigError(f"{where(prefix)}missing key '{path}'")
+        if key in fields:
+            known[key] = (value, hints[key], path)
+        else:
+            errors.append(_fail(where, path, f"unknown key '{shown(path)}'{suggest(str(key), fields)}; valid "
+                                f"keys{' in ' + prefix if prefix else ''}: {', '.join(fields)}", key=False))
+    try:
+        kwargs = _each(known, where)
+    except ConfigError as e:
+        errors += _errors_of(e)
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data:
+            path = f"{prefix}.{f.name}" if prefix else f.name
+            errors.append(_fail(where, prefix, f"missing key '{path}'", key=False))
+    errors.sort(key=lambda e: _line_of(e, where))  # in the file's order (unknown and bad keys interleave)
+    _raise_all(errors, where)
     return cls(**kwargs)
+
+
+def _line_of(e: ConfigError, where: _Where) -> int:
+    return where.lines.get(getattr(e, "at", None) or "", 0) if where.source is not None else 0
 
 
 def choices(path: str) -> tuple[str, ...]:
@@ -521,18 +587,17 @@ def validate(recipe: Recipe, where: _Where | None = None) -> Recipe:
 
 
 def _cross_checks(recipe: Recipe, where: _Where) -> Recipe:
-    """Rules between keys (a single field's rules live in its type)."""
+    """Rules between keys (a single field's rules live in its type); all broken ones raised together."""
+    errors = []
     if recipe.optimizer.lr != "auto" and recipe.scheduler.min_lr > recipe.optimizer.lr:
-        e = ConfigError(f"{where('scheduler.min_lr')}scheduler.min_lr ({recipe.scheduler.min_lr:g}) must not be "
-                        f"above optimizer.lr ({recipe.optimizer.lr:g}): the schedule would raise the LR")
-        e.key = "scheduler.min_lr"
-        raise e
+        errors.append(_fail(where, "scheduler.min_lr", f"scheduler.min_lr ({recipe.scheduler.min_lr:g}) must not be "
+                            f"above optimizer.lr ({recipe.optimizer.lr:g}): the schedule would raise the LR"))
     if recipe.scheduler.warmup_epochs > recipe.train.epochs:
         warmup = recipe.scheduler.warmup_epochs
-        e = ConfigError(f"{where('scheduler.warmup_epochs')}scheduler.warmup_epochs ({warmup:g}) must not be more "
-                        f"than train.epochs ({recipe.train.epochs}): the LR would never reach optimizer.lr")
-        e.key = "scheduler.warmup_epochs"
-        raise e
+        errors.append(_fail(where, "scheduler.warmup_epochs", f"scheduler.warmup_epochs ({warmup:g}) must not be "
+                            f"more than train.epochs ({recipe.train.epochs}): the LR would never reach "
+                            "optimizer.lr"))
+    _raise_all(errors, where)
     return recipe
 
 

@@ -42,7 +42,7 @@ from finetune.data.datasets import ImageDataset, to_precrop
 from finetune.data.images import is_image_file, load_image_bytes
 from finetune.config.preflight import expand, is_shard_spec, shard_paths  # noqa: F401 - torch-free, re-exported
 from finetune.errors import DataError
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, how_to_set, option
 from finetune.data.images import walk_images
 
 log = logging.getLogger("finetune")
@@ -329,8 +329,9 @@ def build_shard_data(cfg, tf: dict, train_tf, eval_tf) -> tuple[ShardStream, Tar
     val = (TarImageDataset(val_paths, vsamples, [index[t] for t in vlabels], names, tf, eval_tf, cfg.strict)
            if vsamples else None)
     if val is None:
-        log.warning("no validation shards for '%s'; training without validation (pass --val-data)", cfg.path)
-    where = f"val = {'--val-data' if cfg.val_path else 'the last shard'}" if val is not None else "no val"
+        log.warning("no validation shards for '%s'; training without validation (%s)", cfg.path,
+                    how_to_set("data.val_path"))
+    where = f"val = {option('data.val_path') if cfg.val_path else 'the last shard'}" if val is not None else "no val"
     source = f"{len(paths)} tar shards, {sum(counts)} samples, streamed ({where})"
     return train, val, names, source
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.data.images import IMG_EXTENSIONS, is_image_file, walk_images
-from finetune.errors import DataError, shown
+from finetune.errors import DataError, option, shown
 
 log = logging.getLogger("finetune")
 
@@ -203,8 +203,8 @@ def find(root: Path, labels: str | None, allow_outside: bool = False) -> Found:
             train, un = labelled_files(root, rule)
             found = Found(train, None, f"{root} ({kind} labels)", root, unlabeled=un)
         if found.unlabeled:
-            log.warning("%d images match no --labels rule and are left out (first: '%s')",
-                        len(found.unlabeled), found.unlabeled[0])
+            log.warning("%d images match no %s rule and are left out (first: '%s')",
+                        len(found.unlabeled), option("data.labels"), found.unlabeled[0])
         return found
     if train_dir is not None:
         val = class_folders(val_dir) if val_dir else None

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from finetune.config import Recipe
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, how_to_set
 from finetune.training.engine import resolve_device, resolve_precision, wants_channels_last
 from finetune.models import data_config, build_model
 from finetune import data as D
@@ -110,7 +110,7 @@ def warn_plan(cfg: Recipe, bb, plan, resumed: bool) -> None:
     """Warn about parameters frozen at random init and unfreeze steps after the last epoch."""
     if not resumed and bb.weights == "none" and plan.frozen:
         log.warning(f"{len(plan.frozen)} parameter tensors are frozen at random init (weights: none): they will "
-                    "stay random; pass --weights (pretrained or a file) or drop the freeze plan")
+                    f"stay random; {how_to_set('model.weights')} (pretrained or a file) or drop the freeze plan")
     for stp in cfg.freeze.schedule:
         if stp.epoch > cfg.train.epochs:
             log.warning(f"the unfreeze step at epoch {stp.epoch} ({', '.join(stp.layers)}) never runs: the run has "

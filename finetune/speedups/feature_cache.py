@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from finetune.config import choices
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, option
 from finetune.models.backbone import is_under
 from finetune.models.stand_in import NeedsBackbone, is_stand_in
 from finetune.data import is_deterministic, make_loader, eval_transform
@@ -320,6 +320,15 @@ def decide(cfg, bb, start_epoch: int = 0, sample: torch.Tensor | None = None,
     return Decision(True, f"the input of '{split.where}'", forced), split
 
 
+def forced_note(forced: list[str]) -> str:
+    """The end of the cache's note when ``cache_features: on`` made it serve a run that ``auto`` would train
+    uncached: what changes, and the setting by its name (it may come from the recipe, lp-ft's, not a flag)."""
+    if not forced:
+        return ""
+    return (f"; {'; '.join(forced)} (cache_features: on; with {option('train.cache_features', 'auto')} this run "
+            "would train without the cache)")
+
+
 def first_unfreeze(cfg) -> int:
     """The 0-based loop index of the first unfreeze step (schedule epochs are 1-based; the run's epoch count when
     there is none)."""
@@ -406,8 +415,7 @@ def plan_cache(cfg, bb, bundle, step, *, device: torch.device, precision: str, c
             f"{val_loader.dataset.features.shape[0] if val_loader else 0} val, {list(ftr.shape[1:])} each, "
             f"{precision}), {'read from the feature cache' if hit else 'computed once'} in {secs:.1f} s; the "
             f"trainable part trains on them in {part_step.precision} {span}")
-    for f in decision.forced:
-        note += f"; --cache-features on: {f}"
+    note += forced_note(decision.forced)
     return FeatureRun(split.trainable, train_loader, val_loader, part_step, until, secs, note), "used"
 
 

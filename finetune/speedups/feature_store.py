@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, option
 
 log = logging.getLogger("finetune")
 
@@ -438,7 +438,8 @@ def save(root: Path, key: str, meta: dict[str, Any], batches: Callable[[], Any],
     if free < need + MARGIN:
         _warn_once(f"space:{root}", f"feature cache: {size_text(free)} free on the disk of '{root}', the features "
                    f"need {size_text(need)} (+ {size_text(MARGIN)} spare); keeping them in memory this run (free some "
-                   "space, e.g. 'finetune cache clear', or point --cache-dir / FINETUNE_CACHE elsewhere)")
+                   f"space, e.g. 'finetune cache clear', or point {option('data.cache_dir')} / FINETUNE_CACHE "
+                   "elsewhere)")
         return _in_memory(stream)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -466,8 +467,8 @@ def _give_up(root: Path, tmp: Path, mm, e: Exception | str):
         log.warning(e)
     else:
         _warn_once(f"write:{root}", f"feature cache: cannot write to '{root}' ({e}); keeping the features in "
-                   "memory this run (free some space, e.g. 'finetune cache clear', or point --cache-dir / "
-                   "FINETUNE_CACHE elsewhere)")
+                   f"memory this run (free some space, e.g. 'finetune cache clear', or point {option('data.cache_dir')}"
+                   " / FINETUNE_CACHE elsewhere)")
     return feats
 
 

@@ -233,7 +233,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
     pos = EpochProgress.resumed(resume, step.device)
     n_updates = updates_per_epoch(n_batches, acc)
     lr = max((g["lr"] for g in step.optimizer.param_groups), default=0.0)
-    t0 = time.perf_counter()
+    t0, seen0 = time.perf_counter(), pos.sums.seen
     step.optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader, start=pos.batches):
         x, y = to_device(x, y, step.device, step.channels_last)
@@ -245,12 +245,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable, step: Step, epoch: int,
             lr = _update(step, pos, epoch + k / n_updates, 1.0 / n_updates, epoch * n_updates + k + 1, lr)
         pos.sums.add(loss, logits, y)
         if batch_end:
-            shown_loss, shown_correct, seen = pos.sums.shown(last)  # read from the device at most 4 times a second
+            # the running means over the epoch's images as of the latest read (at most 4 device reads a second)
+            shown_loss, shown_correct, shown_seen = pos.sums.shown(last)
+            rate = (pos.sums.seen - seen0) / (time.perf_counter() - t0)
             for fn in batch_end:
-                fn(i, n_batches, shown_loss / seen, shown_correct / seen, seen / (time.perf_counter() - t0))
+                fn(i, n_batches, shown_loss / shown_seen, shown_correct / shown_seen, rate)
         if sync and update_end:
             info = {"update": epoch * n_updates + k + 1, "loss": loss.detach(), "lrs": _group_lrs(step.optimizer),
-                    "images_per_sec": pos.sums.seen / (time.perf_counter() - t0)}
+                    "images_per_sec": (pos.sums.seen - seen0) / (time.perf_counter() - t0)}
             for fn in update_end:
                 fn(info)
         if save_point and not last and (i + 1) % acc == 0:
@@ -288,13 +290,15 @@ class RunningSums:
     """An epoch's loss sum and correct count, kept as tensors on the device, so a step does not wait for the device
     (``.item()`` is a host sync on CUDA). Float64 arithmetic as with Python floats: ``read()`` gives the same numbers
     a per-step ``loss.item() * n`` sum gives (bitwise; resumed sums continue exactly). ``shown`` is for progress
-    bars: the values read at most every ``every`` seconds (always on ``force``)."""
+    bars: the values read at most every ``every`` seconds (always on ``force``), with the image count of that read:
+    the running loss and accuracy are then means over the same images (dividing sums read earlier by the current
+    count shrank both by the images trained since: a near-perfect epoch showed "loss 0.0467 acc 32.3%")."""
 
     def __init__(self, loss_sum: float, correct: int, seen: int, device: torch.device, every: float | None = None):
         self.loss = torch.tensor(loss_sum, dtype=torch.float64, device=device)
         self.correct = torch.tensor(correct, dtype=torch.int64, device=device)
         self.seen, self.every = seen, PROGRESS_EVERY if every is None else every
-        self._shown, self._at = (loss_sum, correct), -math.inf
+        self._shown, self._at = (loss_sum, correct, seen), -math.inf
 
     @torch.no_grad()
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -303,13 +307,14 @@ class RunningSums:
         self.seen += y.numel()
 
     def read(self) -> tuple[float, int, int]:
-        self._shown, self._at = (float(self.loss), int(self.correct)), time.perf_counter()
-        return self._shown[0], self._shown[1], self.seen
+        self._shown, self._at = (float(self.loss), int(self.correct), self.seen), time.perf_counter()
+        return self._shown
 
     def shown(self, force: bool = False) -> tuple[float, int, int]:
+        """``(loss_sum, correct, seen)`` as of the latest read (a new read when ``every`` seconds have passed)."""
         if force or time.perf_counter() - self._at >= self.every:
             return self.read()
-        return self._shown[0], self._shown[1], self.seen
+        return self._shown
 
 
 @dataclass
