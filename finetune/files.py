@@ -114,7 +114,7 @@ def torch_load(path: Path, error: type[Exception] = WeightsError, what: str = "w
         if not _TRUST.get():
             raise error(f"'{path}' holds pickled Python objects (e.g. a whole model saved with torch.save(model)), "
                         f"which can run code when loaded; {TRUST_HINT}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError):
         # the exception's type (KeyError from a file that is no zip archive, ...) says nothing a user can act on
         raise error(f"cannot read {what} '{path}': not a PyTorch file or truncated") from None
     try:  # trusted: the caller asked for it explicitly
