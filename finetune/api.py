@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from finetune.training.events import Callback  # noqa: F401
     from finetune.data import resolve_data_path  # noqa: F401
     from finetune.speedups import feature_store as featstore  # noqa: F401
+    from finetune.speedups import backbone_store  # noqa: F401
     from finetune.training.freeze import apply_freeze, from_recipe, model_stages  # noqa: F401
     from finetune.tools.probe import ProbeResult, parse_floats, parse_ints  # noqa: F401
     from finetune.models import Backbone, build_model, build_model_shapes, data_config  # noqa: F401
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from finetune.reporting.runs import compare_runs, list_runs, write_compare_html  # noqa: F401
     from finetune.training.stats import half_width, pm_text, tied, wilson  # noqa: F401
 
-_MODULES = {"featstore": "finetune.speedups.feature_store"}
+_MODULES = {"featstore": "finetune.speedups.feature_store", "backbone_store": "finetune.speedups.backbone_store"}
 _LAZY = {
     "RunResult": "finetune.run.runner",
     "build_model": "finetune.models", "build_model_shapes": "finetune.models", "data_config": "finetune.models",
@@ -55,7 +56,7 @@ _LAZY = {
     "model_stages": "finetune.training.freeze",
     "resolve_data_path": "finetune.data",
     "parse_floats": "finetune.tools.probe", "parse_ints": "finetune.tools.probe",
-    "featstore": None,
+    "featstore": None, "backbone_store": None,
     "inspect_json": "finetune.models.params", "module_rows": "finetune.models.params",
     "parameter_rows": "finetune.models.params",
     "Reporter": "finetune.training.engine", "Callback": "finetune.training.events",

@@ -70,6 +70,10 @@ def clear(cache_dir: Optional[str] = CACHE_DIR,
 
     age = featstore.parse_age(older_than) if older_than is not None else None
     r = featstore.clear(cache_dir, age)
+    from finetune.api import backbone_store
+
+    r.backbones, freed = backbone_store.clear(cache_dir, age)  # kept beside the features for head-only reruns
+    r.freed += freed
     extra = f", {r.unfinished} of them unfinished" if r.unfinished else ""
 
     freed = featstore.size_text(r.freed)

@@ -605,7 +605,7 @@ class Cleared:
     freed: int = 0
     failed: list[tuple[Path, OSError | None]] = None  # type: ignore[assignment]
     busy: int = 0  # temporary directories kept: their writer is still running
-    backbones: int = 0  # backbones kept for head-only reruns (backbone_store.py), deleted with the features
+    backbones: int = 0  # backbones kept for head-only reruns (backbone_store.py): `cache clear` deletes them too
 
 
 def clear(cache_dir: str | Path | None = None, older_than: float | None = None) -> Cleared:
@@ -630,10 +630,6 @@ def clear(cache_dir: str | Path | None = None, older_than: float | None = None) 
     memo = root.parent / "digests" if root is not None else None
     if older_than is None and memo is not None and memo.is_dir() and not memo.is_symlink():
         out.freed += _remove(memo)[1]  # the images' digests (see items_identity): a rerun hashes them again
-    from finetune.speedups import backbone_store
-
-    out.backbones, freed = backbone_store.clear(cache_dir, older_than)
-    out.freed += freed
     return out
 
 
