@@ -250,7 +250,8 @@ def _evaluate_all(checkpoint, data, **kw) -> dict[str, dict[str, Any]]:
 
 def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os.PathLike], top_k: int = 5, *,
             device: str = "auto", batch_size: int = 32, strict: bool = False,
-            fast_inference: str | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+            fast_inference: str | None = None,
+            min_confidence: float | str | None = None) -> dict[str, Any] | list[dict[str, Any]]:
     """Top-k labels and probabilities for each image (files or folders) with the checkpoint's eval transform.
 
     ``paths``: one path (a ``str`` or ``os.PathLike``: an image file or a folder of images, as the CLI takes) or a
@@ -264,6 +265,11 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
     given (or the file as given). ``bytes`` or anything that is neither a path nor an iterable of paths is a
     ``TypeError``. An unreadable file is skipped with a warning, as in train and eval (``strict=True``: an error);
     when no file is readable, that is an error naming the first.
+
+    ``min_confidence``: also mark each row ``low_confidence`` (its top-1 probability below the threshold, which the
+    row carries as ``min_confidence``). ``"auto"``: the checkpoint's own calibration, the top-1 probability that 95%
+    of its correctly classified val images reach (:func:`confidence_floor`; a model trained briefly is unsure even
+    when right, so a fixed 50% would mark nearly everything); a number: that probability; None or 0: no marks.
     """
     import logging
 
@@ -289,6 +295,7 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
     from finetune.models.fold import FastInference
 
     run = FastInference(model, _fast(ckpt, fast_inference))
+    floor = confidence_floor(ckpt) if min_confidence == "auto" else float(min_confidence or 0.0)
     out: list[dict[str, Any]] = []
     skipped: list[str] = []
     files = list(named)
@@ -305,6 +312,8 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
         for f, pr, ix in zip(chunk, p.tolist(), idx.tolist()):
             out.append({"path": str(f), "name": named[f],
                         "top": [{"label": class_names[j], "prob": q} for j, q in zip(ix, pr)]})
+            if min_confidence not in (None, 0):
+                out[-1].update(low_confidence=floor > 0 and not pr[0] >= floor, min_confidence=floor)
     if not out:
         more = f" (and {len(skipped) - 1} more unreadable)" if len(skipped) > 1 else ""
         raise DataError(f"{skipped[0]}{more}; no image could be read")
@@ -312,6 +321,25 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
     for msg in skipped:
         log.warning(msg.replace("cannot read image", "skipping unreadable image", 1))
     return out[0] if single_file else out
+
+
+CONFIDENCE_QUANTILE = 0.05  # "auto": below what 95% of the correctly classified val images reach
+FALLBACK_CONFIDENCE = 0.5  # "auto" for a checkpoint without per-image val results
+
+
+def confidence_floor(ckpt: dict[str, Any]) -> float:
+    """The top-1 probability below which a prediction of ``ckpt``'s model is unusually unsure: the 5% quantile of the
+    top-1 probabilities of the val images it classified correctly at its epoch (``val.samples``, recorded in every
+    checkpoint a single-process run or a probe writes); with fewer than 20 such images, or none recorded, 0.5."""
+    s = (ckpt.get("val") or {}).get("samples") if isinstance(ckpt.get("val"), dict) else None
+    try:
+        right = [float(c) for c, t, p in zip(s["conf"].tolist(), s["target"].tolist(), s["pred"].tolist()) if t == p]
+    except (TypeError, KeyError, AttributeError):
+        return FALLBACK_CONFIDENCE
+    right = sorted(c for c in right if c == c)
+    if len(right) < 20:
+        return FALLBACK_CONFIDENCE
+    return right[int(CONFIDENCE_QUANTILE * (len(right) - 1))]
 
 
 def _decode_batch(files: list, tf, tf_cfg: dict[str, Any], strict: bool, skipped: list[str]) -> tuple[list, list]:

@@ -10,7 +10,6 @@ from finetune.cli import options as O
 HELP = ("Predict labels for images or folders of images with a checkpoint's eval transform: top-k labels and "
         "probabilities; a top-1 probability below --min-confidence is marked 'low confidence'.")
 
-MIN_CONFIDENCE = 0.5  # below it the top-1 label is no better than a coin flip between it and the rest
 
 
 def predict(
@@ -23,9 +22,10 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print only JSON to stdout."),
     as_csv: bool = typer.Option(False, "--csv", help="Print only CSV to stdout: image,label_1,prob_1,...,"
                                 "low_confidence."),
-    min_confidence: float = typer.Option(MIN_CONFIDENCE, "--min-confidence", help="Mark a prediction whose top-1 "
-                                         "probability is below P as low confidence (the image may belong to none of "
-                                         "the model's classes); 0 = off."),
+    min_confidence: str = typer.Option("auto", "--min-confidence", help="Mark a prediction whose top-1 "
+                                       "probability is below P as low confidence (the image may belong to none of "
+                                       "the model's classes). auto: below what 95% of the correctly classified val "
+                                       "images reached (the model's own calibration); 0 = off."),
     fast_inference: Optional[str] = typer.Option(None, "--fast-inference", help="auto | off: run a conv+BN-folded "
                                                  "copy of the model (default: the checkpoint's setting)."),
     trust_checkpoint: bool = O.TRUST,
@@ -36,15 +36,23 @@ def predict(
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     if as_json and as_csv:
         raise ConfigError("--json and --csv both print to stdout; pass one of them")
-    if not 0 <= min_confidence <= 1:
-        raise ConfigError(f"--min-confidence is a probability from 0 to 1 (0 = off), got {min_confidence:g}")
+    threshold: float | str = min_confidence.strip().lower()
+    if threshold != "auto":
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            threshold = -1.0
+        if not 0 <= threshold <= 1:
+            raise ConfigError(f"--min-confidence is auto or a probability from 0 to 1 (0 = off), got "
+                              f"'{min_confidence}'")
     from finetune.api import predict as run_predict
     from finetune.api import finite_json, shown, trusted
 
     with trusted(trust_checkpoint):
         rows = run_predict(checkpoint, list(paths), top_k=top_k, device=device, strict=strict,
-                           fast_inference=fast_inference)
-    low = [low_confidence(r, min_confidence) for r in rows]
+                           fast_inference=fast_inference, min_confidence=threshold or None)
+    low = [bool(r.get("low_confidence")) for r in rows]
+    floor = rows[0].get("min_confidence", 0.0) if rows else 0.0
     if as_json:
         rows = [{**r, "low_confidence": lc} for r, lc in zip(rows, low)]
         typer.echo(json.dumps(finite_json(rows), allow_nan=False))  # a NaN probability -> null: strict JSON
@@ -72,15 +80,11 @@ def predict(
         typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
     if any(low):
         n = sum(low)
+        how = ("what 95% of the correctly classified val images reached" if threshold == "auto"
+               else "--min-confidence")
         typer.echo(f"{n} of {len(rows)} prediction{'s' * (len(rows) != 1)} marked low confidence: top-1 "
-                   f"probability below {100 * min_confidence:g}%: the image may belong to none of the model's classes, "
-                   "or look like several (--min-confidence sets the threshold, 0 = off)")
-
-
-def low_confidence(row: dict, threshold: float) -> bool:
-    """Whether ``row``'s top-1 probability is below ``threshold`` (a NaN one too; never with threshold 0)."""
-    p = row["top"][0]["prob"]
-    return threshold > 0 and not p >= threshold
+                   f"probability below {100 * floor:.1f}% ({how}): the image may belong to none of the model's "
+                   "classes, or look like several (--min-confidence P sets the threshold, 0 = off)")
 
 
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")

@@ -451,6 +451,19 @@ def _probe_one(name, weights, data, lrs, wds, grid, knn, target, overwrite, cach
     return res
 
 
+def _val_samples(val, weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """Per val image, what a run's evaluation records (``samples``: target, prediction, top-1 probability,
+    probability of the true class), for the head ``(weight, bias)``: ``predict --min-confidence auto`` reads it."""
+    if val is None:
+        return None
+    feats, target = val
+    with torch.no_grad():
+        probs = torch.addmm(bias, feats.reshape(len(target), -1).float(), weight.T).softmax(dim=1)
+    conf, pred = probs.max(dim=1)
+    return {"target": target.long(), "pred": pred.long(), "conf": conf.float(),
+            "p_true": probs.gather(1, target.long().view(-1, 1)).view(-1).float()}
+
+
 def write_run(prep: Prepared, st: SweepState, h: int, res: ProbeResult, run_dir: Path, *, overwrite: bool) -> Path:
     """Write head ``h`` as a normal run directory: the checkpoint ``train --recipe linear-probe --lr LR
     --weight-decay WD`` would have written after its last epoch (so eval/predict/export, ``--weights`` and
@@ -506,7 +519,8 @@ def _write_run(prep: Prepared, st: SweepState, h: int, res: ProbeResult, run_dir
             "epoch": cfg.train.epochs, "plan": prep.plan.to_dict(), "trainable": [n for n, p in model.named_parameters()
                                                                    if p.requires_grad],
             "recipe": resolved.to_dict(), "optimizer": opt.state_dict(), "scaler": None, "metrics": history,
-            "best": best, "val": {"accuracy": head_res.val_acc, "loss": head_res.val_loss},
+            "best": best, "val": {"accuracy": head_res.val_acc, "loss": head_res.val_loss,
+                                  "samples": _val_samples(prep.val, st.weight[h], st.bias[h])},
             "finetune_version": __version__, "world_size": 1, "probe": {"lr": head_res.lr,
                                                                         "weight_decay": head_res.weight_decay}}
     ck.save_checkpoint(ckpt, run_dir / "last.pt")
