@@ -149,7 +149,7 @@ def sweep_mode(table: Path | None, seeds: list[int]) -> None:
         for dname, dpath in sets.items():
             for model in MODELS:
                 weights = SHARED / "weights" / f"{model.split(':')[1]}.safetensors"
-                def recipe(seed):
+                def recipe(seed, model=model, weights=weights, dpath=dpath):
                     return apply_overrides(finetune.load_recipe("linear-probe"), {
                         "model.name": model, "model.weights": str(weights), "data.path": str(dpath),
                         "train.seed": seed, "train.tensorboard": False})
@@ -212,7 +212,7 @@ def print_sweep(rows: list[dict]) -> None:
         best = sw[r["best"]]
         lo, hi = best["lr"] / 10 ** 0.5, best["lr"] * 10 ** 0.5
 
-        def mark(lr: float) -> str:
+        def mark(lr: float, lo: float = lo, hi: float = hi) -> str:
             return fmt(lr) + (" ✓" if lo <= lr <= hi else " ✗")
 
         v = sg["valley"]["lr"]

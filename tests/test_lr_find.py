@@ -77,7 +77,8 @@ def test_valley_picks_inside_the_longest_descent():
     i = valley(lrs, losses)
     # minimum 0.5 at step 59; the top 2.1 (step 21); the plateau ends at the last point >= 2.1 - 5% of 1.6 = 2.02:
     # step 23 (2.05); the bottom starts at the first point <= 0.5 + 2% of 1.6: step 59. From 23 to 59 the longest
-    # decreasing subsequence is 2.05, 2.0 (step 24), steps 30..59: 32 long, ending at 59, so fastai's start = 59 - 32 = 27 and the pick is start + 32/3 + 32/6 (floored) = 27 + 10 + 5
+    # decreasing subsequence is 2.05, 2.0 (step 24), steps 30..59: 32 long, ending at 59, so fastai's start =
+    # 59 - 32 = 27 and the pick is start + 32/3 + 32/6 (floored) = 27 + 10 + 5
     assert i == 42 and 30 <= i < 60
 
 
@@ -161,8 +162,8 @@ def test_lr_find_cli_prints_the_suggestion_and_writes_the_curve(data, tmp_path, 
                                         + (f"; stopped early: {found['stopped']})" if found["stopped"] else ")"))
     assert found["info"]["on_cached_features"] is True and found["info"]["optimizer"] == "adamw"
     assert found["suggestion"] == found["lrs"][found["index"]]
-    assert sorted(sg) == ["minimum", "steep", "valley"] and sg["valley"] == {"lr": found["suggestion"],
-                                                                            "index": found["index"]}
+    assert sorted(sg) == ["minimum", "steep", "valley"]
+    assert sg["valley"] == {"lr": found["suggestion"], "index": found["index"]}
     assert sg["steep"]["lr"] == found["lrs"][sg["steep"]["index"]]
     assert len(found["raw_losses"]) == len(found["lrs"])
     assert (tmp_path / "lf" / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
