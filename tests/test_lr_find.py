@@ -14,7 +14,7 @@ from torch import nn
 
 from finetune.data import make_loader
 from finetune.speedups.feature_cache import FeatureDataset
-from finetune.run.lr_find import range_test, valley
+from finetune.run.lr_find import LRFind, _longest_descent, range_test, smooth, suggest, valley
 
 from helpers import tiny_tree
 
@@ -61,6 +61,9 @@ def test_suggestion_lands_in_the_measured_good_range(scale):
                        torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9), nn.CrossEntropyLoss(), steps=100)
     assert min(good) <= found.suggestion <= max(good), (found.suggestion, good)
     assert not found.flat and found.rule == "valley"
+    assert set(found.suggestions) == {"valley", "steep", "minimum"}
+    assert found.suggestions["valley"] == {"lr": found.suggestion, "index": found.index}
+    assert found.losses == smooth(found.raw_losses, 100) and len(found.raw_losses) == len(found.lrs)
     assert found.lrs[0] == pytest.approx(1e-7) and len(found.lrs) == len(found.losses) <= 100
     if scale == 10.0:  # diverges before 10: the test stops (the smoothed loss passed 4x its minimum)
         assert found.stopped.startswith("loss diverged") and len(found.lrs) < 100
@@ -72,9 +75,70 @@ def test_valley_picks_inside_the_longest_descent():
     losses = [2.0] * 20 + [2.0, 2.1, 1.95, 2.05, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0] + \
              [2.0 - 0.05 * i for i in range(1, 31)] + [0.5 + 0.3 * i for i in range(20)]
     i = valley(lrs, losses)
-    # the longest decreasing subsequence: 2.1 (step 21), 2.05, 2.0 (23, 24), then steps 30..59: 33 long, ends at 59,
-    # so fastai's start = 59 - 33 = 26, and the pick is start + 33/3 + 33/6 (floored) = 26 + 11 + 5
+    # minimum 0.5 at step 59; the top 2.1 (step 21); the plateau ends at the last point >= 2.1 - 5% of 1.6 = 2.02:
+    # step 23 (2.05); the bottom starts at the first point <= 0.5 + 2% of 1.6: step 59. From 23 to 59 the longest
+    # decreasing subsequence is 2.05, 2.0 (step 24), steps 30..59: 32 long, ending at 59, so fastai's start =
+    # 59 - 32 = 27 and the pick is start + 32/3 + 32/6 (floored) = 27 + 10 + 5
     assert i == 42 and 30 <= i < 60
+
+
+def _shallow_then_steep():
+    """The issue's curve: a new head starts at zero, so the loss falls from the first step, but by 1e-4 a step for
+    50 steps (a plateau on the plot), then 0.05 a step for 30 steps, then diverges; 100 steps over 1e-7..10."""
+    lrs = [1e-7 * 1e8 ** (i / 99) for i in range(100)]
+    losses = ([2.5 - 1e-4 * i for i in range(50)] + [2.495 - 0.05 * (i - 49) for i in range(50, 80)]
+              + [1.0 + 0.2 * (i - 79) for i in range(80, 100)])
+    return lrs, losses
+
+
+def test_valley_ignores_a_long_shallow_start():
+    lrs, losses = _shallow_then_steep()
+    # minimum 0.995 at step 79, top 2.5 (step 0): the plateau ends at the last point >= 2.5 - 5% of 1.505 = 2.42475,
+    # step 50 (2.445); steps 50..79 fall: 30 long, fastai's start 79 - 30 = 49, pick 49 + 10 + 5 = 64
+    assert valley(lrs, losses) == 64 and losses[64] == pytest.approx(1.745)
+    # fastai's own valley counts the plateau as descent: 80 long from step 0, start -1, pick -1 + 26 + 13 = 38,
+    # on the plateau, 1.3 decades before the loss starts to fall: the issue's "marker at the top of the descent"
+    start, end = _longest_descent(losses)
+    assert (start, end) == (-1, 79) and start + int((end - start) / 3) + int((end - start) / 6) == 38
+
+
+def test_valley_ends_where_the_loss_reaches_the_bottom():
+    lrs, losses = _shallow_then_steep()
+    losses[80:93] = [0.995 - 0.001 * (i - 79) for i in range(80, 93)]  # a floor drifting down to 0.982 at step 92
+    # the bottom starts at the first point <= 0.982 + 2% of 1.518: step 79 (0.995), so the pick stays at 64; running
+    # to the minimum (fastai's end) would give steps 50..92, 43 long, start 49, pick 49 + 14 + 7 = 70
+    assert valley(lrs, losses) == 64
+    start, end = _longest_descent(losses[50:93])
+    assert 50 + start + int((end - start) / 3) + int((end - start) / 6) == 70
+
+
+def test_the_three_rules_on_a_constructed_curve():
+    lrs, losses = _shallow_then_steep()
+    losses[70] -= 0.03  # one steeper step into 70 (and a shallower one out of it): steep picks step 69
+    found = suggest(lrs, losses)
+    # trimmed to steps 10..94 as fastai trims; the valley as above; the minimum (0.995 at 79) / 10 -> nearest step
+    # 79 - 99/8 = 66.6: step 67
+    assert found == {"valley": {"lr": lrs[64], "index": 64}, "steep": {"lr": lrs[69], "index": 69},
+                     "minimum": {"lr": pytest.approx(lrs[79] / 10), "index": 67}}
+    assert lrs[64] == pytest.approx(1e-7 * 1e8 ** (64 / 99))
+
+
+def test_valley_of_a_curve_that_never_falls_is_its_first_step():
+    assert valley([1e-3, 1e-2, 1e-1], [1.0, 1.0, 1.2]) == 0 and valley([1e-3], [1.0]) == 0
+
+
+def test_smooth_is_a_centred_moving_average():
+    out = smooth([0.0] * 4 + [9.0] + [0.0] * 5, 100)  # 4 steps each side at 100 steps, fewer at the ends
+    assert out == pytest.approx([9 / 5, 9 / 6, 9 / 7, 9 / 8, 9 / 9, 9 / 9, 9 / 8, 9 / 7, 9 / 6, 0.0])
+    assert smooth([1.0, 3.0, 5.0], 25) == pytest.approx([2.0, 3.0, 4.0])  # 25 steps: 1 each side
+
+
+def test_legend_and_alternatives_name_all_three_rules():
+    f = LRFind([1e-3, 1e-2], [1.0, 0.5], 1e-2, 1, suggestions={
+        "valley": {"lr": 1e-2, "index": 1}, "steep": {"lr": 1e-3, "index": 0}, "minimum": {"lr": 2e-3, "index": 0}})
+    assert f.legend() == ["valley: 1.00e-02 (suggested)", "steep: 1.00e-03", "minimum/10: 2.00e-03"]
+    assert f.alternatives() == "steep 0.001, minimum/10 0.002"
+    assert f.png()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +154,18 @@ def test_lr_find_cli_prints_the_suggestion_and_writes_the_curve(data, tmp_path, 
     r = cli("lr-find", "--data", data, *PROBE, "--out", tmp_path / "lf")
     assert r.exit_code == 0, r.stderr
     found = json.loads((tmp_path / "lf" / "lr_find.json").read_text())
-    assert r.stdout.splitlines()[0] == (f"suggested lr: {found['suggestion']:.3g} (valley rule; "
+    sg = found["suggestions"]
+    assert r.stdout.splitlines()[0] == (f"suggested lr: {found['suggestion']:.3g} (valley rule; steep "
+                                        f"{sg['steep']['lr']:.2g}, minimum/10 {sg['minimum']['lr']:.2g}; "
                                         f"{len(found['lrs'])} steps on cached features, lr 1.0e-07 -> "
                                         f"{found['lrs'][-1]:.1e}"
                                         + (f"; stopped early: {found['stopped']})" if found["stopped"] else ")"))
     assert found["info"]["on_cached_features"] is True and found["info"]["optimizer"] == "adamw"
     assert found["suggestion"] == found["lrs"][found["index"]]
+    assert sorted(sg) == ["minimum", "steep", "valley"]
+    assert sg["valley"] == {"lr": found["suggestion"], "index": found["index"]}
+    assert sg["steep"]["lr"] == found["lrs"][sg["steep"]["index"]]
+    assert len(found["raw_losses"]) == len(found["lrs"])
     assert (tmp_path / "lf" / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r2 = cli("lr-find", "--data", data, *PROBE, "--out", tmp_path / "lf")
     assert r2.exit_code == 1 and r2.stderr == (f"Error: '{tmp_path / 'lf' / 'lr_find.png'}' already exists; pass "

@@ -14,8 +14,9 @@ from finetune.cli import train_cmd
 
 HELP = ("Run the LR range test (fastai's lr_find): ~100 steps with the LR growing exponentially from 1e-7 to 10 "
         "over the parameters that train would train (on cached features when only the head trains); print the "
-        "suggested LR (fastai's 'valley' rule) and save the curve as lr_find.png in --out. Takes train's flags; "
-        "'finetune train --lr auto' runs it first and trains with the suggestion.")
+        "suggested LR (the 'valley' rule: a bit past the middle of the loss's descent) with fastai's alternatives "
+        "(steep, minimum/10), and save the curve with all three marked as lr_find.png (lr_find.json: the numbers) "
+        "in --out. Takes train's flags; 'finetune train --lr auto' runs it first and trains with the suggestion.")
 
 
 def _lr_find(v: dict[str, Any]) -> None:
@@ -58,8 +59,8 @@ def _range_test(r, out: Optional[Path], overwrite: bool, quiet: bool) -> None:
     if not quiet:
         where = "on cached features" if found.info.get("on_cached_features") else "on the full model"
         stop = f"; stopped early: {found.stopped}" if found.stopped else ""
-        typer.echo(f"suggested lr: {found.suggestion:.3g} ({found.rule} rule; {len(found.lrs)} steps {where}, "
-                   f"lr {found.lrs[0]:.1e} -> {found.lrs[-1]:.1e}{stop})")
+        typer.echo(f"suggested lr: {found.suggestion:.3g} ({found.rule} rule; {found.alternatives()}; "
+                   f"{len(found.lrs)} steps {where}, lr {found.lrs[0]:.1e} -> {found.lrs[-1]:.1e}{stop})")
         typer.echo(f"curve: {paths[0]}")
     if found.flat:
         from logging import getLogger
