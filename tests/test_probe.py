@@ -173,3 +173,22 @@ def test_lp_ft_head_phase_reads_the_features_a_probe_stored(data, tmp_path):
     assert [n.split(": the input of")[0] for n in notes if n.startswith("frozen-feature cache")] == \
         ["frozen-feature cache"]
     assert "read from the feature cache" in next(n for n in notes if n.startswith("frozen-feature cache"))
+
+
+def test_the_probe_run_records_a_full_val_evaluation_for_report_and_predict(data, tmp_path):
+    """best.pt's val record is a run's (confusion, per-class, n, samples): `finetune report` of a probe run showed
+    'accuracy 0.00% on 0 images', and `predict --min-confidence auto` had no calibration to read."""
+    import json
+
+    from finetune.api import confidence_floor, write_report
+
+    r = P.probe(["smallcnn"], data=str(data), lrs=[3e-2], wds=[1e-2], out=tmp_path / "p", **KW)[0]
+    ck = torch.load(tmp_path / "p" / "best.pt", weights_only=True)
+    val = ck["val"]
+    assert val["n"] == r.val_images == sum(map(sum, val["confusion"]))
+    assert val["accuracy"] == r.heads[0].val_acc == val["correct"] / val["n"]
+    assert len(val["samples"]["conf"]) == r.val_images and 0 < confidence_floor(ck) <= 1
+    write_report(tmp_path / "p")
+    rep = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert rep["n_val"] == r.val_images and rep["eval"]["confusion"] == val["confusion"]
+    assert sum(c["support"] for c in rep["eval"]["per_class"]) == r.val_images

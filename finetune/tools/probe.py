@@ -451,17 +451,20 @@ def _probe_one(name, weights, data, lrs, wds, grid, knn, target, overwrite, cach
     return res
 
 
-def _val_samples(val, weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor] | None:
-    """Per val image, what a run's evaluation records (``samples``: target, prediction, top-1 probability,
-    probability of the true class), for the head ``(weight, bias)``: ``predict --min-confidence auto`` reads it."""
-    if val is None:
-        return None
-    feats, target = val
-    with torch.no_grad():
-        probs = torch.addmm(bias, feats.reshape(len(target), -1).float(), weight.T).softmax(dim=1)
-    conf, pred = probs.max(dim=1)
-    return {"target": target.long(), "pred": pred.long(), "conf": conf.float(),
-            "p_true": probs.gather(1, target.long().view(-1, 1)).view(-1).float()}
+def _val_record(prep: Prepared, cfg, head_res: HeadResult) -> dict[str, Any]:
+    """The best head's evaluation on the val features as a run records it at each epoch (accuracy, loss, top-5,
+    balanced accuracy, macro-F1, per-class accuracy, the confusion matrix and the per-image ``samples``): what
+    ``finetune report``, ``eval`` and ``predict --min-confidence auto`` read from best.pt. The head holds the best
+    head's weights (``_write_run`` copied them in); the sweep's own numbers are kept for accuracy and loss."""
+    from finetune.speedups.feature_cache import FeatureDataset
+    from finetune.data import make_loader
+    from finetune.training.engine import evaluate
+
+    feats, labels = prep.val
+    loader = make_loader(FeatureDataset(feats, labels), 256, shuffle=False, seed=0, workers=0)
+    ev = evaluate(prep.head, loader, len(prep.bundle.class_names), device=prep.device,
+                  label_smoothing=cfg.train.label_smoothing, fast="off")
+    return {**ev, "accuracy": head_res.val_acc, "loss": head_res.val_loss}
 
 
 def write_run(prep: Prepared, st: SweepState, h: int, res: ProbeResult, run_dir: Path, *, overwrite: bool) -> Path:
@@ -519,8 +522,7 @@ def _write_run(prep: Prepared, st: SweepState, h: int, res: ProbeResult, run_dir
             "epoch": cfg.train.epochs, "plan": prep.plan.to_dict(), "trainable": [n for n, p in model.named_parameters()
                                                                    if p.requires_grad],
             "recipe": resolved.to_dict(), "optimizer": opt.state_dict(), "scaler": None, "metrics": history,
-            "best": best, "val": {"accuracy": head_res.val_acc, "loss": head_res.val_loss,
-                                  "samples": _val_samples(prep.val, st.weight[h], st.bias[h])},
+            "best": best, "val": _val_record(prep, cfg, head_res),
             "finetune_version": __version__, "world_size": 1, "probe": {"lr": head_res.lr,
                                                                         "weight_decay": head_res.weight_decay}}
     ck.save_checkpoint(ckpt, run_dir / "last.pt")
