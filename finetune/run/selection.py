@@ -3,7 +3,9 @@
 ``train.monitor`` (``val_acc``, ``val_loss`` or ``val_f1``: macro-F1) picks ``best.pt``, the top-k files and early
 stopping; ``train.monitor_mode`` ``auto`` maximises accuracy and F1 and minimises the loss. An epoch whose value is
 not finite (a NaN val loss) is never "better". Without a val set every epoch is the best so far (``best.pt``
-follows the latest epoch). ``save_top_k`` K > 1 keeps the K best epochs as ``epochNNN.pt`` (weights and metadata,
+follows the latest epoch). An epoch that ties the best accuracy (or F1) exactly, at a lower val loss, becomes the best:
+the same images right, more surely (a linear probe is as accurate after epoch 1 as after epoch 5, but its head is
+far from trained). ``save_top_k`` K > 1 keeps the K best epochs as ``epochNNN.pt`` (weights and metadata,
 like ``best.pt``) and lists them, best first, in ``metrics.json`` (``top_k``); ties keep the earlier epoch.
 """
 
