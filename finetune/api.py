@@ -271,15 +271,11 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
     of its correctly classified val images reach (:func:`confidence_floor`; a model trained briefly is unsure even
     when right, so a fixed 50% would mark nearly everything); a number: that probability; None or 0: no marks.
     """
-    import logging
-
     items, single_file = _predict_inputs(paths)
     preflight.checkpoint_file(checkpoint)  # before torch is imported
-    import torch
-
     from finetune import data as D
     from finetune.run.restore import eval_precision
-    from finetune.training.engine import autocast, resolve_device
+    from finetune.training.engine import resolve_device
 
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, device=str(dev))
@@ -296,8 +292,27 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
 
     run = FastInference(model, _fast(ckpt, fast_inference))
     floor = confidence_floor(ckpt) if min_confidence == "auto" else float(min_confidence or 0.0)
-    out: list[dict[str, Any]] = []
     skipped: list[str] = []
+    out = _predict_rows(run, named, ckpt, dev, prec, tf, skipped, k=k, batch_size=batch_size, strict=strict,
+                        min_confidence=min_confidence, floor=floor)
+    _settle_skipped(out, skipped)
+    return out[0] if single_file else out
+
+
+def _predict_rows(run, named: dict, ckpt: dict[str, Any], dev, prec: str, tf, skipped: list[str], *, k: int,
+                  batch_size: int, strict: bool, min_confidence: float | str | None,
+                  floor: float) -> list[dict[str, Any]]:
+    """:func:`predict`'s rows, one per readable image of ``named`` in order: the images decoded ``batch_size`` at
+    a time (an unreadable one goes to ``skipped``, or raises with ``strict``), run through ``run`` in eval
+    precision, and their top-``k`` labels kept; with ``min_confidence``, each row also says whether its top-1
+    probability is below ``floor``. Kept apart from predict's setup so that the batch loop reads as one step."""
+    import torch
+
+    from finetune.training.engine import autocast
+
+    class_names = list(ckpt["class_names"])
+    tf_cfg = ckpt["transform"]
+    out: list[dict[str, Any]] = []
     files = list(named)
     for i in range(0, len(files), batch_size):
         chunk, xs = _decode_batch(files[i:i + batch_size], tf, tf_cfg, strict, skipped)
@@ -314,13 +329,21 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
                         "top": [{"label": class_names[j], "prob": q} for j, q in zip(ix, pr)]})
             if min_confidence not in (None, 0):
                 out[-1].update(low_confidence=floor > 0 and not pr[0] >= floor, min_confidence=floor)
+    return out
+
+
+def _settle_skipped(out: list[dict[str, Any]], skipped: list[str]) -> None:
+    """The unreadable images :func:`predict` passed over: when none could be read at all (``out`` empty), an error
+    naming the first (and how many more); otherwise one warning each, as train and eval give, so a skipped file
+    is never silent."""
+    import logging
+
     if not out:
         more = f" (and {len(skipped) - 1} more unreadable)" if len(skipped) > 1 else ""
         raise DataError(f"{skipped[0]}{more}; no image could be read")
     log = logging.getLogger("finetune")
     for msg in skipped:
         log.warning(msg.replace("cannot read image", "skipping unreadable image", 1))
-    return out[0] if single_file else out
 
 
 CONFIDENCE_QUANTILE = 0.05  # "auto": below what 95% of the correctly classified val images reach

@@ -36,17 +36,9 @@ def predict(
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     if as_json and as_csv:
         raise ConfigError("--json and --csv both print to stdout; pass one of them")
-    threshold: float | str = min_confidence.strip().lower()
-    if threshold != "auto":
-        try:
-            threshold = float(threshold)
-        except ValueError:
-            threshold = -1.0
-        if not 0 <= threshold <= 1:
-            raise ConfigError(f"--min-confidence is auto or a probability from 0 to 1 (0 = off), got "
-                              f"'{min_confidence}'")
+    threshold = _threshold(min_confidence)
     from finetune.api import predict as run_predict
-    from finetune.api import finite_json, shown, trusted
+    from finetune.api import finite_json, trusted
 
     with trusted(trust_checkpoint):
         rows = run_predict(checkpoint, list(paths), top_k=top_k, device=device, strict=strict,
@@ -59,16 +51,49 @@ def predict(
         return
     k = len(rows[0]["top"])
     if as_csv:
-        import csv
-        import sys
-
-        w = csv.writer(sys.stdout, lineterminator="\n")
-        w.writerow(["image"] + [f"{c}_{i + 1}" for i in range(k) for c in ("label", "prob")] + ["low_confidence"])
-        for r, lc in zip(rows, low):
-            w.writerow([csv_cell(r["path"])] + [v for p in r["top"] for v in (csv_cell(p["label"]),
-                                                                               f"{p['prob']:.6f}")]
-                       + [str(lc).lower()])
+        _write_csv(rows, low, k)
         return
+    _print_table(rows, low, k)
+    if any(low):
+        _print_low_confidence_note(sum(low), len(rows), floor, threshold)
+
+
+def _threshold(min_confidence: str) -> float | str:
+    """``--min-confidence`` as ``predict`` takes it: ``"auto"``, or a probability from 0 to 1 (0 = off); anything
+    else is a ConfigError naming what was given, before a checkpoint is read."""
+    from finetune.api import ConfigError
+
+    threshold: float | str = min_confidence.strip().lower()
+    if threshold != "auto":
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            threshold = -1.0
+        if not 0 <= threshold <= 1:
+            raise ConfigError(f"--min-confidence is auto or a probability from 0 to 1 (0 = off), got "
+                              f"'{min_confidence}'")
+    return threshold
+
+
+def _write_csv(rows: list[dict], low: list[bool], k: int) -> None:
+    """``--csv``: one header line (image, label_i, prob_i for the ``k`` labels, low_confidence), then one line per
+    image, to stdout; names go through :func:`csv_cell` so a spreadsheet shows them as text."""
+    import csv
+    import sys
+
+    w = csv.writer(sys.stdout, lineterminator="\n")
+    w.writerow(["image"] + [f"{c}_{i + 1}" for i in range(k) for c in ("label", "prob")] + ["low_confidence"])
+    for r, lc in zip(rows, low):
+        w.writerow([csv_cell(r["path"])] + [v for p in r["top"] for v in (csv_cell(p["label"]),
+                                                                           f"{p['prob']:.6f}")]
+                   + [str(lc).lower()])
+
+
+def _print_table(rows: list[dict], low: list[bool], k: int) -> None:
+    """The default output: a count line, then the images and their ``k`` labels as an aligned text table, a
+    low-confidence mark at the end of a row."""
+    from finetune.api import shown
+
     # plain aligned text, never truncated: a narrow terminal wraps lines instead of eliding the file names;
     # names from disk with their control characters escaped (an ESC or OSC in a file name never reaches the tty)
     header = ["image"] + [f"#{i + 1}" for i in range(k)] + [""]
@@ -78,13 +103,16 @@ def predict(
     typer.echo(f"{len(rows)} image{'' if len(rows) == 1 else 's'}")
     for row in table:
         typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
-    if any(low):
-        n = sum(low)
-        how = ("what 95% of the correctly classified val images reached" if threshold == "auto"
-               else "--min-confidence")
-        typer.echo(f"{n} of {len(rows)} prediction{'s' * (len(rows) != 1)} marked low confidence: top-1 "
-                   f"probability below {100 * floor:.1f}% ({how}): the image may belong to none of the model's "
-                   "classes, or look like several (--min-confidence P sets the threshold, 0 = off)")
+
+
+def _print_low_confidence_note(n: int, total: int, floor: float, threshold: float | str) -> None:
+    """After the table, when ``n`` of the ``total`` predictions are marked: the threshold that marked them (and
+    where it came from), what a mark means and how to change it."""
+    how = ("what 95% of the correctly classified val images reached" if threshold == "auto"
+           else "--min-confidence")
+    typer.echo(f"{n} of {total} prediction{'s' * (total != 1)} marked low confidence: top-1 "
+               f"probability below {100 * floor:.1f}% ({how}): the image may belong to none of the model's "
+               "classes, or look like several (--min-confidence P sets the threshold, 0 = off)")
 
 
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")

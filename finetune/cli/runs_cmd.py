@@ -90,51 +90,77 @@ def compare(
         typer.echo(json.dumps({"runs": [{k: v for k, v in r.items() if k != "config"} for r in res["runs"]],
                                "differences": res["differences"]}, default=str))  # a YAML date: its text
         return
-    from rich.table import Table
-
     from finetune.cli.render import console, term
 
-    names = [r["name"] for r in res["runs"]]
+    console.print(_metrics_table(res))
+    if len(res["runs"]) > 1 and res.get("top") is not None:
+        _print_noise_notes(console, res["runs"])
+    console.print(_differences_table(res) if res["differences"] else "configuration: the same in every run")
+    if html is not None:
+        console.print(f"html: {term(html)}", highlight=False)
+
+
+def _versus_top(res: dict, i: int, r: dict) -> str:
+    """The "vs the top" cell of run ``r`` (the ``i``-th): "top" for the most accurate run, else its difference in
+    points from it, or that the difference is within the val noise (or that the noise is unknown)."""
+    top = res.get("top")
+    if top is None or r["best_val_acc"] is None:
+        return "-"
+    if i == top:
+        return "top"
+    top_acc = res["runs"][top]["best_val_acc"]
+    diff = f"{100 * (r['best_val_acc'] - top_acc):+.2f}"
+    return {True: f"≈ tie ({diff}, within noise)", False: f"{diff} points"}.get(r["tie_with_top"],
+                                                                              f"{diff} (noise unknown)")
+
+
+def _metrics_table(res: dict):
+    """``compare``'s metrics table: one column per run, one row per measure (model, recipe, best val accuracy with
+    its 95% interval, how it stands against the top run, epochs, loss, time, date)."""
+    from rich.table import Table
+
+    from finetune.cli.render import term
+
     m = Table(title="metrics", title_justify="left")
     m.add_column("")
-    for n in names:
+    for n in (r["name"] for r in res["runs"]):
         m.add_column(term(n), justify="right", overflow="fold")
-    top, index = res.get("top"), {id(r): i for i, r in enumerate(res["runs"])}
-    top_acc = None if top is None else res["runs"][top]["best_val_acc"]
-
-    def versus(i: int, r: dict) -> str:  # the difference from the top run, or that it is within noise
-        if top is None or r["best_val_acc"] is None:
-            return "-"
-        if i == top:
-            return "top"
-        diff = f"{100 * (r['best_val_acc'] - top_acc):+.2f}"
-        return {True: f"≈ tie ({diff}, within noise)", False: f"{diff} points"}.get(r["tie_with_top"],
-                                                                                  f"{diff} (noise unknown)")
-
+    index = {id(r): i for i, r in enumerate(res["runs"])}
     for label, fn in (("model", lambda r: term(r["model"])), ("recipe", lambda r: term(r["recipe"])),
                       ("best val acc (95%)", lambda r: _acc_pm(r["best_val_acc"], r.get("val_images"))),
                       ("val images", lambda r: "-" if not r.get("val_images") else str(r["val_images"])),
-                      ("vs the top", lambda r: versus(index[id(r)], r)),
+                      ("vs the top", lambda r: _versus_top(res, index[id(r)], r)),
                       ("best epoch", lambda r: str(r["best_epoch"])),
                       ("epochs", lambda r: term(f"{r['epochs']}/{r['epochs_planned']}")),
                       ("final train loss", lambda r: _loss((r["history"] or [{}])[-1].get("train_loss"))),
                       ("train time", lambda r: _secs(r["train_seconds"])), ("date", lambda r: r["date"])):
         m.add_row(label, *[fn(r) for r in res["runs"]])
-    console.print(m)
-    if len(res["runs"]) > 1 and top is not None:
-        console.print("≈: within noise of the top run (95% Wilson intervals on the val images): the difference is "
-                      "no evidence either way", highlight=False)
-        counts = {r.get("val_images") for r in res["runs"]}
-        if len(counts) > 1:
-            console.print("the runs' val sets differ (" + ", ".join("?" if n is None else str(n) for n in
-                                                                  (r.get("val_images") for r in res["runs"]))
-                          + " images): their accuracies measure different things", highlight=False)
+    return m
+
+
+def _print_noise_notes(console, runs: list[dict]) -> None:
+    """Under the metrics of several runs: what "≈" means, and a warning when the runs were measured on val sets of
+    different sizes (their accuracies are then not comparable)."""
+    console.print("≈: within noise of the top run (95% Wilson intervals on the val images): the difference is "
+                  "no evidence either way", highlight=False)
+    counts = {r.get("val_images") for r in runs}
+    if len(counts) > 1:
+        console.print("the runs' val sets differ (" + ", ".join("?" if n is None else str(n) for n in
+                                                              (r.get("val_images") for r in runs))
+                      + " images): their accuracies measure different things", highlight=False)
+
+
+def _differences_table(res: dict):
+    """``compare``'s configuration table: one row per recipe key whose value differs, one column per run (a
+    non-string value shown as JSON)."""
+    from rich.table import Table
+
+    from finetune.cli.render import term
+
     d = Table(title="configuration differences", title_justify="left")
     d.add_column("key")
-    for n in names:
+    for n in (r["name"] for r in res["runs"]):
         d.add_column(term(n), overflow="fold")
     for k, vs in res["differences"].items():
         d.add_row(term(k), *[term(json.dumps(v, default=str) if not isinstance(v, str) else v) for v in vs])
-    console.print(d if res["differences"] else "configuration: the same in every run")
-    if html is not None:
-        console.print(f"html: {term(html)}", highlight=False)
+    return d

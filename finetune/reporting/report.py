@@ -335,8 +335,6 @@ def findings(epochs: list[dict], best: dict, recipe: dict, n_val: int | None, te
     linear probe reached and in how long, what fine-tuning added, within the noise or not, and at how many times
     the time), where the best epoch fell (the last: more epochs may help; early: the rest was wasted), and test vs
     val. ``n_val``: the val images (the intervals' n)."""
-    facts: list[str] = []
-    nxt: list[str] = []
     rows = [r for r in epochs if r.get("val_acc") is not None]
     if not rows:
         return {"facts": ["No val accuracy was recorded, so there is nothing to judge the run by."],
@@ -345,73 +343,113 @@ def findings(epochs: list[dict], best: dict, recipe: dict, n_val: int | None, te
     best_ep = best.get("epoch") or max(rows, key=lambda r: r["val_acc"])["epoch"]
     brow = next((r for r in rows if r["epoch"] == best_ep), rows[-1])
     h = half_width(brow["val_acc"], n_val)
-    if h is not None:
-        facts.append(f"Val accuracy {_p(brow['val_acc'])} ± {_pts(h)} points (95% Wilson interval on {n_val} "
-                     f"images): differences smaller than about {_pts(h)} points between epochs or runs are noise.")
-    # overfitting, at the last epoch (a first epoch's train accuracy is a running mean from a random head)
-    overfit = False
-    lrow = rows[-1]
-    if lrow.get("train_acc") is not None:
-        gap = lrow["train_acc"] - lrow["val_acc"]
-        if gap > max(OVERFIT_GAP, half_width(lrow["val_acc"], n_val) or 0):
-            overfit = True
-            facts.append(f"Overfitting: at the last epoch ({lrow['epoch']}) train accuracy is "
-                         f"{_p(lrow['train_acc'])} vs val {_p(lrow['val_acc'])}, a {_pts(gap)}-point gap (beyond "
-                         "the val noise): the model fits its training images much better than new ones.")
-        else:
-            facts.append(f"No sign of overfitting: train accuracy {_p(lrow['train_acc'])} vs val "
-                         f"{_p(lrow['val_acc'])} at the last epoch ({lrow['epoch']}).")
-    # LP-FT: the head-alone phase against the rest
+    overfit_fact, overfit = _overfit_fact(rows[-1], n_val)
     k = head_epochs(recipe)
+    phase_fact, ft_tied = _two_phase_fact(epochs, rows, k, n_val)
+    facts = [f for f in (_noise_fact(brow, n_val, h), overfit_fact, phase_fact,
+                         _best_epoch_fact(epochs, rows, brow, best_ep, n_ep, n_val),
+                         _test_fact(test, brow, n_val)) if f is not None]
+    nxt = _next_step(phase_tied=ft_tied, overfit=overfit, n_ep=n_ep, best_ep=best_ep, head=k, h=h, n_val=n_val,
+                     run_dir=run_dir)
+    return {"facts": facts, "next": nxt}
+
+
+def _noise_fact(brow: dict, n_val: int | None, h: float | None) -> str | None:
+    """The val noise at the best epoch (``brow``): its accuracy ± ``h``, the 95% Wilson half-width on ``n_val``
+    images, so that a reader knows which differences mean nothing; None when the interval is unknown."""
+    if h is None:
+        return None
+    return (f"Val accuracy {_p(brow['val_acc'])} ± {_pts(h)} points (95% Wilson interval on {n_val} "
+            f"images): differences smaller than about {_pts(h)} points between epochs or runs are noise.")
+
+
+def _overfit_fact(lrow: dict, n_val: int | None) -> tuple[str | None, bool]:
+    """Overfitting, judged at the last epoch ``lrow`` (a first epoch's train accuracy is a running mean from a
+    random head): the sentence, and whether train accuracy beats val by more than :data:`OVERFIT_GAP` and the val
+    noise; (None, False) when the epoch has no train accuracy."""
+    if lrow.get("train_acc") is None:
+        return None, False
+    gap = lrow["train_acc"] - lrow["val_acc"]
+    if gap > max(OVERFIT_GAP, half_width(lrow["val_acc"], n_val) or 0):
+        return (f"Overfitting: at the last epoch ({lrow['epoch']}) train accuracy is "
+                f"{_p(lrow['train_acc'])} vs val {_p(lrow['val_acc'])}, a {_pts(gap)}-point gap (beyond "
+                "the val noise): the model fits its training images much better than new ones."), True
+    return (f"No sign of overfitting: train accuracy {_p(lrow['train_acc'])} vs val "
+            f"{_p(lrow['val_acc'])} at the last epoch ({lrow['epoch']})."), False
+
+
+def _two_phase_fact(epochs: list[dict], rows: list[dict], k: int | None,
+                    n_val: int | None) -> tuple[str | None, bool]:
+    """LP-FT: the head-alone phase (epochs 1-``k``) against the fine-tuning after it: what the linear probe
+    reached and in how long, what fine-tuning added and at what cost in time; and whether that gain is within the
+    val noise. (None, False) for a run without both phases measured."""
     two_phase = bool(k) and any(r["epoch"] > k for r in rows) and any(r["epoch"] <= k for r in rows)
-    ft_tied = False
-    if two_phase:
-        head = [r for r in epochs if r["epoch"] <= k]
-        ft = [r for r in epochs if r["epoch"] > k]
-        hb = max((r for r in head if r.get("val_acc") is not None), key=lambda r: r["val_acc"])
-        fb = max((r for r in ft if r.get("val_acc") is not None), key=lambda r: r["val_acc"])
-        th, tf = sum(r.get("seconds") or 0 for r in head), sum(r.get("seconds") or 0 for r in ft)
-        gain = fb["val_acc"] - hb["val_acc"]
-        ft_tied = tied(hb["val_acc"], fb["val_acc"], n_val)
-        hw = half_width(fb["val_acc"], n_val)
-        span = f"epoch {k}" if k == 1 else f"epochs 1-{k}"
-        times = f" at {tf / th:.0f}x the time ({_secs(tf)} vs {_secs(th)})" if th > 0 else ""
-        facts.append(f"The linear probe (head alone, {span}) reached {_p(hb['val_acc'])} in {_secs(th)}; "
-                     f"fine-tuning added {100 * gain:+.1f}" + (f" ± {_pts(hw)}" if hw is not None else "")
-                     + f" points{times}" + (": within the noise, so no measurable gain." if ft_tied else "."))
-    # where the best epoch fell
-    if n_ep > 1:
-        if best_ep == n_ep:
-            prev = next((r for r in rows if r["epoch"] == n_ep - 1), None)
-            rise = (f" (+{_pts(brow['val_acc'] - prev['val_acc'])} points over epoch {n_ep - 1})"
-                    if prev and brow["val_acc"] > prev["val_acc"] else "")
-            facts.append(f"The best epoch was the last ({best_ep} of {n_ep}){rise}: accuracy may still be rising, "
-                         "so more epochs may help.")
-        elif best_ep <= 0.6 * n_ep:
-            after = [r for r in epochs if r["epoch"] > best_ep]
-            wasted = sum(r.get("seconds") or 0 for r in after)
-            last = rows[-1]
-            vl = [r.get("val_loss") for r in (brow, after[-1])]
-            loss = (f"; val loss went from {vl[0]:.3f} to {vl[1]:.3f}" if None not in vl and vl[1] > vl[0] else "")
-            early_worse = not tied(brow["val_acc"], last["val_acc"], n_val)
-            facts.append(f"The best epoch was early ({best_ep} of {n_ep}): the {len(after)} epochs after it "
-                         f"({_secs(wasted)}) did not beat it" + (
-                             f"{loss}; the last one ({_p(last['val_acc'])}) is worse beyond the noise: "
-                             "over-training." if early_worse else
-                             f"; the last one ({_p(last['val_acc'])}) is within the noise of it: a plateau."))
-        else:
-            facts.append(f"The best epoch was {best_ep} of {n_ep}.")
-    if test and test.get("accuracy") is not None:
-        ht = half_width(test["accuracy"], test.get("n"))
-        diff = test["accuracy"] - brow["val_acc"]
-        same = tied(test["accuracy"], brow["val_acc"], min(test.get("n") or 0, n_val or 0) or None)
-        facts.append(f"Test accuracy {_p(test['accuracy'])}" + (f" ± {_pts(ht)}" if ht is not None else "")
-                     + f" on {test.get('n')} held-out images (never used to choose best.pt) vs val "
-                     f"{_p(brow['val_acc'])}: " + ("within the noise of each other." if same else
-                                                  f"{100 * diff:+.1f} points; the val number "
-                                                  f"{'flatters' if diff < 0 else 'understates'} the model."))
-    # one concrete next step, the most useful first
-    if two_phase and ft_tied:
+    if not two_phase:
+        return None, False
+    head = [r for r in epochs if r["epoch"] <= k]
+    ft = [r for r in epochs if r["epoch"] > k]
+    hb = max((r for r in head if r.get("val_acc") is not None), key=lambda r: r["val_acc"])
+    fb = max((r for r in ft if r.get("val_acc") is not None), key=lambda r: r["val_acc"])
+    th, tf = sum(r.get("seconds") or 0 for r in head), sum(r.get("seconds") or 0 for r in ft)
+    gain = fb["val_acc"] - hb["val_acc"]
+    ft_tied = tied(hb["val_acc"], fb["val_acc"], n_val)
+    hw = half_width(fb["val_acc"], n_val)
+    span = f"epoch {k}" if k == 1 else f"epochs 1-{k}"
+    times = f" at {tf / th:.0f}x the time ({_secs(tf)} vs {_secs(th)})" if th > 0 else ""
+    return (f"The linear probe (head alone, {span}) reached {_p(hb['val_acc'])} in {_secs(th)}; "
+            f"fine-tuning added {100 * gain:+.1f}" + (f" ± {_pts(hw)}" if hw is not None else "")
+            + f" points{times}" + (": within the noise, so no measurable gain." if ft_tied else ".")), ft_tied
+
+
+def _best_epoch_fact(epochs: list[dict], rows: list[dict], brow: dict, best_ep: int, n_ep: int,
+                     n_val: int | None) -> str | None:
+    """Where the best epoch fell among ``n_ep``: the last (accuracy may still be rising), early (the epochs after
+    it were wasted: over-training or a plateau, told apart by the val noise) or in between; None for one epoch."""
+    if n_ep <= 1:
+        return None
+    if best_ep == n_ep:
+        prev = next((r for r in rows if r["epoch"] == n_ep - 1), None)
+        rise = (f" (+{_pts(brow['val_acc'] - prev['val_acc'])} points over epoch {n_ep - 1})"
+                if prev and brow["val_acc"] > prev["val_acc"] else "")
+        return (f"The best epoch was the last ({best_ep} of {n_ep}){rise}: accuracy may still be rising, "
+                "so more epochs may help.")
+    if best_ep <= 0.6 * n_ep:
+        after = [r for r in epochs if r["epoch"] > best_ep]
+        wasted = sum(r.get("seconds") or 0 for r in after)
+        last = rows[-1]
+        vl = [r.get("val_loss") for r in (brow, after[-1])]
+        loss = (f"; val loss went from {vl[0]:.3f} to {vl[1]:.3f}" if None not in vl and vl[1] > vl[0] else "")
+        early_worse = not tied(brow["val_acc"], last["val_acc"], n_val)
+        return (f"The best epoch was early ({best_ep} of {n_ep}): the {len(after)} epochs after it "
+                f"({_secs(wasted)}) did not beat it" + (
+                    f"{loss}; the last one ({_p(last['val_acc'])}) is worse beyond the noise: "
+                    "over-training." if early_worse else
+                    f"; the last one ({_p(last['val_acc'])}) is within the noise of it: a plateau."))
+    return f"The best epoch was {best_ep} of {n_ep}."
+
+
+def _test_fact(test: dict | None, brow: dict, n_val: int | None) -> str | None:
+    """The held-out test accuracy against val at the best epoch (``brow``): within the noise of each other, or
+    by how much the val number flatters or understates the model; None without a test result."""
+    if not (test and test.get("accuracy") is not None):
+        return None
+    ht = half_width(test["accuracy"], test.get("n"))
+    diff = test["accuracy"] - brow["val_acc"]
+    same = tied(test["accuracy"], brow["val_acc"], min(test.get("n") or 0, n_val or 0) or None)
+    return (f"Test accuracy {_p(test['accuracy'])}" + (f" ± {_pts(ht)}" if ht is not None else "")
+            + f" on {test.get('n')} held-out images (never used to choose best.pt) vs val "
+            f"{_p(brow['val_acc'])}: " + ("within the noise of each other." if same else
+                                         f"{100 * diff:+.1f} points; the val number "
+                                         f"{'flatters' if diff < 0 else 'understates'} the model."))
+
+
+def _next_step(*, phase_tied: bool, overfit: bool, n_ep: int, best_ep: int, head: int | None, h: float | None,
+               n_val: int | None, run_dir: str) -> str:
+    """The one concrete next step :func:`findings` suggests, the most useful that applies first: the linear probe
+    is enough (``phase_tied``), regularise, train longer, stop sooner, fine-tune the backbone (no ``head`` phase),
+    more val images (a wide interval ``h``), or else compare backbones."""
+    nxt: list[str] = []
+    if phase_tied:
         nxt.append("The linear probe alone is as accurate within the noise: `--recipe linear-probe` gets it in a "
                    "fraction of the time; to make fine-tuning pay, try a lower LR or more epochs.")
     if overfit:
@@ -423,7 +461,7 @@ def findings(epochs: list[dict], best: dict, recipe: dict, n_val: int | None, te
     if n_ep > 1 and best_ep <= 0.6 * n_ep:
         nxt.append(f"Stop sooner: `--early-stop 2` ends a run 2 epochs after its last improvement (here: "
                    f"epoch {min(best_ep + 2, n_ep)} instead of {n_ep}); best.pt stays the best epoch either way.")
-    if k is None and not overfit and not (n_ep > 1 and best_ep == n_ep):
+    if head is None and not overfit and not (n_ep > 1 and best_ep == n_ep):
         nxt.append("Fine-tune: `--recipe lp-ft` also trains the backbone after the head (slower per epoch; "
                    "often a few points better on images unlike ImageNet's).")
     if not nxt and h is not None and h > 0.03:
@@ -432,7 +470,7 @@ def findings(epochs: list[dict], best: dict, recipe: dict, n_val: int | None, te
     if not nxt:
         nxt.append("Compare backbones on the same data: `finetune probe --model A --model B` ranks them in one "
                    "pass of cached features.")
-    return {"facts": facts, "next": nxt[0]}
+    return nxt[0]
 
 
 # ------------------------------------------------------------------------------------------------ TensorBoard
@@ -544,7 +582,6 @@ def build_run_report(run_dir: str | Path, *, val_dataset=None, data: dict | None
     report.json. ``fresh``: the end of the run that just wrote best.pt (read memory-mapped, without the repair
     and checks that `finetune report` of any run directory does)."""
     from finetune import __version__
-    from finetune.run.checkpoint import load_checkpoint
 
     run_dir = Path(run_dir)
     best_pt = run_dir / "best.pt"
@@ -552,12 +589,7 @@ def build_run_report(run_dir: str | Path, *, val_dataset=None, data: dict | None
         raise CheckpointError(f"'{run_dir}' has no best.pt; finetune report takes a run directory written by "
                               "finetune train (or finetune probe)")
     t0 = time.perf_counter()
-    if fresh:  # written by this process a moment ago: nothing to repair or check; the tensors stay on disk
-        import torch
-
-        ckpt = torch.load(best_pt, map_location="cpu", weights_only=True, mmap=True)
-    if not fresh or not isinstance(ckpt, dict) or ckpt.get("sharded") or "model" not in ckpt:
-        ckpt = load_checkpoint(best_pt)
+    ckpt = _load_best(best_pt, fresh)
     names = list(ckpt["class_names"])
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {"best": {}, "epochs": []}
@@ -568,35 +600,18 @@ def build_run_report(run_dir: str | Path, *, val_dataset=None, data: dict | None
     if data is None:
         data = previous.get("data")
     has_val = bool(val) or val_dataset is not None  # a run without val data has nothing to evaluate
-    try:
-        if has_val and val_dataset is None:
-            val_dataset = _val_dataset_for(ckpt)
-        if data is None:
-            source = str((ckpt.get("data") or {}).get("path", ""))
-            data = data_summary(names, _train_dataset_for(ckpt), val_dataset, None, source)
-    except FinetuneError as e:  # data moved or gone: the report still has everything but the thumbnails
-        log.warning(f"report: the run's data could not be read ({e}); thumbnails left out")
-    if val_dataset is not None and not _samples_match(samples, val_dataset):
-        res = _predict_samples(best_pt, val_dataset)  # an older checkpoint, a probe, a DDP run: one val pass
-        samples, confusion = res["samples"], res["confusion"]
-    else:
-        confusion = val.get("confusion") or [[0] * len(names) for _ in names]
+    val_dataset, data = _run_data(ckpt, names, val_dataset, data, has_val)
+    samples, confusion = _val_results(best_pt, val, samples, val_dataset, names)
     schedule = [(int(s["epoch"]), ", ".join(s["layers"])) for s in (recipe.get("freeze") or {}).get("schedule", [])]
-    numel = {k: int(v.numel()) for k, v in ckpt["model"].items()
-             if k in set(ckpt.get("plan", {}).get("frozen", [])) | set(ckpt.get("trainable", []))}
     plan = ckpt.get("plan") or {}
-    rows = freeze_rows(numel, plan.get("frozen", []), ckpt.get("trainable", plan.get("trainable", [])))
-    created = _created(run_dir)
-    ended = metrics_path.stat().st_mtime if metrics_path.is_file() else None
+    rows = _ckpt_freeze_rows(ckpt)
     report = {
         "kind": "run", "run_dir": str(run_dir), "title": run_dir.name, "model": ckpt.get("model_name"),
         "recipe_name": recipe.get("name", ""), "best": metrics.get("best", {}), "epochs": metrics.get("epochs", []),
         "best_epoch_in_ckpt": ckpt.get("epoch"), "unfreeze": schedule, "bn": plan.get("bn"),
         "freeze_rows": rows, "config_text": config_text, "environment": environment(picked, ckpt),
         "data": data, "finetune_version": __version__,
-        "wall": {"run_started": _iso(created), "run_ended": _iso(ended),
-                 "run_seconds": (ended - created) if created and ended else None,
-                 "epoch_seconds": sum(r.get("seconds") or 0 for r in metrics.get("epochs", []))},
+        "wall": _wall(run_dir, metrics_path, metrics),
         "figure_curves": (svg.uri(curves_svg(metrics.get("epochs", []), schedule, head_epochs(recipe)))
                           if metrics.get("epochs") else ""),
         "figure_freeze": svg.uri(freeze_svg(rows)) if rows else "",
@@ -610,6 +625,66 @@ def build_run_report(run_dir: str | Path, *, val_dataset=None, data: dict | None
                                   str(run_dir))
     report["wall"]["report_seconds"] = time.perf_counter() - t0
     return report
+
+
+def _load_best(best_pt: Path, fresh: bool) -> dict[str, Any]:
+    """best.pt for the report. ``fresh`` (written by this process a moment ago): loaded memory-mapped, with nothing
+    to repair or check, so the tensors stay on disk; otherwise (or when that load is not a plain single-file
+    checkpoint) through :func:`load_checkpoint`, with its repair and checks."""
+    from finetune.run.checkpoint import load_checkpoint
+
+    if fresh:  # written by this process a moment ago: nothing to repair or check; the tensors stay on disk
+        import torch
+
+        ckpt = torch.load(best_pt, map_location="cpu", weights_only=True, mmap=True)
+    if not fresh or not isinstance(ckpt, dict) or ckpt.get("sharded") or "model" not in ckpt:
+        ckpt = load_checkpoint(best_pt)
+    return ckpt
+
+
+def _run_data(ckpt: dict, names: list[str], val_dataset, data: dict | None, has_val: bool) -> tuple[Any, dict | None]:
+    """The run's val set and data summary where the caller has neither: rebuilt from the checkpoint's data record.
+    Data that has moved or gone is a warning, not an error: the report then has everything but the thumbnails
+    (and whatever of the two was already known)."""
+    try:
+        if has_val and val_dataset is None:
+            val_dataset = _val_dataset_for(ckpt)
+        if data is None:
+            source = str((ckpt.get("data") or {}).get("path", ""))
+            data = data_summary(names, _train_dataset_for(ckpt), val_dataset, None, source)
+    except FinetuneError as e:  # data moved or gone: the report still has everything but the thumbnails
+        log.warning(f"report: the run's data could not be read ({e}); thumbnails left out")
+    return val_dataset, data
+
+
+def _val_results(best_pt: Path, val: dict, samples: dict | None, val_dataset,
+                 names: list[str]) -> tuple[dict | None, list[list[int]]]:
+    """The per-image val results and the confusion matrix the report shows: the checkpoint's own when they match
+    ``val_dataset``; else one val pass of best.pt over it (an older checkpoint, a probe, a DDP run), so that the
+    thumbnails and the matrix describe the same images."""
+    if val_dataset is not None and not _samples_match(samples, val_dataset):
+        res = _predict_samples(best_pt, val_dataset)  # an older checkpoint, a probe, a DDP run: one val pass
+        return res["samples"], res["confusion"]
+    return samples, val.get("confusion") or [[0] * len(names) for _ in names]
+
+
+def _ckpt_freeze_rows(ckpt: dict) -> list[dict]:
+    """The freeze figure's rows: the parameter count of every tensor the plan froze or the run trained, by
+    :func:`freeze_rows` (frozen at the start, trainable at the end)."""
+    numel = {k: int(v.numel()) for k, v in ckpt["model"].items()
+             if k in set(ckpt.get("plan", {}).get("frozen", [])) | set(ckpt.get("trainable", []))}
+    plan = ckpt.get("plan") or {}
+    return freeze_rows(numel, plan.get("frozen", []), ckpt.get("trainable", plan.get("trainable", [])))
+
+
+def _wall(run_dir: Path, metrics_path: Path, metrics: dict) -> dict[str, Any]:
+    """The run's wall-clock times: started (the run marker's time), ended (metrics.json's last write), the run's
+    seconds between them, and the seconds its epochs took; ``report_seconds`` is added by the caller."""
+    created = _created(run_dir)
+    ended = metrics_path.stat().st_mtime if metrics_path.is_file() else None
+    return {"run_started": _iso(created), "run_ended": _iso(ended),
+            "run_seconds": (ended - created) if created and ended else None,
+            "epoch_seconds": sum(r.get("seconds") or 0 for r in metrics.get("epochs", []))}
 
 
 def _kept_test(metrics: dict) -> dict | None:
