@@ -147,3 +147,25 @@ def test_log_every_writes_per_update_scalars(tmp_path):
     per_epoch = len(acc.Scalars("loss/train"))
     assert per_epoch == 2 and steps == list(range(2, steps[-1] + 1, 2)) and len(steps) >= 2
     assert [e.step for e in acc.Scalars("step/lr_group/all")] == steps
+
+
+def test_an_exact_accuracy_tie_at_a_lower_val_loss_becomes_the_best():
+    """best.pt moves to a later epoch that gets the same images right more surely; a tie at a higher loss, a lower
+    accuracy at a lower loss, and --monitor val_loss keep their old rules."""
+    from types import SimpleNamespace
+
+    from finetune.run.runner import RunState
+
+    def judge(rows, key="val_acc"):
+        st = SimpleNamespace(history=[], best={"epoch": None, "val_acc": None}, since_best=0, monitor=Monitor(key),
+                             best_ema=None, ema=None, top_k=[], cfg=config.Recipe())
+        st._tie_with_lower_loss = lambda row, value: RunState._tie_with_lower_loss(st, row, value)
+        for e, (acc, loss) in enumerate(rows, 1):
+            RunState.record(st, {"epoch": e, "val_acc": acc, "val_loss": loss})
+        return st.best["epoch"]
+
+    assert judge([(0.9, 1.2), (0.9, 0.8), (0.9, 0.9), (0.85, 0.5)]) == 2
+    assert judge([(0.9, 0.8), (0.9, 1.2)]) == 1
+    assert judge([(0.9, 1.2), (0.9, float("nan"))]) == 1
+    assert judge([(0.9, 1.2), (0.9, 0.8), (0.95, 2.0)]) == 3
+    assert judge([(0.9, 1.2), (0.8, 0.8)], key="val_loss") == 2
