@@ -218,3 +218,22 @@ def test_cache_clear_removes_kept_backbones(data, weights, tmp_path, cli):
     assert r.stdout.startswith("removed 2 entries and 1 kept backbones (") and not entry.exists()
     assert (outside / "keep.txt").read_text() == "mine"
     assert size > 10_000  # the smallcnn's tensors
+
+
+def test_feature_extraction_says_how_far_it_got(monkeypatch, caplog):
+    """The first run of a probe on a few thousand photos computed features for minutes in silence: a line after 10 s,
+    then every FINETUNE_PROGRESS_SECONDS, none once done."""
+    import logging
+
+    from finetune.speedups import feature_store as FS
+
+    clock = iter([0.0, 5.0, 12.0, 30.0, 43.0, 80.0])
+    monkeypatch.setattr(FS.time, "monotonic", lambda: next(clock))
+    monkeypatch.setenv("FINETUNE_PROGRESS_SECONDS", "30")
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        p = FS.Progress(500)  # t0 = 0
+        for _ in range(5):
+            p.step(100)  # at 5, 12, 30, 43, 80 s
+    assert [r.getMessage() for r in caplog.records] == [
+        "frozen features: 200/500 images (40%), 16.7 img/s, about 18 s left",
+        "frozen features: 400/500 images (80%), 9.3 img/s, about 11 s left"]

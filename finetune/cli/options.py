@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import types
 import typing
 from contextlib import contextmanager
@@ -216,3 +217,17 @@ def name_flags(given, flags: dict[str, str]):
         if flag_of(e):
             raise ConfigError(f"{flag_of(e)}: {e}") from None
         raise
+
+
+@contextmanager
+def quiet_logs(quiet: bool):
+    """``--quiet``: the ``finetune`` logger's information lines (progress of the feature extraction, cache notes)
+    are not printed while the command runs; warnings and errors are."""
+    log = logging.getLogger("finetune")
+    level = log.level
+    if quiet:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

@@ -68,7 +68,8 @@ def probe(
     from finetune.api import probe as run_probe
     from finetune.api import interrupted_as
 
-    with interrupted_as("interrupted; nothing was written"):  # SIGTERM as Ctrl-C (probe names what it wrote)
+    # SIGTERM as Ctrl-C (probe names what it wrote)
+    with O.quiet_logs(quiet), interrupted_as("interrupted; nothing was written"):
         results = run_probe(models, weights=weights, data=data, lrs=lr_list or None, wds=wd_list or None,
                             knn=ks if knn is not None else None, out=out, overwrite=overwrite, cache_dir=cache_dir,
                             progress=progress, labels=labels, val_split=val_split, image_size=image_size,

@@ -46,11 +46,12 @@ def _train(v: dict[str, Any]) -> None:
     typed = typed_keys(v)
     reporter = RichReporter(quiet=v["quiet"])
     if v["resume"] is not None:
-        _resume(v, typed, reporter)
+        with O.quiet_logs(v["quiet"]):
+            _resume(v, typed, reporter)
         return
     r = recipe_of(v, typed)
     try:
-        with api.trusted(v["trust_checkpoint"]):
+        with api.trusted(v["trust_checkpoint"]), O.quiet_logs(v["quiet"]):
             _run(lambda: api.train(r, out=v["out"], overwrite=v["overwrite"], reporter=reporter))
     except api.FreezeError as e:
         raise api.from_recipe(e, v["recipe"], typed) from None

@@ -675,6 +675,7 @@ def stream_features(frozen, dataset, *, batch_size: int = 64, device="cpu", prec
     was = frozen.training
     frozen.eval()
     run = FastInference(frozen, fast)
+    told = Progress(-(-len(dataset) // num_replicas))
     try:
         with torch.inference_mode():
             for x, y in loader:
@@ -682,5 +683,38 @@ def stream_features(frozen, dataset, *, batch_size: int = 64, device="cpu", prec
                 with autocast(device, precision):
                     f = run(x)
                 yield f.float().cpu(), y
+                told.step(len(y))
     finally:
         frozen.train(was)
+
+
+class Progress:
+    """A line now and then while the frozen part runs over the images (the first run of a probe on a few thousand
+    photos takes minutes on a CPU, and said nothing until it was done): every ``FINETUNE_PROGRESS_SECONDS`` (30 s;
+    the first after 10 s), through the ``finetune`` logger, so the CLI prints it with or without a terminal."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.t0 = self.last = time.monotonic()
+        try:
+            self.every = float(os.environ.get("FINETUNE_PROGRESS_SECONDS", "30"))
+        except ValueError:
+            self.every = 30.0
+        self.first = min(10.0, self.every)
+
+    def step(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        wait = self.first if self.last == self.t0 else self.every
+        if now - self.last < wait or self.done >= self.total or self.every <= 0:
+            return
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        left = (self.total - self.done) / max(rate, 1e-9)
+        log.info(f"frozen features: {self.done}/{self.total} images ({100 * self.done / self.total:.0f}%), "
+                 f"{rate:.1f} img/s, about {_duration(left)} left")
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s} s"
