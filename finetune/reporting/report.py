@@ -314,6 +314,7 @@ def _predict_samples(ckpt_path: Path, dataset) -> dict:
 # ------------------------------------------------------------------------------------------------ what the run says
 
 OVERFIT_GAP = 0.05  # train minus val accuracy (at the best epoch) above which, and above the val noise, we say so
+CHEAP_RUN_S = 60.0  # a run this short (a head on cached features) is not told to stop sooner: nothing to save
 
 
 def _p(x: float) -> str:
@@ -331,27 +332,43 @@ def _secs(s: float) -> str:
 def findings(epochs: list[dict], best: dict, recipe: dict, n_val: int | None, test: dict | None = None,
              run_dir: str = "RUN") -> dict[str, Any]:
     """What the run's numbers say, as sentences computed from them (``facts``) and one concrete ``next`` step:
-    the val noise, an overfitting flag (train vs val accuracy at the best epoch), LP-FT's two phases (what the
+    the val noise, an overfitting flag (train vs val accuracy at the last epoch), LP-FT's two phases (what the
     linear probe reached and in how long, what fine-tuning added, within the noise or not, and at how many times
-    the time), where the best epoch fell (the last: more epochs may help; early: the rest was wasted), and test vs
-    val. ``n_val``: the val images (the intervals' n)."""
+    the time), where the best epoch fell (the last: still rising beyond the noise, or flat within it; early:
+    over-training when val loss rose after it, else a plateau), and test vs val. The next step fits the run's
+    setup (a head-only run is never told to freeze layers or to augment). ``n_val``: the val images (the
+    intervals' n)."""
     rows = [r for r in epochs if r.get("val_acc") is not None]
     if not rows:
         return {"facts": ["No val accuracy was recorded, so there is nothing to judge the run by."],
                 "next": "Give the data a val/ folder (or --val-split 0.2) so every epoch is measured."}
     n_ep = max(r["epoch"] for r in epochs)
-    best_ep = best.get("epoch") or max(rows, key=lambda r: r["val_acc"])["epoch"]
+    best_ep = best.get("epoch") or _best_row(rows)["epoch"]
     brow = next((r for r in rows if r["epoch"] == best_ep), rows[-1])
     h = half_width(brow["val_acc"], n_val)
     overfit_fact, overfit = _overfit_fact(rows[-1], n_val)
     k = head_epochs(recipe)
     phase_fact, ft_tied = _two_phase_fact(epochs, rows, k, n_val)
-    facts = [f for f in (_noise_fact(brow, n_val, h), overfit_fact, phase_fact,
-                         _best_epoch_fact(epochs, rows, brow, best_ep, n_ep, n_val),
+    best_fact, shape = _best_epoch_fact(epochs, rows, brow, best_ep, n_ep, n_val)
+    facts = [f for f in (_noise_fact(brow, n_val, h), overfit_fact, phase_fact, best_fact,
                          _test_fact(test, brow, n_val)) if f is not None]
-    nxt = _next_step(phase_tied=ft_tied, overfit=overfit, n_ep=n_ep, best_ep=best_ep, head=k, h=h, n_val=n_val,
-                     run_dir=run_dir)
+    secs = [r.get("seconds") for r in epochs]
+    cheap = sum(secs) < CHEAP_RUN_S if None not in secs else k is None  # minutes saved by stopping sooner: none
+    nxt = _next_step(phase_tied=ft_tied, overfit=overfit, shape=shape, cheap=cheap, n_ep=n_ep, best_ep=best_ep,
+                     head=k, h=h, n_val=n_val, recipe=recipe, run_dir=run_dir)
     return {"facts": facts, "next": nxt}
+
+
+def _best_row(rows: list[dict]) -> dict:
+    """The epoch train keeps as best.pt by val accuracy (runner.py): the first at the highest accuracy, unless a
+    later one equals it exactly at a lower val loss."""
+    b = rows[0]
+    for r in rows[1:]:
+        if r["val_acc"] > b["val_acc"] or (r["val_acc"] == b["val_acc"] and None not in (r.get("val_loss"),
+                                                                                          b.get("val_loss"))
+                                           and r["val_loss"] < b["val_loss"]):
+            b = r
+    return b
 
 
 def _noise_fact(brow: dict, n_val: int | None, h: float | None) -> str | None:
@@ -402,30 +419,62 @@ def _two_phase_fact(epochs: list[dict], rows: list[dict], k: int | None,
 
 
 def _best_epoch_fact(epochs: list[dict], rows: list[dict], brow: dict, best_ep: int, n_ep: int,
-                     n_val: int | None) -> str | None:
-    """Where the best epoch fell among ``n_ep``: the last (accuracy may still be rising), early (the epochs after
-    it were wasted: over-training or a plateau, told apart by the val noise) or in between; None for one epoch."""
+                     n_val: int | None) -> tuple[str | None, str | None]:
+    """Where the best epoch fell among ``n_ep``, and the curve's shape that the next step follows: the last and
+    beyond the val noise of every epoch before it ("rising": more epochs may help), the last but within the noise
+    of earlier epochs ("flat"), early (the epochs after it were wasted: "overtrained" when val loss rose after it,
+    or without val losses when the last epoch is worse beyond the noise; else a "plateau") or in between
+    ("middle"); (None, None) for one epoch."""
     if n_ep <= 1:
-        return None
+        return None, None
     if best_ep == n_ep:
-        prev = next((r for r in rows if r["epoch"] == n_ep - 1), None)
-        rise = (f" (+{_pts(brow['val_acc'] - prev['val_acc'])} points over epoch {n_ep - 1})"
-                if prev and brow["val_acc"] > prev["val_acc"] else "")
-        return (f"The best epoch was the last ({best_ep} of {n_ep}){rise}: accuracy may still be rising, "
-                "so more epochs may help.")
-    if best_ep <= 0.6 * n_ep:
-        after = [r for r in epochs if r["epoch"] > best_ep]
-        wasted = sum(r.get("seconds") or 0 for r in after)
-        last = rows[-1]
-        vl = [r.get("val_loss") for r in (brow, after[-1])]
-        loss = (f"; val loss went from {vl[0]:.3f} to {vl[1]:.3f}" if None not in vl and vl[1] > vl[0] else "")
-        early_worse = not tied(brow["val_acc"], last["val_acc"], n_val)
-        return (f"The best epoch was early ({best_ep} of {n_ep}): the {len(after)} epochs after it "
-                f"({_secs(wasted)}) did not beat it" + (
-                    f"{loss}; the last one ({_p(last['val_acc'])}) is worse beyond the noise: "
-                    "over-training." if early_worse else
-                    f"; the last one ({_p(last['val_acc'])}) is within the noise of it: a plateau."))
-    return f"The best epoch was {best_ep} of {n_ep}."
+        return _last_epoch_fact(rows, brow, n_ep, n_val)
+    if best_ep > 0.6 * n_ep:
+        return f"The best epoch was {best_ep} of {n_ep}.", "middle"
+    after = [r for r in epochs if r["epoch"] > best_ep]
+    wasted = sum(r.get("seconds") or 0 for r in after)
+    last = rows[-1]
+    vl = [brow.get("val_loss"), after[-1].get("val_loss")]
+    worse = not tied(brow["val_acc"], last["val_acc"], n_val)
+    over = vl[1] > vl[0] if None not in vl else worse
+    acc = (f"the last one ({_p(last['val_acc'])}) is "
+           + ("worse beyond the noise" if worse else "within the noise of it"))
+    head = (f"The best epoch was early ({best_ep} of {n_ep}): the {len(after)} epochs after it ({_secs(wasted)}) "
+            "did not beat it")
+    if over:
+        loss = f"; val loss went from {vl[0]:.3f} to {vl[1]:.3f}" if None not in vl else ""
+        return f"{head}{loss}; {acc}: over-training.", "overtrained"
+    if None in vl:
+        return f"{head}; {acc}: a plateau.", "plateau"
+    return (f"{head}; {acc}, and val loss kept falling ({vl[0]:.3f} to {vl[1]:.3f}): a plateau in accuracy, "
+            "not over-training."), "plateau"
+
+
+def _last_epoch_fact(rows: list[dict], brow: dict, n_ep: int, n_val: int | None) -> tuple[str, str]:
+    """The best epoch is the last: "rising" when it beats every earlier epoch beyond the val noise, else "flat"
+    since the first epoch of the run of epochs (up to the last) within the noise of it."""
+    before = [r for r in rows if r["epoch"] < n_ep]
+    prev = next((r for r in reversed(before)), None)
+    what = f"The best epoch was the last ({n_ep} of {n_ep})"
+    if prev is None:
+        return f"{what}.", "flat"
+    rise = brow["val_acc"] - prev["val_acc"]
+    step = f"{100 * rise:+.1f} points over epoch {prev['epoch']}" if rise else f"level with epoch {prev['epoch']}"
+    close = [r for r in before if tied(r["val_acc"], brow["val_acc"], n_val)]
+    if not close:
+        top = max(before, key=lambda r: r["val_acc"])
+        return (f"{what} (+{_pts(brow['val_acc'] - top['val_acc'])} points over the best epoch before it, "
+                f"{top['epoch']}: beyond the noise): accuracy may still be rising, so more epochs may help."), "rising"
+    since = brow
+    for r in reversed(before):
+        if not tied(r["val_acc"], brow["val_acc"], n_val):
+            break
+        since = r
+    if since is brow:  # the epoch just before is outside the noise, an earlier one within it
+        return (f"{what} ({step}), but epoch {close[0]['epoch']} was already within the noise of it "
+                f"({_p(close[0]['val_acc'])}): more epochs are unlikely to help."), "flat"
+    return (f"{what} ({step}): accuracy has been flat within the noise since epoch {since['epoch']} "
+            f"({_p(since['val_acc'])}), so more epochs are unlikely to help."), "flat"
 
 
 def _test_fact(test: dict | None, brow: dict, n_val: int | None) -> str | None:
@@ -443,25 +492,26 @@ def _test_fact(test: dict | None, brow: dict, n_val: int | None) -> str | None:
                                          f"{'flatters' if diff < 0 else 'understates'} the model."))
 
 
-def _next_step(*, phase_tied: bool, overfit: bool, n_ep: int, best_ep: int, head: int | None, h: float | None,
-               n_val: int | None, run_dir: str) -> str:
+def _next_step(*, phase_tied: bool, overfit: bool, shape: str | None, cheap: bool, n_ep: int, best_ep: int,
+               head: int | None, h: float | None, n_val: int | None, recipe: dict, run_dir: str) -> str:
     """The one concrete next step :func:`findings` suggests, the most useful that applies first: the linear probe
-    is enough (``phase_tied``), regularise, train longer, stop sooner, fine-tune the backbone (no ``head`` phase),
-    more val images (a wide interval ``h``), or else compare backbones."""
+    is enough (``phase_tied``), regularise (what fits the run: :func:`_regularise`), train longer (accuracy
+    still ``rising`` beyond the noise), stop sooner (``overtrained``, and not a ``cheap`` run of seconds),
+    fine-tune the backbone (a head-only run: ``head`` None), more val images (a wide interval ``h``), or else
+    compare backbones."""
     nxt: list[str] = []
     if phase_tied:
         nxt.append("The linear probe alone is as accurate within the noise: `--recipe linear-probe` gets it in a "
-                   "fraction of the time; to make fine-tuning pay, try a lower LR or more epochs.")
+                   "fraction of the time; to make fine-tuning pay, try a lower LR (`--lr`).")
     if overfit:
-        nxt.append("Regularise: stronger augmentation (`--augment strong`), `--label-smoothing 0.1`, more weight "
-                   "decay (`--weight-decay`), or fewer trainable layers.")
-    if n_ep > 1 and best_ep == n_ep and not overfit:
+        nxt.append(_regularise(recipe, head_only=head is None))
+    if shape == "rising" and not overfit:
         nxt.append(f"Train longer: `finetune train --resume {run_dir} --epochs {2 * n_ep}` continues this run "
                    "to twice the epochs.")
-    if n_ep > 1 and best_ep <= 0.6 * n_ep:
+    if shape == "overtrained" and not cheap:
         nxt.append(f"Stop sooner: `--early-stop 2` ends a run 2 epochs after its last improvement (here: "
                    f"epoch {min(best_ep + 2, n_ep)} instead of {n_ep}); best.pt stays the best epoch either way.")
-    if head is None and not overfit and not (n_ep > 1 and best_ep == n_ep):
+    if head is None and not overfit and shape != "rising":
         nxt.append("Fine-tune: `--recipe lp-ft` also trains the backbone after the head (slower per epoch; "
                    "often a few points better on images unlike ImageNet's).")
     if not nxt and h is not None and h > 0.03:
@@ -471,6 +521,23 @@ def _next_step(*, phase_tied: bool, overfit: bool, n_ep: int, best_ep: int, head
         nxt.append("Compare backbones on the same data: `finetune probe --model A --model B` ranks them in one "
                    "pass of cached features.")
     return nxt[0]
+
+
+def _regularise(recipe: dict, *, head_only: bool) -> str:
+    """Regularisation that fits what the run did: for a head-only run (only the head trains, on cached features)
+    more weight decay than the recipe's, label smoothing, or ``finetune probe``'s LR x weight-decay sweep (never
+    stronger augmentation, which turns the feature cache off, nor fewer trainable layers); otherwise stronger
+    augmentation unless it was strong already, label smoothing unless set, more weight decay, fewer layers."""
+    wd = float((recipe.get("optimizer") or {}).get("weight_decay") or 0)
+    smooth = "" if (recipe.get("train") or {}).get("label_smoothing") else "`--label-smoothing 0.1`, "
+    if head_only:
+        return (f"Regularise the head (the only part that trains): more weight decay (`--weight-decay "
+                f"{1e-2 if wd < 1e-2 else 10 * wd:g}`; this run had {wd:g}), {smooth}or let `finetune probe --wds "
+                "1e-3,1e-2,1e-1` pick the LR and weight decay in one pass of cached features.")
+    strong = ("" if (recipe.get("data") or {}).get("augment") == "strong"
+              else "stronger augmentation (`--augment strong`), ")
+    return (f"Regularise: {strong}{smooth}more weight decay (`--weight-decay`; this run had {wd:g}), or fewer "
+            "trainable layers.")
 
 
 # ------------------------------------------------------------------------------------------------ TensorBoard
