@@ -46,7 +46,7 @@ def list_(cache_dir: Optional[str] = CACHE_DIR,
     console.print(t)
     if dropped:
         console.print(f"columns left out to fit {console.width}: {', '.join(dropped)}; --json has them",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     unfinished = sum(r["unfinished"] for r in rows)
     console.print(f"{len(rows) - unfinished} entries, {featstore.size_text(sum(r['bytes'] for r in rows))}"
                   + (f" ({unfinished} unfinished)" if unfinished else ""), highlight=False)
