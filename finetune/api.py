@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from finetune.speedups import feature_store as featstore  # noqa: F401
     from finetune.speedups import backbone_store  # noqa: F401
     from finetune.training.freeze import apply_freeze, from_recipe, model_stages  # noqa: F401
-    from finetune.tools.probe import ProbeResult, parse_floats, parse_ints  # noqa: F401
+    from finetune.tools.probe import ProbeResult  # noqa: F401
+    from finetune.config.preflight import parse_floats, parse_ints  # noqa: F401
     from finetune.models import Backbone, build_model, build_model_shapes, data_config  # noqa: F401
     from finetune.models.params import inspect_json, module_rows, parameter_rows  # noqa: F401
     from finetune.run.runner import RunResult  # noqa: F401
@@ -55,7 +56,7 @@ _LAZY = {
     "apply_freeze": "finetune.training.freeze", "from_recipe": "finetune.training.freeze",
     "model_stages": "finetune.training.freeze",
     "resolve_data_path": "finetune.data",
-    "parse_floats": "finetune.tools.probe", "parse_ints": "finetune.tools.probe",
+    "parse_floats": "finetune.config.preflight", "parse_ints": "finetune.config.preflight",  # torch-free
     "featstore": None, "backbone_store": None,
     "inspect_json": "finetune.models.params", "module_rows": "finetune.models.params",
     "parameter_rows": "finetune.models.params",
@@ -95,6 +96,8 @@ def train(recipe: Recipe | None = None, *, out: str | Path | None = None, overwr
     (:class:`finetune.run.runner.RunResult`)."""
     if resume is None and recipe is not None:
         preflight.check_recipe(recipe)  # a missing path or unknown model: the error before torch is imported
+        if "LOCAL_RANK" not in os.environ:  # under torchrun, rank 0 may already have made --out: its check decides
+            preflight.out_dir(out, overwrite)  # an existing run in --out without --overwrite, likewise
     from finetune.reporting import report
     from finetune.run import runner
 
@@ -224,12 +227,9 @@ def check_report_path(out: str | Path) -> Path:
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``RUN_DIR/report.html`` (or ``out``) for a finished or running run: learning curves, confusion
     matrix, per-class metrics, the most confidently wrong val images, the freeze plan, recipe and environment."""
+    run_dir = preflight.run_dir(run_dir)  # a missing folder: the error before torch is imported
     from finetune.reporting.report import write_run_report
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FinetuneError(f"run directory '{run_dir}' not found; pass a folder written by finetune train "
-                            "(see finetune runs)")
     return write_run_report(run_dir, out)
 
 
@@ -272,7 +272,8 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
     when right, so a fixed 50% would mark nearly everything); a number: that probability; None or 0: no marks.
     """
     items, single_file = _predict_inputs(paths)
-    preflight.checkpoint_file(checkpoint)  # before torch is imported
+    preflight.checkpoint_file(checkpoint)  # before torch is imported: the checkpoint, then the images' paths
+    preflight.image_paths(items)
     from finetune import data as D
     from finetune.run.restore import eval_precision
     from finetune.training.engine import resolve_device

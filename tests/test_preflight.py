@@ -247,3 +247,87 @@ def test_finetune_models_lists_the_same_rows_without_torch(names_cache, tmp_path
     assert out["cases"][-1]["line"] == ("Error: no models match 'zzz'; patterns are globs ('resnet*', 'timm:vit_*') or "
                                         "substrings ('efficient')")
     assert out["torch"] == []
+
+
+RUN_EXISTS = ("Error: output directory '{}' already exists and is not empty; pass --overwrite to replace it, --resume "
+              "to continue it, or choose another --out")
+
+
+@pytest.mark.subprocess
+def test_cheap_mistakes_of_predict_probe_train_report_and_eval_answer_before_torch(names_cache, tmp_path):
+    """Issue #29: a missing image, a bad --lrs/--wds/--knn, an existing run in --out, a missing run directory, a
+    .safetensors file given as a checkpoint: one error line each, torch never imported."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (".finetune-run", "config.yaml", "last.pt", "best.pt"):
+        (run / name).write_bytes(b"")
+    nope, w = str(tmp_path / "nope.jpg"), tmp_path / "w.safetensors"
+    w.write_bytes(b"")
+    probe = ["probe", "--model", "smallcnn"]
+    cases = {
+        ("predict", str(run / "best.pt"), str(run), nope): f"Error: '{nope}' does not exist; pass image files or "
+                                                           "folders of images",
+        (*probe, "--lrs", "1e-3,abc"): "Error: --lrs '1e-3,abc' is not a comma-separated list of numbers (e.g. "
+                                       "1e-3,3e-3)",
+        (*probe, "--lrs", "0"): "Error: --lrs '0': give positive numbers, e.g. 1e-3,3e-3",
+        (*probe, "--wds", "-1"): "Error: --wds '-1': give positive numbers (or 0), e.g. 1e-3,3e-3",
+        (*probe, "--knn", "x"): "Error: --knn 'x' is not a comma-separated list of integers (e.g. 10,20); 0 turns "
+                                "k-NN off",
+        (*probe, "--knn", "-1"): "Error: --knn '-1': k must be positive (0 turns k-NN off)",
+        ("train", "--out", str(run)): RUN_EXISTS.format(run),
+        ("report", str(tmp_path / "nope")): f"Error: run directory '{tmp_path / 'nope'}' not found; pass a folder "
+                                            "written by finetune train (see finetune runs)",
+        ("eval", str(w)): f"Error: '{w}' is a .safetensors weights file, not a finetune checkpoint; pass a run's "
+                          f"best.pt or last.pt (runs/<run>/best.pt), or train from these weights: finetune train "
+                          f"--model MODEL --weights {w}",
+        ("predict", str(w), str(run)): f"Error: '{w}' is a .safetensors weights file, not a finetune checkpoint; "
+                                       "pass a run's best.pt or last.pt (runs/<run>/best.pt), or train from these "
+                                       f"weights: finetune train --model MODEL --weights {w}",
+    }
+    out = _fresh([list(c) for c in cases], [], names_cache, tmp_path)
+    got = {tuple(c["args"]): (c["code"], c["line"], c["torch"]) for c in out["cases"]}
+    assert got == {c: (1, line, []) for c, line in cases.items()}
+    assert out["torch"] == []
+
+
+def test_the_out_check_says_what_prepare_run_dir_says(tmp_path):
+    """The torch-free --out check and the run's own (finetune/run/checkpoint.py) refuse the same directories with
+    the same words; what --overwrite may empty is left to the run's."""
+    from finetune.errors import FinetuneError
+    from finetune.run import checkpoint as ck
+
+    assert (preflight.RUN_MARKER, preflight.RUN_LOCK) == (ck.MARKER, ck.LOCK)
+    layouts = {"done": [ck.MARKER, "config.yaml", "last.pt"], "no-ckpt": [ck.MARKER, "config.yaml"],
+               "old": ["config.yaml", "last.pt"], "foreign": ["notes.txt"], "a-file": None}
+    for name, files in layouts.items():
+        d = tmp_path / name
+        if files is None:
+            d.write_text("x")
+        else:
+            d.mkdir()
+            for f in files:
+                (d / f).write_bytes(b"")
+        with pytest.raises(FinetuneError) as early:
+            preflight.out_dir(d, overwrite=False)
+        with pytest.raises(FinetuneError) as late:
+            ck.prepare_run_dir(d, overwrite=False)
+        assert str(early.value) == str(late.value), name
+        preflight.out_dir(d, overwrite=True)  # --overwrite: decided by the run, under its lock
+    for fine in (tmp_path / "new", tmp_path / "empty", tmp_path / "locked", None):
+        if fine is not None and fine.name != "new":
+            fine.mkdir()
+        if fine is not None and fine.name == "locked":
+            (fine / ck.LOCK).write_bytes(b"")
+        preflight.out_dir(fine, overwrite=False)
+
+
+def test_probe_flag_parsing_is_torch_free_and_reexported():
+    from finetune import api
+    from finetune.tools import probe
+
+    assert probe.parse_floats is preflight.parse_floats and api.parse_ints is preflight.parse_ints
+    assert preflight.parse_floats(" 1e-3, 3e-2 ,", "lrs", ()) == [1e-3, 3e-2]
+    assert preflight.parse_floats(None, "wds", (1e-4,)) == [1e-4] and preflight.parse_floats("0", "wds", ()) == [0.0]
+    assert preflight.parse_ints("0,10,20", (5,)) == [10, 20] and preflight.parse_ints("", (5,)) == [5]
+    with pytest.raises(Exception, match=r"^--lrs 'nan': give positive numbers, e\.g\. 1e-3,3e-3$"):
+        preflight.parse_floats("nan", "lrs", ())

@@ -38,26 +38,38 @@ def list_(cache_dir: Optional[str] = CACHE_DIR,
     if as_json:
         typer.echo(json.dumps({"root": str(features_dir(cache_dir)), "entries": rows}))
         return
-    from rich.table import Table
+    from finetune.cli.render import console, fitted_table, term
 
-    from finetune.cli.render import console, term
-
-    t = Table(title=f"feature cache: {term(features_dir(cache_dir))}", title_justify="left")
-    for col in ("key", "model", "data", "split", "images", "features", "precision", "size", "last used"):
-        t.add_column(col, justify="right" if col in ("images", "size") else "left")
-    for r in rows:
-        shape = r["shape"] if isinstance(r["shape"], list) else []
-        if r["unfinished"]:  # the temporary directory of a write: no meta.json yet
-            cells = ["unfinished", "being written" if r["writer_running"] else "interrupted", "", "", "", ""]
-        else:
-            cells = [term(r["model"]), term(r["data"]), term(r["split"]), term(r["images"]),
-                     "x".join(term(s) for s in shape[1:]), term(r["precision"])]
-        t.add_row(term(r["key"][:12]), *cells, featstore.size_text(r["bytes"]),
-                  time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"])))
+    t, dropped = fitted_table(f"feature cache: {term(features_dir(cache_dir))}", _cells(rows, featstore.size_text),
+                              console.width, fold="data", right=("images", "size"),
+                              drop=("key", "precision", "features", "split", "last used", "images"))
     console.print(t)
+    if dropped:
+        console.print(f"columns left out to fit {console.width}: {', '.join(dropped)}; --json has them",
+                      highlight=False, soft_wrap=True)
     unfinished = sum(r["unfinished"] for r in rows)
     console.print(f"{len(rows) - unfinished} entries, {featstore.size_text(sum(r['bytes'] for r in rows))}"
                   + (f" ({unfinished} unfinished)" if unfinished else ""), highlight=False)
+
+
+def _cells(rows: list[dict], size_text) -> dict[str, list[str]]:
+    """``cache list``'s table as columns of markup cells (:func:`finetune.cli.render.fitted_table` fits them)."""
+    from finetune.cli.render import term
+
+    cols = ("key", "model", "data", "split", "images", "features", "precision", "size", "last used")
+    cells: dict[str, list[str]] = {c: [] for c in cols}
+    for r in rows:
+        shape = r["shape"] if isinstance(r["shape"], list) else []
+        if r["unfinished"]:  # the temporary directory of a write: no meta.json yet
+            mid = ["unfinished", "being written" if r["writer_running"] else "interrupted", "", "", "", ""]
+        else:
+            mid = [term(r["model"]), term(r["data"]), term(r["split"]), term(r["images"]),
+                   "x".join(term(s) for s in shape[1:]), term(r["precision"])]
+        row = [term(r["key"][:12]), *mid, size_text(r["bytes"]),
+               time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"]))]
+        for c, v in zip(cols, row):
+            cells[c].append(v)
+    return cells
 
 
 @cache_app.command("clear", help="Delete cached features: all, or those not used for --older-than (30m, 12h, 7d); "

@@ -74,8 +74,6 @@ def accuracy_text(acc: float | None, n: int | None) -> str:
 
 
 def _show(res: dict, split: str) -> None:
-    from rich.table import Table
-
     from finetune.cli.render import console, term
 
     top5 = "" if res["top5"] is None else f"   top-5 {100 * res['top5']:.2f}%"
@@ -83,16 +81,64 @@ def _show(res: dict, split: str) -> None:
                   f"{res['n']} images\n"
                   f"accuracy {accuracy_text(res['accuracy'], res['n'])}{top5}   balanced accuracy "
                   f"{100 * res['balanced_accuracy']:.2f}%   macro-F1 {100 * res['macro_f1']:.2f}%   loss "
-                  f"{res['loss']:.4f}", highlight=False)
+                  f"{res['loss']:.4f}", highlight=False, soft_wrap=True)  # no wrap: no trailing spaces
+    t = _matrix(res)
+    if table_width(t) <= console.width:
+        console.print(t)
+    else:  # rich would squeeze the columns to "bl…" and "10…": the per-class numbers as a list instead
+        for line in per_class_lines(res, console.width):
+            console.print(line, highlight=False, soft_wrap=True)
+        console.print(f"confusion matrix: --json, or --report FILE (too wide for {console.width} columns)",
+                      highlight=False, soft_wrap=True)
+    if res.get("report"):
+        console.print(f"report: {term(res['report'])}", highlight=False)
+
+
+def _matrix(res: dict):
+    """The confusion matrix with each class's accuracy, as a rich table."""
+    from rich.table import Table
+
+    from finetune.cli.render import term
+
     names = res["class_names"]
     t = Table(title="confusion matrix (rows: true class, columns: predicted)", title_justify="left")
-    t.add_column("class")
+    t.add_column("class", no_wrap=True)
     for n in names:
-        t.add_column(term(n[:10]), justify="right")
-    t.add_column("accuracy", justify="right")
+        t.add_column(term(n[:10]), justify="right", no_wrap=True)
+    t.add_column("accuracy", justify="right", no_wrap=True)
     for n, row in zip(names, res["confusion"]):
         acc = res["per_class"][n]
         t.add_row(term(n), *[str(v) for v in row], "no samples" if acc is None else f"{100 * acc:.1f}%")
-    console.print(t)
-    if res.get("report"):
-        console.print(f"report: {term(res['report'])}", highlight=False)
+    return t
+
+
+def table_width(t) -> int:
+    """The columns ``t`` needs to show every cell whole (rich's widest measurement)."""
+    from rich.console import Console
+
+    return Console(width=100_000).measure(t).maximum
+
+
+def per_class_lines(res: dict, width: int) -> list[str]:
+    """Each class's accuracy and image count (its confusion row's sum) as markup lines, two entries a line when
+    they fit ``width``, in class order down the first column then the second."""
+    from finetune.cli.render import cell_width, term
+
+    entries = []
+    for n, row in zip(res["class_names"], res["confusion"]):
+        acc = res["per_class"][n]
+        entries.append((term(n), "no samples" if acc is None else f"{100 * acc:.1f}%", str(sum(row))))
+    nw = max([5] + [cell_width(e[0]) for e in entries])
+    aw = max([8] + [len(e[1]) for e in entries])
+    cw = max([1] + [len(e[2]) for e in entries])
+
+    def cell(name: str, acc: str, n: str) -> str:
+        return f"{name}{' ' * (nw - cell_width(name))}  {acc:>{aw}}  {n:>{cw}}"
+
+    per = 2 if 2 * (nw + aw + cw + 4) + 4 <= width and len(entries) > 1 else 1
+    rows = -(-len(entries) // per)
+    cols = [entries[i * rows:(i + 1) * rows] for i in range(per)]
+    lines = ["    ".join([cell("class", "accuracy", "n")] * per)]
+    for r in range(rows):
+        lines.append("    ".join(cell(*c[r]) for c in cols if r < len(c)))
+    return ["per-class accuracy (n: the class's images in this split)"] + lines

@@ -50,11 +50,9 @@ def probe(
         raise ConfigError("--model is empty; name one or more backbones: --model resnet18,timm:convnext_tiny")
     if len(set(models)) != len(models):
         raise ConfigError(f"--model names a backbone twice: {model}")
-    preflight.check_run(models, weights, data)  # names, data, weights file: before torch is imported
-    from finetune.api import parse_floats, parse_ints
-
-    lr_list, wd_list = parse_floats(lrs, "lrs", ()), parse_floats(wds, "wds", ())
-    ks = parse_ints(knn, ())
+    lr_list, wd_list = preflight.parse_floats(lrs, "lrs", ()), preflight.parse_floats(wds, "wds", ())
+    ks = preflight.parse_ints(knn, ())  # the flags first (no file read), then names, data, weights file: no torch
+    preflight.check_run(models, weights, data)
     for flag, v in (("--epochs", epochs), ("--batch-size", batch_size)):
         if v is not None and v < 1:
             raise ConfigError(f"{flag} must be at least 1, got {v}")
@@ -104,14 +102,16 @@ def render(results) -> None:
             t.add_row(str(rank), f"{x.lr:g}", f"{x.weight_decay:g}", pct_pm(x.val_acc, r.val_images), mark,
                       f"{x.val_loss:.4f}", f"{x.train_loss:.4f}")
         console.print(t)
-        console.print(noise_line(r), highlight=False)
+        # the lines under a table unwrapped (soft_wrap): a command stays one line to copy, no trailing spaces
+        console.print(noise_line(r), highlight=False, soft_wrap=True)
         if r.knn:
             console.print("k-NN (cosine): " + "   ".join(f"k={k}: {pct_pm(v, r.val_images)}"
-                                                         for k, v in r.knn.items()), highlight=False)
+                                                         for k, v in r.knn.items()), highlight=False, soft_wrap=True)
         if r.run_dir:
             d, m = term(r.run_dir), term(r.model)
             console.print(f"best head -> {d}/best.pt  (finetune eval {d}/best.pt; fine-tune from "
-                          f"it: finetune train --model {m} --weights {d}/best.pt ...)", highlight=False)
+                          f"it: finetune train --model {m} --weights {d}/best.pt ...)", highlight=False,
+                          soft_wrap=True)
     if len(results) > 1:
         t = Table(title="backbones on this data (best head each)", title_justify="left")
         ks = sorted({k for r in results for k in r.knn})
@@ -127,7 +127,7 @@ def render(results) -> None:
                       *[pct_pm(r.knn.get(k), r.val_images) for k in ks], f"{r.feature_dim}-d")
         console.print(t)
         console.print("≈: within noise of the top backbone (each inside the other's 95% Wilson interval on "
-                      f"{ranked[0].val_images} val images): a tie, not a ranking", highlight=False)
+                      f"{ranked[0].val_images} val images): a tie, not a ranking", highlight=False, soft_wrap=True)
 
 
 def noise_line(r) -> str:

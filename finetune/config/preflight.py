@@ -11,13 +11,14 @@ import from here.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 from finetune.config import SAMPLE_DIR
-from finetune.errors import CheckpointError, DataError, WeightsError
+from finetune.errors import CheckpointError, ConfigError, DataError, WeightsError
 
 # ----------------------------------------------------------------------------------------------- data paths
 
@@ -110,7 +111,91 @@ def checkpoint_file(path: str | Path) -> Path:
     if not p.is_file() and not (p.name == "best.pt" and (p.parent / "last.pt").is_file()):
         raise CheckpointError(f"checkpoint '{path}' not found; pass a .pt file from a run directory "
                               "(runs/<run>/best.pt or last.pt)")
+    if p.suffix.lower() == ".safetensors":  # what export writes, or a hub download: weights alone, never a run's
+        raise CheckpointError(f"'{path}' is a .safetensors weights file, not a finetune checkpoint; pass a run's "
+                              "best.pt or last.pt (runs/<run>/best.pt), or train from these weights: finetune train "
+                              f"--model MODEL --weights {path}")
     return p
+
+
+def image_paths(paths: list[Any]) -> None:
+    """A ``DataError`` for the first of predict's ``paths`` (image files or folders) that is not there, in the
+    words :func:`finetune.data.images.named_images` uses."""
+    for p in paths:
+        path = Path(os.fspath(p)).expanduser()
+        if not path.is_dir() and not path.is_file():
+            raise DataError(f"'{p}' does not exist; pass image files or folders of images")
+
+
+# ----------------------------------------------------------------------------------------------- run directories
+
+RUN_MARKER, RUN_LOCK = ".finetune-run", ".lock"  # finetune/run/checkpoint.py's MARKER and LOCK (a test holds it)
+
+
+def out_dir(out: str | Path | None, overwrite: bool) -> None:
+    """The plain refusals of ``train --out`` (:func:`finetune.run.checkpoint.prepare_run_dir`'s, word for word):
+    a path that is a file, or a non-empty directory without ``overwrite``. What ``overwrite`` may empty is
+    decided there, under the run's lock."""
+    if out is None or overwrite:
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output path '{out}' exists and is not a directory; choose another --out")
+    try:
+        names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    except OSError:
+        return  # unreadable: the run's own check says why
+    if not [n for n in names if n != RUN_LOCK]:
+        return
+    if RUN_MARKER in names or "config.yaml" in names:
+        if not (out / "last.pt").is_file():
+            raise CheckpointError(f"output directory '{out}' holds a run that saved no checkpoint; pass --overwrite "
+                                  "to replace it or choose another --out")
+        raise CheckpointError(f"output directory '{out}' already exists and is not empty; pass --overwrite to "
+                              "replace it, --resume to continue it, or choose another --out")
+    raise CheckpointError(f"output directory '{out}' already exists and is not empty (and is not a finetune "
+                          "run); choose another --out")
+
+
+def run_dir(path: str | Path) -> Path:
+    """A ``FinetuneError`` for a run directory (``finetune report RUN_DIR``) that is not there."""
+    from finetune.errors import FinetuneError
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FinetuneError(f"run directory '{p}' not found; pass a folder written by finetune train "
+                            "(see finetune runs)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- probe flags
+
+def parse_floats(text: str | None, what: str, default: tuple[float, ...]) -> list[float]:
+    """``--lrs`` / ``--wds``: comma-separated non-negative numbers (LRs positive); ``default`` when not given."""
+    if text is None or not str(text).strip():
+        return list(default)
+    try:
+        vals = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--{what} '{text}' is not a comma-separated list of numbers (e.g. 1e-3,3e-3)") from None
+    if not vals or any(not math.isfinite(v) or v < 0 for v in vals) or (what == "lrs" and 0 in vals):
+        raise ConfigError(f"--{what} '{text}': give positive numbers{'' if what == 'lrs' else ' (or 0)'}, "
+                          "e.g. 1e-3,3e-3")
+    return vals
+
+
+def parse_ints(text: str | None, default: tuple[int, ...]) -> list[int]:
+    """``--knn``: comma-separated k values, 0 dropped (it turns k-NN off); ``default`` when not given."""
+    if text is None or not str(text).strip():
+        return list(default)
+    try:
+        vals = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--knn '{text}' is not a comma-separated list of integers (e.g. 10,20); 0 turns k-NN "
+                          "off") from None
+    if any(v < 0 for v in vals):
+        raise ConfigError(f"--knn '{text}': k must be positive (0 turns k-NN off)")
+    return [v for v in vals if v > 0]
 
 
 # ----------------------------------------------------------------------------------------------- the checks

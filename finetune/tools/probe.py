@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.config.preflight import parse_floats, parse_ints  # noqa: F401 - torch-free, re-exported
 from finetune.errors import ConfigError
 from finetune.run.assemble import assemble
 from finetune.run.runner import seed_everything, _resolved_recipe, _yaml
@@ -93,32 +94,6 @@ class ProbeResult:
         d["run_dir"] = str(self.run_dir) if self.run_dir else None
         d["knn"] = {str(k): v for k, v in self.knn.items()}
         return finite_json(d)
-
-
-def parse_floats(text: str | None, what: str, default: tuple[float, ...]) -> list[float]:
-    if text is None or not str(text).strip():
-        return list(default)
-    try:
-        vals = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--{what} '{text}' is not a comma-separated list of numbers (e.g. 1e-3,3e-3)") from None
-    if not vals or any(not math.isfinite(v) or v < 0 for v in vals) or (what == "lrs" and 0 in vals):
-        raise ConfigError(f"--{what} '{text}': give positive numbers{'' if what == 'lrs' else ' (or 0)'}, "
-                          "e.g. 1e-3,3e-3")
-    return vals
-
-
-def parse_ints(text: str | None, default: tuple[int, ...]) -> list[int]:
-    if text is None or not str(text).strip():
-        return list(default)
-    try:
-        vals = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--knn '{text}' is not a comma-separated list of integers (e.g. 10,20); 0 turns k-NN "
-                          "off") from None
-    if any(v < 0 for v in vals):
-        raise ConfigError(f"--knn '{text}': k must be positive (0 turns k-NN off)")
-    return [v for v in vals if v > 0]
 
 
 # ----------------------------------------------------------------------------------------------- features
