@@ -45,9 +45,12 @@ def test_run_reports_test_accuracy_of_best_once_and_apart(run, cli):
     ev = json.loads(r.stdout)
     for k in ("accuracy", "balanced_accuracy", "macro_f1", "loss", "n"):
         assert ev[k] == test[k], k
-    # selection used val only: best is the first epoch with the highest val accuracy
-    accs = [row["val_acc"] for row in metrics["epochs"]]
-    assert metrics["best"]["epoch"] == accs.index(max(accs)) + 1
+    # selection used val only: best is the epoch with the highest val accuracy, among exact ties the lowest val
+    # loss (then the first)
+    rows = metrics["epochs"]
+    top = max(r["val_acc"] for r in rows)
+    want = min((r for r in rows if r["val_acc"] == top), key=lambda r: (r["val_loss"], r["epoch"]))
+    assert metrics["best"]["epoch"] == want["epoch"]
 
 
 def test_eval_split_all_reports_each_split(run, cli):
