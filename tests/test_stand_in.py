@@ -65,6 +65,33 @@ def _same_checkpoint(a: Path, b: Path) -> None:
     assert strip == [{k: v for k, v in r.items() if k not in ("seconds", "images_per_sec")} for r in y["metrics"]]
 
 
+def _spy_assemble(monkeypatch, module) -> list[bool]:
+    """Record, per call of ``module.assemble``, whether it stood in for the backbone."""
+    built: list[bool] = []
+    real = module.assemble
+
+    def spy(*a, **k):
+        parts = real(*a, **k)
+        built.append(is_stand_in(parts.model))
+        return parts
+
+    monkeypatch.setattr(module, "assemble", spy)
+    return built
+
+
+class Notes:
+    """A reporter that keeps the run's notes and ignores the rest."""
+
+    def __init__(self):
+        self.notes: list[str] = []
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+    def note(self, m):
+        self.notes.append(m)
+
+
 def test_stand_in_has_the_models_state_dict_and_parameters():
     bb = build_model("smallcnn", num_classes=3)
     rec = describe(bb.model, bb.head)
@@ -90,15 +117,7 @@ def test_describe_refuses_shared_tensors_and_other_heads():
 def test_probe_rerun_uses_the_stand_in_and_writes_the_same_run(data, weights, tmp_path, monkeypatch):
     first = P.probe(["smallcnn"], weights=weights, data=str(data), out=tmp_path / "p1", **KW)[0]
     assert not first.from_store and len(list(_root().iterdir())) == 2  # the entry and its data-config index
-    built = []
-    real = P.assemble
-
-    def spy(*a, **k):
-        parts = real(*a, **k)
-        built.append(is_stand_in(parts.model))
-        return parts
-
-    monkeypatch.setattr(P, "assemble", spy)
+    built = _spy_assemble(monkeypatch, P)
     again = P.probe(["smallcnn"], weights=weights, data=str(data), out=tmp_path / "p2", **KW)[0]
     assert built == [True] and again.from_store
     shutil.rmtree(_root())  # the same rerun with the real model
@@ -145,27 +164,11 @@ def test_linear_probe_train_on_the_stand_in_equals_the_real_model(data, weights,
     cfg = config.apply_overrides(config.load_recipe("linear-probe"), {
         "model.name": "smallcnn", "model.weights": weights, "data.path": str(data), "data.image_size": 32,
         "train.epochs": 2, "train.precision": "fp32", "train.device": "cpu", "train.graph": False})
-    built = []
-    real = R.assemble
-
-    def spy(*a, **k):
-        parts = real(*a, **k)
-        built.append(is_stand_in(parts.model))
-        return parts
-
-    monkeypatch.setattr(R, "assemble", spy)
+    built = _spy_assemble(monkeypatch, R)
     train(cfg, out=tmp_path / "r1")  # computes the features, keeps the backbone
-    notes = []
-
-    class Rep:
-        def __getattr__(self, name):
-            return lambda *a, **k: None
-
-        def note(self, m):
-            notes.append(m)
-
-    train(cfg, out=tmp_path / "r2", reporter=Rep())
-    assert any("read from the feature cache" in n for n in notes)
+    rep = Notes()
+    train(cfg, out=tmp_path / "r2", reporter=rep)
+    assert any("read from the feature cache" in n for n in rep.notes)
     shutil.rmtree(_root())
     train(cfg, out=tmp_path / "r3")
     for f in ("best.pt", "last.pt"):

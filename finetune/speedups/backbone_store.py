@@ -18,6 +18,7 @@ head); anything else is a miss (the real model is built). Safetensors hold tenso
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -115,7 +116,8 @@ def load(cfg, num_classes: int, cache_dir=None):
         bb = Backbone(model=model, name=str(b["name"]), source=str(b["source"]), arch=str(b["arch"]),
                       num_classes=int(b["num_classes"]), head=head, weights=str(b["weights"]),
                       data_cfg=_tuples(b["data_cfg"]), notes=[str(n) for n in b["notes"]])
-        os.utime(d / "record.json")  # last used: what 'cache clear --older-than' looks at
+        with contextlib.suppress(OSError):  # last used, for 'cache clear --older-than' (a read-only cache: not kept)
+            os.utime(d / "record.json")
         return bb, _tuples(record["data_config"])
     except FileNotFoundError:
         return None
