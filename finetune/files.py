@@ -4,6 +4,9 @@ Writes: every file finetune writes into a run directory, the cache or next to a 
 :func:`atomic_write_bytes` (a temp file in the same folder, fsync, ``os.replace``, fsync of the folder), so a kill
 at any moment leaves the old or the new whole file.
 
+Where: :func:`cache_root`, the one folder every cache lives under (features, kept backbones, the model-name list,
+the autotune decisions, image digests).
+
 Reads: PyTorch files are read with ``torch.load(weights_only=True)`` (:func:`torch_load`); pickled objects only
 inside :func:`trusted`, when the user trusts the file.
 """
@@ -19,6 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import CheckpointError, WeightsError
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path | None:
+    """The cache root: ``cache_dir`` (``--cache-dir``), else ``$FINETUNE_CACHE``, else ``$XDG_CACHE_HOME/finetune``,
+    else ``~/.cache/finetune``; None when persistence is off (``off``)."""
+    value = str(cache_dir) if cache_dir is not None else os.environ.get("FINETUNE_CACHE")
+    if value is not None and value.strip().lower() == "off":
+        return None
+    if value:
+        return Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "finetune"
 
 
 def atomic_write_bytes(path: Path, write) -> None:

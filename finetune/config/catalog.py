@@ -20,12 +20,12 @@ from __future__ import annotations
 import fnmatch
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping
 
+from finetune import files
 from finetune.errors import ModelError, suggest
 
 LIBS = ("timm", "torchvision")
@@ -50,14 +50,8 @@ def versions() -> dict[str, str | None]:
 
 
 def cache_root() -> Path | None:
-    """The cache root (the feature store's, :func:`finetune.speedups.feature_store.cache_root`), or None when
-    ``FINETUNE_CACHE=off``."""
-    value = os.environ.get("FINETUNE_CACHE")
-    if value is not None and value.strip().lower() == "off":
-        return None
-    if value:
-        return Path(value).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune"
+    """The cache root (:func:`finetune.files.cache_root`), or None when ``FINETUNE_CACHE=off``."""
+    return files.cache_root()
 
 
 def cache_file() -> Path | None:

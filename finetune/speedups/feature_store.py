@@ -45,22 +45,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune.errors import ConfigError, option
+from finetune.files import cache_root
 
 log = logging.getLogger("finetune")
 
 FORMAT = 2  # bump when the layout or the meaning of a key part changes (2: content digests of the images)
 MARGIN = 64 << 20  # free space left on the store's disk after an entry is written
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path | None:
-    """The cache root (its ``features/`` folder holds the entries), or None when persistence is off."""
-    value = str(cache_dir) if cache_dir is not None else os.environ.get("FINETUNE_CACHE")
-    if value is not None and value.strip().lower() == "off":
-        return None
-    if value:
-        return Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "finetune"
 
 
 def features_dir(cache_dir: str | Path | None = None) -> Path | None:
