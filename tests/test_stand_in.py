@@ -240,3 +240,22 @@ def test_feature_extraction_says_how_far_it_got(monkeypatch, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "frozen features: 200/500 images (40%), 16.7 img/s, about 18 s left",
         "frozen features: 400/500 images (80%), 9.3 img/s, about 11 s left"]
+
+
+def test_lr_find_on_the_stand_in_equals_the_real_model(data, weights, monkeypatch):
+    import finetune.run.assemble as A
+    from finetune.run.lr_find import lr_find
+
+    cfg = config.apply_overrides(config.load_recipe("linear-probe"), {
+        "model.name": "smallcnn", "model.weights": weights, "data.path": str(data), "data.image_size": 32,
+        "train.precision": "fp32", "train.device": "cpu"})
+    built = []
+    real = A.backbone_store.load
+    monkeypatch.setattr(A.backbone_store, "load", lambda *a, **k: (lambda r: (built.append(r is not None), r)[1])(
+        real(*a, **k)))
+    lr_find(cfg, steps=20)  # computes the features, keeps the backbone
+    again = lr_find(cfg, steps=20)
+    shutil.rmtree(_root())
+    ref = lr_find(cfg, steps=20)
+    assert built == [False, True, False]
+    assert again.lrs == ref.lrs and again.losses == ref.losses and again.suggestion == ref.suggestion

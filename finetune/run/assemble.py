@@ -25,6 +25,7 @@ from finetune.models import data_config, build_model
 from finetune import data as D
 from finetune.training import freeze as F, optim as O
 from finetune.speedups import backbone_store
+from finetune.speedups.feature_store import features_dir
 
 log = logging.getLogger("finetune")
 
@@ -92,6 +93,21 @@ def assemble(cfg: Recipe, *, device: torch.device | None = None, precision: str 
     opt = O.build_optimizer(bb, cfg.optimizer) if optimizer else None
     return Parts(cfg=cfg, device=device, precision=precision, bundle=bundle, classes=classes, bb=bb, plan=plan,
                  model=model, channels_last=channels_last, optimizer=opt)
+
+
+def head_only_on_stored_features(cfg: Recipe, dd=None) -> bool:
+    """Whether a new run of ``cfg`` may start on a stand-in for its backbone (:mod:`finetune.models.stand_in`): it
+    trains only the head, every epoch on cached features, in one process, and nothing else runs the backbone (no
+    EMA copy, no compile, no TensorBoard graph, no timm layer grouping); its weights are pretrained (random init is
+    not kept) and the feature store persists. When some features turn out not to be stored, the run builds the real
+    model (:class:`~finetune.models.stand_in.NeedsBackbone`) and goes on as it always did. ``dd``: the run's process
+    group (None: one process)."""
+    t, f = cfg.train, cfg.freeze
+    one_process = dd is None or not dd.enabled
+    return (one_process and f.backbone and not f.schedule and t.cache_features in ("auto", "on")
+            and (t.cache_features == "on" or (D.is_deterministic(cfg.data.augment) and not t.mixup and not t.cutmix))
+            and not t.ema and not t.compile and not t.graph and cfg.optimizer.layer_decay is None
+            and cfg.model.weights not in ("none", "random", "") and features_dir() is not None)
 
 
 def check_classes(cfg: Recipe, classes: list[str], saved: Any = None) -> list[str]:

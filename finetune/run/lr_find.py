@@ -263,34 +263,17 @@ def lr_find(recipe: Recipe, *, steps: int = 100, start_lr: float = 1e-7, end_lr:
     """The range test for ``recipe``: its data, model, freeze plan, optimizer (with ``lr`` replaced by the test's),
     loss and precision, on cached features when only a head (or a cut-off trailing block) trains."""
     preflight.check_recipe(recipe)  # a missing path or unknown model: the error before torch is imported
-    import torch
-
     from finetune import data as D
-    from finetune.run.assemble import assemble
-    from finetune.speedups.feature_cache import plan_cache
-    from finetune.training import freeze as F
-    from finetune.training import imbalance
-    from finetune.training.engine import Step
 
     if not (0 < start_lr < end_lr):
         raise ConfigError(f"the LR range test needs 0 < start_lr < end_lr, got {start_lr:g} and {end_lr:g}")
     if steps < 10:
         raise ConfigError(f"the LR range test needs at least 10 steps, got {steps}")
     cfg = from_dict({**recipe.to_dict(), "optimizer": {**recipe.to_dict()["optimizer"], "lr": 1.0}})
-    torch.manual_seed(cfg.train.seed)  # the new head's init and dropout: as train seeds them
-    parts = assemble(cfg)  # as train assembles it, without a run directory
-    cfg, bundle, bb, model, optimizer = parts.cfg, parts.bundle, parts.bb, parts.model, parts.optimizer
-    device, precision, channels_last = parts.device, parts.precision, parts.channels_last
-    loss_fn = imbalance.loss_fn(cfg, bundle.train.targets, list(bundle.class_names), device)
-    step = Step(optimizer=optimizer, loss_fn=loss_fn, device=device, precision=precision,
-                channels_last=channels_last, after_train_mode=lambda m: F.apply_bn_policy(m, cfg.freeze.bn))
-    loader = D.make_loader(bundle.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                           device=device.type, workers=cfg.data.workers,
-                           weights=imbalance.sample_weights(cfg.data.sampler, bundle.train.targets,
-                                                            len(bundle.class_names)))
-    feats, _ = plan_cache(cfg, bb, bundle, step, device=device, precision=precision, channels_last=channels_last)
+    parts, step, loader, feats = _assembled(cfg)
+    cfg, bb, model, optimizer, device = parts.cfg, parts.bb, parts.model, parts.optimizer, parts.device
     m, tl, st = (feats.model, feats.train_loader, feats.step) if feats is not None else (model, loader, step)
-    res = range_test(m, tl, optimizer, loss_fn, steps=steps, start_lr=start_lr, end_lr=end_lr, device=device,
+    res = range_test(m, tl, optimizer, step.loss_fn, steps=steps, start_lr=start_lr, end_lr=end_lr, device=device,
                      precision=st.precision, channels_last=st.channels_last, after_train_mode=st.after_train_mode,
                      set_epoch=D.set_epoch)
     res.info = {"model": bb.name, "weights": bb.weights, "optimizer": cfg.optimizer.name,
@@ -300,6 +283,44 @@ def lr_find(recipe: Recipe, *, steps: int = 100, start_lr: float = 1e-7, end_lr:
                 "title": f"{bb.name}, {cfg.optimizer.name}, batch {cfg.train.batch_size}"
                          f"{', cached features' if feats is not None else ''}"}
     return res
+
+
+def _assembled(cfg: Recipe):
+    """``(parts, step, image loader, FeatureRun or None)`` for the test, as train assembles them: on a stand-in for
+    the backbone when the run trains only the head and every feature is stored (finetune/models/stand_in.py), else
+    (or when a feature is missing) on the real model."""
+    import torch
+
+    from finetune import data as D
+    from finetune.models.stand_in import NeedsBackbone, is_stand_in
+    from finetune.run.assemble import assemble, head_only_on_stored_features
+    from finetune.speedups.feature_cache import plan_cache
+    from finetune.training import freeze as F
+    from finetune.training import imbalance
+    from finetune.training.engine import Step
+
+    for stand_in in [True, False] if head_only_on_stored_features(cfg) else [False]:
+        torch.manual_seed(cfg.train.seed)  # the new head's init and dropout: as train seeds them
+        try:
+            parts = assemble(cfg, stand_in=stand_in)  # as train assembles it, without a run directory
+            b = parts.bundle
+            loss_fn = imbalance.loss_fn(parts.cfg, b.train.targets, list(b.class_names), parts.device)
+            step = Step(optimizer=parts.optimizer, loss_fn=loss_fn, device=parts.device, precision=parts.precision,
+                        channels_last=parts.channels_last,
+                        after_train_mode=lambda m: F.apply_bn_policy(m, cfg.freeze.bn))
+            loader = D.make_loader(b.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                                   device=parts.device.type, workers=cfg.data.workers,
+                                   weights=imbalance.sample_weights(cfg.data.sampler, b.train.targets,
+                                                                    len(b.class_names)))
+            feats, _ = plan_cache(parts.cfg, parts.bb, b, step, device=parts.device, precision=parts.precision,
+                                  channels_last=parts.channels_last)
+        except NeedsBackbone:
+            continue
+        if is_stand_in(parts.model):
+            for note in parts.bb.notes:  # what building the backbone said
+                log.warning(note)
+        return parts, step, loader, feats
+    raise AssertionError("unreachable: the real model never raises NeedsBackbone")
 
 
 def resolve_auto_lr(recipe: Recipe, reporter=None) -> tuple[Recipe, LRFind | None]:

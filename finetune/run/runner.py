@@ -36,7 +36,7 @@ from finetune.training.engine import (BNPolicy, EmaUpdate, LRSchedule, NonFinite
 from finetune.training.events import Callback, Callbacks, Reporter
 from finetune.errors import CheckpointError, ConfigError, FinetuneError, Interrupted  # noqa: F401 - re-exported
 from finetune.run import holdout, midepoch
-from finetune.run.assemble import Parts, assemble
+from finetune.run.assemble import Parts, assemble, head_only_on_stored_features
 from finetune.training import imbalance
 from finetune.speedups import depthwise as dwgrad
 from finetune.parallel import sharded, strategy
@@ -442,22 +442,6 @@ def _runtime(cfg: Recipe) -> tuple[dist_.Dist, torch.device, str]:
     dd = dist_.from_env()  # torchrun sets RANK/WORLD_SIZE; a plain run is rank 0 of 1
     device = dist_.init(dd, resolve_device(cfg.train.device), cfg.train.dist_timeout)
     return dd, device, resolve_precision(cfg.train.precision, device)
-
-
-def head_only_on_stored_features(cfg: Recipe, dd) -> bool:
-    """Whether a new run of ``cfg`` may start on a stand-in for its backbone (:mod:`finetune.models.stand_in`): it
-    trains only the head, every epoch on cached features, in one process, and nothing else runs the backbone (no
-    EMA copy, no compile, no TensorBoard graph, no timm layer grouping); its weights are pretrained (random init is
-    not kept) and the feature store persists. When some features turn out not to be stored, the run builds the real
-    model (:class:`~finetune.models.stand_in.NeedsBackbone`) and goes on as it always did."""
-    from finetune.data import is_deterministic
-    from finetune.speedups.feature_store import features_dir
-
-    t, f = cfg.train, cfg.freeze
-    return (not dd.enabled and f.backbone and not f.schedule and t.cache_features in ("auto", "on")
-            and (t.cache_features == "on" or (is_deterministic(cfg.data.augment) and not t.mixup and not t.cutmix))
-            and not t.ema and not t.compile and not t.graph and cfg.optimizer.layer_decay is None
-            and cfg.model.weights not in ("none", "random", "") and features_dir() is not None)
 
 
 def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str, run_dir: Path,
