@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Optional
 
 import typer
@@ -117,15 +118,16 @@ def render(results) -> None:
         own = len({r.weights for r in results}) > 1  # --model a=PATH,b: each row names its weights
         for col in (["model"] + ["weights"] * own + ["val acc (95%)", "", "lr", "weight decay"] +
                     [f"k-NN k={k}" for k in ks] + ["features"]):
-            t.add_column(col, justify="left" if col in ("model", "weights", "") else "right")
+            t.add_column(col, justify="left" if col in ("model", "weights", "") else "right",
+                         overflow="fold" if col in ("model", "weights") else "ellipsis")  # names whole, not "timm:…"
         ranked = sorted(results, key=lambda r: -r.heads[r.best].val_acc)
         first = ranked[0].heads[ranked[0].best].val_acc
         for r in ranked:
             b = r.heads[r.best]
             same_n = r.val_images == ranked[0].val_images
             mark = "top" if r is ranked[0] else "≈" if same_n and tied(b.val_acc, first, r.val_images) else ""
-            t.add_row(term(r.model), *[term(r.weights)] * own, pct_pm(b.val_acc, r.val_images), mark, f"{b.lr:g}",
-                      f"{b.weight_decay:g}",
+            w = [term(os.path.basename(r.weights) or r.weights)] * own  # the file's name (its path: the title)
+            t.add_row(term(r.model), *w, pct_pm(b.val_acc, r.val_images), mark, f"{b.lr:g}", f"{b.weight_decay:g}",
                       *[pct_pm(r.knn.get(k), r.val_images) for k in ks], f"{r.feature_dim}-d")
         console.print(t)
         console.print("≈: within noise of the top backbone (each inside the other's 95% Wilson interval on "
