@@ -124,14 +124,16 @@ def list_models(pattern: str | None = None, pretrained_only: bool = False) -> li
     return catalog.list_models(pattern, pretrained_only)
 
 
-def probe(models: list[str], *, weights: str = "default", data: str = "sample", **kw: Any) -> list[ProbeResult]:
+def probe(models: Any, *, weights: str = "default", data: str = "sample", **kw: Any) -> list[ProbeResult]:
     """Probe each of ``models`` on ``data``: a grid of linear heads on frozen features, plus k-NN
-    (:func:`finetune.tools.probe.probe`, which takes the other keywords). Every model name, the data and a weights
-    file are checked first, before torch is imported."""
-    preflight.check_run(list(models), weights, data)
+    (:func:`finetune.tools.probe.probe`, which takes the other keywords). ``models``: names (each with
+    ``weights``), or each with its own: ``["a=PATH", "b"]``, ``[("a", PATH), ("b", "default")]``, ``{"a": PATH}``
+    or ``"a=PATH,b"``. Every model name, the data and each weights file are checked first, before torch is
+    imported."""
+    pairs = preflight.check_run(models, weights, data)
     from finetune.tools.probe import probe as run_probe
 
-    return run_probe(list(models), weights=weights, data=data, **kw)
+    return run_probe(pairs, weights=weights, data=data, **kw)
 
 
 def shutdown_distributed() -> None:

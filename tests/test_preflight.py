@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from finetune.config import catalog, preflight
-from finetune.errors import CheckpointError, DataError, ModelError, WeightsError
+from finetune.errors import CheckpointError, ConfigError, DataError, ModelError, WeightsError
 
 DATA_MISSING = "Error: data path '{}' does not exist; pass a folder of images, 'sample', or cifar10:ROOT"
 WEIGHTS_MISSING = ("Error: weights file '{}' not found; pass an existing .pth/.pt/.safetensors file, a weights name, "
@@ -331,3 +331,85 @@ def test_probe_flag_parsing_is_torch_free_and_reexported():
     assert preflight.parse_ints("0,10,20", (5,)) == [10, 20] and preflight.parse_ints("", (5,)) == [5]
     with pytest.raises(Exception, match=r"^--lrs 'nan': give positive numbers, e\.g\. 1e-3,3e-3$"):
         preflight.parse_floats("nan", "lrs", ())
+
+
+# ----------------------------------------------------------------------------------------------- --model NAME=WEIGHTS
+
+EXAMPLE = "--model timm:tf_efficientnet_lite0=/w/lite0.safetensors,resnet18"
+
+
+def test_model_list_parses_per_model_weights():
+    """Issue #31: ``--model name=PATH|tag,...``; a model without ``=`` takes --weights; the library's forms agree."""
+    assert preflight.parse_models("timm:tf_efficientnet_lite0=/w/lite0.safetensors, timm:x = /w/x.pt ,resnet18,",
+                                  "default") == [("timm:tf_efficientnet_lite0", "/w/lite0.safetensors"),
+                                                 ("timm:x", "/w/x.pt"), ("resnet18", "default")]
+    assert preflight.parse_models("resnet18,resnet50=IMAGENET1K_V2", "none") == [("resnet18", "none"),
+                                                                                ("resnet50", "IMAGENET1K_V2")]
+    assert preflight.parse_models("a=b=c.pt") == [("a", "b=c.pt")]  # the first '=' splits: a name never has one
+    pairs = [("smallcnn", "/w/a.pt"), ("resnet18", "default")]
+    assert preflight.model_pairs(["smallcnn=/w/a.pt", "resnet18"], "default") == pairs
+    assert preflight.model_pairs(pairs, "none") == pairs
+    assert preflight.model_pairs(dict(pairs)) == pairs
+    assert preflight.model_pairs("smallcnn=/w/a.pt,resnet18") == pairs
+    assert preflight.model_pairs(["smallcnn", "resnet18"], "none") == [("smallcnn", "none"), ("resnet18", "none")]
+    # one model with two weights files: two candidates
+    assert preflight.parse_models("smallcnn=a.pt,smallcnn=b.pt,smallcnn", "none") == [
+        ("smallcnn", "a.pt"), ("smallcnn", "b.pt"), ("smallcnn", "none")]
+
+
+def test_model_list_mistakes_name_the_fix():
+    cases = {
+        "": "--model is empty; name one or more backbones: --model resnet18,timm:convnext_tiny",
+        " , ": "--model is empty; name one or more backbones: --model resnet18,timm:convnext_tiny",
+        "=/w/a.pt": f"--model '=/w/a.pt' has a model without a name (before '='); write NAME=WEIGHTS, e.g. {EXAMPLE}",
+        "resnet18, =x": f"--model 'resnet18, =x' has a model without a name (before '='); write NAME=WEIGHTS, e.g. "
+                        f"{EXAMPLE}",
+        "resnet18=": "--model 'resnet18=': 'resnet18=' has no weights after '='; write resnet18=PATH (a file, a tag, "
+                     "or default), or drop the '=' to use --weights",
+        "a=/w/x,y.pt": f"--model 'y.pt' looks like a weights file, not a model name; give each model its file as "
+                       f"NAME=PATH (paths with a comma are not supported in --model: rename the file), e.g. {EXAMPLE}",
+        "resnet18,/w/r.pth": f"--model '/w/r.pth' looks like a weights file, not a model name; give each model its "
+                             "file as NAME=PATH (paths with a comma are not supported in --model: rename the file), "
+                             f"e.g. {EXAMPLE}",
+        "smallcnn,smallcnn": "--model names a backbone twice: smallcnn,smallcnn",
+        "smallcnn=none,smallcnn": "--model names a backbone twice: smallcnn=none,smallcnn",  # --weights none
+        "smallcnn=a.pt,smallcnn=./a.pt": "--model names a backbone twice: smallcnn=a.pt,smallcnn=./a.pt",
+    }
+    for text, line in cases.items():
+        with pytest.raises(ConfigError) as e:
+            preflight.parse_models(text, "none")
+        assert str(e.value) == line, text
+    with pytest.raises(ConfigError, match=r"^--model names a backbone twice: smallcnn=x\.pt,smallcnn=x\.pt$"):
+        preflight.model_pairs([("smallcnn", "x.pt"), ("smallcnn", "x.pt")])
+    with pytest.raises(ConfigError, match=r"^--model is empty"):
+        preflight.model_pairs([])
+
+
+@pytest.mark.subprocess
+def test_per_model_weights_mistakes_answer_before_torch(names_cache, tmp_path):
+    """Each model's weights file is checked (the same words as --weights) before torch loads; names come first."""
+    a = tmp_path / "a.pt"
+    a.write_bytes(b"")
+    npt, nst = str(tmp_path / "nope.pt"), str(tmp_path / "nope.safetensors")
+    cases = {
+        ("probe", "--model", f"smallcnn={npt},resnet18"): WEIGHTS_MISSING.format(npt),
+        ("probe", "--model", f"smallcnn={a},smallcnn={nst}"): WEIGHTS_MISSING.format(nst),
+        ("probe", "--model", f"smallcnn,resnet18={npt}", "--weights", str(a)): WEIGHTS_MISSING.format(npt),
+        ("probe", "--model", f"smallcnn={npt},resnet99=x"): _expected_model_error("resnet99"),  # the names first
+        ("probe", "--model", f"smallcnn={a}", "--data", str(tmp_path / "no")): DATA_MISSING.format(tmp_path / "no"),
+        ("probe", "--model", "smallcnn="): "Error: --model 'smallcnn=': 'smallcnn=' has no weights after '='; write "
+                                           "smallcnn=PATH (a file, a tag, or default), or drop the '=' to use "
+                                           "--weights",
+        ("probe", "--model", "=x.pt"): f"Error: --model '=x.pt' has a model without a name (before '='); write "
+                                       f"NAME=WEIGHTS, e.g. {EXAMPLE}",
+        ("probe", "--model", f"smallcnn={tmp_path}/w,1.pt"): "Error: --model '1.pt' looks like a weights file, not a "
+                                                             "model name; give each model its file as NAME=PATH "
+                                                             "(paths with a comma are not supported in --model: "
+                                                             f"rename the file), e.g. {EXAMPLE}",
+        ("probe", "--model", f"smallcnn={a},smallcnn={a}"): f"Error: --model names a backbone twice: smallcnn={a},"
+                                                            f"smallcnn={a}",
+    }
+    out = _fresh([list(c) for c in cases], [], names_cache, tmp_path)
+    got = {tuple(c["args"]): (c["code"], c["line"], c["torch"]) for c in out["cases"]}
+    assert got == {c: (1, line, []) for c, line in cases.items()}
+    assert out["torch"] == [] and sorted(tmp_path.iterdir()) == [a]

@@ -192,3 +192,63 @@ def test_the_probe_run_records_a_full_val_evaluation_for_report_and_predict(data
     rep = json.loads((tmp_path / "p" / "report.json").read_text())
     assert rep["n_val"] == r.val_images and rep["eval"]["confusion"] == val["confusion"]
     assert sum(c["support"] for c in rep["eval"]["per_class"]) == r.val_images
+
+
+def _two_weights_files(tmp_path):
+    """Two smallcnn weights files with different values (a .pt state_dict and a .safetensors file)."""
+    from safetensors.torch import save_file
+
+    from finetune.models import build_model
+
+    torch.manual_seed(1)
+    a = tmp_path / "a.pt"
+    torch.save(build_model("smallcnn", weights="none").model.state_dict(), a)
+    torch.manual_seed(2)
+    b = tmp_path / "b.safetensors"
+    save_file(build_model("smallcnn", weights="none").model.state_dict(), b)
+    return a, b
+
+
+def test_probe_each_model_with_its_own_weights(data, tmp_path):
+    """Issue #31: ``models`` as (name, weights) pairs: each result carries its own weights and equals a probe of
+    that model alone with those weights; one model with two files gets two run directories."""
+    a, b = _two_weights_files(tmp_path)
+    kw = {k: v for k, v in KW.items() if k != "weights"}
+    res = P.probe([("smallcnn", str(a)), ("smallcnn", str(b))], data=str(data), lrs=[3e-2], wds=[1e-2],
+                  out=tmp_path / "two", **kw)
+    assert [r.weights for r in res] == [str(a), str(b)]
+    assert [r.run_dir for r in res] == [tmp_path / "two" / "smallcnn-a", tmp_path / "two" / "smallcnn-b"]
+    for r, w in zip(res, (a, b)):
+        alone = P.probe(["smallcnn"], weights=str(w), data=str(data), lrs=[3e-2], wds=[1e-2], write=False, **kw)[0]
+        assert (alone.weights, alone.from_store, alone.heads) == (r.weights, True, r.heads)
+        assert json.loads((r.run_dir / "probe.json").read_text())["weights"] == str(w)
+    fa, fb = (P.prepare(P.probe_recipe("smallcnn", weights=str(w), data=str(data), **kw)).train[0] for w in (a, b))
+    assert fa.shape == fb.shape and not torch.allclose(fa, fb)  # different weights, different features
+    assert res[0].heads[0].train_loss != res[1].heads[0].train_loss
+
+
+def test_probe_cli_per_model_weights_json_and_table(data, tmp_path, cli, monkeypatch):
+    from finetune.cli import render
+
+    monkeypatch.setattr(render.console, "_width", 300)  # the tables' lines unwrapped
+    a, b = _two_weights_files(tmp_path)
+    args = ["probe", "--model", f"smallcnn={a}, smallcnn={b},smallcnn", "--weights", "none", "--data", data,
+            "--image-size", 32, "--epochs", 1, "--precision", "fp32", "--device", "cpu", "--lrs", "1e-2", "--wds", "0",
+            "--knn", "0"]
+    r = cli(*args, "--out", tmp_path / "j", "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert [(d["model"], d["weights"]) for d in doc] == [("smallcnn", str(a)), ("smallcnn", str(b)),
+                                                        ("smallcnn", "none")]
+    assert [d["run_dir"] for d in doc] == [str(tmp_path / "j" / s) for s in ("smallcnn-a", "smallcnn-b",
+                                                                             "smallcnn-none")]
+    assert len({d["heads"][0]["train_loss"] for d in doc}) == 3
+    r = cli(*args, "--out", tmp_path / "t", "--quiet")  # the comparison table gains a weights column
+    assert r.exit_code == 0, r.stderr
+    table = r.stdout[r.stdout.index("backbones on this data"):].splitlines()
+    assert [c.strip() for c in table[2].split("┃")[1:4]] == ["model", "weights", "val acc (95%)"]
+    assert sorted(x.split("│")[2].strip() for x in table[4:7]) == ["a.pt", "b.safetensors", "none"]  # file names
+    r = cli(*args[:2], "smallcnn,timm:test_resnet", *args[3:], "--out", tmp_path / "u", "--quiet")
+    assert r.exit_code == 0, r.stderr  # one weights value for all: no weights column
+    table = r.stdout[r.stdout.index("backbones on this data"):].splitlines()
+    assert [c.strip() for c in table[2].split("┃")[1:3]] == ["model", "val acc (95%)"]

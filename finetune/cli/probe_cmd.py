@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Optional
 
 import typer
@@ -14,13 +15,16 @@ HELP = ("Probe pretrained backbones on your data in seconds: a grid of linear he
         "cache), plus k-NN accuracy; prints a table sorted by val accuracy, each with its 95% interval (heads within "
         "noise of the top marked ≈), and writes the best head (of those within noise, the lowest val loss) as a "
         "normal run directory (eval/predict/export it, or fine-tune from it with train --weights RUN/best.pt). "
-        "--model a,b,c compares backbones.")
+        "--model a,b,c compares backbones; --model a=PATH,b=PATH gives each its own weights.")
 
 
 def probe(
-    model: str = typer.Option(..., "--model", "-m", help="Backbone(s), comma-separated: resnet18,timm:convnext_tiny."),
+    model: str = typer.Option(..., "--model", "-m", help="Backbone(s), comma-separated: resnet18,timm:convnext_tiny; "
+                              "each may have its own weights, NAME=PATH|tag: timm:x=/w/x.safetensors,resnet18 (paths "
+                              "with commas are not supported here)."),
     weights: str = typer.Option("default", "--weights", "-w",
-                                help="default (each model's pretrained weights), a tag/enum, or a local file."),
+                                help="For the models without NAME=: default (each model's pretrained weights), a "
+                                     "tag/enum, or a local file."),
     data: str = typer.Option("sample", "--data", "-d", help="Image folder (same layouts as train)."),
     labels: Optional[str] = O.option_of("data.labels"),  # train's flags where they mean the same
     val_split: Optional[float] = O.option_of("data.val_split"),
@@ -45,14 +49,10 @@ def probe(
 ) -> None:
     from finetune.api import ConfigError, preflight
 
-    models = [m.strip() for m in model.split(",") if m.strip()]
-    if not models:
-        raise ConfigError("--model is empty; name one or more backbones: --model resnet18,timm:convnext_tiny")
-    if len(set(models)) != len(models):
-        raise ConfigError(f"--model names a backbone twice: {model}")
+    pairs = preflight.parse_models(model, weights)  # NAME=WEIGHTS each, or --weights (torch-free)
     lr_list, wd_list = preflight.parse_floats(lrs, "lrs", ()), preflight.parse_floats(wds, "wds", ())
     ks = preflight.parse_ints(knn, ())  # the flags first (no file read), then names, data, weights file: no torch
-    preflight.check_run(models, weights, data)
+    preflight.check_run(pairs, weights, data)
     for flag, v in (("--epochs", epochs), ("--batch-size", batch_size)):
         if v is not None and v < 1:
             raise ConfigError(f"{flag} must be at least 1, got {v}")
@@ -68,7 +68,7 @@ def probe(
 
     # SIGTERM as Ctrl-C (probe names what it wrote)
     with O.quiet_logs(quiet), interrupted_as("interrupted; nothing was written"):
-        results = run_probe(models, weights=weights, data=data, lrs=lr_list or None, wds=wd_list or None,
+        results = run_probe(pairs, weights=weights, data=data, lrs=lr_list or None, wds=wd_list or None,
                             knn=ks if knn is not None else None, out=out, overwrite=overwrite, cache_dir=cache_dir,
                             progress=progress, labels=labels, val_split=val_split, image_size=image_size,
                             epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision)
@@ -115,15 +115,19 @@ def render(results) -> None:
     if len(results) > 1:
         t = Table(title="backbones on this data (best head each)", title_justify="left")
         ks = sorted({k for r in results for k in r.knn})
-        for col in ["model", "val acc (95%)", "", "lr", "weight decay"] + [f"k-NN k={k}" for k in ks] + ["features"]:
-            t.add_column(col, justify="left" if col in ("model", "") else "right")
+        own = len({r.weights for r in results}) > 1  # --model a=PATH,b: each row names its weights
+        for col in (["model"] + ["weights"] * own + ["val acc (95%)", "", "lr", "weight decay"] +
+                    [f"k-NN k={k}" for k in ks] + ["features"]):
+            t.add_column(col, justify="left" if col in ("model", "weights", "") else "right",
+                         overflow="fold" if col in ("model", "weights") else "ellipsis")  # names whole, not "timm:…"
         ranked = sorted(results, key=lambda r: -r.heads[r.best].val_acc)
         first = ranked[0].heads[ranked[0].best].val_acc
         for r in ranked:
             b = r.heads[r.best]
             same_n = r.val_images == ranked[0].val_images
             mark = "top" if r is ranked[0] else "≈" if same_n and tied(b.val_acc, first, r.val_images) else ""
-            t.add_row(term(r.model), pct_pm(b.val_acc, r.val_images), mark, f"{b.lr:g}", f"{b.weight_decay:g}",
+            w = [term(os.path.basename(r.weights) or r.weights)] * own  # the file's name (its path: the title)
+            t.add_row(term(r.model), *w, pct_pm(b.val_acc, r.val_images), mark, f"{b.lr:g}", f"{b.weight_decay:g}",
                       *[pct_pm(r.knn.get(k), r.val_images) for k in ks], f"{r.feature_dim}-d")
         console.print(t)
         console.print("≈: within noise of the top backbone (each inside the other's 95% Wilson interval on "

@@ -198,6 +198,66 @@ def parse_ints(text: str | None, default: tuple[int, ...]) -> list[int]:
     return [v for v in vals if v > 0]
 
 
+# ----------------------------------------------------------------------------------------------- --model lists
+
+MODEL_EXAMPLE = "--model timm:tf_efficientnet_lite0=/w/lite0.safetensors,resnet18"
+
+
+def parse_models(text: str, weights: str | None = "default") -> list[tuple[str, str]]:
+    """``--model a,b=PATH,c=TAG``: ``(name, weights)`` pairs, in order. Split on commas, then on the first ``=``
+    (a model name never holds one); a model without ``=`` takes ``weights`` (``--weights``). A path that holds a
+    comma cannot be written here (the comma splits it): such a piece is refused, naming the fix."""
+    pairs = []
+    for piece in (p.strip() for p in str(text).split(",")):
+        if not piece:
+            continue
+        name, sep, w = (s.strip() for s in piece.partition("="))
+        if sep:
+            pairs.append((name, w))
+        elif name.endswith(FILE_SUFFIXES) or "/" in name or os.sep in name:  # not looks_like_path: no file test
+            raise ConfigError(f"--model '{name}' looks like a weights file, not a model name; give each model its "
+                              "file as NAME=PATH (paths with a comma are not supported in --model: rename the "
+                              f"file), e.g. {MODEL_EXAMPLE}")
+        else:
+            pairs.append((name, "none" if weights is None else str(weights).strip()))
+    return checked_pairs(pairs, text)
+
+
+def model_pairs(models: Any, weights: str | None = "default") -> list[tuple[str, str]]:
+    """``probe``'s models in any of the forms it takes, as ``(name, weights)`` pairs: the ``--model`` text
+    (:func:`parse_models`), a list of names (each may be ``name=weights``; the others take ``weights``), a list of
+    ``(name, weights)`` pairs, or a dict ``{name: weights}``."""
+    if isinstance(models, str):
+        return parse_models(models, weights)
+    items = list(models.items()) if isinstance(models, dict) else list(models)
+    pairs: list[tuple[str, str]] = []
+    for m in items:
+        if isinstance(m, str):
+            pairs += parse_models(m, weights) if m.strip() else [("", "")]
+        else:
+            name, w = m
+            pairs.append((str(name).strip(), "none" if w is None else str(w).strip()))
+    return checked_pairs(pairs, ",".join(n if w == weights else f"{n}={w}" for n, w in pairs))
+
+
+def checked_pairs(pairs: list[tuple[str, str]], text: str) -> list[tuple[str, str]]:
+    """The refusals of a ``--model`` list: none, a model without a name or without weights after ``=``, the same
+    model with the same weights twice (one model with two weights files is two candidates)."""
+    if not pairs:
+        raise ConfigError("--model is empty; name one or more backbones: --model resnet18,timm:convnext_tiny")
+    for name, w in pairs:
+        if not name:
+            raise ConfigError(f"--model '{text}' has a model without a name (before '='); write NAME=WEIGHTS, e.g. "
+                              f"{MODEL_EXAMPLE}")
+        if not w:
+            raise ConfigError(f"--model '{text}': '{name}=' has no weights after '='; write {name}=PATH (a file, a "
+                              "tag, or default), or drop the '=' to use --weights")
+    keys = [(n, os.path.abspath(os.path.expanduser(w)) if looks_like_path(w) else w) for n, w in pairs]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"--model names a backbone twice: {text}")
+    return pairs
+
+
 # ----------------------------------------------------------------------------------------------- the checks
 
 def check_model(name: str) -> None:
@@ -234,10 +294,13 @@ def check_recipe(recipe: Any) -> None:
         weights_file(model.weights)
 
 
-def check_run(models: list[str], weights: str | None, data: str) -> None:
-    """Several models on one data set and weights value (``probe``): every name first, then the data, the
-    weights."""
-    for m in models:
+def check_run(models: Any, weights: str | None, data: str) -> list[tuple[str, str]]:
+    """Several models on one data set (``probe``), each with its weights (the forms of :func:`model_pairs`): the
+    list first, then every name, the data, each weights file. Returns the ``(name, weights)`` pairs."""
+    pairs = model_pairs(models, weights)
+    for m, _ in pairs:
         check_model(m)
     check_data(data)
-    weights_file(weights)
+    for _, w in pairs:
+        weights_file(w)
+    return pairs

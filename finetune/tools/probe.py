@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.config.preflight import parse_floats, parse_ints  # noqa: F401 - torch-free, re-exported
+from finetune.config.preflight import looks_like_path, model_pairs
 from finetune.errors import ConfigError
 from finetune.run.assemble import assemble
 from finetune.run.runner import seed_everything, _resolved_recipe, _yaml
@@ -367,26 +368,27 @@ def probe_recipe(model: str, *, weights: str = "default", data: str = "sample", 
     return config.apply_overrides(config.load_recipe("linear-probe"), over)
 
 
-def probe(models: list[str], *, weights: str = "default", data: str = "sample", lrs: list[float] | None = None,
+def probe(models, *, weights: str = "default", data: str = "sample", lrs: list[float] | None = None,
           wds: list[float] | None = None, knn: list[int] | None = None, out: str | Path | None = None,
           overwrite: bool = False, cache_dir: str | Path | None = None, write: bool = True, progress=None,
           **recipe_kw) -> list[ProbeResult]:
     """Probe each of ``models`` (see the module docstring); one result per model, the best head's run written under
-    ``out`` (one model: ``out`` itself; several: ``out/<model>``)."""
+    ``out`` (one model: ``out`` itself; several: ``out/<model>``). ``models``: names (each with ``weights``), or each
+    with its own weights: ``["a=PATH", "b"]``, ``[("a", PATH), ("b", "default")]``, ``{"a": PATH}``, or the
+    ``--model`` text ``"a=PATH,b"`` (:func:`finetune.config.preflight.model_pairs`)."""
 
+    pairs = model_pairs(models, weights)
     lrs = list(lrs or DEFAULT_LRS)
     wds = list(DEFAULT_WDS if wds is None else wds)
     grid = [(lr, wd) for wd in wds for lr in lrs]
-    root = Path(out) if out else default_run_dir("probe")
-    targets = {m: root if len(models) == 1 else root / re.sub(r"[^A-Za-z0-9_.-]+", "-", m).strip("-")
-               for m in models}
-    for d in targets.values():  # an --out that cannot be used fails before the backbone runs, not after
+    targets = run_dirs(pairs, Path(out) if out else default_run_dir("probe"))
+    for d in targets:  # an --out that cannot be used fails before the backbone runs, not after
         if write and d.is_dir() and any(d.iterdir()):
             prepare_run_dir(d, overwrite=overwrite)
     results: list[ProbeResult] = []
     try:
-        for name in models:
-            results.append(_probe_one(name, weights, data, lrs, wds, grid, knn, targets[name], overwrite, cache_dir,
+        for (name, w), target in zip(pairs, targets):
+            results.append(_probe_one(name, w, data, lrs, wds, grid, knn, target, overwrite, cache_dir,
                                       write, progress, recipe_kw))
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM under the CLI: the feature store removed its temp entry
         from finetune.run.runner import Interrupted
@@ -395,6 +397,28 @@ def probe(models: list[str], *, weights: str = "default", data: str = "sample", 
         raise Interrupted("interrupted; " + (f"the finished models' runs are in {', '.join(done)}" if done else
                                              "nothing was written")) from None
     return results
+
+
+def run_dirs(pairs: list[tuple[str, str]], root: Path) -> list[Path]:
+    """Where each model's best head goes: one model, ``root``; several, ``root/<model>`` (``timm:x`` ->
+    ``timm-x``); a model probed with several weights, ``root/<model>-<weights file stem or tag>`` (then ``-2``,
+    ``-3``... should those still clash)."""
+    def slug(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+    if len(pairs) == 1:
+        return [root]
+    names = [n for n, _ in pairs]
+    subs = [slug(n) if names.count(n) == 1 else slug(f"{n}-{Path(w).stem if looks_like_path(w) else w}")
+            for n, w in pairs]
+    used: list[str] = []
+    for s in subs:
+        c, k = s, 1
+        while c in used:
+            k += 1
+            c = f"{s}-{k}"
+        used.append(c)
+    return [root / c for c in used]
 
 
 def _probe_one(name, weights, data, lrs, wds, grid, knn, target, overwrite, cache_dir, write, progress, recipe_kw):
