@@ -267,3 +267,17 @@ def test_best_epoch_without_a_record_follows_trains_tie_rule():
     # without val losses the first epoch at the best accuracy stays
     bare = [dict(r, val_loss=None) for r in eps]
     assert R.findings(bare, {}, FULL, 400)["facts"][2].startswith("The best epoch was early (2 of 4)")
+
+
+def test_a_steady_rise_of_small_steps_is_a_trend_not_flat():
+    """+2 points an epoch on 240 images: each step within the noise, three in a row more than it: 'rising'. One image
+    more at each of three epochs on a plateau stays 'flat'."""
+    eps = [row(e, 0.5 + 0.02 * e, 0.78 + 0.02 * e) for e in range(1, 6)]  # 80% .. 88%
+    f = R.findings(eps, {"epoch": 5, "val_acc": 0.88}, FULL, 240, run_dir="runs/r")
+    assert ("The best epoch was the last (5 of 5) (+2.0 points over epoch 4): accuracy rose at each of the last 3 "
+            "epochs, +6.0 points since epoch 2 (each step within the noise, together more than it), so more epochs "
+            "may help.") in f["facts"]
+    assert f["next"].startswith("Train longer: `finetune train --resume runs/r --epochs 10`")
+    eps = probe_rows([229 / 240, 230 / 240, 231 / 240, 232 / 240, 233 / 240])
+    f = R.findings(eps, {"epoch": 5, "val_acc": 233 / 240}, PROBE, 240, run_dir="runs/p")
+    assert any("flat within the noise since epoch 1" in x for x in f["facts"]) and "Train longer" not in f["next"]

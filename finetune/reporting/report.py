@@ -465,6 +465,9 @@ def _last_epoch_fact(rows: list[dict], brow: dict, n_ep: int, n_val: int | None)
         top = max(before, key=lambda r: r["val_acc"])
         return (f"{what} (+{_pts(brow['val_acc'] - top['val_acc'])} points over the best epoch before it, "
                 f"{top['epoch']}: beyond the noise): accuracy may still be rising, so more epochs may help."), "rising"
+    steady = _steady_rise(rows, n_val)
+    if steady:
+        return f"{what} ({step}): {steady}, so more epochs may help.", "rising"
     since = brow
     for r in reversed(before):
         if not tied(r["val_acc"], brow["val_acc"], n_val):
@@ -475,6 +478,24 @@ def _last_epoch_fact(rows: list[dict], brow: dict, n_ep: int, n_val: int | None)
                 f"({_p(close[0]['val_acc'])}): more epochs are unlikely to help."), "flat"
     return (f"{what} ({step}): accuracy has been flat within the noise since epoch {since['epoch']} "
             f"({_p(since['val_acc'])}), so more epochs are unlikely to help."), "flat"
+
+
+STEADY_EPOCHS = 3  # rises in a row that make a trend, when each one alone is within the noise
+
+
+def _steady_rise(rows: list[dict], n_val: int | None) -> str | None:
+    """A trend that single steps hide: val accuracy rose at each of the last ``STEADY_EPOCHS`` epochs, by at least
+    the noise's half width in all (+2 points an epoch on 240 images is within the noise at every step, but not over
+    three). One image more at each of three epochs on a plateau is not it. None when there is no such rise."""
+    tail = [r["val_acc"] for r in rows[-(STEADY_EPOCHS + 1):]]
+    if len(tail) <= STEADY_EPOCHS or any(b <= a for a, b in zip(tail, tail[1:])):
+        return None
+    hw = half_width(tail[-1], n_val)
+    if hw is None or tail[-1] - tail[0] < hw:
+        return None
+    first = rows[-(STEADY_EPOCHS + 1)]["epoch"]
+    return (f"accuracy rose at each of the last {STEADY_EPOCHS} epochs, +{_pts(tail[-1] - tail[0])} points since "
+            f"epoch {first} (each step within the noise, together more than it)")
 
 
 def _test_fact(test: dict | None, brow: dict, n_val: int | None) -> str | None:
