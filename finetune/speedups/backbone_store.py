@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finetune import files
+
 log = logging.getLogger("finetune")
 
 FORMAT = 1
@@ -163,10 +165,8 @@ def save(cfg, bb, data_cfg: dict[str, Any], cache_dir=None) -> bool:
             os.rename(tmp, d)
         except OSError:  # another process kept the same backbone first
             shutil.rmtree(tmp, ignore_errors=True)
-        index = root / f"{_key(key_parts(cfg))}.json"
-        itmp = index.with_name(f".{index.name}.tmp-{os.getpid()}")
-        itmp.write_text(json.dumps({"data_config": data_cfg}, default=str), "utf-8")
-        os.replace(itmp, index)
+        files.atomic_write_text(root / f"{_key(key_parts(cfg))}.json",
+                                json.dumps({"data_config": data_cfg}, default=str))
         return True
     except Exception as e:  # noqa: BLE001 - a convenience: a full or read-only cache only costs the next run time
         if tmp is not None:
