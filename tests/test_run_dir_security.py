@@ -369,3 +369,27 @@ def test_optimizer_state_that_does_not_fit(base, tmp_path, cli):
     assert line.startswith(f"Error: '{run / 'last.pt'}' holds an optimizer state that cannot be loaded into "
                            "smallcnn: "), line
     assert snapshot(run) == before
+
+
+def test_a_stop_inside_torchs_checkpoint_writer_is_a_stop_not_a_full_disk(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM (raised as KeyboardInterrupt) while torch.save is writing reaches us as torch's
+    RuntimeError ("unexpected pos ..."): it must stay a stop (exit 130), not read as a failed write."""
+    import io
+
+    from finetune import files
+    from finetune.run.checkpoint import save_checkpoint
+
+    class StopsMidWrite(io.BytesIO):
+        writes = 0
+
+        def write(self, b):
+            self.writes += 1
+            if self.writes == 3:
+                raise KeyboardInterrupt
+            return super().write(b)
+
+    monkeypatch.setattr(files, "atomic_write_bytes", lambda path, write: write(StopsMidWrite()))
+    (tmp_path / "last.pt").write_bytes(b"the previous checkpoint")
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {"w": torch.zeros(100_000)}}, tmp_path / "last.pt")
+    assert (tmp_path / "last.pt").read_bytes() == b"the previous checkpoint"
