@@ -71,6 +71,7 @@ _LAZY = {
     # the noise of an accuracy (torch-free: runs/compare use it): the Wilson interval, "± x", within-noise ties
     "wilson": "finetune.training.stats", "half_width": "finetune.training.stats", "pm_text": "finetune.training.stats",
     "tied": "finetune.training.stats",
+    "AutoResult": "finetune.tools.auto", "SHELF": "finetune.tools.auto",
 }
 
 
@@ -86,14 +87,24 @@ def __getattr__(name: str):
 
 def train(recipe: Recipe | None = None, *, out: str | Path | None = None, overwrite: bool = False,
           resume: str | Path | None = None, epochs: int | None = None, reporter: Reporter | Callback | None = None,
-          callbacks: list[Callback] | None = None) -> RunResult:
+          callbacks: list[Callback] | None = None, budget: str | float | None = None, min_epochs: int = 1,
+          started: float | None = None) -> RunResult:
     """Run ``recipe`` and write the run directory (or continue the run in ``resume`` from its ``last.pt``; ``epochs``
     may extend it). ``reporter`` shows the progress: a :class:`Callback` (the CLI's :class:`finetune.cli.progress.
     RichReporter`) or, the older shape, a :class:`Reporter` (adapted onto the same hooks); silent without one. Its
     ``note(message)``, where it has one, also prints the test split's and the report's lines. ``callbacks``
     (:class:`Callback`: run, epoch and batch hooks, see :mod:`finetune.training.events`) listen after it,
-    TensorBoard and the report's writer. Returns the best epoch, its accuracy and the run directory
+    TensorBoard and the report's writer. ``budget`` (``"20m"`` or seconds; a new run): the epochs, up to the
+    recipe's, are sized from measured speed to end inside it, and the run stops on schedule
+    (:mod:`finetune.run.budget`), counted from ``started`` (``time.monotonic()``, default now); fewer than
+    ``min_epochs`` fit: ``BudgetTooShort``. Returns the best epoch, its accuracy and the run directory
     (:class:`finetune.run.runner.RunResult`)."""
+    import time
+
+    started = time.monotonic() if started is None else started
+    seconds = preflight.parse_budget(budget)
+    if seconds is not None and resume is not None:
+        raise ConfigError("budget= sizes a new run; drop it with resume= (pass epochs= to extend the run)")
     if resume is None and recipe is not None:
         preflight.check_recipe(recipe)  # a missing path or unknown model: the error before torch is imported
         if "LOCAL_RANK" not in os.environ:  # under torchrun, rank 0 may already have made --out: its check decides
@@ -102,7 +113,8 @@ def train(recipe: Recipe | None = None, *, out: str | Path | None = None, overwr
     from finetune.run import runner
 
     return runner.train(recipe, out=out, overwrite=overwrite, resume=resume, epochs=epochs, reporter=reporter,
-                        callbacks=[report.ReportCallback(), *(callbacks or [])], figures=report.log_tensorboard)
+                        callbacks=[report.ReportCallback(), *(callbacks or [])], figures=report.log_tensorboard,
+                        budget=seconds, started=started, min_epochs=min_epochs)
 
 
 def data_class_count(path: str, labels: str | None = None) -> int:
@@ -134,6 +146,56 @@ def probe(models: Any, *, weights: str = "default", data: str = "sample", **kw: 
     from finetune.tools.probe import probe as run_probe
 
     return run_probe(pairs, weights=weights, data=data, **kw)
+
+
+def auto(models: Any = None, *, data: str = "sample", budget: str | float | None = None, out: str | Path | None = None,
+         overwrite: bool = False, cache_dir: str | Path | None = None, folds: int = 5, lrs: list[float] | None = None,
+         wds: list[float] | None = None, progress=None, reporter: Any = None, **recipe_kw: Any):
+    """Which backbone, which strategy, how good, within ``budget`` (``"20m"`` or seconds): probe each candidate
+    (``models`` as for :func:`probe`; None: the default shelf, :data:`finetune.tools.auto.SHELF`, whose weights
+    can be had), decide, and train the winner (LP-FT or the linear probe) into ``out`` (default
+    ``runs/<time>-auto``), a normal run directory with ``auto.json``, ``recipe.yaml`` and the decision in
+    report.html. ``recipe_kw``: ``labels``, ``val_split``, ``image_size``, ``batch_size``, ``seed``, ``device``,
+    ``precision``. ``progress(line)``: the stage lines; ``reporter``: the training's (as :func:`train`). Returns
+    :class:`finetune.tools.auto.AutoResult` (see :mod:`finetune.tools.auto`)."""
+    import time
+
+    started = time.monotonic()
+    seconds = preflight.parse_budget(budget)
+    if folds < 0 or folds == 1:
+        raise ConfigError(f"folds must be 0 (the val split) or at least 2, got {folds}")
+    pairs = preflight.model_pairs(models, "default") if models else None
+    for m, _ in pairs or []:
+        preflight.check_model(m)  # a typo is an error; a missing weights file only skips its candidate
+    preflight.check_data(data)
+    preflight.out_dir(out, overwrite)  # an existing run in out: the error now, not after the probe stage
+    from finetune.run.checkpoint import default_run_dir
+    from finetune.tools import auto as A
+
+    kw = dict(recipe_kw)
+    note = _auto_val_split(data, kw)
+    say = progress or (lambda line: None)
+    if note:
+        say(note)
+    res = A.run_auto(pairs or A.shelf_pairs(), data=data, budget=seconds,
+                     out=Path(out) if out else default_run_dir("auto"), overwrite=overwrite, cache_dir=cache_dir,
+                     folds=folds, recipe_kw=kw, lrs=lrs, wds=wds, progress=say, train_fn=train,
+                     report_fn=write_report, reporter=reporter, started=started)
+    A.write_outputs(res, write_report)
+    return res
+
+
+def _auto_val_split(data: str, kw: dict[str, Any]) -> str | None:
+    """Data without a val folder and no ``val_split`` given: hold out 20% of each class (auto needs val to select
+    best.pt); the line that says so."""
+    from finetune.data import resolve_data_path
+    from finetune.data.sources import split_dirs
+
+    root = resolve_data_path(data)
+    if kw.get("val_split") is not None or not isinstance(root, Path) or split_dirs(root)[1] is not None:
+        return None
+    kw["val_split"] = 0.2
+    return f"no val folder in '{data}': 20% of each class is held out for validation (--val-split to change)"
 
 
 def shutdown_distributed() -> None:

@@ -111,11 +111,12 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Fine-tune pretrained image classifiers: pick a backbone, freeze what stays fixed, train the rest."""
 
 
-from finetune.cli import (cache_cmd, eval_cmd, export_cmd, inspect_cmd, lr_find_cmd, models_cmd,  # noqa: E402
+from finetune.cli import (auto_cmd, cache_cmd, eval_cmd, export_cmd, inspect_cmd, lr_find_cmd, models_cmd,  # noqa: E402
                           predict_cmd, probe_cmd, recipes_cmd, report_cmd, runs_cmd, train_cmd)
 
 for _name, _fn, _help in (  # in the order of `finetune --help`
-        ("train", train_cmd.train, train_cmd.HELP), ("eval", eval_cmd.eval_, eval_cmd.HELP),
+        ("train", train_cmd.train, train_cmd.HELP), ("auto", auto_cmd.auto, auto_cmd.HELP),
+        ("eval", eval_cmd.eval_, eval_cmd.HELP),
         ("predict", predict_cmd.predict, predict_cmd.HELP), ("inspect", inspect_cmd.inspect, inspect_cmd.HELP),
         ("models", models_cmd.models, models_cmd.HELP), ("recipes", recipes_cmd.recipes, recipes_cmd.HELP),
         ("export", export_cmd.export, export_cmd.HELP), ("probe", probe_cmd.probe, probe_cmd.HELP),

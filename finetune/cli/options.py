@@ -174,13 +174,13 @@ def flags_of(command, keys: dict[str, str]) -> dict[str, str]:
             for key, name in keys.items()}
 
 
-def command(body: Callable[[dict[str, Any]], None], own: Callable[..., None]) -> Callable[..., None]:
-    """A typer command taking an option per flagged recipe key plus the parameters of ``own`` (the options that
-    set no recipe key: declared as an ordinary typer function's), in PANELS order; ``body`` gets the values as
+def command(body: Callable[[dict[str, Any]], None], *own: Callable[..., None]) -> Callable[..., None]:
+    """A typer command taking an option per flagged recipe key plus the parameters of each ``own`` (the options
+    that set no recipe key: declared as an ordinary typer function's), in PANELS order; ``body`` gets the values as
     ``{parameter: value}``."""
     params = [o.parameter() for o in recipe_options()]
     params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-               for p in inspect.signature(own, eval_str=True).parameters.values()]
+               for fn in own for p in inspect.signature(fn, eval_str=True).parameters.values()]
     names = [p.name for p in params]
     assert len(set(names)) == len(names), f"two options with one parameter name: {names}"
     params.sort(key=lambda p: PANELS.index(p.default.rich_help_panel))

@@ -37,11 +37,26 @@ def run_options(
     """The options of ``train`` and ``lr-find`` that set no recipe key (the others come from the recipe schema)."""
 
 
+def budget_option(
+    budget: Optional[str] = typer.Option(None, "--budget", help="Wall-clock budget (90s, 20m, 1h30m): the epochs are "
+                                         "sized from this machine's measured speed to end inside it (up to the "
+                                         "recipe's; the LR schedule spans them), and the run stops on schedule should "
+                                         "it run slower. A new run, one process.", rich_help_panel=_T),
+) -> None:
+    """``train``'s own option beside :func:`run_options`."""
+
+
 def _train(v: dict[str, Any]) -> None:
     """The command's body over its parameter values ``v``."""
     from finetune import api
     from finetune.cli.progress import RichReporter
 
+    budget = api.preflight.parse_budget(v["budget"])  # torch-free, before anything else
+    if budget is not None and v["resume"] is not None:
+        raise api.ConfigError("--budget sizes a new run; drop it with --resume (pass --epochs to extend the run)")
+    if budget is not None and (v["nproc"] > 1 or v["nnodes"] > 1):
+        raise api.ConfigError("--budget sizes a run in one process; drop --nproc/--nnodes, or drop --budget and pass "
+                              "--epochs")
     _launch_if_asked(v)
     typed = typed_keys(v)
     reporter = RichReporter(quiet=v["quiet"])
@@ -52,12 +67,12 @@ def _train(v: dict[str, Any]) -> None:
     r = recipe_of(v, typed)
     try:
         with api.trusted(v["trust_checkpoint"]), O.quiet_logs(v["quiet"]):
-            _run(lambda: api.train(r, out=v["out"], overwrite=v["overwrite"], reporter=reporter))
+            _run(lambda: api.train(r, out=v["out"], overwrite=v["overwrite"], reporter=reporter, budget=budget))
     except api.FreezeError as e:
         raise api.from_recipe(e, v["recipe"], typed) from None
 
 
-train = O.command(_train, run_options)
+train = O.command(_train, run_options, budget_option)
 
 
 def _launch_if_asked(v: dict[str, Any]) -> None:

@@ -198,6 +198,42 @@ def parse_ints(text: str | None, default: tuple[int, ...]) -> list[int]:
     return [v for v in vals if v > 0]
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
+
+
+def parse_budget(text: str | float | int | None) -> float | None:
+    """``--budget``: a wall-clock duration as ``90s``, ``20m``, ``1h30m``, ``1.5h`` or plain seconds; None when not
+    given. At least 1 second."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        t = str(text).strip().lower().replace(" ", "")
+        try:
+            seconds = float(t)
+        except ValueError:
+            parts = _DURATION.findall(t)
+            if not parts or "".join(n + u for n, u in parts) != t or len({u for _, u in parts}) != len(parts):
+                raise ConfigError(f"--budget '{text}' is not a duration; use e.g. 90s, 20m, 1h30m or seconds"
+                                  ) from None
+            seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    if not math.isfinite(seconds) or seconds < 1:
+        raise ConfigError(f"--budget '{text}' is too short; give at least 1s (e.g. 20m)")
+    return seconds
+
+
+def budget_text(seconds: float) -> str:
+    """``1h05m``, ``20m``, ``12m30s``, ``45s``: a budget or an estimate as a person writes it."""
+    s = int(round(seconds))
+    h, m, sec = s // 3600, s % 3600 // 60, s % 60
+    if h:
+        return f"{h}h{m:02d}m" if not sec else f"{h}h{m:02d}m{sec:02d}s"
+    if m:
+        return f"{m}m" if not sec else f"{m}m{sec:02d}s"
+    return f"{sec}s"
+
+
 # ----------------------------------------------------------------------------------------------- --model lists
 
 MODEL_EXAMPLE = "--model timm:tf_efficientnet_lite0=/w/lite0.safetensors,resnet18"

@@ -19,6 +19,7 @@ import functools
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from finetune import __version__, files
 from finetune.run import checkpoint as ck
 from finetune.parallel import distributed as dist_
 from finetune.config import Recipe, from_dict, validate
+from finetune.config.preflight import budget_text
 from finetune.data import provenance
 from finetune.training.engine import (BNPolicy, EmaUpdate, LRSchedule, NonFiniteLoss, Step, evaluate, maybe_compile,
                                    resolve_device, resolve_precision, train_one_epoch)
@@ -142,6 +144,8 @@ class RunState(Parts):
     last_eval: dict[str, Any] | None = None  # the latest epoch's evaluation (per-image results for the pictures)
     test: dict[str, Any] | None = None  # best.pt on the data's test/ folder (holdout.py), after the last epoch
     autotune: dict[str, Any] | None = None  # depthwise convs with an fp32 backward (finetune/speedups/depthwise.py)
+    budget: Any = None  # finetune.run.budget.Guard: --budget sized the epochs and stops the run on schedule
+    stop_note: str | None = None  # set by a listener that ends the run after this epoch (the budget's guard)
 
     def phase(self, epoch: int) -> Phase:
         if self.feats is not None and not self.feats.serves(epoch):
@@ -260,7 +264,8 @@ class RunState(Parts):
 
 def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bool = False,
           resume: str | Path | None = None, epochs: int | None = None,
-          reporter: Reporter | None = None, callbacks: list | None = None, figures=None) -> RunResult:
+          reporter: Reporter | None = None, callbacks: list | None = None, figures=None,
+          budget: float | None = None, started: float | None = None, min_epochs: int = 1) -> RunResult:
     """Run ``recipe`` and write the run directory.
 
     ``resume`` continues the run in that directory from its ``last.pt`` with the recipe stored there (``recipe``
@@ -270,9 +275,12 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
     so a clash on
     ``out`` is reported at once. A new run that stops before its first checkpoint (an error while data or model
     load, or Ctrl-C) removes its directory: nothing in it could be resumed, and keeping it would make the same
-    command fail with "already exists".
+    command fail with "already exists". ``budget`` (seconds, a new run only): the epochs are sized to end inside it,
+    counted from ``started`` (``time.monotonic()``; default now), and the run stops on schedule
+    (:mod:`finetune.run.budget`); fewer than ``min_epochs`` fit: :class:`~finetune.run.budget.BudgetTooShort`.
     """
     made: dict[str, Any] = {"lock": ck.RunLock(), "reporter": reporter}  # the lock is held until the run ends
+    started = time.monotonic() if started is None else started
     try:
         if resume is not None:
             st = resume_run(Path(resume), epochs, made)
@@ -281,6 +289,8 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
                 raise ConfigError("no recipe given; pass a Recipe (finetune.load_recipe('default')) or "
                                   "resume=RUN_DIR")
             st = start_run(recipe, out, overwrite, made)
+            if budget is not None:
+                _size_to_budget(st, budget, started, min_epochs)
         made["training"] = True
         if st.dd.is_main and reporter is not None:
             st.reporter = reporter
@@ -293,6 +303,17 @@ def train(recipe: Recipe | None, *, out: str | Path | None = None, overwrite: bo
         raise
     finally:
         made["lock"].release()
+
+
+def _size_to_budget(st: RunState, budget: float, started: float, min_epochs: int = 1) -> None:
+    """``--budget``: measure, size the epochs, rewrite config.yaml with the size, and guard the schedule."""
+    from finetune.run import budget as B
+
+    if st.dd.enabled:
+        raise ConfigError("--budget sizes a run in one process; drop --nproc, or drop --budget and pass --epochs")
+    sizing = B.size_run(st, budget, started, min_epochs)
+    st.budget = B.Guard(sizing, started)
+    _write_config(st, {"budget": f"{budget_text(budget)} -> {sizing.epochs} of {sizing.asked} epochs"})
 
 
 def _interrupted(made: dict, resume) -> Interrupted:
@@ -338,6 +359,8 @@ def _listeners(st: RunState, reporter, extra: list | None, figures=None) -> Call
         items += list(extra or [])
     if cfg.train.save_every_steps:
         items.append(midepoch.MidEpochSaves())
+    if st.budget is not None:
+        items.append(st.budget)
     return Callbacks(items)
 
 
@@ -479,9 +502,7 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
     if saved is not None and saved.sharded:  # each rank reads its part, at this run's world size
         sharded.load_into(st.model, st.optimizer, run_dir, saved.sharded)
     if dd.is_main:  # once last.pt's state has loaded: a failed resume leaves the run as it was
-        files.atomic_write_text(run_dir / "config.yaml", _yaml(st.resolved, {
-            "device": str(device), "precision": precision, "channels_last": parts.channels_last,
-            "processes": dd.world_size, "classes": parts.classes, **dwgrad.picked(st.autotune)}))
+        _write_config(st)
     st.step = _make_step(st)
     _make_loaders(st)
     if is_stand_in(model):  # the features were all stored: say what building the backbone said
@@ -489,6 +510,13 @@ def _build(cfg: Recipe, saved: ck.Checkpoint | None, dd, device, precision: str,
             log.warning(note)
     st.run_model = maybe_compile(st.train_model, cfg.train.compile)  # checkpoints save `model`'s own state_dict
     return st
+
+
+def _write_config(st: RunState, extra: dict[str, Any] | None = None) -> None:
+    """config.yaml: the resolved recipe, with what was picked on this machine as comments."""
+    files.atomic_write_text(st.run_dir / "config.yaml", _yaml(st.resolved, {
+        "device": str(st.device), "precision": st.precision, "channels_last": st.channels_last,
+        "processes": st.dd.world_size, "classes": st.classes, **dwgrad.picked(st.autotune), **(extra or {})}))
 
 
 def _restore(st: RunState, saved: ck.Checkpoint) -> None:
@@ -557,6 +585,8 @@ def fit(st: RunState, events: Callbacks) -> RunResult:
     evaluation, the commit of the run state, the listeners (``events``, called by hook name); stop early when
     asked."""
     events.call("on_run_start", st)
+    if st.budget is not None:
+        events.call("on_note", st, st.budget.sizing.note())
     try:
         for epoch in range(st.start_epoch, st.cfg.train.epochs):
             resuming = st.partial if epoch == st.start_epoch else None
@@ -569,8 +599,13 @@ def fit(st: RunState, events: Callbacks) -> RunResult:
             if st.cfg.train.early_stop and st.since_best >= st.cfg.train.early_stop:
                 events.call("on_note", st, f"early stop: no better {st.monitor.key} for {st.since_best} epochs")
                 break
+            if st.stop_note:
+                events.call("on_note", st, st.stop_note)
+                break
         if st.dd.is_main:  # data with a test/ folder: best.pt on it, once, never used for selection
             st.test = holdout.evaluate_best(st.run_dir, st.cfg, st.device, st.reporter)
+        if st.budget is not None:
+            events.call("on_note", st, st.budget.summary())
         events.call("on_run_end", st)
     except NonFiniteLoss as e:
         kept = (f"; the last good checkpoint is in '{st.run_dir}'" if (st.run_dir / "last.pt").is_file()
