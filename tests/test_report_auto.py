@@ -259,3 +259,11 @@ def test_estimates_and_strategies_in_words():
                                    ("Linear-Probe", None, "a linear probe"), ("full", 3, "full (3 epochs)"),
                                    (None, 3, "an unrecorded strategy")):
         assert D.strategy_text({"strategy": strategy, "epochs": epochs}) == text
+
+
+def test_an_auto_json_too_large_to_be_finetunes_is_left_unread(run, monkeypatch):
+    monkeypatch.setattr(D, "MAX_BYTES", 100)
+    html = page(run, AUTO)
+    size = (run / "auto.json").stat().st_size
+    assert (f"<p class='muted' id='auto-note'>auto.json is left out of this report ({size:,} bytes, more than "
+            "finetune auto writes).</p>") in html
