@@ -1,6 +1,7 @@
 """The run report: one self-contained ``report.html`` (figures and thumbnails inline, no network, no script) with
 a short "what this run says" (overfitting, LP-FT's two phases, where the best epoch fell, test vs val, a next step:
-facts computed from the run), learning curves, the confusion matrix as a heat map, per-class precision/recall/F1,
+facts computed from the run), how ``finetune auto`` chose the model when the run directory has its ``auto.json``
+(:mod:`.decision`), learning curves, the confusion matrix as a heat map, per-class precision/recall/F1,
 the most confidently wrong and the most uncertain correct val images, the freeze plan as a picture, the resolved
 recipe, environment, data summary and wall times; plus ``report.json``, the numbers that feed the pictures.
 
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import CheckpointError, FinetuneError, shown
-from finetune.reporting import svg
+from finetune.reporting import decision, svg
 from finetune.reporting.html import CSS, MARK, check_out, esc, pct, table
 from finetune.run.callbacks import Callback
 from finetune.training.metrics import accuracy, per_class_metrics
@@ -711,6 +712,9 @@ def build_run_report(run_dir: str | Path, *, val_dataset=None, data: dict | None
     report["n_val"] = n_val or None
     report["findings"] = findings(report["epochs"], report["best"], recipe, report["n_val"], report["test"],
                                   str(run_dir))
+    report["auto"], report["auto_note"] = decision.load_auto(run_dir)  # a run that finetune auto made: its choice
+    if decision.auto_fact(report["auto"]):
+        report["findings"]["facts"].insert(0, decision.auto_fact(report["auto"]))
     report["wall"]["report_seconds"] = time.perf_counter() - t0
     return report
 
@@ -939,6 +943,8 @@ def render_html(rep: dict) -> str:
                      f"{esc(rep['wall']['run_started'])}</p>")
         if rep.get("findings"):
             parts.append(_findings_html(rep["findings"]))
+        if rep.get("auto") or rep.get("auto_note"):
+            parts.append(decision.auto_html(rep.get("auto"), rep.get("auto_note"), rep["run_dir"]))
         parts.append("<h2>Learning curves</h2>")
         parts.append(f'<img class="fig" id="fig-curves" src="{rep["figure_curves"]}" alt="learning curves">'
                      if rep["figure_curves"] else "<p>No epochs recorded.</p>")
