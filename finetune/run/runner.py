@@ -68,6 +68,7 @@ class RunResult:
     epochs: list[dict[str, Any]]
     class_names: list[str]
     test: dict[str, Any] | None = None  # best.pt on the data's test/ folder, evaluated once at the end
+    budget: dict[str, Any] | None = None  # --budget: how it was sized (finetune.run.budget.Sizing.to_dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -619,7 +620,8 @@ def fit(st: RunState, events: Callbacks) -> RunResult:
     finally:
         events.call("on_close", st)
         dist_.barrier(st.dd)  # no rank leaves (or reads a checkpoint) before rank 0 has written it
-    return RunResult(st.run_dir, st.best["epoch"], st.best["val_acc"], st.history, st.classes, st.test)
+    return RunResult(st.run_dir, st.best["epoch"], st.best["val_acc"], st.history, st.classes, st.test,
+                     st.budget.sizing.to_dict() if st.budget is not None else None)
 
 
 def _unfreeze_due(st: RunState, epoch: int, resuming, events) -> None:

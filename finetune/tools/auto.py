@@ -449,6 +449,8 @@ def run_auto(pairs: list[tuple[str, str]], *, data: str, budget: float | None, o
         progress(f"{progress_line('train', started, budget)} {w.model}: {decision.reasons[-1]}")
         result = train_fn(final_recipe("linear-probe", w, data, recipe_kw), out=out, overwrite=overwrite,
                           budget=None, reporter=reporter, started=started)
+    tp = (result.budget or {}).get("throughput") or {}
+    w.train_images_per_sec = tp.get("train")  # the run's measured training step (LP-FT)
     seconds = time.monotonic() - started
     stages = {"probe": t_probe, "decide": t_decide, "train": seconds - t_probe - t_decide}
     return AutoResult(Path(result.run_dir), cands, decision, result, seconds, budget, stages, len(result.epochs))
