@@ -17,6 +17,7 @@ _LAZY = {
     "FinetuneError": "finetune.errors",
     "parameter_rows": "finetune.models.params",
     "train": "finetune.api",
+    "auto": "finetune.api",
     "evaluate_checkpoint": "finetune.api",
     "predict": "finetune.api",
     "load_model": "finetune.api",

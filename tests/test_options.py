@@ -38,9 +38,9 @@ def test_each_flagged_field_is_an_option_under_its_flag(command, cli):
         schema |= set(names)
         for name in names:
             assert name in decls and name in help_text, (key, name)
-    own = {d for p in options.inspect.signature(train_cmd.run_options).parameters.values()
-           for d in p.default.param_decls}
-    assert set(decls) == schema | own  # nothing else: the schema and the table of run options
+    tables = [train_cmd.run_options] + [train_cmd.budget_option] * (command == "train")  # --budget: train's own
+    own = {d for t in tables for p in options.inspect.signature(t).parameters.values() for d in p.default.param_decls}
+    assert set(decls) == schema | own  # nothing else: the schema and the tables of run options
 
 
 def test_no_other_code_declares_a_schema_flag():

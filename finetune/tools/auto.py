@@ -72,6 +72,7 @@ class Candidate:
     train_images_per_sec: float | None = None  # training step, measured by the run (the winner's)
     parameters: int | None = None
     seconds: float = 0.0
+    features_seconds: float = 0.0  # of which the features (the forward pass, or reading the store)
     from_store: bool = False
     tied: bool = False
     winner: bool = False
@@ -303,7 +304,7 @@ def probe_candidate(name: str, weights: str, data: str, grid, *, cache_dir, fold
         return dataclasses.replace(c, status="skipped", reason=str(e), seconds=time.perf_counter() - t0)
     c.weights = prep.bb.weights if weights != "default" else weights
     c.parameters = sum(p.numel() for p in prep.bb.model.parameters())
-    c.from_store = prep.from_store
+    c.from_store, c.features_seconds = prep.from_store, prep.seconds
     n_img = len(prep.train[1]) + len(prep.val[1])
     if not prep.from_store and prep.seconds > 0:
         c.images_per_sec = n_img / prep.seconds
