@@ -98,9 +98,8 @@ def test_no_candidate_is_one_error(tmp_path, cli):
     r = cli("auto", "--data", "sample", "--model", f"resnet18={tmp_path / 'a.pt'}", "--out", tmp_path / "o")
     assert r.exit_code == 1
     assert r.stderr.splitlines()[-1] == (
-        f"Error: no candidate backbone could be probed (resnet18: weights file '{tmp_path / 'a.pt'}' not found; pass "
-        "an existing .pth/.pt/.safetensors file, a weights name, or --weights none); pass --model "
-        "NAME=WEIGHTS_FILE,... with weights files you have")
+        f"Error: no candidate backbone could be probed (resnet18: weights file '{tmp_path / 'a.pt'}' not found); pass "
+        "--model NAME=WEIGHTS_FILE,... with weights files you have")
     assert not (tmp_path / "o").exists()
 
 

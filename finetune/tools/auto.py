@@ -371,7 +371,12 @@ class NoCandidate(FinetuneError):
 
 
 def no_candidate(cands: list[Candidate]) -> NoCandidate:
-    why = "; ".join(f"{c.model}: {c.reason}" for c in cands if c.reason)
+    """One line: the first candidate's reason (up to its advice), and how many more were skipped (each was named
+    on its own line as it was skipped)."""
+    first = next((c for c in cands if c.reason), None)
+    why = "" if first is None else f"{first.model}: {first.reason.split('; ')[0]}"
+    more = len(cands) - 1
+    why += f"; {more} more skipped, each for its own reason" if more > 0 else ""
     return NoCandidate(f"no candidate backbone could be probed ({why}); pass --model NAME=WEIGHTS_FILE,... with "
                        "weights files you have")
 
