@@ -73,14 +73,16 @@ def test_a_tie_within_noise_goes_to_the_faster_candidate():
 
 
 def test_a_budget_too_small_for_fine_tuning_ends_at_the_probe():
-    # one fine-tuning epoch: (100 images x 3 + 50) / 10 img/s = 35 s, + 15 s: more than the 30 s left
-    d = A.decide([_cand("a", 0.8)], budget_left=30.0, n_train=100, n_val=50)
+    # a fine-tuning epoch: (100 images x 3 + 50) / 10 img/s = 35 s; LP-FT's 4 of them + 15 s: 155 s
+    d = A.decide([_cand("a", 0.8)], budget_left=150.0, n_train=100, n_val=50)
     assert d.strategy == "linear-probe" and d.ft_epoch_seconds == 35.0
-    assert d.reasons[1] == "linear probe: the 30s left can't hold one fine-tuning epoch (~35s at 10 img/s forward)"
-    d = A.decide([_cand("a", 0.8)], budget_left=200.0, n_train=100, n_val=50)
+    assert d.reasons[1] == ("linear probe: the 2m30s left can't hold LP-FT's 4 fine-tuning epochs (~35s each at 10 "
+                            "img/s forward), and a shorter LP-FT is not a measured recipe (on flowers12 one "
+                            "fine-tuning epoch ended 2.1 points below the linear probe)")
+    d = A.decide([_cand("a", 0.8)], budget_left=160.0, n_train=100, n_val=50)
     assert d.strategy == "lp-ft"
-    assert d.reasons[1] == ("LP-FT: the 3m20s left hold the linear-probe epoch and about 4 fine-tuning epochs (~35s "
-                            "each, estimated from 10 img/s forward); the run measures its training step and sizes them")
+    assert d.reasons[1] == ("LP-FT: the 2m40s left hold the linear-probe epoch and its 4 fine-tuning epochs (~35s "
+                            "each, estimated from 10 img/s forward); the run measures its training step and checks")
     d = A.decide([_cand("a", 1.0)], budget_left=None, n_train=100, n_val=50)
     assert d.strategy == "linear-probe"
     assert d.reasons[1] == "linear probe: the probe makes no mistake on 200 images; fine-tuning cannot improve it"
@@ -159,8 +161,8 @@ def test_auto_end_to_end_writes_a_run_with_its_decision(tiny, tmp_path, cli):
 
 @pytest.mark.slow
 def test_a_budget_too_short_for_fine_tuning_trains_the_linear_probe(tiny, tmp_path, monkeypatch):
-    """The decision expects LP-FT to fit, the run measures a training step of 0.01 img/s: one epoch fits, so auto
-    trains the probe's head as the linear-probe recipe, and says why."""
+    """The decision expects LP-FT to fit, the run measures a training step of 0.01 img/s: one of its 5 epochs fits,
+    so auto trains the probe's head as the linear-probe recipe, and says why."""
     monkeypatch.setattr(B, "measure", lambda *a, **k: B.Throughput(1e6, 0.01, 8, 0.0))
     res = api.auto(_models(tiny), data=str(tiny / "d"), budget="10m", out=tmp_path / "run", folds=2, image_size=32)
     assert res.decision.strategy == "linear-probe"
