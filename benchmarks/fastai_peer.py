@@ -36,8 +36,10 @@ What runs (fastai 2.8's own code path, nothing re-implemented):
   ``fit_one_cycle(1, slice(base_lr), pct_start=0.99)``, then unfreeze + ``fit_one_cycle(N, slice(base_lr/2/100,
   base_lr/2), pct_start=0.3, div=5)``), and N is chosen between them: the largest N with
   elapsed + N * (estimated unfrozen epoch) <= S, where the unfrozen epoch = the frozen epoch's measured train time +
-  (batches per epoch) * (the extra seconds of an unfrozen forward+backward over a frozen one, timed on one saved
-  batch, model state restored) + the frozen epoch's validation time. N = 0 when the frozen epoch alone uses S.
+  (batches per epoch) * (the extra seconds of an unfrozen forward+backward over a frozen one, timed on 8 images of
+  the first training batch and scaled to the batch size; no optimizer step, model state restored) + the frozen
+  epoch's validation time. N = 0 when the frozen epoch alone uses S. (Timing a whole batch of 64 at 224 px costs
+  30-40 s a step on the loaded 2-core box: the probe would eat the budget.)
 - selection: none. The final model (after the last epoch) is evaluated once on val and once on test: argmax of
   ``learn.get_preds`` (eval mode, valid transforms: Resize's centre crop, no augmentation).
 
@@ -61,6 +63,9 @@ from real import SHARED  # noqa: F401 - puts the checkout on sys.path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from a local file; never wait on an unreachable hub
 
 from finetune.training.stats import wilson  # noqa: E402 - torch-free
+
+
+PROBE_IMAGES = 8  # images of the saved batch timed frozen vs unfrozen (--wall-seconds)
 
 
 def _load() -> str:
@@ -218,17 +223,23 @@ def run(args) -> dict:
             learn.freeze()
             learn.fit_one_cycle(args.freeze_epochs, slice(base_lr), pct_start=0.99)
             xb, yb = timer.saved
-            frozen_step = _step_seconds(learn, xb, yb, frozen=True)
-            unfrozen_step = _step_seconds(learn, xb, yb, frozen=False)
+            n_probe = min(PROBE_IMAGES, len(xb))
+            t_probe = time.perf_counter()
+            frozen_step = _step_seconds(learn, xb[:n_probe], yb[:n_probe], frozen=True)
+            unfrozen_step = _step_seconds(learn, xb[:n_probe], yb[:n_probe], frozen=False)
+            probe_s = time.perf_counter() - t_probe
+            extra_per_batch = max(0.0, unfrozen_step - frozen_step) * args.bs / n_probe
             last = timer.rows[-1]
-            epoch_s = last["train_s"] + len(dls.train) * max(0.0, unfrozen_step - frozen_step) + last["valid_s"]
+            epoch_s = last["train_s"] + len(dls.train) * extra_per_batch + last["valid_s"]
             elapsed = time.perf_counter() - t0
             n_unfrozen = max(0, int((args.wall_seconds - elapsed) // epoch_s))
-            estimate = dict(frozen_step_s=round(frozen_step, 3), unfrozen_step_s=round(unfrozen_step, 3),
+            estimate = dict(probe_images=n_probe, probe_s=round(probe_s, 1), frozen_step_s=round(frozen_step, 3),
+                            unfrozen_step_s=round(unfrozen_step, 3),
                             unfrozen_epoch_s=round(epoch_s, 2), elapsed_before_unfrozen_s=round(elapsed, 1),
                             estimated_wall_s=round(elapsed + n_unfrozen * epoch_s, 1))
             print(f"  budget {args.wall_seconds:.0f}s: {elapsed:.1f}s used, one unfrozen epoch ~{epoch_s:.1f}s "
-                  f"(step {frozen_step:.2f}s frozen -> {unfrozen_step:.2f}s unfrozen) -> fine_tune({n_unfrozen})",
+                  f"({n_probe} images: {frozen_step:.2f}s frozen -> {unfrozen_step:.2f}s unfrozen, probe "
+                  f"{probe_s:.0f}s) -> fine_tune({n_unfrozen})",
                   flush=True)
             if n_unfrozen > 0:
                 base_lr /= 2
