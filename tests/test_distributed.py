@@ -117,9 +117,9 @@ def _accumulate_worker(rank: int, init: str, out: str) -> None:
 def test_accumulation_all_reduces_only_on_optimizer_steps(tmp_path):
     """Under DDP, micro-batches that don't step run in no_sync(): 4 micro-batches, accumulate=2 -> 2 all-reduces
     (smallcnn's gradients fit one bucket), and the ranks still end with bitwise equal parameters."""
-    import torch.multiprocessing as mp
+    from helpers import spawn
 
-    mp.spawn(_accumulate_worker, args=(f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2)
+    spawn(_accumulate_worker, args=(f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert (r0["allreduces"], r1["allreduces"]) == (2, 2)
     assert r0["params"] == r1["params"]
@@ -177,12 +177,12 @@ def test_nan_on_one_rank_stops_every_rank_and_a_frozen_rank_times_out(tmp_path):
     collective fail after train.dist_timeout minutes (here 0.15), not gloo's default 30."""
     import socket
 
-    import torch.multiprocessing as mp
+    from helpers import spawn
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_stop_together_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    spawn(_stop_together_worker, args=(port, str(tmp_path)), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert r1["nan"] == "loss became nan at epoch 1, step 2"
     assert r0["nan"] == "loss became nan on another process at epoch 1, step 2"
@@ -248,15 +248,13 @@ def test_ddp_mid_epoch_resume_restores_every_ranks_own_sums(tmp_path):
     restarted from rank 0's, and the epoch counted rank 0's first batches twice and rank 1's never)."""
     import socket
 
-    import torch.multiprocessing as mp
-
-    from helpers import tiny_tree
+    from helpers import spawn, tiny_tree
 
     data = tiny_tree(tmp_path / "data", per_class=10)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_midepoch_worker, args=(port, str(data), str(tmp_path)), nprocs=2, join=True)
+    spawn(_midepoch_worker, args=(port, str(data), str(tmp_path)), nprocs=2)
     res = json.loads((tmp_path / "result.json").read_text())
     assert [r[2] for r in res["ranks"]] == [8, 8]  # 2 batches of 4 on each rank
     assert res["ranks"][0] != res["ranks"][1]  # two shards, two different sums
@@ -309,9 +307,9 @@ def test_sharded_feature_extraction_computes_each_image_once(tmp_path, monkeypat
     """2 processes on cached features: each rank computes its shard (48 train + 24 val images, once across
     ranks, not once per rank); a second run finds them in the store on both ranks (0 computed); the head equals a
     single process's (same per-process batch: every rank trains the head on all the features)."""
-    import torch.multiprocessing as mp
+    from helpers import spawn
 
-    mp.spawn(_sharded_features_worker, args=(_free_port(), str(tmp_path), str(mini_sample)), nprocs=2, join=True)
+    spawn(_sharded_features_worker, args=(_free_port(), str(tmp_path), str(mini_sample)), nprocs=2)
     counts = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
     assert counts == [[36, 0], [36, 0]]  # 24 train + 12 val images per rank; then all from the store
     monkeypatch.setenv("FINETUNE_CACHE", "off")  # computed afresh here, by one process

@@ -95,9 +95,8 @@ def _port() -> int:
 def test_fsdp_matches_ddp_keeps_frozen_weights_and_resumes_exactly(tmp_path, mini_sample):
     import socket
 
-    import torch.multiprocessing as mp
-
     from finetune.models import build_model
+    from helpers import spawn
 
     torch.manual_seed(0)
     init = build_model("timm:test_resnet", num_classes=4, weights="none").model.state_dict()
@@ -105,7 +104,7 @@ def test_fsdp_matches_ddp_keeps_frozen_weights_and_resumes_exactly(tmp_path, min
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path), str(tmp_path / "init.pt"), str(mini_sample)), nprocs=2, join=True)
+    spawn(_worker, args=(port, str(tmp_path), str(tmp_path / "init.pt"), str(mini_sample)), nprocs=2)
     # per-block units from the model's layerN; layer2 is partly frozen, so its children are units of their own
     assert json.loads((tmp_path / "0.json").read_text()) == [
         "layer1", "layer2.0.conv1", "layer2.0.bn1", "layer2.0.conv2", "layer2.0.bn2", "layer2.0.downsample",
@@ -152,10 +151,7 @@ def test_fsdp_matches_ddp_keeps_frozen_weights_and_resumes_exactly(tmp_path, min
                               atol=1e-6), i
     assert all(torch.equal(bb.model.state_dict()[k], fsdp["model"][k]) for k in init)
     # and into 3 processes, FSDP-sharded 3 ways (DCP reshards 2 -> 3): gathered back, bitwise the same state
-    import torch.multiprocessing as mp
-
-    mp.spawn(_reshard_worker, args=(_port(), str(tmp_path / "fsdp-epoch1"), str(tmp_path / "w3.pt")), nprocs=3,
-             join=True)
+    spawn(_reshard_worker, args=(_port(), str(tmp_path / "fsdp-epoch1"), str(tmp_path / "w3.pt")), nprocs=3)
     w3 = torch.load(tmp_path / "w3.pt", weights_only=True)
     assert all(torch.equal(w3["model"][k], fsdp["model"][k]) for k in init)
     assert w3["optimizer"]["state"].keys() == so["state"].keys()
