@@ -34,13 +34,28 @@ def test_sharded_order_is_the_single_process_order():
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, mini_sample):
-    out = tmp_path_factory.mktemp("ddp") / "run"
+    """``finetune train --nproc 2``, launched from a folder that has its own ``finetune/`` (a checkout, a user's
+    package of that name) as the installed ``finetune`` script is (``python -P``: the launcher itself does not see the
+    folder): the workers must import the launcher's finetune, not the folder's (which raises)."""
+    root = tmp_path_factory.mktemp("ddp")
+    (root / "finetune").mkdir()
+    (root / "finetune" / "__init__.py").write_text("raise ImportError('the wrong finetune')\n")
+    out = root / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "finetune", "train", "--nproc", "2", "--data", str(mini_sample), "--out",
-                        str(out), *ARGS],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-P", "-m", "finetune", "train", "--nproc", "2", "--data", str(mini_sample),
+                        "--out", str(out), *ARGS], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
+def test_nproc_from_a_folder_holding_a_finetune_subfolder(ddp_run):
+    """The ddp_run launch above ran from a folder holding a ``finetune/`` that raises on import: both workers
+    trained (the run finished, last.pt says 2 processes), so they imported the same finetune as the launcher."""
+    assert load_checkpoint(ddp_run / "last.pt")["world_size"] == 2
+    assert (ddp_run.parent / "finetune" / "__init__.py").read_text().startswith("raise ImportError")
 
 
 @pytest.mark.slow
