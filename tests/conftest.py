@@ -24,6 +24,15 @@ def cli(runner):
     return invoke
 
 
+@pytest.fixture(scope="session")
+def mini_sample(tmp_path_factory):
+    """The bundled sample's four classes with 12 train / 6 val images each (48 / 24, one copy per session): for
+    training runs whose assertions hold on any data (resume is exact, files are written, a flag is honoured)."""
+    from helpers import sample_subset
+
+    return sample_subset(tmp_path_factory.mktemp("mini-sample"), train=12, val=6)
+
+
 @pytest.fixture(autouse=True)
 def _feature_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own empty feature store: tests never write to the user's ~/.cache/finetune."""

@@ -148,12 +148,12 @@ def _smallcnn_weights(path):
     ((), "lp-ft"),                                         # pretrained weights, no recipe: LP-FT
     (("--freeze-backbone",), "smallcnn-cli"),              # a freeze plan of the user's own: generic defaults
 ])
-def test_model_without_recipe_picks_lp_ft_for_pretrained_weights(cli, tmp_path, extra, expected):
+def test_model_without_recipe_picks_lp_ft_for_pretrained_weights(cli, tmp_path, extra, expected, mini_sample):
     import yaml
 
     w = _smallcnn_weights(tmp_path / "w.pth")
     out = tmp_path / "run"
-    r = cli("train", "--model", "smallcnn", "--weights", w, "--data", "sample", "--epochs", 2, "--batch-size", 64,
+    r = cli("train", "--model", "smallcnn", "--weights", w, "--data", mini_sample, "--epochs", 2, "--batch-size", 64,
             "--precision", "fp32", "--no-tensorboard", "--out", out, *extra)
     assert r.exit_code == 0, r.stderr
     assert yaml.safe_load((out / "config.yaml").read_text())["name"] == expected
@@ -174,7 +174,7 @@ def test_model_without_recipe_random_init_uses_generic_defaults():
 
 
 @pytest.mark.slow
-def test_loop_flags_reach_the_recipe(cli, tmp_path):
+def test_loop_flags_reach_the_recipe(cli, tmp_path, mini_sample):
     """Issue 17: the monitor/top-k, EMA, mixup/cutmix and per-step logging keys are also train flags, recorded in
     config.yaml; a bad value names the flag."""
     import yaml
@@ -183,7 +183,7 @@ def test_loop_flags_reach_the_recipe(cli, tmp_path):
     r = cli("train", "--epochs", "1", "--model", "smallcnn", "--weights", "none", "--device", "cpu", "--quiet",
             "--no-report", "--monitor", "val_f1", "--monitor-mode", "max", "--save-top-k", "2", "--ema",
             "--ema-decay", "0.9", "--mixup", "0.2", "--cutmix", "0.5", "--log-every", "3", "--strategy", "fsdp",
-            "--out", out)
+            "--data", mini_sample, "--out", out)
     assert r.exit_code == 0, r.stderr
     t = yaml.safe_load((out / "config.yaml").read_text())["train"]
     assert {k: t[k] for k in ("monitor", "monitor_mode", "save_top_k", "ema", "ema_decay", "mixup", "cutmix",

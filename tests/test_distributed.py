@@ -1,4 +1,5 @@
-"""DDP on the CPU with gloo: 2 processes, smallcnn on the bundled data (one torchrun launch, ~20 s)."""
+"""DDP on the CPU with gloo: 2 processes, smallcnn on the bundled sample's shapes (the ``mini_sample`` fixture: 12 train
+/ 6 val images a class; one torchrun launch)."""
 
 import json
 import os
@@ -16,7 +17,7 @@ from finetune.data.loader import EpochSampler
 from finetune.run.runner import train
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ["--epochs", "1", "--batch-size", "32", "--precision", "fp32", "--scheduler", "constant", "--augment", "none",
+ARGS = ["--epochs", "1", "--batch-size", "8", "--precision", "fp32", "--scheduler", "constant", "--augment", "none",
         "--no-tensorboard", "--quiet"]
 
 
@@ -32,13 +33,29 @@ def test_sharded_order_is_the_single_process_order():
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "run"
+def ddp_run(tmp_path_factory, mini_sample):
+    """``finetune train --nproc 2``, launched from a folder that has its own ``finetune/`` (a checkout, a user's
+    package of that name) as the installed ``finetune`` script is (``python -P``: the launcher itself does not see the
+    folder): the workers must import the launcher's finetune, not the folder's (which raises)."""
+    root = tmp_path_factory.mktemp("ddp")
+    (root / "finetune").mkdir()
+    (root / "finetune" / "__init__.py").write_text("raise ImportError('the wrong finetune')\n")
+    out = root / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "finetune", "train", "--nproc", "2", "--out", str(out), *ARGS],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-P", "-m", "finetune", "train", "--nproc", "2", "--data", str(mini_sample),
+                        "--out", str(out), *ARGS], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
+def test_nproc_from_a_folder_holding_a_finetune_subfolder(ddp_run):
+    """The ddp_run launch above ran from a folder holding a ``finetune/`` that raises on import: both workers
+    trained (the run finished, last.pt says 2 processes), so they imported the same finetune as the launcher."""
+    assert load_checkpoint(ddp_run / "last.pt")["world_size"] == 2
+    assert (ddp_run.parent / "finetune" / "__init__.py").read_text().startswith("raise ImportError")
 
 
 @pytest.mark.slow
@@ -51,16 +68,17 @@ def test_two_processes_complete_and_eval_matches(ddp_run):
     assert ck["world_size"] == 2
     assert not any(k.startswith("module.") for k in ck["model"])  # loads in a single process
     res = evaluate_checkpoint(ddp_run / "best.pt", device="cpu")
-    assert res["n"] == 160  # the whole val set, once
+    assert res["n"] == 24  # the whole val set, once
     assert res["accuracy"] == m["best"]["val_acc"]
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.subprocess
-def test_two_by_b_equals_one_by_2b(ddp_run, tmp_path):
+def test_two_by_b_equals_one_by_2b(ddp_run, tmp_path, mini_sample):
     r = config.apply_overrides(config.load_recipe("default"), {
-        "train.epochs": 1, "train.batch_size": 64, "train.precision": "fp32", "scheduler.name": "constant",
+        "data.path": str(mini_sample), "train.epochs": 1, "train.batch_size": 16, "train.precision": "fp32",
+        "scheduler.name": "constant",
         "data.augment": "none",
         "train.tensorboard": False})
     train(r, out=tmp_path / "single")
@@ -114,9 +132,9 @@ def _accumulate_worker(rank: int, init: str, out: str) -> None:
 def test_accumulation_all_reduces_only_on_optimizer_steps(tmp_path):
     """Under DDP, micro-batches that don't step run in no_sync(): 4 micro-batches, accumulate=2 -> 2 all-reduces
     (smallcnn's gradients fit one bucket), and the ranks still end with bitwise equal parameters."""
-    import torch.multiprocessing as mp
+    from helpers import spawn
 
-    mp.spawn(_accumulate_worker, args=(f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2)
+    spawn(_accumulate_worker, args=(f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert (r0["allreduces"], r1["allreduces"]) == (2, 2)
     assert r0["params"] == r1["params"]
@@ -148,8 +166,10 @@ def _stop_together_worker(rank: int, port: int, out: str) -> None:
         train_one_epoch(model, batches, step, epoch=0)
     except NonFiniteLoss as e:
         res["nan"] = str(e)
-    if rank == 1:
-        time.sleep(20)  # frozen: rank 0's next collective must time out, not wait
+    if rank == 1:  # frozen: rank 0's next collective must time out, not wait; up to 20 s, or until rank 0 has its
+        end = time.monotonic() + 20  # answer (no need to sleep on once it has)
+        while time.monotonic() < end and not Path(out, "0.json").exists():
+            time.sleep(0.05)
     else:
         t0 = time.monotonic()
         try:
@@ -172,12 +192,12 @@ def test_nan_on_one_rank_stops_every_rank_and_a_frozen_rank_times_out(tmp_path):
     collective fail after train.dist_timeout minutes (here 0.15), not gloo's default 30."""
     import socket
 
-    import torch.multiprocessing as mp
+    from helpers import spawn
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_stop_together_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    spawn(_stop_together_worker, args=(port, str(tmp_path)), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert r1["nan"] == "loss became nan at epoch 1, step 2"
     assert r0["nan"] == "loss became nan on another process at epoch 1, step 2"
@@ -243,15 +263,13 @@ def test_ddp_mid_epoch_resume_restores_every_ranks_own_sums(tmp_path):
     restarted from rank 0's, and the epoch counted rank 0's first batches twice and rank 1's never)."""
     import socket
 
-    import torch.multiprocessing as mp
-
-    from helpers import tiny_tree
+    from helpers import spawn, tiny_tree
 
     data = tiny_tree(tmp_path / "data", per_class=10)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_midepoch_worker, args=(port, str(data), str(tmp_path)), nprocs=2, join=True)
+    spawn(_midepoch_worker, args=(port, str(data), str(tmp_path)), nprocs=2)
     res = json.loads((tmp_path / "result.json").read_text())
     assert [r[2] for r in res["ranks"]] == [8, 8]  # 2 batches of 4 on each rank
     assert res["ranks"][0] != res["ranks"][1]  # two shards, two different sums
@@ -272,7 +290,7 @@ PROBE = {"train.epochs": 1, "train.batch_size": 32, "train.precision": "fp32", "
          "data.augment": "none", "train.tensorboard": False, "freeze.backbone": True, "train.cache_features": "on"}
 
 
-def _sharded_features_worker(rank: int, port: int, out: str) -> None:
+def _sharded_features_worker(rank: int, port: int, out: str, data: str) -> None:
     """One rank of a 2-process run on cached features, run twice (the second reads the store): counts the images
     whose features this rank computes."""
     import finetune.speedups.feature_store as S
@@ -289,7 +307,7 @@ def _sharded_features_worker(rank: int, port: int, out: str) -> None:
             yield f, y
 
     S.stream_features = counting
-    recipe = config.apply_overrides(config.load_recipe("default"), PROBE)
+    recipe = config.apply_overrides(config.load_recipe("default"), {**PROBE, "data.path": data})
     seen.clear()
     for run in ("a", "b"):
         seen.append([])
@@ -300,17 +318,18 @@ def _sharded_features_worker(rank: int, port: int, out: str) -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.subprocess
-def test_sharded_feature_extraction_computes_each_image_once(tmp_path, monkeypatch):
-    """2 processes on cached features: each rank computes its shard (640 train + 160 val images, once across
+def test_sharded_feature_extraction_computes_each_image_once(tmp_path, monkeypatch, mini_sample):
+    """2 processes on cached features: each rank computes its shard (48 train + 24 val images, once across
     ranks, not once per rank); a second run finds them in the store on both ranks (0 computed); the head equals a
     single process's (same per-process batch: every rank trains the head on all the features)."""
-    import torch.multiprocessing as mp
+    from helpers import spawn
 
-    mp.spawn(_sharded_features_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_sharded_features_worker, args=(_free_port(), str(tmp_path), str(mini_sample)), nprocs=2)
     counts = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
-    assert counts == [[400, 0], [400, 0]]  # 320 train + 80 val images per rank; then all from the store
+    assert counts == [[36, 0], [36, 0]]  # 24 train + 12 val images per rank; then all from the store
     monkeypatch.setenv("FINETUNE_CACHE", "off")  # computed afresh here, by one process
-    train(config.apply_overrides(config.load_recipe("default"), PROBE), out=tmp_path / "one")
+    train(config.apply_overrides(config.load_recipe("default"), {**PROBE, "data.path": str(mini_sample)}),
+          out=tmp_path / "one")
     one = load_checkpoint(tmp_path / "one" / "last.pt")["model"]
     for run in ("a", "b"):
         two = load_checkpoint(tmp_path / run / "last.pt")["model"]
@@ -322,7 +341,7 @@ def test_sharded_feature_extraction_computes_each_image_once(tmp_path, monkeypat
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.subprocess
-def test_two_nodes_equal_nproc_2(ddp_run, tmp_path):
+def test_two_nodes_equal_nproc_2(ddp_run, tmp_path, mini_sample):
     """Multi-node as documented in the README: two torchrun launchers ("nodes" on 127.0.0.1, one process each; one
     started as plain torchrun, one by ``finetune train --nnodes 2 --node-rank 1 --master-addr``) meeting at a c10d
     rendezvous finish the same run as ``--nproc 2``: weights within 1e-5 (each "node" has 1 local
@@ -335,8 +354,8 @@ def test_two_nodes_equal_nproc_2(ddp_run, tmp_path):
                 "finetune", "train"]
     thin = [sys.executable, "-m", "finetune", "train", "--nnodes", "2", "--node-rank", "1", "--master-addr",
             f"127.0.0.1:{port}"]  # the convenience flags launch the same torchrun command
-    nodes = [subprocess.Popen([*cmd, "--out", str(out), *ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for cmd in (torchrun, thin)]
+    nodes = [subprocess.Popen([*cmd, "--data", str(mini_sample), "--out", str(out), *ARGS], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in (torchrun, thin)]
     results = [p.communicate(timeout=300) for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     a = load_checkpoint(ddp_run / "last.pt")

@@ -97,8 +97,9 @@ def test_applies_only_to_cpu_bf16_without_compile_or_fsdp():
 
 
 @pytest.mark.slow
-def test_a_resume_switches_what_the_run_switched_without_timing_again(tmp_path, monkeypatch):
-    """timm's test_efficientnet has 2 depthwise convs; the decisions are in last.pt and a resume takes them."""
+def test_a_resume_switches_what_the_run_switched_without_timing_again(tmp_path, monkeypatch, mini_sample):
+    """timm's test_efficientnet has 2 depthwise convs; the decisions are in last.pt and a resume takes them (on
+    ``mini_sample``: 3 bf16 steps an epoch)."""
     from finetune.run.runner import train
 
     calls = []
@@ -111,9 +112,9 @@ def test_a_resume_switches_what_the_run_switched_without_timing_again(tmp_path, 
 
     monkeypatch.setattr(dwgrad, "tune", fake)
     r = config.apply_overrides(config.load_recipe("default"), {
-        "model.name": "timm:test_efficientnet", "model.weights": "none", "train.epochs": 1, "train.batch_size": 16,
-        "train.precision": "bf16", "data.image_size": 32, "data.augment": "none", "train.tensorboard": False,
-        "train.report": False, "train.cache_features": "off"})
+        "data.path": str(mini_sample), "model.name": "timm:test_efficientnet", "model.weights": "none",
+        "train.epochs": 1, "train.batch_size": 16, "train.precision": "bf16", "data.image_size": 32,
+        "data.augment": "none", "train.tensorboard": False, "train.report": False, "train.cache_features": "off"})
     train(r, out=tmp_path / "run")
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["autotune"]
     assert calls == [(16, 3, 32, 32)] and saved["switched"] == ["blocks.3.0.conv_dw"] and saved["layers"] == 2

@@ -23,25 +23,28 @@ class Capture(Reporter):
         self.notes.append(message)
 
 
-def recipe(**over):
+def recipe(data=None, **over):
+    """``data``: a data folder (``mini_sample``: the bundled sample's shapes, 12 train / 6 val a class); the whole
+    bundled sample when None."""
     base = {"train.epochs": 2, "train.batch_size": 64, "train.precision": "fp32", "train.tensorboard": False,
-            "data.image_size": 32, "data.augment": "none", "freeze.backbone": True, "optimizer.lr": 0.05}
+            "data.image_size": 32, "data.augment": "none", "freeze.backbone": True, "optimizer.lr": 0.05,
+            **({"data.path": str(data)} if data else {})}
     return config.apply_overrides(config.load_recipe("default"), {**base, **over})
 
 
-def run(tmp_path, name, **over):
+def run(tmp_path, name, data, **over):
     cap = Capture()
-    res = train(recipe(**over), out=tmp_path / name, reporter=cap)
+    res = train(recipe(data, **over), out=tmp_path / name, reporter=cap)
     ckpt = torch.load(tmp_path / name / "last.pt", weights_only=True)
     return res, ckpt, cap
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["smallcnn", "timm:test_resnet"])
-def test_cached_and_uncached_runs_train_the_same_head(tmp_path, model):
+def test_cached_and_uncached_runs_train_the_same_head(tmp_path, model, mini_sample):
     over = {"model.name": model, "model.weights": "none"}
-    res_on, ck_on, cap_on = run(tmp_path, "cached", **over)
-    res_off, ck_off, cap_off = run(tmp_path, "plain", **over, **{"train.cache_features": "off"})
+    res_on, ck_on, cap_on = run(tmp_path, "cached", mini_sample, **over)
+    res_off, ck_off, cap_off = run(tmp_path, "plain", mini_sample, **over, **{"train.cache_features": "off"})
     assert cap_on.info["feature_cache"] == "used" and cap_off.info["feature_cache"] == "off"
     assert any(n.startswith("frozen-feature cache: the input of") for n in cap_on.notes)
     assert [e["val_acc"] for e in res_on.epochs] == [e["val_acc"] for e in res_off.epochs]
@@ -58,12 +61,12 @@ def test_cached_and_uncached_runs_train_the_same_head(tmp_path, model):
 
 
 @pytest.mark.slow
-def test_trailing_block_is_cached_too(tmp_path):
+def test_trailing_block_is_cached_too(tmp_path, mini_sample):
     """smallcnn with its convs frozen: the features are the flattened conv output, seq.7 and seq.8 train on them."""
     over = {"freeze.backbone": False, "freeze.layers": ["seq.0", "seq.2", "seq.4"]}
-    res_on, ck_on, cap_on = run(tmp_path, "cached", **over)
-    res_off, ck_off, _ = run(tmp_path, "plain", **over, **{"train.cache_features": "off"})
-    assert any(n.startswith("frozen-feature cache: the input of 'seq.7' (640 train / 160 val, [1024] each")
+    res_on, ck_on, cap_on = run(tmp_path, "cached", mini_sample, **over)
+    res_off, ck_off, _ = run(tmp_path, "plain", mini_sample, **over, **{"train.cache_features": "off"})
+    assert any(n.startswith("frozen-feature cache: the input of 'seq.7' (48 train / 24 val, [1024] each")
                for n in cap_on.notes)
     assert [e["val_acc"] for e in res_on.epochs] == [e["val_acc"] for e in res_off.epochs]
     for k, v in ck_on["model"].items():
@@ -72,9 +75,13 @@ def test_trailing_block_is_cached_too(tmp_path):
 
 @pytest.mark.slow
 def test_unfreeze_schedule_uses_the_cache_until_the_first_unfreeze(tmp_path):
+    """On 48 train images and the sample's whole val set (160: the 0.02 below is 3 images)."""
+    from helpers import sample_subset
+
+    data = sample_subset(tmp_path / "data", train=12, val=40)
     sched = {"freeze.schedule": [{"epoch": 2, "layers": ["all"], "lr_mult": 0.5}], "optimizer.lr": 0.02}
-    res_on, ck_on, cap_on = run(tmp_path, "cached", **sched)
-    res_off, ck_off, _ = run(tmp_path, "plain", **sched, **{"train.cache_features": "off"})
+    res_on, ck_on, cap_on = run(tmp_path, "cached", data, **sched)
+    res_off, ck_off, _ = run(tmp_path, "plain", data, **sched, **{"train.cache_features": "off"})
     assert any("until the unfreeze at epoch 2" in n for n in cap_on.notes)
     assert res_on.epochs[0]["val_acc"] == res_off.epochs[0]["val_acc"]
     # after the unfreeze the full model trains (every tensor moved) and stays close to the uncached run
@@ -85,8 +92,9 @@ def test_unfreeze_schedule_uses_the_cache_until_the_first_unfreeze(tmp_path):
 
 
 @pytest.mark.slow
-def test_cache_on_with_random_augment_uses_the_eval_transform_and_says_so(tmp_path):
-    _, _, cap = run(tmp_path, "on", **{"data.augment": "light", "train.cache_features": "on", "train.epochs": 1})
+def test_cache_on_with_random_augment_uses_the_eval_transform_and_says_so(tmp_path, mini_sample):
+    _, _, cap = run(tmp_path, "on", mini_sample, **{"data.augment": "light", "train.cache_features": "on",
+                                                    "train.epochs": 1})
     assert cap.info["feature_cache"] == "used"
     note = next(n for n in cap.notes if n.startswith("frozen-feature cache"))
     # library use: the setting by its recipe key (the CLI names --cache-features; test_messages.py)

@@ -1,5 +1,6 @@
 """FSDP2 (--strategy fsdp) on the CPU with gloo: 2 processes, timm's test_resnet with its stem, layer1 and part of
-layer2 frozen (one spawn, six short runs, ~30 s); last.pt as DCP shards (the default) and consolidated (full)."""
+layer2 frozen (one spawn, six short runs on the ``mini_sample`` fixture); last.pt as DCP shards (the default) and
+consolidated (full)."""
 
 import json
 import os
@@ -16,34 +17,34 @@ from finetune.errors import ConfigError
 FROZEN = ["conv1", "bn1", "layer1", "layer2.0.conv1", "layer2.0.bn1"]
 
 
-def _recipe(weights: str, strategy: str, epochs: int, precision: str = "fp32", fmt: str = "auto"):
-    # 800 train images / (2 processes x 134) = 3 optimizer steps per epoch
+def _recipe(data: str, weights: str, strategy: str, epochs: int, precision: str = "fp32", fmt: str = "auto"):
+    # 48 train images / (2 processes x 8) = 3 optimizer steps per epoch
     return config.apply_overrides(config.load_recipe("default"), {
-        "model.name": "timm:test_resnet", "model.weights": weights, "freeze.layers": FROZEN,
-        "train.epochs": epochs, "train.batch_size": 134, "train.precision": precision, "scheduler.name": "constant",
+        "data.path": data, "model.name": "timm:test_resnet", "model.weights": weights, "freeze.layers": FROZEN,
+        "train.epochs": epochs, "train.batch_size": 8, "train.precision": precision, "scheduler.name": "constant",
         "data.augment": "none", "data.image_size": 32, "train.tensorboard": False, "train.report": False,
         "train.cache_features": "off", "train.strategy": strategy,
         "train.checkpoint_format": fmt})
 
 
-def _worker(rank: int, port: int, out: str, weights: str) -> None:
+def _worker(rank: int, port: int, out: str, weights: str, data: str) -> None:
     from finetune.run.runner import train
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
     torch.set_num_threads(1)
     o = Path(out)
-    train(_recipe(weights, "ddp", 1), out=o / "ddp")
-    train(_recipe(weights, "fsdp", 1), out=o / "fsdp")
+    train(_recipe(data, weights, "ddp", 1), out=o / "ddp")
+    train(_recipe(data, weights, "fsdp", 1), out=o / "fsdp")
     if rank == 0:  # the resume below overwrites fsdp/last.pt
         shutil.copytree(o / "fsdp", o / "fsdp-epoch1", ignore=shutil.ignore_patterns(".lock"))
     # with TensorBoard (its model graph is a forward on rank 0 alone: skipped under FSDP, else this run would hang
     # for train.dist_timeout and fail)
-    train(config.apply_overrides(_recipe(weights, "fsdp", 2), {"train.tensorboard": True, "train.dist_timeout": 0.5}),
-          out=o / "fsdp2")
+    train(config.apply_overrides(_recipe(data, weights, "fsdp", 2), {"train.tensorboard": True,
+                                                                     "train.dist_timeout": 0.5}), out=o / "fsdp2")
     train(None, resume=o / "fsdp", epochs=2)
     for strategy in ("ddp", "fsdp"):  # bf16: FSDP's MixedPrecisionPolicy (BatchNorm kept fp32) vs DDP's autocast
-        train(_recipe(weights, strategy, 1, "bf16", "full"), out=o / f"{strategy}-bf16")  # full: one last.pt
+        train(_recipe(data, weights, strategy, 1, "bf16", "full"), out=o / f"{strategy}-bf16")  # full: one last.pt
     units = None
     if rank == 0:
         from finetune.models import build_model
@@ -91,12 +92,11 @@ def _port() -> int:
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.subprocess
-def test_fsdp_matches_ddp_keeps_frozen_weights_and_resumes_exactly(tmp_path):
+def test_fsdp_matches_ddp_keeps_frozen_weights_and_resumes_exactly(tmp_path, mini_sample):
     import socket
 
-    import torch.multiprocessing as mp
-
     from finetune.models import build_model
+    from helpers import spawn
 
     torch.manual_seed(0)
     init = build_model("timm:test_resnet", num_classes=4, weights="none").model.state_dict()
@@ -104,7 +104,7 @@ def test_fsdp_matches_ddp_keeps_frozen_weights_and_resumes_exactly(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path), str(tmp_path / "init.pt")), nprocs=2, join=True)
+    spawn(_worker, args=(port, str(tmp_path), str(tmp_path / "init.pt"), str(mini_sample)), nprocs=2)
     # per-block units from the model's layerN; layer2 is partly frozen, so its children are units of their own
     assert json.loads((tmp_path / "0.json").read_text()) == [
         "layer1", "layer2.0.conv1", "layer2.0.bn1", "layer2.0.conv2", "layer2.0.bn2", "layer2.0.downsample",
@@ -151,10 +151,7 @@ def test_fsdp_matches_ddp_keeps_frozen_weights_and_resumes_exactly(tmp_path):
                               atol=1e-6), i
     assert all(torch.equal(bb.model.state_dict()[k], fsdp["model"][k]) for k in init)
     # and into 3 processes, FSDP-sharded 3 ways (DCP reshards 2 -> 3): gathered back, bitwise the same state
-    import torch.multiprocessing as mp
-
-    mp.spawn(_reshard_worker, args=(_port(), str(tmp_path / "fsdp-epoch1"), str(tmp_path / "w3.pt")), nprocs=3,
-             join=True)
+    spawn(_reshard_worker, args=(_port(), str(tmp_path / "fsdp-epoch1"), str(tmp_path / "w3.pt")), nprocs=3)
     w3 = torch.load(tmp_path / "w3.pt", weights_only=True)
     assert all(torch.equal(w3["model"][k], fsdp["model"][k]) for k in init)
     assert w3["optimizer"]["state"].keys() == so["state"].keys()

@@ -13,21 +13,22 @@ from finetune.run.checkpoint import load_checkpoint
 from finetune.run.runner import train
 
 
-def recipe(**over):
+def recipe(data=None, **over):
+    """``data``: a data folder (the ``mini_sample`` fixture); the bundled sample when None."""
     base = {"train.epochs": 1, "train.batch_size": 64, "train.precision": "fp32", "data.augment": "none",
             "train.graph": False,
-            "train.tensorboard": False}
+            "train.tensorboard": False, **({"data.path": str(data)} if data else {})}
     return config.apply_overrides(config.load_recipe("default"), {**base, **over})
 
 
 @pytest.mark.slow
-def test_resume_keeps_the_weights_identity(tmp_path):
+def test_resume_keeps_the_weights_identity(tmp_path, mini_sample):
     from finetune.models import build_model
 
     init = tmp_path / "init.pth"
     torch.save(build_model("smallcnn", num_classes=4).model.state_dict(), init)
     out = tmp_path / "run"
-    train(recipe(**{"model.weights": str(init)}), out=out)
+    train(recipe(mini_sample, **{"model.weights": str(init)}), out=out)
     for total in (2, 3):  # any number of resumes
         train(None, resume=out, epochs=total)
         assert config.load_recipe(str(out / "config.yaml")).model.weights == str(init)
@@ -37,11 +38,11 @@ def test_resume_keeps_the_weights_identity(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("freeze", [{"freeze.backbone": True}, {"freeze.layers": ["seq.0", "seq.2"]}])
-def test_eval_of_a_cached_run_reproduces_the_recorded_val(tmp_path, freeze):
+def test_eval_of_a_cached_run_reproduces_the_recorded_val(tmp_path, freeze, mini_sample):
     """The run trains on frozen features in bf16; eval rebuilds the full model: same loss and accuracy."""
     from finetune.api import evaluate_checkpoint
 
-    r = recipe(**{"train.precision": "bf16", "train.epochs": 2, "train.cache_features": "on", **freeze})
+    r = recipe(mini_sample, **{"train.precision": "bf16", "train.epochs": 2, "train.cache_features": "on", **freeze})
     res = train(r, out=tmp_path / "run")
     best = next(e for e in res.epochs if e["epoch"] == res.best_epoch)
     ev = evaluate_checkpoint(tmp_path / "run" / "best.pt", device="cpu")
@@ -50,9 +51,9 @@ def test_eval_of_a_cached_run_reproduces_the_recorded_val(tmp_path, freeze):
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory) -> Path:
+def small_run(tmp_path_factory, mini_sample) -> Path:
     out = tmp_path_factory.mktemp("newuser") / "run"
-    train(recipe(), out=out)
+    train(recipe(mini_sample), out=out)
     return out
 
 
@@ -93,7 +94,7 @@ def test_gif_files_are_images(tmp_path):
 
 
 @pytest.mark.slow
-def test_feature_cache_cuts_at_a_block_when_fx_cannot_trace(tmp_path):
+def test_feature_cache_cuts_at_a_block_when_fx_cannot_trace(tmp_path, mini_sample):
     """timm's ViT does not fx-trace; the cache cuts at blocks.4 (the first trainable block) instead."""
     from finetune.cli.progress import RichReporter  # noqa: F401 - the note is what a user reads
 
@@ -106,9 +107,9 @@ def test_feature_cache_cuts_at_a_block_when_fx_cannot_trace(tmp_path):
     over = {"model.name": "timm:test_vit", "model.weights": "none", "data.image_size": 32, "train.epochs": 2,
             "freeze.layers": ["patch_embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3"],
             "freeze.names": ["cls_token", "pos_embed"]}
-    cached = train(recipe(**over), out=tmp_path / "cached", reporter=Notes())
-    assert notes[0].startswith("frozen-feature cache: the input of 'blocks.4' (640 train / 160 val, [5, 64] each")
-    plain = train(recipe(**over, **{"train.cache_features": "off"}), out=tmp_path / "plain")
+    cached = train(recipe(mini_sample, **over), out=tmp_path / "cached", reporter=Notes())
+    assert notes[0].startswith("frozen-feature cache: the input of 'blocks.4' (48 train / 24 val, [5, 64] each")
+    plain = train(recipe(mini_sample, **over, **{"train.cache_features": "off"}), out=tmp_path / "plain")
     assert [e["val_acc"] for e in cached.epochs] == [e["val_acc"] for e in plain.epochs]
     a, b = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("cached", "plain"))
     for k in a:
@@ -180,7 +181,7 @@ def test_stages_resolve_per_architecture():
 
 
 @pytest.mark.slow
-def test_stage_addresses_in_plans_and_the_gradual_unfreeze_recipe_on_timm(tmp_path, cli):
+def test_stage_addresses_in_plans_and_the_gradual_unfreeze_recipe_on_timm(tmp_path, cli, mini_sample):
     from finetune.training.freeze import apply_freeze
     from finetune.models import build_model
 
@@ -190,7 +191,7 @@ def test_stage_addresses_in_plans_and_the_gradual_unfreeze_recipe_on_timm(tmp_pa
         == {"blocks.3", "blocks.4", "conv_head", "bn2", "classifier"}
     r = cli("train", "--recipe", "gradual-unfreeze", "--model", "timm:test_efficientnet", "--weights", "none",
             "--image-size", "32", "--epochs", "2", "--batch-size", "64", "--precision", "fp32",
-            "--no-tensorboard", "--out", tmp_path / "g")
+            "--no-tensorboard", "--data", mini_sample, "--out", tmp_path / "g")
     assert r.exit_code == 0, r.stderr
     assert "epoch 2: unfroze stage:-1 (" in r.stderr
     doc = json.loads(cli("inspect", "timm:test_resnet", "--stages", "-1", "--json").stdout)
@@ -209,9 +210,9 @@ def test_freeze_errors_from_a_recipe_say_so(tmp_path, cli):
 
 
 @pytest.mark.slow
-def test_epochs_count_from_1_everywhere(tmp_path, cli):
+def test_epochs_count_from_1_everywhere(tmp_path, cli, mini_sample):
     r = cli("train", "--freeze-backbone", "--unfreeze", "all@2:0.5", "--epochs", "2", "--precision", "fp32",
-            "--no-tensorboard", "--out", tmp_path / "e")
+            "--no-tensorboard", "--data", mini_sample, "--out", tmp_path / "e")
     assert r.exit_code == 0, r.stderr
     assert "epoch 2: unfroze all (8 tensors, lr x 0.5)" in r.stderr
     ck = load_checkpoint(tmp_path / "e" / "last.pt")
@@ -222,9 +223,10 @@ def test_epochs_count_from_1_everywhere(tmp_path, cli):
                         "logs do), got 0\n")
 
 
-def test_model_override_is_recorded_and_inspect_previews_the_datas_head(tmp_path, cli):
+def test_model_override_is_recorded_and_inspect_previews_the_datas_head(tmp_path, cli, mini_sample):
     r = cli("train", "--recipe", "linear-probe", "--model", "smallcnn", "--weights", "none", "--image-size", "32",
-            "--epochs", "1", "--precision", "fp32", "--no-tensorboard", "--quiet", "--out", tmp_path / "o")
+            "--epochs", "1", "--precision", "fp32", "--no-tensorboard", "--quiet", "--data", mini_sample, "--out",
+            tmp_path / "o")
     assert r.exit_code == 0, r.stderr
     rec = config.load_recipe(str(tmp_path / "o" / "config.yaml"))
     assert rec.name == "linear-probe (model overridden)"
@@ -234,9 +236,9 @@ def test_model_override_is_recorded_and_inspect_previews_the_datas_head(tmp_path
 
 
 @pytest.mark.slow
-def test_warnings_for_random_frozen_layers_and_no_op_unfreezes(tmp_path, cli):
+def test_warnings_for_random_frozen_layers_and_no_op_unfreezes(tmp_path, cli, mini_sample):
     r = cli("train", "--freeze-layers", "seq.0", "--unfreeze", "seq.8", "--epochs", "1", "--precision", "fp32",
-            "--no-tensorboard", "--quiet", "--out", tmp_path / "w")
+            "--no-tensorboard", "--quiet", "--data", mini_sample, "--out", tmp_path / "w")
     assert r.exit_code == 0, r.stderr
     assert r.stderr.splitlines() == [
         "warning: unfreeze seq.8 changes nothing: those parameters are already trainable",

@@ -16,9 +16,10 @@ from finetune.run.runner import train
 PKG = pathlib.Path(__file__).resolve().parents[1] / "finetune"
 
 
-def recipe(**over):
+def recipe(data=None, **over):
+    """``data``: a data folder (the ``mini_sample`` fixture); the bundled sample when None."""
     base = {"train.epochs": 2, "train.batch_size": 64, "train.precision": "fp32", "train.tensorboard": False,
-            "data.augment": "none", "scheduler.name": "constant"}
+            "data.augment": "none", "scheduler.name": "constant", **({"data.path": str(data)} if data else {})}
     return config.apply_overrides(config.load_recipe("default"), {**base, **over})
 
 
@@ -32,7 +33,7 @@ def test_a_clash_on_out_is_reported_before_the_data_is_read(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-def test_a_setup_error_leaves_no_run_directory_behind(tmp_path):
+def test_a_setup_error_leaves_no_run_directory_behind(tmp_path, mini_sample):
     """The directory made for a run whose data fails is removed; a directory that existed (empty) is kept."""
     bad = recipe(**{"data.path": str(tmp_path / "no-such-data")})
     with pytest.raises(DataError):
@@ -42,7 +43,7 @@ def test_a_setup_error_leaves_no_run_directory_behind(tmp_path):
     with pytest.raises(DataError):
         train(bad, out=tmp_path / "empty")
     assert (tmp_path / "empty").is_dir() and list((tmp_path / "empty").iterdir()) == []
-    train(recipe(**{"train.epochs": 1}), out=tmp_path / "new")  # the same --out works at once
+    train(recipe(mini_sample, **{"train.epochs": 1}), out=tmp_path / "new")  # the same --out works at once
     assert (tmp_path / "new" / "last.pt").is_file()
 
 
@@ -70,11 +71,11 @@ class Recorder(Callback):
 
 
 @pytest.mark.slow
-def test_listeners_see_the_phases_in_order(tmp_path):
+def test_listeners_see_the_phases_in_order(tmp_path, mini_sample):
     """Head on cached features for epoch 1, the unfreeze note, then the full model; each epoch_end comes after
     its checkpoint was committed."""
     rec = Recorder()
-    r = recipe(**{"train.epochs": 3, "freeze.backbone": True, "train.cache_features": "on",
+    r = recipe(mini_sample, **{"train.epochs": 3, "freeze.backbone": True, "train.cache_features": "on",
                   "freeze.schedule": [{"epoch": 2, "layers": ["stage:-1"], "lr_mult": 0.1}]})
     res = train(r, out=tmp_path / "run", callbacks=[rec])
     assert rec.events[0] == ("start", 0)
@@ -86,20 +87,20 @@ def test_listeners_see_the_phases_in_order(tmp_path):
 
 
 @pytest.mark.slow
-def test_close_runs_when_the_run_fails(tmp_path):
+def test_close_runs_when_the_run_fails(tmp_path, mini_sample):
     class Boom(Callback):
         def on_epoch_end(self, run, row):
             raise RuntimeError("listener failed")
 
     rec = Recorder()
     with pytest.raises(RuntimeError, match="listener failed"):
-        train(recipe(**{"train.epochs": 2}), out=tmp_path / "run", callbacks=[Boom(), rec])
+        train(recipe(mini_sample, **{"train.epochs": 2}), out=tmp_path / "run", callbacks=[Boom(), rec])
     assert rec.events[-1] == ("close",) and ("end", 1) not in rec.events
 
 
 @pytest.mark.slow
-def test_checkpoint_dict_round_trip_keeps_unknown_keys(tmp_path):
-    train(recipe(**{"train.epochs": 1}), out=tmp_path / "run")
+def test_checkpoint_dict_round_trip_keeps_unknown_keys(tmp_path, mini_sample):
+    train(recipe(mini_sample, **{"train.epochs": 1}), out=tmp_path / "run")
     raw = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     c = ck.Checkpoint.from_dict({**raw, "from_a_newer_version": [1, 2]})
     assert c.epoch == 1 and c.epoch_base == 1 and c.partial is None and c.optimizer is not None

@@ -16,9 +16,10 @@ from finetune.errors import CheckpointError
 from finetune.run.runner import train
 
 
-def recipe(**over):
+def recipe(data=None, **over):
+    """``data``: a data folder (the ``mini_sample`` fixture: the runs here test files and rules, not learning)."""
     base = {"train.epochs": 2, "train.batch_size": 64, "train.precision": "fp32", "train.tensorboard": False,
-            "data.augment": "none", "scheduler.name": "constant"}
+            "data.augment": "none", "scheduler.name": "constant", **({"data.path": str(data)} if data else {})}
     return config.apply_overrides(config.load_recipe("default"), {**base, **over})
 
 
@@ -38,35 +39,35 @@ def test_overwrite_refuses_a_folder_with_config_yaml_and_other_files(tmp_path, c
 
 
 @pytest.mark.slow
-def test_overwrite_empties_a_real_run_and_marks_new_ones(tmp_path):
+def test_overwrite_empties_a_real_run_and_marks_new_ones(tmp_path, mini_sample):
     out = tmp_path / "run"
-    train(recipe(**{"train.epochs": 1}), out=out)
+    train(recipe(mini_sample, **{"train.epochs": 1}), out=out)
     marker = (out / ck.MARKER).read_text()
     assert marker.startswith("finetune run directory; --overwrite may empty it\n")
     (out / "user-notes.txt").write_text("mine")
     with pytest.raises(CheckpointError, match="holds files a finetune run does not write \\('user-notes.txt'\\)"):
-        train(recipe(**{"train.epochs": 1}), out=out, overwrite=True)
+        train(recipe(mini_sample, **{"train.epochs": 1}), out=out, overwrite=True)
     (out / "user-notes.txt").unlink()
-    train(recipe(**{"train.epochs": 1}), out=out, overwrite=True)
+    train(recipe(mini_sample, **{"train.epochs": 1}), out=out, overwrite=True)
     assert {"config.yaml", "metrics.json", "last.pt", "best.pt", ck.MARKER} <= {p.name for p in out.iterdir()}
 
 
-def test_overwrite_refuses_a_symlinked_run(tmp_path):
+def test_overwrite_refuses_a_symlinked_run(tmp_path, mini_sample):
     real = tmp_path / "real"
-    train(recipe(**{"train.epochs": 1}), out=real)
+    train(recipe(mini_sample, **{"train.epochs": 1}), out=real)
     link = tmp_path / "link"
     link.symlink_to(real, target_is_directory=True)
     with pytest.raises(CheckpointError, match="is a symbolic link; refusing to empty it"):
-        train(recipe(**{"train.epochs": 1}), out=link, overwrite=True)
+        train(recipe(mini_sample, **{"train.epochs": 1}), out=link, overwrite=True)
     assert (real / "last.pt").is_file()
 
 
 @pytest.fixture
-def killed_between_writes(tmp_path, monkeypatch):
+def killed_between_writes(tmp_path, monkeypatch, mini_sample):
     """A 1-epoch run 'killed' right after its last.pt (the commit point), before best.pt and metrics.json: the
     first epoch always improves, so best.pt must follow from last.pt. ``ref`` ran the same without a kill."""
     out, ref = tmp_path / "run", tmp_path / "ref"
-    train(recipe(**{"train.epochs": 1}), out=ref)
+    train(recipe(mini_sample, **{"train.epochs": 1}), out=ref)
     real_save = ck.save_checkpoint
 
     def save(obj, path):
@@ -76,7 +77,7 @@ def killed_between_writes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ck, "save_checkpoint", save)
     with pytest.raises(SystemExit):
-        train(recipe(**{"train.epochs": 1}), out=out)
+        train(recipe(mini_sample, **{"train.epochs": 1}), out=out)
     monkeypatch.setattr(ck, "save_checkpoint", real_save)
     assert not (out / "best.pt").exists() and not (out / "metrics.json").exists()  # torn
     return out, ref
@@ -114,10 +115,10 @@ def test_eval_of_best_pt_repairs_it_too(killed_between_writes, cli):
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
+def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path, mini_sample):
     """While a run trains, --overwrite (or --resume) of its directory from another process is an error."""
     out = tmp_path / "run"
-    train(recipe(**{"train.epochs": 1}), out=out)
+    train(recipe(mini_sample, **{"train.epochs": 1}), out=out)
     code = ("import sys, time; from finetune.run import checkpoint as ck; l = ck.RunLock(); l.acquire(sys.argv[1]); "
             "print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
@@ -125,7 +126,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(CheckpointError) as e:
-            train(recipe(**{"train.epochs": 1}), out=out, overwrite=True)
+            train(recipe(mini_sample, **{"train.epochs": 1}), out=out, overwrite=True)
         assert str(e.value) == (f"run directory '{out}' is in use by another finetune process (pid {holder.pid}); "
                                 "wait for it to finish or stop it, or choose another --out")
         assert (out / "last.pt").is_file()  # nothing was deleted
@@ -181,10 +182,10 @@ def test_eval_and_resume_use_the_runs_data_from_any_folder(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_resume_with_fewer_epochs_than_done_is_an_error(tmp_path, cli):
+def test_resume_with_fewer_epochs_than_done_is_an_error(tmp_path, cli, mini_sample):
     """A run stopped mid-epoch 3 (2 epochs done, a partial third): ``--resume --epochs 2`` (or 1) would train
     nothing and exit 0; it is an error, and nothing in the run changes."""
-    train(recipe(**{"train.epochs": 2}), out=tmp_path / "run")
+    train(recipe(mini_sample, **{"train.epochs": 2}), out=tmp_path / "run")
     last = tmp_path / "run" / "last.pt"
     state = ck.load_checkpoint(last)
     state["recipe"]["train"]["epochs"] = 4
@@ -200,10 +201,10 @@ def test_resume_with_fewer_epochs_than_done_is_an_error(tmp_path, cli):
 
 
 @pytest.mark.slow
-def test_resuming_a_ddp_run_in_one_process_says_the_global_batch_changes(tmp_path, caplog):
+def test_resuming_a_ddp_run_in_one_process_says_the_global_batch_changes(tmp_path, caplog, mini_sample):
     import logging
 
-    train(recipe(**{"train.epochs": 1}), out=tmp_path / "run")
+    train(recipe(mini_sample, **{"train.epochs": 1}), out=tmp_path / "run")
     last = tmp_path / "run" / "last.pt"
     ck.save_checkpoint({**ck.load_checkpoint(last), "world_size": 2}, last)  # as a --nproc 2 run writes it
     with caplog.at_level(logging.WARNING, logger="finetune"):

@@ -14,9 +14,11 @@ from finetune.run.runner import Interrupted, train
 from finetune.run.selection import Monitor, update_top_k
 
 
-def recipe(**over):
-    base = {"train.epochs": 3, "train.batch_size": 16, "train.precision": "fp32", "train.tensorboard": False,
-            "data.augment": "light", "scheduler.name": "cosine", "optimizer.lr": 0.05}
+def recipe(data, **over):
+    """The loop features on the bundled sample's shapes, 12 train / 6 val images a class (the ``mini_sample``
+    fixture: 3 batches of 16 an epoch)."""
+    base = {"data.path": str(data), "train.epochs": 3, "train.batch_size": 16, "train.precision": "fp32",
+            "train.tensorboard": False, "data.augment": "light", "scheduler.name": "cosine", "optimizer.lr": 0.05}
     return config.apply_overrides(config.load_recipe("default"), {**base, **over})
 
 
@@ -47,9 +49,9 @@ def test_top_k_keeps_the_best_and_ties_keep_the_earlier_epoch():
 
 
 @pytest.mark.slow
-def test_monitor_val_loss_with_top_k(tmp_path):
+def test_monitor_val_loss_with_top_k(tmp_path, mini_sample):
     out = tmp_path / "run"
-    train(recipe(**{"train.monitor": "val_loss", "train.save_top_k": 2, "train.epochs": 4}), out=out)
+    train(recipe(mini_sample, **{"train.monitor": "val_loss", "train.save_top_k": 2, "train.epochs": 4}), out=out)
     m = json.loads((out / "metrics.json").read_text())
     losses = {e["epoch"]: e["val_loss"] for e in m["epochs"]}
     ranked = sorted(losses, key=lambda e: (losses[e], e))
@@ -64,7 +66,7 @@ def test_monitor_val_loss_with_top_k(tmp_path):
 
 
 @pytest.mark.slow
-def test_early_stop_follows_the_monitor(tmp_path):
+def test_early_stop_follows_the_monitor(tmp_path, mini_sample):
     notes = []
 
     class R(Reporter):
@@ -72,8 +74,8 @@ def test_early_stop_follows_the_monitor(tmp_path):
             notes.append(message)
 
     # min mode on accuracy: an epoch is "better" only with LOWER accuracy, so training soon stops
-    r = train(recipe(**{"train.monitor_mode": "min", "train.early_stop": 1, "train.epochs": 6,
-                        "train.seed": 1}), out=tmp_path / "run", reporter=R())
+    r = train(recipe(mini_sample, **{"train.monitor_mode": "min", "train.early_stop": 1, "train.epochs": 6,
+                                     "train.seed": 1}), out=tmp_path / "run", reporter=R())
     accs = [e["val_acc"] for e in r.epochs]
     assert any(n.startswith("early stop: no better val_acc for 1 epochs") for n in notes)
     assert len(accs) < 6 and accs[-1] >= min(accs[:-1])
@@ -94,9 +96,9 @@ class StopAt(Reporter):
 
 
 @pytest.mark.slow
-def test_ema_is_evaluated_saved_and_resumes_exactly(tmp_path):
+def test_ema_is_evaluated_saved_and_resumes_exactly(tmp_path, mini_sample):
     over = {"train.ema": True, "train.ema_decay": 0.9}
-    full = train(recipe(**over), out=tmp_path / "full")
+    full = train(recipe(mini_sample, **over), out=tmp_path / "full")
     m = json.loads((tmp_path / "full" / "metrics.json").read_text())
     rows = m["epochs"]
     assert all(0.0 <= r["ema_val_acc"] <= 1.0 and math.isfinite(r["ema_val_loss"]) for r in rows)
@@ -112,7 +114,7 @@ def test_ema_is_evaluated_saved_and_resumes_exactly(tmp_path):
     ev = api.evaluate_checkpoint(tmp_path / "full" / "best_ema.pt", device="cpu")
     assert ev["accuracy"] == best_ema["ema_val_acc"]
     with pytest.raises(Interrupted):  # Ctrl-C at the start of epoch 2: resume from epoch 1's last.pt
-        train(recipe(**over), out=tmp_path / "part", reporter=StopAt(1, 0))
+        train(recipe(mini_sample, **over), out=tmp_path / "part", reporter=StopAt(1, 0))
     train(None, resume=tmp_path / "part")
     a, b = weights(tmp_path / "full" / "last.pt"), weights(tmp_path / "part" / "last.pt")
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
@@ -121,13 +123,13 @@ def test_ema_is_evaluated_saved_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_mixup_cutmix_change_training_and_resume_exactly_mid_epoch(tmp_path):
+def test_mixup_cutmix_change_training_and_resume_exactly_mid_epoch(tmp_path, mini_sample):
     over = {"train.mixup": 0.4, "train.cutmix": 1.0, "train.epochs": 2, "train.save_every_steps": 1}
-    plain = train(recipe(**{"train.epochs": 2}), out=tmp_path / "plain")
-    full = train(recipe(**over), out=tmp_path / "full")
+    plain = train(recipe(mini_sample, **{"train.epochs": 2}), out=tmp_path / "plain")
+    full = train(recipe(mini_sample, **over), out=tmp_path / "full")
     assert [e["train_loss"] for e in full.epochs] != [e["train_loss"] for e in plain.epochs]
     with pytest.raises(Interrupted):
-        train(recipe(**over), out=tmp_path / "cut", reporter=StopAt(1, 2))
+        train(recipe(mini_sample, **over), out=tmp_path / "cut", reporter=StopAt(1, 2))
     assert weights(tmp_path / "cut" / "last.pt")["partial"]["np_rng"]["key"].dtype == torch.int64
     train(None, resume=tmp_path / "cut")
     a, b = weights(tmp_path / "full" / "last.pt"), weights(tmp_path / "cut" / "last.pt")
@@ -136,10 +138,11 @@ def test_mixup_cutmix_change_training_and_resume_exactly_mid_epoch(tmp_path):
 
 
 @pytest.mark.slow
-def test_log_every_writes_per_update_scalars(tmp_path):
+def test_log_every_writes_per_update_scalars(tmp_path, mini_sample):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    r = recipe(**{"train.tensorboard": True, "train.graph": False, "train.log_every": 2, "train.epochs": 2})
+    r = recipe(mini_sample, **{"train.tensorboard": True, "train.graph": False, "train.log_every": 2,
+                               "train.epochs": 2})
     train(r, out=tmp_path / "run")
     acc = EventAccumulator(str(tmp_path / "run"))
     acc.Reload()

@@ -1,6 +1,7 @@
 """Stopping a run from outside: SIGTERM takes Ctrl-C's path (the last checkpoint is kept, one line says how to
 resume), and a ``--nproc`` launcher that is stopped (SIGTERM) or killed (SIGKILL) takes torchrun and every worker
-with it: nothing keeps training into the run directory."""
+with it: nothing keeps training into the run directory. (A --nproc launch from a folder holding its own
+``finetune/``: tests/test_distributed.py, on the launch its ddp_run fixture makes anyway.)"""
 
 from __future__ import annotations
 
@@ -105,21 +106,3 @@ def test_stopping_the_nproc_launcher_stops_every_worker(tmp_path, sig):
         for p in seen:  # only the processes this test started
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.subprocess
-def test_nproc_from_a_folder_holding_a_finetune_subfolder(tmp_path):
-    """The launcher runs from a folder that has its own ``finetune/`` (a checkout, a user's package of that name):
-    the workers import the same finetune as the launcher, not the folder's."""
-    (tmp_path / "finetune").mkdir()
-    (tmp_path / "finetune" / "__init__.py").write_text("raise ImportError('the wrong finetune')\n")
-    data = tiny_tree(tmp_path / "data", per_class=4)
-    env = {**cli_env(), "OMP_NUM_THREADS": "1"}
-    # -P: the launcher itself does not see the folder (as the installed `finetune` script doesn't)
-    cmd = [finetune_cmd()[0], "-P", *finetune_cmd("train", "--nproc", "2", "--data", data, "--out", tmp_path / "run",
-                                                    "--epochs", "1", *ARGS)[1:]]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["world_size"] == 2

@@ -1,4 +1,5 @@
-"""End-to-end training on the bundled sample data (32 px, smallcnn / timm:test_resnet, 1-3 epochs)."""
+"""End-to-end training on the bundled sample's shapes (32 px, smallcnn / timm:test_resnet, 1-3 epochs): the
+``mini_sample`` fixture, 12 train / 6 val images of each of its 4 classes."""
 
 import json
 
@@ -12,16 +13,16 @@ from finetune.training.engine import Reporter
 from finetune.run.runner import Interrupted, train
 
 
-def recipe(**over):
-    base = {"train.epochs": 2, "train.batch_size": 64, "train.precision": "fp32", "train.graph": False,
-            "data.augment": "none"}
+def recipe(data, **over):
+    base = {"data.path": str(data), "train.epochs": 2, "train.batch_size": 64, "train.precision": "fp32",
+            "train.graph": False, "data.augment": "none"}
     return config.apply_overrides(config.load_recipe("default"), {**base, **over})
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, mini_sample):
     out = tmp_path_factory.mktemp("runs") / "r"
-    res = train(recipe(**{"train.graph": True}), out=out)
+    res = train(recipe(mini_sample, **{"train.graph": True}), out=out)
     return out, res
 
 
@@ -59,16 +60,16 @@ def test_checkpoint_is_self_contained(run):
 
 
 @pytest.mark.slow
-def test_eval_reproduces_recorded_val_acc(run, cli):
+def test_eval_reproduces_recorded_val_acc(run, cli, mini_sample):
     out, _ = run
     m = json.loads((out / "metrics.json").read_text())
-    r = cli("eval", out / "best.pt", "--data", "data/sample", "--json")
+    r = cli("eval", out / "best.pt", "--data", mini_sample, "--json")
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["accuracy"] == m["best"]["val_acc"]
-    assert doc["n"] == 160 and sum(map(sum, doc["confusion"])) == 160
+    assert doc["n"] == 24 and sum(map(sum, doc["confusion"])) == 24
     assert set(doc["per_class"]) == {"circle", "cross", "square", "triangle"}
-    assert doc["accuracy"] == sum(doc["confusion"][i][i] for i in range(4)) / 160
+    assert doc["accuracy"] == sum(doc["confusion"][i][i] for i in range(4)) / 24
 
 
 @pytest.mark.slow
@@ -103,13 +104,13 @@ def test_predict_json(run, cli):
 
 
 @pytest.mark.slow
-def test_frozen_parameters_are_bitwise_unchanged(tmp_path):
+def test_frozen_parameters_are_bitwise_unchanged(tmp_path, mini_sample):
     from finetune.models import build_model
 
     torch.manual_seed(0)
     init = build_model("smallcnn", num_classes=4).model.state_dict()
     torch.save(init, tmp_path / "init.pth")
-    r = recipe(**{"model.weights": str(tmp_path / "init.pth"), "freeze.layers": ["seq.0", "seq.2"],
+    r = recipe(mini_sample, **{"model.weights": str(tmp_path / "init.pth"), "freeze.layers": ["seq.0", "seq.2"],
                   "train.epochs": 1})
     train(r, out=tmp_path / "run")
     after = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
@@ -119,11 +120,12 @@ def test_frozen_parameters_are_bitwise_unchanged(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_equals_uninterrupted(tmp_path):
-    r = recipe(**{"train.epochs": 3, "model.name": "timm:test_resnet", "model.weights": "none",
-                  "data.image_size": 32, "freeze.layers": ["conv1", "bn1", "layer1"], "freeze.schedule": [
-                      {"epoch": 2, "layers": ["layer1"], "lr_mult": 0.5}], "optimizer.name": "adamw",
-                  "optimizer.lr": 0.003, "optimizer.weight_decay": 0.01, "data.augment": "light"})
+def test_resume_equals_uninterrupted(tmp_path, mini_sample):
+    r = recipe(mini_sample, **{
+        "train.epochs": 3, "train.batch_size": 16, "model.name": "timm:test_resnet", "model.weights": "none",
+        "data.image_size": 32, "freeze.layers": ["conv1", "bn1", "layer1"], "freeze.schedule": [
+            {"epoch": 2, "layers": ["layer1"], "lr_mult": 0.5}], "optimizer.name": "adamw",
+        "optimizer.lr": 0.003, "optimizer.weight_decay": 0.01, "data.augment": "light"})
     full = train(r, out=tmp_path / "full")
 
     class Interrupt(Reporter):
@@ -145,7 +147,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
-def test_out_dir_rules(tmp_path, cli):
+def test_out_dir_rules(tmp_path, cli, mini_sample):
     out = tmp_path / "keep"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
@@ -157,7 +159,7 @@ def test_out_dir_rules(tmp_path, cli):
     assert r.exit_code == 1 and "is not a finetune run (no .finetune-run marker); refusing to delete it" in r.stderr
     assert (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()
-    r = cli("train", "--epochs", "1", "--out", out, "--quiet", "--no-tensorboard")
+    r = cli("train", "--epochs", "1", "--data", mini_sample, "--out", out, "--quiet", "--no-tensorboard")
     assert r.exit_code == 0 and oct((out / "best.pt").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     r = cli("train", "--epochs", "1", "--out", out, "--quiet")
     assert r.stderr == (f"Error: output directory '{out}' already exists and is not empty; pass --overwrite to "
@@ -165,8 +167,8 @@ def test_out_dir_rules(tmp_path, cli):
 
 
 @pytest.mark.slow
-def test_train_cli_quiet_prints_nothing(tmp_path, cli):
-    r = cli("train", "--epochs", "1", "--out", tmp_path / "q", "--quiet", "--no-tensorboard")
+def test_train_cli_quiet_prints_nothing(tmp_path, cli, mini_sample):
+    r = cli("train", "--epochs", "1", "--data", mini_sample, "--out", tmp_path / "q", "--quiet", "--no-tensorboard")
     assert r.exit_code == 0, r.stderr
     assert r.stdout == "" and r.stderr == ""
     assert (tmp_path / "q" / "best.pt").is_file()
@@ -174,8 +176,8 @@ def test_train_cli_quiet_prints_nothing(tmp_path, cli):
 
 
 @pytest.mark.slow
-def test_train_cli_summary_table(tmp_path, cli):
-    r = cli("train", "--epochs", "1", "--out", tmp_path / "s", "--precision", "fp32")
+def test_train_cli_summary_table(tmp_path, cli, mini_sample):
+    r = cli("train", "--epochs", "1", "--data", mini_sample, "--out", tmp_path / "s", "--precision", "fp32")
     assert r.exit_code == 0, r.stderr
     assert "epoch 1/1  train loss" in r.stderr and "precision: fp32" in r.stderr
     assert "train loss" in r.stdout and "best: epoch 1" in r.stdout
