@@ -41,6 +41,7 @@ def atomic_write_bytes(path: Path, write) -> None:
 
     A crash at any moment leaves either the old complete file or the new complete file, never a torn one. A kill
     (which no ``except`` sees) leaves the temp file ``.NAME.XXXXXXXX.tmp``; the next write of ``NAME`` removes it.
+    Ctrl-C while ``write`` runs is a KeyboardInterrupt, also when torch.save's writer reported it as an error.
     """
     path = Path(path)
     _remove_stale_temps(path)
@@ -52,9 +53,11 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with _suppress():
             os.unlink(tmp)
+        if not isinstance(e, KeyboardInterrupt) and _interrupted(e):
+            raise KeyboardInterrupt from None  # a stop inside torch.save's writer: still a stop, not a failed write
         raise
     with _suppress():  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -62,6 +65,18 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _interrupted(e: BaseException | None) -> bool:
+    """True when ``e`` carries a KeyboardInterrupt (Ctrl-C, or SIGTERM under the CLI) as its context: torch's zip
+    writer turns one raised in its write callback into a RuntimeError ("unexpected pos ...")."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__context__
+    return False
 
 
 def _remove_stale_temps(path: Path) -> None:

@@ -388,7 +388,13 @@ def test_a_stop_inside_torchs_checkpoint_writer_is_a_stop_not_a_full_disk(tmp_pa
                 raise KeyboardInterrupt
             return super().write(b)
 
-    monkeypatch.setattr(files, "atomic_write_bytes", lambda path, write: write(StopsMidWrite()))
+    real_fdopen = files.os.fdopen
+
+    def fdopen(fd, mode="r", *a, **k):  # the temp file, with a write that Ctrl-C interrupts
+        real_fdopen(fd, mode).close()
+        return StopsMidWrite()
+
+    monkeypatch.setattr(files.os, "fdopen", fdopen)
     (tmp_path / "last.pt").write_bytes(b"the previous checkpoint")
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"model": {"w": torch.zeros(100_000)}}, tmp_path / "last.pt")

@@ -96,22 +96,8 @@ def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
     try:
         files.atomic_write_bytes(Path(path), lambda f: torch.save(obj, f))
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write (a full disk) as RuntimeError
-        if _interrupted(e):  # Ctrl-C/SIGTERM inside torch's writer: a stop, not a failed write
-            raise KeyboardInterrupt from None
         raise CheckpointError(f"cannot write checkpoint '{path}': {_write_failure(e, Path(path))}; the previous "
                               "checkpoint is unchanged") from None
-
-
-def _interrupted(e: BaseException) -> bool:
-    """True when ``e`` is how torch's zip writer reports a KeyboardInterrupt raised in its write callback (the
-    RuntimeError carries it as ``__context__``)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt):
-            return True
-        seen.add(id(e))
-        e = e.__context__
-    return False
 
 
 def _write_failure(e: BaseException, path: Path) -> str:
