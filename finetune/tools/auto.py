@@ -327,11 +327,8 @@ def to_json(cands: list[Candidate], decision: Decision, **extra: Any) -> dict[st
     """auto.json's content."""
     from finetune.run.checkpoint import finite_json
 
-    rows = []
-    for c in cands:
-        d = dataclasses.asdict(c)
-        rows.append(d)
-    return finite_json({"version": 1, **extra, "candidates": rows, "winner": decision.winner,
+    return finite_json({"version": 1, **extra, "candidates": [dataclasses.asdict(c) for c in cands],
+                        "winner": decision.winner,
                         "strategy": decision.strategy, "reasons": decision.reasons})
 
 
