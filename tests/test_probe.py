@@ -52,9 +52,40 @@ def test_one_config_probe_equals_train_linear_probe(data, tmp_path):
             assert a["model"][k].abs().max() > 1e-3
         else:
             assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]  # probe builds no AdamW: same groups
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys() == {0, 1}
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert float(sa["step"]) == float(sb["step"]) == 3 * 2  # 3 epochs x 2 batches of 32 (38 train images)
         assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-4, atol=1e-10)
+
+
+def test_adamw_state_dict_equals_torchs_own():
+    """The probe writes AdamW's state without building one (that imports torch._dynamo): on the installed torch, the
+    dict equals ``torch.optim.AdamW(groups, fused=True).state_dict()`` (decay and no-decay groups, names, state),
+    and a real AdamW loads it and steps."""
+    from finetune.training import optim as O
+
+    lin = nn.Linear(4, 3)
+    groups = [{"params": [lin.weight], "lr": 0.02, "base_lr": 0.1, "weight_decay": 0.05, "name": "all",
+               "param_names": ["weight"]},
+              {"params": [lin.bias], "lr": 0.02, "base_lr": 0.1, "weight_decay": 0.0, "name": "all (no_decay)",
+               "param_names": ["bias"]}]
+    state = {i: {"step": torch.tensor(6.0), "exp_avg": torch.full_like(p, 0.5 + i),
+                 "exp_avg_sq": torch.full_like(p, 0.25)} for i, p in enumerate([lin.weight, lin.bias])}
+    real = torch.optim.AdamW([dict(g) for g in groups], lr=1e-3, fused=True)
+    for i, p in enumerate([lin.weight, lin.bias]):
+        real.state[p] = {k: v.clone() for k, v in state[i].items()}
+    want, got = real.state_dict(), O.adamw_state_dict(groups, state)
+    assert got["param_groups"] == want["param_groups"]
+    assert got["state"].keys() == want["state"].keys() == {0, 1}
+    for i in (0, 1):
+        assert got["state"][i].keys() == want["state"][i].keys()
+        assert all(torch.equal(got["state"][i][k], want["state"][i][k]) for k in got["state"][i])
+    fresh = torch.optim.AdamW([dict(g) for g in groups], lr=1e-3, fused=True)
+    fresh.load_state_dict(got)
+    lin(torch.ones(2, 4)).sum().backward()
+    fresh.step()
+    assert float(fresh.state[lin.bias]["step"]) == 7.0
 
 
 def test_sweep_heads_equal_heads_trained_one_at_a_time(data):
