@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 
 import torch
 from torch import nn
@@ -122,9 +123,8 @@ def folded_copy(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, int]:
 def _unwrapped(model: nn.Module) -> nn.Module | None:
     """The module to fold: DDP's ``.module`` (eval needs no gradient sync); None for a ``torch.compile`` wrapper
     (run as compiled) and for an FSDP2-sharded model (its shards cannot be copied; finetune/parallel/strategy.py)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if hasattr(model, "_orig_mod") or isinstance(model, FSDPModule):
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # a sharded model exists only once FSDP was imported (1 s)
+    if hasattr(model, "_orig_mod") or (fsdp is not None and isinstance(model, fsdp.FSDPModule)):
         return None
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
