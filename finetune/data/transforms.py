@@ -213,3 +213,114 @@ def _train_compose(tf: dict, augment: str) -> Callable:
         *tail, pure = _tail(tf)  # erase on the normalized tensor (as torchvision's and timm's references do)
         return v2.Compose([*_head(tf), *steps, *tail, v2.RandomErasing(p=ERASE_P, value=0), pure])
     return v2.Compose([*_head(tf), *steps, *_tail(tf)])
+
+
+# ------------------------------------------------------------------------------------- eval without torchvision
+
+PLAIN_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic")  # what torchvision resizes a tensor image with
+
+
+class PlainEvalTransform:
+    """:func:`eval_transform` and :func:`finetune.data.datasets.decode` in torch ops alone, equal bitwise to the
+    torchvision pipeline (tests/test_plain_transform.py compares them over sizes, aspects and interpolations):
+    ``decode(path)`` gives the uint8 CHW tensor ``datasets.decode`` gives (the shorter side brought down to
+    ``tf["resize"]``), and calling it on such a tensor (or an RGB PIL image) gives what the eval transform gives
+    (the aspect-capped shorter-side resize, CenterCrop, ToDtype with scale, Normalize). The resize follows
+    torchvision 0.2x's tensor kernel: uint8 where its CPU kernel takes uint8 (bicubic; bilinear on AVX2/AVX512/ARM),
+    else through float32 with clamp and round; the crop pads with 0 where the image is smaller.
+
+    ``predict`` uses it with a model from the inference store (finetune/speedups/inference_store.py): importing
+    torchvision costs ~1.7 s on a 2-core CPU, most of it ``torch._dynamo``, which ``torchvision.ops`` imports.
+    :meth:`supports` says whether a transform config can be run so (tensor-image interpolations only)."""
+
+    def __init__(self, tf: dict):
+        self.tf = tf
+        self.mode = str(tf["interpolation"])
+        self.size = _crop_size(tf)
+
+    @staticmethod
+    def supports(tf: dict) -> bool:
+        return str(tf.get("interpolation")) in PLAIN_MODES
+
+    def decode(self, path):
+        from finetune.data.images import load_image
+
+        resize = int(self.tf["resize"])
+        x = _pil_tensor(load_image(path, min_side=resize))
+        if min(x.shape[-2:]) > resize:
+            x = self._resize(x, resize)
+        return x.contiguous()
+
+    def __call__(self, img):
+        import torch
+
+        x = img if isinstance(img, torch.Tensor) else _pil_tensor(img)
+        h, w = x.shape[-2:]
+        if w > MAX_ASPECT * h:
+            x = _center_crop(x, [h, MAX_ASPECT * h])
+        elif h > MAX_ASPECT * w:
+            x = _center_crop(x, [MAX_ASPECT * w, w])
+        x = _center_crop(self._resize(x, int(self.tf["resize"])), self.size)
+        x = x.to(torch.float32).mul_(1.0 / 255)
+        mean = torch.as_tensor(self.tf["mean"], dtype=torch.float32).view(-1, 1, 1)
+        std = torch.as_tensor(self.tf["std"], dtype=torch.float32).view(-1, 1, 1)
+        return x.sub(mean).div_(std)
+
+    def _resize(self, x, size: int):
+        import platform
+
+        import torch
+        import torch.nn.functional as F
+
+        c, h, w = x.shape
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = size, int(size * long / short)
+        nw, nh = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (nh, nw) == (h, w) or x.numel() == 0:
+            return x
+        if self.mode == "bilinear":
+            uint8_ok = (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+                        or platform.machine() in ("aarch64", "arm64"))
+        else:
+            uint8_ok = True  # bicubic natively; nearest always takes uint8
+        y = x.reshape(-1, c, h, w)
+        strides = y.stride()
+        if y.is_contiguous(memory_format=torch.channels_last) and y.shape[0] == 1 and y.numel() != strides[0]:
+            y = y.as_strided((1, c, h, w), [y.numel(), *strides[1:]])  # keeps the output channels-last (as tv)
+        cast = not uint8_ok
+        if cast:
+            y = y.to(torch.float32)
+        smooth = self.mode in ("bilinear", "bicubic")
+        y = F.interpolate(y, size=[nh, nw], mode=self.mode, align_corners=False if smooth else None,
+                          antialias=smooth)
+        if cast:
+            if self.mode == "bicubic":
+                y = y.clamp_(min=0, max=255)
+            y = y.round_().to(torch.uint8)
+        return y.reshape(c, nh, nw)
+
+
+def _pil_tensor(img):
+    """torchvision's ``pil_to_tensor``: a uint8 CHW view of the image's HWC pixels."""
+    import numpy as np
+    import torch
+
+    return torch.as_tensor(np.array(img, copy=True)).view(img.size[1], img.size[0], -1).permute(2, 0, 1)
+
+
+def _center_crop(x, size: list[int]):
+    """torchvision's tensor center crop: pad with 0 (left/top get the smaller half) where the image is smaller, then
+    the centred window (its anchor rounded half to even, as Python's round)."""
+    import torch.nn.functional as F
+
+    ch, cw = size
+    h, w = x.shape[-2:]
+    if ch > h or cw > w:
+        left, top = ((cw - w) // 2 if cw > w else 0), ((ch - h) // 2 if ch > h else 0)
+        right, bottom = ((cw - w + 1) // 2 if cw > w else 0), ((ch - h + 1) // 2 if ch > h else 0)
+        x = F.pad(x, [left, right, top, bottom], value=0.0)
+        h, w = x.shape[-2:]
+        if (ch, cw) == (h, w):
+            return x
+    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    return x[..., top:top + ch, left:left + cw]
