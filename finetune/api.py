@@ -339,29 +339,64 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
     preflight.checkpoint_file(checkpoint)  # before torch is imported: the checkpoint, then the images' paths
     preflight.image_paths(items)
     from finetune import data as D
+    from finetune.run.checkpoint import load_checkpoint
     from finetune.run.restore import eval_precision
     from finetune.training.engine import resolve_device
 
     dev = resolve_device(device)
-    model, ckpt = load_model(checkpoint, device=str(dev))
+    ckpt = load_checkpoint(checkpoint)
     class_names = list(ckpt["class_names"])
     named = D.named_images(items)
     if not named:
         raise DataError(f"no images found in {', '.join(shown(p) for p in items) or 'an empty list'}; pass image "
                         "files or folders of images")
-    tf_cfg = ckpt["transform"]
-    tf = D.eval_transform(tf_cfg)
     k = max(1, min(top_k, len(class_names)))
     prec = eval_precision(ckpt, dev)
-    from finetune.models.fold import FastInference
-
-    run = FastInference(model, _fast(ckpt, fast_inference))
+    mode = _fast(ckpt, fast_inference)
+    run, tf, keep = _predictor(ckpt, dev, prec, mode)
     floor = confidence_floor(ckpt) if min_confidence == "auto" else float(min_confidence or 0.0)
     skipped: list[str] = []
     out = _predict_rows(run, named, ckpt, dev, prec, tf, skipped, k=k, batch_size=batch_size, strict=strict,
                         min_confidence=min_confidence, floor=floor)
     _settle_skipped(out, skipped)
+    keep()
     return out[0] if single_file else out
+
+
+def _predictor(ckpt: dict[str, Any], dev, prec: str, mode: str):
+    """``(run, transform, keep)`` for :func:`predict`: the checkpoint's model, run as ``mode`` says, with its eval
+    transform; ``keep()`` afterwards marks the checkpoint as predicted, or at its second predict stores what ran in
+    the inference store. A checkpoint predicted twice before (the same file, mode and device; fp32, a
+    torchvision-free transform) runs its stored graph instead, with the
+    torchvision-free transform: no timm, torchvision or model build (finetune/speedups/inference_store.py)."""
+    from finetune import data as D
+    from finetune.data.transforms import PlainEvalTransform
+    from finetune.files import cache_root
+    from finetune.models.fold import FastInference
+    from finetune.run.restore import restore_model
+    from finetune.speedups import inference_store as IS
+
+    key = None
+    if (prec == "fp32" and ckpt["model_name"] != "smallcnn" and not ckpt.get("sharded")
+            and PlainEvalTransform.supports(ckpt["transform"]) and cache_root() is not None):
+        key = IS.key_of(Path(ckpt["_path"]), mode, dev)
+        graph = IS.load(key, dev)
+        if graph is not None:
+            return graph, PlainEvalTransform(ckpt["transform"]), lambda: None
+    model, _ = restore_model(ckpt, dev)
+    fast = FastInference(model, mode)
+    first: list = []
+
+    def run(x):
+        if not first:
+            first.append(x)
+        return fast(x)
+
+    def keep():  # the second predict of a checkpoint keeps its graph; the first leaves a mark
+        if key is not None and first:
+            IS.store(key, fast.run, first[0]) if IS.seen(key) else IS.mark(key)
+
+    return run, D.eval_transform(ckpt["transform"]), keep
 
 
 def _predict_rows(run, named: dict, ckpt: dict[str, Any], dev, prec: str, tf, skipped: list[str], *, k: int,
@@ -435,10 +470,11 @@ def _decode_batch(files: list, tf, tf_cfg: dict[str, Any], strict: bool, skipped
     added to ``skipped`` (``strict``: raised)."""
     from finetune import data as D
 
+    decode = getattr(tf, "decode", None) or (lambda f: D.decode(f, tf_cfg))  # PlainEvalTransform decodes itself
     chunk, xs = [], []
     for f in files:
         try:
-            xs.append(tf(D.decode(f, tf_cfg)))
+            xs.append(tf(decode(f)))
             chunk.append(f)
         except DataError as e:
             if strict:

@@ -85,11 +85,13 @@ def clear(cache_dir: Optional[str] = CACHE_DIR,
     from finetune.api import backbone_store
 
     r.backbones, freed = backbone_store.clear(cache_dir, age)  # kept beside the features for head-only reruns
-    r.freed += freed
+    graphs, freed_graphs = backbone_store.clear(cache_dir, age, kind="inference")  # kept for predict
+    r.freed += freed + freed_graphs
     extra = f", {r.unfinished} of them unfinished" if r.unfinished else ""
 
     freed = featstore.size_text(r.freed)
     kept = f" and {r.backbones} kept backbones" if r.backbones else ""
+    kept += f" and {graphs} inference graphs" if graphs else ""
     typer.echo(f"removed {r.removed} entries{kept} ({freed}{extra}) from {featstore.features_dir(cache_dir)}")
     if r.busy:
         typer.echo(f"kept {r.busy} unfinished entries that a running process is still writing")

@@ -175,29 +175,32 @@ def save(cfg, bb, data_cfg: dict[str, Any], cache_dir=None) -> bool:
         return False
 
 
-def clear(cache_dir=None, older_than: float | None = None) -> tuple[int, int]:
+def clear(cache_dir=None, older_than: float | None = None, *, kind: str = DIR) -> tuple[int, int]:
     """Remove stored backbones (those unused for more than ``older_than`` seconds, or all) and leftovers of
-    interrupted writes: ``(entries removed, bytes freed)``. Never follows a symbolic link."""
+    interrupted writes: ``(entries removed, bytes freed)``. Never follows a symbolic link. ``kind="inference"``: the
+    same for the inference graphs kept beside them (finetune/speedups/inference_store.py, whose module imports
+    torch; ``cache clear`` does not) and their ``.seen`` marks."""
     from finetune.speedups.feature_store import _remove
 
     root = _root(cache_dir)
+    root = root.parent / kind if root is not None else None
     if root is None or not root.is_dir() or root.is_symlink():
         return 0, 0
     removed = freed = 0
     now = time.time()
     for p in sorted(root.iterdir()):
         try:
-            if p.is_symlink() or not (p.is_dir() or p.suffix == ".json"):
+            if p.is_symlink() or not (p.is_dir() or p.suffix in (".json", ".seen")):
                 continue
             if p.is_dir():
-                stamp = p / "record.json"
+                stamp = p / ("record.json" if kind == DIR else "graph.json")
                 last = stamp.stat().st_mtime if stamp.is_file() else p.stat().st_mtime
                 if older_than is not None and now - last <= older_than and not p.name.startswith("."):
                     continue
                 gone, size, _ = _remove(p)
                 removed += gone and not p.name.startswith(".")
                 freed += size
-            elif older_than is None:  # the data-config index: rewritten by the next run that keeps a backbone
+            elif older_than is None or now - p.stat().st_mtime > older_than:  # a data-config index, a mark
                 size = p.stat().st_size
                 p.unlink()
                 freed += size
