@@ -182,6 +182,18 @@ def test_a_stopped_nproc_worker_reads_as_stopped_too(cli, monkeypatch):
     assert r.exit_code == 130 and r.stderr == "Stopped; nothing was written\n"
 
 
+
+@pytest.mark.parametrize("command", [("eval", "run/best.pt"), ("runs",)])
+def test_ctrl_c_outside_a_run_reads_as_stopped_too(cli, monkeypatch, command):
+    """A Ctrl-C in eval (or any command without a run's stop handling) is a stop, not click's 'Aborted.'."""
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("finetune.api.evaluate_checkpoint", ctrl_c)
+    monkeypatch.setattr("finetune.api.list_runs", ctrl_c)
+    r = cli(*command)
+    assert r.exit_code == 130 and r.stderr == "Stopped.\n" and r.stdout == ""
+
 # ------------------------------------------------------------ settings named for the caller: flag or key (item 9h)
 
 
