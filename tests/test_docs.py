@@ -71,3 +71,21 @@ def test_readme_links_resolve():
     assert targets
     for target in targets:
         assert (ROOT / target).exists(), target
+
+
+CPU_WHEELS = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+
+
+def test_the_cpu_only_install_sits_beside_the_setup_commands():
+    """Issue #30 item 8: a plain `pip install -e .` on Linux pulls the CUDA build of torch and its nvidia wheels
+    (5.7 GB); the README and the getting-started page give PyTorch's CPU wheel index right after the two set-up
+    commands, installed before the package."""
+    readme = (ROOT / "README.md").read_text()
+    after = readme.split("```bash\n", 1)[1].split("```", 1)[1]  # the text after the set-up block
+    assert after.lstrip().startswith("Python >= 3.10. No GPU? Install PyTorch's CPU wheels first")
+    assert after.index(CPU_WHEELS) < after.index("then `pip install -e .`") < after.index("##")
+    page = (ROOT / "docs" / "getting-started.md").read_text()
+    install = page.split("## Install", 1)[1].split("\n## ", 1)[0]
+    assert all(command in install for command in SETUP)
+    assert f"```bash\n{CPU_WHEELS}\npip install -e .\n```" in install
+    assert "For a machine without a\nGPU, install PyTorch's CPU wheels first" in install

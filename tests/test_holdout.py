@@ -73,3 +73,12 @@ def test_test_folder_doubling_as_val_is_not_reported(tvt, tmp_path):
     shutil.copytree(tvt / "test", data / "test")  # no val/: training validates on test/
     res = train(_recipe(data, **{"train.epochs": 1}), out=tmp_path / "run")
     assert res.test is None and "test" not in json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_the_closing_test_line_gives_the_interval():
+    """Issue #30 items 3 and 10: the end of a run with a test split leads with best.pt's test accuracy ± its noise."""
+    from finetune.run.holdout import held_out_note
+
+    test = {"epoch": 3, "accuracy": 0.75, "balanced_accuracy": 0.7, "n": 40}
+    assert held_out_note(test) == ("test split: best.pt (epoch 3) 75.00% accuracy ± 13.0 (95%), 70.00% balanced, on "
+                                   "40 images (evaluated once, after training; never used for selection)")

@@ -141,6 +141,25 @@ def test_legend_and_alternatives_name_all_three_rules():
     assert f.png()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+
+def test_the_plot_marks_all_three_suggestions_on_the_curve():
+    """Issue #30 item 1: fastai's alternatives (steep, minimum/10) are marked on the plot beside the valley, each on
+    the smoothed curve at its LR, named in the legend; the suggested LR also as a dashed vertical line."""
+    lrs = [1e-4, 1e-3, 1e-2, 1e-1]
+    f = LRFind(lrs, [2.0, 1.5, 0.5, 0.4], 1e-2, 2, raw_losses=[2.1, 1.4, 0.6, 0.3], suggestions={
+        "valley": {"lr": 1e-2, "index": 2}, "steep": {"lr": 1e-3, "index": 1}, "minimum": {"lr": 1e-2, "index": 2}})
+    ax = f.figure().axes[0]
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "loss per step", "smoothed", "valley: 1.00e-02 (suggested)", "steep: 1.00e-03", "minimum/10: 1.00e-02"]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    marks = {k: (list(lines[k].get_xdata()), list(lines[k].get_ydata()), lines[k].get_marker()) for k in f.legend()}
+    assert marks == {"valley: 1.00e-02 (suggested)": ([1e-2], [0.5], "o"), "steep: 1.00e-03": ([1e-3], [1.5], "^"),
+                     "minimum/10: 1.00e-02": ([1e-2], [0.5], "s")}
+    dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert len(dashed) == 1 and list(dashed[0].get_xdata()) == [1e-2, 1e-2]
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return tiny_tree(tmp_path_factory.mktemp("lrf") / "data", per_class=16)

@@ -109,6 +109,23 @@ def test_durations():
         ["0s", "45s", "1m00s", "4m10s", "59m59s", "1h00m", "1h05m", "25h00m"]
 
 
+
+def test_the_closing_line_of_train_gives_the_best_accuracy_with_its_interval(capsys):
+    """Item 3: the end of `finetune train` names best.pt's val accuracy ± the noise of the run's val images (240
+    images at 96.7%: ± 2.4 points), as runs/eval/report do; a run without a val count shows the accuracy alone."""
+    rep = RichReporter(console=Console(file=io.StringIO()))
+    rep.start({"run_dir": "runs/x", "model": "m", "weights": "default", "trainable": 1, "total": 2, "source": "d",
+               "train_images": 720, "val_images": 240, "classes": ["a", "b"], "device": "cpu", "precision": "fp32",
+               "channels_last": False, "start_epoch": 0})
+    rows = [{"epoch": e, "train_loss": 0.5, "train_acc": 0.9, "val_loss": 0.4, "val_acc": 232 / 240, "lr": 0.001,
+             "seconds": 0.1, "images_per_sec": 7000.0} for e in (1, 2)]
+    rep.on_run_end(SimpleNamespace(run_dir="runs/x", best={"epoch": 2, "val_acc": 232 / 240}, history=rows))
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "best: epoch 2, val acc 96.7% ± 2.4 (95%, 240 val images); checkpoints and TensorBoard logs in runs/x")
+    rep.table({"run_dir": "runs/x", "best": {"epoch": 2, "val_acc": 232 / 240}, "epochs": rows})
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "best: epoch 2, val acc 96.7%; checkpoints and TensorBoard logs in runs/x")
+
 # ------------------------------------------------------------------------------------------ suggestions (item 9f)
 
 
@@ -164,6 +181,18 @@ def test_a_stopped_nproc_worker_reads_as_stopped_too(cli, monkeypatch):
     r = cli("train", "--quiet")
     assert r.exit_code == 130 and r.stderr == "Stopped; nothing was written\n"
 
+
+
+@pytest.mark.parametrize("command", [("eval", "run/best.pt"), ("runs",)])
+def test_ctrl_c_outside_a_run_reads_as_stopped_too(cli, monkeypatch, command):
+    """A Ctrl-C in eval (or any command without a run's stop handling) is a stop, not click's 'Aborted.'."""
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("finetune.api.evaluate_checkpoint", ctrl_c)
+    monkeypatch.setattr("finetune.api.list_runs", ctrl_c)
+    r = cli(*command)
+    assert r.exit_code == 130 and r.stderr == "Stopped.\n" and r.stdout == ""
 
 # ------------------------------------------------------------ settings named for the caller: flag or key (item 9h)
 

@@ -172,6 +172,29 @@ def test_runs_without_a_recorded_val_count_show_the_accuracy_alone(tmp_path, cli
     assert row["val_images"] is None and row["best_val_acc_ci"] is None
 
 
+def test_train_time_of_a_run_of_seconds_is_not_zero(tmp_path, cli, monkeypatch):
+    """A cached linear probe trains its epochs in 0.43 s: runs and compare said "0 s"; a probe run records no epoch
+    time: "-", not "0 s"."""
+    from finetune.cli.runs_cmd import _secs
+
+    assert [_secs(v) for v in (None, 0.04, 0.43, 9.94, 10.4, 599, 1234.0)] == \
+        ["-", "0.04 s", "0.43 s", "9.9 s", "10 s", "599 s", "20.6 min"]
+    monkeypatch.setattr(render.console, "_width", 200)
+    d = _run(tmp_path / "probe", "resnet18", "linear-probe", 200)
+    m = json.loads((d / "metrics.json").read_text())
+    m["epochs"] = [{**r, "seconds": 0.086} for r in m["epochs"][:5]]
+    (d / "metrics.json").write_text(json.dumps(m))
+    assert _cells(cli("runs", tmp_path).stdout)[0][5] == "0.43 s"
+    m["epochs"] = [{k: v for k, v in r.items() if k != "seconds"} for r in m["epochs"]]  # a probe run's rows
+    (d / "metrics.json").write_text(json.dumps(m))
+    assert _cells(cli("runs", tmp_path).stdout)[0][5] == "-"
+    assert json.loads(cli("runs", tmp_path, "--json").stdout)[0]["train_seconds"] is None
+    other = _run(tmp_path / "other", "resnet18", "default", 200)
+    r = cli("compare", d, other, "--html", tmp_path / "c.html")
+    assert r.exit_code == 0, r.stderr
+    assert {x[0]: x[1:] for x in _cells(r.stdout)}["train time"] == ["-", "20.6 min"]
+
+
 @pytest.mark.subprocess
 def test_runs_piped_is_readable(runs):
     """Not a terminal, no COLUMNS: rich's 80 columns; every model and recipe name still whole."""

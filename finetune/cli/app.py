@@ -25,6 +25,14 @@ class FinetuneGroup(TyperGroup):
     command the user stopped (Ctrl-C, SIGTERM: exit 130) into one ``Stopped ...`` line. While a command runs, the
     library's messages name settings by their flags (``--weights``, not ``model.weights``)."""
 
+    def invoke(self, ctx):
+        """A Ctrl-C that no run handled (eval, predict, runs, a prompt) is a stop too: typer would turn it into a
+        silent exit 130."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted.") from None
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         _setup_logging()
         try:
@@ -51,7 +59,7 @@ class FinetuneGroup(TyperGroup):
                 typer.echo(stopped_line(shown(e)) if stopped else f"Error: {shown(e)}", err=True)
             sys.exit(e.exit_code)
         except _ABORT + (KeyboardInterrupt,):
-            typer.echo("Aborted.", err=True)
+            typer.echo("Stopped.", err=True)
             sys.exit(130)
         except BrokenPipeError:  # `finetune models | head`: the reader left; not an error
             sys.stderr.close()

@@ -24,6 +24,14 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _pct_pm(acc: float, n: int | None) -> str:
+    """``"96.7% ± 2.4 (95%, 240 val images)"``: the accuracy and the noise of its ``n`` val images (#30 item 3)."""
+    from finetune.api import pm_text
+
+    pm = pm_text(acc, n)
+    return _pct(acc) + (f" {pm} (95%, {n} val images)" if pm else "")
+
+
 def duration(seconds: float) -> str:
     """``45s``, ``4m10s``, ``1h05m``: an ETA at the precision it has."""
     s = max(0, round(seconds))
@@ -74,6 +82,7 @@ class RichReporter(Callback):
         self._phase = ""
         self._later: list[str] = []  # the phase of each epoch after this one
         self._seconds: dict[str, list[float]] = {}  # phase -> wall seconds of its finished epochs (with validation)
+        self._val_images: int | None = None  # the run's val count, for the interval beside the best accuracy
 
     # -- lifecycle
     def on_run_start(self, run: Any) -> None:
@@ -84,6 +93,7 @@ class RichReporter(Callback):
             self.note(f"frozen-feature cache {run.feats_info}")
 
     def start(self, info: dict[str, Any]) -> None:
+        self._val_images = info.get("val_images") or None
         if self.quiet:
             return
         n_bad = info.get("skipped") or 0
@@ -192,7 +202,8 @@ class RichReporter(Callback):
 
     def on_run_end(self, run: Any) -> None:
         if not self.quiet:
-            self.table({"run_dir": str(run.run_dir), "best": run.best, "epochs": run.history})
+            self.table({"run_dir": str(run.run_dir), "best": run.best, "epochs": run.history,
+                        "val_images": self._val_images})
 
     def table(self, summary: dict[str, Any]) -> None:
         t = Table(title="epochs", title_justify="left")
@@ -206,7 +217,7 @@ class RichReporter(Callback):
         out = Console(emoji=False)
         out.print(t)
         best = summary["best"]
-        what = (f"val acc {_pct(best['val_acc'])}" if best["val_acc"] is not None
+        what = (f"val acc {_pct_pm(best['val_acc'], summary.get('val_images'))}" if best["val_acc"] is not None
                 else "no val set, so best.pt is the last epoch")
         out.print(f"best: epoch {best['epoch']}, {what}; checkpoints and TensorBoard logs in "
                   f"{term(summary['run_dir'])}", highlight=False, soft_wrap=True)

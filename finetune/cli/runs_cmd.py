@@ -32,7 +32,10 @@ def _loss(v) -> str:
 
 
 def _secs(v) -> str:
-    return "-" if v is None else f"{v:.0f} s" if v < 600 else f"{v / 60:.1f} min"
+    """Training seconds as a reader wants them: a cached linear probe's 0.43 s is not "0 s"."""
+    if v is None:
+        return "-"
+    return f"{v:.2g} s" if v < 10 else f"{v:.0f} s" if v < 600 else f"{v / 60:.1f} min"
 
 
 def runs(

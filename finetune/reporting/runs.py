@@ -77,9 +77,16 @@ def read_run(path: str | Path) -> dict[str, Any]:
             "best_epoch": best.get("epoch"), "epochs": len(epochs),
             "epochs_planned": (cfg.get("train") or {}).get("epochs"),
             "wall_seconds": (ended - started) if ended else None,
-            "train_seconds": sum(r.get("seconds") or 0 for r in epochs),
+            "train_seconds": _train_seconds(epochs),
             "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
             "report": (path / "report.html").is_file(), "config": config, "history": epochs}
+
+
+def _train_seconds(epochs: list[dict]) -> float | None:
+    """The epochs' training seconds summed; None when no epoch recorded any (a probe run's heads train together in
+    one pass, so its epoch rows carry no time: "0 s" said it took none)."""
+    times = [r["seconds"] for r in epochs if r.get("seconds") is not None]
+    return sum(times) if times else None
 
 
 def _number(v: Any) -> bool:
@@ -240,7 +247,8 @@ def write_compare_html(result: dict[str, Any], out: str | Path) -> Path:
     fig = png(compare_figure(runs))
     metrics = table(["run", "model", "recipe", "best val acc (95%)", "best epoch", "epochs", "train s", "date"],
                      [[r["name"], r["model"], r["recipe"], _acc_pm(r, i == result.get("top")), r["best_epoch"],
-                       f"{r['epochs']}/{r['epochs_planned']}", f"{r['train_seconds']:.1f}", r["date"]]
+                       f"{r['epochs']}/{r['epochs_planned']}",
+                       "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}", r["date"]]
                       for i, r in enumerate(runs)])
     diff = table(["key", *[r["name"] for r in runs]],
                   [[k, *[_short(v) for v in vs]] for k, vs in result["differences"].items()])

@@ -78,7 +78,16 @@ def evaluate_best(run_dir: Path, cfg, device, reporter=None, batch_size: int = 6
     metrics["test"] = test
     atomic_write_text(mp, json.dumps(metrics, indent=2))
     if reporter is not None:
-        reporter.note(f"test split: best.pt (epoch {test['epoch']}) {100 * test['accuracy']:.2f}% accuracy, "
-                      f"{100 * test['balanced_accuracy']:.2f}% balanced, on {test['n']} images (evaluated once, "
-                      "after training; never used for selection)")
+        reporter.note(held_out_note(test))
     return test
+
+
+def held_out_note(test: dict[str, Any]) -> str:
+    """The line a run ends with when it has a test split: best.pt's test accuracy ± its 95% Wilson interval (the
+    honest number: issue #30 items 3 and 10), balanced accuracy, the image count, and that selection never saw it."""
+    from finetune.training.stats import pm_text
+
+    pm = pm_text(test["accuracy"], test["n"])
+    return (f"test split: best.pt (epoch {test['epoch']}) {100 * test['accuracy']:.2f}% accuracy"
+            + (f" {pm} (95%)" if pm else "") + f", {100 * test['balanced_accuracy']:.2f}% balanced, on {test['n']} "
+            "images (evaluated once, after training; never used for selection)")

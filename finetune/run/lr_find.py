@@ -94,8 +94,16 @@ class LRFind:
                 for k, v in self.suggestions.items()]
 
     def png(self) -> bytes:
+        """:meth:`figure` as PNG bytes (``lr_find.png``)."""
         import io
 
+        buf = io.BytesIO()
+        self.figure().savefig(buf, format="png")
+        return buf.getvalue()
+
+    def figure(self):
+        """The curve on a log LR axis (per-step loss in grey, the smoothed loss in blue) with each rule's suggestion
+        marked on it (valley, steep, minimum/10) and named in the legend; the suggested one also as a dashed line."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
@@ -121,9 +129,7 @@ class LRFind:
         ax.legend(fontsize=8)
         ax.set_title(self.info.get("title", "LR range test"), fontsize=9)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
+        return fig
 
 
 def lr_schedule(step: int, steps: int, start_lr: float, end_lr: float) -> float:
