@@ -382,7 +382,7 @@ def _predictor(ckpt: dict[str, Any], dev, prec: str, mode: str):
         key = IS.key_of(Path(ckpt["_path"]), mode, dev)
         graph = IS.load(key, dev)
         if graph is not None:
-            return graph, PlainEvalTransform(ckpt["transform"]), lambda: None
+            return _GraphOrModel(graph, ckpt, dev, mode), PlainEvalTransform(ckpt["transform"]), lambda: None
     model, _ = restore_model(ckpt, dev)
     fast = FastInference(model, mode)
     first: list = []
@@ -463,6 +463,37 @@ def confidence_floor(ckpt: dict[str, Any]) -> float:
     if len(right) < 20:
         return FALLBACK_CONFIDENCE
     return right[int(CONFIDENCE_QUANTILE * (len(right) - 1))]
+
+
+class _GraphOrModel:
+    """A stored inference graph that gives way to the checkpoint's model (built then, run as ``mode`` says) should it
+    fail or answer in the wrong shape: an entry that passed the load checks may still be tampered with. The inputs
+    are the same either way (PlainEvalTransform equals the torchvision transform bitwise)."""
+
+    def __init__(self, graph, ckpt: dict[str, Any], dev, mode: str):
+        self.graph, self.ckpt, self.dev, self.mode = graph, ckpt, dev, mode
+
+    def __call__(self, x):
+        import torch
+
+        if self.graph is not None:
+            try:
+                out = self.graph(x)
+                if isinstance(out, torch.Tensor) and out.is_floating_point() and \
+                        tuple(out.shape) == (x.shape[0], int(self.ckpt["num_classes"])):
+                    return out
+                why = "an output of the wrong shape"
+            except Exception as e:  # noqa: BLE001 - a damaged entry: the model answers instead
+                why = f"{type(e).__name__}"
+            import logging
+
+            from finetune.models.fold import FastInference
+            from finetune.run.restore import restore_model
+
+            logging.getLogger("finetune").debug(f"inference store: the stored graph failed ({why}); building the model")
+            self.graph = None
+            self.model = FastInference(restore_model(self.ckpt, self.dev)[0], self.mode)
+        return self.model(x)
 
 
 def _decode_batch(files: list, tf, tf_cfg: dict[str, Any], strict: bool, skipped: list[str]) -> tuple[list, list]:

@@ -68,7 +68,8 @@ def test_a_stored_graph_predicts_without_timm_torchvision_or_dynamo(run):
     assert imported == [] and rows == json.loads(json.dumps(first))
 
 
-@pytest.mark.parametrize("damage", ["garbage", "refused-op", "foreign-op", "missing-tensors", "format"])
+@pytest.mark.parametrize("damage", ["garbage", "refused-op", "foreign-op", "missing-tensors", "format",
+                                    "dangling-reference", "unknown-kind", "op-fails", "wrong-shape"])
 def test_a_damaged_or_refused_entry_is_a_miss(run, monkeypatch, damage):
     ckpt, images = run
     first = _rows(ckpt, images)
@@ -83,6 +84,16 @@ def test_a_damaged_or_refused_entry_is_a_miss(run, monkeypatch, damage):
         json.dump(doc, open(os.path.join(d, "graph.json"), "w"))
     elif damage == "missing-tensors":
         os.remove(os.path.join(d, "tensors.safetensors"))
+    elif damage in ("dangling-reference", "unknown-kind", "op-fails", "wrong-shape"):
+        if damage == "dangling-reference":
+            doc["nodes"][0]["args"][0] = {"node": "defined_nowhere"}
+        elif damage == "unknown-kind":
+            doc["nodes"][0]["args"][0] = {"code": "import os"}
+        elif damage == "op-fails":  # passes the load checks, fails when run: the model answers instead
+            doc["nodes"][0]["args"] = []
+        else:
+            doc["output"] = doc["nodes"][0]["name"]  # a feature map, not [batch, classes]
+        json.dump(doc, open(os.path.join(d, "graph.json"), "w"))
     else:
         json.dump({**doc, "format": 99}, open(os.path.join(d, "graph.json"), "w"))
     import finetune.run.restore

@@ -93,6 +93,8 @@ def _dec(a: Any, env: dict[str, Any]) -> Any:
     if kind == "list":
         return [_dec(x, env) for x in v]
     if kind == "float":
+        if str(v) not in ("inf", "-inf", "nan"):
+            raise ValueError(f"not a special float: {v}")
         return float(v)
     if kind in ("dtype", "memory_format", "layout"):
         got = getattr(torch, str(v), None)
@@ -100,8 +102,31 @@ def _dec(a: Any, env: dict[str, Any]) -> Any:
             raise ValueError(f"not a torch {kind}: {v}")
         return got
     if kind == "device":
+        if str(v) not in ("cpu", "cuda", "mps", "xpu"):
+            raise ValueError(f"not a device type: {v}")
         return torch.device(str(v))
     raise ValueError(f"unknown argument kind {kind}")
+
+
+def _check(a: Any, known: set[str]) -> None:
+    """A ValueError unless ``a`` is an argument :func:`_enc` writes whose node references are all in ``known``."""
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return
+    if not isinstance(a, dict) or len(a) != 1:
+        raise ValueError("malformed argument")
+    (kind, v), = a.items()
+    if kind == "node":
+        if v not in known:
+            raise ValueError(f"a reference to {v!r} before it is defined")
+    elif kind == "list":
+        if not isinstance(v, list):
+            raise ValueError("malformed list")
+        for x in v:
+            _check(x, known)
+    elif kind in ("float", "dtype", "memory_format", "layout", "device"):
+        _dec(a, {})
+    else:
+        raise ValueError(f"unknown argument kind {kind!r}")
 
 
 def _op_name(target: Any) -> str:
@@ -130,11 +155,24 @@ class Graph:
     """A stored inference graph: ``graph(x)`` runs its nodes in order (ATen operators on the stored tensors and
     ``x``) and returns the model's output."""
 
-    def __init__(self, nodes: list[dict[str, Any]], tensors: dict[str, torch.Tensor], inputs: list[list]):
-        self.nodes = [(n["name"], _op(n["op"]), n["args"], n["kwargs"]) for n in nodes]
-        self.inputs = inputs  # [placeholder name, tensor name | None (the user's input)]
-        self.tensors = tensors
-        self.output = None
+    def __init__(self, nodes: list[dict[str, Any]], tensors: dict[str, torch.Tensor], inputs: list[list],
+                 output: str):
+        """Checks the whole document first (a ValueError for anything malformed): every node's operator, every
+        argument's form, and every reference to a name defined before it."""
+        self.inputs = [(str(name), None if t is None else str(t)) for name, t in inputs]  # t None: the user's input
+        known = {name for name, _ in self.inputs}
+        self.nodes = []
+        for n in nodes:
+            args, kwargs = n["args"], n["kwargs"]
+            if not isinstance(args, list) or not isinstance(kwargs, dict):
+                raise ValueError("malformed node")
+            for a in [*args, *kwargs.values()]:
+                _check(a, known)
+            self.nodes.append((str(n["name"]), _op(str(n["op"])), args, kwargs))
+            known.add(str(n["name"]))
+        if output not in known:
+            raise ValueError("the output is not a node")
+        self.tensors, self.output = tensors, output
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         env: dict[str, Any] = {name: (x if t is None else self.tensors[t]) for name, t in self.inputs}
@@ -202,9 +240,7 @@ def _graph(doc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Graph:
     names = {t for _, t in doc["inputs"] if t is not None}
     if names != set(tensors):
         raise ValueError("tensors do not match the graph's inputs")
-    g = Graph(doc["nodes"], tensors, doc["inputs"])
-    g.output = str(doc["output"])
-    return g
+    return Graph(doc["nodes"], tensors, doc["inputs"], str(doc["output"]))
 
 
 def load(key: str, device: torch.device, cache_dir=None) -> Graph | None:
