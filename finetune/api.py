@@ -366,9 +366,9 @@ def predict(checkpoint: str | Path, paths: str | os.PathLike | Iterable[str | os
 def _predictor(ckpt: dict[str, Any], dev, prec: str, mode: str):
     """``(run, transform, keep)`` for :func:`predict`: the checkpoint's model, run as ``mode`` says, with its eval
     transform; ``keep()`` afterwards marks the checkpoint as predicted, or at its second predict stores what ran in
-    the inference store. A checkpoint predicted twice before (the same file, mode and device; fp32, a
-    torchvision-free transform) runs its stored graph instead, with the
-    torchvision-free transform: no timm, torchvision or model build (finetune/speedups/inference_store.py)."""
+    the inference store. A checkpoint predicted twice before (the same file, mode and device; fp32; a resize
+    :class:`PlainEvalTransform` supports) runs its stored graph instead, with that torch-only transform: no timm,
+    torchvision or model build (finetune/speedups/inference_store.py)."""
     from finetune import data as D
     from finetune.data.transforms import PlainEvalTransform
     from finetune.files import cache_root
@@ -393,8 +393,12 @@ def _predictor(ckpt: dict[str, Any], dev, prec: str, mode: str):
         return fast(x)
 
     def keep():  # the second predict of a checkpoint keeps its graph; the first leaves a mark
-        if key is not None and first:
-            IS.store(key, fast.run, first[0]) if IS.seen(key) else IS.mark(key)
+        if key is None or not first:
+            return
+        if IS.seen(key):
+            IS.store(key, fast.run, first[0])
+        else:
+            IS.mark(key)
 
     return run, D.eval_transform(ckpt["transform"]), keep
 
