@@ -69,7 +69,7 @@ def test_a_stored_graph_predicts_without_timm_torchvision_or_dynamo(run):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "refused-op", "foreign-op", "missing-tensors", "format",
-                                    "dangling-reference", "unknown-kind", "op-fails", "wrong-shape"])
+                                    "dangling-reference", "unknown-kind", "op-fails", "wrong-shape", "strides"])
 def test_a_damaged_or_refused_entry_is_a_miss(run, monkeypatch, damage):
     ckpt, images = run
     first = _rows(ckpt, images)
@@ -84,8 +84,11 @@ def test_a_damaged_or_refused_entry_is_a_miss(run, monkeypatch, damage):
         json.dump(doc, open(os.path.join(d, "graph.json"), "w"))
     elif damage == "missing-tensors":
         os.remove(os.path.join(d, "tensors.safetensors"))
-    elif damage in ("dangling-reference", "unknown-kind", "op-fails", "wrong-shape"):
-        if damage == "dangling-reference":
+    elif damage in ("dangling-reference", "unknown-kind", "op-fails", "wrong-shape", "strides"):
+        if damage == "strides":  # a stride that would allocate far more than the tensor holds
+            name = next(iter(doc["strides"]))
+            doc["strides"][name] = [10 ** 12] * len(doc["strides"][name])
+        elif damage == "dangling-reference":
             doc["nodes"][0]["args"][0] = {"node": "defined_nowhere"}
         elif damage == "unknown-kind":
             doc["nodes"][0]["args"][0] = {"code": "import os"}

@@ -234,9 +234,12 @@ def _graph(doc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Graph:
     if doc.get("format") != FORMAT:
         raise ValueError("format")
     for name, stride in doc["strides"].items():
-        t = tensors[name]
-        tensors[name] = torch.empty_strided(t.shape, [int(s) for s in stride], dtype=t.dtype,
-                                            device=t.device).copy_(t)
+        t, stride = tensors[name], [int(s) for s in stride]
+        # a layout of the tensor's own elements (a permutation of row-major): no stride may make it allocate more
+        if len(stride) != t.dim() or min(stride, default=1) < 1 or \
+                1 + sum((n - 1) * s for n, s in zip(t.shape, stride)) != t.numel():
+            raise ValueError(f"strides {stride} do not lay out {name}")
+        tensors[name] = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
     names = {t for _, t in doc["inputs"] if t is not None}
     if names != set(tensors):
         raise ValueError("tensors do not match the graph's inputs")
